@@ -1,0 +1,226 @@
+//! The [`LockBackend`] trait that every storage implements, and the values it returns.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+
+use crate::error::Result;
+use crate::fence::Fence;
+use crate::key::LockKey;
+use crate::notify::ReleaseNotifier;
+use crate::token::Token;
+use crate::ttl::Ttl;
+
+/// Storage for leases: one row (or entry) per key holding a token, a fence, an
+/// owner text and an expiry.
+///
+/// Users rarely call a backend directly: [`LockManager`](crate::LockManager) adds
+/// waiting, heartbeats and guards on top. Implement this trait to store locks
+/// somewhere new, then run the conformance suite from `distrlock-testkit` against it.
+///
+/// # Contract
+///
+/// Every implementation keeps these promises; the conformance suite checks them.
+///
+/// 1. **Mutual exclusion.** At any instant of the backend's clock at most one token
+///    holds a live lease on a key. A lease is live from a successful
+///    [`try_acquire`](Self::try_acquire) or [`extend`](Self::extend) until `ttl`
+///    later on the backend's clock, or until [`release`](Self::release).
+/// 2. **Fencing.** Every successful acquisition that changes the holder returns a
+///    [`Fence`] strictly greater than every fence returned before for that key, for
+///    the life of the storage. Re-acquiring with the live holder's own token
+///    succeeds, renews the lease and returns the *same* fence, so a retried acquire
+///    is idempotent.
+/// 3. **Ownership.** Only the token of the live lease can extend or release it. Any
+///    other token, or the right token after expiry or release, gets
+///    [`Error::NotHeld`](crate::Error::NotHeld) and changes nothing.
+/// 4. **One clock.** Expiry is computed and compared on the backend's own clock
+///    (the database server's), never on the caller's, and independent of session
+///    settings such as time zones.
+/// 5. **Refusal is cheap and harmless.** A refused try-acquire changes nothing and
+///    reports the holder's remaining lease when the backend knows it.
+/// 6. **Bounded calls.** Every call returns, with a result or an error, within the
+///    backend's configured timeouts; a call never waits indefinitely on another
+///    transaction's row lock.
+/// 7. **Errors are typed.** A missing table gives
+///    [`Error::SchemaMissing`](crate::Error::SchemaMissing); an unreachable database
+///    gives [`Error::Unavailable`](crate::Error::Unavailable); other database errors
+///    give [`Error::Backend`](crate::Error::Backend) with
+///    [`is_transient`](crate::Error::is_transient) telling whether a retry may help.
+///    No error message contains a password.
+///
+/// Keys, tokens and ttls arrive validated ([`LockKey`], [`Token`], [`Ttl`]). The
+/// owner text is at most [`MAX_OWNER_LEN`] bytes without NUL when it comes from
+/// [`LockManager`](crate::LockManager).
+#[async_trait]
+pub trait LockBackend: Send + Sync + fmt::Debug {
+    /// Tries once to acquire `key` for `token` with a lease of `ttl`.
+    ///
+    /// Succeeds when the key has no row, its lease is released or expired, or it is
+    /// live and held by this same `token` (then the fence stays the same). On success
+    /// the lease runs until `ttl` after the backend's clock at the moment of
+    /// acquisition. When another token holds a live lease, returns
+    /// [`AcquireOutcome::Held`] and changes nothing.
+    async fn try_acquire(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        ttl: Ttl,
+        owner: &str,
+    ) -> Result<AcquireOutcome>;
+
+    /// Renews the live lease of `token` on `key` to end `ttl` from now on the
+    /// backend's clock.
+    ///
+    /// Returns [`Error::NotHeld`](crate::Error::NotHeld) if `token` does not hold a
+    /// live lease. Extending twice in a row (even within one clock tick) succeeds
+    /// both times.
+    async fn extend(&self, key: &LockKey, token: &Token, ttl: Ttl) -> Result<()>;
+
+    /// Ends the live lease of `token` on `key` at once, keeping the row (and so
+    /// the fence) for the next holder.
+    ///
+    /// Returns [`Error::NotHeld`](crate::Error::NotHeld) if `token` does not hold a
+    /// live lease, including on a second release.
+    async fn release(&self, key: &LockKey, token: &Token) -> Result<()>;
+
+    /// The state of one key, or `None` if it was never acquired.
+    async fn inspect(&self, key: &LockKey) -> Result<Option<LockInfo>>;
+
+    /// The state of every key, ordered by key.
+    async fn list(&self) -> Result<Vec<LockInfo>>;
+
+    /// Creates the lock table if it does not exist. Safe to call concurrently and
+    /// repeatedly.
+    async fn create_table(&self) -> Result<()>;
+
+    /// The DDL that [`create_table`](Self::create_table) runs, for users who manage
+    /// their schema with their own migration tool.
+    fn schema_sql(&self) -> String;
+
+    /// The backend's release notifications, if it has them.
+    ///
+    /// Waiters subscribe before each try and wake as soon as a release of their key
+    /// is announced, instead of sleeping out their backoff. A notification is only a
+    /// hint: waiters still poll, so a lost notification costs latency, never
+    /// correctness. The default is `None`.
+    fn release_notifier(&self) -> Option<&ReleaseNotifier> {
+        None
+    }
+}
+
+/// The longest owner text, in bytes, that [`LockManager`](crate::LockManager) passes
+/// to a backend.
+pub const MAX_OWNER_LEN: usize = 255;
+
+/// What a single [`LockBackend::try_acquire`] achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcquireOutcome {
+    /// The token now holds the lease.
+    Acquired {
+        /// The fence of this holding.
+        fence: Fence,
+    },
+    /// Another token holds a live lease; nothing was changed.
+    Held {
+        /// How long that lease has left on the backend's clock, if known.
+        remaining: Option<Duration>,
+    },
+}
+
+/// The state of a key's lease, as [`LockBackend::inspect`] and
+/// [`LockBackend::list`] report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LockState {
+    /// A live lease holds the key.
+    Held,
+    /// The last lease ran out without being released.
+    Expired,
+    /// The last lease was released.
+    Released,
+}
+
+impl LockState {
+    /// The lowercase name used in the CLI and in JSON: `held`, `expired`, `released`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LockState::Held => "held",
+            LockState::Expired => "expired",
+            LockState::Released => "released",
+        }
+    }
+}
+
+impl fmt::Display for LockState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One key's row, as seen by the backend at one instant of its clock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockInfo {
+    /// The key.
+    pub key: LockKey,
+    /// The owner text of the latest holding.
+    pub owner: String,
+    /// The fence of the latest holding.
+    pub fence: Fence,
+    /// When the latest holding was acquired, on the backend's clock.
+    pub acquired_at: SystemTime,
+    /// When its lease ends or ended, on the backend's clock; `None` once released.
+    pub expires_at: Option<SystemTime>,
+    /// Held, expired or released.
+    pub state: LockState,
+    /// For a held lock, how long its lease has left on the backend's clock.
+    pub remaining: Option<Duration>,
+}
+
+impl LockInfo {
+    /// Whether a live lease holds the key.
+    pub fn is_live(&self) -> bool {
+        self.state == LockState::Held
+    }
+}
+
+macro_rules! forward_backend {
+    ($($ty:ty),*) => {$(
+        #[async_trait]
+        impl<T: LockBackend + ?Sized> LockBackend for $ty {
+            async fn try_acquire(
+                &self,
+                key: &LockKey,
+                token: &Token,
+                ttl: Ttl,
+                owner: &str,
+            ) -> Result<AcquireOutcome> {
+                (**self).try_acquire(key, token, ttl, owner).await
+            }
+            async fn extend(&self, key: &LockKey, token: &Token, ttl: Ttl) -> Result<()> {
+                (**self).extend(key, token, ttl).await
+            }
+            async fn release(&self, key: &LockKey, token: &Token) -> Result<()> {
+                (**self).release(key, token).await
+            }
+            async fn inspect(&self, key: &LockKey) -> Result<Option<LockInfo>> {
+                (**self).inspect(key).await
+            }
+            async fn list(&self) -> Result<Vec<LockInfo>> {
+                (**self).list().await
+            }
+            async fn create_table(&self) -> Result<()> {
+                (**self).create_table().await
+            }
+            fn schema_sql(&self) -> String {
+                (**self).schema_sql()
+            }
+            fn release_notifier(&self) -> Option<&ReleaseNotifier> {
+                (**self).release_notifier()
+            }
+        }
+    )*};
+}
+
+forward_backend!(Arc<T>, Box<T>);

@@ -1,0 +1,370 @@
+//! [`LockGuard`]: a held lock, its heartbeat and its local deadline.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::backend::LockBackend;
+use crate::error::{Error, Result};
+use crate::fence::Fence;
+use crate::key::LockKey;
+use crate::lease::Lease;
+use crate::manager::ManagerConfig;
+use crate::token::Token;
+use crate::ttl::Ttl;
+
+/// A held lock.
+///
+/// While the guard lives, a background task extends the lease (every ttl/3 by
+/// default) and watches the **local deadline**: the instant the last successful
+/// acquire or extend request was sent, plus the ttl, minus the safety margin. When
+/// the deadline passes without a successful extend, or an extend finds the lease
+/// gone, the guard declares the lock lost — even when the database cannot be
+/// reached at all — and [`lost`](Self::lost) resolves. The database never frees the
+/// lock before that deadline, so a guard that has not reported loss is the only
+/// holder.
+///
+/// [`release`](Self::release) ends the lease. Dropping the guard releases it in the
+/// background when a tokio runtime is available; otherwise the lease runs out at
+/// its ttl.
+pub struct LockGuard {
+    shared: Arc<GuardShared>,
+    heartbeat: Option<JoinHandle<()>>,
+    released: bool,
+}
+
+/// What the guard and its heartbeat task share.
+struct GuardShared {
+    config: Arc<ManagerConfig>,
+    key: LockKey,
+    token: Token,
+    fence: Fence,
+    ttl: Ttl,
+    margin: Duration,
+    deadline: Mutex<Instant>,
+    lost: watch::Sender<bool>,
+}
+
+impl GuardShared {
+    fn deadline(&self) -> Instant {
+        *self.deadline.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn is_lost(&self) -> bool {
+        *self.lost.borrow() || Instant::now() >= self.deadline()
+    }
+
+    /// Records a successful extend whose request was sent at `sent`.
+    ///
+    /// Taking the later of the two deadlines is safe even for concurrent extends:
+    /// the server's expiry is set by whichever extend it ran last, and every extend
+    /// it ran, ran after it was sent.
+    fn extended(&self, sent: Instant) {
+        let new = sent + self.ttl.get() - self.margin;
+        let mut deadline = self.deadline.lock().unwrap_or_else(PoisonError::into_inner);
+        if new > *deadline {
+            *deadline = new;
+        }
+    }
+
+    fn mark_lost(&self, why: &str) {
+        let newly = self
+            .lost
+            .send_if_modified(|lost| !std::mem::replace(lost, true));
+        if newly {
+            tracing::warn!(key = %self.key, fence = %self.fence, reason = why, "lock lost");
+        }
+    }
+
+    /// One extend, bounded by the local deadline. On success the deadline moves;
+    /// when the lease is gone, or the deadline passes first, the lock is lost.
+    async fn extend_once(&self) -> Result<()> {
+        if self.is_lost() {
+            self.mark_lost("local deadline passed");
+            return Err(Error::LockLost {
+                key: self.key.clone(),
+            });
+        }
+        let sent = Instant::now();
+        let call = self.config.backend.extend(&self.key, &self.token, self.ttl);
+        tokio::pin!(call);
+        let result = loop {
+            let deadline = self.deadline();
+            tokio::select! {
+                result = &mut call => break Some(result),
+                // A concurrent extend may have moved the deadline: look again.
+                () = tokio::time::sleep_until(deadline) => {
+                    if Instant::now() >= self.deadline() {
+                        break None;
+                    }
+                }
+            }
+        };
+        match result {
+            Some(Ok(())) => {
+                self.extended(sent);
+                tracing::trace!(key = %self.key, fence = %self.fence, "lease extended");
+                Ok(())
+            }
+            Some(Err(Error::NotHeld { .. })) => {
+                self.mark_lost("extend found the lease gone");
+                Err(Error::LockLost {
+                    key: self.key.clone(),
+                })
+            }
+            Some(Err(error)) => Err(error),
+            None => {
+                self.mark_lost("local deadline passed during extend");
+                Err(Error::LockLost {
+                    key: self.key.clone(),
+                })
+            }
+        }
+    }
+}
+
+impl LockGuard {
+    /// Starts guarding a lease granted by a request sent at `sent`.
+    pub(crate) fn start(
+        config: Arc<ManagerConfig>,
+        key: LockKey,
+        token: Token,
+        fence: Fence,
+        ttl: Ttl,
+        sent: Instant,
+    ) -> Self {
+        let margin = config.margin_for(ttl);
+        let interval = config.heartbeat_for(ttl);
+        let (lost, _) = watch::channel(false);
+        let shared = Arc::new(GuardShared {
+            config,
+            key,
+            token,
+            fence,
+            ttl,
+            margin,
+            deadline: Mutex::new(sent + ttl.get() - margin),
+            lost,
+        });
+        // Without a runtime there is no heartbeat; `is_lost` still compares with
+        // the deadline on every call.
+        let heartbeat = tokio::runtime::Handle::try_current()
+            .ok()
+            .map(|rt| rt.spawn(heartbeat(Arc::downgrade(&shared), interval)));
+        Self {
+            shared,
+            heartbeat,
+            released: false,
+        }
+    }
+
+    /// The key.
+    pub fn key(&self) -> &LockKey {
+        &self.shared.key
+    }
+
+    /// The token of this holding.
+    pub fn token(&self) -> Token {
+        self.shared.token
+    }
+
+    /// The fencing token of this holding: pass it to the resource you protect.
+    pub fn fence(&self) -> Fence {
+        self.shared.fence
+    }
+
+    /// The lease length each extend asks for.
+    pub fn ttl(&self) -> Ttl {
+        self.shared.ttl
+    }
+
+    /// The current local deadline.
+    pub fn deadline(&self) -> Instant {
+        self.shared.deadline()
+    }
+
+    /// Time left until the local deadline; zero once the lock is lost.
+    pub fn time_left(&self) -> Duration {
+        if self.is_lost() {
+            return Duration::ZERO;
+        }
+        self.shared
+            .deadline()
+            .saturating_duration_since(Instant::now())
+    }
+
+    /// Whether this process must no longer act as the holder.
+    pub fn is_lost(&self) -> bool {
+        self.shared.is_lost()
+    }
+
+    /// A snapshot of key, token, fence, ttl and the current deadline.
+    pub fn lease(&self) -> Lease {
+        Lease {
+            key: self.shared.key.clone(),
+            token: self.shared.token,
+            fence: self.shared.fence,
+            ttl: self.shared.ttl,
+            deadline: self.shared.deadline(),
+        }
+    }
+
+    /// Resolves once this process must no longer act as the holder: the lock was
+    /// lost, or the guard was released or dropped.
+    pub fn lost(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut lost = self.shared.lost.subscribe();
+        async move {
+            // An error means the guard is gone, which also ends the holding.
+            let _ = lost.wait_for(|lost| *lost).await;
+        }
+    }
+
+    /// Extends the lease now, by the guard's ttl from the backend's clock.
+    ///
+    /// Returns [`Error::LockLost`] if the lease is gone or the local deadline passes
+    /// first, and the backend's error if it failed otherwise (the lease may still
+    /// be live; the heartbeat keeps trying).
+    pub async fn extend(&self) -> Result<()> {
+        self.shared.extend_once().await
+    }
+
+    /// Releases the lock and waits for the backend to confirm.
+    ///
+    /// `Ok` means the lease was held without interruption until now. Returns
+    /// [`Error::LockLost`] if the lock had been lost (it is released anyway if the
+    /// backend still has it), and the backend's error if the release failed (the
+    /// lease then runs out at its ttl).
+    pub async fn release(mut self) -> Result<()> {
+        self.released = true;
+        if let Some(heartbeat) = self.heartbeat.take() {
+            heartbeat.abort();
+        }
+        let shared = &self.shared;
+        let was_lost = shared.is_lost();
+        let call = shared.config.backend.release(&shared.key, &shared.token);
+        let result = match tokio::time::timeout(shared.config.call_timeout, call).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::unavailable(
+                format!("release of {} did not answer in time", shared.key),
+                None,
+            )),
+        };
+        // Wake anyone awaiting `lost()`: this process no longer holds the lock.
+        shared.lost.send_replace(true);
+        match result {
+            Ok(()) if !was_lost => {
+                tracing::debug!(key = %shared.key, fence = %shared.fence, "lock released");
+                Ok(())
+            }
+            Ok(()) | Err(Error::NotHeld { .. }) => Err(Error::LockLost {
+                key: shared.key.clone(),
+            }),
+            Err(error) => Err(error),
+        }
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        if let Some(heartbeat) = self.heartbeat.take() {
+            heartbeat.abort();
+        }
+        if !self.released {
+            self.shared.lost.send_replace(true);
+            let shared = &self.shared;
+            release_in_background(
+                shared.config.backend.clone(),
+                shared.key.clone(),
+                shared.token,
+                shared.config.call_timeout,
+            );
+        }
+    }
+}
+
+impl fmt::Debug for LockGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LockGuard")
+            .field("key", &self.shared.key)
+            .field("fence", &self.shared.fence)
+            .field("ttl", &self.shared.ttl)
+            .field("time_left", &self.time_left())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Extends the lease every `interval` (if any) and declares it lost at the local
+/// deadline. Holds only a weak reference, so it ends with the guard.
+async fn heartbeat(shared: std::sync::Weak<GuardShared>, interval: Option<Duration>) {
+    let mut next_extend = interval.map(|i| Instant::now() + i);
+    loop {
+        let Some(guard) = shared.upgrade() else {
+            return;
+        };
+        if *guard.lost.borrow() {
+            return;
+        }
+        let deadline = guard.deadline();
+        let wake = next_extend.map_or(deadline, |next| next.min(deadline));
+        drop(guard);
+        tokio::time::sleep_until(wake).await;
+
+        let Some(guard) = shared.upgrade() else {
+            return;
+        };
+        let now = Instant::now();
+        if now >= guard.deadline() {
+            guard.mark_lost("local deadline passed");
+            return;
+        }
+        let (Some(interval), Some(next)) = (interval, next_extend) else {
+            continue;
+        };
+        if now < next {
+            continue;
+        }
+        next_extend = match guard.extend_once().await {
+            Ok(()) => Some(now + interval),
+            Err(Error::LockLost { .. }) => return,
+            Err(error) => {
+                // Try again soon; the deadline still bounds how long we claim the lock.
+                let retry = (interval / 4).clamp(Duration::from_millis(5), Duration::from_secs(1));
+                tracing::debug!(key = %guard.key, %error, ?retry, "extend failed; retrying");
+                Some(Instant::now() + retry)
+            }
+        };
+    }
+}
+
+/// Releases `token`'s lease on `key` without waiting, if a runtime is available.
+pub(crate) fn release_in_background(
+    backend: Arc<dyn LockBackend>,
+    key: LockKey,
+    token: Token,
+    timeout: Duration,
+) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            runtime.spawn(async move {
+                match tokio::time::timeout(timeout, backend.release(&key, &token)).await {
+                    Ok(Ok(())) => tracing::debug!(key = %key, "lock released in the background"),
+                    Ok(Err(Error::NotHeld { .. })) => {}
+                    Ok(Err(error)) => {
+                        tracing::warn!(key = %key, %error, "background release failed; the lease will expire")
+                    }
+                    Err(_) => {
+                        tracing::warn!(key = %key, "background release timed out; the lease will expire")
+                    }
+                }
+            });
+        }
+        Err(_) => {
+            tracing::warn!(key = %key, "no tokio runtime to release the lock; the lease will expire");
+        }
+    }
+}

@@ -1,0 +1,35 @@
+#![doc = include_str!("../README.md")]
+
+mod backend;
+mod error;
+mod fence;
+mod guard;
+mod key;
+mod lease;
+mod lock;
+mod manager;
+mod memory;
+mod notify;
+mod owner;
+mod retry;
+mod table;
+mod token;
+mod ttl;
+
+pub use backend::{AcquireOutcome, LockBackend, LockInfo, LockState, MAX_OWNER_LEN};
+pub use error::{BoxError, Error, Result};
+pub use fence::Fence;
+pub use guard::LockGuard;
+pub use key::LockKey;
+pub use lease::Lease;
+pub use lock::Lock;
+pub use manager::{LockManager, LockManagerBuilder};
+pub use memory::MemoryBackend;
+pub use notify::{ReleaseNotifier, ReleaseSubscription};
+pub use retry::RetryPolicy;
+pub use table::TableName;
+pub use token::Token;
+pub use ttl::Ttl;
+
+/// Re-exported so backends and users name the same version.
+pub use async_trait::async_trait;
