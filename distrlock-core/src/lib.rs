@@ -33,3 +33,8 @@ pub use ttl::Ttl;
 
 /// Re-exported so backends and users name the same version.
 pub use async_trait::async_trait;
+
+/// The workspace README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct WorkspaceReadmeDoctests;

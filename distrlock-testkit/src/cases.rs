@@ -12,6 +12,7 @@ use distrlock_core::{AcquireOutcome, Error, Fence, LockKey, LockState, Token, Tt
 use tokio::sync::Barrier;
 use tokio::time::Instant;
 
+use crate::delayed::DelayedBackend;
 use crate::harness::Setup;
 
 /// The ttl cases use when they do not wait for expiry.
@@ -685,19 +686,32 @@ pub async fn bad_input_is_refused(setup: &Setup) {
 
 /// 19. Dropping an acquire mid-flight never leaves a lease behind that outlives
 ///     the drop by long: the lock is free again within seconds, not its ttl.
+///     Answers are delayed by 20 ms so that drops land after the backend granted
+///     the lease but before the caller heard of it.
 pub async fn cancelled_acquire_leaves_no_lock(setup: &Setup) {
-    let manager = setup.manager(LONG);
+    let delayed = Arc::new(DelayedBackend::new(
+        setup.backend.clone(),
+        Duration::from_millis(20),
+    ));
+    let manager = distrlock_core::LockManager::builder(delayed)
+        .ttl(LONG)
+        .build()
+        .unwrap();
     let key = setup.key("cancelled");
-    for delay_us in [0, 50, 200, 1_000, 5_000] {
+    for cancel_after_ms in [1, 5, 10, 15] {
         let lock = manager.lock(key.as_str()).unwrap();
-        // Whether the acquire finishes or is dropped half-way, nothing must leak.
-        let _ = tokio::time::timeout(Duration::from_micros(delay_us), lock.acquire()).await;
-        let other = manager.lock(key.as_str()).unwrap();
+        let cancelled =
+            tokio::time::timeout(Duration::from_millis(cancel_after_ms), lock.acquire()).await;
+        assert!(
+            cancelled.is_err(),
+            "the acquire must still be in flight when dropped"
+        );
+        let other = setup.manager(LONG).lock(key.as_str()).unwrap();
         let guard = other
             .acquire_timeout(Duration::from_secs(5))
             .await
             .unwrap_or_else(|e| {
-                panic!("a cancelled acquire (after {delay_us} µs) kept the lock: {e}")
+                panic!("an acquire dropped after {cancel_after_ms} ms kept the lock: {e}")
             });
         guard.release().await.unwrap();
     }

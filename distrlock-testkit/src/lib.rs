@@ -1,12 +1,14 @@
 #![doc = include_str!("../README.md")]
 
 pub mod cases;
+mod delayed;
 mod harness;
 mod memory;
 
 use std::future::Future;
 use std::pin::Pin;
 
+pub use delayed::DelayedBackend;
 pub use harness::{Faults, Harness, NoFaults, Setup, Skip, Unsupported, require_db, skip};
 pub use memory::MemoryHarness;
 
