@@ -4,6 +4,7 @@ pub mod cases;
 mod delayed;
 mod harness;
 mod memory;
+mod proxy;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -11,6 +12,7 @@ use std::pin::Pin;
 pub use delayed::DelayedBackend;
 pub use harness::{Faults, Harness, NoFaults, Setup, Skip, Unsupported, require_db, skip};
 pub use memory::MemoryHarness;
+pub use proxy::FaultProxy;
 
 /// Runs one conformance case: makes a setup with `harness` on a fresh multi-thread
 /// runtime, then runs `case` on it. A [`Skip`] is reported with [`skip`] (a failure
