@@ -1,0 +1,541 @@
+//! [`ThrowawayServer`]: a private PostgreSQL or MariaDB started from the installed
+//! binaries, for tests that stop, kill or restart a database.
+
+use std::fmt;
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Which database a [`ThrowawayServer`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerKind {
+    /// PostgreSQL (`initdb`, `postgres`), from Debian's `postgresql` package.
+    Postgres,
+    /// MariaDB (`mariadb-install-db`, `mariadbd`), from Debian's `mariadb-server`.
+    MariaDb,
+}
+
+impl ServerKind {
+    fn package(self) -> &'static str {
+        match self {
+            ServerKind::Postgres => "postgresql",
+            ServerKind::MariaDb => "mariadb-server",
+        }
+    }
+}
+
+/// Why a throwaway server could not be started or controlled.
+#[derive(Debug)]
+pub enum ServerError {
+    /// A server binary is not installed.
+    MissingBinary {
+        /// The binary that was looked for.
+        binary: &'static str,
+        /// The Debian package that provides it.
+        package: &'static str,
+    },
+    /// A command failed or the server did not become ready.
+    Failed(String),
+}
+
+impl fmt::Display for ServerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServerError::MissingBinary { binary, package } => {
+                write!(
+                    f,
+                    "{binary} is not installed: install the `{package}` package (apt-get install {package})"
+                )
+            }
+            ServerError::Failed(why) => f.write_str(why),
+        }
+    }
+}
+
+impl std::error::Error for ServerError {}
+
+type Result<T> = std::result::Result<T, ServerError>;
+
+/// A private database server in a temporary directory, on a free loopback port,
+/// with a `test` database and passwordless local access (`postgres` with trust
+/// auth; MariaDB `root` with an empty password).
+///
+/// [`stop`](Self::stop), [`kill`](Self::kill) (SIGKILL) and [`start`](Self::start)
+/// (same port, same data) control it; dropping it kills the server and deletes its
+/// directory, also when the test fails. The shared servers are never touched.
+///
+/// The calls block (they wait for the server); from async code, call them inside
+/// `tokio::task::spawn_blocking` or accept a short block of one worker thread.
+pub struct ThrowawayServer {
+    kind: ServerKind,
+    dir: PathBuf,
+    port: u16,
+    child: Option<Child>,
+    /// The user to run the server as, when this process is root.
+    run_as: Option<(u32, u32)>,
+}
+
+impl ThrowawayServer {
+    /// Starts a private PostgreSQL.
+    pub fn postgres() -> Result<Self> {
+        let mut server = Self::prepare(ServerKind::Postgres)?;
+        let initdb = find_binary(ServerKind::Postgres, "initdb")?;
+        server.run_setup(
+            Command::new(initdb).arg("-D").arg(server.data_dir()).args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ]),
+            "initdb",
+        )?;
+        server.start()?;
+        server.client(&["-c", "CREATE DATABASE test"], "postgres")?;
+        Ok(server)
+    }
+
+    /// Starts a private MariaDB.
+    pub fn mariadb() -> Result<Self> {
+        let mut server = Self::prepare(ServerKind::MariaDb)?;
+        let install = find_binary(ServerKind::MariaDb, "mariadb-install-db")?;
+        let mut cmd = Command::new(install);
+        cmd.arg("--no-defaults")
+            .arg(format!("--datadir={}", server.data_dir().display()))
+            .args([
+                "--auth-root-authentication-method=normal",
+                "--skip-test-db",
+                "--skip-name-resolve",
+            ]);
+        if server.run_as.is_some() {
+            cmd.arg("--user=mysql");
+        }
+        // mariadb-install-db switches user itself; run it as we are.
+        let output = cmd
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| ServerError::Failed(format!("mariadb-install-db: {e}")))?;
+        if !output.status.success() {
+            return Err(ServerError::Failed(format!(
+                "mariadb-install-db failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            )));
+        }
+        server.start()?;
+        server.client(&["-e", "CREATE DATABASE IF NOT EXISTS test"], "")?;
+        Ok(server)
+    }
+
+    /// Which database this is.
+    pub fn kind(&self) -> ServerKind {
+        self.kind
+    }
+
+    /// The loopback port it listens on (kept across restarts).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A URL for the `test` database: `postgres://postgres@127.0.0.1:PORT/test` or
+    /// `mysql://root@127.0.0.1:PORT/test`.
+    pub fn url(&self) -> String {
+        match self.kind {
+            ServerKind::Postgres => format!("postgres://postgres@127.0.0.1:{}/test", self.port),
+            ServerKind::MariaDb => format!("mysql://root@127.0.0.1:{}/test", self.port),
+        }
+    }
+
+    /// Whether the server process is running.
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.child {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Starts the server (again) on the same port and data, and waits until it
+    /// accepts connections (up to 60 s).
+    pub fn start(&mut self) -> Result<()> {
+        if self.is_running() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        loop {
+            let mut child = self.spawn_server()?;
+            match self.wait_ready(&mut child) {
+                Ok(()) => {
+                    self.child = Some(child);
+                    return Ok(());
+                }
+                // After a kill -9 the old processes may still hold the port or
+                // shared memory for a moment: try again.
+                Err(e) if started.elapsed() < Duration::from_secs(60) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    std::thread::sleep(Duration::from_millis(250));
+                    if started.elapsed() > Duration::from_secs(55) {
+                        return Err(e);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Stops the server cleanly (SIGTERM, as `pg_ctl stop -m fast` or
+    /// `mariadb-admin shutdown` would) and waits for it to exit.
+    pub fn stop(&mut self) -> Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .map_err(|e| ServerError::Failed(format!("kill -TERM: {e}")))?;
+        if !status.success() {
+            let _ = child.kill();
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                self.wait_port_free();
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        Err(ServerError::Failed(
+            "the server did not stop within 30 s; killed it".into(),
+        ))
+    }
+
+    /// Kills the server with SIGKILL, as a crash would, and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// [`stop`](Self::stop), then [`start`](Self::start).
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop()?;
+        self.start()
+    }
+
+    /// Runs SQL through the server's command-line client (`psql` or `mariadb`) as
+    /// the superuser, in the `test` database, and returns its output.
+    pub fn sql(&self, sql: &str) -> Result<String> {
+        match self.kind {
+            ServerKind::Postgres => self.client(&["-Atqc", sql], "test"),
+            ServerKind::MariaDb => self.client(&["-N", "-B", "-e", sql], "test"),
+        }
+    }
+
+    fn prepare(kind: ServerKind) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!(
+            "distrlock-{}-{}-{:x}",
+            match kind {
+                ServerKind::Postgres => "pg",
+                ServerKind::MariaDb => "mariadb",
+            },
+            std::process::id(),
+            unique()
+        ));
+        std::fs::create_dir_all(dir.join("data"))
+            .map_err(|e| ServerError::Failed(format!("creating {}: {e}", dir.display())))?;
+        let run_as = if is_root() {
+            let user = match kind {
+                ServerKind::Postgres => "postgres",
+                ServerKind::MariaDb => "mysql",
+            };
+            let ids = user_ids(user).ok_or_else(|| {
+                ServerError::Failed(format!(
+                    "running as root, but there is no `{user}` user to run the server as (install {})",
+                    kind.package()
+                ))
+            })?;
+            chown_recursive(&dir, ids)?;
+            Some(ids)
+        } else {
+            None
+        };
+        Ok(Self {
+            kind,
+            dir,
+            port: free_port()?,
+            child: None,
+            run_as,
+        })
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    fn as_server_user<'c>(&self, cmd: &'c mut Command) -> &'c mut Command {
+        if let Some((uid, gid)) = self.run_as {
+            cmd.uid(uid).gid(gid);
+        }
+        cmd
+    }
+
+    fn run_setup(&self, cmd: &mut Command, what: &str) -> Result<()> {
+        let output = self
+            .as_server_user(cmd)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| ServerError::Failed(format!("{what}: {e}")))?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(ServerError::Failed(format!(
+                "{what} failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            )))
+        }
+    }
+
+    fn spawn_server(&self) -> Result<Child> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("server.log"))
+            .map_err(|e| ServerError::Failed(format!("server log: {e}")))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| ServerError::Failed(format!("server log: {e}")))?;
+        let mut cmd = match self.kind {
+            ServerKind::Postgres => {
+                let mut cmd = Command::new(find_binary(self.kind, "postgres")?);
+                cmd.arg("-D")
+                    .arg(self.data_dir())
+                    .args(["-p", &self.port.to_string(), "-k"])
+                    .arg(&self.dir)
+                    .args([
+                        "-c",
+                        "listen_addresses=127.0.0.1",
+                        "-c",
+                        "fsync=off",
+                        "-c",
+                        "max_connections=200",
+                    ]);
+                cmd
+            }
+            ServerKind::MariaDb => {
+                let mut cmd = Command::new(find_binary(self.kind, "mariadbd")?);
+                cmd.arg("--no-defaults")
+                    .arg(format!("--datadir={}", self.data_dir().display()))
+                    .arg(format!("--port={}", self.port))
+                    .arg(format!(
+                        "--socket={}",
+                        self.dir.join("mysqld.sock").display()
+                    ))
+                    .arg(format!(
+                        "--pid-file={}",
+                        self.dir.join("mysqld.pid").display()
+                    ))
+                    .args([
+                        "--bind-address=127.0.0.1",
+                        "--skip-name-resolve",
+                        "--skip-log-bin",
+                        "--innodb-buffer-pool-size=64M",
+                        "--max-connections=200",
+                    ]);
+                if self.run_as.is_some() {
+                    cmd.arg("--user=mysql");
+                }
+                cmd
+            }
+        };
+        if self.kind == ServerKind::Postgres {
+            self.as_server_user(&mut cmd);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .map_err(|e| ServerError::Failed(format!("starting the server: {e}")))
+    }
+
+    fn wait_ready(&self, child: &mut Child) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(ServerError::Failed(format!(
+                    "the server exited with {status} while starting; see {}",
+                    self.dir.join("server.log").display()
+                )));
+            }
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() && self.ping() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(ServerError::Failed(format!(
+            "the server did not accept connections within 30 s; see {}",
+            self.dir.join("server.log").display()
+        )))
+    }
+
+    fn ping(&self) -> bool {
+        let database = match self.kind {
+            ServerKind::Postgres => "postgres",
+            ServerKind::MariaDb => "",
+        };
+        self.client(&["-c", "SELECT 1"], database).is_ok()
+            || (self.kind == ServerKind::MariaDb && self.client(&["-e", "SELECT 1"], "").is_ok())
+    }
+
+    fn client(&self, args: &[&str], database: &str) -> Result<String> {
+        let port = self.port.to_string();
+        let mut cmd = match self.kind {
+            ServerKind::Postgres => {
+                let mut cmd = Command::new(find_binary(self.kind, "psql")?);
+                cmd.args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port,
+                    "-U",
+                    "postgres",
+                    "-X",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                ]);
+                if !database.is_empty() {
+                    cmd.args(["-d", database]);
+                }
+                cmd
+            }
+            ServerKind::MariaDb => {
+                let mut cmd = Command::new(find_binary(self.kind, "mariadb")?);
+                cmd.args([
+                    "--no-defaults",
+                    "-h",
+                    "127.0.0.1",
+                    "-P",
+                    &port,
+                    "-u",
+                    "root",
+                ]);
+                if !database.is_empty() {
+                    cmd.arg(database);
+                }
+                cmd
+            }
+        };
+        let output = cmd
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| ServerError::Failed(format!("client: {e}")))?;
+        if output.status.success() {
+            Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+        } else {
+            Err(ServerError::Failed(format!(
+                "client failed: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            )))
+        }
+    }
+
+    fn wait_port_free(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for ThrowawayServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl fmt::Debug for ThrowawayServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ThrowawayServer")
+            .field("kind", &self.kind)
+            .field("port", &self.port)
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Finds a server binary on PATH or in Debian's versioned PostgreSQL folders.
+fn find_binary(kind: ServerKind, name: &'static str) -> Result<PathBuf> {
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if kind == ServerKind::Postgres {
+        // Debian keeps initdb and postgres off PATH, under /usr/lib/postgresql/N/bin.
+        if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
+            let mut versions: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+            versions.sort();
+            for v in versions.into_iter().rev() {
+                candidates.push(v.join("bin").join(name));
+            }
+        }
+    }
+    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
+        candidates.push(Path::new(dir).join(name));
+    }
+    candidates.extend(["/usr/sbin", "/usr/bin"].map(|d| Path::new(d).join(name)));
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .ok_or(ServerError::MissingBinary {
+            binary: name,
+            package: kind.package(),
+        })
+}
+
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// The uid and gid of `user`, from `/etc/passwd`.
+fn user_ids(user: &str) -> Option<(u32, u32)> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        (fields.first() == Some(&user) && fields.len() > 3)
+            .then(|| Some((fields[2].parse().ok()?, fields[3].parse().ok()?)))
+            .flatten()
+    })
+}
+
+fn chown_recursive(dir: &Path, (uid, gid): (u32, u32)) -> Result<()> {
+    let status = Command::new("chown")
+        .arg("-R")
+        .arg(format!("{uid}:{gid}"))
+        .arg(dir)
+        .status()
+        .map_err(|e| ServerError::Failed(format!("chown: {e}")))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(ServerError::Failed(format!(
+            "chown -R {uid}:{gid} {} failed",
+            dir.display()
+        )))
+    }
+}
+
+fn free_port() -> Result<u16> {
+    TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| ServerError::Failed(format!("finding a free port: {e}")))
+}
+
+fn unique() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(Instant::now())
+}

@@ -1,0 +1,64 @@
+//! Private PostgreSQL and MariaDB servers: start, query, kill -9, restart on the
+//! same port with the data kept, stop, and clean up on drop.
+
+use distrlock_testkit::{ServerError, ThrowawayServer, skip};
+
+fn started(test: &str, server: Result<ThrowawayServer, ServerError>) -> Option<ThrowawayServer> {
+    match server {
+        Ok(server) => Some(server),
+        Err(error) => {
+            skip(test, &error.to_string());
+            None
+        }
+    }
+}
+
+fn survives_kill_and_restart(mut server: ThrowawayServer, create: &str, count: &str) {
+    let port = server.port();
+    server.sql(create).expect("create and fill a table");
+    server.kill();
+    assert!(!server.is_running());
+    assert!(
+        server.sql("SELECT 1").is_err(),
+        "a killed server answers nothing"
+    );
+    server.start().expect("restart after kill -9");
+    assert_eq!(server.port(), port, "same port after a restart");
+    assert_eq!(
+        server.sql(count).expect("query after restart"),
+        "3",
+        "data kept"
+    );
+    server.restart().expect("clean restart");
+    assert_eq!(server.sql(count).unwrap(), "3");
+    server.stop().expect("clean stop");
+    assert!(!server.is_running());
+}
+
+#[test]
+fn postgres_throwaway_server_survives_kill_and_restart() {
+    let test = "postgres_throwaway_server_survives_kill_and_restart";
+    let Some(server) = started(test, ThrowawayServer::postgres()) else {
+        return;
+    };
+    assert!(server.url().starts_with("postgres://postgres@127.0.0.1:"));
+    survives_kill_and_restart(
+        server,
+        "CREATE TABLE t (x int); INSERT INTO t VALUES (1), (2), (3)",
+        "SELECT count(*) FROM t",
+    );
+}
+
+#[test]
+fn mariadb_throwaway_server_survives_kill_and_restart() {
+    let test = "mariadb_throwaway_server_survives_kill_and_restart";
+    let Some(server) = started(test, ThrowawayServer::mariadb()) else {
+        return;
+    };
+    assert!(server.url().starts_with("mysql://root@127.0.0.1:"));
+    survives_kill_and_restart(
+        server,
+        "CREATE TABLE t (x int) ENGINE=InnoDB; INSERT INTO t VALUES (1), (2), (3)",
+        "SELECT count(*) FROM t",
+    );
+}
