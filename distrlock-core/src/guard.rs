@@ -2,14 +2,15 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
-use crate::backend::LockBackend;
 use crate::error::{Error, Result};
 use crate::fence::Fence;
 use crate::key::LockKey;
@@ -30,15 +31,19 @@ use crate::ttl::Ttl;
 /// holder.
 ///
 /// [`release`](Self::release) ends the lease. Dropping the guard releases it in the
-/// background when a tokio runtime is available; otherwise the lease runs out at
-/// its ttl.
+/// background when a tokio runtime is available; otherwise (for example while the
+/// runtime shuts down) the lease runs out at its ttl, so release guards explicitly
+/// before leaving `main`.
+///
+/// The deadline is measured on the monotonic clock, which stops while the host is
+/// suspended; a suspended host must be treated as having lost its locks.
 pub struct LockGuard {
     shared: Arc<GuardShared>,
     heartbeat: Option<JoinHandle<()>>,
     released: bool,
 }
 
-/// What the guard and its heartbeat task share.
+/// What the guard, its heartbeat task and its `lost()` futures share.
 struct GuardShared {
     config: Arc<ManagerConfig>,
     key: LockKey,
@@ -46,6 +51,8 @@ struct GuardShared {
     fence: Fence,
     ttl: Ttl,
     margin: Duration,
+    /// Whether the token is static and registered with the manager.
+    is_static: bool,
     deadline: Mutex<Instant>,
     lost: watch::Sender<bool>,
 }
@@ -55,8 +62,16 @@ impl GuardShared {
         *self.deadline.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn is_lost(&self) -> bool {
-        *self.lost.borrow() || Instant::now() >= self.deadline()
+    /// Whether the lock is lost; marks it so when the deadline has passed.
+    fn check_lost(&self) -> bool {
+        if *self.lost.borrow() {
+            return true;
+        }
+        if Instant::now() >= self.deadline() {
+            self.mark_lost("local deadline passed");
+            return true;
+        }
+        false
     }
 
     /// Records a successful extend whose request was sent at `sent`.
@@ -81,49 +96,53 @@ impl GuardShared {
         }
     }
 
-    /// One extend, bounded by the local deadline. On success the deadline moves;
-    /// when the lease is gone, or the deadline passes first, the lock is lost.
+    fn lost_error(&self) -> Error {
+        Error::LockLost {
+            key: self.key.clone(),
+        }
+    }
+
+    /// One extend, bounded by the call timeout and by the local deadline. On
+    /// success the deadline moves; when the lease is gone, or the deadline passes
+    /// first, the lock is lost. A call that times out before the deadline is a
+    /// transient error, and the lease may still be live.
     async fn extend_once(&self) -> Result<()> {
-        if self.is_lost() {
-            self.mark_lost("local deadline passed");
-            return Err(Error::LockLost {
-                key: self.key.clone(),
-            });
+        if self.check_lost() {
+            return Err(self.lost_error());
         }
         let sent = Instant::now();
+        let timeout_at = sent + self.config.call_timeout;
         let call = self.config.backend.extend(&self.key, &self.token, self.ttl);
         tokio::pin!(call);
         let result = loop {
             let deadline = self.deadline();
             tokio::select! {
-                result = &mut call => break Some(result),
+                result = &mut call => break Ok(result),
                 // A concurrent extend may have moved the deadline: look again.
-                () = tokio::time::sleep_until(deadline) => {
-                    if Instant::now() >= self.deadline() {
-                        break None;
+                () = tokio::time::sleep_until(deadline.min(timeout_at)) => {
+                    if self.check_lost() {
+                        break Err(self.lost_error());
+                    }
+                    if Instant::now() >= timeout_at {
+                        return Err(Error::unavailable(
+                            format!("extend of {} did not answer in time", self.key),
+                            None,
+                        ));
                     }
                 }
             }
         };
-        match result {
-            Some(Ok(())) => {
+        match result? {
+            Ok(()) => {
                 self.extended(sent);
                 tracing::trace!(key = %self.key, fence = %self.fence, "lease extended");
                 Ok(())
             }
-            Some(Err(Error::NotHeld { .. })) => {
+            Err(Error::NotHeld { .. }) => {
                 self.mark_lost("extend found the lease gone");
-                Err(Error::LockLost {
-                    key: self.key.clone(),
-                })
+                Err(self.lost_error())
             }
-            Some(Err(error)) => Err(error),
-            None => {
-                self.mark_lost("local deadline passed during extend");
-                Err(Error::LockLost {
-                    key: self.key.clone(),
-                })
-            }
+            Err(error) => Err(error),
         }
     }
 }
@@ -137,6 +156,7 @@ impl LockGuard {
         fence: Fence,
         ttl: Ttl,
         sent: Instant,
+        is_static: bool,
     ) -> Self {
         let margin = config.margin_for(ttl);
         let interval = config.heartbeat_for(ttl);
@@ -148,6 +168,7 @@ impl LockGuard {
             fence,
             ttl,
             margin,
+            is_static,
             deadline: Mutex::new(sent + ttl.get() - margin),
             lost,
         });
@@ -198,9 +219,10 @@ impl LockGuard {
             .saturating_duration_since(Instant::now())
     }
 
-    /// Whether this process must no longer act as the holder.
+    /// Whether this process must no longer act as the holder. Once true, it stays
+    /// true.
     pub fn is_lost(&self) -> bool {
-        self.shared.is_lost()
+        self.shared.check_lost()
     }
 
     /// A snapshot of key, token, fence, ttl and the current deadline.
@@ -215,20 +237,25 @@ impl LockGuard {
     }
 
     /// Resolves once this process must no longer act as the holder: the lock was
-    /// lost, or the guard was released or dropped.
+    /// lost (checked against the local deadline on every poll, not only when the
+    /// heartbeat notices), or the guard was released or dropped.
     pub fn lost(&self) -> impl Future<Output = ()> + Send + 'static {
-        let mut lost = self.shared.lost.subscribe();
-        async move {
-            // An error means the guard is gone, which also ends the holding.
-            let _ = lost.wait_for(|lost| *lost).await;
+        let mut flag = self.shared.lost.subscribe();
+        Lost {
+            shared: Arc::downgrade(&self.shared),
+            changed: Box::pin(async move {
+                // Resolves when the flag is set, or the guard is gone.
+                let _ = flag.wait_for(|lost| *lost).await;
+            }),
+            sleep: Box::pin(tokio::time::sleep_until(self.shared.deadline())),
         }
     }
 
     /// Extends the lease now, by the guard's ttl from the backend's clock.
     ///
     /// Returns [`Error::LockLost`] if the lease is gone or the local deadline passes
-    /// first, and the backend's error if it failed otherwise (the lease may still
-    /// be live; the heartbeat keeps trying).
+    /// first, and a transient error if the backend failed or did not answer within
+    /// the call timeout (the lease may still be live; the heartbeat keeps trying).
     pub async fn extend(&self) -> Result<()> {
         self.shared.extend_once().await
     }
@@ -238,14 +265,14 @@ impl LockGuard {
     /// `Ok` means the lease was held without interruption until now. Returns
     /// [`Error::LockLost`] if the lock had been lost (it is released anyway if the
     /// backend still has it), and the backend's error if the release failed (the
-    /// lease then runs out at its ttl).
+    /// lease then runs out at its ttl). If this future is dropped before it
+    /// finishes, the guard releases in the background as on drop.
     pub async fn release(mut self) -> Result<()> {
-        self.released = true;
         if let Some(heartbeat) = self.heartbeat.take() {
             heartbeat.abort();
         }
-        let shared = &self.shared;
-        let was_lost = shared.is_lost();
+        let shared = self.shared.clone();
+        let was_lost = shared.check_lost();
         let call = shared.config.backend.release(&shared.key, &shared.token);
         let result = match tokio::time::timeout(shared.config.call_timeout, call).await {
             Ok(result) => result,
@@ -254,6 +281,12 @@ impl LockGuard {
                 None,
             )),
         };
+        self.released = true;
+        if shared.is_static {
+            shared
+                .config
+                .unregister_static_guard(&shared.key, &shared.token);
+        }
         // Wake anyone awaiting `lost()`: this process no longer holds the lock.
         shared.lost.send_replace(true);
         match result {
@@ -261,9 +294,7 @@ impl LockGuard {
                 tracing::debug!(key = %shared.key, fence = %shared.fence, "lock released");
                 Ok(())
             }
-            Ok(()) | Err(Error::NotHeld { .. }) => Err(Error::LockLost {
-                key: shared.key.clone(),
-            }),
+            Ok(()) | Err(Error::NotHeld { .. }) => Err(shared.lost_error()),
             Err(error) => Err(error),
         }
     }
@@ -275,13 +306,13 @@ impl Drop for LockGuard {
             heartbeat.abort();
         }
         if !self.released {
-            self.shared.lost.send_replace(true);
             let shared = &self.shared;
+            shared.lost.send_replace(true);
             release_in_background(
-                shared.config.backend.clone(),
+                shared.config.clone(),
                 shared.key.clone(),
                 shared.token,
-                shared.config.call_timeout,
+                shared.is_static,
             );
         }
     }
@@ -298,9 +329,45 @@ impl fmt::Debug for LockGuard {
     }
 }
 
+/// The future behind [`LockGuard::lost`].
+struct Lost {
+    shared: Weak<GuardShared>,
+    changed: Pin<Box<dyn Future<Output = ()> + Send>>,
+    sleep: Pin<Box<Sleep>>,
+}
+
+impl Future for Lost {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            let Some(shared) = self.shared.upgrade() else {
+                return Poll::Ready(());
+            };
+            // Compare with the clock on every poll: a late heartbeat task must not
+            // let a caller go on past the deadline.
+            if shared.check_lost() {
+                return Poll::Ready(());
+            }
+            let deadline = shared.deadline();
+            drop(shared);
+            if self.sleep.deadline() != deadline {
+                self.sleep.as_mut().reset(deadline);
+            }
+            if self.changed.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(());
+            }
+            if self.sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            // The sleep fired: loop to check the (possibly moved) deadline.
+        }
+    }
+}
+
 /// Extends the lease every `interval` (if any) and declares it lost at the local
 /// deadline. Holds only a weak reference, so it ends with the guard.
-async fn heartbeat(shared: std::sync::Weak<GuardShared>, interval: Option<Duration>) {
+async fn heartbeat(shared: Weak<GuardShared>, interval: Option<Duration>) {
     let mut next_extend = interval.map(|i| Instant::now() + i);
     loop {
         let Some(guard) = shared.upgrade() else {
@@ -317,14 +384,13 @@ async fn heartbeat(shared: std::sync::Weak<GuardShared>, interval: Option<Durati
         let Some(guard) = shared.upgrade() else {
             return;
         };
-        let now = Instant::now();
-        if now >= guard.deadline() {
-            guard.mark_lost("local deadline passed");
+        if guard.check_lost() {
             return;
         }
         let (Some(interval), Some(next)) = (interval, next_extend) else {
             continue;
         };
+        let now = Instant::now();
         if now < next {
             continue;
         }
@@ -342,29 +408,35 @@ async fn heartbeat(shared: std::sync::Weak<GuardShared>, interval: Option<Durati
 }
 
 /// Releases `token`'s lease on `key` without waiting, if a runtime is available.
+/// A static token is unregistered from the manager only after its release, so a
+/// new guard with the same token cannot have its lease ended by this one.
 pub(crate) fn release_in_background(
-    backend: Arc<dyn LockBackend>,
+    config: Arc<ManagerConfig>,
     key: LockKey,
     token: Token,
-    timeout: Duration,
+    is_static: bool,
 ) {
-    match tokio::runtime::Handle::try_current() {
-        Ok(runtime) => {
-            runtime.spawn(async move {
-                match tokio::time::timeout(timeout, backend.release(&key, &token)).await {
-                    Ok(Ok(())) => tracing::debug!(key = %key, "lock released in the background"),
-                    Ok(Err(Error::NotHeld { .. })) => {}
-                    Ok(Err(error)) => {
-                        tracing::warn!(key = %key, %error, "background release failed; the lease will expire")
-                    }
-                    Err(_) => {
-                        tracing::warn!(key = %key, "background release timed out; the lease will expire")
-                    }
-                }
-            });
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        tracing::warn!(key = %key, "no tokio runtime to release the lock; the lease will expire");
+        if is_static {
+            config.unregister_static_guard(&key, &token);
         }
-        Err(_) => {
-            tracing::warn!(key = %key, "no tokio runtime to release the lock; the lease will expire");
+        return;
+    };
+    runtime.spawn(async move {
+        let call = config.backend.release(&key, &token);
+        match tokio::time::timeout(config.call_timeout, call).await {
+            Ok(Ok(())) => tracing::debug!(key = %key, "lock released in the background"),
+            Ok(Err(Error::NotHeld { .. })) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(key = %key, %error, "background release failed; the lease will expire")
+            }
+            Err(_) => {
+                tracing::warn!(key = %key, "background release timed out; the lease will expire")
+            }
         }
-    }
+        if is_static {
+            config.unregister_static_guard(&key, &token);
+        }
+    });
 }

@@ -3,13 +3,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::backend::{AcquireOutcome, LockBackend};
+use crate::backend::AcquireOutcome;
 use crate::error::{Error, Result};
-use crate::guard::LockGuard;
+use crate::fence::Fence;
+use crate::guard::{LockGuard, release_in_background};
 use crate::key::LockKey;
-use crate::manager::LockManager;
+use crate::manager::{LockManager, ManagerConfig};
 use crate::token::Token;
 use crate::ttl::Ttl;
 
@@ -58,8 +60,19 @@ impl Lock {
     }
 
     /// Acquires with this fixed token instead of a fresh random one each time (the
-    /// Go original's static token). Acquiring again while this token holds the
-    /// lock succeeds and keeps the fence.
+    /// Go original's static token).
+    ///
+    /// The backend treats every holder of the token as the same owner: acquiring
+    /// while the token holds the lock succeeds, renews the lease and keeps the
+    /// fence. Within one [`LockManager`], distrlock still allows only one live guard
+    /// per key and token: a second acquire waits for (or, as a try, is refused with
+    /// [`Error::HeldByOther`] by) the first guard, so that one guard's release
+    /// cannot end another's lease. Sharing a static token between managers or
+    /// processes makes them one owner: their leases are one lease.
+    ///
+    /// An acquire with a static token that is abandoned mid-flight is left to
+    /// expire at its ttl instead of being released, since the lease may belong to
+    /// a guard elsewhere.
     pub fn with_token(mut self, token: Token) -> Self {
         self.token = Some(token);
         self
@@ -69,10 +82,19 @@ impl Lock {
     /// when known, if another token holds the lock.
     pub async fn try_acquire(&self) -> Result<LockGuard> {
         let mut attempt = Attempt::new(self);
-        let sent = Instant::now();
         match attempt.try_once().await? {
-            AcquireOutcome::Acquired { fence } => Ok(attempt.into_guard(fence, sent)),
-            AcquireOutcome::Held { remaining } => Err(Error::HeldByOther {
+            (AcquireOutcome::Acquired { fence }, sent) => match attempt.make_guard(fence, sent) {
+                Ok(guard) => Ok(guard),
+                Err(Unusable::Late) => Err(Error::unavailable(
+                    format!("the grant of {} arrived after its local deadline", self.key),
+                    None,
+                )),
+                Err(Unusable::TokenInUse) => Err(Error::HeldByOther {
+                    key: self.key.clone(),
+                    remaining: None,
+                }),
+            },
+            (AcquireOutcome::Held { remaining }, _) => Err(Error::HeldByOther {
                 key: self.key.clone(),
                 remaining,
             }),
@@ -81,13 +103,18 @@ impl Lock {
 
     /// Waits until acquired, within the manager's [`RetryPolicy`](crate::RetryPolicy)
     /// deadline if it has one (else without limit).
+    ///
+    /// Transient backend errors (an unreachable database, a deadlock) are retried
+    /// with the same backoff; any other error ends the wait. Retries reuse one
+    /// token, so a try whose answer was lost cannot make the next one fail.
     pub async fn acquire(&self) -> Result<LockGuard> {
         self.acquire_until(self.manager.inner.retry.deadline())
             .await
     }
 
     /// Waits at most `timeout`, then returns [`Error::Timeout`]. A zero timeout
-    /// tries exactly once.
+    /// tries exactly once. A try in flight at the deadline is allowed to finish
+    /// (it is bounded by the call timeout), so the wait may end that much later.
     pub async fn acquire_timeout(&self, timeout: Duration) -> Result<LockGuard> {
         self.acquire_until(Some(timeout)).await
     }
@@ -95,21 +122,36 @@ impl Lock {
     async fn acquire_until(&self, timeout: Option<Duration>) -> Result<LockGuard> {
         let config = &self.manager.inner;
         let started = Instant::now();
-        let deadline = timeout.map(|t| started + t);
+        // An unrepresentable deadline (say, Duration::MAX) means no deadline.
+        let deadline = timeout.and_then(|t| started.checked_add(t));
         let mut attempt = Attempt::new(self);
         let mut tries: u32 = 0;
+        let mut failures: u32 = 0;
         loop {
             // Subscribe before trying, so a release between the try and the sleep
             // still wakes us.
             let mut released = config.backend.release_notifier().map(|n| n.subscribe());
-            let sent = Instant::now();
-            let remaining = match attempt.try_once_bounded(deadline).await {
-                Ok(AcquireOutcome::Acquired { fence }) => {
-                    return Ok(attempt.into_guard(fence, sent));
+            // When the holder's lease ends, if the backend said.
+            let holder_expiry = match attempt.try_once().await {
+                Ok((AcquireOutcome::Acquired { fence }, sent)) => {
+                    match attempt.make_guard(fence, sent) {
+                        Ok(guard) => return Ok(guard),
+                        // Try again at once: the same token renews the lease.
+                        Err(Unusable::Late) => continue,
+                        Err(Unusable::TokenInUse) => None,
+                    }
                 }
-                Ok(AcquireOutcome::Held { remaining }) => remaining,
+                Ok((AcquireOutcome::Held { remaining }, sent)) => {
+                    failures = 0;
+                    remaining.and_then(|r| sent.checked_add(r))
+                }
                 Err(error) if error.is_transient() => {
-                    tracing::debug!(key = %self.key, %error, "acquire failed transiently; retrying");
+                    failures = failures.saturating_add(1);
+                    if failures % 10 == 0 {
+                        tracing::warn!(key = %self.key, %error, failures, "acquire keeps failing; still retrying");
+                    } else {
+                        tracing::debug!(key = %self.key, %error, "acquire failed transiently; retrying");
+                    }
                     None
                 }
                 Err(error) => return Err(error),
@@ -121,7 +163,11 @@ impl Lock {
                     waited: now - started,
                 });
             }
-            let mut wake = now + config.retry.delay(tries, remaining);
+            let holder_left = holder_expiry.map(|at| at.saturating_duration_since(now));
+            let delay = config.retry.delay(tries, holder_left);
+            let mut wake = now
+                .checked_add(delay)
+                .unwrap_or(now + config.retry.max_delay());
             if let Some(deadline) = deadline {
                 wake = wake.min(deadline);
             }
@@ -141,20 +187,29 @@ impl Lock {
     }
 }
 
+/// Why a granted lease cannot be handed out as a guard.
+enum Unusable {
+    /// The answer came after the lease's local deadline.
+    Late,
+    /// A live guard of this manager already holds the key with this static token.
+    TokenInUse,
+}
+
 /// One acquire call: its token, and what must be cleaned up if it is abandoned.
 ///
-/// Once a request has been sent, the server may have granted the lease even if we
-/// never see the answer (the future was dropped, or the call timed out). Until the
-/// attempt either turns into a guard or gets a definite refusal, dropping it
-/// releases the token's lease in the background, so a cancelled acquire never
-/// leaves behind a lock its process does not know it holds.
-///
-/// A fixed token ([`Lock::with_token`]) may be shared with a live guard, so an
-/// abandoned attempt with one is left to expire instead.
+/// Each try runs in a task of its own, so dropping the caller never cancels a
+/// statement half-way. Until the attempt turns into a guard, it remembers every
+/// try that may have granted a lease without us seeing it: tries still running
+/// (timed out here, or running when the caller gave up) and tries that failed
+/// transiently. Dropping the attempt then waits for those tries in the background
+/// and releases the token's lease after them, so a cancelled acquire never leaves
+/// a lock behind, and the release cannot overtake the statement it undoes.
 struct Attempt<'a> {
     lock: &'a Lock,
     token: Token,
+    in_flight: Vec<JoinHandle<Result<AcquireOutcome>>>,
     maybe_granted: bool,
+    done: bool,
 }
 
 impl<'a> Attempt<'a> {
@@ -162,72 +217,118 @@ impl<'a> Attempt<'a> {
         Self {
             lock,
             token: lock.token.unwrap_or_default(),
+            in_flight: Vec::new(),
             maybe_granted: false,
+            done: false,
         }
     }
 
-    fn backend(&self) -> &Arc<dyn LockBackend> {
-        &self.lock.manager.inner.backend
+    fn config(&self) -> &Arc<ManagerConfig> {
+        &self.lock.manager.inner
     }
 
-    async fn try_once(&mut self) -> Result<AcquireOutcome> {
-        self.try_once_bounded(None).await
-    }
-
-    /// One try, bounded by the call timeout and by `deadline` (but always given at
-    /// least a short time, so a zero timeout still gets its one try).
-    async fn try_once_bounded(&mut self, deadline: Option<Instant>) -> Result<AcquireOutcome> {
-        let config = &self.lock.manager.inner;
-        let mut limit = Instant::now() + config.call_timeout;
-        if let Some(deadline) = deadline {
-            limit = limit.min(deadline.max(Instant::now() + Duration::from_millis(250)));
-        }
+    /// One try, and the instant its request was sent. It is bounded by the call
+    /// timeout and by the lease's own length minus the margin, since an answer
+    /// that arrives later grants nothing usable.
+    async fn try_once(&mut self) -> Result<(AcquireOutcome, Instant)> {
+        let config = self.config().clone();
         let lock = self.lock;
-        self.maybe_granted = lock.token.is_none();
-        let call = self
-            .backend()
-            .try_acquire(&lock.key, &self.token, lock.ttl, &config.owner);
-        match tokio::time::timeout_at(limit, call).await {
-            Ok(Ok(outcome)) => {
-                self.maybe_granted &= matches!(outcome, AcquireOutcome::Acquired { .. });
-                Ok(outcome)
+        if lock.token.is_some() && config.static_guard_live(&lock.key, &self.token) {
+            return Ok((AcquireOutcome::Held { remaining: None }, Instant::now()));
+        }
+        let bound = config
+            .call_timeout
+            .min(lock.ttl.get() - config.margin_for(lock.ttl));
+        let (key, token, ttl) = (lock.key.clone(), self.token, lock.ttl);
+        let sent = Instant::now();
+        let call = tokio::spawn(async move {
+            config
+                .backend
+                .try_acquire(&key, &token, ttl, &config.owner)
+                .await
+        });
+        let index = self.in_flight.len();
+        self.in_flight.push(call);
+        let answer = tokio::time::timeout(bound, &mut self.in_flight[index]).await;
+        let answer = match answer {
+            Err(_elapsed) => {
+                // Leave it running in `in_flight`: it may still grant.
+                return Err(Error::unavailable(
+                    format!("acquire of {} did not answer within {bound:?}", lock.key),
+                    None,
+                ));
             }
-            // A transient error may hide a grant; a permanent one did not grant.
+            Ok(joined) => {
+                self.in_flight.swap_remove(index);
+                joined
+            }
+        };
+        match answer {
+            Ok(Ok(outcome)) => Ok((outcome, sent)),
             Ok(Err(error)) => {
-                self.maybe_granted &= error.is_transient();
+                // A transient error (a broken connection) may hide a grant.
+                self.maybe_granted |= error.is_transient();
                 Err(error)
             }
-            Err(_) => Err(Error::unavailable(
-                format!("acquire of {} did not answer in time", lock.key),
-                None,
-            )),
+            Err(join_error) => {
+                self.maybe_granted = true;
+                Err(Error::Backend {
+                    message: format!("the backend's acquire of {} panicked", lock.key),
+                    transient: false,
+                    source: Some(Box::new(join_error)),
+                })
+            }
         }
     }
 
-    fn into_guard(mut self, fence: crate::Fence, sent: Instant) -> LockGuard {
-        self.maybe_granted = false;
+    fn make_guard(&mut self, fence: Fence, sent: Instant) -> Result<LockGuard, Unusable> {
         let lock = self.lock;
+        let config = self.config().clone();
+        let deadline = sent + lock.ttl.get() - config.margin_for(lock.ttl);
+        if Instant::now() >= deadline {
+            tracing::debug!(key = %lock.key, "acquire answered after its local deadline");
+            self.maybe_granted = true;
+            return Err(Unusable::Late);
+        }
+        let is_static = lock.token.is_some();
+        if is_static && !config.register_static_guard(&lock.key, &self.token) {
+            return Err(Unusable::TokenInUse);
+        }
+        self.done = true;
         tracing::debug!(key = %lock.key, fence = %fence, "lock acquired");
-        LockGuard::start(
-            lock.manager.inner.clone(),
+        Ok(LockGuard::start(
+            config,
             lock.key.clone(),
             self.token,
             fence,
             lock.ttl,
             sent,
-        )
+            is_static,
+        ))
     }
 }
 
 impl Drop for Attempt<'_> {
     fn drop(&mut self) {
-        if self.maybe_granted {
-            crate::guard::release_in_background(
-                self.backend().clone(),
-                self.lock.key.clone(),
-                self.token,
-                self.lock.manager.inner.call_timeout,
-            );
+        let in_flight = std::mem::take(&mut self.in_flight);
+        // A static token's lease may belong to a guard elsewhere: let it expire.
+        if self.done || self.lock.token.is_some() {
+            return;
         }
+        if in_flight.is_empty() && !self.maybe_granted {
+            return;
+        }
+        let config = self.config().clone();
+        let (key, token) = (self.lock.key.clone(), self.token);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            // Let the abandoned tries finish first, so the release comes after them.
+            for call in in_flight {
+                let _ = tokio::time::timeout(config.call_timeout, call).await;
+            }
+            release_in_background(config, key, token, false);
+        });
     }
 }

@@ -1,8 +1,9 @@
 //! [`LockManager`]: a backend plus the defaults every lock taken through it uses.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use crate::backend::LockBackend;
@@ -13,7 +14,11 @@ use crate::lease::Lease;
 use crate::lock::Lock;
 use crate::owner::{default_owner, validate_owner};
 use crate::retry::RetryPolicy;
+use crate::token::Token;
 use crate::ttl::Ttl;
+
+/// The longest call timeout a manager accepts: one day.
+const MAX_CALL_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// Hands out [`Lock`]s on one backend with shared defaults: ttl, retry policy,
 /// heartbeat interval, safety margin and owner text.
@@ -52,6 +57,9 @@ pub(crate) struct ManagerConfig {
     pub(crate) safety_margin: Option<Duration>,
     pub(crate) owner: String,
     pub(crate) call_timeout: Duration,
+    /// Keys held by a live guard with a static token, so that two guards never
+    /// share one lease (see [`Lock::with_token`]).
+    pub(crate) static_guards: Mutex<HashSet<(LockKey, Token)>>,
 }
 
 /// How often a guard extends its lease in the background.
@@ -67,10 +75,37 @@ pub(crate) enum Heartbeat {
 
 impl ManagerConfig {
     /// The margin subtracted from the ttl for the local deadline: the configured
-    /// one, or ttl/10 capped at one second.
+    /// one, or by default ttl/10, capped at 1 s + ttl/500 (so that long leases
+    /// still cover a clock-rate difference of 0.2%).
     pub(crate) fn margin_for(&self, ttl: Ttl) -> Duration {
-        self.safety_margin
-            .unwrap_or_else(|| (ttl.get() / 10).min(Duration::from_secs(1)))
+        self.safety_margin.unwrap_or_else(|| {
+            let ttl = ttl.get();
+            (ttl / 10).min(Duration::from_secs(1) + ttl / 500)
+        })
+    }
+
+    /// Whether a live guard of this manager holds `key` with the static `token`.
+    pub(crate) fn static_guard_live(&self, key: &LockKey, token: &Token) -> bool {
+        self.static_guards
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&(key.clone(), *token))
+    }
+
+    /// Records a new guard with a static token; false if one is live already.
+    pub(crate) fn register_static_guard(&self, key: &LockKey, token: &Token) -> bool {
+        self.static_guards
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert((key.clone(), *token))
+    }
+
+    /// Forgets a guard with a static token once its release is done.
+    pub(crate) fn unregister_static_guard(&self, key: &LockKey, token: &Token) {
+        self.static_guards
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&(key.clone(), *token));
     }
 
     /// The heartbeat interval for a lease of `ttl`, or `None` when auto-extend is
@@ -86,16 +121,18 @@ impl ManagerConfig {
     /// Checks that a lease of `ttl` leaves room for the margin and the heartbeat.
     pub(crate) fn check_ttl(&self, ttl: Ttl) -> Result<()> {
         let margin = self.margin_for(ttl);
-        if margin >= ttl.get() {
+        if margin.is_zero() || margin >= ttl.get() {
             return Err(Error::InvalidConfig {
-                reason: format!("safety margin {margin:?} must be shorter than the ttl {ttl:?}"),
+                reason: format!(
+                    "safety margin {margin:?} must be non-zero and shorter than the ttl {ttl:?}"
+                ),
             });
         }
         if let Some(interval) = self.heartbeat_for(ttl) {
-            if interval.is_zero() || interval >= ttl.get() - margin {
+            if interval < Duration::from_millis(1) || interval >= ttl.get() - margin {
                 return Err(Error::InvalidConfig {
                     reason: format!(
-                        "heartbeat interval {interval:?} must be non-zero and shorter than \
+                        "heartbeat interval {interval:?} must be at least 1ms and shorter than \
                          the ttl minus the safety margin ({:?})",
                         ttl.get() - margin
                     ),
@@ -108,7 +145,8 @@ impl ManagerConfig {
 
 impl LockManager {
     /// A manager with the defaults: 30 s ttl, [`RetryPolicy::default`], heartbeat
-    /// every ttl/3, margin ttl/10 (at most 1 s), owner `host:pid`.
+    /// every ttl/3, margin ttl/10 (at most 1 s + ttl/500), owner `host:pid`, call
+    /// timeout 10 s.
     pub fn new(backend: Arc<dyn LockBackend>) -> Self {
         Self {
             inner: Arc::new(LockManagerBuilder::new(backend).config(Ttl::DEFAULT)),
@@ -150,11 +188,16 @@ impl LockManager {
 
     /// Runs `work` while holding `key`, the Go original's `DoExclusively`.
     ///
-    /// Waits for the lock per the [`RetryPolicy`], runs `work` with the [`Lease`]
-    /// while the guard extends it in the background, and releases it afterwards,
-    /// also when `work` panics (the guard releases on drop). If the lock is lost
-    /// while `work` runs, `work`'s future is dropped at once and the call returns
-    /// [`Error::LockLost`]; protect side effects with the lease's fence.
+    /// Waits for the lock per the [`RetryPolicy`], runs `work` with a snapshot of
+    /// the [`Lease`] while the guard extends it in the background, and releases it
+    /// afterwards, also when `work` panics (the guard releases on drop).
+    ///
+    /// If the lock is lost while `work` runs, `work`'s future is dropped before it
+    /// is polled again and the call returns [`Error::LockLost`]: `Err(LockLost)`
+    /// always means the work was stopped, and `Ok` means it finished while the
+    /// lease was live. Loss is checked between polls, so code that blocks the
+    /// thread inside `work` cannot be interrupted (and starves the heartbeat);
+    /// protect side effects with the lease's fence.
     pub async fn do_exclusively<F, Fut, T>(&self, key: impl AsRef<str>, work: F) -> Result<T>
     where
         F: FnOnce(Lease) -> Fut,
@@ -172,26 +215,34 @@ where
     Fut: Future<Output = T>,
 {
     let lost = guard.lost();
-    let work = work(guard.lease());
+    tokio::pin!(lost);
+    // Boxed so that it can be dropped, not just left unpolled, once the lock is lost.
+    let mut work = Box::pin(work(guard.lease()));
     let output = tokio::select! {
-        // Checked first: once lost, the work must not be polled again.
+        // Checked first, against the clock, before every poll of the work: once
+        // the local deadline has passed, the work is never polled again.
         biased;
-        () = lost => None,
-        output = work => Some(output),
+        () = &mut lost => None,
+        output = &mut work => Some(output),
     };
     let key = guard.key().clone();
-    match (output, guard.release().await) {
-        (Some(output), Ok(())) => Ok(output),
-        (None, _) | (_, Err(Error::LockLost { .. } | Error::NotHeld { .. })) => {
-            Err(Error::LockLost { key })
-        }
-        (Some(output), Err(error)) => {
-            // The work finished while the lease was live; the lease will simply
-            // run out on the server.
+    let Some(output) = output else {
+        // Stop the work now; dropping the guard releases in the background in
+        // case the backend still has the lease, without making the caller wait
+        // on a backend that may be unreachable.
+        drop(work);
+        drop(guard);
+        return Err(Error::LockLost { key });
+    };
+    // The work finished while the lease was live; its output stands whatever the
+    // release says.
+    match guard.release().await {
+        Ok(()) | Err(Error::LockLost { .. }) => {}
+        Err(error) => {
             tracing::warn!(key = %key, %error, "release after exclusive work failed; the lease will expire");
-            Ok(output)
         }
     }
+    Ok(output)
 }
 
 impl fmt::Debug for LockManager {
@@ -263,8 +314,9 @@ impl LockManagerBuilder {
     }
 
     /// How much earlier than `sent + ttl` a guard gives the lock up (default:
-    /// ttl/10, at most 1 s). It covers clock-rate differences between this host
-    /// and the database, and the time your code needs to stop.
+    /// ttl/10, at most 1 s + ttl/500). It covers clock-rate differences between
+    /// this host and the database, and the time your code needs to stop. It must
+    /// be non-zero and shorter than the ttl.
     pub fn safety_margin(mut self, margin: Duration) -> Self {
         self.safety_margin = Some(margin);
         self
@@ -277,8 +329,8 @@ impl LockManagerBuilder {
         self
     }
 
-    /// The longest the manager waits for any one backend call (default 10 s), on
-    /// top of the backend's own timeouts.
+    /// The longest the manager waits for any one backend call (default 10 s, at
+    /// most one day), on top of the backend's own timeouts.
     pub fn call_timeout(mut self, timeout: Duration) -> Self {
         self.call_timeout = timeout;
         self
@@ -294,9 +346,9 @@ impl LockManagerBuilder {
         if let Some(owner) = &self.owner {
             validate_owner(owner)?;
         }
-        if self.call_timeout.is_zero() {
+        if self.call_timeout.is_zero() || self.call_timeout > MAX_CALL_TIMEOUT {
             return Err(Error::InvalidConfig {
-                reason: "call timeout must be non-zero".into(),
+                reason: "call timeout must be non-zero and at most one day".into(),
             });
         }
         let config = self.config(ttl);
@@ -316,6 +368,7 @@ impl LockManagerBuilder {
             safety_margin: self.safety_margin,
             owner: self.owner.unwrap_or_else(default_owner),
             call_timeout: self.call_timeout,
+            static_guards: Mutex::new(HashSet::new()),
         }
     }
 }

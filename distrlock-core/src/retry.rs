@@ -80,7 +80,12 @@ impl RetryPolicy {
         self.deadline
     }
 
-    /// Checks that the delays are non-zero and ordered.
+    /// The longest `max_delay` accepted: one hour.
+    pub const MAX_DELAY: Duration = Duration::from_secs(60 * 60);
+
+    /// Checks that the delays are non-zero, ordered, and at most
+    /// [`RetryPolicy::MAX_DELAY`]. Any deadline is accepted; one too far in the
+    /// future to represent means no deadline.
     pub fn validate(&self) -> Result<()> {
         if self.initial_delay.is_zero() {
             return Err(Error::InvalidConfig {
@@ -90,6 +95,11 @@ impl RetryPolicy {
         if self.max_delay < self.initial_delay {
             return Err(Error::InvalidConfig {
                 reason: "retry policy: max delay must be at least the initial delay".into(),
+            });
+        }
+        if self.max_delay > Self::MAX_DELAY {
+            return Err(Error::InvalidConfig {
+                reason: "retry policy: max delay must be at most one hour".into(),
             });
         }
         Ok(())

@@ -366,12 +366,15 @@ pub async fn fences_strictly_increase(setup: &Setup) {
         tasks.push(tokio::spawn(async move {
             for _ in 0..EACH {
                 let guard = lock
-                    .acquire_timeout(Duration::from_secs(60))
+                    .acquire_timeout(Duration::from_secs(120))
                     .await
                     .expect("acquire");
                 // Pushed while holding the lock: the vector is in acquisition order.
                 seen.lock().unwrap().push(guard.fence());
                 guard.release().await.expect("release");
+                // Step back briefly so that one client cannot win every round.
+                let pause = fastrand_range(0, 2_000);
+                tokio::time::sleep(Duration::from_micros(pause)).await;
             }
         }));
     }
@@ -728,8 +731,8 @@ pub async fn release_wakes_waiter(setup: &Setup) {
         .manager_builder(LONG)
         .retry_policy(
             distrlock_core::RetryPolicy::default()
-                .with_initial_delay(Duration::from_secs(5))
-                .with_max_delay(Duration::from_secs(5)),
+                .with_initial_delay(Duration::from_secs(60))
+                .with_max_delay(Duration::from_secs(60)),
         )
         .build()
         .unwrap();
@@ -791,4 +794,39 @@ pub async fn killed_sessions_are_recovered(setup: &Setup) {
         .release(&key, &token)
         .await
         .expect("the holder still releases");
+}
+
+/// 22. The backend refuses every other token right up to the guard's local
+///     deadline: the server's expiry (on its own clock, from when it ran the
+///     statement) is never earlier than the client's conservative deadline.
+pub async fn held_until_local_deadline(setup: &Setup) {
+    let ttl = Duration::from_millis(1500);
+    let manager = setup
+        .manager_builder(ttl)
+        .auto_extend(false)
+        .build()
+        .unwrap();
+    let key = setup.key("deadline");
+    let guard = manager
+        .lock(key.as_str())
+        .unwrap()
+        .try_acquire()
+        .await
+        .unwrap();
+    tokio::time::sleep_until(guard.deadline() - Duration::from_millis(50)).await;
+    assert!(
+        matches!(
+            acquire(setup, &key, &Token::new(), LONG).await,
+            AcquireOutcome::Held { .. }
+        ),
+        "the backend let another token in before the holder's local deadline"
+    );
+    let info = setup.backend.inspect(&key).await.unwrap().expect("row");
+    assert_eq!(info.state, LockState::Held);
+    drop(guard);
+}
+
+fn fastrand_range(low: u64, high: u64) -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    low + RandomState::new().hash_one(std::time::SystemTime::now()) % (high - low).max(1)
 }

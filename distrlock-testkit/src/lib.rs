@@ -75,6 +75,7 @@ macro_rules! conformance_tests {
             cancelled_acquire_leaves_no_lock,
             release_wakes_waiter,
             killed_sessions_are_recovered,
+            held_until_local_deadline,
         );
     };
 }
