@@ -3,9 +3,9 @@
 
 use std::sync::{Arc, Mutex, PoisonError};
 
+use distrlock_core::{LockBackend, async_trait};
 use distrlock_sqlite::SqliteBackend;
 use distrlock_sqlite::rusqlite::Connection;
-use distrlock_core::{LockBackend, async_trait};
 use distrlock_testkit::{Faults, Harness, Setup, Skip, Unsupported};
 use tempfile::TempDir;
 
@@ -57,7 +57,8 @@ impl Faults for WriteLockFaults {
             .unwrap_or_else(PoisonError::into_inner)
             .take()
         {
-            conn.execute_batch("ROLLBACK").expect("let go of the write lock");
+            conn.execute_batch("ROLLBACK")
+                .expect("let go of the write lock");
         }
         Ok(())
     }
