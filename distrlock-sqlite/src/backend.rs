@@ -373,7 +373,7 @@ impl LockBackend for SqliteBackend {
                 Some(left) => Ok(AcquireOutcome::Held {
                     remaining: Some(left),
                 }),
-                None if fence >= MAX_FENCE => Err(Error::permanent(
+                None if fence == MAX_FENCE => Err(Error::permanent(
                     format!("the fence of lock {key} is exhausted"),
                     std::io::Error::other("fence at i64::MAX"),
                 )),

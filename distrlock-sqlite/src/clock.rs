@@ -87,6 +87,8 @@ fn boot_id() -> Option<String> {
 }
 
 #[cfg(target_os = "linux")]
+// `time_t` and `c_long` are i32 on 32-bit Linux: the conversions are not useless there.
+#[allow(clippy::useless_conversion)]
 fn monotonic_micros() -> Option<i64> {
     use nix::time::{ClockId, clock_gettime};
     let ts = clock_gettime(ClockId::CLOCK_MONOTONIC).ok()?;
