@@ -1,2 +1,63 @@
-//! The `distrlock` command-line tool: not written yet (see its issue).
-fn main() {}
+#![doc = include_str!("../README.md")]
+
+mod child;
+mod cli;
+mod exit;
+mod open;
+mod output;
+mod owner;
+mod progress;
+mod run;
+mod status;
+mod tokens;
+mod url;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command};
+use crate::exit::CliError;
+use crate::open::Db;
+use crate::url::DbUrl;
+
+fn main() -> ExitCode {
+    // Clap prints usage errors itself and exits 2 (0 for --help and --version).
+    let cli = Cli::parse();
+    let code = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(dispatch(cli)),
+        Err(error) => Err(CliError::new(
+            exit::LOCK_LOST,
+            format!("cannot start the async runtime: {error}"),
+        )),
+    };
+    match code {
+        Ok(code) => ExitCode::from(code),
+        Err(error) => {
+            // Errors print even with --quiet: a silent failure helps no one.
+            eprintln!("distrlock: {}", error.message);
+            ExitCode::from(error.code)
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> Result<u8, CliError> {
+    let url = DbUrl::from_arg(cli.url.as_deref())?;
+    if let Command::Schema = cli.command {
+        return status::schema(&url, &cli.table);
+    }
+    let db = Db::open(url, cli.table).await?;
+    match cli.command {
+        Command::Run(args) => run::run(db, args, cli.quiet).await,
+        Command::Acquire(args) => tokens::acquire(db, args, cli.quiet).await,
+        Command::Extend(args) => tokens::extend(db, args).await,
+        Command::Release(args) => tokens::release(db, args).await,
+        Command::Status(args) => status::status(db, args).await,
+        Command::Init => status::init(db, cli.quiet).await,
+        // Answered above without opening the database.
+        Command::Schema => status::schema(&db.url, &db.table),
+    }
+}
