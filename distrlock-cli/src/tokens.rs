@@ -54,8 +54,8 @@ pub(crate) async fn acquire(db: Db, args: AcquireArgs, quiet: bool) -> Result<u8
                 let left = remaining
                     .map(|r| format!(" for another {}", short_duration(r)))
                     .unwrap_or_default();
-                let waited = if waited.is_zero() {
-                    String::new()
+                let waited = if args.wait.is_none() {
+                    " (use --wait to wait for it)".to_owned()
                 } else {
                     format!(" after waiting {}", short_duration(waited))
                 };
@@ -101,7 +101,9 @@ async fn wait_for(
         let remaining = match tokio::time::timeout(CALL_TIMEOUT, call).await {
             Ok(Ok(AcquireOutcome::Acquired { fence })) => return Ok(Ok((fence.get(), sent))),
             Ok(Ok(AcquireOutcome::Held { remaining })) => remaining,
-            Ok(Err(error)) if error.is_transient() && deadline.is_none_or(|d| Instant::now() < d) => {
+            Ok(Err(error))
+                if error.is_transient() && deadline.is_none_or(|d| Instant::now() < d) =>
+            {
                 None
             }
             Ok(Err(error)) => return Err(error),
@@ -135,9 +137,10 @@ async fn print_lease(
     // The database's own expiry if the row is still this holding; otherwise (it
     // cannot have changed unless the lease already ran out) the earliest it ends.
     let (owner, expires_at) = match info {
-        Some(info) if info.fence.get() == fence && info.is_live() => {
-            (Some(info.owner), info.expires_at.unwrap_or(sent + ttl.get()))
-        }
+        Some(info) if info.fence.get() == fence && info.is_live() => (
+            Some(info.owner),
+            info.expires_at.unwrap_or(sent + ttl.get()),
+        ),
         _ => (None, sent + ttl.get()),
     };
     let line = json!({
@@ -161,7 +164,11 @@ pub(crate) async fn extend(db: Db, args: ExtendArgs) -> Result<u8, CliError> {
     let sent = std::time::SystemTime::now();
     match db.backend.extend(&args.key, &args.token, ttl).await {
         Ok(()) => {
-            let info = db.backend.inspect(&args.key).await.map_err(|e| db.error(e))?;
+            let info = db
+                .backend
+                .inspect(&args.key)
+                .await
+                .map_err(|e| db.error(e))?;
             let fence = info.map_or(0, |i| i.fence.get());
             print_lease(&db, &args.key, &args.token, ttl, (fence, sent)).await?;
             Ok(0)

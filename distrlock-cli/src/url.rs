@@ -166,7 +166,10 @@ mod tests {
             DbUrl::parse("postgresql://u@h/db"),
             Ok(DbUrl::Postgres(_))
         ));
-        assert!(matches!(DbUrl::parse("mysql://u@h/db"), Ok(DbUrl::MySql(_))));
+        assert!(matches!(
+            DbUrl::parse("mysql://u@h/db"),
+            Ok(DbUrl::MySql(_))
+        ));
         assert_eq!(
             DbUrl::parse("sqlite:///tmp/a.db"),
             Ok(DbUrl::Sqlite {

@@ -112,8 +112,35 @@ fn open_connection(path: &Path, busy_ms: u64) -> rusqlite::Result<Connection> {
         | OpenFlags::SQLITE_OPEN_CREATE
         | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags)?;
-    conn.execute_batch(&sql::pragmas(busy_ms))?;
+    conn.execute_batch(&sql::busy_timeout(busy_ms))?;
+    let give_up = std::time::Instant::now() + Duration::from_millis(busy_ms);
+    loop {
+        let mode: String = conn.query_row(sql::JOURNAL_MODE, [], |row| row.get(0))?;
+        // `memory` is what an in-memory database reports; it cannot use WAL.
+        if mode.eq_ignore_ascii_case("wal") || mode.eq_ignore_ascii_case("memory") {
+            break;
+        }
+        match conn.query_row(sql::SET_WAL, [], |row| row.get::<_, String>(0)) {
+            Ok(_) => break,
+            Err(error)
+                if error.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy)
+                    && std::time::Instant::now() < give_up =>
+            {
+                std::thread::sleep(Duration::from_millis(5 + u64::from(fastrand_ms())));
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    conn.execute_batch(sql::SYNCHRONOUS_FULL)?;
     Ok(conn)
+}
+
+/// 0–15 ms of jitter, so that processes opening a new file at once spread out.
+fn fastrand_ms() -> u8 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    (nanos % 16) as u8
 }
 
 /// Adds the file's path to an opening error, so the user knows which file.

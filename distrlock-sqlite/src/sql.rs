@@ -150,21 +150,28 @@ pub(crate) fn create_table(table: &TableName) -> String {
     )
 }
 
-/// Connection settings, run once when the connection opens.
+/// Connection settings, run once when the connection opens, in this order.
 ///
-/// - `busy_timeout` first, so that the statements after it (switching to WAL
-///   needs a lock) already wait for other processes instead of failing.
-/// - `journal_mode = WAL`: readers (`status`) never block the writer, and the
-///   writer never blocks readers; several processes may use the file at once.
-///   WAL needs shared memory between the processes, which is one reason the file
-///   must be on a local filesystem.
-/// - `synchronous = FULL`: every commit is on disk before the call returns. With
-///   NORMAL a power cut could forget the last acquisitions, and the next holder
-///   would be handed a fence that was already given out.
-pub(crate) fn pragmas(busy_timeout_ms: u64) -> String {
-    format!(
-        "PRAGMA busy_timeout = {busy_timeout_ms};\n\
-         PRAGMA journal_mode = WAL;\n\
-         PRAGMA synchronous = FULL;\n"
-    )
+/// `busy_timeout` comes first, so that the statements after it (switching to WAL
+/// needs a lock) already wait for other processes instead of failing.
+pub(crate) fn busy_timeout(busy_timeout_ms: u64) -> String {
+    format!("PRAGMA busy_timeout = {busy_timeout_ms}")
 }
+
+/// Reads the file's journal mode. WAL is a property of the file: once one
+/// process has switched it, the others only need to read it, which takes no
+/// exclusive lock.
+pub(crate) const JOURNAL_MODE: &str = "PRAGMA journal_mode";
+
+/// Switches the file to WAL: readers (`status`) never block the writer and the
+/// writer never blocks readers, so several processes use the file at once. WAL
+/// needs memory shared between the processes, one reason the file must be on a
+/// local filesystem. The switch needs an exclusive lock and SQLite may refuse it
+/// at once (SQLITE_BUSY, no busy wait) while another process has the file open,
+/// so the opener retries it within the busy timeout.
+pub(crate) const SET_WAL: &str = "PRAGMA journal_mode = WAL";
+
+/// Every commit is on disk before the call returns. With NORMAL, a power cut
+/// could forget the last acquisitions, and the next holder would be handed a
+/// fence that was already given out.
+pub(crate) const SYNCHRONOUS_FULL: &str = "PRAGMA synchronous = FULL";
