@@ -45,7 +45,7 @@ impl Target {
         };
         match result {
             Ok(()) | Err(Errno::ESRCH) => {}
-            Err(errno) => eprintln!("distrlock: could not send {signal} to the command: {errno}"),
+            Err(errno) => say!("distrlock: could not send {signal} to the command: {errno}"),
         }
     }
 }

@@ -24,7 +24,7 @@ Exit codes:
   70   run: the lock was lost while the command ran (the command was stopped)
   75   run/acquire: the lock was not acquired in time (see --conflict-exit-code)
   126  run: the command could not be started; 127: the command was not found
-  128+N  run: the command was killed by signal N, or distrlock was while waiting";
+  128+N  run: signal N killed the command, or reached distrlock while it waited";
 
 const URL_HELP: &str = "\
 The database that stores the locks:
@@ -95,7 +95,7 @@ pub(crate) enum Command {
         after_help = "Examples:\n  \
                       distrlock run --key demo -- echo hello\n  \
                       distrlock run --key nightly-report --wait 5m --ttl 1m -- ./report.sh --full\n  \
-                      distrlock run --key cleanup --conflict-exit-code 0 -- ./cleanup.sh   # skip quietly if busy"
+                      distrlock run -q --key cleanup --conflict-exit-code 0 -- ./cleanup.sh   # skip quietly if busy"
     )]
     Run(RunArgs),
 
@@ -180,7 +180,7 @@ pub(crate) struct AcquireArgs {
     #[arg(short, long, value_name = "DURATION|forever", value_parser = parse_wait)]
     pub(crate) wait: Option<Wait>,
 
-    /// Owner text stored with the lock, shown by `status` [default: HOST:PARENT-PID]
+    /// Owner text stored with the lock, shown by `status` [default: "HOST:PARENT-PID (shell)"]
     #[arg(long, value_name = "TEXT")]
     pub(crate) owner: Option<String>,
 

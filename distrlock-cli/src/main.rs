@@ -1,5 +1,29 @@
 #![doc = include_str!("../README.md")]
 
+/// `eprintln!` that cannot panic: a closed stderr must not turn into a crash.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// `println!` that cannot panic: `distrlock status | head -1` closes stdout early.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// `print!` that cannot panic.
+macro_rules! out_raw {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 mod child;
 mod cli;
 mod exit;
@@ -38,7 +62,7 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(error) => {
             // Errors print even with --quiet: a silent failure helps no one.
-            eprintln!("distrlock: {}", error.message);
+            say!("distrlock: {}", error.message);
             ExitCode::from(error.code)
         }
     }

@@ -99,7 +99,7 @@ async fn report(backend: Arc<dyn LockBackend>, key: LockKey, spinner: Option<Arc
                 Some((at, last_fence)) => now - at >= LINE_EVERY || last_fence != fence,
             };
             if due {
-                eprintln!("distrlock: {text}");
+                say!("distrlock: {text}");
                 last_line = Some((now, fence));
             }
             tokio::time::sleep(INSPECT_EVERY).await;

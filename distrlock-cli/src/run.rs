@@ -57,7 +57,7 @@ pub(crate) async fn run(db: Db, args: RunArgs, quiet: bool) -> Result<u8, CliErr
             )
             .await;
             if !quiet {
-                eprintln!("distrlock: {signal} while waiting for lock {}; not running the command",
+                say!("distrlock: {signal} while waiting for lock {}; not running the command",
                     show_key(&args.key));
             }
             return Ok(signal_exit_code(signal));
@@ -71,7 +71,7 @@ pub(crate) async fn run(db: Db, args: RunArgs, quiet: bool) -> Result<u8, CliErr
                 let left = remaining
                     .map(|r| format!(" for another {}", crate::output::short_duration(r)))
                     .unwrap_or_default();
-                eprintln!(
+                say!(
                     "distrlock: lock {} is held by another owner{left}; not running the command \
                      (use --wait to wait for it)",
                     show_key(&args.key)
@@ -81,7 +81,7 @@ pub(crate) async fn run(db: Db, args: RunArgs, quiet: bool) -> Result<u8, CliErr
         }
         Err(Error::Timeout { waited, .. }) => {
             if !quiet {
-                eprintln!(
+                say!(
                     "distrlock: lock {} still held after waiting {}; not running the command",
                     show_key(&args.key),
                     crate::output::short_duration(waited)
@@ -142,7 +142,7 @@ async fn supervise(guard: LockGuard, args: &RunArgs, mut signals: Signals) -> Re
                 let code = match status {
                     Ok(status) => exit_code(status),
                     Err(error) => {
-                        eprintln!("distrlock: lost track of the command: {error}");
+                        say!("distrlock: lost track of the command: {error}");
                         exit::LOCK_LOST
                     }
                 };
@@ -157,7 +157,7 @@ async fn supervise(guard: LockGuard, args: &RunArgs, mut signals: Signals) -> Re
                         ),
                     )),
                     Err(error) => {
-                        eprintln!(
+                        say!(
                             "distrlock: could not release lock {}: {error}; it frees itself when \
                              its ttl runs out",
                             show_key(&key)
@@ -167,7 +167,7 @@ async fn supervise(guard: LockGuard, args: &RunArgs, mut signals: Signals) -> Re
                 };
             }
             () = &mut lost => {
-                eprintln!(
+                say!(
                     "distrlock: lock {} was lost; stopping the command (SIGTERM, then SIGKILL \
                      after {})",
                     show_key(guard.key()),

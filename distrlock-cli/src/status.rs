@@ -27,19 +27,19 @@ pub(crate) async fn status(db: Db, args: StatusArgs) -> Result<u8, CliError> {
             "table": db.table.to_string(),
             "locks": locks.iter().map(lock_json).collect::<Vec<_>>(),
         });
-        println!("{line}");
+        out!("{line}");
         return Ok(0);
     }
-    println!("database: {}", db.url);
-    println!("table:    {}", db.table);
+    out!("database: {}", db.url);
+    out!("table:    {}", db.table);
     if locks.is_empty() {
         match &args.key {
-            Some(key) => println!("no lock {} has been taken yet", show_key(key)),
-            None => println!("no locks have been taken yet"),
+            Some(key) => out!("no lock {} has been taken yet", show_key(key)),
+            None => out!("no locks have been taken yet"),
         }
     } else {
-        println!();
-        print!("{}", lock_table(&locks, SystemTime::now()));
+        out!();
+        out_raw!("{}", lock_table(&locks, SystemTime::now()));
     }
     Ok(0)
 }
@@ -47,12 +47,12 @@ pub(crate) async fn status(db: Db, args: StatusArgs) -> Result<u8, CliError> {
 pub(crate) async fn init(db: Db, quiet: bool) -> Result<u8, CliError> {
     db.backend.create_table().await.map_err(|e| db.error(e))?;
     if !quiet {
-        eprintln!("distrlock: lock table {} is ready in {}", db.table, db.url);
+        say!("distrlock: lock table {} is ready in {}", db.table, db.url);
     }
     Ok(0)
 }
 
 pub(crate) fn schema(url: &DbUrl, table: &distrlock_core::TableName) -> Result<u8, CliError> {
-    print!("{}", schema_sql(url, table)?);
+    out_raw!("{}", schema_sql(url, table)?);
     Ok(0)
 }

@@ -59,7 +59,7 @@ pub(crate) async fn acquire(db: Db, args: AcquireArgs, quiet: bool) -> Result<u8
                 } else {
                     format!(" after waiting {}", short_duration(waited))
                 };
-                eprintln!(
+                say!(
                     "distrlock: lock {} is held by another owner{left}{waited}",
                     show_key(&args.key)
                 );
@@ -155,7 +155,7 @@ async fn print_lease(
             .map(|d| d.as_millis())
             .ok(),
     });
-    println!("{line}");
+    out!("{line}");
     Ok(())
 }
 
