@@ -64,6 +64,15 @@ pub(crate) async fn run(db: Db, args: RunArgs, quiet: bool) -> Result<u8, CliErr
         }
     };
     progress.stop();
+    if acquired.is_err() {
+        // A try cut short by its deadline may still have been granted on the
+        // server; with our own token, make sure it does not linger for a ttl.
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            db.backend.release(&args.key, &token),
+        )
+        .await;
+    }
     let guard = match acquired {
         Ok(guard) => guard,
         Err(Error::HeldByOther { remaining, .. }) => {

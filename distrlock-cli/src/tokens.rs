@@ -47,6 +47,11 @@ pub(crate) async fn acquire(db: Db, args: AcquireArgs, quiet: bool) -> Result<u8
         }
     };
     progress.stop();
+    if !matches!(outcome, Ok(Ok(_))) {
+        // A try cut short by its timeout, or failed transiently, may still have
+        // been granted on the server: do not leave it to linger for a ttl.
+        let _ = tokio::time::timeout(CALL_TIMEOUT, db.backend.release(&args.key, &token)).await;
+    }
     let sent = match outcome.map_err(|e| db.error(e))? {
         Ok(sent) => sent,
         Err(Refused { waited, remaining }) => {
