@@ -21,7 +21,7 @@ Exit codes:
   1    extend/release: the token does not hold the lock (expired, released or taken over)
   2    usage error: bad option, duration, key, token, table name or URL
   69   the database cannot be reached, has no lock table, or its backend is not built in
-  70   run: the lock was lost while the command ran (the command was stopped)
+  70   run: the lock was lost while the command ran (the command was stopped); internal errors
   75   run/acquire: the lock was not acquired in time (see --conflict-exit-code)
   126  run: the command could not be started; 127: the command was not found
   128+N  run: signal N killed the command, or reached distrlock while it waited";

@@ -46,13 +46,24 @@ use crate::open::Db;
 use crate::url::DbUrl;
 
 fn main() -> ExitCode {
+    // A bug must still end in one line, never a backtrace (RUST_BACKTRACE may be
+    // set in the environment of a cron job).
+    std::panic::set_hook(Box::new(|info| {
+        say!(
+            "distrlock: internal error (please report it): {}",
+            info.to_string().replace('\n', " ")
+        );
+    }));
     // Clap prints usage errors itself and exits 2 (0 for --help and --version).
     let cli = Cli::parse();
     let code = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
-        Ok(runtime) => runtime.block_on(dispatch(cli)),
+        Ok(runtime) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            runtime.block_on(dispatch(cli))
+        }))
+        .unwrap_or(Ok(exit::LOCK_LOST)),
         Err(error) => Err(CliError::new(
             exit::LOCK_LOST,
             format!("cannot start the async runtime: {error}"),

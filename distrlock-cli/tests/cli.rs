@@ -70,7 +70,7 @@ impl Target {
         };
         let init = target.cmd(["init"]).output().unwrap();
         if !init.status.success() {
-            distrlock_testkit_skip(
+            distrlock_testkit::skip(
                 test,
                 &format!(
                     "{kind} at {env}: `distrlock init` failed: {}",
@@ -150,15 +150,6 @@ impl Target {
         }
         panic!("could not stop {pid} outside a write transaction");
     }
-}
-
-fn distrlock_testkit_skip(test: &str, reason: &str) {
-    let required = std::env::var("DISTRLOCK_REQUIRE_DB")
-        .is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
-    if required {
-        panic!("{test}: DISTRLOCK_REQUIRE_DB=1 but {reason}");
-    }
-    eprintln!("SKIPPED {test}: {reason} (set DISTRLOCK_REQUIRE_DB=1 to make this fail)");
 }
 
 fn stderr(out: &Output) -> String {
