@@ -1,2 +1,98 @@
-//! The `distrlock` command-line tool: not written yet (see its issue).
-fn main() {}
+#![doc = include_str!("../README.md")]
+
+/// `eprintln!` that cannot panic: a closed stderr must not turn into a crash.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// `println!` that cannot panic: `distrlock status | head -1` closes stdout early.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// `print!` that cannot panic.
+macro_rules! out_raw {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+mod child;
+mod cli;
+mod exit;
+mod open;
+mod output;
+mod owner;
+mod progress;
+mod run;
+mod status;
+mod tokens;
+mod url;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command};
+use crate::exit::CliError;
+use crate::open::Db;
+use crate::url::DbUrl;
+
+fn main() -> ExitCode {
+    // A bug must still end in one line, never a backtrace (RUST_BACKTRACE may be
+    // set in the environment of a cron job).
+    std::panic::set_hook(Box::new(|info| {
+        say!(
+            "distrlock: internal error (please report it): {}",
+            info.to_string().replace('\n', " ")
+        );
+    }));
+    // Clap prints usage errors itself and exits 2 (0 for --help and --version).
+    let cli = Cli::parse();
+    let code = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            runtime.block_on(dispatch(cli))
+        }))
+        .unwrap_or(Ok(exit::LOCK_LOST)),
+        Err(error) => Err(CliError::new(
+            exit::LOCK_LOST,
+            format!("cannot start the async runtime: {error}"),
+        )),
+    };
+    match code {
+        Ok(code) => ExitCode::from(code),
+        Err(error) => {
+            // Errors print even with --quiet: a silent failure helps no one.
+            say!("distrlock: {}", error.message);
+            ExitCode::from(error.code)
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> Result<u8, CliError> {
+    let url = DbUrl::from_arg(cli.url.as_deref())?;
+    if let Command::Schema = cli.command {
+        return status::schema(&url, &cli.table);
+    }
+    let db = Db::open(url, cli.table).await?;
+    match cli.command {
+        Command::Run(args) => run::run(db, args, cli.quiet).await,
+        Command::Acquire(args) => tokens::acquire(db, args, cli.quiet).await,
+        Command::Extend(args) => tokens::extend(db, args).await,
+        Command::Release(args) => tokens::release(db, args).await,
+        Command::Status(args) => status::status(db, args).await,
+        Command::Init => status::init(db, cli.quiet).await,
+        // Answered above without opening the database.
+        Command::Schema => status::schema(&db.url, &db.table),
+    }
+}

@@ -1,0 +1,278 @@
+//! The command line, as clap parses it.
+
+use std::ffi::OsString;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use distrlock_core::{LockKey, TableName, Token};
+
+/// How long `--wait` waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wait {
+    /// At most this long.
+    For(Duration),
+    /// Until acquired.
+    Forever,
+}
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0    success (for `run`: the command's own exit code is passed through)
+  1    extend/release: the token does not hold the lock (expired, released or taken over)
+  2    usage error: bad option, duration, key, token, table name or URL
+  69   the database cannot be reached, has no lock table, or its backend is not built in
+  70   run: the lock was lost while the command ran (the command was stopped); internal errors
+  75   run/acquire: the lock was not acquired in time (see --conflict-exit-code)
+  126  run: the command could not be started; 127: the command was not found
+  128+N  run: signal N killed the command, or reached distrlock while it waited";
+
+const URL_HELP: &str = "\
+The database that stores the locks:
+  postgres://USER:PASSWORD@HOST:PORT/DB   PostgreSQL
+  mysql://USER:PASSWORD@HOST:PORT/DB      MySQL or MariaDB
+  sqlite://PATH                           a SQLite file on this host (sqlite:///abs/path.db)
+Without a URL, a per-user SQLite file in the state directory is used
+($XDG_STATE_HOME/distrlock/locks.db, by default ~/.local/state/distrlock/locks.db), so two
+shells of the same user contend for the same locks. `distrlock status` shows which file.";
+
+/// Distributed locks for shell scripts, cron jobs and deploy steps, stored as rows in
+/// the SQL database you already run.
+#[derive(Debug, Parser)]
+#[command(
+    name = "distrlock",
+    version,
+    about = "Run commands under distributed locks stored in PostgreSQL, MySQL/MariaDB or SQLite",
+    long_about = "Run commands under distributed locks stored as rows in the SQL database you \
+                  already run (PostgreSQL, MySQL/MariaDB), or in a local SQLite file when no \
+                  database is named. `distrlock run --key nightly -- ./job.sh` runs ./job.sh on \
+                  one host at a time, like flock(1) across machines.",
+    after_help = EXIT_CODES,
+    propagate_version = true
+)]
+pub(crate) struct Cli {
+    /// Database URL: postgres://…, mysql://… or sqlite://PATH [default: per-user SQLite file]
+    #[arg(
+        long,
+        env = "DISTRLOCK_URL",
+        global = true,
+        value_name = "URL",
+        hide_env_values = true,
+        long_help = URL_HELP
+    )]
+    pub(crate) url: Option<String>,
+
+    /// Table that holds the locks: a plain name, or schema.table on PostgreSQL/MySQL
+    #[arg(
+        long,
+        env = "DISTRLOCK_TABLE",
+        global = true,
+        value_name = "NAME",
+        default_value = TableName::DEFAULT,
+        value_parser = parse_table
+    )]
+    pub(crate) table: TableName,
+
+    /// Print no progress or notes on stderr (errors are still printed)
+    #[arg(short, long, global = true)]
+    pub(crate) quiet: bool,
+
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Run a command while holding a lock; release it when the command exits
+    #[command(
+        long_about = "Acquire KEY (waiting up to --wait), run CMD with DISTRLOCK_KEY, \
+                      DISTRLOCK_TOKEN and DISTRLOCK_FENCE in its environment while the lease is \
+                      extended in the background, then release and exit with CMD's exit code \
+                      (128+N if signal N killed it). SIGINT and SIGTERM are forwarded to CMD. If \
+                      the lock is lost (the lease could not be extended in time, or another \
+                      holder took over), CMD gets SIGTERM, then SIGKILL after --kill-grace, and \
+                      distrlock exits 70. If the lock is not acquired in time, CMD is not run \
+                      and distrlock exits 75 (or --conflict-exit-code).",
+        after_help = "Examples:\n  \
+                      distrlock run --key demo -- echo hello\n  \
+                      distrlock run --key nightly-report --wait 5m --ttl 1m -- ./report.sh --full\n  \
+                      distrlock run -q --key cleanup --conflict-exit-code 0 -- ./cleanup.sh   # skip quietly if busy"
+    )]
+    Run(RunArgs),
+
+    /// Acquire a lock and keep it after distrlock exits; print key, token, fence and expiry as JSON
+    #[command(
+        long_about = "Acquire KEY (waiting up to --wait) and print one line of JSON with key, \
+                      token, fence, owner, ttl and expiry. The lock stays held after distrlock \
+                      exits, until the ttl runs out: nothing extends it in the background. Keep \
+                      it with `distrlock extend` and end it with `distrlock release`, passing \
+                      the token. Exits 75 (or --conflict-exit-code) if not acquired in time.",
+        after_help = "Example:\n  \
+                      lock=$(distrlock acquire --key deploy --ttl 10m --wait 1m) || exit\n  \
+                      token=$(printf '%s' \"$lock\" | jq -r .token)\n  \
+                      ./step1 && distrlock extend --key deploy --token \"$token\" --ttl 10m && ./step2\n  \
+                      distrlock release --key deploy --token \"$token\""
+    )]
+    Acquire(AcquireArgs),
+
+    /// Renew a lock held by TOKEN for another --ttl; print the new expiry as JSON
+    Extend(ExtendArgs),
+
+    /// Release a lock held by TOKEN
+    Release(ReleaseArgs),
+
+    /// Show the database in use and its locks: owner, fence, state and time left
+    Status(StatusArgs),
+
+    /// Create the lock table in the database (safe to repeat)
+    Init,
+
+    /// Print the DDL of the lock table for the URL's backend, for your migration tool
+    Schema,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RunArgs {
+    /// Name of the lock (1 to 255 bytes)
+    #[arg(short, long, value_parser = parse_key)]
+    pub(crate) key: LockKey,
+
+    /// Lease length; the lease is extended every ttl/3 while CMD runs
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub(crate) ttl: Duration,
+
+    /// How long to wait for the lock, like 10s, 5m, 1h30m or forever [default: do not wait]
+    #[arg(short, long, value_name = "DURATION|forever", value_parser = parse_wait)]
+    pub(crate) wait: Option<Wait>,
+
+    /// Owner text stored with the lock, shown by `status` [default: HOST:PID CMD]
+    #[arg(long, value_name = "TEXT")]
+    pub(crate) owner: Option<String>,
+
+    /// Exit code when the lock is not acquired in time
+    #[arg(long, value_name = "N", default_value_t = 75)]
+    pub(crate) conflict_exit_code: u8,
+
+    /// After the lock is lost, how long CMD has between SIGTERM and SIGKILL
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub(crate) kill_grace: Duration,
+
+    /// The command to run, and its arguments (put them after --)
+    #[arg(
+        value_name = "CMD",
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
+    pub(crate) command: Vec<OsString>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct AcquireArgs {
+    /// Name of the lock (1 to 255 bytes)
+    #[arg(short, long, value_parser = parse_key)]
+    pub(crate) key: LockKey,
+
+    /// Lease length: the lock is free again this long after acquiring unless extended
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub(crate) ttl: Duration,
+
+    /// How long to wait for the lock, like 10s, 5m, 1h30m or forever [default: do not wait]
+    #[arg(short, long, value_name = "DURATION|forever", value_parser = parse_wait)]
+    pub(crate) wait: Option<Wait>,
+
+    /// Owner text stored with the lock, shown by `status` [default: "HOST:PARENT-PID (shell)"]
+    #[arg(long, value_name = "TEXT")]
+    pub(crate) owner: Option<String>,
+
+    /// Exit code when the lock is not acquired in time
+    #[arg(long, value_name = "N", default_value_t = 75)]
+    pub(crate) conflict_exit_code: u8,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ExtendArgs {
+    /// Name of the lock
+    #[arg(short, long, value_parser = parse_key)]
+    pub(crate) key: LockKey,
+
+    /// The token printed by `distrlock acquire`
+    #[arg(short, long, value_parser = parse_token)]
+    pub(crate) token: Token,
+
+    /// New lease length, counted from now
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub(crate) ttl: Duration,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ReleaseArgs {
+    /// Name of the lock
+    #[arg(short, long, value_parser = parse_key)]
+    pub(crate) key: LockKey,
+
+    /// The token printed by `distrlock acquire`
+    #[arg(short, long, value_parser = parse_token)]
+    pub(crate) token: Token,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct StatusArgs {
+    /// Show only this lock
+    #[arg(short, long, value_parser = parse_key)]
+    pub(crate) key: Option<LockKey>,
+
+    /// Print JSON instead of a table
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+fn parse_key(s: &str) -> Result<LockKey, String> {
+    LockKey::new(s).map_err(|e| e.to_string())
+}
+
+fn parse_token(s: &str) -> Result<Token, String> {
+    s.parse().map_err(|e: distrlock_core::Error| e.to_string())
+}
+
+fn parse_table(s: &str) -> Result<TableName, String> {
+    TableName::new(s).map_err(|e| e.to_string())
+}
+
+/// Parses `30s`, `5m`, `1h30m`, `250ms`, … (humantime's syntax).
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{e}; write a duration like 30s, 5m or 1h30m"))
+}
+
+/// Parses a duration or `forever`.
+pub(crate) fn parse_wait(s: &str) -> Result<Wait, String> {
+    if s.trim().eq_ignore_ascii_case("forever") {
+        Ok(Wait::Forever)
+    } else {
+        parse_duration(s).map(Wait::For)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations_parse_like_the_docs_say() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("-5s").is_err());
+        assert_eq!(parse_wait("forever"), Ok(Wait::Forever));
+        assert_eq!(parse_wait("0s"), Ok(Wait::For(Duration::ZERO)));
+    }
+}

@@ -1,0 +1,204 @@
+//! `distrlock run`: hold a lock while a command runs.
+
+use std::time::Duration;
+
+use distrlock_core::{Error, LockGuard, LockManager, RetryPolicy, Token};
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use tokio::process::Command;
+
+use crate::child::{Signals, Target, exit_code, interactive, signal_exit_code};
+use crate::cli::{RunArgs, Wait};
+use crate::exit::{self, CliError, show_key};
+use crate::open::Db;
+use crate::owner::default_owner;
+use crate::progress::Progress;
+
+/// Runs `args.command` under the lock and returns distrlock's exit code.
+pub(crate) async fn run(db: Db, args: RunArgs, quiet: bool) -> Result<u8, CliError> {
+    // Caught before anything is acquired, so a signal never kills distrlock while
+    // it holds the lock (the command would lose its protection unnoticed).
+    let mut signals = Signals::catch()?;
+    let program = args.command[0].to_string_lossy().into_owned();
+    let owner = args
+        .owner
+        .clone()
+        .unwrap_or_else(|| default_owner(std::process::id(), &program));
+    let manager = LockManager::builder(db.backend.clone())
+        .ttl(args.ttl)
+        .owner(owner)
+        .retry_policy(RetryPolicy::default())
+        .build()
+        .map_err(|e| db.error(e))?;
+    // A token of our own, so that if a signal cancels the wait we can release
+    // whatever an in-flight try may have been granted (the lock then does not
+    // release behind our back, and we do it before exiting).
+    let token = Token::new();
+    let lock = manager
+        .lock(args.key.as_str())
+        .map_err(|e| db.error(e))?
+        .with_token(token);
+
+    let progress = Progress::start(db.backend.clone(), args.key.clone(), quiet);
+    let acquire = async {
+        match args.wait {
+            None => lock.try_acquire().await,
+            Some(Wait::For(wait)) => lock.acquire_timeout(wait).await,
+            Some(Wait::Forever) => lock.acquire().await,
+        }
+    };
+    let acquired = tokio::select! {
+        acquired = acquire => acquired,
+        signal = signals.recv() => {
+            progress.stop();
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                db.backend.release(&args.key, &token),
+            )
+            .await;
+            if !quiet {
+                say!("distrlock: {signal} while waiting for lock {}; not running the command",
+                    show_key(&args.key));
+            }
+            return Ok(signal_exit_code(signal));
+        }
+    };
+    progress.stop();
+    if acquired.is_err() {
+        // A try cut short by its deadline may still have been granted on the
+        // server; with our own token, make sure it does not linger for a ttl.
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            db.backend.release(&args.key, &token),
+        )
+        .await;
+    }
+    let guard = match acquired {
+        Ok(guard) => guard,
+        Err(Error::HeldByOther { remaining, .. }) => {
+            if !quiet {
+                let left = remaining
+                    .map(|r| format!(" for another {}", crate::output::short_duration(r)))
+                    .unwrap_or_default();
+                say!(
+                    "distrlock: lock {} is held by another owner{left}; not running the command \
+                     (use --wait to wait for it)",
+                    show_key(&args.key)
+                );
+            }
+            return Ok(args.conflict_exit_code);
+        }
+        Err(Error::Timeout { waited, .. }) => {
+            if !quiet {
+                say!(
+                    "distrlock: lock {} still held after waiting {}; not running the command",
+                    show_key(&args.key),
+                    crate::output::short_duration(waited)
+                );
+            }
+            return Ok(args.conflict_exit_code);
+        }
+        Err(error) => return Err(db.error(error)),
+    };
+    supervise(guard, &args, signals).await
+}
+
+/// Starts the command under `guard` and waits for it, forwarding signals and
+/// stopping it if the lock is lost.
+async fn supervise(guard: LockGuard, args: &RunArgs, mut signals: Signals) -> Result<u8, CliError> {
+    let interactive = interactive();
+    let mut command = Command::new(&args.command[0]);
+    command
+        .args(&args.command[1..])
+        .env("DISTRLOCK_KEY", guard.key().as_str())
+        .env("DISTRLOCK_TOKEN", guard.token().to_string())
+        .env("DISTRLOCK_FENCE", guard.fence().to_string());
+    if !interactive {
+        command.process_group(0);
+    }
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(error) => {
+            let _ = guard.release().await;
+            let program = args.command[0].to_string_lossy();
+            let code = if error.kind() == std::io::ErrorKind::NotFound {
+                exit::NOT_FOUND
+            } else {
+                exit::CANNOT_EXECUTE
+            };
+            return Err(CliError::new(
+                code,
+                format!("cannot run {program:?}: {error}"),
+            ));
+        }
+    };
+    let pid = child
+        .id()
+        .and_then(|id| i32::try_from(id).ok())
+        .map(Pid::from_raw);
+    let target = pid.map(|pid| {
+        if interactive {
+            Target::Process(pid)
+        } else {
+            Target::Group(pid)
+        }
+    });
+    let lost = guard.lost();
+    tokio::pin!(lost);
+    loop {
+        tokio::select! {
+            status = child.wait() => {
+                let code = match status {
+                    Ok(status) => exit_code(status),
+                    Err(error) => {
+                        say!("distrlock: lost track of the command: {error}");
+                        exit::LOCK_LOST
+                    }
+                };
+                let key = guard.key().clone();
+                return match guard.release().await {
+                    Ok(()) => Ok(code),
+                    Err(Error::LockLost { .. }) => Err(CliError::new(
+                        exit::LOCK_LOST,
+                        format!(
+                            "lock {} was lost before the command finished (it exited with {code})",
+                            show_key(&key)
+                        ),
+                    )),
+                    Err(error) => {
+                        say!(
+                            "distrlock: could not release lock {}: {error}; it frees itself when \
+                             its ttl runs out",
+                            show_key(&key)
+                        );
+                        Ok(code)
+                    }
+                };
+            }
+            () = &mut lost => {
+                say!(
+                    "distrlock: lock {} was lost; stopping the command (SIGTERM, then SIGKILL \
+                     after {})",
+                    show_key(guard.key()),
+                    crate::output::short_duration(args.kill_grace)
+                );
+                if let Some(target) = target {
+                    target.send(Signal::SIGTERM);
+                    if tokio::time::timeout(args.kill_grace, child.wait()).await.is_err() {
+                        target.send(Signal::SIGKILL);
+                    }
+                }
+                let _ = child.wait().await;
+                // Frees the lease if, against the odds, it is still ours.
+                let _ = guard.release().await;
+                return Ok(exit::LOCK_LOST);
+            }
+            signal = signals.recv() => {
+                let already_delivered = interactive && signal == Signal::SIGINT;
+                if let (Some(target), false) = (target, already_delivered) {
+                    target.send(signal);
+                }
+            }
+        }
+    }
+}

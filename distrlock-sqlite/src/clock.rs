@@ -1,0 +1,129 @@
+//! The host clock that leases are measured on.
+//!
+//! Every process that shares a database file runs on the same host, so the host's
+//! clock is "the database's clock". Which of the host's clocks matters:
+//!
+//! - On Linux, leases are measured on `CLOCK_MONOTONIC`, tagged with the kernel's
+//!   boot id (`/proc/sys/kernel/random/boot_id`). The monotonic clock is shared by
+//!   all processes of one boot, never jumps when the wall clock is set, and is the
+//!   clock `std::time::Instant` (and so the guard's local deadline) runs on: a
+//!   lease can neither end early because NTP stepped the wall clock forward, nor
+//!   outlive the guard's deadline because of a suspend. A row from another boot is
+//!   treated as expired, because every process that could hold it died with that
+//!   boot.
+//! - Elsewhere (or if the boot id cannot be read), leases are measured on the wall
+//!   clock, tagged `wall`. Then a step of the wall clock moves every lease's end
+//!   by the same amount: forward ends leases early, backward keeps them longer.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// One reading of the host clock.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Now {
+    /// Microseconds on the lease clock.
+    pub(crate) lease: i64,
+    /// Microseconds since the Unix epoch on the wall clock, for display.
+    pub(crate) wall: i64,
+}
+
+/// The lease clock of this host, chosen once per backend.
+#[derive(Debug, Clone)]
+pub(crate) struct HostClock {
+    id: String,
+    monotonic: bool,
+}
+
+impl HostClock {
+    /// The monotonic clock of this boot where it can be named, else the wall clock.
+    pub(crate) fn detect() -> Self {
+        match boot_id() {
+            Some(boot) if monotonic_micros().is_some() => Self {
+                id: format!("boot:{boot}"),
+                monotonic: true,
+            },
+            _ => Self {
+                id: "wall".to_owned(),
+                monotonic: false,
+            },
+        }
+    }
+
+    /// The value stored in the `clock` column.
+    pub(crate) fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Reads the clock now.
+    pub(crate) fn now(&self) -> Now {
+        let wall = wall_micros();
+        let lease = if self.monotonic {
+            // `detect` checked that the clock can be read; it cannot start failing.
+            monotonic_micros().unwrap_or(wall)
+        } else {
+            wall
+        };
+        Now { lease, wall }
+    }
+}
+
+/// Microseconds since the Unix epoch (negative before it, saturating far out).
+pub(crate) fn wall_micros() -> i64 {
+    match SystemTime::now().duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
+        Err(before) => i64::try_from(before.duration().as_micros()).map_or(i64::MIN, |us| -us),
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn boot_id() -> Option<String> {
+    let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let id = id.trim();
+    (!id.is_empty()).then(|| id.to_owned())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn boot_id() -> Option<String> {
+    None
+}
+
+#[cfg(target_os = "linux")]
+// `time_t` and `c_long` are i32 on 32-bit Linux: the conversions are not useless there.
+#[allow(clippy::useless_conversion)]
+fn monotonic_micros() -> Option<i64> {
+    use nix::time::{ClockId, clock_gettime};
+    let ts = clock_gettime(ClockId::CLOCK_MONOTONIC).ok()?;
+    let secs = i64::from(ts.tv_sec()).checked_mul(1_000_000)?;
+    secs.checked_add(i64::from(ts.tv_nsec()) / 1_000)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn monotonic_micros() -> Option<i64> {
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_clock_advances_with_real_time() {
+        let clock = HostClock::detect();
+        let a = clock.now();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let b = clock.now();
+        let advanced = b.lease - a.lease;
+        assert!(
+            (15_000..2_000_000).contains(&advanced),
+            "lease clock advanced {advanced} µs in 20 ms"
+        );
+        assert!(b.wall > a.wall);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn linux_uses_the_monotonic_clock_of_this_boot() {
+        let clock = HostClock::detect();
+        assert!(clock.id().starts_with("boot:"), "clock id {}", clock.id());
+        assert_eq!(clock.id(), HostClock::detect().id(), "stable within a boot");
+    }
+}

@@ -1,0 +1,177 @@
+//! Every SQL statement of the SQLite backend, each next to why its clauses are there.
+//!
+//! Time never comes from SQLite's `'now'`: the backend binds the current instant
+//! of the host clock ([`crate::clock`]) as `:now` (microseconds on the clock named
+//! by `:clock`) and the wall-clock time as `:wall_now` (microseconds since the Unix
+//! epoch, for display only). All processes that share the file run on the same
+//! host and so read the same clock.
+//!
+//! A lease is **live** when
+//! `lease_end IS NOT NULL AND clock = :clock AND lease_end > :now`:
+//! - `lease_end IS NULL` marks a released row (the row stays, so the fence does);
+//! - `clock = :clock` compares only instants of the same clock: a row written
+//!   under another boot of the host was written by a process that died with that
+//!   boot, so its lease is over whatever its number says;
+//! - `lease_end > :now` is the expiry test itself, on the monotonic clock, so a
+//!   step of the wall clock (NTP, an administrator) neither ends nor prolongs a
+//!   lease.
+
+use distrlock_core::TableName;
+
+/// The predicate for "the row's lease is live", on the row being read or updated.
+const LIVE: &str = "(lease_end IS NOT NULL AND clock = :clock AND lease_end > :now)";
+
+/// The largest fence: a row at this fence can never be taken over again.
+pub(crate) const MAX_FENCE: i64 = i64::MAX;
+
+/// The statements for one table, with its name quoted in.
+#[derive(Debug, Clone)]
+pub(crate) struct Statements {
+    pub(crate) create_table: String,
+    pub(crate) acquire: String,
+    pub(crate) holder: String,
+    pub(crate) extend: String,
+    pub(crate) release: String,
+    pub(crate) inspect: String,
+    pub(crate) list: String,
+}
+
+impl Statements {
+    /// The statements for `table`, which has no schema part (checked by the
+    /// builder). The name is safe to quote in: [`TableName`] admits only letters,
+    /// digits and `_`.
+    pub(crate) fn new(table: &TableName) -> Self {
+        let t = table.quoted('"');
+        Self {
+            create_table: create_table(table),
+            // Insert a first row, or take over / renew an existing one.
+            //
+            // - `ON CONFLICT (lock_key) DO UPDATE`: one statement decides and
+            //   writes, so no other connection can slip in between a read and a
+            //   write (the surrounding BEGIN IMMEDIATE makes that doubly sure).
+            // - The UPDATE's WHERE: take the row only when its lease is not live
+            //   (released, expired, or from another boot) or when the live lease
+            //   is ours (same token: an idempotent re-acquire). Otherwise nothing
+            //   is written and RETURNING yields no row: refused.
+            // - `fence < MAX_FENCE` on a takeover: SQLite would turn `fence + 1`
+            //   past i64::MAX into a REAL; refuse instead (the caller reports an
+            //   exhausted fence).
+            // - The SET clauses read the *old* row (SQLite evaluates every right
+            //   hand side before assigning), so the CASEs see the old token and
+            //   lease: a live same-token re-acquire keeps fence and acquired_at;
+            //   every other acquisition raises the fence by one, so fences only
+            //   grow, also across release (rows are never deleted).
+            // - `RETURNING fence` hands back the fence of this holding.
+            acquire: format!(
+                "INSERT INTO {t} \
+                     (lock_key, token, fence, owner, acquired_at, expires_at, clock, lease_end) \
+                 VALUES (:key, :token, 1, :owner, :wall_now, :wall_now + :ttl, :clock, :now + :ttl) \
+                 ON CONFLICT (lock_key) DO UPDATE SET \
+                     fence = CASE WHEN {LIVE} AND token = excluded.token \
+                                  THEN fence ELSE fence + 1 END, \
+                     acquired_at = CASE WHEN {LIVE} AND token = excluded.token \
+                                        THEN acquired_at ELSE excluded.acquired_at END, \
+                     token = excluded.token, \
+                     owner = excluded.owner, \
+                     expires_at = excluded.expires_at, \
+                     clock = excluded.clock, \
+                     lease_end = excluded.lease_end \
+                 WHERE CASE WHEN {LIVE} THEN token = excluded.token \
+                            ELSE fence < {MAX_FENCE} END \
+                 RETURNING fence"
+            ),
+            // After a refused acquire, in the same transaction: who holds the key
+            // and until when, so a waiter sleeps exactly as long as needed.
+            holder: format!("SELECT fence, clock, lease_end FROM {t} WHERE lock_key = :key"),
+            // Renew only our own live lease: token AND liveness in the WHERE, so a
+            // stale token, an expired lease or a released row match nothing and
+            // the caller sees 0 changed rows (NotHeld) with nothing changed.
+            // `clock` is rewritten too: it can only equal :clock here (LIVE), so
+            // the write is a no-op that keeps the statement obviously consistent.
+            extend: format!(
+                "UPDATE {t} \
+                 SET expires_at = :wall_now + :ttl, clock = :clock, lease_end = :now + :ttl \
+                 WHERE lock_key = :key AND token = :token AND {LIVE}"
+            ),
+            // End our own live lease by clearing its end; the row (and its fence)
+            // stays for the next holder. Same WHERE as extend, for the same reason:
+            // a second release, or one after expiry, changes nothing (NotHeld).
+            release: format!(
+                "UPDATE {t} SET expires_at = NULL, lease_end = NULL \
+                 WHERE lock_key = :key AND token = :token AND {LIVE}"
+            ),
+            // Read-only views; the state (held / expired / released) is decided in
+            // Rust against the same clock reading as the other statements use.
+            inspect: format!(
+                "SELECT lock_key, owner, fence, acquired_at, expires_at, clock, lease_end \
+                 FROM {t} WHERE lock_key = :key"
+            ),
+            // ORDER BY the primary key: BINARY collation compares bytes, which is
+            // the order of Rust's `str`, so the list is sorted as `LockKey`s are.
+            list: format!(
+                "SELECT lock_key, owner, fence, acquired_at, expires_at, clock, lease_end \
+                 FROM {t} ORDER BY lock_key"
+            ),
+        }
+    }
+}
+
+/// The DDL of the lock table.
+///
+/// - `IF NOT EXISTS`: creating is idempotent, and safe when several processes
+///   start at once (each runs it under BEGIN IMMEDIATE).
+/// - `lock_key TEXT PRIMARY KEY`: one row per key; SQLite's default BINARY
+///   collation compares bytes, so keys are exact (case and trailing spaces
+///   matter).
+/// - `token TEXT`: the holding's UUID in its hyphenated form, readable with the
+///   `sqlite3` shell.
+/// - `acquired_at`, `expires_at`: wall-clock microseconds since the Unix epoch,
+///   for people and `status` only; never compared to decide anything.
+/// - `clock`, `lease_end`: the clock the lease is measured on (`boot:<boot id>`
+///   for the monotonic clock of one boot of a Linux host, `wall` elsewhere) and
+///   the lease's end on it, in microseconds; NULL once released.
+/// - `STRICT`: SQLite refuses values of the wrong type instead of storing them
+///   (a REAL fence could never compare correctly again).
+/// - `WITHOUT ROWID`: the table is a B-tree on `lock_key`, so every statement
+///   finds its row in one lookup.
+pub(crate) fn create_table(table: &TableName) -> String {
+    let t = table.quoted('"');
+    format!(
+        "CREATE TABLE IF NOT EXISTS {t} (\n\
+         \x20   lock_key    TEXT    NOT NULL PRIMARY KEY,\n\
+         \x20   token       TEXT    NOT NULL,\n\
+         \x20   fence       INTEGER NOT NULL,\n\
+         \x20   owner       TEXT    NOT NULL,\n\
+         \x20   acquired_at INTEGER NOT NULL,\n\
+         \x20   expires_at  INTEGER,\n\
+         \x20   clock       TEXT    NOT NULL,\n\
+         \x20   lease_end   INTEGER\n\
+         ) STRICT, WITHOUT ROWID;\n"
+    )
+}
+
+/// Connection settings, run once when the connection opens, in this order.
+///
+/// `busy_timeout` comes first, so that the statements after it (switching to WAL
+/// needs a lock) already wait for other processes instead of failing.
+pub(crate) fn busy_timeout(busy_timeout_ms: u64) -> String {
+    format!("PRAGMA busy_timeout = {busy_timeout_ms}")
+}
+
+/// Reads the file's journal mode. WAL is a property of the file: once one
+/// process has switched it, the others only need to read it, which takes no
+/// exclusive lock.
+pub(crate) const JOURNAL_MODE: &str = "PRAGMA journal_mode";
+
+/// Switches the file to WAL: readers (`status`) never block the writer and the
+/// writer never blocks readers, so several processes use the file at once. WAL
+/// needs memory shared between the processes, one reason the file must be on a
+/// local filesystem. The switch needs an exclusive lock and SQLite may refuse it
+/// at once (SQLITE_BUSY, no busy wait) while another process has the file open,
+/// so the opener retries it within the busy timeout.
+pub(crate) const SET_WAL: &str = "PRAGMA journal_mode = WAL";
+
+/// Every commit is on disk before the call returns. With NORMAL, a power cut
+/// could forget the last acquisitions, and the next holder would be handed a
+/// fence that was already given out.
+pub(crate) const SYNCHRONOUS_FULL: &str = "PRAGMA synchronous = FULL";

@@ -1,0 +1,261 @@
+//! What is particular to SQLite: several backends (as several processes would)
+//! sharing one file, typed errors for the file's failure modes, and rows written
+//! under another clock.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use distrlock_core::{AcquireOutcome, Error, LockBackend, LockKey, LockState, Token, Ttl};
+use distrlock_sqlite::SqliteBackend;
+use distrlock_sqlite::rusqlite::{Connection, params};
+
+const LONG: Duration = Duration::from_secs(30);
+
+fn ttl(d: Duration) -> Ttl {
+    Ttl::new(d).unwrap()
+}
+
+async fn fresh() -> (tempfile::TempDir, std::path::PathBuf, SqliteBackend) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("locks.db");
+    let backend = SqliteBackend::open(&path).await.unwrap();
+    backend.create_table().await.unwrap();
+    (dir, path, backend)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn backends_on_one_file_exclude_each_other_and_share_fences() {
+    let (_dir, path, first) = fresh().await;
+    // Eight independent connections, as eight processes would have.
+    let mut backends = vec![Arc::new(first)];
+    for _ in 0..7 {
+        backends.push(Arc::new(SqliteBackend::open(&path).await.unwrap()));
+    }
+    let key = LockKey::new("shared").unwrap();
+    let mut tasks = Vec::new();
+    for backend in &backends {
+        let (backend, key) = (backend.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            backend
+                .try_acquire(&key, &Token::new(), ttl(LONG), "racer")
+                .await
+        }));
+    }
+    let mut winners = 0;
+    for task in tasks {
+        if let AcquireOutcome::Acquired { .. } = task.await.unwrap().unwrap() {
+            winners += 1;
+        }
+    }
+    assert_eq!(winners, 1, "exactly one of eight connections wins");
+
+    // Take turns through different connections: fences grow across them.
+    let key = LockKey::new("turns").unwrap();
+    let mut last = 0;
+    for round in 0..24 {
+        let backend = &backends[round % backends.len()];
+        let token = Token::new();
+        let AcquireOutcome::Acquired { fence } = backend
+            .try_acquire(&key, &token, ttl(LONG), "turn")
+            .await
+            .unwrap()
+        else {
+            panic!("the key was released, so it must be free");
+        };
+        assert!(fence.get() > last, "fence {fence} after {last}");
+        last = fence.get();
+        let other = &backends[(round + 1) % backends.len()];
+        other
+            .release(&key, &token)
+            .await
+            .expect("any connection releases with the right token");
+    }
+}
+
+#[tokio::test]
+async fn missing_table_is_schema_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = SqliteBackend::builder(dir.path().join("locks.db"))
+        .table("no_such_locks")
+        .open()
+        .await
+        .unwrap();
+    let key = LockKey::new("k").unwrap();
+    let result = backend
+        .try_acquire(&key, &Token::new(), ttl(LONG), "o")
+        .await;
+    match result {
+        Err(Error::SchemaMissing { table, .. }) => assert_eq!(table, "no_such_locks"),
+        other => panic!("expected SchemaMissing, got {other:?}"),
+    }
+    assert!(matches!(
+        backend.list().await,
+        Err(Error::SchemaMissing { .. })
+    ));
+    backend.create_table().await.unwrap();
+    backend
+        .create_table()
+        .await
+        .expect("create_table is idempotent");
+    assert!(backend.list().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn unopenable_file_is_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("missing-dir").join("locks.db");
+    match SqliteBackend::open(&path).await {
+        Err(error @ Error::Unavailable { .. }) => {
+            assert!(error.is_transient());
+            assert!(
+                error.to_string().contains("missing-dir"),
+                "the message names the file: {error}"
+            );
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_file_that_is_not_a_database_is_a_permanent_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notes.txt");
+    std::fs::write(
+        &path,
+        "this is not a database, just some text in a file\n".repeat(100),
+    )
+    .unwrap();
+    match SqliteBackend::open(&path).await {
+        Err(error @ Error::Backend { .. }) => assert!(!error.is_transient(), "{error}"),
+        other => panic!("expected a permanent backend error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn qualified_or_injected_table_names_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for bad in ["main.locks", "locks; DROP TABLE x", "", "1locks"] {
+        let result = SqliteBackend::builder(dir.path().join("locks.db"))
+            .table(bad)
+            .open()
+            .await;
+        assert!(
+            matches!(result, Err(Error::InvalidTableName { .. })),
+            "{bad:?} must be refused, got {result:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_lock_held_past_the_busy_timeout_is_transient() {
+    let (_dir, path, _) = fresh().await;
+    let backend = SqliteBackend::builder(&path)
+        .busy_timeout(Duration::from_millis(100))
+        .open()
+        .await
+        .unwrap();
+    let blocker = Connection::open(&path).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let key = LockKey::new("busy").unwrap();
+    let started = std::time::Instant::now();
+    let result = backend
+        .try_acquire(&key, &Token::new(), ttl(LONG), "o")
+        .await;
+    match result {
+        Err(error @ Error::Backend { .. }) => assert!(error.is_transient(), "{error}"),
+        other => panic!("expected a transient error, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(90),
+        "waited the busy timeout"
+    );
+    blocker.execute_batch("ROLLBACK").unwrap();
+    assert!(matches!(
+        backend
+            .try_acquire(&key, &Token::new(), ttl(LONG), "o")
+            .await
+            .unwrap(),
+        AcquireOutcome::Acquired { .. }
+    ));
+}
+
+#[tokio::test]
+async fn a_lease_from_another_boot_is_expired() {
+    let (_dir, path, backend) = fresh().await;
+    let key = LockKey::new("old-boot").unwrap();
+    let token = Token::new();
+    let AcquireOutcome::Acquired { fence } = backend
+        .try_acquire(&key, &token, ttl(LONG), "o")
+        .await
+        .unwrap()
+    else {
+        panic!("free key");
+    };
+    // Rewrite the row as if written during an earlier boot, with a lease end far
+    // in the future of that boot's clock.
+    let conn = Connection::open(&path).unwrap();
+    let changed = conn
+        .execute(
+            "UPDATE distributed_locks SET clock = 'boot:earlier', lease_end = ?1 \
+             WHERE lock_key = ?2",
+            params![i64::MAX / 2, key.as_str()],
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
+    let info = backend.inspect(&key).await.unwrap().unwrap();
+    assert_eq!(info.state, LockState::Expired);
+    assert!(matches!(
+        backend.extend(&key, &token, ttl(LONG)).await,
+        Err(Error::NotHeld { .. })
+    ));
+    let AcquireOutcome::Acquired { fence: next } = backend
+        .try_acquire(&key, &Token::new(), ttl(LONG), "o")
+        .await
+        .unwrap()
+    else {
+        panic!("a lease from another boot must not hold the key");
+    };
+    assert!(next > fence);
+}
+
+#[tokio::test]
+async fn an_exhausted_fence_is_refused_without_a_change() {
+    let (_dir, path, backend) = fresh().await;
+    let key = LockKey::new("exhausted").unwrap();
+    let token = Token::new();
+    backend
+        .try_acquire(&key, &token, ttl(LONG), "o")
+        .await
+        .unwrap();
+    backend.release(&key, &token).await.unwrap();
+    let conn = Connection::open(&path).unwrap();
+    conn.execute(
+        "UPDATE distributed_locks SET fence = ?1 WHERE lock_key = ?2",
+        params![i64::MAX, key.as_str()],
+    )
+    .unwrap();
+    let result = backend
+        .try_acquire(&key, &Token::new(), ttl(LONG), "o")
+        .await;
+    assert!(
+        matches!(&result, Err(error @ Error::Backend { .. }) if !error.is_transient()),
+        "got {result:?}"
+    );
+    let info = backend.inspect(&key).await.unwrap().unwrap();
+    assert_eq!(info.fence.get(), i64::MAX);
+    assert_eq!(info.state, LockState::Released);
+}
+
+#[tokio::test]
+async fn connect_parses_sqlite_urls() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("url.db");
+    let url = format!("sqlite://{}", path.display());
+    let backend = SqliteBackend::connect(&url).await.unwrap();
+    assert_eq!(backend.path(), path);
+    assert!(matches!(
+        SqliteBackend::connect("mysql://root@localhost/test").await,
+        Err(Error::InvalidConfig { .. })
+    ));
+    assert!(backend.schema_sql().contains("\"distributed_locks\""));
+}
