@@ -17,8 +17,13 @@ pub(crate) fn from_pg(error: tokio_postgres::Error, table: &TableName) -> Error 
                 table: table.to_string(),
                 hint: format!(
                     "create it with PostgresBackend::create_table(), or run the DDL from \
-                     PostgresBackend::schema_sql() (`distrlock schema`) in your migrations \
-                     (server said: {message})"
+                     PostgresBackend::schema_sql() in your migrations{} (server said: {message})",
+                    match table.schema() {
+                        Some(schema) => format!(
+                            "; if schema \"{schema}\" is missing too, run CREATE SCHEMA first"
+                        ),
+                        None => String::new(),
+                    }
                 ),
             },
             Class::SchemaMissing => Error::SchemaMissing {
@@ -103,12 +108,11 @@ fn classify(code: &SqlState) -> Class {
         "57P01" | "57P02" | "57P03" | "57P05" => Class::Unavailable,
         // serialization_failure, deadlock_detected, statement_completion_unknown,
         // lock_not_available (lock_timeout), query_canceled (statement_timeout),
-        // read_only_sql_transaction (a failover left us on a standby for a moment),
-        // idle_in_transaction_session_timeout, database_dropped would not help, so
-        // they are not here.
+        // read_only_sql_transaction (a failover briefly left us on a standby),
+        // idle_in_transaction_session_timeout.
         "40001" | "40P01" | "40003" | "55P03" | "57014" | "25006" | "25P03" => Class::Transient,
-        // connection_exception, insufficient_resources (too_many_connections, out of
-        // memory or disk), operator_intervention's other members.
+        // connection_exception: the session is gone. insufficient_resources
+        // (too_many_connections, out of memory or disk): may pass.
         _ if c.starts_with("08") => Class::Unavailable,
         _ if c.starts_with("53") => Class::Transient,
         _ => Class::Permanent,
