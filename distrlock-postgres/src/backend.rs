@@ -39,14 +39,16 @@ use crate::sql::{ACQUIRE_TYPES, EXTEND_TYPES, INSPECT_TYPES, RELEASE_TYPES, Stat
 ///   rolled back, so nothing changed, and another writer is busy with the key. The
 ///   waiting acquire then backs off and tries again. Extend and release report that
 ///   case as a transient [`Error::Backend`].
-/// - **A killed session fails no call.** When the pooled session under a call is
-///   gone (`pg_terminate_backend`, failover, broken socket), the connection is
-///   discarded and the statement runs once more on another one. All three are safe
-///   to run twice: acquire with the same token is idempotent (a live lease of the
-///   same token keeps its fence and is renewed), extend only renews the same
-///   token's lease, and release reports success when its first run already released
-///   this token's lease (the statement tells "already released by this token" from
-///   "never held"). Inspect and list only read.
+/// - **A killed session costs at most one call, usually none.** When the pooled
+///   session under a call is gone (`pg_terminate_backend`, failover, broken
+///   socket), the connection is discarded and the statement runs once more on
+///   another one; only if that one is dead too does the call fail, with a
+///   transient error. All three are safe to run twice: acquire with the same token
+///   is idempotent (a live lease of the same token keeps its fence and is
+///   renewed), extend only renews the same token's lease, and release reports
+///   success when its first run already released this token's lease (the statement
+///   tells "already released by this token" from "never held"). Inspect and list
+///   only read.
 /// - A call whose future is dropped part-way discards its connection rather than
 ///   returning it to the pool with an answer still in flight.
 #[derive(Clone)]
