@@ -1,8 +1,9 @@
 //! [`PostgresBackend`]: the [`LockBackend`] on a deadpool of tokio-postgres
 //! connections.
 
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -11,6 +12,7 @@ use distrlock_core::{
     AcquireOutcome, Error, Fence, LockBackend, LockInfo, LockKey, LockState, MAX_OWNER_LEN,
     ReleaseNotifier, Result, TableName, Token, Ttl,
 };
+use tokio::sync::watch;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{GenericClient, Row};
 
@@ -49,8 +51,13 @@ use crate::sql::{ACQUIRE_TYPES, EXTEND_TYPES, INSPECT_TYPES, RELEASE_TYPES, Stat
 ///   success when its first run already released this token's lease (the statement
 ///   tells "already released by this token" from "never held"). Inspect and list
 ///   only read.
-/// - A call whose future is dropped part-way discards its connection rather than
-///   returning it to the pool with an answer still in flight.
+/// - **Cancel safety.** A try-acquire runs to its end even when its future is
+///   dropped (the statement runs in a task of its own), and a release of the same
+///   token waits for it first. So the background release that core sends for a
+///   cancelled acquire cannot overtake the acquire on another connection and leave
+///   the lock held until its ttl. Other calls whose future is dropped part-way
+///   discard their connection rather than return it to the pool with an answer
+///   still in flight.
 #[derive(Clone)]
 pub struct PostgresBackend {
     inner: Arc<Inner>,
@@ -64,6 +71,8 @@ struct Inner {
     listener: Option<tokio::task::AbortHandle>,
     call_timeout: Duration,
     config: PostgresConfig,
+    /// Acquires still running, by key and token (see [`InFlight`]).
+    in_flight: Mutex<HashMap<(LockKey, Token), watch::Sender<usize>>>,
 }
 
 impl Drop for Inner {
@@ -223,6 +232,7 @@ impl PostgresBackend {
                 listener,
                 call_timeout: config.call_timeout(),
                 config,
+                in_flight: Mutex::new(HashMap::new()),
             }),
         };
         Ok((backend, ready))
@@ -403,6 +413,29 @@ impl PostgresBackend {
         )
     }
 
+    async fn acquire_once(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        ttl: Ttl,
+        owner: &str,
+    ) -> Result<AcquireOutcome> {
+        let ttl_us = ttl.as_micros();
+        let params: [&(dyn ToSql + Sync); 4] = [&key.as_str(), token.as_uuid(), &ttl_us, &owner];
+        match self
+            .run(&self.inner.sql.acquire, ACQUIRE_TYPES, &params)
+            .await
+        {
+            Ok(answer) => self.acquire_outcome(&answer.rows),
+            // Waited past lock_timeout on a row another transaction is writing: the
+            // statement rolled back, nothing changed, and the key is busy.
+            Err(Failure::Pg(e)) if is_lock_not_available(&e) => {
+                Ok(AcquireOutcome::Held { remaining: None })
+            }
+            Err(failure) => Err(failure.into_error(self)),
+        }
+    }
+
     fn acquire_outcome(&self, rows: &[Row]) -> Result<AcquireOutcome> {
         let Some(row) = rows.first() else {
             // The row was absent when the statement began and a concurrent first
@@ -497,6 +530,62 @@ impl Drop for DiscardUnlessDone {
     }
 }
 
+/// Marks one acquire of (key, token) as running until dropped, so a release of
+/// the same token can wait for it (see `try_acquire`).
+struct InFlight {
+    inner: Arc<Inner>,
+    slot: (LockKey, Token),
+}
+
+impl InFlight {
+    fn start(inner: &Arc<Inner>, key: &LockKey, token: Token) -> Self {
+        let slot = (key.clone(), token);
+        let mut map = inner
+            .in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        map.entry(slot.clone())
+            .or_insert_with(|| watch::channel(0).0)
+            .send_modify(|running| *running += 1);
+        Self {
+            inner: inner.clone(),
+            slot,
+        }
+    }
+
+    /// Waits (within the call timeout) until no acquire of (key, token) runs.
+    async fn wait(inner: &Inner, key: &LockKey, token: &Token) {
+        let running = {
+            let map = inner
+                .in_flight
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            map.get(&(key.clone(), *token))
+                .map(watch::Sender::subscribe)
+        };
+        if let Some(mut running) = running {
+            // An error means the count reached zero and the entry is gone.
+            let _ = tokio::time::timeout(inner.call_timeout, running.wait_for(|n| *n == 0)).await;
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut map = self
+            .inner
+            .in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(running) = map.get(&self.slot) {
+            running.send_modify(|n| *n = n.saturating_sub(1));
+            if *running.borrow() == 0 {
+                map.remove(&self.slot);
+            }
+        }
+    }
+}
+
 enum Released {
     Now,
     Before,
@@ -552,20 +641,26 @@ impl LockBackend for PostgresBackend {
         owner: &str,
     ) -> Result<AcquireOutcome> {
         check_owner(owner)?;
-        let ttl_us = ttl.as_micros();
-        let params: [&(dyn ToSql + Sync); 4] = [&key.as_str(), token.as_uuid(), &ttl_us, &owner];
-        match self
-            .run(&self.inner.sql.acquire, ACQUIRE_TYPES, &params)
-            .await
-        {
-            Ok(answer) => self.acquire_outcome(&answer.rows),
-            // Waited past lock_timeout on a row another transaction is writing: the
-            // statement rolled back, nothing changed, and the key is busy.
-            Err(Failure::Pg(e)) if is_lock_not_available(&e) => {
-                Ok(AcquireOutcome::Held { remaining: None })
-            }
-            Err(failure) => Err(failure.into_error(self)),
-        }
+        // The statement runs in a task of its own, so dropping this future does not
+        // abandon it half-way: it commits or fails, and a release of the same token
+        // (such as the background release of a cancelled acquire) waits for it
+        // first. Otherwise that release could run on another connection before the
+        // abandoned acquire commits, find nothing to release, and leave the lock held
+        // until its ttl.
+        let pending = InFlight::start(&self.inner, key, *token);
+        let backend = self.clone();
+        let (key, token, owner) = (key.clone(), *token, owner.to_owned());
+        let task = tokio::spawn(async move {
+            let _pending = pending;
+            backend.acquire_once(&key, &token, ttl, &owner).await
+        });
+        task.await.unwrap_or_else(|e| {
+            Err(Error::Backend {
+                message: format!("the acquire task failed: {e}"),
+                transient: false,
+                source: None,
+            })
+        })
     }
 
     async fn extend(&self, key: &LockKey, token: &Token, ttl: Ttl) -> Result<()> {
@@ -581,6 +676,7 @@ impl LockBackend for PostgresBackend {
     }
 
     async fn release(&self, key: &LockKey, token: &Token) -> Result<()> {
+        InFlight::wait(&self.inner, key, token).await;
         let channel = self.inner.sql.channel.as_str();
         let params: [&(dyn ToSql + Sync); 3] = [&key.as_str(), token.as_uuid(), &channel];
         let answer = self

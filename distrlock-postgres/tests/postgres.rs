@@ -437,6 +437,58 @@ async fn session_killed_under_a_call_is_retried_on_another_connection() {
     t.drop_table().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_waits_for_an_abandoned_acquire_of_the_same_token() {
+    let name = "release_waits_for_an_abandoned_acquire_of_the_same_token";
+    let Some(t) = TestBackend::new(name, |b| b.lock_timeout(Duration::from_secs(3))).await else {
+        return;
+    };
+    let k = key("abandoned");
+    let lease = ttl(Duration::from_secs(30));
+    let old = Token::new();
+    fence_of(t.backend.try_acquire(&k, &old, lease, "o").await.unwrap());
+    t.backend.release(&k, &old).await.unwrap();
+    // A foreign transaction holds the free row, so the acquire waits in the server.
+    let mut foreign = common::admin().await.unwrap();
+    let tx = foreign.transaction().await.unwrap();
+    tx.execute(
+        &format!(
+            "SELECT 1 FROM \"{}\" WHERE lock_key = $1 FOR UPDATE",
+            t.table
+        ),
+        &[&k.as_str()],
+    )
+    .await
+    .unwrap();
+    let token = Token::new();
+    // The caller gives up on the acquire while its statement is still waiting...
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(300),
+        t.backend.try_acquire(&k, &token, lease, "abandoned"),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the acquire should still be waiting");
+    // ...and releases the token in case it was granted, as core's cancel safety does.
+    let release = {
+        let (backend, k) = (t.backend.clone(), k.clone());
+        tokio::spawn(async move { backend.release(&k, &token).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tx.rollback().await.unwrap();
+    // The abandoned acquire lands after the rollback; the release must come after it.
+    release
+        .await
+        .unwrap()
+        .expect("the release ran after the abandoned acquire was granted");
+    let info = t.backend.inspect(&k).await.unwrap().unwrap();
+    assert_eq!(
+        info.state,
+        LockState::Released,
+        "the abandoned acquire kept the lock"
+    );
+    t.drop_table().await;
+}
+
 /// Runs `n` copies of a call at once (each on its own task), so they hold
 /// separate pooled connections at the same time.
 async fn concurrently<T, F, Fut>(n: usize, call: F) -> Vec<T>
