@@ -84,7 +84,7 @@ impl Listener {
                     tracing::debug!(%error, "release listener connection failed; reconnecting")
                 }
             }
-            // Full jitter, so many processes do not reconnect in step.
+            // Jittered (50–100 % of the backoff), so processes do not reconnect in step.
             let pause = backoff.mul_f64(0.5 + fastrand::f64() / 2.0);
             tokio::time::sleep(pause).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);
