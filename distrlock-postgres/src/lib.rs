@@ -1,1 +1,19 @@
-//! The postgres backend of distrlock: not written yet (see its issue).
+#![doc = include_str!("../README.md")]
+
+mod backend;
+mod config;
+mod error;
+mod listener;
+mod sql;
+#[cfg(feature = "tls")]
+mod tls;
+
+pub use backend::PostgresBackend;
+pub use config::{PostgresConfig, PostgresConfigBuilder};
+#[cfg(feature = "tls")]
+pub use tls::TlsConfig;
+
+/// Re-exported so users name the same driver version as the backend.
+pub use deadpool_postgres;
+/// Re-exported so users name the same driver version as the backend.
+pub use tokio_postgres;

@@ -1,0 +1,765 @@
+//! [`PostgresBackend`]: the [`LockBackend`] on a deadpool of tokio-postgres
+//! connections.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use distrlock_core::{
+    AcquireOutcome, Error, Fence, LockBackend, LockInfo, LockKey, LockState, MAX_OWNER_LEN,
+    ReleaseNotifier, Result, TableName, Token, Ttl,
+};
+use tokio::sync::watch;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{GenericClient, Row};
+
+use crate::config::{PostgresConfig, Redacted};
+use crate::error::{from_pg, from_pool, is_lock_not_available, is_session_lost};
+use crate::listener::Listener;
+use crate::sql::{ACQUIRE_TYPES, EXTEND_TYPES, INSPECT_TYPES, RELEASE_TYPES, Statements};
+
+/// Locks stored as rows of one PostgreSQL table, reached through a deadpool of
+/// tokio-postgres connections.
+///
+/// Cheap to clone: clones share the pool, the statements and the listening
+/// connection, which closes when the last clone is dropped.
+///
+/// # How each call behaves
+///
+/// - `try_acquire`, `extend` and `release` each run **one statement in one round
+///   trip**, prepared once per pooled connection (deadpool's statement cache).
+///   Expiry is computed on the server with `clock_timestamp()`.
+/// - **Bounded.** Each pooled session runs with `lock_timeout` and
+///   `statement_timeout` from the [`PostgresConfig`], and each call as a whole is
+///   bounded by [`PostgresConfig::call_timeout`]. A try-acquire that waits past
+///   `lock_timeout` for a row locked by another transaction (an uncommitted
+///   [`try_acquire_in`](Self::try_acquire_in), a hand-written `SELECT … FOR UPDATE`)
+///   returns [`AcquireOutcome::Held`] with no remaining lease: the statement was
+///   rolled back, so nothing changed, and another writer is busy with the key. The
+///   waiting acquire then backs off and tries again. Extend and release report that
+///   case as a transient [`Error::Backend`].
+/// - **A killed session costs at most one call, usually none.** When the pooled
+///   session under a call is gone (`pg_terminate_backend`, failover, broken
+///   socket), the connection is discarded and the statement runs once more on
+///   another one; only if that one is dead too does the call fail, with a
+///   transient error. All three are safe to run twice: acquire with the same token
+///   is idempotent (a live lease of the same token keeps its fence and is
+///   renewed), extend only renews the same token's lease, and release reports
+///   success when its first run already released this token's lease (the statement
+///   tells "already released by this token" from "never held"). Inspect and list
+///   only read.
+/// - **Cancel safety.** A try-acquire runs to its end even when its future is
+///   dropped (the statement runs in a task of its own), and a release of the same
+///   token waits for it first. So the background release that core sends for a
+///   cancelled acquire cannot overtake the acquire on another connection and leave
+///   the lock held until its ttl. Other calls whose future is dropped part-way
+///   discard their connection rather than return it to the pool with an answer
+///   still in flight.
+#[derive(Clone)]
+pub struct PostgresBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    table: TableName,
+    sql: Statements,
+    notifier: ReleaseNotifier,
+    listener: Option<tokio::task::AbortHandle>,
+    call_timeout: Duration,
+    config: PostgresConfig,
+    /// Acquires still running, by key and token (see [`InFlight`]).
+    in_flight: Mutex<HashMap<(LockKey, Token), watch::Sender<usize>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(listener) = &self.listener {
+            listener.abort();
+        }
+    }
+}
+
+/// How the backend's own connections are opened.
+#[derive(Clone)]
+pub(crate) enum Connector {
+    Plain,
+    #[cfg(feature = "tls")]
+    Rustls(tokio_postgres_rustls::MakeRustlsConnect),
+}
+
+impl Connector {
+    fn for_config(config: &PostgresConfig) -> Result<Self> {
+        #[cfg(feature = "tls")]
+        {
+            if let Some(tls) = &config.tls {
+                return Ok(Connector::Rustls(tls.connector()?));
+            }
+            let require = config
+                .pg
+                .as_ref()
+                .is_some_and(|pg| pg.get_ssl_mode() == tokio_postgres::config::SslMode::Require);
+            if require {
+                return Ok(Connector::Rustls(
+                    crate::tls::TlsConfig::webpki_roots().connector()?,
+                ));
+            }
+        }
+        let _ = config;
+        Ok(Connector::Plain)
+    }
+}
+
+impl PostgresBackend {
+    /// Connects with a `postgres://…` URL (or a `host=… user=…` string) and every
+    /// other setting at its default.
+    ///
+    /// Opens one pooled connection at once, so a wrong address or password is
+    /// reported here ([`Error::Unavailable`] or [`Error::Backend`]), and starts the
+    /// listening connection. Does not create the table: see
+    /// [`create_table`](LockBackend::create_table).
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::from_config(PostgresConfig::builder().url(url).build()?).await
+    }
+
+    /// Connects with a driver config and every other setting at its default.
+    pub async fn from_pg_config(pg: tokio_postgres::Config) -> Result<Self> {
+        Self::from_config(PostgresConfig::builder().pg_config(pg).build()?).await
+    }
+
+    /// Connects with a full [`PostgresConfig`], which must name a connection
+    /// ([`url`](crate::PostgresConfigBuilder::url) or
+    /// [`pg_config`](crate::PostgresConfigBuilder::pg_config)).
+    pub async fn from_config(config: PostgresConfig) -> Result<Self> {
+        let pg = config.pg.clone().ok_or_else(|| Error::InvalidConfig {
+            reason: "no connection given: set a URL or a tokio_postgres::Config".into(),
+        })?;
+        let connector = Connector::for_config(&config)?;
+        let manager_config = ManagerConfig {
+            // Fast: only checks that the connection is open. Verified or Clean would
+            // add a round trip to every call; a session that died unnoticed is
+            // handled by the one retry instead.
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match &connector {
+            Connector::Plain => Manager::from_config(pg, tokio_postgres::NoTls, manager_config),
+            #[cfg(feature = "tls")]
+            Connector::Rustls(tls) => Manager::from_config(pg, tls.clone(), manager_config),
+        };
+        let pool = Pool::builder(manager)
+            .max_size(config.pool_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(config.connect_timeout))
+            .create_timeout(Some(config.connect_timeout))
+            .recycle_timeout(Some(config.connect_timeout))
+            .post_create(config.post_create_hook())
+            .build()
+            .map_err(|e| Error::InvalidConfig {
+                reason: format!("building the connection pool failed: {e}"),
+            })?;
+        // Fail now, not at the first lock, when the server or the login is wrong.
+        drop(pool.get().await.map_err(|e| from_pool(e, &config.table))?);
+        let connect_timeout = config.connect_timeout;
+        let (backend, ready) = Self::assemble(pool, config, Some(connector))?;
+        if let Some(ready) = ready {
+            // Waiters that start right away should already be woken by releases
+            // elsewhere; if listening takes longer, it keeps trying in the background.
+            if tokio::time::timeout(connect_timeout, ready).await.is_err() {
+                tracing::warn!("release listener not connected yet; waiters poll meanwhile");
+            }
+        }
+        Ok(backend)
+    }
+
+    /// Uses your own deadpool-postgres pool.
+    ///
+    /// Nothing is sent yet. The pool's sessions keep their own settings: build the
+    /// pool with [`PostgresConfig::post_create_hook`] so they get the config's
+    /// `lock_timeout` and `statement_timeout`. Release notifications from other
+    /// processes need a connection of their own outside the pool; the backend opens
+    /// one only if the config names a connection
+    /// ([`url`](crate::PostgresConfigBuilder::url) or
+    /// [`pg_config`](crate::PostgresConfigBuilder::pg_config)) and listening is on.
+    ///
+    /// Must be called within a tokio runtime when it starts a listener; returns
+    /// [`Error::InvalidConfig`] otherwise.
+    pub fn from_pool(pool: Pool, config: PostgresConfig) -> Result<Self> {
+        let connector = match config.pg.is_some() && config.listen {
+            true => Some(Connector::for_config(&config)?),
+            false => None,
+        };
+        Ok(Self::assemble(pool, config, connector)?.0)
+    }
+
+    /// The backend, and a receiver that fires once its listener is `LISTEN`ing.
+    fn assemble(
+        pool: Pool,
+        config: PostgresConfig,
+        connector: Option<Connector>,
+    ) -> Result<(Self, Option<tokio::sync::oneshot::Receiver<()>>)> {
+        let sql = Statements::new(&config.table);
+        let notifier = ReleaseNotifier::new();
+        let mut listener = None;
+        let mut ready = None;
+        if let (true, Some(pg), Some(connector)) = (config.listen, config.pg.clone(), connector) {
+            if tokio::runtime::Handle::try_current().is_err() {
+                return Err(Error::InvalidConfig {
+                    reason: "the release listener needs a tokio runtime: create the backend \
+                             inside one"
+                        .into(),
+                });
+            }
+            let (handle, ready_rx) = Listener {
+                pg,
+                connector,
+                listen_sql: sql.listen.clone(),
+                notifier: notifier.clone(),
+                connect_timeout: config.connect_timeout,
+            }
+            .spawn();
+            listener = Some(handle);
+            ready = Some(ready_rx);
+        }
+        let backend = Self {
+            inner: Arc::new(Inner {
+                pool,
+                table: config.table.clone(),
+                sql,
+                notifier,
+                listener,
+                call_timeout: config.call_timeout(),
+                config,
+                in_flight: Mutex::new(HashMap::new()),
+            }),
+        };
+        Ok((backend, ready))
+    }
+
+    /// The pool the backend runs its statements on.
+    pub fn pool(&self) -> &Pool {
+        &self.inner.pool
+    }
+
+    /// The config the backend was built with.
+    pub fn config(&self) -> &PostgresConfig {
+        &self.inner.config
+    }
+
+    /// The lock table.
+    pub fn table(&self) -> &TableName {
+        &self.inner.table
+    }
+
+    /// The `NOTIFY` channel releases are announced on (`distrlock:<table>`, or a
+    /// hash of it for long names); the payload is the key.
+    pub fn channel(&self) -> &str {
+        &self.inner.sql.channel
+    }
+
+    /// Like [`try_acquire`](LockBackend::try_acquire), inside your own transaction
+    /// (or on any client), with the same SQL text.
+    ///
+    /// Take a lock and insert a job row atomically: if the transaction rolls back,
+    /// the lock was never taken. The lease starts when this statement runs (on
+    /// `clock_timestamp()`), not when the transaction began, and the row stays
+    /// locked by your transaction until it ends, so keep it short.
+    ///
+    /// One round trip (an unnamed statement, parsed each time). Your session's own
+    /// settings apply: a row-lock wait past your `lock_timeout` is an error here
+    /// (your transaction is aborted), not [`AcquireOutcome::Held`].
+    ///
+    /// With deadpool, pass the driver's transaction: `&*transaction` or
+    /// `&**client`.
+    pub async fn try_acquire_in<C>(
+        &self,
+        client: &C,
+        key: &LockKey,
+        token: &Token,
+        ttl: Ttl,
+        owner: &str,
+    ) -> Result<AcquireOutcome>
+    where
+        C: GenericClient + Sync,
+    {
+        check_owner(owner)?;
+        let ttl_us = ttl.as_micros();
+        let params: [(&(dyn ToSql + Sync), Type); 4] = [
+            (&key.as_str(), Type::TEXT),
+            (token.as_uuid(), Type::UUID),
+            (&ttl_us, Type::INT8),
+            (&owner, Type::TEXT),
+        ];
+        let rows = client
+            .query_typed(&self.inner.sql.acquire, &params)
+            .await
+            .map_err(|e| self.error(e))?;
+        self.acquire_outcome(&rows)
+    }
+
+    /// Like [`extend`](LockBackend::extend), inside your own transaction, with the
+    /// same SQL text.
+    pub async fn extend_in<C>(
+        &self,
+        client: &C,
+        key: &LockKey,
+        token: &Token,
+        ttl: Ttl,
+    ) -> Result<()>
+    where
+        C: GenericClient + Sync,
+    {
+        let ttl_us = ttl.as_micros();
+        let params: [(&(dyn ToSql + Sync), Type); 3] = [
+            (&key.as_str(), Type::TEXT),
+            (token.as_uuid(), Type::UUID),
+            (&ttl_us, Type::INT8),
+        ];
+        let rows = client
+            .query_typed(&self.inner.sql.extend, &params)
+            .await
+            .map_err(|e| self.error(e))?;
+        extend_outcome(key, &rows)
+    }
+
+    /// Like [`release`](LockBackend::release), inside your own transaction, with
+    /// the same SQL text.
+    ///
+    /// The release takes effect, and waiters are notified, when your transaction
+    /// commits; a rollback keeps the lock held.
+    pub async fn release_in<C>(&self, client: &C, key: &LockKey, token: &Token) -> Result<()>
+    where
+        C: GenericClient + Sync,
+    {
+        let channel = self.inner.sql.channel.as_str();
+        let params: [(&(dyn ToSql + Sync), Type); 3] = [
+            (&key.as_str(), Type::TEXT),
+            (token.as_uuid(), Type::UUID),
+            (&channel, Type::TEXT),
+        ];
+        let rows = client
+            .query_typed(&self.inner.sql.release, &params)
+            .await
+            .map_err(|e| self.error(e))?;
+        match release_outcome(&rows) {
+            Released::Now => Ok(()),
+            Released::Before | Released::NotHeld => Err(Error::NotHeld { key: key.clone() }),
+        }
+    }
+
+    fn error(&self, error: tokio_postgres::Error) -> Error {
+        from_pg(error, &self.inner.table)
+    }
+
+    /// Runs one prepared statement on a pooled connection, once more on another
+    /// connection if the session died under it (see the type's docs for why that
+    /// is safe for every statement here), all within the call timeout.
+    async fn run(
+        &self,
+        sql: &str,
+        types: &[Type],
+        params: &[&(dyn ToSql + Sync)],
+    ) -> std::result::Result<Answer, Failure> {
+        let call = async {
+            let mut retried = false;
+            loop {
+                let conn = self
+                    .inner
+                    .pool
+                    .get()
+                    .await
+                    .map_err(|e| Failure::Mapped(from_pool(e, &self.inner.table)))?;
+                let conn = DiscardUnlessDone(Some(conn));
+                let result = async {
+                    let statement = conn.get().prepare_typed_cached(sql, types).await?;
+                    conn.get().query(&statement, params).await
+                }
+                .await;
+                match result {
+                    Ok(rows) => {
+                        conn.done();
+                        return Ok(Answer { rows, retried });
+                    }
+                    Err(error) => {
+                        let lost = is_session_lost(&error) || conn.get().is_closed();
+                        if lost && !retried {
+                            tracing::debug!(%error, "session lost under a call; retrying once");
+                            retried = true;
+                            continue; // `conn` is dropped, so discarded.
+                        }
+                        if !lost {
+                            conn.done();
+                        }
+                        return Err(Failure::Pg(error));
+                    }
+                }
+            }
+        };
+        match tokio::time::timeout(self.inner.call_timeout, call).await {
+            Ok(result) => result,
+            Err(_) => Err(Failure::Mapped(self.timed_out())),
+        }
+    }
+
+    fn timed_out(&self) -> Error {
+        Error::unavailable(
+            format!(
+                "PostgreSQL did not answer within {:?}",
+                self.inner.call_timeout
+            ),
+            None,
+        )
+    }
+
+    async fn acquire_once(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        ttl: Ttl,
+        owner: &str,
+    ) -> Result<AcquireOutcome> {
+        let ttl_us = ttl.as_micros();
+        let params: [&(dyn ToSql + Sync); 4] = [&key.as_str(), token.as_uuid(), &ttl_us, &owner];
+        match self
+            .run(&self.inner.sql.acquire, ACQUIRE_TYPES, &params)
+            .await
+        {
+            Ok(answer) => self.acquire_outcome(&answer.rows),
+            // Waited past lock_timeout on a row another transaction is writing: the
+            // statement rolled back, nothing changed, and the key is busy.
+            Err(Failure::Pg(e)) if is_lock_not_available(&e) => {
+                Ok(AcquireOutcome::Held { remaining: None })
+            }
+            Err(failure) => Err(failure.into_error(self)),
+        }
+    }
+
+    fn acquire_outcome(&self, rows: &[Row]) -> Result<AcquireOutcome> {
+        let Some(row) = rows.first() else {
+            // The row was absent when the statement began and a concurrent first
+            // acquirer inserted it: that one holds the lock.
+            return Ok(AcquireOutcome::Held { remaining: None });
+        };
+        let fence: Option<i64> = row.try_get(0).map_err(|e| self.error(e))?;
+        let remaining_us: Option<i64> = row.try_get(1).map_err(|e| self.error(e))?;
+        Ok(match fence {
+            Some(fence) => AcquireOutcome::Acquired {
+                fence: Fence::new(fence),
+            },
+            None => AcquireOutcome::Held {
+                remaining: remaining_us.map(micros),
+            },
+        })
+    }
+
+    fn lock_info(&self, row: &Row) -> Result<LockInfo> {
+        let key: String = row.try_get("lock_key").map_err(|e| self.error(e))?;
+        let key = LockKey::new(key).map_err(|e| Error::Backend {
+            message: format!("the lock table holds a key distrlock cannot use: {e}"),
+            transient: false,
+            source: None,
+        })?;
+        let owner: String = row.try_get("owner").map_err(|e| self.error(e))?;
+        let fence: i64 = row.try_get("fence").map_err(|e| self.error(e))?;
+        let acquired_us: i64 = row.try_get("acquired_us").map_err(|e| self.error(e))?;
+        let expires_us: Option<i64> = row.try_get("expires_us").map_err(|e| self.error(e))?;
+        let held: bool = row.try_get("held").map_err(|e| self.error(e))?;
+        let remaining_us: Option<i64> = row.try_get("remaining_us").map_err(|e| self.error(e))?;
+        let state = match (expires_us, held) {
+            (None, _) => LockState::Released,
+            (Some(_), true) => LockState::Held,
+            (Some(_), false) => LockState::Expired,
+        };
+        Ok(LockInfo {
+            key,
+            owner,
+            fence: Fence::new(fence),
+            acquired_at: epoch_micros(acquired_us),
+            expires_at: expires_us.map(epoch_micros),
+            state,
+            remaining: if held { remaining_us.map(micros) } else { None },
+        })
+    }
+}
+
+/// The rows of one statement, and whether it ran a second time.
+struct Answer {
+    rows: Vec<Row>,
+    retried: bool,
+}
+
+enum Failure {
+    /// A driver error, still to be classified by the caller.
+    Pg(tokio_postgres::Error),
+    /// Already mapped (pool or timeout).
+    Mapped(Error),
+}
+
+impl Failure {
+    fn into_error(self, backend: &PostgresBackend) -> Error {
+        match self {
+            Failure::Pg(e) => backend.error(e),
+            Failure::Mapped(e) => e,
+        }
+    }
+}
+
+/// A pooled connection that goes back to the pool only through [`done`](Self::done):
+/// dropped any other way (the call failed with a lost session, timed out, or its
+/// future was dropped) it is closed, so no later call inherits a dead session or
+/// an answer still in flight.
+struct DiscardUnlessDone(Option<Object>);
+
+impl DiscardUnlessDone {
+    fn get(&self) -> &Object {
+        self.0.as_ref().expect("present until done or dropped")
+    }
+
+    fn done(mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl Drop for DiscardUnlessDone {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
+            drop(Object::take(conn));
+        }
+    }
+}
+
+/// Marks one acquire of (key, token) as running until dropped, so a release of
+/// the same token can wait for it (see `try_acquire`).
+struct InFlight {
+    inner: Arc<Inner>,
+    slot: (LockKey, Token),
+}
+
+impl InFlight {
+    fn start(inner: &Arc<Inner>, key: &LockKey, token: Token) -> Self {
+        let slot = (key.clone(), token);
+        let mut map = inner
+            .in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        map.entry(slot.clone())
+            .or_insert_with(|| watch::channel(0).0)
+            .send_modify(|running| *running += 1);
+        Self {
+            inner: inner.clone(),
+            slot,
+        }
+    }
+
+    /// Waits (within the call timeout) until no acquire of (key, token) runs.
+    async fn wait(inner: &Inner, key: &LockKey, token: &Token) {
+        let running = {
+            let map = inner
+                .in_flight
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            map.get(&(key.clone(), *token))
+                .map(watch::Sender::subscribe)
+        };
+        if let Some(mut running) = running {
+            // An error means the count reached zero and the entry is gone.
+            let _ = tokio::time::timeout(inner.call_timeout, running.wait_for(|n| *n == 0)).await;
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut map = self
+            .inner
+            .in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(running) = map.get(&self.slot) {
+            running.send_modify(|n| *n = n.saturating_sub(1));
+            if *running.borrow() == 0 {
+                map.remove(&self.slot);
+            }
+        }
+    }
+}
+
+enum Released {
+    Now,
+    Before,
+    NotHeld,
+}
+
+fn release_outcome(rows: &[Row]) -> Released {
+    match rows.first().map(|row| row.try_get::<_, bool>(0)) {
+        Some(Ok(true)) => Released::Now,
+        Some(Ok(false)) => Released::Before,
+        _ => Released::NotHeld,
+    }
+}
+
+fn extend_outcome(key: &LockKey, rows: &[Row]) -> Result<()> {
+    if rows.is_empty() {
+        Err(Error::NotHeld { key: key.clone() })
+    } else {
+        Ok(())
+    }
+}
+
+fn check_owner(owner: &str) -> Result<()> {
+    if owner.len() > MAX_OWNER_LEN || owner.contains('\0') {
+        return Err(Error::InvalidConfig {
+            reason: format!("owner text must be at most {MAX_OWNER_LEN} bytes without NUL"),
+        });
+    }
+    Ok(())
+}
+
+fn micros(us: i64) -> Duration {
+    Duration::from_micros(u64::try_from(us).unwrap_or(0))
+}
+
+fn epoch_micros(us: i64) -> SystemTime {
+    let magnitude = Duration::from_micros(us.unsigned_abs());
+    let at = if us >= 0 {
+        UNIX_EPOCH.checked_add(magnitude)
+    } else {
+        UNIX_EPOCH.checked_sub(magnitude)
+    };
+    at.unwrap_or(UNIX_EPOCH)
+}
+
+#[async_trait]
+impl LockBackend for PostgresBackend {
+    async fn try_acquire(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        ttl: Ttl,
+        owner: &str,
+    ) -> Result<AcquireOutcome> {
+        check_owner(owner)?;
+        // The statement runs in a task of its own, so dropping this future does not
+        // abandon it half-way: it commits or fails, and a release of the same token
+        // (such as the background release of a cancelled acquire) waits for it
+        // first. Otherwise that release could run on another connection before the
+        // abandoned acquire commits, find nothing to release, and leave the lock held
+        // until its ttl.
+        let pending = InFlight::start(&self.inner, key, *token);
+        let backend = self.clone();
+        let (key, token, owner) = (key.clone(), *token, owner.to_owned());
+        let task = tokio::spawn(async move {
+            let _pending = pending;
+            backend.acquire_once(&key, &token, ttl, &owner).await
+        });
+        task.await.unwrap_or_else(|e| {
+            Err(Error::Backend {
+                message: format!("the acquire task failed: {e}"),
+                transient: false,
+                source: None,
+            })
+        })
+    }
+
+    async fn extend(&self, key: &LockKey, token: &Token, ttl: Ttl) -> Result<()> {
+        let ttl_us = ttl.as_micros();
+        let params: [&(dyn ToSql + Sync); 3] = [&key.as_str(), token.as_uuid(), &ttl_us];
+        match self
+            .run(&self.inner.sql.extend, EXTEND_TYPES, &params)
+            .await
+        {
+            Ok(answer) => extend_outcome(key, &answer.rows),
+            Err(failure) => Err(failure.into_error(self)),
+        }
+    }
+
+    async fn release(&self, key: &LockKey, token: &Token) -> Result<()> {
+        InFlight::wait(&self.inner, key, token).await;
+        let channel = self.inner.sql.channel.as_str();
+        let params: [&(dyn ToSql + Sync); 3] = [&key.as_str(), token.as_uuid(), &channel];
+        let answer = self
+            .run(&self.inner.sql.release, RELEASE_TYPES, &params)
+            .await
+            .map_err(|f| f.into_error(self))?;
+        match release_outcome(&answer.rows) {
+            Released::Now => {}
+            // Our first run released it and its answer was lost with the session.
+            Released::Before if answer.retried => {}
+            Released::Before | Released::NotHeld => {
+                return Err(Error::NotHeld { key: key.clone() });
+            }
+        }
+        // Waiters in this process need not wait for the LISTEN round trip.
+        self.inner.notifier.notify(key);
+        Ok(())
+    }
+
+    async fn inspect(&self, key: &LockKey) -> Result<Option<LockInfo>> {
+        let params: [&(dyn ToSql + Sync); 1] = [&key.as_str()];
+        let answer = self
+            .run(&self.inner.sql.inspect, INSPECT_TYPES, &params)
+            .await
+            .map_err(|f| f.into_error(self))?;
+        answer
+            .rows
+            .first()
+            .map(|row| self.lock_info(row))
+            .transpose()
+    }
+
+    async fn list(&self) -> Result<Vec<LockInfo>> {
+        let answer = self
+            .run(&self.inner.sql.list, &[], &[])
+            .await
+            .map_err(|f| f.into_error(self))?;
+        answer.rows.iter().map(|row| self.lock_info(row)).collect()
+    }
+
+    async fn create_table(&self) -> Result<()> {
+        let ddl = &self.inner.sql.create_table_locked;
+        let call = async {
+            let conn = self
+                .inner
+                .pool
+                .get()
+                .await
+                .map_err(|e| from_pool(e, &self.inner.table))?;
+            match conn.batch_execute(ddl).await {
+                Ok(()) => Ok(()),
+                // duplicate_table / unique_violation on the catalog: someone without
+                // our advisory lock (another tool) created it at the same moment. It
+                // exists now, so IF NOT EXISTS makes the second run a no-op.
+                Err(e) if matches!(e.code().map(|c| c.code()), Some("42P07" | "23505")) => {
+                    conn.batch_execute(ddl).await.map_err(|e| self.error(e))
+                }
+                Err(e) => Err(self.error(e)),
+            }
+        };
+        tokio::time::timeout(self.inner.call_timeout, call)
+            .await
+            .unwrap_or_else(|_| Err(self.timed_out()))
+    }
+
+    fn schema_sql(&self) -> String {
+        format!("{};\n", self.inner.sql.create_table)
+    }
+
+    fn release_notifier(&self) -> Option<&ReleaseNotifier> {
+        Some(&self.inner.notifier)
+    }
+}
+
+impl fmt::Debug for PostgresBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let status = self.inner.pool.status();
+        f.debug_struct("PostgresBackend")
+            .field("table", &self.inner.table)
+            .field("connection", &self.inner.config.pg.as_ref().map(Redacted))
+            .field("pool_size", &status.max_size)
+            .field("pool_open", &status.size)
+            .field("listening", &self.inner.listener.is_some())
+            .finish()
+    }
+}

@@ -1,0 +1,330 @@
+//! Every SQL text the PostgreSQL backend sends, built once per table.
+//!
+//! Rules every statement here keeps:
+//!
+//! - **One clock.** Time comes only from `clock_timestamp()`, read once per statement
+//!   in the `clock` CTE. `now()` would be frozen at the start of the caller's
+//!   transaction (a lock taken late in a long transaction would get a short lease),
+//!   and the client's clock is never sent.
+//! - **No session settings leak in.** Durations are added as a whole number of
+//!   microseconds (`$n * interval '1 microsecond'` has no day or month part, so
+//!   `TimeZone` and daylight saving never change its length), and every time goes back
+//!   to the client as integer microseconds (epoch or remaining), never as text, so
+//!   `TimeZone`, `DateStyle` and `IntervalStyle` cannot change a result.
+//! - **Values are bind parameters.** Only the validated, quoted table name and
+//!   numbers computed here are formatted into the text; parameter types are fixed
+//!   with explicit casts so every session prepares the same statement.
+//! - **One statement, one round trip.** Acquire, extend and release are each a single
+//!   statement (CTEs where needed), so a pooled connection runs each with one
+//!   Bind/Execute/Sync exchange once it has prepared it.
+
+use distrlock_core::TableName;
+use tokio_postgres::types::Type;
+
+/// The SQL of one lock table.
+#[derive(Debug, Clone)]
+pub(crate) struct Statements {
+    /// `CREATE TABLE IF NOT EXISTS …`, as [`schema_sql`](crate::PostgresBackend) returns it.
+    pub(crate) create_table: String,
+    /// Serialises concurrent `create_table` calls, then runs `create_table`; one
+    /// simple-query message, so both run in one implicit transaction.
+    pub(crate) create_table_locked: String,
+    /// Try-acquire: params `$1` key, `$2` token, `$3` ttl µs, `$4` owner.
+    pub(crate) acquire: String,
+    /// Extend: params `$1` key, `$2` token, `$3` ttl µs.
+    pub(crate) extend: String,
+    /// Release: params `$1` key, `$2` token, `$3` notification channel.
+    pub(crate) release: String,
+    /// Inspect one key: param `$1` key.
+    pub(crate) inspect: String,
+    /// List every key.
+    pub(crate) list: String,
+    /// The `LISTEN` command of the release channel.
+    pub(crate) listen: String,
+    /// The channel releases are announced on (`pg_notify` payload: the key).
+    pub(crate) channel: String,
+}
+
+/// Parameter types of [`Statements::acquire`].
+pub(crate) const ACQUIRE_TYPES: &[Type] = &[Type::TEXT, Type::UUID, Type::INT8, Type::TEXT];
+/// Parameter types of [`Statements::extend`].
+pub(crate) const EXTEND_TYPES: &[Type] = &[Type::TEXT, Type::UUID, Type::INT8];
+/// Parameter types of [`Statements::release`].
+pub(crate) const RELEASE_TYPES: &[Type] = &[Type::TEXT, Type::UUID, Type::TEXT];
+/// Parameter types of [`Statements::inspect`].
+pub(crate) const INSPECT_TYPES: &[Type] = &[Type::TEXT];
+
+impl Statements {
+    pub(crate) fn new(table: &TableName) -> Self {
+        let t = table.quoted('"');
+        let channel = channel_name(table);
+
+        let create_table = format!(
+            r#"CREATE TABLE IF NOT EXISTS {t} (
+    -- The lock's name. COLLATE "C" compares and sorts byte for byte, so 'a', 'A'
+    -- and 'a ' are three locks whatever the database's default collation.
+    lock_key    text COLLATE "C" PRIMARY KEY,
+    -- The current holding's secret; only it may extend or release.
+    token       uuid        NOT NULL,
+    -- Raised by one on every change of holder; rows are never deleted, so it
+    -- never goes back.
+    fence       bigint      NOT NULL,
+    -- Free text naming the holder (host:pid by default).
+    owner       text        NOT NULL,
+    -- timestamptz: an instant, not a wall-clock reading.
+    acquired_at timestamptz NOT NULL,
+    -- NULL once released.
+    expires_at  timestamptz NULL
+)"#
+        );
+
+        // pg_advisory_xact_lock makes concurrent CREATE TABLE IF NOT EXISTS safe: two
+        // sessions that both pass the IF NOT EXISTS check would otherwise race on the
+        // catalog and one would fail with a unique violation. The lock id is a stable
+        // hash of the table name; both statements share the message's implicit
+        // transaction, which releases the lock (or rolls back) at its end.
+        let lock_id = fnv1a64(format!("distrlock:create:{table}").as_bytes()) as i64;
+        let create_table_locked =
+            format!("SELECT pg_advisory_xact_lock({lock_id});\n{create_table}");
+
+        let acquire = format!(
+            r#"WITH
+-- One reading of the server's clock for the whole statement: clock_timestamp(),
+-- not now(), which is frozen at the start of the caller's transaction.
+clock AS MATERIALIZED (SELECT clock_timestamp() AS at),
+-- Present and free (released or expired), or held by this same token: take it or
+-- renew it. A held row fails the WHERE clause before it is locked, so a refused
+-- try writes nothing and takes no row lock (unlike INSERT … ON CONFLICT DO UPDATE
+-- … WHERE false, which locks the conflicting row and costs a WAL flush per try).
+taken AS (
+    UPDATE {t} AS l SET
+        -- Same token on a live lease keeps the fence (an idempotent retry); any
+        -- other takeover raises it by one, so fences only grow.
+        fence = CASE WHEN l.token = $2::uuid AND l.expires_at > clock.at
+                     THEN l.fence ELSE l.fence + 1 END,
+        acquired_at = CASE WHEN l.token = $2::uuid AND l.expires_at > clock.at
+                           THEN l.acquired_at ELSE clock.at END,
+        token = $2::uuid,
+        owner = $4::text,
+        -- Whole microseconds: no day part, so TimeZone cannot change the length.
+        expires_at = clock.at + $3::int8 * interval '1 microsecond'
+    FROM clock
+    WHERE l.lock_key = $1::text
+      AND (l.expires_at IS NULL OR l.expires_at <= clock.at OR l.token = $2::uuid)
+    RETURNING l.fence
+),
+-- Absent: insert the first holding with fence 1. The NOT EXISTS probe keeps the
+-- present-row paths from even attempting an insert; ON CONFLICT DO NOTHING settles
+-- a race with a concurrent first acquirer without an error (the loser gets no row
+-- and reports the lock as held).
+inserted AS (
+    INSERT INTO {t} AS l (lock_key, token, fence, owner, acquired_at, expires_at)
+    SELECT $1::text, $2::uuid, 1, $4::text, clock.at,
+           clock.at + $3::int8 * interval '1 microsecond'
+    FROM clock
+    WHERE NOT EXISTS (SELECT 1 FROM {t} WHERE lock_key = $1::text)
+    ON CONFLICT (lock_key) DO NOTHING
+    RETURNING l.fence
+)
+-- Success: the fence of this holding.
+SELECT fence, NULL::int8 AS remaining_us FROM taken
+UNION ALL
+SELECT fence, NULL::int8 FROM inserted
+UNION ALL
+-- Refused: the holder's remaining lease in µs, on the server's clock (NULL when
+-- the row we saw was free but another acquirer took it first).
+SELECT NULL::int8,
+       CASE WHEN l.expires_at > clock.at
+            THEN (EXTRACT(EPOCH FROM (l.expires_at - clock.at)) * 1000000)::int8 END
+FROM {t} AS l, clock
+WHERE l.lock_key = $1::text
+  AND NOT EXISTS (SELECT 1 FROM taken)
+  AND NOT EXISTS (SELECT 1 FROM inserted)"#
+        );
+
+        let extend = format!(
+            r#"WITH clock AS MATERIALIZED (SELECT clock_timestamp() AS at)
+-- Only the token of a live lease: a stale token updates nothing (NotHeld) and
+-- writes nothing. The new expiry counts from the server's clock now.
+UPDATE {t} AS l
+SET expires_at = clock.at + $3::int8 * interval '1 microsecond'
+FROM clock
+WHERE l.lock_key = $1::text
+  AND l.token = $2::uuid
+  AND l.expires_at > clock.at
+RETURNING l.fence"#
+        );
+
+        let release = format!(
+            r#"WITH
+clock AS MATERIALIZED (SELECT clock_timestamp() AS at),
+-- Only the token of a live lease. The row is kept (expires_at NULL) so the next
+-- holder's fence continues from this one.
+released AS (
+    UPDATE {t} AS l SET expires_at = NULL
+    FROM clock
+    WHERE l.lock_key = $1::text
+      AND l.token = $2::uuid
+      AND l.expires_at > clock.at
+    -- Wakes waiters in every process LISTENing on the channel, in this same
+    -- statement (no extra round trip); PostgreSQL delivers it at commit, so a
+    -- release inside the caller's transaction announces only once committed.
+    RETURNING pg_notify($3::text, l.lock_key)
+)
+-- true: released now.
+SELECT true AS released FROM released
+UNION ALL
+-- false: this token's holding was already released (a retry after a lost answer
+-- can tell "my first try went through" from "never held"). No row: not held.
+SELECT false FROM {t} AS l
+WHERE l.lock_key = $1::text
+  AND l.token = $2::uuid
+  AND l.expires_at IS NULL
+  AND NOT EXISTS (SELECT 1 FROM released)"#
+        );
+
+        // Times leave as integer microseconds since the epoch: timestamptz's epoch is
+        // an instant, independent of TimeZone and DateStyle. `held` and `remaining_us`
+        // use the same clock reading.
+        let columns = r#"l.lock_key, l.owner, l.fence,
+       (EXTRACT(EPOCH FROM l.acquired_at) * 1000000)::int8 AS acquired_us,
+       (EXTRACT(EPOCH FROM l.expires_at) * 1000000)::int8 AS expires_us,
+       COALESCE(l.expires_at > clock.at, false) AS held,
+       CASE WHEN l.expires_at > clock.at
+            THEN (EXTRACT(EPOCH FROM (l.expires_at - clock.at)) * 1000000)::int8
+       END AS remaining_us"#;
+        let inspect = format!(
+            "WITH clock AS MATERIALIZED (SELECT clock_timestamp() AS at)\n\
+             SELECT {columns}\nFROM {t} AS l, clock\nWHERE l.lock_key = $1::text"
+        );
+        // COLLATE "C": byte order, as LockKey's Ord, even on a table created by
+        // hand with another collation.
+        let list = format!(
+            "WITH clock AS MATERIALIZED (SELECT clock_timestamp() AS at)\n\
+             SELECT {columns}\nFROM {t} AS l, clock\nORDER BY l.lock_key COLLATE \"C\""
+        );
+
+        // The channel holds only [A-Za-z0-9_.:], so quoting it is safe; quoted, its
+        // case is kept, matching pg_notify's exact string.
+        let listen = format!("LISTEN \"{channel}\"");
+
+        Self {
+            create_table,
+            create_table_locked,
+            acquire,
+            extend,
+            release,
+            inspect,
+            list,
+            listen,
+            channel,
+        }
+    }
+}
+
+/// The `SET` commands that bound every call of a session: how long a statement may
+/// wait on another transaction's row lock, and how long any statement may run.
+pub(crate) fn session_settings(lock_timeout_ms: u64, statement_timeout_ms: u64) -> String {
+    // Plain integers are milliseconds for both settings.
+    format!("SET lock_timeout = {lock_timeout_ms}; SET statement_timeout = {statement_timeout_ms}")
+}
+
+/// The `NOTIFY` channel of a table: `distrlock:<table>`, or a stable hash of it when
+/// that would pass PostgreSQL's 63-byte identifier limit.
+pub(crate) fn channel_name(table: &TableName) -> String {
+    let plain = format!("distrlock:{table}");
+    if plain.len() <= 63 {
+        plain
+    } else {
+        format!("distrlock:{:016x}", fnv1a64(plain.as_bytes()))
+    }
+}
+
+/// 64-bit FNV-1a: stable across processes, versions and platforms (unlike std's
+/// hashers), so every process derives the same channel and advisory lock id.
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all(s: &Statements) -> [&str; 7] {
+        [
+            &s.create_table,
+            &s.create_table_locked,
+            &s.acquire,
+            &s.extend,
+            &s.release,
+            &s.inspect,
+            &s.list,
+        ]
+    }
+
+    fn without_comments(sql: &str) -> String {
+        sql.lines()
+            .map(|line| line.split("--").next().unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn uses_only_the_server_clock_and_timestamptz() {
+        let s = Statements::new(&TableName::default());
+        for sql in all(&s) {
+            let lower = without_comments(sql).to_lowercase();
+            assert!(!lower.contains("now()"), "now() in {sql}");
+            assert!(!lower.contains("current_timestamp"), "{sql}");
+            assert!(!lower.contains("localtimestamp"), "{sql}");
+            // Every `timestamp` is `timestamptz`.
+            for (i, _) in lower.match_indices("timestamp") {
+                let rest = &lower[i..];
+                assert!(
+                    rest.starts_with("timestamptz") || rest.starts_with("timestamp()"),
+                    "bare timestamp in {sql}"
+                );
+            }
+        }
+        assert!(s.acquire.contains("clock_timestamp()"));
+    }
+
+    #[test]
+    fn quotes_qualified_mixed_case_names_everywhere() {
+        let table = TableName::new("Locks_Schema.My_Locks").unwrap();
+        let s = Statements::new(&table);
+        for sql in all(&s) {
+            assert!(sql.contains(r#""Locks_Schema"."My_Locks""#), "{sql}");
+            assert!(!sql.contains(" Locks_Schema.My_Locks"), "{sql}");
+        }
+        assert_eq!(s.channel, "distrlock:Locks_Schema.My_Locks");
+        assert_eq!(s.listen, r#"LISTEN "distrlock:Locks_Schema.My_Locks""#);
+    }
+
+    #[test]
+    fn long_names_get_a_short_stable_channel() {
+        let long = format!("{}.{}", "s".repeat(63), "t".repeat(63));
+        let table = TableName::new(&long).unwrap();
+        let channel = channel_name(&table);
+        assert!(channel.len() <= 63, "{channel}");
+        assert_eq!(channel, channel_name(&TableName::new(&long).unwrap()));
+        let other = TableName::new(&format!("{}.{}", "s".repeat(63), "u".repeat(63))).unwrap();
+        assert_ne!(channel, channel_name(&other));
+        assert_eq!(
+            channel_name(&TableName::default()),
+            "distrlock:distributed_locks"
+        );
+    }
+
+    #[test]
+    fn fnv_matches_the_reference_vectors() {
+        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a64(b"foobar"), 0x8594_4171_f739_67e8);
+    }
+}

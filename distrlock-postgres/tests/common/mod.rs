@@ -1,0 +1,220 @@
+//! Shared helpers of the PostgreSQL test crates: the server URL, an admin
+//! connection, unique names, the conformance harness and its fault hooks.
+//!
+//! Each test crate uses only part of this module.
+#![allow(dead_code)]
+
+pub(crate) mod counting_proxy;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use distrlock_core::LockBackend;
+use distrlock_postgres::{PostgresBackend, PostgresConfig, PostgresConfigBuilder, tokio_postgres};
+use distrlock_testkit::{Faults, Harness, Setup, Skip, Unsupported};
+
+/// The test server, from `DISTRLOCK_TEST_POSTGRES_URL`.
+pub(crate) fn url() -> String {
+    std::env::var("DISTRLOCK_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// The test server's driver config.
+pub(crate) fn pg_config() -> tokio_postgres::Config {
+    url()
+        .parse()
+        .expect("DISTRLOCK_TEST_POSTGRES_URL is a valid connection string")
+}
+
+/// A name no other test (or run) uses: `prefix_<16 hex>`.
+pub(crate) fn unique(prefix: &str) -> String {
+    format!("{prefix}_{:016x}", fastrand::u64(..))
+}
+
+/// A plain connection for setting up and checking behind the backend's back, or
+/// why there is none.
+pub(crate) async fn admin() -> Result<tokio_postgres::Client, String> {
+    connect_with(pg_config()).await
+}
+
+/// A plain connection with `config`, its connection task spawned.
+pub(crate) async fn connect_with(
+    mut config: tokio_postgres::Config,
+) -> Result<tokio_postgres::Client, String> {
+    if config.get_application_name().is_none() {
+        config.application_name("distrlock-test-admin");
+    }
+    let connect = config.connect(tokio_postgres::NoTls);
+    match tokio::time::timeout(Duration::from_secs(5), connect).await {
+        Ok(Ok((client, connection))) => {
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            Ok(client)
+        }
+        Ok(Err(e)) => Err(format!(
+            "cannot connect to PostgreSQL at {}: {e}",
+            safe_url()
+        )),
+        Err(_) => Err(format!(
+            "connecting to PostgreSQL at {} timed out",
+            safe_url()
+        )),
+    }
+}
+
+/// The URL's host and port, for messages (never the password).
+fn safe_url() -> String {
+    let config = pg_config();
+    format!("{:?}:{:?}", config.get_hosts(), config.get_ports())
+}
+
+/// The admin connection, or `None` after reporting the test as skipped (a failure
+/// under `DISTRLOCK_REQUIRE_DB=1`).
+pub(crate) async fn admin_or_skip(test: &str) -> Option<tokio_postgres::Client> {
+    match admin().await {
+        Ok(client) => Some(client),
+        Err(reason) => {
+            distrlock_testkit::skip(test, &reason);
+            None
+        }
+    }
+}
+
+/// A backend on a fresh table of its own (created), with a unique
+/// `application_name`, configured further by `configure`.
+pub(crate) struct TestBackend {
+    pub(crate) backend: PostgresBackend,
+    pub(crate) admin: tokio_postgres::Client,
+    pub(crate) table: String,
+    pub(crate) application_name: String,
+}
+
+impl TestBackend {
+    /// `None` (the test skipped) when the server cannot be reached.
+    pub(crate) async fn new(
+        test: &str,
+        configure: impl FnOnce(PostgresConfigBuilder) -> PostgresConfigBuilder,
+    ) -> Option<Self> {
+        let admin = admin_or_skip(test).await?;
+        let table = unique("dl_test");
+        let application_name = unique("distrlock-test");
+        let config = configure(
+            PostgresConfig::builder()
+                .url(url())
+                .table(&table)
+                .pool_size(4)
+                .application_name(&application_name),
+        )
+        .build()
+        .expect("test config is valid");
+        let backend = PostgresBackend::from_config(config)
+            .await
+            .expect("the server answered the admin connection, so the backend connects");
+        backend.create_table().await.expect("create_table");
+        Some(Self {
+            backend,
+            admin,
+            table,
+            application_name,
+        })
+    }
+
+    /// Another backend on the same table, configured by `configure`.
+    pub(crate) async fn sibling(
+        &self,
+        configure: impl FnOnce(PostgresConfigBuilder) -> PostgresConfigBuilder,
+    ) -> PostgresBackend {
+        let config = configure(
+            PostgresConfig::builder()
+                .url(url())
+                .table(self.backend.table().to_string())
+                .pool_size(4)
+                .application_name(unique("distrlock-test")),
+        )
+        .build()
+        .expect("test config is valid");
+        PostgresBackend::from_config(config)
+            .await
+            .expect("sibling backend connects")
+    }
+
+    /// Kills every session of this backend (pool and listener).
+    pub(crate) async fn kill_sessions(&self) -> u64 {
+        kill_sessions(&self.admin, &self.application_name).await
+    }
+
+    /// Drops the table (best effort; a failed test leaves it behind).
+    pub(crate) async fn drop_table(self) {
+        let _ = self
+            .admin
+            .batch_execute(&format!("DROP TABLE IF EXISTS \"{}\"", self.table))
+            .await;
+    }
+}
+
+/// Terminates the sessions named `application_name`, waiting (up to 5 s each) until
+/// they are gone. Returns how many were killed.
+pub(crate) async fn kill_sessions(admin: &tokio_postgres::Client, application_name: &str) -> u64 {
+    let row = admin
+        .query_one(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) \
+             FROM pg_stat_activity WHERE application_name = $1 AND pid <> pg_backend_pid()",
+            &[&application_name],
+        )
+        .await
+        .expect("pg_terminate_backend");
+    row.get::<_, i64>(0) as u64
+}
+
+/// The conformance harness: one shared table (`distrlock_conformance`, created
+/// idempotently by every setup, which also exercises concurrent `create_table`)
+/// with the setup's unique key prefix, and a unique `application_name` per setup so
+/// `kill_sessions` kills exactly this backend's sessions.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct PostgresHarness;
+
+#[async_trait]
+impl Harness for PostgresHarness {
+    async fn setup(&self) -> Result<Setup, Skip> {
+        let admin = admin().await.map_err(Skip)?;
+        let application_name = unique("distrlock-conformance");
+        let config = PostgresConfig::builder()
+            .url(url())
+            .table("distrlock_conformance")
+            .pool_size(8)
+            .application_name(&application_name)
+            .build()
+            .map_err(|e| Skip(format!("DISTRLOCK_TEST_POSTGRES_URL is not usable: {e}")))?;
+        let backend = PostgresBackend::from_config(config)
+            .await
+            .map_err(|e| Skip(format!("the backend cannot connect: {e}")))?;
+        backend
+            .create_table()
+            .await
+            .expect("create_table on the conformance table");
+        let backend: Arc<dyn LockBackend> = Arc::new(backend);
+        Ok(Setup::with_faults(
+            backend,
+            Arc::new(PostgresFaults {
+                admin,
+                application_name,
+            }),
+        ))
+    }
+}
+
+struct PostgresFaults {
+    admin: tokio_postgres::Client,
+    application_name: String,
+}
+
+#[async_trait]
+impl Faults for PostgresFaults {
+    async fn kill_sessions(&self) -> Result<(), Unsupported> {
+        let killed = kill_sessions(&self.admin, &self.application_name).await;
+        assert!(killed > 0, "the backend had no session to kill");
+        Ok(())
+    }
+}

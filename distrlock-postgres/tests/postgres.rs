@@ -1,0 +1,1303 @@
+//! PostgreSQL-specific behaviour, against the real server
+//! (`DISTRLOCK_TEST_POSTGRES_URL`). Each test uses tables and sessions of its own.
+
+mod common;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::{TestBackend, counting_proxy::CountingProxy, unique, url};
+use distrlock_core::{AcquireOutcome, Error, LockBackend, LockKey, LockState, Token, Ttl};
+use distrlock_postgres::{PostgresBackend, PostgresConfig, deadpool_postgres, tokio_postgres};
+use tokio::time::Instant;
+
+fn key(name: &str) -> LockKey {
+    LockKey::new(name).unwrap()
+}
+
+fn ttl(d: Duration) -> Ttl {
+    Ttl::new(d).unwrap()
+}
+
+fn fence_of(outcome: AcquireOutcome) -> i64 {
+    match outcome {
+        AcquireOutcome::Acquired { fence } => fence.get(),
+        other => panic!("expected Acquired, got {other:?}"),
+    }
+}
+
+fn micros_since_epoch(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH).unwrap().as_micros() as i64
+}
+
+/// The server's clock now, in µs since the epoch.
+async fn server_now_us(client: &tokio_postgres::Client) -> i64 {
+    client
+        .query_one(
+            "SELECT (EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::int8",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// A driver config for the test server with extra session `options`.
+fn pg_with_options(options: &str) -> tokio_postgres::Config {
+    let mut pg = common::pg_config();
+    pg.options(options);
+    pg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acquire_in_a_transaction_begun_seconds_earlier_gets_the_full_ttl() {
+    let name = "acquire_in_a_transaction_begun_seconds_earlier_gets_the_full_ttl";
+    let Some(t) = TestBackend::new(name, |b| b).await else {
+        return;
+    };
+    let mut client = common::admin().await.unwrap();
+    let k = key("late-in-tx");
+    let token = Token::new();
+    let lease = Duration::from_secs(5);
+
+    let tx = client.transaction().await.unwrap();
+    let tx_start: i64 = tx
+        .query_one("SELECT (EXTRACT(EPOCH FROM now()) * 1000000)::int8", &[])
+        .await
+        .unwrap()
+        .get(0);
+    tx.batch_execute("SELECT pg_sleep(2)").await.unwrap();
+    fence_of(
+        t.backend
+            .try_acquire_in(&tx, &k, &token, ttl(lease), "in-tx")
+            .await
+            .unwrap(),
+    );
+    let row = tx
+        .query_one(
+            &format!(
+                "SELECT (EXTRACT(EPOCH FROM acquired_at) * 1000000)::int8, \
+                        (EXTRACT(EPOCH FROM expires_at) * 1000000)::int8 \
+                 FROM \"{}\" WHERE lock_key = $1",
+                t.table
+            ),
+            &[&k.as_str()],
+        )
+        .await
+        .unwrap();
+    let (acquired, expires): (i64, i64) = (row.get(0), row.get(1));
+    tx.commit().await.unwrap();
+
+    assert_eq!(
+        expires - acquired,
+        5_000_000,
+        "the lease is exactly the ttl"
+    );
+    assert!(
+        acquired - tx_start >= 1_900_000,
+        "the lease must start when the statement ran, not when the transaction began \
+         ({} µs after BEGIN)",
+        acquired - tx_start
+    );
+    let info = t.backend.inspect(&k).await.unwrap().expect("row");
+    assert_eq!(info.state, LockState::Held);
+    let remaining = info.remaining.expect("held");
+    // With now() the lease would have ended 2 s early: about 3 s left here.
+    assert!(
+        remaining > Duration::from_secs(4),
+        "remaining {remaining:?}: the transaction's sleep was taken off the lease"
+    );
+    t.backend.release(&k, &token).await.unwrap();
+    t.drop_table().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_with_different_time_zones_and_date_styles_contend_correctly() {
+    let name = "sessions_with_different_time_zones_and_date_styles_contend_correctly";
+    let Some(t) = TestBackend::new(name, |b| b).await else {
+        return;
+    };
+    // UTC+14 and UTC-10 (-9 in summer), with every date and interval style changed.
+    let east = t
+        .sibling(|b| {
+            b.pg_config(pg_with_options(
+                "-c TimeZone=Pacific/Kiritimati -c DateStyle=SQL,DMY -c IntervalStyle=sql_standard",
+            ))
+        })
+        .await;
+    let west = t
+        .sibling(|b| {
+            b.pg_config(pg_with_options(
+                "-c TimeZone=America/Adak -c DateStyle=German -c IntervalStyle=iso_8601",
+            ))
+        })
+        .await;
+    for (backend, zone, style) in [
+        (&east, "Pacific/Kiritimati", "SQL, DMY"),
+        (&west, "America/Adak", "German, DMY"),
+    ] {
+        let conn = backend.pool().get().await.unwrap();
+        let shown: String = conn.query_one("SHOW TimeZone", &[]).await.unwrap().get(0);
+        assert_eq!(shown, zone, "the session settings must really differ");
+        let shown: String = conn.query_one("SHOW DateStyle", &[]).await.unwrap().get(0);
+        assert_eq!(shown, style);
+    }
+
+    // A long lease taken in the east is refused in the west with its true remainder.
+    let k = key("zones-long");
+    let (te, tw) = (Token::new(), Token::new());
+    let lease = Duration::from_secs(30);
+    let fence = fence_of(east.try_acquire(&k, &te, ttl(lease), "east").await.unwrap());
+    match west.try_acquire(&k, &tw, ttl(lease), "west").await.unwrap() {
+        AcquireOutcome::Held {
+            remaining: Some(remaining),
+        } => assert!(
+            remaining <= lease && remaining > lease - Duration::from_secs(5),
+            "remaining {remaining:?} is off by a time zone"
+        ),
+        other => panic!("the west must be refused with a remaining lease, got {other:?}"),
+    }
+    let (ie, iw) = (
+        east.inspect(&k).await.unwrap().unwrap(),
+        west.inspect(&k).await.unwrap().unwrap(),
+    );
+    assert_eq!(ie.acquired_at, iw.acquired_at, "same instant in every zone");
+    assert_eq!(ie.expires_at, iw.expires_at);
+    let expires = micros_since_epoch(ie.expires_at.unwrap());
+    assert_eq!(expires - micros_since_epoch(ie.acquired_at), 30_000_000);
+    let server_now = server_now_us(&t.admin).await;
+    assert!(
+        (expires - server_now - 30_000_000).abs() < 5_000_000,
+        "expiry {expires} is not 30 s after the server's now {server_now}"
+    );
+
+    // A short lease taken in the west expires for the east on time.
+    let k2 = key("zones-short");
+    let f1 = fence_of(
+        west.try_acquire(&k2, &tw, ttl(Duration::from_millis(1000)), "west")
+            .await
+            .unwrap(),
+    );
+    assert!(matches!(
+        east.try_acquire(&k2, &te, ttl(lease), "east")
+            .await
+            .unwrap(),
+        AcquireOutcome::Held { .. }
+    ));
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let f2 = fence_of(
+        east.try_acquire(&k2, &te, ttl(lease), "east")
+            .await
+            .unwrap(),
+    );
+    assert!(f2 > f1);
+    assert!(matches!(
+        west.extend(&k2, &tw, ttl(lease)).await,
+        Err(Error::NotHeld { .. })
+    ));
+    east.extend(&k2, &te, ttl(lease)).await.unwrap();
+    assert!(matches!(
+        west.release(&k, &tw).await,
+        Err(Error::NotHeld { .. })
+    ));
+    east.release(&k, &te).await.unwrap();
+    east.release(&k2, &te).await.unwrap();
+    assert_eq!(fence, 1);
+    t.drop_table().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_locked_by_a_foreign_transaction_bounds_try_acquire() {
+    let name = "row_locked_by_a_foreign_transaction_bounds_try_acquire";
+    let bound = Duration::from_millis(800);
+    let Some(t) = TestBackend::new(name, |b| b.lock_timeout(bound)).await else {
+        return;
+    };
+    let (free, held, fresh) = (key("free"), key("held"), key("fresh"));
+    let holder = Token::new();
+    let old = Token::new();
+    fence_of(
+        t.backend
+            .try_acquire(&free, &old, ttl(Duration::from_secs(30)), "o")
+            .await
+            .unwrap(),
+    );
+    t.backend.release(&free, &old).await.unwrap();
+    fence_of(
+        t.backend
+            .try_acquire(&held, &holder, ttl(Duration::from_secs(30)), "o")
+            .await
+            .unwrap(),
+    );
+
+    // Someone else's open transaction locks both rows and inserts a third.
+    let mut foreign = common::admin().await.unwrap();
+    let tx = foreign.transaction().await.unwrap();
+    tx.execute(
+        &format!(
+            "SELECT 1 FROM \"{}\" WHERE lock_key IN ($1, $2) FOR UPDATE",
+            t.table
+        ),
+        &[&free.as_str(), &held.as_str()],
+    )
+    .await
+    .unwrap();
+    tx.execute(
+        &format!(
+            "INSERT INTO \"{}\" VALUES ($1, gen_random_uuid(), 1, 'foreign', \
+             clock_timestamp(), clock_timestamp() + interval '1 minute')",
+            t.table
+        ),
+        &[&fresh.as_str()],
+    )
+    .await
+    .unwrap();
+
+    // A free row, locked: waits for the bound, then reports the key busy.
+    for k in [&free, &fresh] {
+        let started = Instant::now();
+        let outcome = t
+            .backend
+            .try_acquire(k, &Token::new(), ttl(Duration::from_secs(30)), "me")
+            .await
+            .unwrap();
+        let took = started.elapsed();
+        assert_eq!(outcome, AcquireOutcome::Held { remaining: None }, "{k}");
+        assert!(
+            took >= bound - Duration::from_millis(100)
+                && took < bound + Duration::from_millis(1500),
+            "{k}: try_acquire took {took:?} with a {bound:?} row-lock bound"
+        );
+    }
+    // A held row is refused from what the statement sees, without waiting.
+    let started = Instant::now();
+    let outcome = t
+        .backend
+        .try_acquire(&held, &Token::new(), ttl(Duration::from_secs(30)), "me")
+        .await
+        .unwrap();
+    assert!(matches!(
+        outcome,
+        AcquireOutcome::Held { remaining: Some(_) }
+    ));
+    assert!(
+        started.elapsed() < bound - Duration::from_millis(100),
+        "waited for no reason"
+    );
+    // The holder's extend must lock the row: bounded, and a transient error.
+    let started = Instant::now();
+    let error = t
+        .backend
+        .extend(&held, &holder, ttl(Duration::from_secs(30)))
+        .await
+        .expect_err("extend cannot lock the row");
+    assert!(error.is_transient(), "{error}");
+    assert!(started.elapsed() < bound + Duration::from_millis(1500));
+
+    tx.rollback().await.unwrap();
+    fence_of(
+        t.backend
+            .try_acquire(&free, &Token::new(), ttl(Duration::from_secs(30)), "me")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        fence_of(
+            t.backend
+                .try_acquire(&fresh, &Token::new(), ttl(Duration::from_secs(30)), "me")
+                .await
+                .unwrap()
+        ),
+        1
+    );
+    t.backend
+        .extend(&held, &holder, ttl(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    t.drop_table().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_pool_sessions_fail_at_most_one_call() {
+    let name = "killed_pool_sessions_fail_at_most_one_call";
+    let Some(t) = TestBackend::new(name, |b| b).await else {
+        return;
+    };
+    let k = key("killed");
+    let token = Token::new();
+    let lease = ttl(Duration::from_secs(30));
+    let fence = fence_of(t.backend.try_acquire(&k, &token, lease, "o").await.unwrap());
+    // Open every pooled connection, so every one of them is killed.
+    let results = concurrently(8, || {
+        let (backend, k) = (t.backend.clone(), k.clone());
+        async move { backend.inspect(&k).await }
+    })
+    .await;
+    for result in results {
+        result.unwrap();
+    }
+    let killed = t.kill_sessions().await;
+    assert!(
+        killed >= 3,
+        "expected the pool and the listener killed, got {killed}"
+    );
+
+    let mut failures = Vec::new();
+    for step in 0..6 {
+        let result = match step {
+            0 => t.backend.extend(&k, &token, lease).await,
+            1 => t.backend.inspect(&k).await.map(|_| ()),
+            2 => t.backend.list().await.map(|_| ()),
+            3 => match t.backend.try_acquire(&k, &token, lease, "o").await {
+                Ok(outcome) => {
+                    assert_eq!(fence_of(outcome), fence, "same token keeps the fence");
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            },
+            4 => t.backend.extend(&k, &token, lease).await,
+            _ => t.backend.inspect(&k).await.map(|_| ()),
+        };
+        if let Err(error) = result {
+            assert!(error.is_transient(), "a killed session gave {error}");
+            failures.push(error.to_string());
+        }
+    }
+    assert!(
+        failures.len() <= 1,
+        "more than one call failed: {failures:?}"
+    );
+    t.backend.release(&k, &token).await.unwrap();
+    t.drop_table().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_killed_under_a_call_is_retried_on_another_connection() {
+    let name = "session_killed_under_a_call_is_retried_on_another_connection";
+    let Some(t) = TestBackend::new(name, |b| b.lock_timeout(Duration::from_secs(4))).await else {
+        return;
+    };
+    let lease = ttl(Duration::from_secs(30));
+    for op in ["extend", "release", "acquire"] {
+        let k = key(op);
+        let token = Token::new();
+        fence_of(t.backend.try_acquire(&k, &token, lease, "o").await.unwrap());
+        // A foreign transaction holds the row, so the call waits inside the server.
+        let mut foreign = common::admin().await.unwrap();
+        let tx = foreign.transaction().await.unwrap();
+        tx.execute(
+            &format!(
+                "SELECT 1 FROM \"{}\" WHERE lock_key = $1 FOR UPDATE",
+                t.table
+            ),
+            &[&k.as_str()],
+        )
+        .await
+        .unwrap();
+        let call = {
+            let (backend, k) = (t.backend.clone(), k.clone());
+            tokio::spawn(async move {
+                match op {
+                    "extend" => backend.extend(&k, &token, lease).await,
+                    "release" => backend.release(&k, &token).await,
+                    // Same token: the retried acquire is idempotent.
+                    _ => backend
+                        .try_acquire(&k, &token, lease, "o")
+                        .await
+                        .map(|_| ()),
+                }
+            })
+        };
+        // Kill the session while its statement waits on the row lock.
+        let mut killed = false;
+        for _ in 0..100 {
+            let n: i64 = t
+                .admin
+                .query_one(
+                    "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \
+                     WHERE application_name = $1 AND wait_event_type = 'Lock'",
+                    &[&t.application_name],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if n > 0 {
+                killed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(killed, "{op}: never saw the call waiting on the row lock");
+        // Let the retry start waiting too, then free the row.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        tx.rollback().await.unwrap();
+        call.await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{op}: the killed call was not retried: {e}"));
+    }
+    t.drop_table().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_waits_for_an_abandoned_acquire_of_the_same_token() {
+    let name = "release_waits_for_an_abandoned_acquire_of_the_same_token";
+    let Some(t) = TestBackend::new(name, |b| b.lock_timeout(Duration::from_secs(3))).await else {
+        return;
+    };
+    let k = key("abandoned");
+    let lease = ttl(Duration::from_secs(30));
+    let old = Token::new();
+    fence_of(t.backend.try_acquire(&k, &old, lease, "o").await.unwrap());
+    t.backend.release(&k, &old).await.unwrap();
+    // A foreign transaction holds the free row, so the acquire waits in the server.
+    let mut foreign = common::admin().await.unwrap();
+    let tx = foreign.transaction().await.unwrap();
+    tx.execute(
+        &format!(
+            "SELECT 1 FROM \"{}\" WHERE lock_key = $1 FOR UPDATE",
+            t.table
+        ),
+        &[&k.as_str()],
+    )
+    .await
+    .unwrap();
+    let token = Token::new();
+    // The caller gives up on the acquire while its statement is still waiting...
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(300),
+        t.backend.try_acquire(&k, &token, lease, "abandoned"),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the acquire should still be waiting");
+    // ...and releases the token in case it was granted, as core's cancel safety does.
+    let release = {
+        let (backend, k) = (t.backend.clone(), k.clone());
+        tokio::spawn(async move { backend.release(&k, &token).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tx.rollback().await.unwrap();
+    // The abandoned acquire lands after the rollback; the release must come after it.
+    release
+        .await
+        .unwrap()
+        .expect("the release ran after the abandoned acquire was granted");
+    let info = t.backend.inspect(&k).await.unwrap().unwrap();
+    assert_eq!(
+        info.state,
+        LockState::Released,
+        "the abandoned acquire kept the lock"
+    );
+    t.drop_table().await;
+}
+
+/// Runs `n` copies of a call at once (each on its own task), so they hold
+/// separate pooled connections at the same time.
+async fn concurrently<T, F, Fut>(n: usize, call: F) -> Vec<T>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    let tasks: Vec<_> = (0..n).map(|_| tokio::spawn(call())).collect();
+    let mut out = Vec::with_capacity(n);
+    for task in tasks {
+        out.push(task.await.expect("task"));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_reconnects_after_its_session_is_killed_and_wakes_everyone() {
+    let name = "listener_reconnects_after_its_session_is_killed_and_wakes_everyone";
+    let Some(t) = TestBackend::new(name, |b| b).await else {
+        return;
+    };
+    let notifier = t.backend.release_notifier().expect("notifications");
+    let mut sub = notifier.subscribe();
+    assert!(t.kill_sessions().await >= 1);
+    // Nobody releases this key: only the reconnect's wake-everyone resolves this.
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        sub.released(&key("nobody-releases")),
+    )
+    .await
+    .expect("after reconnecting, the listener wakes every waiter");
+
+    // Listening again: a release by another backend reaches this one.
+    let other = t.sibling(|b| b.listen(false)).await;
+    let k = key("after-reconnect");
+    let token = Token::new();
+    fence_of(
+        other
+            .try_acquire(&k, &token, ttl(Duration::from_secs(30)), "o")
+            .await
+            .unwrap(),
+    );
+    let mut sub = notifier.subscribe();
+    other.release(&k, &token).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), sub.released(&k))
+        .await
+        .expect("a release elsewhere is announced through LISTEN");
+    t.drop_table().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_elsewhere_wakes_this_backend_only_for_its_key() {
+    let name = "release_elsewhere_wakes_this_backend_only_for_its_key";
+    let Some(t) = TestBackend::new(name, |b| b).await else {
+        return;
+    };
+    let other = t.sibling(|b| b.listen(false)).await;
+    let (a, b) = (key("wake-a"), key("wake-b"));
+    let (ta, tb) = (Token::new(), Token::new());
+    fence_of(
+        other
+            .try_acquire(&a, &ta, ttl(Duration::from_secs(30)), "o")
+            .await
+            .unwrap(),
+    );
+    fence_of(
+        other
+            .try_acquire(&b, &tb, ttl(Duration::from_secs(30)), "o")
+            .await
+            .unwrap(),
+    );
+    let mut sub = t.backend.release_notifier().unwrap().subscribe();
+    other.release(&b, &tb).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), sub.released(&a))
+            .await
+            .is_err(),
+        "a release of b must not wake a waiter on a"
+    );
+    other.release(&a, &ta).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), sub.released(&a))
+        .await
+        .expect("the release of a, by another backend, wakes this one");
+    t.drop_table().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_listening_connection_per_backend_and_none_when_off() {
+    let name = "one_listening_connection_per_backend_and_none_when_off";
+    let Some(t) = TestBackend::new(name, |b| b).await else {
+        return;
+    };
+    let quiet_name = unique("distrlock-test");
+    let quiet = t
+        .sibling(|b| b.listen(false).application_name(&quiet_name))
+        .await;
+    let count = |app: String| {
+        let admin = &t.admin;
+        async move {
+            admin
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE application_name = $1 AND query LIKE 'LISTEN%'",
+                    &[&app],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    assert_eq!(count(t.application_name.clone()).await, 1);
+    assert_eq!(count(quiet_name.clone()).await, 0);
+    // Still announces its own releases to its own waiters.
+    let k = key("quiet");
+    let token = Token::new();
+    fence_of(
+        quiet
+            .try_acquire(&k, &token, ttl(Duration::from_secs(30)), "o")
+            .await
+            .unwrap(),
+    );
+    let mut sub = quiet.release_notifier().unwrap().subscribe();
+    quiet.release(&k, &token).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(1), sub.released(&k))
+        .await
+        .expect("own releases wake own waiters");
+    t.drop_table().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_in_a_transaction_takes_effect_and_notifies_at_commit() {
+    let name = "release_in_a_transaction_takes_effect_and_notifies_at_commit";
+    let Some(t) = TestBackend::new(name, |b| b).await else {
+        return;
+    };
+    let other = t.sibling(|b| b).await;
+    let k = key("release-in-tx");
+    let token = Token::new();
+    fence_of(
+        t.backend
+            .try_acquire(&k, &token, ttl(Duration::from_secs(30)), "o")
+            .await
+            .unwrap(),
+    );
+    let mut client = common::admin().await.unwrap();
+
+    // Rolled back: still held.
+    let tx = client.transaction().await.unwrap();
+    t.backend.release_in(&tx, &k, &token).await.unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!(
+        t.backend.inspect(&k).await.unwrap().unwrap().state,
+        LockState::Held
+    );
+
+    // Committed: released, and announced only then.
+    let mut sub = other.release_notifier().unwrap().subscribe();
+    let tx = client.transaction().await.unwrap();
+    t.backend.release_in(&tx, &k, &token).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), sub.released(&k))
+            .await
+            .is_err(),
+        "announced before commit"
+    );
+    assert!(
+        matches!(
+            other
+                .try_acquire(&k, &Token::new(), ttl(Duration::from_secs(30)), "x")
+                .await
+                .unwrap(),
+            AcquireOutcome::Held { .. }
+        ),
+        "released before commit"
+    );
+    tx.commit().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), sub.released(&k))
+        .await
+        .expect("announced at commit");
+    assert_eq!(
+        t.backend.inspect(&k).await.unwrap().unwrap().state,
+        LockState::Released
+    );
+    assert!(matches!(
+        t.backend.release_in(&client, &k, &token).await,
+        Err(Error::NotHeld { .. })
+    ));
+    t.drop_table().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acquire_in_a_transaction_is_atomic_with_the_callers_writes() {
+    let name = "acquire_in_a_transaction_is_atomic_with_the_callers_writes";
+    let Some(t) = TestBackend::new(name, |b| b).await else {
+        return;
+    };
+    let jobs = unique("dl_jobs");
+    t.admin
+        .batch_execute(&format!("CREATE TABLE \"{jobs}\" (id text PRIMARY KEY)"))
+        .await
+        .unwrap();
+    let k = key("job-7");
+    let token = Token::new();
+    let lease = ttl(Duration::from_secs(30));
+    let insert_job = format!("INSERT INTO \"{jobs}\" VALUES ($1)");
+
+    // Through the backend's own deadpool: the driver's transaction is `&*tx`.
+    let mut conn = t.backend.pool().get().await.unwrap();
+    let tx = conn.transaction().await.unwrap();
+    fence_of(
+        t.backend
+            .try_acquire_in(&*tx, &k, &token, lease, "job")
+            .await
+            .unwrap(),
+    );
+    tx.execute(&insert_job, &[&"job-7"]).await.unwrap();
+    tx.rollback().await.unwrap();
+    assert!(
+        t.backend.inspect(&k).await.unwrap().is_none(),
+        "rolled back with the job"
+    );
+
+    let tx = conn.transaction().await.unwrap();
+    let fence = fence_of(
+        t.backend
+            .try_acquire_in(&*tx, &k, &token, lease, "job")
+            .await
+            .unwrap(),
+    );
+    tx.execute(&insert_job, &[&"job-7"]).await.unwrap();
+    // Same token inside the transaction: idempotent, same fence.
+    assert_eq!(
+        fence_of(
+            t.backend
+                .try_acquire_in(&*tx, &k, &token, lease, "job")
+                .await
+                .unwrap()
+        ),
+        fence
+    );
+    t.backend.extend_in(&*tx, &k, &token, lease).await.unwrap();
+    tx.commit().await.unwrap();
+    drop(conn);
+    let info = t
+        .backend
+        .inspect(&k)
+        .await
+        .unwrap()
+        .expect("committed with the job");
+    assert_eq!(
+        (info.state, info.owner.as_str(), info.fence.get()),
+        (LockState::Held, "job", fence)
+    );
+    let n: i64 = t
+        .admin
+        .query_one(&format!("SELECT count(*) FROM \"{jobs}\""), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+    t.backend.release(&k, &token).await.unwrap();
+    t.admin
+        .batch_execute(&format!("DROP TABLE \"{jobs}\""))
+        .await
+        .unwrap();
+    t.drop_table().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_qualified_mixed_case_table_works() {
+    let name = "schema_qualified_mixed_case_table_works";
+    let Some(admin) = common::admin_or_skip(name).await else {
+        return;
+    };
+    let schema = unique("dl_Schema");
+    let table = unique("Locks");
+    admin
+        .batch_execute(&format!("CREATE SCHEMA \"{schema}\""))
+        .await
+        .unwrap();
+    let qualified = format!("{schema}.{table}");
+    let config = PostgresConfig::builder()
+        .url(url())
+        .table(&qualified)
+        .pool_size(2)
+        .build()
+        .unwrap();
+    let backend = PostgresBackend::from_config(config.clone()).await.unwrap();
+    backend.create_table().await.unwrap();
+    backend.create_table().await.unwrap();
+    let found: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = $1 AND tablename = $2",
+            &[&schema, &table],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        found, 1,
+        "the table keeps its exact mixed-case name in its schema"
+    );
+    let lower: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_tables WHERE tablename = $1",
+            &[&table.to_lowercase()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(lower, 0, "no case-folded twin was created");
+
+    let waiter = PostgresBackend::from_config(config).await.unwrap();
+    let k = key("qualified");
+    let token = Token::new();
+    assert_eq!(
+        fence_of(
+            backend
+                .try_acquire(&k, &token, ttl(Duration::from_secs(30)), "o")
+                .await
+                .unwrap()
+        ),
+        1
+    );
+    backend
+        .extend(&k, &token, ttl(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    assert_eq!(backend.list().await.unwrap().len(), 1);
+    let mut sub = waiter.release_notifier().unwrap().subscribe();
+    backend.release(&k, &token).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), sub.released(&k))
+        .await
+        .expect("the qualified table's channel carries the release");
+    assert_eq!(
+        fence_of(
+            waiter
+                .try_acquire(&k, &Token::new(), ttl(Duration::from_secs(30)), "o")
+                .await
+                .unwrap()
+        ),
+        2
+    );
+    admin
+        .batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+        .await
+        .unwrap();
+}
+
+#[test]
+fn table_names_carrying_sql_are_refused() {
+    for bad in [
+        "x\"; DROP TABLE y; --",
+        "x; DROP TABLE y",
+        "locks' OR '1'='1",
+        "a.b.c",
+        "\"quoted\"",
+        "public.",
+        "",
+    ] {
+        assert!(
+            matches!(
+                PostgresConfig::builder().table(bad).build(),
+                Err(Error::InvalidTableName { .. })
+            ),
+            "{bad:?} must be refused"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_table_or_schema_gives_schema_missing_with_a_hint() {
+    let name = "missing_table_or_schema_gives_schema_missing_with_a_hint";
+    let Some(_admin) = common::admin_or_skip(name).await else {
+        return;
+    };
+    let table = unique("dl_missing");
+    let backend = PostgresBackend::from_config(
+        PostgresConfig::builder()
+            .url(url())
+            .table(&table)
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let k = key("k");
+    let token = Token::new();
+    let lease = ttl(Duration::from_secs(5));
+    let results = [
+        backend
+            .try_acquire(&k, &token, lease, "o")
+            .await
+            .map(|_| ()),
+        backend.extend(&k, &token, lease).await,
+        backend.release(&k, &token).await,
+        backend.inspect(&k).await.map(|_| ()),
+        backend.list().await.map(|_| ()),
+    ];
+    for result in results {
+        match result {
+            Err(error @ Error::SchemaMissing { .. }) => {
+                let text = error.to_string();
+                assert!(
+                    text.contains(&table) && text.contains("create_table"),
+                    "{text}"
+                );
+            }
+            other => panic!("expected SchemaMissing, got {other:?}"),
+        }
+    }
+
+    let schema = unique("dl_noschema");
+    let backend = PostgresBackend::from_config(
+        PostgresConfig::builder()
+            .url(url())
+            .table(format!("{schema}.locks"))
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    for result in [
+        backend.create_table().await,
+        backend
+            .try_acquire(&k, &token, lease, "o")
+            .await
+            .map(|_| ()),
+    ] {
+        match result {
+            Err(error @ Error::SchemaMissing { .. }) => {
+                assert!(error.to_string().contains("CREATE SCHEMA"), "{error}")
+            }
+            other => panic!("expected SchemaMissing, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_table_is_idempotent_and_safe_concurrently() {
+    let name = "create_table_is_idempotent_and_safe_concurrently";
+    let Some(admin) = common::admin_or_skip(name).await else {
+        return;
+    };
+    let table = unique("dl_concurrent");
+    let backend = PostgresBackend::from_config(
+        PostgresConfig::builder()
+            .url(url())
+            .table(&table)
+            .pool_size(8)
+            .listen(false)
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    // Eight sessions at once, each running CREATE TABLE IF NOT EXISTS.
+    let results = concurrently(8, || {
+        let backend = backend.clone();
+        async move { backend.create_table().await }
+    })
+    .await;
+    for result in results {
+        result.expect("concurrent create_table succeeds");
+    }
+    backend.create_table().await.expect("and again");
+    fence_of(
+        backend
+            .try_acquire(&key("k"), &Token::new(), ttl(Duration::from_secs(5)), "o")
+            .await
+            .unwrap(),
+    );
+    admin
+        .batch_execute(&format!("DROP TABLE \"{table}\""))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_sql_creates_the_documented_columns_with_timestamptz() {
+    let name = "schema_sql_creates_the_documented_columns_with_timestamptz";
+    let Some(admin) = common::admin_or_skip(name).await else {
+        return;
+    };
+    let table = unique("dl_migrated");
+    let backend = PostgresBackend::from_config(
+        PostgresConfig::builder()
+            .url(url())
+            .table(&table)
+            .listen(false)
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    // As a user's migration tool would: run the DDL text itself.
+    admin.batch_execute(&backend.schema_sql()).await.unwrap();
+    let rows = admin
+        .query(
+            "SELECT column_name::text, data_type::text, is_nullable::text \
+             FROM information_schema.columns WHERE table_name = $1 ORDER BY ordinal_position",
+            &[&table],
+        )
+        .await
+        .unwrap();
+    let columns: Vec<(String, String, String)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let expected = [
+        ("lock_key", "text", "NO"),
+        ("token", "uuid", "NO"),
+        ("fence", "bigint", "NO"),
+        ("owner", "text", "NO"),
+        ("acquired_at", "timestamp with time zone", "NO"),
+        ("expires_at", "timestamp with time zone", "YES"),
+    ];
+    let expected: Vec<(String, String, String)> = expected
+        .iter()
+        .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+        .collect();
+    assert_eq!(columns, expected);
+    let k = key("migrated");
+    let token = Token::new();
+    fence_of(
+        backend
+            .try_acquire(&k, &token, ttl(Duration::from_secs(5)), "o")
+            .await
+            .unwrap(),
+    );
+    backend.release(&k, &token).await.unwrap();
+    admin
+        .batch_execute(&format!("DROP TABLE \"{table}\""))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_acquire_and_stale_token_calls_write_nothing() {
+    let name = "refused_acquire_and_stale_token_calls_write_nothing";
+    let Some(t) = TestBackend::new(name, |b| b).await else {
+        return;
+    };
+    let k = key("contended");
+    let holder = Token::new();
+    fence_of(
+        t.backend
+            .try_acquire(&k, &holder, ttl(Duration::from_secs(30)), "o")
+            .await
+            .unwrap(),
+    );
+    // ctid moves with every new row version; xmin names the writer; xmax is set by
+    // any row lock (FOR UPDATE, ON CONFLICT DO UPDATE) or delete.
+    let version_sql = format!(
+        "SELECT ctid::text, xmin::text, xmax::text FROM \"{}\" WHERE lock_key = $1",
+        t.table
+    );
+    let version = || async {
+        let row = t
+            .admin
+            .query_one(&version_sql, &[&k.as_str()])
+            .await
+            .unwrap();
+        (
+            row.get::<_, String>(0),
+            row.get::<_, String>(1),
+            row.get::<_, String>(2),
+        )
+    };
+    let before = version().await;
+    for _ in 0..5 {
+        assert!(matches!(
+            t.backend
+                .try_acquire(&k, &Token::new(), ttl(Duration::from_secs(30)), "x")
+                .await
+                .unwrap(),
+            AcquireOutcome::Held { remaining: Some(_) }
+        ));
+    }
+    let stale = Token::new();
+    assert!(
+        t.backend
+            .extend(&k, &stale, ttl(Duration::from_secs(30)))
+            .await
+            .is_err()
+    );
+    assert!(t.backend.release(&k, &stale).await.is_err());
+    assert_eq!(version().await, before, "a refused call touched the row");
+
+    // The check can see a write: the upsert the backend avoids locks the row even
+    // when its WHERE refuses the update.
+    t.admin
+        .execute(
+            &format!(
+                "INSERT INTO \"{}\" VALUES ($1, gen_random_uuid(), 1, 'x', clock_timestamp(), \
+                 clock_timestamp()) ON CONFLICT (lock_key) DO UPDATE SET owner = 'x' WHERE false",
+                t.table
+            ),
+            &[&k.as_str()],
+        )
+        .await
+        .unwrap();
+    let after = version().await;
+    assert_ne!(
+        after.2, before.2,
+        "ON CONFLICT DO UPDATE … WHERE false set xmax"
+    );
+    t.backend.release(&k, &holder).await.unwrap();
+    t.drop_table().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_statement_and_one_round_trip_per_operation() {
+    let name = "one_statement_and_one_round_trip_per_operation";
+    let Some(admin) = common::admin_or_skip(name).await else {
+        return;
+    };
+    let real = common::pg_config();
+    let host = match &real.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(h) => h.clone(),
+        #[allow(unreachable_patterns)]
+        _ => {
+            distrlock_testkit::skip(
+                name,
+                "the test server is on a Unix socket; the counting proxy needs TCP",
+            );
+            return;
+        }
+    };
+    let port = real.get_ports().first().copied().unwrap_or(5432);
+    let upstream = tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .unwrap()
+        .next()
+        .unwrap();
+    let proxy = CountingProxy::start(upstream).await.unwrap();
+    let mut via_proxy = tokio_postgres::Config::new();
+    via_proxy.host("127.0.0.1").port(proxy.addr.port());
+    if let Some(user) = real.get_user() {
+        via_proxy.user(user);
+    }
+    if let Some(password) = real.get_password() {
+        via_proxy.password(password);
+    }
+    if let Some(db) = real.get_dbname() {
+        via_proxy.dbname(db);
+    }
+    let table = unique("dl_counted");
+    let backend = PostgresBackend::from_config(
+        PostgresConfig::builder()
+            .pg_config(via_proxy.clone())
+            .table(&table)
+            .pool_size(1)
+            .listen(false)
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    backend.create_table().await.unwrap();
+
+    let (k, absent, a, b) = (key("counted"), key("absent"), Token::new(), Token::new());
+    let lease = ttl(Duration::from_secs(30));
+    // Warm up: the first use of each statement on the connection prepares it.
+    fence_of(backend.try_acquire(&k, &a, lease, "o").await.unwrap());
+    backend.extend(&k, &a, lease).await.unwrap();
+    backend.release(&k, &a).await.unwrap();
+
+    let mut report = Vec::new();
+    let mut measure = |what: &str, before: &common::counting_proxy::Counts| {
+        let delta = proxy.counts().since(before);
+        report.push(format!(
+            "{what}: {} statement(s), {} round trip(s), {:?}",
+            delta.statements(),
+            delta.round_trips(),
+            delta.0
+        ));
+        delta
+    };
+    let expect_one = |what: &str, delta: &common::counting_proxy::Counts, parses: u64| {
+        assert_eq!(delta.statements(), 1, "{what}: {delta:?}");
+        assert_eq!(delta.round_trips(), 1, "{what}: {delta:?}");
+        assert_eq!(delta.get('P'), parses, "{what}: {delta:?}");
+        assert_eq!(delta.get('Q'), 0, "{what}: {delta:?}");
+    };
+
+    let c = proxy.counts();
+    fence_of(backend.try_acquire(&k, &a, lease, "o").await.unwrap());
+    expect_one(
+        "acquire, row present and free",
+        &measure("acquire (present, free)", &c),
+        0,
+    );
+    let c = proxy.counts();
+    fence_of(backend.try_acquire(&k, &a, lease, "o").await.unwrap());
+    expect_one(
+        "acquire, same token",
+        &measure("acquire (same token)", &c),
+        0,
+    );
+    let c = proxy.counts();
+    assert!(matches!(
+        backend.try_acquire(&k, &b, lease, "o").await.unwrap(),
+        AcquireOutcome::Held { .. }
+    ));
+    expect_one("acquire, refused", &measure("acquire (refused)", &c), 0);
+    let c = proxy.counts();
+    fence_of(backend.try_acquire(&absent, &b, lease, "o").await.unwrap());
+    expect_one("acquire, row absent", &measure("acquire (absent)", &c), 0);
+    let c = proxy.counts();
+    backend.extend(&k, &a, lease).await.unwrap();
+    expect_one("extend", &measure("extend", &c), 0);
+    let c = proxy.counts();
+    backend.release(&k, &a).await.unwrap();
+    expect_one("release", &measure("release", &c), 0);
+    let c = proxy.counts();
+    assert!(backend.release(&k, &a).await.is_err());
+    expect_one("release, not held", &measure("release (not held)", &c), 0);
+
+    // Inside the caller's transaction: one unnamed statement, parsed each time.
+    let mut client = common::connect_with(via_proxy).await.unwrap();
+    let tx = client.transaction().await.unwrap();
+    let c = proxy.counts();
+    fence_of(
+        backend
+            .try_acquire_in(&tx, &k, &a, lease, "o")
+            .await
+            .unwrap(),
+    );
+    expect_one("try_acquire_in", &measure("try_acquire_in", &c), 1);
+    let c = proxy.counts();
+    backend.release_in(&tx, &k, &a).await.unwrap();
+    expect_one("release_in", &measure("release_in", &c), 1);
+    tx.commit().await.unwrap();
+
+    eprintln!(
+        "measured through the counting proxy:\n  {}",
+        report.join("\n  ")
+    );
+    admin
+        .batch_execute(&format!("DROP TABLE \"{table}\""))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_pool_gets_the_session_bounds_through_the_hook() {
+    let name = "callers_pool_gets_the_session_bounds_through_the_hook";
+    let Some(admin) = common::admin_or_skip(name).await else {
+        return;
+    };
+    let table = unique("dl_own_pool");
+    let config = PostgresConfig::builder()
+        .url(url())
+        .table(&table)
+        .lock_timeout(Duration::from_millis(1234))
+        .statement_timeout(Duration::from_millis(4321))
+        .build()
+        .unwrap();
+    let manager = deadpool_postgres::Manager::new(common::pg_config(), tokio_postgres::NoTls);
+    let pool = deadpool_postgres::Pool::builder(manager)
+        .max_size(2)
+        .post_create(config.post_create_hook())
+        .build()
+        .unwrap();
+    let backend = PostgresBackend::from_pool(pool.clone(), config).unwrap();
+    backend.create_table().await.unwrap();
+    let conn = pool.get().await.unwrap();
+    let lock_timeout: String = conn
+        .query_one("SHOW lock_timeout", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let statement_timeout: String = conn
+        .query_one("SHOW statement_timeout", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        (lock_timeout.as_str(), statement_timeout.as_str()),
+        ("1234ms", "4321ms")
+    );
+    drop(conn);
+    let k = key("own-pool");
+    let token = Token::new();
+    fence_of(
+        backend
+            .try_acquire(&k, &token, ttl(Duration::from_secs(5)), "o")
+            .await
+            .unwrap(),
+    );
+    backend.release(&k, &token).await.unwrap();
+    admin
+        .batch_execute(&format!("DROP TABLE \"{table}\""))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_server_is_unavailable_and_errors_hide_the_password() {
+    // Port 1 on loopback: nothing listens there, so the connection is refused.
+    let result = PostgresBackend::connect("postgres://app:pw-not-to-leak@127.0.0.1:1/db").await;
+    match result {
+        Err(error @ Error::Unavailable { .. }) => {
+            assert!(error.is_transient());
+            let shown = format!("{error} / {error:?}");
+            assert!(!shown.contains("pw-not-to-leak"), "{shown}");
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+}
