@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use distrlock_core::{Error, LockBackend, TableName};
+use distrlock_postgres::{PostgresBackend, PostgresConfig};
 use distrlock_sqlite::SqliteBackend;
 
 use crate::exit::CliError;
@@ -68,11 +69,19 @@ pub(crate) async fn open_backend(
             backend.create_table().await.map_err(error)?;
             Ok(Arc::new(backend))
         }
-        // ── LEAD: wire distrlock-postgres in here once it is merged, e.g.
-        //    DbUrl::Postgres(url) => Ok(Arc::new(
-        //        PostgresBackend::connect(url).await.map_err(error)?  // with `table`
-        //    )),
-        DbUrl::Postgres(_) => Err(not_built_in("PostgreSQL", "distrlock-postgres")),
+        DbUrl::Postgres(url) => {
+            let config = PostgresConfig::builder()
+                .url(url.as_str())
+                .table(table.to_string())
+                // One command holds one lock: a small pool is plenty.
+                .pool_size(2)
+                .application_name("distrlock-cli")
+                .build()
+                .map_err(error)?;
+            Ok(Arc::new(
+                PostgresBackend::from_config(config).await.map_err(error)?,
+            ))
+        }
         // ── LEAD: wire distrlock-mysql in here once it is merged, e.g.
         //    DbUrl::MySql(url) => Ok(Arc::new(MySqlBackend::connect(url).await.map_err(error)?)),
         DbUrl::MySql(_) => Err(not_built_in("MySQL/MariaDB", "distrlock-mysql")),
@@ -85,9 +94,7 @@ pub(crate) fn schema_sql(url: &DbUrl, table: &TableName) -> Result<String, CliEr
     match url {
         DbUrl::Sqlite { .. } => SqliteBackend::schema_sql_for(&table.to_string())
             .map_err(|e| CliError::from_lock(e, url, &table.to_string())),
-        // ── LEAD: the same two arms as in `open_backend` (a backend's
-        //    `schema_sql()`, or a static equivalent if it has one).
-        DbUrl::Postgres(_) => Err(not_built_in("PostgreSQL", "distrlock-postgres")),
+        DbUrl::Postgres(_) => Ok(PostgresBackend::schema_sql_for(table)),
         DbUrl::MySql(_) => Err(not_built_in("MySQL/MariaDB", "distrlock-mysql")),
     }
 }

@@ -114,6 +114,12 @@ impl Connector {
 }
 
 impl PostgresBackend {
+    /// The DDL that [`create_table`](LockBackend::create_table) runs for `table`,
+    /// without connecting: for migration tools and `distrlock schema`.
+    pub fn schema_sql_for(table: &TableName) -> String {
+        format!("{};\n", Statements::new(table).create_table)
+    }
+
     /// Connects with a `postgres://…` URL (or a `host=… user=…` string) and every
     /// other setting at its default.
     ///
