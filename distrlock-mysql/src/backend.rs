@@ -21,7 +21,7 @@ use crate::sql::Statements;
 /// [`mysql_async`] connection pool.
 ///
 /// Acquire, extend and release are each one prepared statement and one round trip
-/// (see the `sql` module notes in the crate README). Cloning is cheap and clones
+/// (see "Statements" in the crate docs). Cloning is cheap and clones
 /// share the pool.
 ///
 /// Build one with [`connect`](Self::connect) (a URL),
@@ -437,9 +437,7 @@ fn unexpected(what: &str, key: &LockKey, affected: u64, id: i64) -> Error {
 
 /// Reads the acquire statement's answer (see `sql` for the encoding).
 fn acquire_outcome(key: &LockKey, reply: Reply) -> Result<AcquireOutcome> {
-    let Reply::Written { affected, id } = reply else {
-        unreachable_reply("acquire")
-    };
+    let (affected, id) = reply.written("acquire")?;
     match id {
         // 1: inserted; 2: taken over or renewed; 0: renewed to the same expiry.
         1.. if affected <= 2 => Ok(AcquireOutcome::Acquired {
@@ -459,9 +457,7 @@ fn acquire_outcome(key: &LockKey, reply: Reply) -> Result<AcquireOutcome> {
 /// Reads the answer of extend or release: the fence when the token's live lease
 /// matched, 0 when nothing did.
 fn guarded_outcome(key: &LockKey, reply: Reply, what: &str) -> Result<()> {
-    let Reply::Written { affected, id } = reply else {
-        unreachable_reply(what)
-    };
+    let (affected, id) = reply.written(what)?;
     match id {
         1.. if affected <= 1 => Ok(()),
         0 if affected == 0 => Err(Error::NotHeld { key: key.clone() }),
@@ -469,9 +465,30 @@ fn guarded_outcome(key: &LockKey, reply: Reply, what: &str) -> Result<()> {
     }
 }
 
-fn unreachable_reply(what: &str) -> ! {
-    // `execute` answers a Write call with Written, always.
-    unreachable!("{what}: a write statement answered with rows")
+impl Reply {
+    /// The OK packet of a write. `execute` answers every write call with one;
+    /// anything else is reported as an error rather than trusted.
+    fn written(self, what: &str) -> Result<(u64, i64)> {
+        match self {
+            Reply::Written { affected, id } => Ok((affected, id)),
+            _ => Err(mismatched(what)),
+        }
+    }
+
+    /// The rows of a read.
+    fn rows(self, what: &str) -> Result<Vec<Row>> {
+        match self {
+            Reply::Rows(rows) => Ok(rows),
+            _ => Err(mismatched(what)),
+        }
+    }
+}
+
+fn mismatched(what: &str) -> Error {
+    Error::permanent(
+        format!("{what}: the statement answered in an unexpected form"),
+        std::io::Error::other("unexpected reply"),
+    )
 }
 
 fn instant(micros: i64) -> SystemTime {
@@ -565,9 +582,7 @@ impl LockBackend for MySqlBackend {
             sql: &self.inner.sql.inspect,
             params: vec![key_value(key)],
         };
-        let Reply::Rows(rows) = self.run("inspect", &call).await?.reply else {
-            unreachable!("a read answers with rows")
-        };
+        let rows = self.run("inspect", &call).await?.reply.rows("inspect")?;
         rows.into_iter()
             .next()
             .map(|row| lock_info(row, self.table()))
@@ -579,9 +594,7 @@ impl LockBackend for MySqlBackend {
             sql: &self.inner.sql.list,
             params: Vec::new(),
         };
-        let Reply::Rows(rows) = self.run("list", &call).await?.reply else {
-            unreachable!("a read answers with rows")
-        };
+        let rows = self.run("list", &call).await?.reply.rows("list")?;
         rows.into_iter()
             .map(|row| lock_info(row, self.table()))
             .collect()

@@ -231,8 +231,10 @@ impl MySqlConfig {
             ("statement_timeout", self.statement_timeout),
             ("lock_wait_timeout", self.lock_wait_timeout),
         ] {
-            if value.is_zero() {
-                return Err(invalid(&format!("{name} must not be zero")));
+            if value < Duration::from_millis(1) {
+                return Err(invalid(&format!(
+                    "{name} must be at least 1 ms, got {value:?}"
+                )));
             }
             if value > Self::MAX_TIMEOUT {
                 return Err(invalid(&format!(
@@ -312,6 +314,11 @@ mod tests {
             (
                 MySqlConfig::new().lock_wait_timeout(Duration::ZERO),
                 "lock_wait_timeout",
+            ),
+            (
+                // Would print as 0.000 s, which MariaDB reads as "no limit".
+                MySqlConfig::new().statement_timeout(Duration::from_micros(400)),
+                "statement_timeout",
             ),
         ];
         for (config, field) in cases {

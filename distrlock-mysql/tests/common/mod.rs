@@ -57,11 +57,16 @@ pub fn recording_opts() -> Result<(Opts, SessionIds), Skip> {
 /// the server cannot be reached.
 pub async fn backend(config: MySqlConfig) -> Result<(MySqlBackend, SessionIds), Skip> {
     let (opts, ids) = recording_opts()?;
-    let backend = config
-        .build(opts)
-        .map_err(|e| Skip(format!("cannot build the backend: {e}")))?;
+    let backend = config.build(opts).expect("test configs are valid");
+    create_or_skip(&backend).await?;
+    Ok((backend, ids))
+}
+
+/// Creates the backend's table. An unreachable server (a transient error) is a
+/// `Skip`; any other error fails the test.
+pub async fn create_or_skip(backend: &MySqlBackend) -> Result<(), Skip> {
     match backend.create_table().await {
-        Ok(()) => Ok((backend, ids)),
+        Ok(()) => Ok(()),
         Err(e) if e.is_transient() => Err(Skip(format!(
             "no MySQL/MariaDB server at {} ({e})",
             redacted(&url())
