@@ -88,6 +88,12 @@ impl MySqlBackend {
         MySqlConfig::new().build_with_pool(pool)
     }
 
+    /// The DDL that [`create_table`](LockBackend::create_table) runs for `table`,
+    /// without connecting: for migration tools and `distrlock schema`.
+    pub fn schema_sql_for(table: &TableName) -> String {
+        format!("{};\n", Statements::new(table).create_table)
+    }
+
     /// A config to build a backend with other settings.
     pub fn builder() -> MySqlConfig {
         MySqlConfig::new()
