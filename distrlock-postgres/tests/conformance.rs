@@ -2,9 +2,8 @@
 //! (`DISTRLOCK_TEST_POSTGRES_URL`), through `Arc<dyn LockBackend>`.
 //!
 //! `killed_sessions_are_recovered` kills this backend's sessions with
-//! `pg_terminate_backend`; `unreachable_backend_loses_lock_by_deadline` skips (the
-//! harness cannot cut the network to a shared server; a later issue adds a fault
-//! proxy on throwaway servers).
+//! `pg_terminate_backend`; `unreachable_backend_loses_lock_by_deadline` stalls
+//! the fault proxy the backend connects through.
 
 mod common;
 

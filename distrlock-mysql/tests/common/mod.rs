@@ -14,7 +14,7 @@ use distrlock_core::LockBackend;
 use distrlock_mysql::mysql_async::prelude::Queryable;
 use distrlock_mysql::mysql_async::{self, Conn, Opts, OptsBuilder};
 use distrlock_mysql::{MySqlBackend, MySqlConfig};
-use distrlock_testkit::{Faults, Harness, Setup, Skip, Unsupported};
+use distrlock_testkit::{FaultProxy, Faults, Harness, Setup, Skip, Unsupported};
 
 /// The URL of the test server.
 pub fn url() -> String {
@@ -119,27 +119,61 @@ fn redacted(url: &str) -> String {
 }
 
 /// Runs the conformance suite on one shared table, `distrlock_conformance`; each
-/// case keeps to its own key prefix. `kill_sessions` kills this setup's pool
-/// sessions with `KILL CONNECTION`; `make_unreachable` is not offered (the
-/// throwaway-server fault tests of a later issue cover it).
+/// case keeps to its own key prefix. The backend reaches the server through a
+/// `FaultProxy` of its own: `make_unreachable` stalls it (a network blackhole),
+/// and `kill_sessions` kills this setup's pool sessions with `KILL CONNECTION`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct MySqlHarness;
 
 #[async_trait::async_trait]
 impl Harness for MySqlHarness {
     async fn setup(&self) -> Result<Setup, Skip> {
-        let (backend, ids) = backend(config("distrlock_conformance")).await?;
+        let (opts, ids) = recording_opts()?;
+        let upstream = tokio::net::lookup_host((opts.ip_or_hostname().to_owned(), opts.tcp_port()))
+            .await
+            .ok()
+            .and_then(|mut addrs| addrs.next())
+            .ok_or_else(|| Skip(format!("cannot resolve {}", redacted(&url()))))?;
+        let proxy = FaultProxy::start(upstream)
+            .await
+            .map_err(|e| Skip(format!("cannot start a fault proxy: {e}")))?;
+        let opts = OptsBuilder::from_opts(opts)
+            .ip_or_hostname("127.0.0.1")
+            .tcp_port(proxy.port())
+            // Otherwise mysql_async moves loopback connections to the server's
+            // unix socket, around the proxy.
+            .prefer_socket(false);
+        let backend = config("distrlock_conformance")
+            .build(opts)
+            .expect("test configs are valid");
+        create_or_skip(&backend).await?;
         let backend: Arc<dyn LockBackend> = Arc::new(backend);
-        Ok(Setup::with_faults(backend, Arc::new(KillFaults(ids))))
+        Ok(Setup::with_faults(
+            backend,
+            Arc::new(MySqlFaults { ids, proxy }),
+        ))
     }
 }
 
-struct KillFaults(SessionIds);
+struct MySqlFaults {
+    ids: SessionIds,
+    proxy: FaultProxy,
+}
 
 #[async_trait::async_trait]
-impl Faults for KillFaults {
+impl Faults for MySqlFaults {
+    async fn make_unreachable(&self) -> Result<(), Unsupported> {
+        self.proxy.set_stalled(true);
+        Ok(())
+    }
+
+    async fn restore(&self) -> Result<(), Unsupported> {
+        self.proxy.heal();
+        Ok(())
+    }
+
     async fn kill_sessions(&self) -> Result<(), Unsupported> {
-        let ids = self.0.lock().unwrap().clone();
+        let ids = self.ids.lock().unwrap().clone();
         kill(&ids).await;
         Ok(())
     }

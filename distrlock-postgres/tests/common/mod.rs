@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use distrlock_core::LockBackend;
 use distrlock_postgres::{PostgresBackend, PostgresConfig, PostgresConfigBuilder, tokio_postgres};
-use distrlock_testkit::{Faults, Harness, Setup, Skip, Unsupported};
+use distrlock_testkit::{FaultProxy, Faults, Harness, Setup, Skip, Unsupported};
 
 /// The test server, from `DISTRLOCK_TEST_POSTGRES_URL`.
 pub(crate) fn url() -> String {
@@ -171,7 +171,9 @@ pub(crate) async fn kill_sessions(admin: &tokio_postgres::Client, application_na
 /// The conformance harness: one shared table (`distrlock_conformance`, created
 /// idempotently by every setup, which also exercises concurrent `create_table`)
 /// with the setup's unique key prefix, and a unique `application_name` per setup so
-/// `kill_sessions` kills exactly this backend's sessions.
+/// `kill_sessions` kills exactly this backend's sessions. The backend reaches the
+/// server through a `FaultProxy` of its own, which `make_unreachable` stalls (a
+/// network blackhole).
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct PostgresHarness;
 
@@ -180,8 +182,9 @@ impl Harness for PostgresHarness {
     async fn setup(&self) -> Result<Setup, Skip> {
         let admin = admin().await.map_err(Skip)?;
         let application_name = unique("distrlock-conformance");
+        let proxy = proxy_to_server().await?;
         let config = PostgresConfig::builder()
-            .url(url())
+            .pg_config(through(&proxy))
             .table("distrlock_conformance")
             .pool_size(8)
             .application_name(&application_name)
@@ -200,18 +203,65 @@ impl Harness for PostgresHarness {
             Arc::new(PostgresFaults {
                 admin,
                 application_name,
+                proxy,
             }),
         ))
     }
 }
 
+/// A fault proxy in front of the test server.
+pub(crate) async fn proxy_to_server() -> Result<FaultProxy, Skip> {
+    let config = pg_config();
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+        _ => return Err(Skip("the test server is not reached over TCP".into())),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let upstream = tokio::net::lookup_host((host, port))
+        .await
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .ok_or_else(|| Skip(format!("cannot resolve {}", safe_url())))?;
+    FaultProxy::start(upstream)
+        .await
+        .map_err(|e| Skip(format!("cannot start a fault proxy: {e}")))
+}
+
+/// The test server's driver config, pointed at `proxy` instead.
+pub(crate) fn through(proxy: &FaultProxy) -> tokio_postgres::Config {
+    let server = pg_config();
+    let mut config = tokio_postgres::Config::new();
+    config.host("127.0.0.1").port(proxy.port());
+    if let Some(user) = server.get_user() {
+        config.user(user);
+    }
+    if let Some(password) = server.get_password() {
+        config.password(password);
+    }
+    if let Some(dbname) = server.get_dbname() {
+        config.dbname(dbname);
+    }
+    config
+}
+
 struct PostgresFaults {
     admin: tokio_postgres::Client,
     application_name: String,
+    proxy: FaultProxy,
 }
 
 #[async_trait]
 impl Faults for PostgresFaults {
+    async fn make_unreachable(&self) -> Result<(), Unsupported> {
+        self.proxy.set_stalled(true);
+        Ok(())
+    }
+
+    async fn restore(&self) -> Result<(), Unsupported> {
+        self.proxy.heal();
+        Ok(())
+    }
+
     async fn kill_sessions(&self) -> Result<(), Unsupported> {
         let killed = kill_sessions(&self.admin, &self.application_name).await;
         assert!(killed > 0, "the backend had no session to kill");
