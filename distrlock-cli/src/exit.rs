@@ -8,7 +8,7 @@ use crate::url::DbUrl;
 pub(crate) const NOT_HELD: u8 = 1;
 /// Bad command line (clap uses the same code for its own errors).
 pub(crate) const USAGE: u8 = 2;
-/// `EX_UNAVAILABLE`: database unreachable, table missing, backend not built in.
+/// `EX_UNAVAILABLE`: database unreachable or table missing.
 pub(crate) const UNAVAILABLE: u8 = 69;
 /// `EX_SOFTWARE`: the lock was lost while the command ran.
 pub(crate) const LOCK_LOST: u8 = 70;

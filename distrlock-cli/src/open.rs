@@ -1,12 +1,13 @@
 //! Backend selection: one match arm per URL scheme.
 //!
-//! To build a backend in, add its crate to `Cargo.toml` and replace its
-//! "not built in" arm in [`open_backend`] and [`schema_sql`]; the rest of the
-//! CLI only sees `Arc<dyn LockBackend>`.
+//! To add a backend, add its crate to `Cargo.toml`, a scheme to `url.rs`, and
+//! an arm to [`open_backend`] and [`schema_sql`]; the rest of the CLI only sees
+//! `Arc<dyn LockBackend>`.
 
 use std::sync::Arc;
 
 use distrlock_core::{Error, LockBackend, TableName};
+use distrlock_mysql::MySqlBackend;
 use distrlock_postgres::{PostgresBackend, PostgresConfig};
 use distrlock_sqlite::SqliteBackend;
 
@@ -82,9 +83,15 @@ pub(crate) async fn open_backend(
                 PostgresBackend::from_config(config).await.map_err(error)?,
             ))
         }
-        // ── LEAD: wire distrlock-mysql in here once it is merged, e.g.
-        //    DbUrl::MySql(url) => Ok(Arc::new(MySqlBackend::connect(url).await.map_err(error)?)),
-        DbUrl::MySql(_) => Err(not_built_in("MySQL/MariaDB", "distrlock-mysql")),
+        DbUrl::MySql(url) => Ok(Arc::new(
+            MySqlBackend::builder()
+                .table(table.to_string())
+                // One command holds one lock: a small pool is plenty.
+                .max_connections(2)
+                .connect(url)
+                .await
+                .map_err(error)?,
+        )),
     }
 }
 
@@ -95,13 +102,6 @@ pub(crate) fn schema_sql(url: &DbUrl, table: &TableName) -> Result<String, CliEr
         DbUrl::Sqlite { .. } => SqliteBackend::schema_sql_for(&table.to_string())
             .map_err(|e| CliError::from_lock(e, url, &table.to_string())),
         DbUrl::Postgres(_) => Ok(PostgresBackend::schema_sql_for(table)),
-        DbUrl::MySql(_) => Err(not_built_in("MySQL/MariaDB", "distrlock-mysql")),
+        DbUrl::MySql(_) => Ok(MySqlBackend::schema_sql_for(table)),
     }
-}
-
-fn not_built_in(database: &str, krate: &str) -> CliError {
-    CliError::unavailable(format!(
-        "the {database} backend is not built into this distrlock yet (crate {krate}); use \
-         sqlite://PATH, or omit --url for the per-user SQLite file"
-    ))
 }

@@ -6,8 +6,7 @@
 //! - `sqlite`: a fresh SQLite file per test, in every test run;
 //! - `postgres` / `mysql`: the servers at `DISTRLOCK_TEST_POSTGRES_URL` /
 //!   `DISTRLOCK_TEST_MYSQL_URL`, skipping loudly when unreachable (failing under
-//!   `DISTRLOCK_REQUIRE_DB=1`). They are `#[ignore]`d until those backends are
-//!   built into the CLI: see `SERVER_BACKENDS_WIRED` below.
+//!   `DISTRLOCK_REQUIRE_DB=1`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -841,9 +840,6 @@ macro_rules! cli_tests {
         mod $db {
             $(
                 #[test]
-                // LEAD: delete this attribute once the backend is wired into
-                // `open_backend` (distrlock-cli/src/open.rs).
-                #[ignore = "the backend is not built into the CLI yet"]
                 fn $case() {
                     let name = concat!(stringify!($db), "::", stringify!($case));
                     if let Some(t) = super::Target::server(stringify!($db), $env, $default, name) {
@@ -944,8 +940,8 @@ fn default_database_is_a_per_user_sqlite_file() {
     assert!(text.contains("demo"), "{text}");
 }
 
-/// A database that cannot be opened, and a backend that is not built in (or a
-/// server that is not there), exit 69 with one line and no password.
+/// A database that cannot be opened, and servers that are not there, exit 69
+/// with one line and no password.
 #[test]
 fn unreachable_databases_exit_69_with_one_line() {
     let dir = tempfile::tempdir().unwrap();
