@@ -1122,7 +1122,7 @@ async fn wrong_and_stale_tokens_are_not_held(db: Db, test: &str) {
 async fn missing_table_is_schema_missing_with_a_hint(db: Db, test: &str) {
     on_shared(db, test, async |s| {
         let missing_schema = format!("{}.locks", unique("no_such_schema"));
-        for table in [unique("dl_missing"), missing_schema] {
+        for table in [unique("dl_missing"), missing_schema.clone()] {
             let backend = s.open_backend(&table, s.bounds).await.expect("connects");
             let (k, token, long) = (key("k"), Token::new(), ttl(Duration::from_secs(30)));
             let calls = [
@@ -1166,6 +1166,16 @@ async fn missing_table_is_schema_missing_with_a_hint(db: Db, test: &str) {
                 "nothing made the table"
             );
         }
+        // Creating a table in a schema that does not exist says so too.
+        let backend = s
+            .open_backend(&missing_schema, s.bounds)
+            .await
+            .expect("connects");
+        let created = backend.create_table().await;
+        assert!(
+            matches!(&created, Err(Error::SchemaMissing { table, .. }) if *table == missing_schema),
+            "{created:?}"
+        );
         NewRows(0)
     })
     .await;
