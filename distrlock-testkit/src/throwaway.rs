@@ -61,7 +61,8 @@ type Result<T> = std::result::Result<T, ServerError>;
 
 /// A private database server in a temporary directory, on a free loopback port,
 /// with a `test` database and passwordless local access (`postgres` with trust
-/// auth; MariaDB `root` with an empty password).
+/// auth; MariaDB `root` with an empty password), or a PostgreSQL whose superuser
+/// needs a password ([`postgres_with_password`](Self::postgres_with_password)).
 ///
 /// [`stop`](Self::stop), [`kill`](Self::kill) (SIGKILL) and [`start`](Self::start)
 /// (same port, same data) control it; dropping it kills the server and deletes its
@@ -76,24 +77,47 @@ pub struct ThrowawayServer {
     child: Option<Child>,
     /// The user to run the server as, when this process is root.
     run_as: Option<(u32, u32)>,
+    /// The superuser's password, if it has one.
+    password: Option<String>,
 }
 
 impl ThrowawayServer {
     /// Starts a private PostgreSQL.
     pub fn postgres() -> Result<Self> {
+        Self::start_postgres(None)
+    }
+
+    /// Starts a private PostgreSQL whose `postgres` user needs `password`
+    /// (`scram-sha-256` for every connection), for tests of a wrong password.
+    ///
+    /// [`url`](Self::url) carries the password; [`sql`](Self::sql) passes it to
+    /// `psql`.
+    pub fn postgres_with_password(password: &str) -> Result<Self> {
+        Self::start_postgres(Some(password))
+    }
+
+    fn start_postgres(password: Option<&str>) -> Result<Self> {
         let mut server = Self::prepare(ServerKind::Postgres)?;
         let initdb = find_binary(ServerKind::Postgres, "initdb")?;
-        server.run_setup(
-            Command::new(initdb).arg("-D").arg(server.data_dir()).args([
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--no-sync",
-            ]),
-            "initdb",
-        )?;
+        let mut cmd = Command::new(initdb);
+        cmd.arg("-D")
+            .arg(server.data_dir())
+            .args(["-U", "postgres", "-E", "UTF8", "--no-sync"]);
+        let pwfile = server.dir.join("pwfile");
+        match password {
+            Some(password) => {
+                std::fs::write(&pwfile, password)
+                    .map_err(|e| ServerError::Failed(format!("writing the password file: {e}")))?;
+                cmd.args(["--auth=scram-sha-256", "--pwfile"]).arg(&pwfile);
+                server.password = Some(password.to_owned());
+            }
+            None => {
+                cmd.arg("--auth=trust");
+            }
+        }
+        let initdb = server.run_setup(&mut cmd, "initdb");
+        let _ = std::fs::remove_file(&pwfile);
+        initdb?;
         server.start()?;
         server.client(&["-c", "CREATE DATABASE test"], "postgres")?;
         Ok(server)
@@ -141,11 +165,18 @@ impl ThrowawayServer {
     }
 
     /// A URL for the `test` database: `postgres://postgres@127.0.0.1:PORT/test` or
-    /// `mysql://root@127.0.0.1:PORT/test`.
+    /// `mysql://root@127.0.0.1:PORT/test`, with the password (percent-encoded) if
+    /// the server has one.
     pub fn url(&self) -> String {
+        let password = match &self.password {
+            Some(password) => format!(":{}", percent_encode(password)),
+            None => String::new(),
+        };
         match self.kind {
-            ServerKind::Postgres => format!("postgres://postgres@127.0.0.1:{}/test", self.port),
-            ServerKind::MariaDb => format!("mysql://root@127.0.0.1:{}/test", self.port),
+            ServerKind::Postgres => {
+                format!("postgres://postgres{password}@127.0.0.1:{}/test", self.port)
+            }
+            ServerKind::MariaDb => format!("mysql://root{password}@127.0.0.1:{}/test", self.port),
         }
     }
 
@@ -278,6 +309,7 @@ impl ThrowawayServer {
             port: free_port()?,
             child: None,
             run_as,
+            password: None,
         })
     }
 
@@ -418,6 +450,9 @@ impl ThrowawayServer {
                 if !database.is_empty() {
                     cmd.args(["-d", database]);
                 }
+                if let Some(password) = &self.password {
+                    cmd.env("PGPASSWORD", password);
+                }
                 cmd
             }
             ServerKind::MariaDb => {
@@ -533,6 +568,18 @@ fn chown_recursive(dir: &Path, (uid, gid): (u32, u32)) -> Result<()> {
             dir.display()
         )))
     }
+}
+
+/// `text` with every byte outside URL's unreserved set written as `%XX`.
+fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 fn free_port() -> Result<u16> {

@@ -62,3 +62,39 @@ fn mariadb_throwaway_server_survives_kill_and_restart() {
         "SELECT count(*) FROM t",
     );
 }
+
+#[test]
+fn postgres_throwaway_server_with_password_refuses_a_wrong_one() {
+    let test = "postgres_throwaway_server_with_password_refuses_a_wrong_one";
+    let Some(server) = started(test, ThrowawayServer::postgres_with_password("s3cr et/pw")) else {
+        return;
+    };
+    assert_eq!(
+        server.url(),
+        format!(
+            "postgres://postgres:s3cr%20et%2Fpw@127.0.0.1:{}/test",
+            server.port()
+        )
+    );
+    assert_eq!(
+        server.sql("SELECT 1").unwrap(),
+        "1",
+        "its own client logs in"
+    );
+    let psql = |password: &str| {
+        std::process::Command::new("psql")
+            .args(["-h", "127.0.0.1", "-p", &server.port().to_string()])
+            .args(["-U", "postgres", "-d", "test", "-X", "-w", "-c", "SELECT 1"])
+            .env("PGPASSWORD", password)
+            .output()
+            .expect("psql runs")
+    };
+    let wrong = psql("not-the-password");
+    assert!(!wrong.status.success(), "a wrong password is refused");
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr).contains("password authentication failed"),
+        "{}",
+        String::from_utf8_lossy(&wrong.stderr)
+    );
+    assert!(psql("s3cr et/pw").status.success(), "the right one works");
+}
