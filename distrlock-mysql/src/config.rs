@@ -191,8 +191,11 @@ impl MySqlConfig {
             .clone()
             .with_constraints(constraints)
             .with_reset_connection(false);
+        // mysql_async runs the setup statements last to first: put ours first so
+        // that it runs last and its settings (autocommit on, the bounds) win over
+        // anything in `opts`.
         let mut setup = opts.setup().to_vec();
-        setup.push(settings.session_setup.clone());
+        setup.insert(0, settings.session_setup.clone());
         let stmt_cache = opts.stmt_cache_size().max(16);
         let builder = OptsBuilder::from_opts(opts)
             .pool_opts(pool_opts)

@@ -115,8 +115,11 @@ fn create_table(t: &str) -> String {
 /// - `ON DUPLICATE KEY UPDATE` takes the existing row under an exclusive row lock,
 ///   so concurrent acquires of one key are serialised and each sees the previous
 ///   one's result (exactly one of racing tokens wins).
-/// - The assignments run left to right and each sees the values assigned before
-///   it, so the order matters:
+/// - MySQL and MariaDB run the assignments left to right, each seeing the values
+///   assigned before it, but MariaDB's `SIMULTANEOUS_ASSIGNMENT` SQL mode makes
+///   every one see the old row. The statement gives the same result either way:
+///   each assignment reads only columns assigned *after* it (or its own), so it
+///   sees the old row in both modes.
 ///   1. `fence`, first, while `token` and `expires_at` still hold the old values.
 ///      Live and ours: keep the fence and report it. Live and not ours: keep it and
 ///      report `-1 - remaining µs` (the holder's remaining lease, in this same round
@@ -127,9 +130,11 @@ fn create_table(t: &str) -> String {
 ///      is not true, so a released row takes the new owner).
 ///   4. `token` changes only when the lease is not live: a live lease keeps its
 ///      token (ours or the holder's).
-///   5. `expires_at`, last: after step 4, `token = ?` holds exactly when the
-///      caller won (took over, or renewed its own lease), so that one comparison
-///      decides whether the lease gets a new expiry.
+///   5. `expires_at`, last: kept only while another token's lease is live (the
+///      caller lost); otherwise the caller took over or renewed its own lease, and
+///      the lease gets a new expiry. With left-to-right assignment `token` is then
+///      already the caller's when the lease was not live, which gives the same
+///      answer, since the first condition is false then.
 /// - `expires_at > UTC_TIMESTAMP(6)` is false for NULL, so a released row is
 ///   never live; the comparison is on the server clock at microsecond precision.
 fn acquire(t: &str) -> String {
@@ -144,7 +149,8 @@ fn acquire(t: &str) -> String {
         acquired_at = IF(expires_at > UTC_TIMESTAMP(6), acquired_at, UTC_TIMESTAMP(6)), \
         owner = IF(expires_at > UTC_TIMESTAMP(6) AND token <> ?, owner, ?), \
         token = IF(expires_at > UTC_TIMESTAMP(6), token, ?), \
-        expires_at = IF(token = ?, UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND, expires_at)"
+        expires_at = IF(expires_at > UTC_TIMESTAMP(6) AND token <> ?, expires_at, \
+            UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND)"
     )
 }
 
@@ -195,9 +201,14 @@ const SELECT_INFO: &str = "SELECT lock_key, owner, fence, \
 /// The per-session settings that bound every call, run once on each new
 /// connection of a pool this backend builds.
 ///
+/// - `autocommit = 1`: each statement commits on its own. A server (or
+///   `init_connect`) that turns autocommit off would otherwise leave every acquire
+///   uncommitted, to be rolled back when the connection closes.
 /// - `innodb_lock_wait_timeout`: how long a statement waits for another
 ///   transaction's row lock before failing with error 1205 (whole seconds, at
 ///   least 1; MySQL and MariaDB both accept it per session).
+/// - `lock_wait_timeout`: the same bound for metadata locks (a concurrent `ALTER
+///   TABLE` or `LOCK TABLES`), whose default is a year.
 /// - `max_statement_time` (MariaDB only, seconds): aborts any statement after the
 ///   statement timeout with error 1969. It sits in a `/*M! … */` comment, which
 ///   MariaDB executes and MySQL skips: MySQL's own `max_execution_time` applies to
@@ -205,7 +216,8 @@ const SELECT_INFO: &str = "SELECT lock_key, owner, fence, \
 ///   bound and the client-side call timeout bound every call.
 pub(crate) fn session_setup(lock_wait_secs: u64, statement_timeout_secs: f64) -> String {
     format!(
-        "SET SESSION innodb_lock_wait_timeout = {lock_wait_secs} \
+        "SET SESSION autocommit = 1, innodb_lock_wait_timeout = {lock_wait_secs}, \
+        lock_wait_timeout = {lock_wait_secs} \
         /*M! , max_statement_time = {statement_timeout_secs:.3} */"
     )
 }
@@ -262,7 +274,8 @@ mod tests {
     fn session_setup_keeps_the_mariadb_part_in_its_comment() {
         assert_eq!(
             session_setup(2, 5.0),
-            "SET SESSION innodb_lock_wait_timeout = 2 /*M! , max_statement_time = 5.000 */"
+            "SET SESSION autocommit = 1, innodb_lock_wait_timeout = 2, lock_wait_timeout = 2 \
+             /*M! , max_statement_time = 5.000 */"
         );
     }
 }

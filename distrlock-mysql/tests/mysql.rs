@@ -842,3 +842,81 @@ async fn passwords_never_appear_in_errors_or_debug() {
     assert!(!shown.contains("pw-SECRET-123"), "{shown}");
     assert!(!shown.contains("distrlock_nobody"), "{shown}");
 }
+
+/// MariaDB's `SIMULTANEOUS_ASSIGNMENT` SQL mode makes every assignment of an
+/// `UPDATE` see the old row. A takeover of a released or expired lease must still
+/// set the new expiry, so that the next token is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simultaneous_assignment_mode_keeps_mutual_exclusion() {
+    let test = "simultaneous_assignment_mode_keeps_mutual_exclusion";
+    let mut conn = require!(test, raw_conn().await);
+    let version: String = conn.query_first("SELECT VERSION()").await.unwrap().unwrap();
+    if !version.contains("MariaDB") {
+        eprintln!("SKIPPED {test}: SIMULTANEOUS_ASSIGNMENT is a MariaDB SQL mode ({version})");
+        return;
+    }
+    let table = unique("dl_simul");
+    let b = require!(
+        test,
+        backend_with_setup(
+            &table,
+            "SET SESSION sql_mode = CONCAT(@@sql_mode, ',SIMULTANEOUS_ASSIGNMENT')"
+        )
+        .await
+    );
+    let mode: String = {
+        let (opts, _) = recording_opts().unwrap();
+        let mut c = mysql_async::Conn::new(OptsBuilder::from_opts(opts).setup(vec![
+            "SET SESSION sql_mode = CONCAT(@@sql_mode, ',SIMULTANEOUS_ASSIGNMENT')".to_owned(),
+        ]))
+        .await
+        .unwrap();
+        c.query_first("SELECT @@sql_mode").await.unwrap().unwrap()
+    };
+    assert!(
+        mode.contains("SIMULTANEOUS_ASSIGNMENT"),
+        "the mode is on: {mode}"
+    );
+    // Released row taken over.
+    let k = key("released");
+    let (a, b_token, c) = (Token::new(), Token::new(), Token::new());
+    let f1 = fence(acquire(&b, &k, &a, LONG).await);
+    b.release(&k, &a).await.unwrap();
+    let f2 = fence(acquire(&b, &k, &b_token, LONG).await);
+    assert!(f2 > f1);
+    remaining(acquire(&b, &k, &c, LONG).await);
+    assert_eq!(b.inspect(&k).await.unwrap().unwrap().state, LockState::Held);
+    b.extend(&k, &b_token, ttl(LONG))
+        .await
+        .expect("the new holder extends");
+    // Expired row taken over.
+    let k = key("expired");
+    fence(acquire(&b, &k, &a, Duration::from_millis(50)).await);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    fence(acquire(&b, &k, &b_token, LONG).await);
+    remaining(acquire(&b, &k, &c, LONG).await);
+    drop_table(&table).await;
+}
+
+/// A session that starts with autocommit off (a server default or a pool's own
+/// setup) still commits each acquire: the backend's session setup turns it on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_with_autocommit_off_still_commit() {
+    let test = "sessions_with_autocommit_off_still_commit";
+    let table = unique("dl_autocommit");
+    let first = require!(
+        test,
+        backend_with_setup(&table, "SET SESSION autocommit = 0").await
+    );
+    let k = key("committed");
+    let holder = Token::new();
+    let f = fence(acquire(&first, &k, &holder, LONG).await);
+    // Closing every connection of the first backend would roll back anything
+    // left uncommitted.
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (second, _) = require!(test, backend(config(&table)).await);
+    remaining(acquire(&second, &k, &Token::new(), LONG).await);
+    assert_eq!(second.inspect(&k).await.unwrap().unwrap().fence, f);
+    drop_table(&table).await;
+}
