@@ -318,7 +318,7 @@ impl Row {
         })?;
         let (state, remaining) = match self.lease_end {
             None => (LockState::Released, None),
-            Some(end) => match remaining(&self.clock, end, clock, now) {
+            Some(end) => match remaining(&self.clock, end, self.expires_at, clock, now) {
                 Some(left) => (LockState::Held, Some(left)),
                 None => (LockState::Expired, None),
             },
@@ -335,11 +335,22 @@ impl Row {
     }
 }
 
-/// The lease left on a row whose lease ends at `end` on `row_clock`, or `None`
-/// if it is not live: the same test as the SQL `LIVE` predicate.
-fn remaining(row_clock: &str, end: i64, clock: &HostClock, now: Now) -> Option<Duration> {
-    (row_clock == clock.id() && end > now.lease)
-        .then(|| Duration::from_micros(u64::try_from(end - now.lease).unwrap_or(0)))
+/// The lease left on a row whose lease ends at `end` on `row_clock` (and at
+/// `expires_at` on the wall clock), or `None` if it is not live: the same test as
+/// the SQL `LIVE` predicate.
+fn remaining(
+    row_clock: &str,
+    end: i64,
+    expires_at: Option<i64>,
+    clock: &HostClock,
+    now: Now,
+) -> Option<Duration> {
+    let left = if row_clock == clock.id() {
+        end - now.lease
+    } else {
+        expires_at? - now.wall
+    };
+    (left > 0).then(|| Duration::from_micros(u64::try_from(left).unwrap_or(0)))
 }
 
 fn system_time(micros: i64) -> SystemTime {
@@ -388,15 +399,15 @@ impl LockBackend for SqliteBackend {
                 });
             }
             // Refused: nothing was written. Report the holder's remaining lease.
-            let (fence, row_clock, lease_end): (i64, String, Option<i64>) = tx
-                .prepare_cached(&sql.holder)
-                .and_then(|mut stmt| {
-                    stmt.query_row(named_params! { ":key": key.as_str() }, |row| {
-                        Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+            let (fence, row_clock, lease_end, expires_at): (i64, String, Option<i64>, Option<i64>) =
+                tx.prepare_cached(&sql.holder)
+                    .and_then(|mut stmt| {
+                        stmt.query_row(named_params! { ":key": key.as_str() }, |row| {
+                            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+                        })
                     })
-                })
-                .map_err(&map)?;
-            match lease_end.and_then(|end| remaining(&row_clock, end, clock, now)) {
+                    .map_err(&map)?;
+            match lease_end.and_then(|end| remaining(&row_clock, end, expires_at, clock, now)) {
                 Some(left) => Ok(AcquireOutcome::Held {
                     remaining: Some(left),
                 }),
@@ -449,6 +460,7 @@ impl LockBackend for SqliteBackend {
                         ":key": owned_key.as_str(),
                         ":token": token,
                         ":clock": clock.id(),
+                        ":wall_now": now.wall,
                         ":now": now.lease,
                     })
                 })

@@ -8,9 +8,11 @@
 //!   all processes of one boot, never jumps when the wall clock is set, and is the
 //!   clock `std::time::Instant` (and so the guard's local deadline) runs on: a
 //!   lease can neither end early because NTP stepped the wall clock forward, nor
-//!   outlive the guard's deadline because of a suspend. A row from another boot is
-//!   treated as expired, because every process that could hold it died with that
-//!   boot.
+//!   outlive the guard's deadline because of a suspend. A row written on another
+//!   clock (an earlier boot, or a process that could not read the boot id) is
+//!   judged by its wall-clock expiry, since instants of two clocks cannot be
+//!   compared: a live lease is respected, and after a reboot a dead holder's lease
+//!   lasts at most until its wall-clock end.
 //! - Elsewhere (or if the boot id cannot be read), leases are measured on the wall
 //!   clock, tagged `wall`. Then a step of the wall clock moves every lease's end
 //!   by the same amount: forward ends leases early, backward keeps them longer.

@@ -6,20 +6,25 @@
 //! epoch, for display only). All processes that share the file run on the same
 //! host and so read the same clock.
 //!
-//! A lease is **live** when
-//! `lease_end IS NOT NULL AND clock = :clock AND lease_end > :now`:
+//! A lease is **live** when `lease_end IS NOT NULL` and, on the row's clock,
+//! it has not ended:
 //! - `lease_end IS NULL` marks a released row (the row stays, so the fence does);
-//! - `clock = :clock` compares only instants of the same clock: a row written
-//!   under another boot of the host was written by a process that died with that
-//!   boot, so its lease is over whatever its number says;
-//! - `lease_end > :now` is the expiry test itself, on the monotonic clock, so a
+//! - `clock = :clock`: the row was written on the clock this process reads, and
+//!   `lease_end > :now` is the expiry test itself, on the monotonic clock, so a
 //!   step of the wall clock (NTP, an administrator) neither ends nor prolongs a
-//!   lease.
+//!   lease;
+//! - otherwise the row was written on another clock: under an earlier boot of the
+//!   host, or by a process of this boot that could not read the boot id (a
+//!   sandbox) and fell back to the wall clock. Instants of two clocks cannot be
+//!   compared, so the wall-clock `expires_at > :wall_now` decides. A live lease of
+//!   a process that sees another clock is therefore respected; after a reboot a
+//!   dead holder's lease is honoured until its wall-clock end, at most one ttl.
 
 use distrlock_core::TableName;
 
 /// The predicate for "the row's lease is live", on the row being read or updated.
-const LIVE: &str = "(lease_end IS NOT NULL AND clock = :clock AND lease_end > :now)";
+const LIVE: &str = "(lease_end IS NOT NULL AND CASE WHEN clock = :clock \
+     THEN lease_end > :now ELSE expires_at > :wall_now END)";
 
 /// The largest fence: a row at this fence can never be taken over again.
 pub(crate) const MAX_FENCE: i64 = i64::MAX;
@@ -82,12 +87,14 @@ impl Statements {
             ),
             // After a refused acquire, in the same transaction: who holds the key
             // and until when, so a waiter sleeps exactly as long as needed.
-            holder: format!("SELECT fence, clock, lease_end FROM {t} WHERE lock_key = :key"),
+            holder: format!(
+                "SELECT fence, clock, lease_end, expires_at FROM {t} WHERE lock_key = :key"
+            ),
             // Renew only our own live lease: token AND liveness in the WHERE, so a
             // stale token, an expired lease or a released row match nothing and
             // the caller sees 0 changed rows (NotHeld) with nothing changed.
-            // `clock` is rewritten too: it can only equal :clock here (LIVE), so
-            // the write is a no-op that keeps the statement obviously consistent.
+            // `clock` is rewritten too, so the new `lease_end` is on the clock it
+            // names (the holder wrote the row on this same clock).
             extend: format!(
                 "UPDATE {t} \
                  SET expires_at = :wall_now + :ttl, clock = :clock, lease_end = :now + :ttl \

@@ -179,10 +179,13 @@ async fn a_write_lock_held_past_the_busy_timeout_is_transient() {
     ));
 }
 
+/// A row written on another clock (an earlier boot, or a sandboxed process that
+/// fell back to the wall clock) is judged by its wall-clock expiry: respected while
+/// that lies ahead, taken over once it has passed, whatever its `lease_end` says.
 #[tokio::test]
-async fn a_lease_from_another_boot_is_expired() {
+async fn a_lease_on_another_clock_lasts_until_its_wall_clock_expiry() {
     let (_dir, path, backend) = fresh().await;
-    let key = LockKey::new("old-boot").unwrap();
+    let key = LockKey::new("other-clock").unwrap();
     let token = Token::new();
     let AcquireOutcome::Acquired { fence } = backend
         .try_acquire(&key, &token, ttl(LONG), "o")
@@ -191,17 +194,40 @@ async fn a_lease_from_another_boot_is_expired() {
     else {
         panic!("free key");
     };
-    // Rewrite the row as if written during an earlier boot, with a lease end far
-    // in the future of that boot's clock.
+    let wall_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64;
     let conn = Connection::open(&path).unwrap();
-    let changed = conn
-        .execute(
-            "UPDATE distributed_locks SET clock = 'boot:earlier', lease_end = ?1 \
-             WHERE lock_key = ?2",
-            params![i64::MAX / 2, key.as_str()],
+    let rewrite = |expires_at: i64| {
+        // A lease end that means nothing on this process's clock.
+        conn.execute(
+            "UPDATE distributed_locks SET clock = 'boot:other', lease_end = ?1, expires_at = ?2 \
+             WHERE lock_key = ?3",
+            params![i64::MAX / 2, expires_at, key.as_str()],
         )
-        .unwrap();
-    assert_eq!(changed, 1);
+        .unwrap()
+    };
+    // Still ahead on the wall clock: held.
+    assert_eq!(rewrite(wall_now + 30_000_000), 1);
+    let info = backend.inspect(&key).await.unwrap().unwrap();
+    assert_eq!(info.state, LockState::Held);
+    let left = info
+        .remaining
+        .expect("a held lock reports its remaining lease");
+    assert!(
+        left > Duration::from_secs(20) && left <= Duration::from_secs(30),
+        "{left:?}"
+    );
+    assert!(matches!(
+        backend
+            .try_acquire(&key, &Token::new(), ttl(LONG), "o")
+            .await
+            .unwrap(),
+        AcquireOutcome::Held { remaining: Some(_) }
+    ));
+    // Past on the wall clock: expired, and taken over with a greater fence.
+    assert_eq!(rewrite(wall_now - 1_000_000), 1);
     let info = backend.inspect(&key).await.unwrap().unwrap();
     assert_eq!(info.state, LockState::Expired);
     assert!(matches!(
@@ -213,7 +239,7 @@ async fn a_lease_from_another_boot_is_expired() {
         .await
         .unwrap()
     else {
-        panic!("a lease from another boot must not hold the key");
+        panic!("a lease whose wall-clock expiry passed must not hold the key");
     };
     assert!(next > fence);
 }
