@@ -28,11 +28,14 @@ use crate::ttl::Ttl;
 ///    holds a live lease on a key. A lease is live from a successful
 ///    [`try_acquire`](Self::try_acquire) or [`extend`](Self::extend) until `ttl`
 ///    later on the backend's clock, or until [`release`](Self::release).
-/// 2. **Fencing.** Every successful acquisition that changes the holder returns a
-///    [`Fence`] strictly greater than every fence returned before for that key, for
-///    the life of the storage. Re-acquiring with the live holder's own token
-///    succeeds, renews the lease and returns the *same* fence, so a retried acquire
-///    is idempotent.
+/// 2. **Fencing.** Every successful acquisition that starts a new holding — the
+///    key had no row, or its lease had been released or had expired, whatever the
+///    token — returns a [`Fence`] strictly greater than every fence returned
+///    before for that key, for the life of the storage. Re-acquiring while the
+///    same token's lease is still live is not a new holding: it succeeds, renews
+///    the lease and returns the *same* fence, so a retried acquire is idempotent.
+///    (Fences live in the rows: deleting rows, restoring an older backup or
+///    failing over to a replica that lags can make them go back.)
 /// 3. **Ownership.** Only the token of the live lease can extend or release it. Any
 ///    other token, or the right token after expiry or release, gets
 ///    [`Error::NotHeld`](crate::Error::NotHeld) and changes nothing.

@@ -160,6 +160,10 @@ impl MySqlBackend {
     ///   sessions see it only once it commits; until then they wait on the row
     ///   lock (up to their `innodb_lock_wait_timeout`), so commit promptly;
     /// - the lease is counted from the statement, not from the commit;
+    /// - a *refused* try also locks the holder's row until your transaction ends
+    ///   (InnoDB locks the duplicate row of every `INSERT … ON DUPLICATE KEY
+    ///   UPDATE`): the holder's extends wait on it and fail after their
+    ///   `innodb_lock_wait_timeout`, so on `Held` roll back or commit at once;
     /// - like any statement that calls `LAST_INSERT_ID(expr)`, it sets the
     ///   session's `LAST_INSERT_ID()`: read your own generated ids before calling it.
     pub async fn try_acquire_in<Q: Queryable>(

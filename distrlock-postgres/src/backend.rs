@@ -184,7 +184,9 @@ impl PostgresBackend {
     ///
     /// Nothing is sent yet. The pool's sessions keep their own settings: build the
     /// pool with [`PostgresConfig::post_create_hook`] so they get the config's
-    /// `lock_timeout` and `statement_timeout`. Release notifications from other
+    /// `lock_timeout` and `statement_timeout`, and with `RecyclingMethod::Fast` or
+    /// `Verified` (`Clean` resets them; see
+    /// [`session_settings_sql`](PostgresConfig::session_settings_sql)). Release notifications from other
     /// processes need a connection of their own outside the pool; the backend opens
     /// one only if the config names a connection
     /// ([`url`](crate::PostgresConfigBuilder::url) or

@@ -113,12 +113,17 @@ impl PostgresConfig {
     }
 
     /// The `SET` commands that give a session this config's bounds:
-    /// `SET lock_timeout = …; SET statement_timeout = …`.
+    /// `SET lock_timeout = …; SET statement_timeout = …; SET
+    /// default_transaction_isolation = 'read committed'`.
     ///
     /// The backend runs them on every connection its own pool opens. With
     /// [`from_pool`](crate::PostgresBackend::from_pool), add
     /// [`post_create_hook`](Self::post_create_hook) to your pool so your sessions
-    /// get them too.
+    /// get them too, and recycle connections with `RecyclingMethod::Fast` or
+    /// `Verified`: `Clean` runs `RESET ALL` when a connection returns to the pool,
+    /// which drops these settings (calls would then wait on row locks without
+    /// bound). Alternatively put them in the connection's startup options
+    /// (`options=-c lock_timeout=…`), which survive `RESET ALL`.
     pub fn session_settings_sql(&self) -> String {
         sql::session_settings(
             millis_ceil(self.lock_timeout),
@@ -488,7 +493,8 @@ mod tests {
         );
         assert_eq!(
             config.session_settings_sql(),
-            "SET lock_timeout = 2; SET statement_timeout = 5000"
+            "SET lock_timeout = 2; SET statement_timeout = 5000; \
+             SET default_transaction_isolation = 'read committed'"
         );
         let named = PostgresConfig::builder()
             .url("postgres://u@localhost/db?application_name=billing")

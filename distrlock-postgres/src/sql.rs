@@ -223,10 +223,16 @@ WHERE l.lock_key = $1::text
 }
 
 /// The `SET` commands that bound every call of a session: how long a statement may
-/// wait on another transaction's row lock, and how long any statement may run.
+/// wait on another transaction's row lock, and how long any statement may run;
+/// and READ COMMITTED for the one-statement transactions, so that a server whose
+/// default isolation is REPEATABLE READ or SERIALIZABLE does not turn the loser of
+/// a takeover race into a serialization failure instead of a plain refusal.
 pub(crate) fn session_settings(lock_timeout_ms: u64, statement_timeout_ms: u64) -> String {
-    // Plain integers are milliseconds for both settings.
-    format!("SET lock_timeout = {lock_timeout_ms}; SET statement_timeout = {statement_timeout_ms}")
+    // Plain integers are milliseconds for both timeouts.
+    format!(
+        "SET lock_timeout = {lock_timeout_ms}; SET statement_timeout = {statement_timeout_ms}; \
+         SET default_transaction_isolation = 'read committed'"
+    )
 }
 
 /// The `NOTIFY` channel of a table: `distrlock:<table>`, or a stable hash of it when

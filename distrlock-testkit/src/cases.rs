@@ -826,6 +826,26 @@ pub async fn held_until_local_deadline(setup: &Setup) {
     drop(guard);
 }
 
+/// 23. The same token after its lease was released, or ran out, starts a new
+///     holding: a greater fence, not the old one.
+pub async fn same_token_after_release_or_expiry_gets_a_new_fence(setup: &Setup) {
+    let key = setup.key("same-token-again");
+    let token = Token::new();
+    let f1 = fence_of(acquire(setup, &key, &token, LONG).await);
+    setup.backend.release(&key, &token).await.unwrap();
+    let f2 = fence_of(acquire(setup, &key, &token, SHORT).await);
+    assert!(f2 > f1, "after a release: {f1} then {f2}");
+    tokio::time::sleep(SHORT + Duration::from_millis(100)).await;
+    let f3 = fence_of(acquire(setup, &key, &token, LONG).await);
+    assert!(f3 > f2, "after expiry: {f2} then {f3}");
+    assert_eq!(
+        fence_of(acquire(setup, &key, &token, LONG).await),
+        f3,
+        "while live: the same"
+    );
+    setup.backend.release(&key, &token).await.unwrap();
+}
+
 fn fastrand_range(low: u64, high: u64) -> u64 {
     use std::hash::{BuildHasher, RandomState};
     low + RandomState::new().hash_one(std::time::SystemTime::now()) % (high - low).max(1)

@@ -76,6 +76,7 @@ macro_rules! conformance_tests {
             release_wakes_waiter,
             killed_sessions_are_recovered,
             held_until_local_deadline,
+            same_token_after_release_or_expiry_gets_a_new_fence,
         );
     };
 }
