@@ -76,6 +76,7 @@ macro_rules! conformance_tests {
             release_wakes_waiter,
             killed_sessions_are_recovered,
             held_until_local_deadline,
+            extend_many_renews_only_held_leases,
         );
     };
 }
