@@ -1,0 +1,115 @@
+//! The distrlock benchmark program. See `BENCHMARKS.md` at the repository root
+//! for what it measures, the latest figures and the command that produced them.
+//!
+//! ```text
+//! cargo run -p distrlock-bench --release -- [--smoke] [--backends postgres,mariadb,sqlite]
+//! ```
+
+mod env;
+mod go;
+mod lite;
+mod measure;
+mod pg;
+mod procstat;
+mod proxy;
+mod scenarios;
+mod stats;
+mod workload;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Benchmarks distrlock against the raw driver, the Go original's protocol and
+/// the databases' native locks.
+#[derive(Debug, Parser)]
+#[command(name = "distrlock-bench", version)]
+struct Args {
+    /// A seconds-long run that checks every scenario works, not how fast.
+    #[arg(long)]
+    smoke: bool,
+    /// Which backends to run, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "postgres,mariadb,sqlite")]
+    backends: Vec<String>,
+    /// Which scenarios to run (1–5), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5")]
+    scenarios: Vec<u8>,
+    /// Repetitions of each measurement.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Length of each repetition, in milliseconds.
+    #[arg(long, default_value_t = 3_000)]
+    measure_ms: u64,
+    /// Warm-up before the repetitions, in milliseconds.
+    #[arg(long, default_value_t = 1_000)]
+    warmup_ms: u64,
+    /// PostgreSQL server (the benchmark creates and uses database `distrlock_bench`).
+    #[arg(
+        long,
+        env = "DISTRLOCK_TEST_POSTGRES_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/test"
+    )]
+    postgres_url: String,
+    /// MariaDB / MySQL server (the benchmark creates and uses database `distrlock_bench`).
+    #[arg(
+        long,
+        env = "DISTRLOCK_TEST_MYSQL_URL",
+        default_value = "mysql://root@127.0.0.1:3306/test"
+    )]
+    mysql_url: String,
+    /// Directory for the SQLite files (on a real disk, so commits are synced).
+    #[arg(long, default_value = "/var/tmp/distrlock-bench")]
+    sqlite_dir: PathBuf,
+    /// Where to write the JSON results.
+    #[arg(long, default_value = "target/distrlock-bench/results.json")]
+    json: PathBuf,
+    /// Where to write the Markdown tables.
+    #[arg(long, default_value = "target/distrlock-bench/results.md")]
+    markdown: PathBuf,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    match runtime.block_on(scenarios::run(args.into())) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("distrlock-bench: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+impl From<Args> for scenarios::Options {
+    fn from(args: Args) -> Self {
+        let plan = if args.smoke {
+            measure::Plan {
+                warmup: Duration::from_millis(100),
+                measure: Duration::from_millis(300),
+                reps: 1,
+            }
+        } else {
+            measure::Plan {
+                warmup: Duration::from_millis(args.warmup_ms),
+                measure: Duration::from_millis(args.measure_ms),
+                reps: args.reps.max(1),
+            }
+        };
+        scenarios::Options {
+            smoke: args.smoke,
+            backends: args.backends,
+            scenarios: args.scenarios,
+            plan,
+            postgres_url: args.postgres_url,
+            mysql_url: args.mysql_url,
+            sqlite_dir: args.sqlite_dir,
+            json: args.json,
+            markdown: args.markdown,
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+        }
+    }
+}
