@@ -45,14 +45,17 @@ pub(crate) struct Renewer {
     backend: Arc<dyn LockBackend>,
     call_timeout: Duration,
     state: Mutex<State>,
-    /// Wakes the task: a guard came or went, or a batch answered.
-    wake: Notify,
+    /// Wakes the task: a guard came that is due before the task would wake, or
+    /// a batch answered.
+    wake: Arc<Notify>,
 }
 
 struct State {
     next_id: u64,
     guards: HashMap<u64, Entry>,
     task: Option<JoinHandle<()>>,
+    /// When the task will look again on its own.
+    wakes_at: Option<Instant>,
 }
 
 /// One registered guard.
@@ -75,8 +78,9 @@ pub(crate) struct Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
+        // No need to wake the task: it forgets the guard (and ends, if it was
+        // the last) when it next looks.
         self.renewer.state().guards.remove(&self.id);
-        self.renewer.wake.notify_one();
     }
 }
 
@@ -89,8 +93,9 @@ impl Renewer {
                 next_id: 0,
                 guards: HashMap::new(),
                 task: None,
+                wakes_at: None,
             }),
-            wake: Notify::new(),
+            wake: Arc::new(Notify::new()),
         }
     }
 
@@ -107,6 +112,11 @@ impl Renewer {
         guard: Weak<GuardShared>,
         interval: Option<Duration>,
     ) -> Registration {
+        let first_look = match (guard.upgrade(), interval) {
+            (Some(shared), Some(interval)) => (Instant::now() + interval).min(shared.deadline()),
+            (Some(shared), None) => shared.deadline(),
+            (None, _) => Instant::now(),
+        };
         let mut state = self.state();
         let id = state.next_id;
         state.next_id += 1;
@@ -120,11 +130,18 @@ impl Renewer {
             },
         );
         // A task whose runtime shut down is finished: start another on this one.
-        if state.task.as_ref().is_none_or(JoinHandle::is_finished) {
-            state.task = Some(runtime.spawn(run(self.clone())));
-        }
+        let wake = if state.task.as_ref().is_none_or(JoinHandle::is_finished) {
+            state.task = Some(runtime.spawn(run(Arc::downgrade(self), self.wake.clone())));
+            false
+        } else {
+            // Wake the task only if this guard needs it sooner than it planned
+            // (a shorter interval or deadline than every other guard's).
+            state.wakes_at.is_none_or(|at| first_look < at)
+        };
         drop(state);
-        self.wake.notify_one();
+        if wake {
+            self.wake.notify_one();
+        }
         Registration {
             renewer: self.clone(),
             id,
@@ -145,6 +162,7 @@ impl Renewer {
         });
         if state.guards.is_empty() {
             state.task = None;
+            state.wakes_at = None;
             return None;
         }
         let any_due = state
@@ -177,7 +195,7 @@ impl Renewer {
         }
         // The earliest due extend, or the earliest deadline (to report a loss on
         // time even while a batch hangs).
-        state
+        let wakes_at = state
             .guards
             .values()
             .filter_map(|entry| {
@@ -187,7 +205,9 @@ impl Renewer {
                     _ => deadline,
                 })
             })
-            .min()
+            .min();
+        state.wakes_at = wakes_at;
+        wakes_at
     }
 
     /// Sends one batch and applies its answer to each of its guards.
@@ -280,14 +300,16 @@ enum Outcome<'a> {
 }
 
 /// The renewal task: sends due batches and sleeps until the next is due, a
-/// deadline passes, or something changes.
-async fn run(renewer: Arc<Renewer>) {
+/// deadline passes, or something changes. It holds the renewer (and so the
+/// backend) only while it looks, so a manager dropped with its guards is freed
+/// at once; the task then ends when it next wakes.
+async fn run(renewer: Weak<Renewer>, wake: Arc<Notify>) {
     loop {
         // Subscribe before looking, so a change while we look still wakes us.
-        let changed = renewer.wake.notified();
+        let changed = wake.notified();
         tokio::pin!(changed);
         changed.as_mut().enable();
-        let Some(wake) = renewer.tick() else {
+        let Some(wake) = renewer.upgrade().and_then(|renewer| renewer.tick()) else {
             return;
         };
         tokio::select! {

@@ -224,3 +224,19 @@ async fn guards_with_different_ttls_are_renewed_in_separate_batches() {
         info.remaining
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_renewal_task_does_not_keep_a_dropped_managers_backend() {
+    let backend = Arc::new(Counting::default());
+    let m = manager(backend.clone(), Duration::from_secs(30));
+    let guard = m.lock("k").unwrap().try_acquire().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    guard.release().await.unwrap();
+    drop(m);
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(
+        Arc::strong_count(&backend),
+        1,
+        "the backend (and its connections) must go with the manager"
+    );
+}
