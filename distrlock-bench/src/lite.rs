@@ -182,7 +182,9 @@ enum Statements {
     },
 }
 
-/// One client with its own connection; each cycle runs on a blocking thread.
+/// One client with its own connection. Each transaction runs in a blocking task
+/// of its own, as an async caller of the raw driver would run each operation
+/// (the backend, likewise, sends each operation to its connection thread).
 struct SqliteCycle {
     conn: Arc<Mutex<Connection>>,
     statements: Arc<Statements>,
@@ -190,81 +192,124 @@ struct SqliteCycle {
     ttl_us: i64,
 }
 
-#[async_trait]
-impl Cycle for SqliteCycle {
-    async fn cycle(&mut self, key: &str) -> anyhow::Result<()> {
-        let (conn, statements, clock, ttl) = (
+impl SqliteCycle {
+    /// Runs `job` on the connection in a blocking task.
+    async fn blocking<T, F>(&self, job: F) -> anyhow::Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection, &Statements, &LeaseClock) -> anyhow::Result<T> + Send + 'static,
+    {
+        let (conn, statements, clock) = (
             self.conn.clone(),
             self.statements.clone(),
             self.clock.clone(),
-            self.ttl_us,
         );
-        let key = key.to_owned();
-        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        tokio::task::spawn_blocking(move || {
             let mut conn = conn
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let token = uuid::Uuid::new_v4().to_string();
-            match &*statements {
-                Statements::Raw { acquire, release } => {
-                    // As the backend does: each operation one BEGIN IMMEDIATE
-                    // transaction with one clock reading.
-                    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-                    let now = clock.now();
-                    let fence: Option<i64> = tx.prepare_cached(acquire)?.query_row(
-                        named_params! {
-                            ":key": key, ":token": token, ":owner": "distrlock-bench",
-                            ":wall_now": now.wall, ":ttl": ttl, ":clock": clock.id(),
-                            ":now": now.lease,
-                        },
-                        |row| row.get(0),
-                    )?;
-                    tx.commit()?;
-                    if fence.is_none() {
-                        bail!("raw acquire of {key} was refused");
-                    }
-                    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-                    let now = clock.now();
-                    let n = tx.prepare_cached(release)?.execute(named_params! {
-                        ":key": key, ":token": token, ":clock": clock.id(), ":now": now.lease,
-                    })?;
-                    tx.commit()?;
-                    if n != 1 {
-                        bail!("raw release of {key} found nothing");
-                    }
-                }
-                Statements::Go {
-                    init,
-                    acquire,
-                    release,
-                } => {
-                    let now = clock.now();
-                    conn.prepare_cached(init)?.execute(named_params! {
-                        ":key": key, ":wall_now": now.wall, ":clock": clock.id(),
-                    })?;
-                    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-                    let now = clock.now();
-                    let n = tx.prepare_cached(acquire)?.execute(named_params! {
-                        ":key": key, ":token": token, ":owner": "distrlock-bench",
-                        ":wall_now": now.wall, ":ttl": ttl, ":clock": clock.id(),
-                        ":now": now.lease,
-                    })?;
-                    tx.commit()?;
-                    if n != 1 {
-                        bail!("Go-sequence acquire of {key} was refused");
-                    }
-                    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-                    let n = tx
-                        .prepare_cached(release)?
-                        .execute(named_params! { ":key": key, ":token": token })?;
-                    tx.commit()?;
-                    if n != 1 {
-                        bail!("Go-sequence release of {key} found nothing");
-                    }
-                }
-            }
-            Ok(())
+            job(&mut conn, &statements, &clock)
         })
         .await?
+    }
+}
+
+#[async_trait]
+impl Cycle for SqliteCycle {
+    async fn cycle(&mut self, key: &str) -> anyhow::Result<()> {
+        let ttl = self.ttl_us;
+        let token = uuid::Uuid::new_v4().to_string();
+        let (k, t) = (key.to_owned(), token.clone());
+        match &*self.statements {
+            Statements::Raw { .. } => {
+                // As the backend does: each operation one BEGIN IMMEDIATE
+                // transaction with one clock reading.
+                let fence: Option<i64> = self
+                    .blocking(move |conn, statements, clock| {
+                        let Statements::Raw { acquire, .. } = statements else {
+                            unreachable!("raw statements")
+                        };
+                        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                        let now = clock.now();
+                        let fence = tx.prepare_cached(acquire)?.query_row(
+                            named_params! {
+                                ":key": k, ":token": t, ":owner": "distrlock-bench",
+                                ":wall_now": now.wall, ":ttl": ttl, ":clock": clock.id(),
+                                ":now": now.lease,
+                            },
+                            |row| row.get(0),
+                        )?;
+                        tx.commit()?;
+                        Ok(fence)
+                    })
+                    .await?;
+                if fence.is_none() {
+                    bail!("raw acquire of {key} was refused");
+                }
+                let (k, t) = (key.to_owned(), token);
+                let released = self
+                    .blocking(move |conn, statements, clock| {
+                        let Statements::Raw { release, .. } = statements else {
+                            unreachable!("raw statements")
+                        };
+                        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                        let now = clock.now();
+                        let n = tx.prepare_cached(release)?.execute(named_params! {
+                            ":key": k, ":token": t, ":clock": clock.id(), ":now": now.lease,
+                        })?;
+                        tx.commit()?;
+                        Ok(n)
+                    })
+                    .await?;
+                if released != 1 {
+                    bail!("raw release of {key} found nothing");
+                }
+            }
+            Statements::Go { .. } => {
+                // The initialising insert and the acquire transaction, then the
+                // release transaction: one blocking task per operation.
+                let taken = self
+                    .blocking(move |conn, statements, clock| {
+                        let Statements::Go { init, acquire, .. } = statements else {
+                            unreachable!("Go statements")
+                        };
+                        let now = clock.now();
+                        conn.prepare_cached(init)?.execute(named_params! {
+                            ":key": k, ":wall_now": now.wall, ":clock": clock.id(),
+                        })?;
+                        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                        let now = clock.now();
+                        let n = tx.prepare_cached(acquire)?.execute(named_params! {
+                            ":key": k, ":token": t, ":owner": "distrlock-bench",
+                            ":wall_now": now.wall, ":ttl": ttl, ":clock": clock.id(),
+                            ":now": now.lease,
+                        })?;
+                        tx.commit()?;
+                        Ok(n)
+                    })
+                    .await?;
+                if taken != 1 {
+                    bail!("Go-sequence acquire of {key} was refused");
+                }
+                let (k, t) = (key.to_owned(), token);
+                let released = self
+                    .blocking(move |conn, statements, _| {
+                        let Statements::Go { release, .. } = statements else {
+                            unreachable!("Go statements")
+                        };
+                        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                        let n = tx
+                            .prepare_cached(release)?
+                            .execute(named_params! { ":key": k, ":token": t })?;
+                        tx.commit()?;
+                        Ok(n)
+                    })
+                    .await?;
+                if released != 1 {
+                    bail!("Go-sequence release of {key} found nothing");
+                }
+            }
+        }
+        Ok(())
     }
 }
