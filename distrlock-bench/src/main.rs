@@ -35,6 +35,10 @@ struct Args {
     /// Which scenarios to run (1–5), comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5")]
     scenarios: Vec<u8>,
+    /// Which clients to run in scenarios 1 and 4 (distrlock, raw, go, native),
+    /// comma-separated; for profiling one of them.
+    #[arg(long, value_delimiter = ',', default_value = "raw,distrlock,go,native")]
+    clients: Vec<String>,
     /// Repetitions of each measurement.
     #[arg(long, default_value_t = 3)]
     reps: usize,
@@ -67,10 +71,23 @@ struct Args {
     /// Where to write the Markdown tables.
     #[arg(long, default_value = "target/distrlock-bench/results.md")]
     markdown: PathBuf,
+    /// Print the PostgreSQL statements (DDL, acquire, release, Go sequence) for
+    /// this table and exit, for profiling them with other tools (pgbench).
+    #[arg(long, value_name = "TABLE")]
+    print_postgres_sql: Option<String>,
 }
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    if let Some(table) = &args.print_postgres_sql {
+        return match print_postgres_sql(table) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("distrlock-bench: {error:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -82,6 +99,22 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+fn print_postgres_sql(table: &str) -> anyhow::Result<()> {
+    let name = distrlock_core::TableName::new(table)?;
+    let sql = distrlock_postgres::LockSql::for_table(&name);
+    let t = name.quoted('"');
+    println!(
+        "-- create table\n{}",
+        distrlock_postgres::PostgresBackend::schema_sql_for(&name)
+    );
+    println!("-- acquire\n{};\n", sql.acquire);
+    println!("-- release (channel {})\n{};\n", sql.channel, sql.release);
+    println!("-- Go sequence: init\n{};\n", go::postgres_init(&t));
+    println!("-- Go sequence: acquire\n{};\n", go::postgres_acquire(&t));
+    println!("-- Go sequence: release\n{};", go::postgres_release(&t));
+    Ok(())
 }
 
 impl From<Args> for scenarios::Options {
@@ -103,6 +136,7 @@ impl From<Args> for scenarios::Options {
             smoke: args.smoke,
             backends: args.backends,
             scenarios: args.scenarios,
+            clients: args.clients,
             plan,
             postgres_url: args.postgres_url,
             mysql_url: args.mysql_url,

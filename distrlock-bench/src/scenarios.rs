@@ -26,6 +26,7 @@ pub(crate) struct Options {
     pub(crate) smoke: bool,
     pub(crate) backends: Vec<String>,
     pub(crate) scenarios: Vec<u8>,
+    pub(crate) clients: Vec<String>,
     pub(crate) plan: Plan,
     pub(crate) postgres_url: String,
     #[allow(dead_code)] // Used once the MariaDB backend is merged.
@@ -37,6 +38,17 @@ pub(crate) struct Options {
 }
 
 impl Options {
+    /// Whether `--clients` asks for `variant`.
+    fn wants(&self, variant: Variant) -> bool {
+        let name = match variant {
+            Variant::Library => "distrlock",
+            Variant::Raw => "raw",
+            Variant::Go => "go",
+            Variant::Native => "native",
+        };
+        self.clients.iter().any(|c| c == name)
+    }
+
     fn concurrencies(&self) -> &'static [usize] {
         if self.smoke { &[1, 4] } else { &[1, 4, 16] }
     }
@@ -307,6 +319,7 @@ async fn uncontended(env: &dyn Env, opts: &Options, report: &mut Report) -> anyh
     if env.native_name().is_some() {
         variants.push(Variant::Native);
     }
+    variants.retain(|v| opts.wants(*v));
     for &n in opts.concurrencies() {
         let results = measure_variants(env, table, &variants, n, opts.plan).await?;
         let rate = |v: Variant| {
