@@ -1,1 +1,14 @@
-//! The mysql backend of distrlock: not written yet (see its issue).
+#![doc = include_str!("../README.md")]
+
+mod backend;
+mod config;
+mod error;
+mod sql;
+
+pub use backend::MySqlBackend;
+pub use config::MySqlConfig;
+
+/// The driver this backend is built on, re-exported so that your code names the
+/// same version (for [`MySqlBackend::from_pool`], [`MySqlBackend::try_acquire_in`]
+/// and [`MySqlConfig::build`]).
+pub use mysql_async;

@@ -186,14 +186,21 @@ impl ThrowawayServer {
         }
     }
 
-    /// Stops the server cleanly (SIGTERM, as `pg_ctl stop -m fast` or
-    /// `mariadb-admin shutdown` would) and waits for it to exit.
+    /// Stops the server cleanly, as `pg_ctl stop -m fast` (SIGINT: disconnect
+    /// clients, then shut down) or `mariadb-admin shutdown` (SIGTERM) would, and
+    /// waits for it to exit.
     pub fn stop(&mut self) -> Result<()> {
         let Some(mut child) = self.child.take() else {
             return Ok(());
         };
+        // PostgreSQL's SIGTERM is a "smart" shutdown that waits for every client
+        // to leave; SIGINT is the "fast" one.
+        let signal = match self.kind {
+            ServerKind::Postgres => "-INT",
+            ServerKind::MariaDb => "-TERM",
+        };
         let status = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
+            .args([signal, &child.id().to_string()])
             .status()
             .map_err(|e| ServerError::Failed(format!("kill -TERM: {e}")))?;
         if !status.success() {

@@ -1,0 +1,256 @@
+//! Mapping `mysql_async` errors into distrlock's one [`Error`].
+
+use distrlock_core::{Error, TableName};
+use mysql_async::{DriverError, Error as MyError};
+
+/// MySQL/MariaDB server error numbers this backend tells apart.
+pub(crate) mod code {
+    /// `ER_NO_SUCH_TABLE`: the lock table (or its database) does not exist.
+    pub(crate) const NO_SUCH_TABLE: u16 = 1146;
+    /// `ER_BAD_DB_ERROR`: unknown database (from `CREATE TABLE db.t`).
+    pub(crate) const BAD_DB: u16 = 1049;
+    /// `ER_LOCK_DEADLOCK`: chosen as a deadlock victim; the statement was rolled back.
+    pub(crate) const DEADLOCK: u16 = 1213;
+    /// `ER_LOCK_WAIT_TIMEOUT`: waited `innodb_lock_wait_timeout` for a row lock.
+    pub(crate) const LOCK_WAIT_TIMEOUT: u16 = 1205;
+    /// `ER_OPTION_PREVENTS_STATEMENT`: `--read-only` (a replica, or a primary
+    /// being demoted during failover).
+    pub(crate) const READ_ONLY_OPTION: u16 = 1290;
+    /// `ER_CANT_EXECUTE_IN_READ_ONLY_TRANSACTION`.
+    pub(crate) const READ_ONLY_TRANSACTION: u16 = 1792;
+    /// `ER_READ_ONLY_MODE` (MySQL, `super_read_only`-style refusals).
+    pub(crate) const READ_ONLY_MODE: u16 = 1836;
+    /// `ER_QUERY_INTERRUPTED`: `KILL QUERY`.
+    pub(crate) const QUERY_INTERRUPTED: u16 = 1317;
+    /// `ER_STATEMENT_TIMEOUT` (MariaDB `max_statement_time`).
+    pub(crate) const STATEMENT_TIMEOUT: u16 = 1969;
+    /// `ER_QUERY_TIMEOUT` (MySQL `max_execution_time`).
+    pub(crate) const QUERY_TIMEOUT: u16 = 3024;
+    /// `ER_CON_COUNT_ERROR`: too many connections.
+    pub(crate) const TOO_MANY_CONNECTIONS: u16 = 1040;
+    /// `ER_TOO_MANY_USER_CONNECTIONS`.
+    pub(crate) const TOO_MANY_USER_CONNECTIONS: u16 = 1203;
+    /// `ER_SERVER_SHUTDOWN`: the server is shutting down.
+    pub(crate) const SERVER_SHUTDOWN: u16 = 1053;
+    /// `ER_CONNECTION_KILLED` (MariaDB): sent to a session killed with `KILL`.
+    pub(crate) const CONNECTION_KILLED: u16 = 1927;
+    /// `ER_CLIENT_INTERACTION_TIMEOUT` (MySQL 8.0.24+): closed after `wait_timeout`.
+    pub(crate) const CLIENT_INTERACTION_TIMEOUT: u16 = 4031;
+    /// `CR_SERVER_GONE_ERROR`, as relayed by proxies.
+    pub(crate) const SERVER_GONE: u16 = 2006;
+    /// `CR_SERVER_LOST`, as relayed by proxies.
+    pub(crate) const SERVER_LOST: u16 = 2013;
+    /// `ER_ABORTING_CONNECTION`.
+    pub(crate) const ABORTING_CONNECTION: u16 = 1152;
+    /// `ER_NET_PACKETS_OUT_OF_ORDER`.
+    pub(crate) const NET_PACKETS_OUT_OF_ORDER: u16 = 1156;
+    /// `ER_NET_READ_ERROR`.
+    pub(crate) const NET_READ_ERROR: u16 = 1158;
+    /// `ER_NET_READ_INTERRUPTED`.
+    pub(crate) const NET_READ_INTERRUPTED: u16 = 1159;
+    /// `ER_NET_ERROR_ON_WRITE`.
+    pub(crate) const NET_ERROR_ON_WRITE: u16 = 1160;
+    /// `ER_NET_WRITE_INTERRUPTED`.
+    pub(crate) const NET_WRITE_INTERRUPTED: u16 = 1161;
+    /// `ER_NEW_ABORTING_CONNECTION`.
+    pub(crate) const NEW_ABORTING_CONNECTION: u16 = 1184;
+}
+
+/// Server errors that mean the connection itself is gone or unusable.
+fn connection_gone(code: u16) -> bool {
+    use code::*;
+    matches!(
+        code,
+        SERVER_SHUTDOWN
+            | CONNECTION_KILLED
+            | CLIENT_INTERACTION_TIMEOUT
+            | SERVER_GONE
+            | SERVER_LOST
+            | ABORTING_CONNECTION
+            | NET_PACKETS_OUT_OF_ORDER
+            | NET_READ_ERROR
+            | NET_READ_INTERRUPTED
+            | NET_ERROR_ON_WRITE
+            | NET_WRITE_INTERRUPTED
+            | NEW_ABORTING_CONNECTION
+            | TOO_MANY_CONNECTIONS
+            | TOO_MANY_USER_CONNECTIONS
+    )
+}
+
+/// Server errors after which the same call may succeed later.
+fn transient_server(code: u16) -> bool {
+    use code::*;
+    matches!(
+        code,
+        DEADLOCK
+            | LOCK_WAIT_TIMEOUT
+            | READ_ONLY_OPTION
+            | READ_ONLY_TRANSACTION
+            | READ_ONLY_MODE
+            | QUERY_INTERRUPTED
+            | STATEMENT_TIMEOUT
+            | QUERY_TIMEOUT
+    )
+}
+
+/// Whether `error` means the connection that produced it is broken: the driver
+/// saw an I/O failure or a protocol mix-up, or the server said the session is
+/// gone. Such a connection must not be reused, and the call never reached a
+/// healthy session, which is what makes a retry on another connection worth it.
+pub(crate) fn is_connection_error(error: &MyError) -> bool {
+    match error {
+        MyError::Io(_) | MyError::Other(_) => true,
+        MyError::Driver(driver) => matches!(
+            driver,
+            DriverError::ConnectionClosed
+                | DriverError::PacketOutOfOrder
+                | DriverError::PoolDisconnected
+                | DriverError::UnexpectedPacket { .. }
+                | DriverError::PacketTooLarge
+                | DriverError::BadCompressedPacketHeader
+        ),
+        MyError::Server(server) => connection_gone(server.code),
+        MyError::Url(_) => false,
+    }
+}
+
+/// Whether `error` is a deadlock: the server rolled the statement back, so an
+/// autocommit statement may simply run again.
+pub(crate) fn is_deadlock(error: &MyError) -> bool {
+    matches!(error, MyError::Server(s) if s.code == code::DEADLOCK)
+}
+
+/// Maps a driver error from an operation on `table` (`what` names the
+/// operation) into distrlock's error.
+///
+/// Messages carry the server's error text or the driver's description, never
+/// connection options, so no password can appear.
+pub(crate) fn map(error: MyError, table: &TableName, what: &str) -> Error {
+    match &error {
+        MyError::Server(server) if server.code == code::NO_SUCH_TABLE => Error::SchemaMissing {
+            table: table.to_string(),
+            hint: format!(
+                "create it with MySqlBackend::create_table() or run the DDL from schema_sql() \
+                 ({})",
+                server.message
+            ),
+        },
+        MyError::Server(server) if server.code == code::BAD_DB => Error::SchemaMissing {
+            table: table.to_string(),
+            hint: format!(
+                "its database does not exist; create the database first ({})",
+                server.message
+            ),
+        },
+        MyError::Server(server) => {
+            let message = format!("{what}: {error}");
+            if connection_gone(server.code) {
+                Error::unavailable(message, Some(Box::new(error)))
+            } else if transient_server(server.code) {
+                Error::transient(message, error)
+            } else {
+                Error::permanent(message, error)
+            }
+        }
+        MyError::Url(_) => Error::InvalidConfig {
+            reason: format!("{what}: {error}"),
+        },
+        _ if is_connection_error(&error) => {
+            Error::unavailable(format!("{what}: {error}"), Some(Box::new(error)))
+        }
+        _ => Error::permanent(format!("{what}: {error}"), error),
+    }
+}
+
+/// Maps an error from getting a connection (opening it, logging in, running the
+/// session setup) into distrlock's error.
+///
+/// Unreachable servers and broken connections are [`Error::Unavailable`]; a
+/// server that answers with a refusal (wrong credentials, unknown database, a bad
+/// setup statement) is a permanent [`Error::Backend`], unless the refusal is one
+/// that passes (too many connections, shutting down, read-only).
+pub(crate) fn map_connect(error: MyError) -> Error {
+    let message = format!("connecting to the MySQL server: {error}");
+    match &error {
+        MyError::Server(server) if connection_gone(server.code) => {
+            Error::unavailable(message, Some(Box::new(error)))
+        }
+        MyError::Server(server) if transient_server(server.code) => {
+            Error::transient(message, error)
+        }
+        MyError::Server(_) => Error::permanent(message, error),
+        MyError::Url(_) => Error::InvalidConfig { reason: message },
+        _ if is_connection_error(&error) => Error::unavailable(message, Some(Box::new(error))),
+        _ => Error::permanent(message, error),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use mysql_async::ServerError;
+
+    use super::*;
+
+    fn server(code: u16) -> MyError {
+        MyError::Server(ServerError {
+            code,
+            message: format!("message {code}"),
+            state: "HY000".into(),
+        })
+    }
+
+    #[test]
+    fn classifies_server_errors() {
+        let table = TableName::default();
+        assert!(matches!(
+            map(server(1146), &table, "acquire"),
+            Error::SchemaMissing { .. }
+        ));
+        for transient in [1213, 1205, 1290, 1792, 1836, 1317, 1969, 3024] {
+            let e = map(server(transient), &table, "acquire");
+            assert!(
+                matches!(
+                    e,
+                    Error::Backend {
+                        transient: true,
+                        ..
+                    }
+                ),
+                "{transient}: {e:?}"
+            );
+        }
+        for gone in [1927, 1053, 4031, 2006, 2013, 1040] {
+            let e = map(server(gone), &table, "acquire");
+            assert!(matches!(e, Error::Unavailable { .. }), "{gone}: {e:?}");
+            assert!(is_connection_error(&server(gone)));
+        }
+        for permanent in [1064, 1142, 1690] {
+            let e = map(server(permanent), &table, "acquire");
+            assert!(
+                matches!(
+                    e,
+                    Error::Backend {
+                        transient: false,
+                        ..
+                    }
+                ),
+                "{permanent}: {e:?}"
+            );
+        }
+        assert!(is_deadlock(&server(1213)));
+        assert!(!is_connection_error(&server(1213)));
+    }
+
+    #[test]
+    fn io_errors_are_unavailable() {
+        let io = MyError::Io(mysql_async::IoError::Io(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "reset by peer",
+        )));
+        assert!(is_connection_error(&io));
+        let e = map(io, &TableName::default(), "extend");
+        assert!(matches!(e, Error::Unavailable { .. }));
+        assert!(e.is_transient());
+    }
+}

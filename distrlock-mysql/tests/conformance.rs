@@ -1,0 +1,8 @@
+//! The whole distrlock conformance suite against the real MySQL/MariaDB server
+//! (`DISTRLOCK_TEST_MYSQL_URL`).
+
+mod common;
+
+use common::MySqlHarness;
+
+distrlock_testkit::conformance_tests!(MySqlHarness);

@@ -1,0 +1,844 @@
+//! MySQL/MariaDB-specific tests, against the real server
+//! (`DISTRLOCK_TEST_MYSQL_URL`). Each test uses a table (or database) of its own.
+
+mod common;
+
+use std::time::{Duration, Instant, SystemTime};
+
+use common::{
+    backend, config, drop_table, kill, raw_conn, recording_opts, server_now_secs, session_status,
+    unique,
+};
+use distrlock_core::{AcquireOutcome, Error, Fence, LockBackend, LockKey, LockState, Token, Ttl};
+use distrlock_mysql::mysql_async::prelude::Queryable;
+use distrlock_mysql::mysql_async::{Opts, OptsBuilder, TxOpts};
+use distrlock_mysql::{MySqlBackend, MySqlConfig};
+
+const LONG: Duration = Duration::from_secs(30);
+
+fn ttl(d: Duration) -> Ttl {
+    Ttl::new(d).unwrap()
+}
+
+fn key(name: &str) -> LockKey {
+    LockKey::new(name).unwrap()
+}
+
+async fn acquire(
+    backend: &MySqlBackend,
+    key: &LockKey,
+    token: &Token,
+    d: Duration,
+) -> AcquireOutcome {
+    backend
+        .try_acquire(key, token, ttl(d), "mysql-test")
+        .await
+        .expect("try_acquire")
+}
+
+fn fence(outcome: AcquireOutcome) -> Fence {
+    match outcome {
+        AcquireOutcome::Acquired { fence } => fence,
+        other => panic!("expected Acquired, got {other:?}"),
+    }
+}
+
+fn remaining(outcome: AcquireOutcome) -> Duration {
+    match outcome {
+        AcquireOutcome::Held {
+            remaining: Some(left),
+        } => left,
+        other => panic!("expected Held with a remaining lease, got {other:?}"),
+    }
+}
+
+/// A backend whose sessions first run `setup` (such as a `time_zone`).
+async fn backend_with_setup(
+    table: &str,
+    setup: &str,
+) -> Result<MySqlBackend, distrlock_testkit::Skip> {
+    let (opts, _) = recording_opts()?;
+    let opts = OptsBuilder::from_opts(opts).setup(vec![setup.to_owned()]);
+    let backend = config(table).build(opts).expect("valid config");
+    common::create_or_skip(&backend).await?;
+    Ok(backend)
+}
+
+/// Sessions in time zones 25 hours apart (and a DST zone where the server has
+/// the named zones loaded) see one lease the same way: refusals report the
+/// same remaining lease, expiry hands over on time, and stored instants are UTC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_in_different_time_zones_contend_correctly() {
+    let test = "sessions_in_different_time_zones_contend_correctly";
+    let table = unique("dl_tz");
+    let mut zones = vec![
+        "'+13:00'".to_owned(),
+        "'-12:00'".to_owned(),
+        "'+05:45'".to_owned(),
+        "'SYSTEM'".to_owned(),
+    ];
+    let mut probe = require!(test, raw_conn().await);
+    let named: Option<Option<String>> = probe
+        .query_first("SELECT CONVERT_TZ('2024-03-31 00:30:00', 'UTC', 'America/New_York')")
+        .await
+        .unwrap();
+    if named.flatten().is_some() {
+        // Two DST zones on opposite hemispheres' schedules.
+        zones.push("'America/New_York'".to_owned());
+        zones.push("'Australia/Sydney'".to_owned());
+    } else {
+        eprintln!(
+            "NOTE {test}: the server has no named time zones loaded (mysql.time_zone* empty), \
+             so this run covers fixed offsets 25 hours apart, not a DST zone"
+        );
+    }
+    let _ = probe.disconnect().await;
+    let mut backends = Vec::new();
+    for zone in &zones {
+        let b = require!(
+            test,
+            backend_with_setup(&table, &format!("SET time_zone = {zone}")).await
+        );
+        // The session really is in that zone.
+        let mut conn = b.pool().get_conn().await.unwrap();
+        let tz: Option<String> = conn
+            .query_first("SELECT @@session.time_zone")
+            .await
+            .unwrap();
+        assert_eq!(format!("'{}'", tz.unwrap()), *zone);
+        drop(conn);
+        backends.push(b);
+    }
+
+    let k = key("tz-contended");
+    let holder = Token::new();
+    let lease = Duration::from_millis(1500);
+    let before = SystemTime::now();
+    let f1 = fence(acquire(&backends[0], &k, &holder, lease).await);
+    for (zone, b) in zones.iter().zip(&backends).skip(1) {
+        let left = remaining(acquire(b, &k, &Token::new(), LONG).await);
+        assert!(
+            left <= lease && left > lease - Duration::from_millis(1000),
+            "a session in {zone} sees {left:?} left of a {lease:?} lease"
+        );
+        let info = b.inspect(&k).await.unwrap().expect("row");
+        assert_eq!(info.state, LockState::Held, "{zone}");
+        // Stored instants are UTC: within a few seconds of this machine's clock.
+        let skew = info
+            .acquired_at
+            .duration_since(before)
+            .unwrap_or_else(|e| e.duration());
+        assert!(
+            skew < Duration::from_secs(5),
+            "{zone}: acquired_at is {skew:?} off"
+        );
+    }
+    tokio::time::sleep(lease + Duration::from_millis(150)).await;
+    for (zone, b) in zones.iter().zip(&backends) {
+        let info = b.inspect(&k).await.unwrap().expect("row");
+        assert_eq!(
+            info.state,
+            LockState::Expired,
+            "{zone} must see the lease expired"
+        );
+    }
+    let taker = Token::new();
+    let f2 = fence(acquire(&backends[1], &k, &taker, LONG).await);
+    assert!(f2 > f1);
+    assert!(matches!(
+        backends[0].extend(&k, &holder, ttl(LONG)).await,
+        Err(Error::NotHeld { .. })
+    ));
+    let mut expiries = Vec::new();
+    for b in &backends {
+        expiries.push(b.inspect(&k).await.unwrap().unwrap().expires_at);
+    }
+    assert!(
+        expiries.windows(2).all(|w| w[0] == w[1]),
+        "every zone reads the same expiry: {expiries:?}"
+    );
+    assert!(matches!(
+        backends[2].release(&k, &Token::new()).await,
+        Err(Error::NotHeld { .. })
+    ));
+    // The holder's token releases from a session in any zone.
+    backends[3].release(&k, &taker).await.unwrap();
+    drop_table(&table).await;
+}
+
+/// A row locked by another open transaction: try-acquire, extend and release
+/// give a transient error within the row-lock bound (1 s) instead of waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_locked_by_foreign_transaction_returns_within_bound() {
+    let test = "row_locked_by_foreign_transaction_returns_within_bound";
+    let table = unique("dl_rowlock");
+    let (b, _) = require!(test, backend(config(&table)).await);
+    let k = key("row-locked");
+    let token = Token::new();
+    fence(acquire(&b, &k, &token, LONG).await);
+
+    let mut foreign = require!(test, raw_conn().await);
+    let mut tx = foreign.start_transaction(TxOpts::default()).await.unwrap();
+    let locked: Option<u64> = tx
+        .exec_first(
+            format!("SELECT fence FROM `{table}` WHERE lock_key = ? FOR UPDATE"),
+            (k.as_str().as_bytes(),),
+        )
+        .await
+        .unwrap();
+    assert!(locked.is_some());
+    // A key with no row yet, locked by an uncommitted insert.
+    let fresh = key("row-locked-new");
+    tx.exec_drop(
+        format!(
+            "INSERT INTO `{table}` (lock_key, token, fence, owner, acquired_at, expires_at) \
+             VALUES (?, ?, 1, 'foreign', UTC_TIMESTAMP(6), NULL)"
+        ),
+        (
+            fresh.as_str().as_bytes(),
+            Token::new().as_uuid().as_bytes().to_vec(),
+        ),
+    )
+    .await
+    .unwrap();
+
+    let bound = Duration::from_secs(1);
+    let slack = Duration::from_millis(1500);
+    for (what, call) in [
+        ("acquire existing", 0),
+        ("acquire new", 1),
+        ("extend", 2),
+        ("release", 3),
+    ] {
+        let started = Instant::now();
+        let result = match call {
+            0 => b
+                .try_acquire(&k, &Token::new(), ttl(LONG), "t")
+                .await
+                .map(|_| ()),
+            1 => b
+                .try_acquire(&fresh, &Token::new(), ttl(LONG), "t")
+                .await
+                .map(|_| ()),
+            2 => b.extend(&k, &token, ttl(LONG)).await,
+            _ => b.release(&k, &token).await,
+        };
+        let took = started.elapsed();
+        let error = result.expect_err(what);
+        assert!(error.is_transient(), "{what}: {error}");
+        assert!(
+            error.to_string().contains("1205"),
+            "{what}: expected a lock wait timeout, got {error}"
+        );
+        assert!(
+            took >= bound - Duration::from_millis(100) && took < bound + slack,
+            "{what} returned after {took:?}, bound {bound:?}"
+        );
+    }
+    tx.rollback().await.unwrap();
+    let _ = foreign.disconnect().await;
+    // Once the foreign transaction is gone, everything works again.
+    b.extend(&k, &token, ttl(LONG)).await.unwrap();
+    fence(acquire(&b, &fresh, &Token::new(), LONG).await);
+    b.release(&k, &token).await.unwrap();
+    drop_table(&table).await;
+}
+
+/// After `KILL` of every session of the pool, each kind of call succeeds: dead
+/// pooled connections are discarded (by the driver's check at checkout, or by the
+/// backend's one retry on a connection that answers a ping). A call whose session
+/// is killed while it waits fails alone, and the next one works. Over the Unix
+/// socket (the driver's default for a local server) and over TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_sessions_are_recovered_over_the_unix_socket() {
+    killed_sessions_case("killed_sessions_are_recovered_over_the_unix_socket", true).await;
+}
+
+/// The same over TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_sessions_are_recovered_over_tcp() {
+    killed_sessions_case("killed_sessions_are_recovered_over_tcp", false).await;
+}
+
+async fn killed_sessions_case(test: &str, prefer_socket: bool) {
+    let table = unique("dl_kill");
+    let (opts, ids) = require!(test, recording_opts());
+    let opts = OptsBuilder::from_opts(opts).prefer_socket(prefer_socket);
+    let b = config(&table).build(opts).unwrap();
+    require!(test, common::create_or_skip(&b).await);
+    let mut probe = b.pool().get_conn().await.unwrap();
+    let host: Option<String> = probe
+        .exec_first(
+            "SELECT HOST FROM information_schema.PROCESSLIST WHERE ID = ?",
+            (probe.id(),),
+        )
+        .await
+        .unwrap();
+    drop(probe);
+    let over_socket = host.as_deref() == Some("localhost");
+    if over_socket != prefer_socket {
+        eprintln!(
+            "NOTE {test}: sessions connect from {host:?}, so this run tests the other transport"
+        );
+    }
+    let k = key("killed");
+    let token = Token::new();
+    let f = fence(acquire(&b, &k, &token, LONG).await);
+    // Open several pooled connections so several dead ones wait in the pool.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(b.pool().get_conn().await.unwrap());
+    }
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let killed = ids.lock().unwrap().clone();
+    assert!(killed.len() >= 4, "sessions opened: {killed:?}");
+    for round in 0..2 {
+        let sessions = ids.lock().unwrap().clone();
+        kill(&sessions).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        b.extend(&k, &token, ttl(LONG))
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: extend: {e}"));
+        assert_eq!(
+            fence(acquire(&b, &k, &token, LONG).await),
+            f,
+            "round {round}"
+        );
+        let other = key(&format!("killed-other-{round}"));
+        let t2 = Token::new();
+        fence(acquire(&b, &other, &t2, LONG).await);
+        assert!(b.inspect(&k).await.unwrap().unwrap().is_live());
+        assert!(!b.list().await.unwrap().is_empty());
+        b.release(&other, &t2).await.unwrap();
+    }
+
+    // A session killed in the middle of a statement: that call fails, the next
+    // one succeeds.
+    let mut foreign = require!(test, raw_conn().await);
+    let mut tx = foreign.start_transaction(TxOpts::default()).await.unwrap();
+    tx.exec_drop(
+        format!("SELECT fence FROM `{table}` WHERE lock_key = ? FOR UPDATE"),
+        (k.as_str().as_bytes(),),
+    )
+    .await
+    .unwrap();
+    let waiting = {
+        let b = b.clone();
+        let k = k.clone();
+        tokio::spawn(async move { b.extend(&k, &token, ttl(LONG)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sessions = ids.lock().unwrap().clone();
+    kill(&sessions).await;
+    let result = waiting.await.unwrap();
+    let error = result.expect_err("the row is still locked by the foreign transaction");
+    assert!(error.is_transient(), "{error}");
+    tx.rollback().await.unwrap();
+    let _ = foreign.disconnect().await;
+    b.extend(&k, &token, ttl(LONG))
+        .await
+        .expect("the next call works");
+    b.release(&k, &token)
+        .await
+        .expect("the holder still releases");
+    drop_table(&table).await;
+}
+
+/// `database.table` names work (here with a reserved word as the table name,
+/// which only works because every name is backquoted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qualified_database_table_names_work() {
+    let test = "qualified_database_table_names_work";
+    let db = unique("dl_db");
+    let mut admin = require!(test, raw_conn().await);
+    admin
+        .query_drop(format!("CREATE DATABASE `{db}`"))
+        .await
+        .unwrap();
+    let table = format!("{db}.select");
+    let (b, _) = require!(test, backend(config(&table)).await);
+    assert!(b.schema_sql().contains(&format!("`{db}`.`select`")));
+    b.create_table().await.expect("create_table is idempotent");
+    let k = key("qualified");
+    let token = Token::new();
+    let f = fence(acquire(&b, &k, &token, LONG).await);
+    let info = b.inspect(&k).await.unwrap().expect("row");
+    assert_eq!((info.fence, info.state), (f, LockState::Held));
+    let count: Option<u64> = admin
+        .query_first(format!("SELECT COUNT(*) FROM `{db}`.`select`"))
+        .await
+        .unwrap();
+    assert_eq!(count, Some(1), "the row lives in the named database");
+    b.release(&k, &token).await.unwrap();
+    admin
+        .query_drop(format!("DROP DATABASE `{db}`"))
+        .await
+        .unwrap();
+    let _ = admin.disconnect().await;
+}
+
+/// Injection attempts in the table name are refused before any SQL runs.
+#[tokio::test]
+async fn injection_in_table_names_is_refused() {
+    let opts = Opts::from_url(&common::url()).unwrap();
+    for bad in [
+        "x`; DROP TABLE y; --",
+        "x`.`y",
+        "t; DROP DATABASE test",
+        "a.b.c",
+        "t'",
+        "t\"",
+        "t/*",
+        "`t`",
+        "t\0",
+        "db.",
+        "",
+    ] {
+        match MySqlConfig::new().table(bad).build(opts.clone()) {
+            Err(Error::InvalidTableName { .. }) => {}
+            other => panic!("{bad:?} must be refused, got {other:?}"),
+        }
+    }
+}
+
+/// Two extends (and two same-token acquires) within one clock tick leave the
+/// row unchanged, so the server reports 0 changed rows: the backend must still
+/// see the lock as held. The session's clock is pinned with `SET timestamp`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn double_extend_within_one_clock_tick_keeps_the_lock() {
+    let test = "double_extend_within_one_clock_tick_keeps_the_lock";
+    let table = unique("dl_tick");
+    // One connection, so the pinned clock applies to every call.
+    let (b, _) = require!(
+        test,
+        backend(config(&table).max_connections(1).min_connections(1)).await
+    );
+    let k = key("tick");
+    let token = Token::new();
+    let f = fence(acquire(&b, &k, &token, LONG).await);
+
+    let mut conn = b.pool().get_conn().await.unwrap();
+    let id = conn.id();
+    let now = server_now_secs(&mut conn).await;
+    conn.query_drop(format!("SET timestamp = {now:.6}"))
+        .await
+        .unwrap();
+    drop(conn);
+
+    let changed = |b: MySqlBackend| async move {
+        let mut conn = b.pool().get_conn().await.unwrap();
+        assert_eq!(conn.id(), id, "the pool has one connection");
+        let rows: Option<i64> = conn.query_first("SELECT ROW_COUNT()").await.unwrap();
+        rows.unwrap()
+    };
+    b.extend(&k, &token, ttl(LONG)).await.expect("first extend");
+    let first = changed(b.clone()).await;
+    b.extend(&k, &token, ttl(LONG))
+        .await
+        .expect("second extend in the same tick");
+    let second = changed(b.clone()).await;
+    assert_eq!((first, second), (1, 0), "the second extend changed nothing");
+    for _ in 0..2 {
+        assert_eq!(fence(acquire(&b, &k, &token, LONG).await), f);
+    }
+    assert_eq!(
+        changed(b.clone()).await,
+        0,
+        "the same-token acquire changed nothing"
+    );
+    assert!(matches!(
+        acquire(&b, &k, &Token::new(), LONG).await,
+        AcquireOutcome::Held { .. }
+    ));
+    let info = b.inspect(&k).await.unwrap().unwrap();
+    let pinned = SystemTime::UNIX_EPOCH + Duration::from_secs_f64(now) + LONG;
+    let off = info
+        .expires_at
+        .unwrap()
+        .duration_since(pinned)
+        .unwrap_or_else(|e| e.duration());
+    assert!(
+        off < Duration::from_millis(1),
+        "expiry {off:?} off the pinned clock"
+    );
+
+    let mut conn = b.pool().get_conn().await.unwrap();
+    conn.query_drop("SET timestamp = DEFAULT").await.unwrap();
+    drop(conn);
+    b.release(&k, &token).await.unwrap();
+    drop_table(&table).await;
+}
+
+/// Keys compare byte for byte: case, trailing and inner white space, and
+/// Unicode normalisation all make different keys (a PAD SPACE or accent-folding
+/// collation would merge some of them), and each reads back exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_are_byte_exact() {
+    let test = "keys_are_byte_exact";
+    let table = unique("dl_keys");
+    let (b, _) = require!(test, backend(config(&table)).await);
+    let names = [
+        "a", "A", "a ", "a  ", " a", "a\t", "ss", "ß", "é", "e\u{301}", "ﬃ", "ffi", "😀",
+    ];
+    for name in names {
+        let k = key(name);
+        assert_eq!(
+            fence(acquire(&b, &k, &Token::new(), LONG).await),
+            Fence::new(1),
+            "{name:?} must be a key of its own"
+        );
+    }
+    let listed: Vec<String> = b
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.key.into_string())
+        .collect();
+    let mut expected: Vec<String> = names.iter().map(|s| (*s).to_owned()).collect();
+    expected.sort();
+    assert_eq!(
+        listed, expected,
+        "list returns every key exactly, in byte order"
+    );
+    drop_table(&table).await;
+}
+
+/// Measures, from the server's session status counters on the one connection of
+/// the pool, that each operation is exactly one statement (`Questions`), one
+/// execution of an already prepared statement (`Com_stmt_execute`,
+/// `Com_stmt_prepare`), on the pool path and on the caller's-connection path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_operation_is_one_statement() {
+    let test = "each_operation_is_one_statement";
+    let table = unique("dl_count");
+    let (b, _) = require!(
+        test,
+        backend(config(&table).max_connections(1).min_connections(1)).await
+    );
+    let k = key("counted");
+    let token = Token::new();
+    let other = Token::new();
+    let t = ttl(LONG);
+
+    // Warm up: prepare every statement once on the connection.
+    fence(acquire(&b, &k, &token, LONG).await);
+    b.extend(&k, &token, t).await.unwrap();
+    b.inspect(&k).await.unwrap();
+    b.list().await.unwrap();
+    b.release(&k, &token).await.unwrap();
+
+    let mut conn = b.pool().get_conn().await.unwrap();
+    let id = conn.id();
+    let a = session_status(&mut conn).await;
+    let c = session_status(&mut conn).await;
+    // What reading the counters costs by itself.
+    let base = c["Questions"] - a["Questions"];
+    drop(conn);
+
+    macro_rules! counted {
+        ($label:expr, $op:expr) => {{
+            let mut conn = b.pool().get_conn().await.unwrap();
+            let before = session_status(&mut conn).await;
+            drop(conn);
+            $op;
+            let mut conn = b.pool().get_conn().await.unwrap();
+            assert_eq!(conn.id(), id, "one connection");
+            let after = session_status(&mut conn).await;
+            drop(conn);
+            let delta = |name: &str| after[name] - before[name];
+            let statements = delta("Questions") - base;
+            eprintln!(
+                "{}: {} statement(s), {} execute(s), {} prepare(s)",
+                $label,
+                statements,
+                delta("Com_stmt_execute"),
+                delta("Com_stmt_prepare")
+            );
+            assert_eq!(statements, 1, "{}: statements", $label);
+            assert_eq!(delta("Com_stmt_execute"), 1, "{}: executions", $label);
+            assert_eq!(
+                delta("Com_stmt_prepare"),
+                0,
+                "{}: prepared once per connection",
+                $label
+            );
+        }};
+    }
+    counted!("acquire (won)", fence(acquire(&b, &k, &token, LONG).await));
+    counted!(
+        "acquire (refused, with remaining lease)",
+        remaining(acquire(&b, &k, &other, LONG).await)
+    );
+    counted!(
+        "acquire (same token)",
+        fence(acquire(&b, &k, &token, LONG).await)
+    );
+    counted!("extend", b.extend(&k, &token, t).await.unwrap());
+    counted!(
+        "extend (not held)",
+        assert!(b.extend(&k, &other, t).await.is_err())
+    );
+    counted!("inspect", b.inspect(&k).await.unwrap());
+    counted!("list", b.list().await.unwrap());
+    counted!("release", b.release(&k, &token).await.unwrap());
+
+    // The caller's-connection path runs the same statements.
+    let mut own = require!(test, raw_conn().await);
+    let k2 = key("counted-in");
+    fence(
+        b.try_acquire_in(&mut own, &k2, &token, t, "in")
+            .await
+            .unwrap(),
+    );
+    b.release_in(&mut own, &k2, &token).await.unwrap();
+    let before = session_status(&mut own).await;
+    fence(
+        b.try_acquire_in(&mut own, &k2, &token, t, "in")
+            .await
+            .unwrap(),
+    );
+    let middle = session_status(&mut own).await;
+    b.release_in(&mut own, &k2, &token).await.unwrap();
+    let after = session_status(&mut own).await;
+    for (label, x, y) in [
+        ("acquire_in", &before, &middle),
+        ("release_in", &middle, &after),
+    ] {
+        assert_eq!(x.len(), y.len());
+        assert_eq!(y["Questions"] - x["Questions"] - base, 1, "{label}");
+        assert_eq!(y["Com_stmt_execute"] - x["Com_stmt_execute"], 1, "{label}");
+        assert_eq!(y["Com_stmt_prepare"] - x["Com_stmt_prepare"], 0, "{label}");
+    }
+    let _ = own.disconnect().await;
+    drop_table(&table).await;
+}
+
+/// Acquire and release inside the caller's own transaction: invisible and
+/// blocking until commit, undone by rollback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acquire_and_release_inside_the_callers_transaction() {
+    let test = "acquire_and_release_inside_the_callers_transaction";
+    let table = unique("dl_tx");
+    let (b, _) = require!(test, backend(config(&table)).await);
+    let mut own = require!(test, raw_conn().await);
+    let t = ttl(LONG);
+
+    // Rolled back: as if it never happened.
+    let k = key("tx-rollback");
+    let token = Token::new();
+    let mut tx = own.start_transaction(TxOpts::default()).await.unwrap();
+    fence(
+        b.try_acquire_in(&mut tx, &k, &token, t, "tx")
+            .await
+            .unwrap(),
+    );
+    tx.rollback().await.unwrap();
+    assert!(b.inspect(&k).await.unwrap().is_none(), "rolled back");
+
+    // Committed: others wait on the row until then, and see it held after.
+    let k = key("tx-commit");
+    let mut tx = own.start_transaction(TxOpts::default()).await.unwrap();
+    let f = fence(
+        b.try_acquire_in(&mut tx, &k, &token, t, "tx")
+            .await
+            .unwrap(),
+    );
+    let blocked = b.try_acquire(&k, &Token::new(), t, "other").await;
+    assert!(
+        matches!(&blocked, Err(e) if e.is_transient()),
+        "an uncommitted acquire blocks others for the row-lock bound: {blocked:?}"
+    );
+    tx.commit().await.unwrap();
+    assert!(matches!(
+        acquire(&b, &k, &Token::new(), LONG).await,
+        AcquireOutcome::Held { .. }
+    ));
+    assert_eq!(b.inspect(&k).await.unwrap().unwrap().fence, f);
+
+    // A release rolled back keeps the lock; a release committed ends it.
+    let mut tx = own.start_transaction(TxOpts::default()).await.unwrap();
+    b.release_in(&mut tx, &k, &token).await.unwrap();
+    tx.rollback().await.unwrap();
+    assert!(b.inspect(&k).await.unwrap().unwrap().is_live());
+    let mut tx = own.start_transaction(TxOpts::default()).await.unwrap();
+    b.release_in(&mut tx, &k, &token).await.unwrap();
+    assert!(matches!(
+        b.release_in(&mut tx, &k, &token).await,
+        Err(Error::NotHeld { .. })
+    ));
+    tx.commit().await.unwrap();
+    assert_eq!(
+        b.inspect(&k).await.unwrap().unwrap().state,
+        LockState::Released
+    );
+    let _ = own.disconnect().await;
+    drop_table(&table).await;
+}
+
+/// Connections with the `CLIENT_FOUND_ROWS` flag (where a refused
+/// `ON DUPLICATE KEY UPDATE` reports 1 row, like an insert) read every outcome
+/// the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn found_rows_connections_read_outcomes_correctly() {
+    let test = "found_rows_connections_read_outcomes_correctly";
+    let table = unique("dl_found");
+    let (opts, _) = require!(test, recording_opts());
+    let opts = OptsBuilder::from_opts(opts).client_found_rows(true);
+    let b = config(&table).build(opts).unwrap();
+    require!(test, common::create_or_skip(&b).await);
+    let k = key("found");
+    let (a, other) = (Token::new(), Token::new());
+    let f = fence(acquire(&b, &k, &a, LONG).await);
+    remaining(acquire(&b, &k, &other, LONG).await);
+    assert_eq!(fence(acquire(&b, &k, &a, LONG).await), f);
+    b.extend(&k, &a, ttl(LONG)).await.unwrap();
+    assert!(matches!(
+        b.extend(&k, &other, ttl(LONG)).await,
+        Err(Error::NotHeld { .. })
+    ));
+    b.release(&k, &a).await.unwrap();
+    assert!(matches!(
+        b.release(&k, &a).await,
+        Err(Error::NotHeld { .. })
+    ));
+    assert!(fence(acquire(&b, &k, &other, LONG).await) > f);
+    drop_table(&table).await;
+}
+
+/// A table that does not exist gives the typed schema-missing error with a hint,
+/// for every operation; `create_table` is idempotent under concurrency and
+/// `schema_sql` is the DDL it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_table_is_typed_and_create_table_is_idempotent() {
+    let test = "missing_table_is_typed_and_create_table_is_idempotent";
+    let table = unique("dl_missing");
+    let (opts, _) = require!(test, recording_opts());
+    let b = config(&table).build(opts).unwrap();
+    let k = key("missing");
+    let token = Token::new();
+    let results = [
+        b.try_acquire(&k, &token, ttl(LONG), "x").await.map(|_| ()),
+        b.extend(&k, &token, ttl(LONG)).await,
+        b.release(&k, &token).await,
+        b.inspect(&k).await.map(|_| ()),
+        b.list().await.map(|_| ()),
+    ];
+    for result in results {
+        match result {
+            Err(Error::SchemaMissing { table: t, hint }) => {
+                assert_eq!(t, table);
+                assert!(hint.contains("create_table"), "{hint}");
+            }
+            Err(e) if e.is_transient() => {
+                distrlock_testkit::skip(test, &format!("no MySQL/MariaDB server: {e}"));
+                return;
+            }
+            other => panic!("expected SchemaMissing, got {other:?}"),
+        }
+    }
+    let ddl = b.schema_sql();
+    for part in [
+        "ENGINE=InnoDB",
+        "utf8mb4",
+        "VARBINARY(255)",
+        "DATETIME(6)",
+        "PRIMARY KEY (lock_key)",
+    ] {
+        assert!(ddl.contains(part), "{part} missing from {ddl}");
+    }
+    let mut creators = Vec::new();
+    for _ in 0..4 {
+        let b = b.clone();
+        creators.push(tokio::spawn(async move { b.create_table().await }));
+    }
+    for c in creators {
+        c.await.unwrap().expect("concurrent create_table");
+    }
+    b.create_table().await.expect("again");
+    fence(acquire(&b, &k, &token, LONG).await);
+    drop_table(&table).await;
+}
+
+/// The pool's sessions carry the configured bounds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_carry_the_configured_bounds() {
+    let test = "sessions_carry_the_configured_bounds";
+    let table = unique("dl_bounds");
+    let (b, _) = require!(
+        test,
+        backend(
+            config(&table)
+                .lock_wait_timeout(Duration::from_millis(2500))
+                .statement_timeout(Duration::from_secs(7))
+        )
+        .await
+    );
+    let mut conn = b.pool().get_conn().await.unwrap();
+    let wait: Option<u64> = conn
+        .query_first("SELECT @@session.innodb_lock_wait_timeout")
+        .await
+        .unwrap();
+    assert_eq!(wait, Some(3), "2.5 s rounds up to 3 s");
+    let version: Option<String> = conn.query_first("SELECT VERSION()").await.unwrap();
+    if version.unwrap_or_default().contains("MariaDB") {
+        let limit: Option<f64> = conn
+            .query_first("SELECT @@session.max_statement_time")
+            .await
+            .unwrap();
+        assert_eq!(limit, Some(7.0));
+    }
+    drop(conn);
+    drop_table(&table).await;
+}
+
+/// A server that accepts the TCP connection but never answers: connecting gives
+/// up at the connect timeout with `Unavailable`. Needs no database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_timeout_bounds_a_silent_server() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let silent = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            open.push(socket);
+        }
+    });
+    let started = Instant::now();
+    let result = MySqlConfig::new()
+        .connect_timeout(Duration::from_millis(300))
+        .connect(&format!(
+            "mysql://root:pw-SECRET@127.0.0.1:{port}/test?prefer_socket=false"
+        ))
+        .await;
+    let took = started.elapsed();
+    match result {
+        Err(e @ Error::Unavailable { .. }) => {
+            assert!(!format!("{e} {e:?}").contains("pw-SECRET"), "{e:?}");
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    assert!(took < Duration::from_millis(1500), "took {took:?}");
+    silent.abort();
+}
+
+/// Wrong credentials: a permanent error whose text has no password, from the
+/// real server; and `Debug` never shows one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwords_never_appear_in_errors_or_debug() {
+    let url = common::url();
+    let Some((scheme, rest)) = url.split_once("://") else {
+        panic!("test URL without a scheme")
+    };
+    let host = rest.rsplit('@').next().unwrap();
+    let wrong = format!("{scheme}://distrlock_nobody:pw-SECRET-123@{host}");
+    let result = MySqlBackend::connect(&wrong).await;
+    let error = result.expect_err("unknown user");
+    let shown = format!("{error} {error:?}");
+    assert!(!shown.contains("pw-SECRET-123"), "{shown}");
+    let backend = MySqlBackend::from_opts(Opts::from_url(&wrong).unwrap()).unwrap();
+    let shown = format!("{backend:?} {:?}", backend.config());
+    assert!(!shown.contains("pw-SECRET-123"), "{shown}");
+    assert!(!shown.contains("distrlock_nobody"), "{shown}");
+}

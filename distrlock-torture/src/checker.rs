@@ -1,0 +1,390 @@
+//! The history checker: turns workers' histories into holdings and checks the
+//! guarantees against them.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::history::Event;
+
+/// One worker process's history, and when the test killed it, if it did.
+#[derive(Debug, Clone)]
+pub struct WorkerRun {
+    /// A name for messages (file name).
+    pub name: String,
+    /// The events, in the order written.
+    pub events: Vec<Event>,
+    /// When the test sent SIGKILL, on `CLOCK_MONOTONIC`.
+    pub killed_at: Option<u64>,
+}
+
+/// One continuous claim on a key by one worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holding {
+    /// The worker it belongs to.
+    pub worker: String,
+    /// The key.
+    pub key: String,
+    /// The fence.
+    pub fence: i64,
+    /// First moment claimed.
+    pub start: u64,
+    /// Last moment claimed (the kill time for a killed holder).
+    pub end: u64,
+    /// Whether the holding ended because the worker was killed.
+    pub killed: bool,
+}
+
+/// What the checker found.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// Holdings, by key, in order of start.
+    pub holdings: BTreeMap<String, Vec<Holding>>,
+    /// Pairs of holdings of one key that overlap in time.
+    pub overlaps: Vec<(Holding, Holding)>,
+    /// Pairs of consecutive holdings of one key whose fence did not grow.
+    pub fence_regressions: Vec<(Holding, Holding)>,
+    /// For each killed holding that someone wanted afterwards: the delay from the
+    /// kill (or from when the first waiter began, if later) until the next holder
+    /// claimed the key. A waiter that gave up before anyone took the key counts
+    /// with the time it waited.
+    pub takeovers: Vec<Duration>,
+    /// Holdings that ended because the guard declared the lock lost.
+    pub lost: usize,
+}
+
+impl Report {
+    /// The number of acquisitions seen.
+    pub fn acquisitions(&self) -> usize {
+        self.holdings.values().map(Vec::len).sum()
+    }
+
+    /// The longest takeover delay after a killed holder, if any.
+    pub fn worst_takeover(&self) -> Option<Duration> {
+        self.takeovers.iter().max().copied()
+    }
+}
+
+/// Builds holdings from the runs and checks mutual exclusion, fence order and
+/// takeover delays.
+pub fn check(runs: &[WorkerRun]) -> Report {
+    let mut report = Report::default();
+    // Every wait for a key: (key, began, ended).
+    let mut waits: Vec<(String, u64, u64)> = Vec::new();
+    for run in runs {
+        for event in &run.events {
+            match event {
+                Event::Acquired {
+                    key,
+                    t,
+                    waited_from,
+                    ..
+                } => waits.push((key.clone(), *waited_from, *t)),
+                Event::Failed {
+                    key,
+                    waited_from,
+                    t,
+                    ..
+                } if !key.is_empty() => waits.push((key.clone(), *waited_from, *t)),
+                _ => {}
+            }
+        }
+    }
+    for run in runs {
+        let mut open: Option<(String, i64, u64)> = None;
+        for event in &run.events {
+            match event {
+                Event::Acquired { key, fence, t, .. } => open = Some((key.clone(), *fence, *t)),
+                Event::Ended {
+                    key,
+                    fence,
+                    t,
+                    lost,
+                } => {
+                    if let Some((k, f, start)) = open.take() {
+                        debug_assert_eq!((&k, f), (key, *fence));
+                        report.lost += usize::from(*lost);
+                        push(&mut report, run, k, f, start, (*t).max(start), false);
+                    }
+                }
+                _ => {}
+            }
+        }
+        // A holding still open when the worker was killed lasted until the kill.
+        if let (Some((key, fence, start)), Some(killed_at)) = (open, run.killed_at) {
+            push(
+                &mut report,
+                run,
+                key,
+                fence,
+                start,
+                killed_at.max(start),
+                true,
+            );
+        }
+    }
+    for holdings in report.holdings.values_mut() {
+        holdings.sort_by_key(|h| (h.start, h.end));
+    }
+    let mut overlaps = Vec::new();
+    let mut regressions = Vec::new();
+    let mut takeovers = Vec::new();
+    for holdings in report.holdings.values() {
+        // The holding that reaches furthest so far: any later start before its
+        // end is an overlap.
+        let mut furthest: Option<&Holding> = None;
+        for pair in holdings.windows(2) {
+            if pair[1].fence <= pair[0].fence {
+                regressions.push((pair[0].clone(), pair[1].clone()));
+            }
+        }
+        for (i, h) in holdings.iter().enumerate() {
+            if let Some(f) = furthest {
+                if h.start < f.end {
+                    overlaps.push((f.clone(), h.clone()));
+                }
+            }
+            if furthest.is_none_or(|f| h.end > f.end) {
+                furthest = Some(h);
+            }
+            if h.killed {
+                // The first moment after the kill at which someone wanted the key.
+                let demand = waits
+                    .iter()
+                    .filter(|(k, _, ended)| *k == h.key && *ended >= h.end)
+                    .map(|(_, began, _)| (*began).max(h.end))
+                    .min();
+                if let Some(demand) = demand {
+                    let taken = holdings[i + 1..]
+                        .iter()
+                        .find(|n| n.start >= h.end)
+                        .map(|n| n.start);
+                    // Waits for the key that were still on after `demand` and gave
+                    // up before anyone took it also measure the delay.
+                    let gave_up = waits
+                        .iter()
+                        .filter(|(k, _, ended)| {
+                            *k == h.key && *ended >= demand && taken.is_none_or(|t| *ended < t)
+                        })
+                        .map(|(_, _, ended)| *ended)
+                        .max();
+                    let until = taken.into_iter().chain(gave_up).max();
+                    if let Some(until) = until {
+                        takeovers.push(Duration::from_nanos(until.saturating_sub(demand)));
+                    }
+                }
+            }
+        }
+    }
+    report.overlaps = overlaps;
+    report.fence_regressions = regressions;
+    report.takeovers = takeovers;
+    report
+}
+
+fn push(
+    report: &mut Report,
+    run: &WorkerRun,
+    key: String,
+    fence: i64,
+    start: u64,
+    end: u64,
+    killed: bool,
+) {
+    report
+        .holdings
+        .entry(key.clone())
+        .or_default()
+        .push(Holding {
+            worker: run.name.clone(),
+            key,
+            fence,
+            start,
+            end,
+            killed,
+        });
+}
+
+/// How long after `since` each run first heard from the database (acquired a
+/// lock, or looked at one after a failed acquire); `None` for a run that never
+/// did. Used to measure recovery after a server restart.
+pub fn first_acquisition_after(runs: &[WorkerRun], since: u64) -> Vec<(String, Option<Duration>)> {
+    runs.iter()
+        .filter(|run| {
+            // Only runs alive across `since`: started before it and not killed before it.
+            let started = run
+                .events
+                .iter()
+                .any(|e| matches!(e, Event::Start { t, .. } if *t <= since));
+            started && run.killed_at.is_none_or(|k| k > since)
+        })
+        .map(|run| {
+            let first = run.events.iter().find_map(|e| match e {
+                Event::Acquired { t, .. } | Event::Contact { t } if *t >= since => {
+                    Some(Duration::from_nanos(t - since))
+                }
+                _ => None,
+            });
+            (run.name.clone(), first)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(name: &str, events: Vec<Event>, killed_at: Option<u64>) -> WorkerRun {
+        WorkerRun {
+            name: name.into(),
+            events,
+            killed_at,
+        }
+    }
+
+    fn acq(key: &str, fence: i64, t: u64) -> Event {
+        Event::Acquired {
+            key: key.into(),
+            fence,
+            t,
+            hold_ms: 0,
+            waited_from: t,
+        }
+    }
+
+    fn end(key: &str, fence: i64, t: u64) -> Event {
+        Event::Ended {
+            key: key.into(),
+            fence,
+            t,
+            lost: false,
+        }
+    }
+
+    #[test]
+    fn clean_history_passes() {
+        let runs = [
+            run(
+                "a",
+                vec![
+                    acq("k", 1, 10),
+                    end("k", 1, 20),
+                    acq("k", 3, 50),
+                    end("k", 3, 60),
+                ],
+                None,
+            ),
+            run(
+                "b",
+                vec![
+                    acq("k", 2, 30),
+                    end("k", 2, 40),
+                    acq("j", 1, 35),
+                    end("j", 1, 45),
+                ],
+                None,
+            ),
+        ];
+        let report = check(&runs);
+        assert_eq!(report.acquisitions(), 4);
+        assert!(report.overlaps.is_empty());
+        assert!(report.fence_regressions.is_empty());
+    }
+
+    #[test]
+    fn finds_overlaps_even_behind_a_short_holding() {
+        // a holds 10..100; b's 20..30 and c's 50..60 both overlap it.
+        let runs = [
+            run("a", vec![acq("k", 1, 10), end("k", 1, 100)], None),
+            run("b", vec![acq("k", 2, 20), end("k", 2, 30)], None),
+            run("c", vec![acq("k", 3, 50), end("k", 3, 60)], None),
+        ];
+        assert_eq!(check(&runs).overlaps.len(), 2);
+    }
+
+    #[test]
+    fn finds_fence_regressions_and_repeats() {
+        let runs = [
+            run("a", vec![acq("k", 5, 10), end("k", 5, 20)], None),
+            run(
+                "b",
+                vec![
+                    acq("k", 4, 30),
+                    end("k", 4, 40),
+                    acq("k", 4, 50),
+                    end("k", 4, 60),
+                ],
+                None,
+            ),
+        ];
+        assert_eq!(check(&runs).fence_regressions.len(), 2);
+    }
+
+    #[test]
+    fn a_killed_holder_holds_until_the_kill_and_its_takeover_is_timed() {
+        let waited = |from: u64, t: u64| Event::Acquired {
+            key: "k".into(),
+            fence: 3,
+            t,
+            hold_ms: 0,
+            waited_from: from,
+        };
+        let runs = [
+            run("a", vec![acq("k", 1, 10)], Some(1_000)),
+            run("b", vec![acq("k", 2, 500), end("k", 2, 600)], None),
+            // c began waiting at 1_500, after the kill, and got the key at 3_000.
+            run("c", vec![waited(1_500, 3_000), end("k", 3, 3_100)], None),
+        ];
+        let report = check(&runs);
+        assert_eq!(
+            report.overlaps.len(),
+            1,
+            "b started while the killed a still held"
+        );
+        assert_eq!(report.takeovers, vec![Duration::from_nanos(1_500)]);
+    }
+
+    #[test]
+    fn a_waiter_that_gave_up_on_a_dead_holders_key_counts_as_a_slow_takeover() {
+        let runs = [
+            run("a", vec![acq("k", 1, 10)], Some(1_000)),
+            run(
+                "b",
+                vec![Event::Failed {
+                    key: "k".into(),
+                    waited_from: 900,
+                    error: "timeout".into(),
+                    t: 9_000,
+                }],
+                None,
+            ),
+            run("c", vec![acq("k", 2, 20_000), end("k", 2, 20_100)], None),
+        ];
+        let report = check(&runs);
+        assert_eq!(
+            report.takeovers,
+            vec![Duration::from_nanos(19_000)],
+            "measured from the kill until c took it"
+        );
+    }
+
+    #[test]
+    fn recovery_counts_only_runs_alive_across_the_restart() {
+        let runs = [
+            run(
+                "a",
+                vec![Event::Start { pid: 1, t: 0 }, acq("k", 1, 150)],
+                None,
+            ),
+            run("b", vec![Event::Start { pid: 2, t: 0 }], Some(50)),
+            run("c", vec![Event::Start { pid: 3, t: 0 }], None),
+        ];
+        let recovery = first_acquisition_after(&runs, 100);
+        assert_eq!(
+            recovery,
+            vec![
+                ("a".to_owned(), Some(Duration::from_nanos(50))),
+                ("c".to_owned(), None)
+            ]
+        );
+    }
+}

@@ -1,0 +1,5 @@
+#![doc = include_str!("../README.md")]
+
+pub mod backends;
+pub mod checker;
+pub mod history;
