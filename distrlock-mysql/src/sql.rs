@@ -70,6 +70,37 @@ impl Statements {
     }
 }
 
+/// The SQL texts of one table's lock statements, exactly as the backend sends
+/// them, for tools that issue them without the backend (the benchmark's
+/// raw-driver baseline). Not a stable API. Each reports through the OK
+/// packet's insert id (see the module docs).
+#[doc(hidden)]
+#[derive(Debug, Clone)]
+pub struct LockSql {
+    /// Try-acquire. Parameters: key, token, owner, ttl µs, token, token, owner,
+    /// token, token, ttl µs.
+    pub acquire: String,
+    /// Extend. Parameters: ttl µs, key, token.
+    pub extend: String,
+    /// Release. Parameters: key, token.
+    pub release: String,
+    /// The DDL of the table.
+    pub create_table: String,
+}
+
+impl LockSql {
+    /// The statements for `table`.
+    pub fn for_table(table: &TableName) -> Self {
+        let s = Statements::new(table);
+        Self {
+            acquire: s.acquire,
+            extend: s.extend,
+            release: s.release,
+            create_table: s.create_table,
+        }
+    }
+}
+
 /// The lock table.
 ///
 /// - `lock_key VARBINARY(255)`: keys compare byte for byte. A `utf8mb4_bin`
