@@ -58,3 +58,30 @@ pub(crate) fn sqlite_release(t: &str) -> String {
          WHERE lock_key = :key AND token = :token"
     )
 }
+
+/// MariaDB / MySQL: make sure the row exists (an all-zero token, never live).
+pub(crate) fn mysql_init(t: &str) -> String {
+    format!(
+        "INSERT IGNORE INTO {t} (lock_key, token, fence, owner, acquired_at, expires_at) \
+         VALUES (?, UNHEX('00000000000000000000000000000000'), 0, '', UTC_TIMESTAMP(6), NULL)"
+    )
+}
+
+/// MariaDB / MySQL: take the row if free or expired. Parameters: token, owner,
+/// ttl µs, key.
+pub(crate) fn mysql_acquire(t: &str) -> String {
+    format!(
+        "UPDATE {t} SET token = ?, fence = fence + 1, owner = ?, \
+         acquired_at = UTC_TIMESTAMP(6), \
+         expires_at = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND \
+         WHERE lock_key = ? AND (expires_at IS NULL OR expires_at <= UTC_TIMESTAMP(6))"
+    )
+}
+
+/// MariaDB / MySQL: end the holding of this token. Parameters: key, token.
+pub(crate) fn mysql_release(t: &str) -> String {
+    format!(
+        "UPDATE {t} SET expires_at = NULL \
+         WHERE lock_key = ? AND token = ? AND expires_at > UTC_TIMESTAMP(6)"
+    )
+}

@@ -9,6 +9,7 @@ mod env;
 mod go;
 mod lite;
 mod measure;
+mod mysql;
 mod pg;
 mod procstat;
 mod proxy;

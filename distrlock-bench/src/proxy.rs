@@ -13,7 +13,6 @@ use tokio::net::{TcpListener, TcpStream};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Wire {
     Postgres,
-    #[allow(dead_code)] // Used once the MariaDB backend is merged.
     MySql,
 }
 

@@ -29,7 +29,6 @@ pub(crate) struct Options {
     pub(crate) clients: Vec<String>,
     pub(crate) plan: Plan,
     pub(crate) postgres_url: String,
-    #[allow(dead_code)] // Used once the MariaDB backend is merged.
     pub(crate) mysql_url: String,
     pub(crate) sqlite_dir: PathBuf,
     pub(crate) json: PathBuf,
@@ -157,19 +156,16 @@ fn machine() -> BTreeMap<String, String> {
 pub(crate) async fn run(opts: Options) -> anyhow::Result<()> {
     let ttl = Ttl::new(Duration::from_secs(30))?;
     let mut envs: Vec<Box<dyn Env>> = Vec::new();
-    let mut notes = Vec::new();
+    let notes = Vec::new();
     for name in &opts.backends {
         match name.as_str() {
             "postgres" | "postgresql" => {
                 envs.push(Box::new(Postgres::connect(&opts.postgres_url, ttl).await?))
             }
             "sqlite" => envs.push(Box::new(Sqlite::new(opts.sqlite_dir.clone(), ttl)?)),
-            "mariadb" | "mysql" => {
-                let note = "MariaDB skipped: the MySQL/MariaDB backend is not in this build yet"
-                    .to_owned();
-                eprintln!("{note}");
-                notes.push(note);
-            }
+            "mariadb" | "mysql" => envs.push(Box::new(
+                crate::mysql::MariaDb::connect(&opts.mysql_url, ttl).await?,
+            )),
             other => bail!("unknown backend {other:?} (postgres, mariadb, sqlite)"),
         }
     }
@@ -555,6 +551,17 @@ async fn heartbeat(env: &dyn Env, opts: &Options, report: &mut Report) -> anyhow
         report.check(
             transactions > 0.0,
             format!("{}: no renewal in the {window:?} window", env.name()),
+        );
+        // Batched renewal: one statement (or transaction) per batch of
+        // MAX_EXTEND_BATCH leases per interval, with room for a round that
+        // falls on the window's edge, never one per lock.
+        let batches = n.div_ceil(distrlock_core::MAX_EXTEND_BATCH) as f64;
+        report.check(
+            stmts_per_interval <= 2.0 * batches,
+            format!(
+                "{}: {stmts_per_interval:.1} statements per interval for {n} locks, expected about {batches}",
+                env.name()
+            ),
         );
         if !opts.smoke && n == 10_000 {
             report.check(
