@@ -158,9 +158,15 @@ impl Env for MariaDb {
     }
 
     async fn backend(&self, table: &str, connect: Connect) -> anyhow::Result<Arc<dyn LockBackend>> {
+        // min = max: mysql_async (inactive_connection_ttl 0, the default) closes
+        // every returned connection beyond `min_connections` at once, so with the
+        // backend's default minimum of 1 a busy pool reconnects for most calls
+        // (see BENCHMARKS.md). A pool sized for its clients keeps them open.
+        let size = connect.pool_size.max(1);
         let backend = MySqlBackend::builder()
             .table(table)
-            .max_connections(connect.pool_size.max(1))
+            .max_connections(size)
+            .min_connections(size)
             .build(self.opts(connect.via))?;
         Ok(Arc::new(backend))
     }

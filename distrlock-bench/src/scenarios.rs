@@ -356,7 +356,7 @@ async fn uncontended(env: &dyn Env, opts: &Options, report: &mut Report) -> anyh
     env.drop_table(table).await
 }
 
-const S2_HEADER: &str = "| backend | waiters | hold | client | acquisitions/s | handoff p50 ms | handoff p99 ms | handoff max ms | worst wait ms | mean wait ms | worst / mean |\n|---|---|---|---|---|---|---|---|---|---|---|";
+const S2_HEADER: &str = "| backend | waiters | hold | client | acquisitions/s | handoffs % | handoff p50 ms | handoff p99 ms | handoff max ms | worst wait ms | mean wait ms | worst / mean |\n|---|---|---|---|---|---|---|---|---|---|---|---|";
 
 async fn contention(env: &dyn Env, opts: &Options, report: &mut Report) -> anyhow::Result<()> {
     let table = "distrlock_bench_s2";
@@ -417,6 +417,10 @@ async fn contention(env: &dyn Env, opts: &Options, report: &mut Report) -> anyho
                     format!("~{hold_ms} ms"),
                     label.clone(),
                     f.rate.show(0),
+                    format!(
+                        "{:.0}",
+                        100.0 * f.handoffs as f64 / f.acquisitions.max(1) as f64
+                    ),
                     f.handoff_p50_ms.show(2),
                     f.handoff_p99_ms.show(2),
                     f.handoff_max_ms.show(1),
@@ -435,6 +439,7 @@ async fn contention(env: &dyn Env, opts: &Options, report: &mut Report) -> anyho
                     "mean_wait_ms": spread_json(&f.wait_mean_ms),
                     "worst_over_mean": starvation,
                     "acquisitions": f.acquisitions,
+                    "handoffs": f.handoffs,
                 });
                 report.row(2, S2_HEADER, &cells, record);
             }
