@@ -40,6 +40,13 @@ struct Args {
     /// comma-separated; for profiling one of them.
     #[arg(long, value_delimiter = ',', default_value = "raw,distrlock,go,native")]
     clients: Vec<String>,
+    /// Client counts for scenario 1 (default 1,4,16; smoke 1,4).
+    #[arg(long, value_delimiter = ',')]
+    concurrency: Vec<usize>,
+    /// Whether the library's PostgreSQL backend listens for release
+    /// notifications in scenarios 1 and 4 (its default: true).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    listen: bool,
     /// Repetitions of each measurement.
     #[arg(long, default_value_t = 3)]
     reps: usize,
@@ -138,6 +145,8 @@ impl From<Args> for scenarios::Options {
             backends: args.backends,
             scenarios: args.scenarios,
             clients: args.clients,
+            concurrency: args.concurrency,
+            listen: args.listen,
             plan,
             postgres_url: args.postgres_url,
             mysql_url: args.mysql_url,

@@ -27,6 +27,8 @@ pub(crate) struct Options {
     pub(crate) backends: Vec<String>,
     pub(crate) scenarios: Vec<u8>,
     pub(crate) clients: Vec<String>,
+    pub(crate) concurrency: Vec<usize>,
+    pub(crate) listen: bool,
     pub(crate) plan: Plan,
     pub(crate) postgres_url: String,
     pub(crate) mysql_url: String,
@@ -48,8 +50,14 @@ impl Options {
         self.clients.iter().any(|c| c == name)
     }
 
-    fn concurrencies(&self) -> &'static [usize] {
-        if self.smoke { &[1, 4] } else { &[1, 4, 16] }
+    fn concurrencies(&self) -> Vec<usize> {
+        if !self.concurrency.is_empty() {
+            self.concurrency.clone()
+        } else if self.smoke {
+            vec![1, 4]
+        } else {
+            vec![1, 4, 16]
+        }
     }
 }
 
@@ -260,13 +268,14 @@ async fn library_cycles(
     env: &dyn Env,
     table: &str,
     n: usize,
+    listen: bool,
 ) -> anyhow::Result<(Vec<Box<dyn Cycle>>, Arc<dyn LockBackend>)> {
     let backend = env
         .backend(
             table,
             Connect {
                 pool_size: n,
-                listen: true,
+                listen,
                 via: None,
             },
         )
@@ -285,12 +294,13 @@ async fn measure_variants(
     variants: &[Variant],
     n: usize,
     plan: Plan,
+    listen: bool,
 ) -> anyhow::Result<Vec<(Variant, CycleFigures)>> {
     let mut out = Vec::new();
     for &variant in variants {
         let prefix = format!("{}-n{n}", variant.name().replace(' ', "-"));
         let figures = if variant == Variant::Library {
-            let (clients, _backend) = library_cycles(env, table, n).await?;
+            let (clients, _backend) = library_cycles(env, table, n, listen).await?;
             measure::cycles(clients, &prefix, plan).await?
         } else {
             let clients = env.cycles(variant, table, n).await?;
@@ -316,8 +326,8 @@ async fn uncontended(env: &dyn Env, opts: &Options, report: &mut Report) -> anyh
         variants.push(Variant::Native);
     }
     variants.retain(|v| opts.wants(*v));
-    for &n in opts.concurrencies() {
-        let results = measure_variants(env, table, &variants, n, opts.plan).await?;
+    for n in opts.concurrencies() {
+        let results = measure_variants(env, table, &variants, n, opts.plan, opts.listen).await?;
         let rate = |v: Variant| {
             results
                 .iter()
@@ -632,9 +642,10 @@ async fn table_size(env: &dyn Env, opts: &Options, report: &mut Report) -> anyho
             filled.elapsed().as_secs_f64()
         );
         for &n in concurrencies {
+            let mut variants = vec![Variant::Raw, Variant::Library];
+            variants.retain(|v| opts.wants(*v));
             let results =
-                measure_variants(env, table, &[Variant::Raw, Variant::Library], n, opts.plan)
-                    .await?;
+                measure_variants(env, table, &variants, n, opts.plan, opts.listen).await?;
             let raw = results
                 .iter()
                 .find(|(v, _)| *v == Variant::Raw)
