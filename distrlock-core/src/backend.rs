@@ -82,6 +82,32 @@ pub trait LockBackend: Send + Sync + fmt::Debug {
     /// both times.
     async fn extend(&self, key: &LockKey, token: &Token, ttl: Ttl) -> Result<()>;
 
+    /// Renews many leases at once, each exactly as [`extend`](Self::extend) would,
+    /// all to end `ttl` from now on the backend's clock.
+    ///
+    /// [`LockManager`](crate::LockManager) renews the leases of all its guards
+    /// through this method, in batches of at most [`MAX_EXTEND_BATCH`], so that a
+    /// process holding many locks sends few statements per heartbeat interval.
+    ///
+    /// Returns one result per entry of `leases`, in the same order: `Ok(())` if
+    /// that lease was renewed, [`Error::NotHeld`](crate::Error::NotHeld) if its
+    /// token does not hold a live lease on its key (nothing is changed for it). An
+    /// entry may appear twice; both positions get the same answer. An `Err` of
+    /// the whole call (the database could not be reached, the statement failed)
+    /// means nothing is known about any entry: each lease may or may not have been
+    /// renewed.
+    ///
+    /// The default calls [`extend`](Self::extend) once per entry, one after the
+    /// other; a backend that can renew a batch in one statement or transaction
+    /// should override it.
+    async fn extend_many(&self, leases: &[(LockKey, Token)], ttl: Ttl) -> Result<Vec<Result<()>>> {
+        let mut results = Vec::with_capacity(leases.len());
+        for (key, token) in leases {
+            results.push(self.extend(key, token, ttl).await);
+        }
+        Ok(results)
+    }
+
     /// Ends the live lease of `token` on `key` at once, keeping the row (and so
     /// the fence) for the next holder.
     ///
@@ -113,6 +139,10 @@ pub trait LockBackend: Send + Sync + fmt::Debug {
         None
     }
 }
+
+/// The most leases [`LockManager`](crate::LockManager) passes to one
+/// [`LockBackend::extend_many`] call.
+pub const MAX_EXTEND_BATCH: usize = 1000;
 
 /// The longest owner text, in bytes, that [`LockManager`](crate::LockManager) passes
 /// to a backend.
@@ -203,6 +233,13 @@ macro_rules! forward_backend {
             }
             async fn extend(&self, key: &LockKey, token: &Token, ttl: Ttl) -> Result<()> {
                 (**self).extend(key, token, ttl).await
+            }
+            async fn extend_many(
+                &self,
+                leases: &[(LockKey, Token)],
+                ttl: Ttl,
+            ) -> Result<Vec<Result<()>>> {
+                (**self).extend_many(leases, ttl).await
             }
             async fn release(&self, key: &LockKey, token: &Token) -> Result<()> {
                 (**self).release(key, token).await

@@ -8,7 +8,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tokio::time::{Instant, Sleep};
 
 use crate::error::{Error, Result};
@@ -16,13 +15,16 @@ use crate::fence::Fence;
 use crate::key::LockKey;
 use crate::lease::Lease;
 use crate::manager::ManagerConfig;
+use crate::renewal::Registration;
 use crate::token::Token;
 use crate::ttl::Ttl;
 
 /// A held lock.
 ///
-/// While the guard lives, a background task extends the lease (every ttl/3 by
-/// default) and watches the **local deadline**: the instant the last successful
+/// While the guard lives, its manager's renewal task extends the lease (every
+/// ttl/3 by default, batched with the manager's other guards through
+/// [`LockBackend::extend_many`](crate::LockBackend::extend_many)) and watches the
+/// **local deadline**: the instant the last successful
 /// acquire or extend request was sent, plus the ttl, minus the safety margin. When
 /// the deadline passes without a successful extend, or an extend finds the lease
 /// gone, the guard declares the lock lost — even when the database cannot be
@@ -39,17 +41,18 @@ use crate::ttl::Ttl;
 /// suspended; a suspended host must be treated as having lost its locks.
 pub struct LockGuard {
     shared: Arc<GuardShared>,
-    heartbeat: Option<JoinHandle<()>>,
+    /// The guard's place in the manager's renewal; `None` without a runtime.
+    renewal: Option<Registration>,
     released: bool,
 }
 
-/// What the guard, its heartbeat task and its `lost()` futures share.
-struct GuardShared {
+/// What the guard, the renewal task and its `lost()` futures share.
+pub(crate) struct GuardShared {
     config: Arc<ManagerConfig>,
-    key: LockKey,
-    token: Token,
-    fence: Fence,
-    ttl: Ttl,
+    pub(crate) key: LockKey,
+    pub(crate) token: Token,
+    pub(crate) fence: Fence,
+    pub(crate) ttl: Ttl,
     margin: Duration,
     /// Whether the token is static and registered with the manager.
     is_static: bool,
@@ -58,12 +61,12 @@ struct GuardShared {
 }
 
 impl GuardShared {
-    fn deadline(&self) -> Instant {
+    pub(crate) fn deadline(&self) -> Instant {
         *self.deadline.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Whether the lock is lost; marks it so when the deadline has passed.
-    fn check_lost(&self) -> bool {
+    pub(crate) fn check_lost(&self) -> bool {
         if *self.lost.borrow() {
             return true;
         }
@@ -79,7 +82,7 @@ impl GuardShared {
     /// Taking the later of the two deadlines is safe even for concurrent extends:
     /// the server's expiry is set by whichever extend it ran last, and every extend
     /// it ran, ran after it was sent.
-    fn extended(&self, sent: Instant) {
+    pub(crate) fn extended(&self, sent: Instant) {
         let new = sent + self.ttl.get() - self.margin;
         let mut deadline = self.deadline.lock().unwrap_or_else(PoisonError::into_inner);
         if new > *deadline {
@@ -87,7 +90,7 @@ impl GuardShared {
         }
     }
 
-    fn mark_lost(&self, why: &str) {
+    pub(crate) fn mark_lost(&self, why: &str) {
         let newly = self
             .lost
             .send_if_modified(|lost| !std::mem::replace(lost, true));
@@ -174,12 +177,15 @@ impl LockGuard {
         });
         // Without a runtime there is no heartbeat; `is_lost` still compares with
         // the deadline on every call.
-        let heartbeat = tokio::runtime::Handle::try_current()
-            .ok()
-            .map(|rt| rt.spawn(heartbeat(Arc::downgrade(&shared), interval)));
+        let renewal = tokio::runtime::Handle::try_current().ok().map(|rt| {
+            shared
+                .config
+                .renewer
+                .register(&rt, Arc::downgrade(&shared), interval)
+        });
         Self {
             shared,
-            heartbeat,
+            renewal,
             released: false,
         }
     }
@@ -268,9 +274,7 @@ impl LockGuard {
     /// lease then runs out at its ttl). If this future is dropped before it
     /// finishes, the guard releases in the background as on drop.
     pub async fn release(mut self) -> Result<()> {
-        if let Some(heartbeat) = self.heartbeat.take() {
-            heartbeat.abort();
-        }
+        drop(self.renewal.take());
         let shared = self.shared.clone();
         let was_lost = shared.check_lost();
         let call = shared.config.backend.release(&shared.key, &shared.token);
@@ -302,9 +306,7 @@ impl LockGuard {
 
 impl Drop for LockGuard {
     fn drop(&mut self) {
-        if let Some(heartbeat) = self.heartbeat.take() {
-            heartbeat.abort();
-        }
+        drop(self.renewal.take());
         if !self.released {
             let shared = &self.shared;
             shared.lost.send_replace(true);
@@ -362,48 +364,6 @@ impl Future for Lost {
             }
             // The sleep fired: loop to check the (possibly moved) deadline.
         }
-    }
-}
-
-/// Extends the lease every `interval` (if any) and declares it lost at the local
-/// deadline. Holds only a weak reference, so it ends with the guard.
-async fn heartbeat(shared: Weak<GuardShared>, interval: Option<Duration>) {
-    let mut next_extend = interval.map(|i| Instant::now() + i);
-    loop {
-        let Some(guard) = shared.upgrade() else {
-            return;
-        };
-        if *guard.lost.borrow() {
-            return;
-        }
-        let deadline = guard.deadline();
-        let wake = next_extend.map_or(deadline, |next| next.min(deadline));
-        drop(guard);
-        tokio::time::sleep_until(wake).await;
-
-        let Some(guard) = shared.upgrade() else {
-            return;
-        };
-        if guard.check_lost() {
-            return;
-        }
-        let (Some(interval), Some(next)) = (interval, next_extend) else {
-            continue;
-        };
-        let now = Instant::now();
-        if now < next {
-            continue;
-        }
-        next_extend = match guard.extend_once().await {
-            Ok(()) => Some(now + interval),
-            Err(Error::LockLost { .. }) => return,
-            Err(error) => {
-                // Try again soon; the deadline still bounds how long we claim the lock.
-                let retry = (interval / 4).clamp(Duration::from_millis(5), Duration::from_secs(1));
-                tracing::debug!(key = %guard.key, %error, ?retry, "extend failed; retrying");
-                Some(Instant::now() + retry)
-            }
-        };
     }
 }
 

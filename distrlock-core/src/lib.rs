@@ -11,12 +11,15 @@ mod manager;
 mod memory;
 mod notify;
 mod owner;
+mod renewal;
 mod retry;
 mod table;
 mod token;
 mod ttl;
 
-pub use backend::{AcquireOutcome, LockBackend, LockInfo, LockState, MAX_OWNER_LEN};
+pub use backend::{
+    AcquireOutcome, LockBackend, LockInfo, LockState, MAX_EXTEND_BATCH, MAX_OWNER_LEN,
+};
 pub use error::{BoxError, Error, Result};
 pub use fence::Fence;
 pub use guard::LockGuard;

@@ -13,6 +13,7 @@ use crate::key::LockKey;
 use crate::lease::Lease;
 use crate::lock::Lock;
 use crate::owner::{default_owner, validate_owner};
+use crate::renewal::Renewer;
 use crate::retry::RetryPolicy;
 use crate::token::Token;
 use crate::ttl::Ttl;
@@ -60,6 +61,8 @@ pub(crate) struct ManagerConfig {
     /// Keys held by a live guard with a static token, so that two guards never
     /// share one lease (see [`Lock::with_token`]).
     pub(crate) static_guards: Mutex<HashSet<(LockKey, Token)>>,
+    /// Extends the leases of all this manager's guards, in batches.
+    pub(crate) renewer: Arc<Renewer>,
 }
 
 /// How often a guard extends its lease in the background.
@@ -361,6 +364,7 @@ impl LockManagerBuilder {
     /// The configuration as given, with the already validated `ttl`.
     fn config(self, ttl: Ttl) -> ManagerConfig {
         ManagerConfig {
+            renewer: Arc::new(Renewer::new(self.backend.clone(), self.call_timeout)),
             backend: self.backend,
             ttl,
             retry: self.retry,

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use crate::config::{MySqlConfig, Settings};
 use crate::error::{self, is_connection_error, is_deadlock};
-use crate::sql::Statements;
+use crate::sql::{self, Statements};
 
 /// Locks stored as rows of one table in MySQL 5.7/8.x or MariaDB ≥ 10.5, through a
 /// [`mysql_async`] connection pool.
@@ -567,6 +567,47 @@ impl LockBackend for MySqlBackend {
         };
         let ran = self.run("extend", &call).await?;
         guarded_outcome(key, ran.reply, "extend")
+    }
+
+    /// One `UPDATE` per 1,024 distinct leases when every lease is renewed (the
+    /// usual case); when the affected-rows count shows that some were not, each
+    /// lease of the batch is asked again with [`extend`](LockBackend::extend),
+    /// which renews the live ones once more and reports the others as not held.
+    async fn extend_many(&self, leases: &[(LockKey, Token)], ttl: Ttl) -> Result<Vec<Result<()>>> {
+        let mut seen = std::collections::HashSet::with_capacity(leases.len());
+        let distinct: Vec<&(LockKey, Token)> =
+            leases.iter().filter(|lease| seen.insert(*lease)).collect();
+        let table = self.table().quoted('`');
+        let mut all_renewed = true;
+        for chunk in distinct.chunks(sql::EXTEND_MANY_SLOTS) {
+            let slots = chunk.len().next_power_of_two();
+            let padded = || {
+                chunk
+                    .iter()
+                    .chain(std::iter::repeat(&chunk[chunk.len() - 1]))
+            };
+            let mut params = Vec::with_capacity(1 + 3 * slots);
+            params.push(Value::from(ttl.as_micros()));
+            params.extend(padded().take(slots).map(|(key, _)| key_value(key)));
+            for (key, token) in padded().take(slots) {
+                params.push(key_value(key));
+                params.push(token_value(token));
+            }
+            let sql = sql::extend_many(&table, slots);
+            let ran = self
+                .run("extend", &Call::Write { sql: &sql, params })
+                .await?;
+            let (affected, _) = ran.reply.written("extend")?;
+            all_renewed &= affected == chunk.len() as u64;
+        }
+        if all_renewed {
+            return Ok(leases.iter().map(|_| Ok(())).collect());
+        }
+        let mut results = Vec::with_capacity(leases.len());
+        for (key, token) in leases {
+            results.push(self.extend(key, token, ttl).await);
+        }
+        Ok(results)
     }
 
     async fn release(&self, key: &LockKey, token: &Token) -> Result<()> {

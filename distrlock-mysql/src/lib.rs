@@ -7,6 +7,8 @@ mod sql;
 
 pub use backend::MySqlBackend;
 pub use config::MySqlConfig;
+#[doc(hidden)]
+pub use sql::LockSql;
 
 /// The driver this backend is built on, re-exported so that your code names the
 /// same version (for [`MySqlBackend::from_pool`], [`MySqlBackend::try_acquire_in`]

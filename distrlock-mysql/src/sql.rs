@@ -70,6 +70,37 @@ impl Statements {
     }
 }
 
+/// The SQL texts of one table's lock statements, exactly as the backend sends
+/// them, for tools that issue them without the backend (the benchmark's
+/// raw-driver baseline). Not a stable API. Each reports through the OK
+/// packet's insert id (see the module docs).
+#[doc(hidden)]
+#[derive(Debug, Clone)]
+pub struct LockSql {
+    /// Try-acquire. Parameters: key, token, owner, ttl µs, token, token, owner,
+    /// token, token, ttl µs.
+    pub acquire: String,
+    /// Extend. Parameters: ttl µs, key, token.
+    pub extend: String,
+    /// Release. Parameters: key, token.
+    pub release: String,
+    /// The DDL of the table.
+    pub create_table: String,
+}
+
+impl LockSql {
+    /// The statements for `table`.
+    pub fn for_table(table: &TableName) -> Self {
+        let s = Statements::new(table);
+        Self {
+            acquire: s.acquire,
+            extend: s.extend,
+            release: s.release,
+            create_table: s.create_table,
+        }
+    }
+}
+
 /// The lock table.
 ///
 /// - `lock_key VARBINARY(255)`: keys compare byte for byte. A `utf8mb4_bin`
@@ -174,6 +205,38 @@ fn extend(t: &str) -> String {
     )
 }
 
+/// The most leases one [`extend_many`] statement renews.
+pub(crate) const EXTEND_MANY_SLOTS: usize = 1024;
+
+/// Batch extend: a new expiry for every listed token's live lease, in one
+/// statement and one commit. `slots` (a power of two up to
+/// [`EXTEND_MANY_SLOTS`]) is the length of both lists; the caller pads them by
+/// repeating its last lease, so that a handful of texts serve every batch size
+/// and stay in the connection's prepared-statement cache.
+///
+/// Parameters: ttl µs, `slots` keys, then `slots` (key, token) pairs.
+///
+/// - `lock_key IN (…)` lets InnoDB find the rows through the primary key (a
+///   row constructor alone may not use the index); `(lock_key, token) IN (…)`
+///   then keeps only the rows of the listed token for each key.
+/// - `expires_at > UTC_TIMESTAMP(6)`: the same guard as [`extend`]: only live
+///   leases, on the server clock.
+/// - There is no `RETURNING` on MySQL, so the OK packet's affected-rows count is
+///   the answer: equal to the number of distinct leases when every one was
+///   renewed. Anything less (a lease gone, or an expiry that did not change
+///   within one clock tick and so is not counted) makes the caller ask each lease
+///   on its own with [`extend`].
+pub(crate) fn extend_many(t: &str, slots: usize) -> String {
+    let keys = vec!["?"; slots].join(", ");
+    let pairs = vec!["(?, ?)"; slots].join(", ");
+    format!(
+        "UPDATE {t} \
+        SET expires_at = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND \
+        WHERE lock_key IN ({keys}) AND (lock_key, token) IN ({pairs}) \
+        AND expires_at > UTC_TIMESTAMP(6)"
+    )
+}
+
 /// Release: end this token's live lease now, keeping the row (and its fence) for
 /// the next holder. One statement.
 ///
@@ -250,6 +313,7 @@ mod tests {
         assert_eq!(count(&s.release), 2);
         assert_eq!(count(&s.inspect), 1);
         assert_eq!(count(&s.list), 0);
+        assert_eq!(count(&extend_many("`t`", 8)), 1 + 8 + 16);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! [`PostgresBackend`]: the [`LockBackend`] on a deadpool of tokio-postgres
 //! connections.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -19,7 +19,9 @@ use tokio_postgres::{GenericClient, Row};
 use crate::config::{PostgresConfig, Redacted};
 use crate::error::{from_pg, from_pool, is_lock_not_available, is_session_lost};
 use crate::listener::Listener;
-use crate::sql::{ACQUIRE_TYPES, EXTEND_TYPES, INSPECT_TYPES, RELEASE_TYPES, Statements};
+use crate::sql::{
+    ACQUIRE_TYPES, EXTEND_MANY_TYPES, EXTEND_TYPES, INSPECT_TYPES, RELEASE_TYPES, Statements,
+};
 
 /// Locks stored as rows of one PostgreSQL table, reached through a deadpool of
 /// tokio-postgres connections.
@@ -681,6 +683,38 @@ impl LockBackend for PostgresBackend {
             Ok(answer) => extend_outcome(key, &answer.rows),
             Err(failure) => Err(failure.into_error(self)),
         }
+    }
+
+    /// One statement for the whole batch (see the type's docs: safe to run twice,
+    /// like `extend`).
+    async fn extend_many(&self, leases: &[(LockKey, Token)], ttl: Ttl) -> Result<Vec<Result<()>>> {
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<&str> = leases.iter().map(|(key, _)| key.as_str()).collect();
+        let tokens: Vec<uuid::Uuid> = leases.iter().map(|(_, token)| *token.as_uuid()).collect();
+        let ttl_us = ttl.as_micros();
+        let params: [&(dyn ToSql + Sync); 3] = [&keys, &tokens, &ttl_us];
+        let answer = self
+            .run(&self.inner.sql.extend_many, EXTEND_MANY_TYPES, &params)
+            .await
+            .map_err(|f| f.into_error(self))?;
+        let mut renewed: HashSet<(&str, uuid::Uuid)> = HashSet::with_capacity(answer.rows.len());
+        for row in &answer.rows {
+            let key: &str = row.try_get(0).map_err(|e| self.error(e))?;
+            let token: uuid::Uuid = row.try_get(1).map_err(|e| self.error(e))?;
+            renewed.insert((key, token));
+        }
+        Ok(leases
+            .iter()
+            .map(|(key, token)| {
+                if renewed.contains(&(key.as_str(), *token.as_uuid())) {
+                    Ok(())
+                } else {
+                    Err(Error::NotHeld { key: key.clone() })
+                }
+            })
+            .collect())
     }
 
     async fn release(&self, key: &LockKey, token: &Token) -> Result<()> {

@@ -10,6 +10,8 @@ mod tls;
 
 pub use backend::PostgresBackend;
 pub use config::{PostgresConfig, PostgresConfigBuilder};
+#[doc(hidden)]
+pub use sql::LockSql;
 #[cfg(feature = "tls")]
 pub use tls::TlsConfig;
 

@@ -33,6 +33,9 @@ pub(crate) struct Statements {
     pub(crate) acquire: String,
     /// Extend: params `$1` key, `$2` token, `$3` ttl µs.
     pub(crate) extend: String,
+    /// Extend a batch: params `$1` keys, `$2` tokens (same length), `$3` ttl µs;
+    /// returns the (key, token) of every lease it renewed.
+    pub(crate) extend_many: String,
     /// Release: params `$1` key, `$2` token, `$3` notification channel.
     pub(crate) release: String,
     /// Inspect one key: param `$1` key.
@@ -49,6 +52,8 @@ pub(crate) struct Statements {
 pub(crate) const ACQUIRE_TYPES: &[Type] = &[Type::TEXT, Type::UUID, Type::INT8, Type::TEXT];
 /// Parameter types of [`Statements::extend`].
 pub(crate) const EXTEND_TYPES: &[Type] = &[Type::TEXT, Type::UUID, Type::INT8];
+/// Parameter types of [`Statements::extend_many`].
+pub(crate) const EXTEND_MANY_TYPES: &[Type] = &[Type::TEXT_ARRAY, Type::UUID_ARRAY, Type::INT8];
 /// Parameter types of [`Statements::release`].
 pub(crate) const RELEASE_TYPES: &[Type] = &[Type::TEXT, Type::UUID, Type::TEXT];
 /// Parameter types of [`Statements::inspect`].
@@ -155,6 +160,24 @@ WHERE l.lock_key = $1::text
 RETURNING l.fence"#
         );
 
+        let extend_many = format!(
+            r#"WITH clock AS MATERIALIZED (SELECT clock_timestamp() AS at)
+-- The same guard as the single extend, for every (key, token) pair of the two
+-- arrays at once: one statement, one round trip, one commit for the batch, and
+-- one clock reading for all of it. Each lease is renewed only if its token holds
+-- it live; the others update nothing and are missing from RETURNING (NotHeld).
+-- COLLATE "C": the column's collation, so the join uses the primary key's index.
+-- A pair listed twice updates its row once (PostgreSQL joins each target row to
+-- one source row) and is returned once.
+UPDATE {t} AS l
+SET expires_at = clock.at + $3::int8 * interval '1 microsecond'
+FROM clock, unnest($1::text[], $2::uuid[]) AS batch(lock_key, token)
+WHERE l.lock_key = batch.lock_key COLLATE "C"
+  AND l.token = batch.token
+  AND l.expires_at > clock.at
+RETURNING l.lock_key, l.token"#
+        );
+
         let release = format!(
             r#"WITH
 clock AS MATERIALIZED (SELECT clock_timestamp() AS at),
@@ -213,11 +236,45 @@ WHERE l.lock_key = $1::text
             create_table_locked,
             acquire,
             extend,
+            extend_many,
             release,
             inspect,
             list,
             listen,
             channel,
+        }
+    }
+}
+
+/// The SQL texts of one table's lock statements, exactly as the backend sends
+/// them, for tools that issue them without the backend (the benchmark's
+/// raw-driver baseline). Not a stable API.
+#[doc(hidden)]
+#[derive(Debug, Clone)]
+pub struct LockSql {
+    /// Try-acquire: `$1` key text, `$2` token uuid, `$3` ttl µs int8, `$4` owner
+    /// text; returns `(fence, remaining_us)`, a NULL fence when refused.
+    pub acquire: String,
+    /// Extend: `$1` key, `$2` token, `$3` ttl µs; one row when renewed.
+    pub extend: String,
+    /// Batch extend: `$1` text[], `$2` uuid[], `$3` ttl µs; the renewed pairs.
+    pub extend_many: String,
+    /// Release: `$1` key, `$2` token, `$3` channel; `true` when released now.
+    pub release: String,
+    /// The notification channel to pass to `release`.
+    pub channel: String,
+}
+
+impl LockSql {
+    /// The statements for `table`.
+    pub fn for_table(table: &TableName) -> Self {
+        let s = Statements::new(table);
+        Self {
+            acquire: s.acquire,
+            extend: s.extend,
+            extend_many: s.extend_many,
+            release: s.release,
+            channel: s.channel,
         }
     }
 }
@@ -261,12 +318,13 @@ fn fnv1a64(bytes: &[u8]) -> u64 {
 mod tests {
     use super::*;
 
-    fn all(s: &Statements) -> [&str; 7] {
+    fn all(s: &Statements) -> [&str; 8] {
         [
             &s.create_table,
             &s.create_table_locked,
             &s.acquire,
             &s.extend,
+            &s.extend_many,
             &s.release,
             &s.inspect,
             &s.list,

@@ -1156,6 +1156,7 @@ async fn one_statement_and_one_round_trip_per_operation() {
     // Warm up: the first use of each statement on the connection prepares it.
     fence_of(backend.try_acquire(&k, &a, lease, "o").await.unwrap());
     backend.extend(&k, &a, lease).await.unwrap();
+    backend.extend_many(&[(k.clone(), a)], lease).await.unwrap();
     backend.release(&k, &a).await.unwrap();
 
     let mut report = Vec::new();
@@ -1208,6 +1209,20 @@ async fn one_statement_and_one_round_trip_per_operation() {
     let c = proxy.counts();
     assert!(backend.release(&k, &a).await.is_err());
     expect_one("release, not held", &measure("release (not held)", &c), 0);
+
+    // A batch of 100 held leases and one stale token: one statement.
+    let mut batch = Vec::new();
+    for i in 0..100 {
+        let (bk, bt) = (key(&format!("batch-{i}")), Token::new());
+        fence_of(backend.try_acquire(&bk, &bt, lease, "o").await.unwrap());
+        batch.push((bk, bt));
+    }
+    batch.push((key("batch-0"), Token::new()));
+    let c = proxy.counts();
+    let results = backend.extend_many(&batch, lease).await.unwrap();
+    expect_one("extend_many", &measure("extend_many (101 leases)", &c), 0);
+    assert!(results[..100].iter().all(Result::is_ok));
+    assert!(matches!(results[100], Err(Error::NotHeld { .. })));
 
     // Inside the caller's transaction: one unnamed statement, parsed each time.
     let mut client = common::connect_with(via_proxy).await.unwrap();

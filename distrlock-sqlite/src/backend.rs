@@ -449,6 +449,41 @@ impl LockBackend for SqliteBackend {
         .await
     }
 
+    /// One `BEGIN IMMEDIATE` transaction for the whole batch, with one clock
+    /// reading: each lease gets the single extend's statement and guard.
+    async fn extend_many(&self, leases: &[(LockKey, Token)], ttl: Ttl) -> Result<Vec<Result<()>>> {
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let map = self.map();
+        let leases: Vec<(LockKey, String)> = leases
+            .iter()
+            .map(|(key, token)| (key.clone(), token.to_string()))
+            .collect();
+        self.write(move |tx, sql, clock, now| {
+            let mut stmt = tx.prepare_cached(&sql.extend).map_err(&map)?;
+            let mut results = Vec::with_capacity(leases.len());
+            for (key, token) in leases {
+                let changed = stmt
+                    .execute(named_params! {
+                        ":key": key.as_str(),
+                        ":token": token,
+                        ":wall_now": now.wall,
+                        ":ttl": ttl.as_micros(),
+                        ":clock": clock.id(),
+                        ":now": now.lease,
+                    })
+                    .map_err(&map)?;
+                results.push(match changed {
+                    1 => Ok(()),
+                    _ => Err(Error::NotHeld { key }),
+                });
+            }
+            Ok(results)
+        })
+        .await
+    }
+
     async fn release(&self, key: &LockKey, token: &Token) -> Result<()> {
         let map = self.map();
         let (owned_key, token) = (key.clone(), token.to_string());

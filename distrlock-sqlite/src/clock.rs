@@ -21,23 +21,23 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// One reading of the host clock.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Now {
+pub struct Now {
     /// Microseconds on the lease clock.
-    pub(crate) lease: i64,
+    pub lease: i64,
     /// Microseconds since the Unix epoch on the wall clock, for display.
-    pub(crate) wall: i64,
+    pub wall: i64,
 }
 
 /// The lease clock of this host, chosen once per backend.
 #[derive(Debug, Clone)]
-pub(crate) struct HostClock {
+pub struct HostClock {
     id: String,
     monotonic: bool,
 }
 
 impl HostClock {
     /// The monotonic clock of this boot where it can be named, else the wall clock.
-    pub(crate) fn detect() -> Self {
+    pub fn detect() -> Self {
         match boot_id() {
             Some(boot) if monotonic_micros().is_some() => Self {
                 id: format!("boot:{boot}"),
@@ -51,12 +51,12 @@ impl HostClock {
     }
 
     /// The value stored in the `clock` column.
-    pub(crate) fn id(&self) -> &str {
+    pub fn id(&self) -> &str {
         &self.id
     }
 
     /// Reads the clock now.
-    pub(crate) fn now(&self) -> Now {
+    pub fn now(&self) -> Now {
         let wall = wall_micros();
         let lease = if self.monotonic {
             // `detect` checked that the clock can be read; it cannot start failing.

@@ -7,6 +7,10 @@ mod sql;
 mod worker;
 
 pub use backend::{SqliteBackend, SqliteBackendBuilder};
+#[doc(hidden)]
+pub use clock::{HostClock as LeaseClock, Now as LeaseNow};
+#[doc(hidden)]
+pub use sql::LockSql;
 
 /// Re-exported so users name the same driver version.
 pub use rusqlite;

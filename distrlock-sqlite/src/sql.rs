@@ -123,6 +123,40 @@ impl Statements {
     }
 }
 
+/// The SQL texts of one table's lock statements, exactly as the backend sends
+/// them, for tools that issue them without the backend (the benchmark's
+/// raw-driver baseline). Not a stable API. Parameters are named (`:key`,
+/// `:token`, `:owner`, `:ttl`, `:clock`, `:now`, `:wall_now`); see
+/// [`LeaseClock`](crate::LeaseClock) for `:clock`, `:now` and `:wall_now`.
+#[doc(hidden)]
+#[derive(Debug, Clone)]
+pub struct LockSql {
+    /// Try-acquire; returns the fence, or no row when refused.
+    pub acquire: String,
+    /// After a refused acquire: the holder's fence, clock and lease end.
+    pub holder: String,
+    /// Extend; one changed row when renewed.
+    pub extend: String,
+    /// Release; one changed row when released.
+    pub release: String,
+    /// The DDL of the table.
+    pub create_table: String,
+}
+
+impl LockSql {
+    /// The statements for `table`, which must have no schema part.
+    pub fn for_table(table: &TableName) -> Self {
+        let s = Statements::new(table);
+        Self {
+            acquire: s.acquire,
+            holder: s.holder,
+            extend: s.extend,
+            release: s.release,
+            create_table: s.create_table,
+        }
+    }
+}
+
 /// The DDL of the lock table.
 ///
 /// - `IF NOT EXISTS`: creating is idempotent, and safe when several processes

@@ -846,6 +846,104 @@ pub async fn same_token_after_release_or_expiry_gets_a_new_fence(setup: &Setup) 
     setup.backend.release(&key, &token).await.unwrap();
 }
 
+/// 24. `extend_many` renews exactly the leases its tokens hold, answers each
+///     entry in order, and changes nothing for the others: a wrong token, a key
+///     never acquired, a released and an expired lease all get `NotHeld`.
+pub async fn extend_many_renews_only_held_leases(setup: &Setup) {
+    let backend = &setup.backend;
+    assert!(
+        backend
+            .extend_many(&[], ttl(LONG))
+            .await
+            .expect("an empty batch succeeds")
+            .is_empty(),
+        "an empty batch has no results"
+    );
+    let expired = setup.key("many-expired");
+    let expired_token = Token::new();
+    fence_of(acquire(setup, &expired, &expired_token, SHORT).await);
+    tokio::time::sleep(SHORT + Duration::from_millis(100)).await;
+
+    let (held_a, held_b) = (setup.key("many-held-a"), setup.key("many-held-b"));
+    let (token_a, token_b) = (Token::new(), Token::new());
+    fence_of(acquire(setup, &held_a, &token_a, SHORT).await);
+    fence_of(acquire(setup, &held_b, &token_b, SHORT).await);
+    let other = setup.key("many-other");
+    fence_of(acquire(setup, &other, &Token::new(), LONG).await);
+    let other_before = backend.inspect(&other).await.unwrap().expect("row");
+    let released = setup.key("many-released");
+    let released_token = Token::new();
+    fence_of(acquire(setup, &released, &released_token, LONG).await);
+    backend.release(&released, &released_token).await.unwrap();
+    let missing = setup.key("many-missing");
+
+    let leases = [
+        (held_a.clone(), token_a),
+        (other.clone(), Token::new()),
+        (missing.clone(), Token::new()),
+        (held_b.clone(), token_b),
+        (released.clone(), released_token),
+        (expired.clone(), expired_token),
+        (held_a.clone(), token_a),
+    ];
+    let results = backend
+        .extend_many(&leases, ttl(LONG))
+        .await
+        .expect("extend_many must not fail as a whole");
+    assert_eq!(results.len(), leases.len(), "one result per entry");
+    let renewed: Vec<bool> = results
+        .iter()
+        .map(|result| match result {
+            Ok(()) => true,
+            Err(Error::NotHeld { .. }) => false,
+            Err(error) => panic!("an entry failed with {error} instead of NotHeld"),
+        })
+        .collect();
+    assert_eq!(
+        renewed,
+        [true, false, false, true, false, false, true],
+        "held leases renewed in their positions, every other entry NotHeld"
+    );
+
+    // Past the SHORT ttl the held leases live on, renewed to LONG.
+    tokio::time::sleep(SHORT + Duration::from_millis(200)).await;
+    for key in [&held_a, &held_b] {
+        let info = backend.inspect(key).await.unwrap().expect("row");
+        assert_eq!(info.state, LockState::Held, "{key} was renewed");
+        if let Some(remaining) = info.remaining {
+            assert!(
+                remaining > LONG - Duration::from_secs(10),
+                "{key} renewed to the batch ttl, has {remaining:?}"
+            );
+        }
+    }
+    let other_after = backend.inspect(&other).await.unwrap().expect("row");
+    assert_eq!(
+        other_after.expires_at, other_before.expires_at,
+        "a wrong token must not move the expiry"
+    );
+    assert_eq!(other_after.fence, other_before.fence);
+    assert_eq!(
+        backend
+            .inspect(&released)
+            .await
+            .unwrap()
+            .expect("row")
+            .state,
+        LockState::Released
+    );
+    assert_eq!(
+        backend.inspect(&expired).await.unwrap().expect("row").state,
+        LockState::Expired
+    );
+    assert!(
+        backend.inspect(&missing).await.unwrap().is_none(),
+        "no row is created for a key never acquired"
+    );
+    backend.release(&held_a, &token_a).await.unwrap();
+    backend.release(&held_b, &token_b).await.unwrap();
+}
+
 fn fastrand_range(low: u64, high: u64) -> u64 {
     use std::hash::{BuildHasher, RandomState};
     low + RandomState::new().hash_one(std::time::SystemTime::now()) % (high - low).max(1)

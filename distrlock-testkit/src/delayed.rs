@@ -47,6 +47,12 @@ impl LockBackend for DelayedBackend {
         answer
     }
 
+    async fn extend_many(&self, leases: &[(LockKey, Token)], ttl: Ttl) -> Result<Vec<Result<()>>> {
+        let answer = self.inner.extend_many(leases, ttl).await;
+        tokio::time::sleep(self.delay).await;
+        answer
+    }
+
     async fn release(&self, key: &LockKey, token: &Token) -> Result<()> {
         let answer = self.inner.release(key, token).await;
         tokio::time::sleep(self.delay).await;

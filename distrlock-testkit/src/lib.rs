@@ -77,6 +77,7 @@ macro_rules! conformance_tests {
             killed_sessions_are_recovered,
             held_until_local_deadline,
             same_token_after_release_or_expiry_gets_a_new_fence,
+            extend_many_renews_only_held_leases,
         );
     };
 }

@@ -1,0 +1,320 @@
+//! [`Renewer`]: one background task per [`LockManager`](crate::LockManager) that
+//! extends the leases of all its guards, in batches.
+//!
+//! Each guard keeps its own schedule (`next_extend`, every heartbeat interval) and
+//! its own local deadline, exactly as if it had a task of its own. What is shared
+//! is the sending: when one guard is due, every other guard that would be due
+//! within half its own interval rides along in the same
+//! [`LockBackend::extend_many`] call, so the guards of a manager soon share one
+//! schedule and a process holding 10,000 locks sends
+//! `10,000 / MAX_EXTEND_BATCH` statements per interval instead of 10,000.
+//! Renewing a lease early is always safe: its deadline only moves to the new
+//! request's `sent + ttl − margin`.
+//!
+//! Per guard, an answer means what a single extend's answer means:
+//! - renewed: the deadline moves to `sent + ttl − margin` of this batch request
+//!   (never backwards), unless the deadline had already passed when the answer
+//!   came (then the lock is lost and stays lost);
+//! - missing from the batch result ([`Error::NotHeld`]): the lease is gone and the
+//!   guard reports the lock lost;
+//! - any other error, of the entry or of the whole batch (including no answer
+//!   within the call timeout): transient, the guard tries again after a short
+//!   delay, bounded as always by its deadline.
+//!
+//! The task runs while the manager has guards and ends when the last one goes; the
+//! next guard starts it again.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::Duration;
+
+use tokio::runtime::Handle;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::backend::{LockBackend, MAX_EXTEND_BATCH};
+use crate::error::{Error, Result};
+use crate::guard::GuardShared;
+use crate::key::LockKey;
+use crate::token::Token;
+use crate::ttl::Ttl;
+
+/// The shared renewal of one manager's guards.
+pub(crate) struct Renewer {
+    backend: Arc<dyn LockBackend>,
+    call_timeout: Duration,
+    state: Mutex<State>,
+    /// Wakes the task: a guard came that is due before the task would wake, or
+    /// a batch answered.
+    wake: Arc<Notify>,
+}
+
+struct State {
+    next_id: u64,
+    guards: HashMap<u64, Entry>,
+    task: Option<JoinHandle<()>>,
+    /// When the task will look again on its own.
+    wakes_at: Option<Instant>,
+}
+
+/// One registered guard.
+struct Entry {
+    guard: Weak<GuardShared>,
+    /// The heartbeat interval, or `None` when auto-extend is off (then the entry
+    /// only watches the deadline).
+    interval: Option<Duration>,
+    /// When this guard's next extend is due.
+    next_extend: Option<Instant>,
+    /// Part of a batch that has not answered yet.
+    in_flight: bool,
+}
+
+/// A guard's place in the renewal; dropping it stops the renewal of that guard.
+pub(crate) struct Registration {
+    renewer: Arc<Renewer>,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        // No need to wake the task: it forgets the guard (and ends, if it was
+        // the last) when it next looks.
+        self.renewer.state().guards.remove(&self.id);
+    }
+}
+
+impl Renewer {
+    pub(crate) fn new(backend: Arc<dyn LockBackend>, call_timeout: Duration) -> Self {
+        Self {
+            backend,
+            call_timeout,
+            state: Mutex::new(State {
+                next_id: 0,
+                guards: HashMap::new(),
+                task: None,
+                wakes_at: None,
+            }),
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Starts renewing `guard` every `interval` from now (or only watching its
+    /// deadline when `interval` is `None`), starting the task on `runtime` if it
+    /// is not running.
+    pub(crate) fn register(
+        self: &Arc<Self>,
+        runtime: &Handle,
+        guard: Weak<GuardShared>,
+        interval: Option<Duration>,
+    ) -> Registration {
+        let first_look = match (guard.upgrade(), interval) {
+            (Some(shared), Some(interval)) => (Instant::now() + interval).min(shared.deadline()),
+            (Some(shared), None) => shared.deadline(),
+            (None, _) => Instant::now(),
+        };
+        let mut state = self.state();
+        let id = state.next_id;
+        state.next_id += 1;
+        state.guards.insert(
+            id,
+            Entry {
+                guard,
+                interval,
+                next_extend: interval.map(|i| Instant::now() + i),
+                in_flight: false,
+            },
+        );
+        // A task whose runtime shut down is finished: start another on this one.
+        let wake = if state.task.as_ref().is_none_or(JoinHandle::is_finished) {
+            state.task = Some(runtime.spawn(run(Arc::downgrade(self), self.wake.clone())));
+            false
+        } else {
+            // Wake the task only if this guard needs it sooner than it planned
+            // (a shorter interval or deadline than every other guard's).
+            state.wakes_at.is_none_or(|at| first_look < at)
+        };
+        drop(state);
+        if wake {
+            self.wake.notify_one();
+        }
+        Registration {
+            renewer: self.clone(),
+            id,
+        }
+    }
+
+    /// Forgets lost and dropped guards, sends the batches that are due, and
+    /// returns when to look again, or `None` when no guard is left (the task
+    /// has then been unregistered and must end).
+    fn tick(self: &Arc<Self>) -> Option<Instant> {
+        let mut state = self.state();
+        let now = Instant::now();
+        state.guards.retain(|_, entry| {
+            entry
+                .guard
+                .upgrade()
+                .is_some_and(|guard| !guard.check_lost())
+        });
+        if state.guards.is_empty() {
+            state.task = None;
+            state.wakes_at = None;
+            return None;
+        }
+        let any_due = state
+            .guards
+            .values()
+            .any(|e| !e.in_flight && e.next_extend.is_some_and(|next| next <= now));
+        if any_due {
+            // Everyone due now, or within half their interval: one batch.
+            let mut by_ttl: HashMap<Ttl, Vec<(u64, Arc<GuardShared>)>> = HashMap::new();
+            for (id, entry) in state.guards.iter_mut() {
+                let (Some(interval), Some(next)) = (entry.interval, entry.next_extend) else {
+                    continue;
+                };
+                if entry.in_flight || next > now + interval / 2 {
+                    continue;
+                }
+                let Some(guard) = entry.guard.upgrade() else {
+                    continue;
+                };
+                entry.in_flight = true;
+                by_ttl.entry(guard.ttl).or_default().push((*id, guard));
+            }
+            for (ttl, guards) in by_ttl {
+                let mut guards = guards.into_iter().peekable();
+                while guards.peek().is_some() {
+                    let chunk: Vec<_> = guards.by_ref().take(MAX_EXTEND_BATCH).collect();
+                    tokio::spawn(self.clone().renew(ttl, chunk));
+                }
+            }
+        }
+        // The earliest due extend, or the earliest deadline (to report a loss on
+        // time even while a batch hangs).
+        let wakes_at = state
+            .guards
+            .values()
+            .filter_map(|entry| {
+                let deadline = entry.guard.upgrade()?.deadline();
+                Some(match entry.next_extend {
+                    Some(next) if !entry.in_flight => next.min(deadline),
+                    _ => deadline,
+                })
+            })
+            .min();
+        state.wakes_at = wakes_at;
+        wakes_at
+    }
+
+    /// Sends one batch and applies its answer to each of its guards.
+    async fn renew(self: Arc<Self>, ttl: Ttl, chunk: Vec<(u64, Arc<GuardShared>)>) {
+        let leases: Vec<(LockKey, Token)> = chunk
+            .iter()
+            .map(|(_, guard)| (guard.key.clone(), guard.token))
+            .collect();
+        // Past the latest deadline every guard of the batch is lost: stop waiting.
+        let latest_deadline = chunk.iter().map(|(_, guard)| guard.deadline()).max();
+        // Hold only weak references while waiting, so a dropped guard goes at once.
+        let chunk: Vec<(u64, Weak<GuardShared>)> = chunk
+            .into_iter()
+            .map(|(id, guard)| (id, Arc::downgrade(&guard)))
+            .collect();
+        let sent = Instant::now();
+        let mut give_up = sent
+            .checked_add(self.call_timeout)
+            .unwrap_or(sent + Duration::from_secs(86_400));
+        if let Some(latest) = latest_deadline {
+            give_up = give_up.min(latest);
+        }
+        let answer = tokio::time::timeout_at(give_up, self.backend.extend_many(&leases, ttl)).await;
+        let answer: Result<Vec<Result<()>>> = match answer {
+            Err(_) => Err(Error::unavailable(
+                format!("a batch of {} extends did not answer in time", leases.len()),
+                None,
+            )),
+            Ok(Ok(results)) if results.len() != leases.len() => Err(Error::Backend {
+                message: format!(
+                    "the backend answered {} results for a batch of {} extends",
+                    results.len(),
+                    leases.len()
+                ),
+                transient: true,
+                source: None,
+            }),
+            Ok(answer) => answer,
+        };
+        let answered = Instant::now();
+        let mut state = self.state();
+        for (i, (id, guard)) in chunk.iter().enumerate() {
+            // Gone from the map: released, dropped or already found lost.
+            let Some(entry) = state.guards.get_mut(id) else {
+                continue;
+            };
+            entry.in_flight = false;
+            let (Some(guard), Some(interval)) = (guard.upgrade(), entry.interval) else {
+                continue;
+            };
+            let outcome = match &answer {
+                Ok(results) => match &results[i] {
+                    Ok(()) => Outcome::Renewed,
+                    Err(Error::NotHeld { .. }) => Outcome::Gone,
+                    Err(error) => Outcome::Failed(error),
+                },
+                // The whole batch failed: nothing is known about any lease.
+                Err(error) => Outcome::Failed(error),
+            };
+            match outcome {
+                Outcome::Renewed => {
+                    // An answer after the deadline does not revive the lock.
+                    if guard.check_lost() {
+                        continue;
+                    }
+                    guard.extended(sent);
+                    entry.next_extend = Some(sent + interval);
+                    tracing::trace!(key = %guard.key, fence = %guard.fence, "lease extended");
+                }
+                Outcome::Gone => guard.mark_lost("extend found the lease gone"),
+                Outcome::Failed(error) => {
+                    // Try again soon; the deadline still bounds how long we claim the lock.
+                    let retry =
+                        (interval / 4).clamp(Duration::from_millis(5), Duration::from_secs(1));
+                    entry.next_extend = Some(answered + retry);
+                    tracing::debug!(key = %guard.key, %error, ?retry, "extend failed; retrying");
+                }
+            }
+        }
+        drop(state);
+        self.wake.notify_one();
+    }
+}
+
+/// What one batch answer means for one guard.
+enum Outcome<'a> {
+    Renewed,
+    Gone,
+    Failed(&'a Error),
+}
+
+/// The renewal task: sends due batches and sleeps until the next is due, a
+/// deadline passes, or something changes. It holds the renewer (and so the
+/// backend) only while it looks, so a manager dropped with its guards is freed
+/// at once; the task then ends when it next wakes.
+async fn run(renewer: Weak<Renewer>, wake: Arc<Notify>) {
+    loop {
+        // Subscribe before looking, so a change while we look still wakes us.
+        let changed = wake.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let Some(wake) = renewer.upgrade().and_then(|renewer| renewer.tick()) else {
+            return;
+        };
+        tokio::select! {
+            () = tokio::time::sleep_until(wake) => {}
+            () = changed => {}
+        }
+    }
+}
