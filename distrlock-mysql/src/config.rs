@@ -173,7 +173,8 @@ impl MySqlConfig {
     /// Builds a backend on a new pool from `opts`, without connecting yet.
     ///
     /// The backend's pool takes everything from `opts` except: the pool limits
-    /// (from this config), connection reset on return to the pool (off: the pool
+    /// (from this config), idle connections beyond the minimum kept for 60 s
+    /// unless `opts` says otherwise, connection reset on return to the pool (off: the pool
     /// runs only this backend's statements, and a reset would drop their prepared
     /// form and cost a round trip), the prepared-statement cache (at least 16 per
     /// connection), and [`session_setup_sql`](Self::session_setup_sql) added to
@@ -191,6 +192,15 @@ impl MySqlConfig {
             .clone()
             .with_constraints(constraints)
             .with_reset_connection(false);
+        // mysql_async closes every returned connection beyond `min_connections`
+        // unless idle connections may live a while: without this, a burst of
+        // concurrent calls reconnects for most of them (measured in the benchmark:
+        // 13,103 new connections for 21,018 cycles).
+        let pool_opts = if pool_opts.inactive_connection_ttl().is_zero() {
+            pool_opts.with_inactive_connection_ttl(std::time::Duration::from_secs(60))
+        } else {
+            pool_opts
+        };
         // mysql_async runs the setup statements last to first: put ours first so
         // that it runs last and its settings (autocommit on, the bounds) win over
         // anything in `opts`.
