@@ -158,15 +158,12 @@ impl Env for MariaDb {
     }
 
     async fn backend(&self, table: &str, connect: Connect) -> anyhow::Result<Arc<dyn LockBackend>> {
-        // min = max: mysql_async (inactive_connection_ttl 0, the default) closes
-        // every returned connection beyond `min_connections` at once, so with the
-        // backend's default minimum of 1 a busy pool reconnects for most calls
-        // (see BENCHMARKS.md). A pool sized for its clients keeps them open.
-        let size = connect.pool_size.max(1);
+        // The backend's own pool settings: since the benchmark found that
+        // mysql_async closed every returned connection beyond `min_connections`,
+        // the backend keeps idle connections for 60 s, so a pool of `max` stays open.
         let backend = MySqlBackend::builder()
             .table(table)
-            .max_connections(size)
-            .min_connections(size)
+            .max_connections(connect.pool_size.max(1))
             .build(self.opts(connect.via))?;
         Ok(Arc::new(backend))
     }
