@@ -27,7 +27,8 @@ use crate::sql;
 ///     .lock_wait_timeout(Duration::from_secs(1));
 /// assert_eq!(
 ///     config.session_setup_sql(),
-///     "SET SESSION innodb_lock_wait_timeout = 1 /*M! , max_statement_time = 5.000 */"
+///     "SET SESSION autocommit = 1, innodb_lock_wait_timeout = 1, lock_wait_timeout = 1 \
+///      /*M! , max_statement_time = 5.000 */"
 /// );
 ///
 /// // Bad settings are refused when the backend is built, with a typed error.

@@ -43,10 +43,10 @@ pub struct Report {
     pub overlaps: Vec<(Holding, Holding)>,
     /// Pairs of consecutive holdings of one key whose fence did not grow.
     pub fence_regressions: Vec<(Holding, Holding)>,
-    /// For each killed holding that someone wanted afterwards: the delay from the
-    /// kill (or from when the first waiter began, if later) until the next holder
-    /// claimed the key. A waiter that gave up before anyone took the key counts
-    /// with the time it waited.
+    /// For each killed holding that someone wanted afterwards: the longest any
+    /// waiter went without the key after the kill, from the kill (or the start of
+    /// its wait, if later) until the key was taken by anyone or the waiter gave
+    /// up.
     pub takeovers: Vec<Duration>,
     /// Holdings that ended because the guard declared the lock lost.
     pub lost: usize,
@@ -147,31 +147,25 @@ pub fn check(runs: &[WorkerRun]) -> Report {
                 furthest = Some(h);
             }
             if h.killed {
-                // The first moment after the kill at which someone wanted the key.
-                let demand = waits
+                // Each wait for the key that was on after the kill measures how
+                // long that waiter went without the key: from the kill (or its
+                // start, if later) until the key was taken by anyone, or until
+                // the waiter itself gave up. Time in which nobody waited is not
+                // a delay.
+                let taken = holdings[i + 1..]
+                    .iter()
+                    .find(|n| n.start >= h.end)
+                    .map(|n| n.start);
+                let worst = waits
                     .iter()
                     .filter(|(k, _, ended)| *k == h.key && *ended >= h.end)
-                    .map(|(_, began, _)| (*began).max(h.end))
-                    .min();
-                if let Some(demand) = demand {
-                    let taken = holdings[i + 1..]
-                        .iter()
-                        .find(|n| n.start >= h.end)
-                        .map(|n| n.start);
-                    // Waits for the key that were still on after `demand` and gave
-                    // up before anyone took it also measure the delay.
-                    let gave_up = waits
-                        .iter()
-                        .filter(|(k, _, ended)| {
-                            *k == h.key && *ended >= demand && taken.is_none_or(|t| *ended < t)
-                        })
-                        .map(|(_, _, ended)| *ended)
-                        .max();
-                    let until = taken.into_iter().chain(gave_up).max();
-                    if let Some(until) = until {
-                        takeovers.push(Duration::from_nanos(until.saturating_sub(demand)));
-                    }
-                }
+                    .map(|(_, began, ended)| {
+                        let from = (*began).max(h.end);
+                        let until = taken.map_or(*ended, |t| t.min(*ended));
+                        Duration::from_nanos(until.saturating_sub(from))
+                    })
+                    .max();
+                takeovers.extend(worst);
             }
         }
     }
@@ -362,9 +356,40 @@ mod tests {
         let report = check(&runs);
         assert_eq!(
             report.takeovers,
-            vec![Duration::from_nanos(19_000)],
-            "measured from the kill until c took it"
+            vec![Duration::from_nanos(8_000)],
+            "b waited from the kill until it gave up, without the key"
         );
+    }
+
+    #[test]
+    fn time_in_which_nobody_waits_is_not_a_takeover_delay() {
+        let runs = [
+            run("a", vec![acq("k", 1, 10)], Some(1_000)),
+            // b gave up 500 after the kill (the lease was still live then)...
+            run(
+                "b",
+                vec![Event::Failed {
+                    key: "k".into(),
+                    waited_from: 200,
+                    error: "timeout".into(),
+                    t: 1_500,
+                }],
+                None,
+            ),
+            // ...and nobody wanted the key until c, who got it at once.
+            run(
+                "c",
+                vec![Event::Acquired {
+                    key: "k".into(),
+                    fence: 2,
+                    t: 9_010,
+                    hold_ms: 0,
+                    waited_from: 9_000,
+                }],
+                None,
+            ),
+        ];
+        assert_eq!(check(&runs).takeovers, vec![Duration::from_nanos(500)]);
     }
 
     #[test]
