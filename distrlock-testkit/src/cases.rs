@@ -373,7 +373,7 @@ pub async fn fences_strictly_increase(setup: &Setup) {
                 seen.lock().unwrap().push(guard.fence());
                 guard.release().await.expect("release");
                 // Step back briefly so that one client cannot win every round.
-                let pause = fastrand_range(0, 2_000);
+                let pause = fastrand::u64(0..2_000);
                 tokio::time::sleep(Duration::from_micros(pause)).await;
             }
         }));
@@ -942,9 +942,4 @@ pub async fn extend_many_renews_only_held_leases(setup: &Setup) {
     );
     backend.release(&held_a, &token_a).await.unwrap();
     backend.release(&held_b, &token_b).await.unwrap();
-}
-
-fn fastrand_range(low: u64, high: u64) -> u64 {
-    use std::hash::{BuildHasher, RandomState};
-    low + RandomState::new().hash_one(std::time::SystemTime::now()) % (high - low).max(1)
 }

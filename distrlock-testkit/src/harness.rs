@@ -39,7 +39,7 @@ impl Setup {
         Self {
             backend,
             faults,
-            prefix: format!("conformance-{:016x}/", fastrand_u64()),
+            prefix: format!("conformance-{:016x}/", fastrand::u64(..)),
         }
     }
 
@@ -140,14 +140,4 @@ pub fn skip(test: &str, reason: &str) {
         panic!("{test}: DISTRLOCK_REQUIRE_DB=1 but {reason}");
     }
     eprintln!("SKIPPED {test}: {reason} (set DISTRLOCK_REQUIRE_DB=1 to make this fail)");
-}
-
-fn fastrand_u64() -> u64 {
-    use std::hash::{BuildHasher, RandomState};
-    // Random per process and per call, without another dependency.
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    RandomState::new().hash_one((nanos, std::process::id()))
 }
