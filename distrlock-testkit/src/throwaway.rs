@@ -590,6 +590,5 @@ fn free_port() -> Result<u16> {
 }
 
 fn unique() -> u64 {
-    use std::hash::{BuildHasher, RandomState};
-    RandomState::new().hash_one(Instant::now())
+    fastrand::u64(..)
 }
