@@ -5,7 +5,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
@@ -57,7 +57,38 @@ pub(crate) struct GuardShared {
     /// Whether the token is static and registered with the manager.
     is_static: bool,
     deadline: Mutex<Instant>,
+    /// The latest server clock reading, to notice a server clock that steps.
+    clock: Mutex<ClockMark>,
     lost: watch::Sender<bool>,
+}
+
+/// A reading of the backend's clock by the statement of a request sent at
+/// `sent` whose answer arrived at `answered`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClockMark {
+    pub(crate) sent: Instant,
+    pub(crate) answered: Instant,
+    pub(crate) server: SystemTime,
+}
+
+impl ClockMark {
+    /// How far the server's clock ran ahead of (`Ok`) or behind (`Err`) ours
+    /// between `self` and the later `next`, beyond what the round trips and the
+    /// clock-rate allowance explain; zero when it kept time.
+    fn drift_to(&self, next: &ClockMark) -> std::result::Result<Duration, Duration> {
+        // The server read its clock between sending and answering, so between the
+        // two readings our clock moved at least `next.sent − self.answered` and at
+        // most `next.answered − self.sent`.
+        let most = next.answered.saturating_duration_since(self.sent);
+        let least = next.sent.saturating_duration_since(self.answered);
+        let allowance = most / crate::server_clock::MAX_CLOCK_RATE_DIFFERENCE;
+        match next.server.duration_since(self.server) {
+            Ok(server) if server > most + allowance => Ok(server - most - allowance),
+            Ok(server) if server + allowance < least => Err(least - server - allowance),
+            Ok(_) => Ok(Duration::ZERO),
+            Err(back) => Err(least + back.duration().saturating_sub(allowance)),
+        }
+    }
 }
 
 impl GuardShared {
@@ -77,13 +108,52 @@ impl GuardShared {
         false
     }
 
-    /// Records a successful extend whose request was sent at `sent`.
+    /// Records a successful extend whose request was sent at `sent` and whose
+    /// statement read `server_time` on the backend's clock.
     ///
     /// Taking the later of the two deadlines is safe even for concurrent extends:
     /// the server's expiry is set by whichever extend it ran last, and every extend
     /// it ran, ran after it was sent.
-    pub(crate) fn extended(&self, sent: Instant) {
-        let new = sent + self.ttl.get() - self.margin;
+    ///
+    /// The server's clock is compared with ours since the previous reading: if it
+    /// ran ahead by more than the round trips explain, it may run ahead again
+    /// before the next extend, so the new deadline is shortened by that excess. A
+    /// clock that went back is reported: leases then last longer than their ttl.
+    pub(crate) fn extended(&self, sent: Instant, server_time: SystemTime) {
+        let mark = ClockMark {
+            sent,
+            answered: Instant::now(),
+            server: server_time,
+        };
+        let drift = {
+            let mut clock = self.clock.lock().unwrap_or_else(PoisonError::into_inner);
+            let drift = clock.drift_to(&mark);
+            if mark.sent >= clock.sent {
+                *clock = mark;
+            }
+            drift
+        };
+        let mut new = sent + self.ttl.get() - self.margin;
+        match drift {
+            Ok(ahead) if !ahead.is_zero() => {
+                tracing::warn!(
+                    key = %self.key,
+                    ahead_ms = ahead.as_millis() as u64,
+                    "the database server's clock ran ahead of this host's; shortening the \
+                     lock's local deadline (server clocks must slew, never step)"
+                );
+                new = new.checked_sub(ahead).unwrap_or(sent);
+            }
+            Err(behind) if !behind.is_zero() => {
+                tracing::warn!(
+                    key = %self.key,
+                    behind_ms = behind.as_millis() as u64,
+                    "the database server's clock went back; a dead holder's lease may outlive \
+                     its ttl (server clocks must slew, never step)"
+                );
+            }
+            _ => {}
+        }
         let mut deadline = self.deadline.lock().unwrap_or_else(PoisonError::into_inner);
         if new > *deadline {
             *deadline = new;
@@ -115,7 +185,13 @@ impl GuardShared {
         }
         let sent = Instant::now();
         let timeout_at = sent + self.config.call_timeout;
-        let call = self.config.backend.extend(&self.key, &self.token, self.ttl);
+        // Past the deadline we no longer claim the lock: an extend that lands
+        // later would keep a lease alive that nobody holds.
+        let not_after = timeout_at.min(self.deadline());
+        let call = self
+            .config
+            .backend
+            .extend(&self.key, &self.token, self.ttl, not_after);
         tokio::pin!(call);
         let result = loop {
             let deadline = self.deadline();
@@ -136,8 +212,8 @@ impl GuardShared {
             }
         };
         match result? {
-            Ok(()) => {
-                self.extended(sent);
+            Ok(server_time) => {
+                self.extended(sent, server_time);
                 tracing::trace!(key = %self.key, fence = %self.fence, "lease extended");
                 Ok(())
             }
@@ -159,6 +235,7 @@ impl LockGuard {
         fence: Fence,
         ttl: Ttl,
         sent: Instant,
+        server_time: SystemTime,
         is_static: bool,
     ) -> Self {
         let margin = config.margin_for(ttl);
@@ -173,6 +250,11 @@ impl LockGuard {
             margin,
             is_static,
             deadline: Mutex::new(sent + ttl.get() - margin),
+            clock: Mutex::new(ClockMark {
+                sent,
+                answered: Instant::now(),
+                server: server_time,
+            }),
             lost,
         });
         // Without a runtime there is no heartbeat; `is_lost` still compares with
@@ -268,17 +350,26 @@ impl LockGuard {
 
     /// Releases the lock and waits for the backend to confirm.
     ///
-    /// `Ok` means the lease was held without interruption until now. Returns
-    /// [`Error::LockLost`] if the lock had been lost (it is released anyway if the
-    /// backend still has it), and the backend's error if the release failed (the
-    /// lease then runs out at its ttl). If this future is dropped before it
-    /// finishes, the guard releases in the background as on drop.
+    /// `Ok` means the lease was held without interruption until the release was
+    /// sent: the guard had not reached its local deadline, so no one else can
+    /// have held the key meanwhile. That stays true when the backend answers
+    /// [`Error::NotHeld`] (a retried release whose first run went through, or a
+    /// lease that ran out while the release travelled). Returns
+    /// [`Error::LockLost`] if the lock had been lost before (it is released anyway
+    /// if the backend still has it), and the backend's error if the release
+    /// failed or did not answer in time (the lease then runs out at its ttl). If
+    /// this future is dropped before it finishes, the guard releases in the
+    /// background as on drop.
     pub async fn release(mut self) -> Result<()> {
         drop(self.renewal.take());
         let shared = self.shared.clone();
         let was_lost = shared.check_lost();
-        let call = shared.config.backend.release(&shared.key, &shared.token);
-        let result = match tokio::time::timeout(shared.config.call_timeout, call).await {
+        let not_after = Instant::now() + shared.config.call_timeout;
+        let call = shared
+            .config
+            .backend
+            .release(&shared.key, &shared.token, not_after);
+        let result = match tokio::time::timeout_at(not_after, call).await {
             Ok(result) => result,
             Err(_) => Err(Error::unavailable(
                 format!("release of {} did not answer in time", shared.key),
@@ -287,20 +378,43 @@ impl LockGuard {
         };
         self.released = true;
         if shared.is_static {
-            shared
-                .config
-                .unregister_static_guard(&shared.key, &shared.token);
+            settle_static_release(
+                &shared.config,
+                &shared.key,
+                shared.token,
+                &result,
+                not_after,
+            );
         }
         // Wake anyone awaiting `lost()`: this process no longer holds the lock.
         shared.lost.send_replace(true);
         match result {
-            Ok(()) if !was_lost => {
+            Ok(()) | Err(Error::NotHeld { .. }) if !was_lost => {
                 tracing::debug!(key = %shared.key, fence = %shared.fence, "lock released");
                 Ok(())
             }
             Ok(()) | Err(Error::NotHeld { .. }) => Err(shared.lost_error()),
             Err(error) => Err(error),
         }
+    }
+
+    /// Stops guarding the lease without releasing it, and returns its snapshot.
+    ///
+    /// The heartbeat stops and dropping no longer releases: the lease runs out at
+    /// its ttl unless someone extends or releases it with the token (for example a
+    /// later process, as `distrlock acquire` hands the lock to the shell). The
+    /// snapshot's deadline is the last one this guard computed.
+    pub fn detach(mut self) -> Lease {
+        drop(self.renewal.take());
+        let lease = self.lease();
+        self.released = true;
+        if self.shared.is_static {
+            self.shared
+                .config
+                .unregister_static_guard(&self.shared.key, &self.shared.token);
+        }
+        self.shared.lost.send_replace(true);
+        lease
     }
 }
 
@@ -367,9 +481,9 @@ impl Future for Lost {
     }
 }
 
-/// Releases `token`'s lease on `key` without waiting, if a runtime is available.
-/// A static token is unregistered from the manager only after its release, so a
-/// new guard with the same token cannot have its lease ended by this one.
+/// Releases `token`'s lease on `key` without waiting, if a runtime is available,
+/// as a background job of the manager ([`LockManager::settle`](crate::LockManager::settle)
+/// waits for it).
 pub(crate) fn release_in_background(
     config: Arc<ManagerConfig>,
     key: LockKey,
@@ -383,20 +497,54 @@ pub(crate) fn release_in_background(
         }
         return;
     };
-    runtime.spawn(async move {
-        let call = config.backend.release(&key, &token);
-        match tokio::time::timeout(config.call_timeout, call).await {
-            Ok(Ok(())) => tracing::debug!(key = %key, "lock released in the background"),
-            Ok(Err(Error::NotHeld { .. })) => {}
-            Ok(Err(error)) => {
+    let background = config.background.clone();
+    background.spawn(&runtime, async move {
+        let not_after = Instant::now() + config.call_timeout;
+        let call = config.backend.release(&key, &token, not_after);
+        let result = match tokio::time::timeout_at(not_after, call).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::unavailable("no answer in time", None)),
+        };
+        match &result {
+            Ok(()) => tracing::debug!(key = %key, "lock released in the background"),
+            Err(Error::NotHeld { .. }) => {}
+            Err(error) => {
                 tracing::warn!(key = %key, %error, "background release failed; the lease will expire")
-            }
-            Err(_) => {
-                tracing::warn!(key = %key, "background release timed out; the lease will expire")
             }
         }
         if is_static {
-            config.unregister_static_guard(&key, &token);
+            settle_static_release(&config, &key, token, &result, not_after);
         }
     });
+}
+
+/// Lets a new guard of the static `token` start once its release is settled.
+///
+/// After a definite answer (released, or not held) at once. After an unknown one
+/// (no answer in time, a broken connection) the release may still be on its way
+/// to the database, and landing after a new guard of the same token acquired it
+/// would end that guard's lease behind its back. The backend guarantees that it
+/// cannot land after its `not_after` (contract item 8), so the token stays taken
+/// until then.
+fn settle_static_release(
+    config: &Arc<ManagerConfig>,
+    key: &LockKey,
+    token: Token,
+    result: &Result<()>,
+    not_after: Instant,
+) {
+    let settled = matches!(result, Ok(()) | Err(Error::NotHeld { .. }));
+    let runtime = tokio::runtime::Handle::try_current();
+    match runtime {
+        Ok(runtime) if !settled && Instant::now() < not_after => {
+            tracing::debug!(key = %key, "release outcome unknown; the static token waits for its bound");
+            let (config, key) = (config.clone(), key.clone());
+            let background = config.background.clone();
+            background.spawn(&runtime, async move {
+                tokio::time::sleep_until(not_after).await;
+                config.unregister_static_guard(&key, &token);
+            });
+        }
+        _ => config.unregister_static_guard(key, &token),
+    }
 }

@@ -13,6 +13,7 @@ mod notify;
 mod owner;
 mod renewal;
 mod retry;
+pub mod server_clock;
 mod table;
 mod token;
 mod ttl;

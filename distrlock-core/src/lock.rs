@@ -1,7 +1,7 @@
 //! [`Lock`]: a handle on one key, with try-acquire and waiting acquire.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -83,17 +83,19 @@ impl Lock {
     pub async fn try_acquire(&self) -> Result<LockGuard> {
         let mut attempt = Attempt::new(self);
         match attempt.try_once().await? {
-            (AcquireOutcome::Acquired { fence }, sent) => match attempt.make_guard(fence, sent) {
-                Ok(guard) => Ok(guard),
-                Err(Unusable::Late) => Err(Error::unavailable(
-                    format!("the grant of {} arrived after its local deadline", self.key),
-                    None,
-                )),
-                Err(Unusable::TokenInUse) => Err(Error::HeldByOther {
-                    key: self.key.clone(),
-                    remaining: None,
-                }),
-            },
+            (AcquireOutcome::Acquired { fence, server_time }, sent) => {
+                match attempt.make_guard(fence, sent, server_time) {
+                    Ok(guard) => Ok(guard),
+                    Err(Unusable::Late) => Err(Error::unavailable(
+                        format!("the grant of {} arrived after its local deadline", self.key),
+                        None,
+                    )),
+                    Err(Unusable::TokenInUse) => Err(Error::HeldByOther {
+                        key: self.key.clone(),
+                        remaining: None,
+                    }),
+                }
+            }
             (AcquireOutcome::Held { remaining }, _) => Err(Error::HeldByOther {
                 key: self.key.clone(),
                 remaining,
@@ -133,12 +135,12 @@ impl Lock {
             let mut released = config.backend.release_notifier().map(|n| n.subscribe());
             // When the holder's lease ends, if the backend said.
             let holder_expiry = match attempt.try_once().await {
-                Ok((AcquireOutcome::Acquired { fence }, sent)) => {
-                    match attempt.make_guard(fence, sent) {
+                Ok((AcquireOutcome::Acquired { fence, server_time }, sent)) => {
+                    match attempt.make_guard(fence, sent, server_time) {
                         Ok(guard) => return Ok(guard),
-                        // Try again at once: the same token renews the lease.
-                        Err(Unusable::Late) => continue,
-                        Err(Unusable::TokenInUse) => None,
+                        // A late grant is like a failed try: back off and mind the
+                        // deadline. The next try with the same token renews it.
+                        Err(Unusable::Late | Unusable::TokenInUse) => None,
                     }
                 }
                 Ok((AcquireOutcome::Held { remaining }, sent)) => {
@@ -207,7 +209,9 @@ enum Unusable {
 struct Attempt<'a> {
     lock: &'a Lock,
     token: Token,
-    in_flight: Vec<JoinHandle<Result<AcquireOutcome>>>,
+    /// Tries that may still take effect, each with its `not_after`: past that
+    /// instant the backend guarantees it never will (contract item 8).
+    in_flight: Vec<(JoinHandle<Result<AcquireOutcome>>, Instant)>,
     maybe_granted: bool,
     done: bool,
 }
@@ -241,15 +245,18 @@ impl<'a> Attempt<'a> {
             .min(lock.ttl.get() - config.margin_for(lock.ttl));
         let (key, token, ttl) = (lock.key.clone(), self.token, lock.ttl);
         let sent = Instant::now();
+        // We stop waiting at `not_after`; the backend makes sure the statement
+        // cannot take effect after it, however late it reaches the server.
+        let not_after = sent + bound;
         let call = tokio::spawn(async move {
             config
                 .backend
-                .try_acquire(&key, &token, ttl, &config.owner)
+                .try_acquire(&key, &token, ttl, &config.owner, not_after)
                 .await
         });
         let index = self.in_flight.len();
-        self.in_flight.push(call);
-        let answer = tokio::time::timeout(bound, &mut self.in_flight[index]).await;
+        self.in_flight.push((call, not_after));
+        let answer = tokio::time::timeout_at(not_after, &mut self.in_flight[index].0).await;
         let answer = match answer {
             Err(_elapsed) => {
                 // Leave it running in `in_flight`: it may still grant.
@@ -281,7 +288,12 @@ impl<'a> Attempt<'a> {
         }
     }
 
-    fn make_guard(&mut self, fence: Fence, sent: Instant) -> Result<LockGuard, Unusable> {
+    fn make_guard(
+        &mut self,
+        fence: Fence,
+        sent: Instant,
+        server_time: SystemTime,
+    ) -> Result<LockGuard, Unusable> {
         let lock = self.lock;
         let config = self.config().clone();
         let deadline = sent + lock.ttl.get() - config.margin_for(lock.ttl);
@@ -303,6 +315,7 @@ impl<'a> Attempt<'a> {
             fence,
             lock.ttl,
             sent,
+            server_time,
             is_static,
         ))
     }
@@ -323,10 +336,13 @@ impl Drop for Attempt<'_> {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        runtime.spawn(async move {
-            // Let the abandoned tries finish first, so the release comes after them.
-            for call in in_flight {
-                let _ = tokio::time::timeout(config.call_timeout, call).await;
+        let background = config.background.clone();
+        background.spawn(&runtime, async move {
+            // The release must come after every abandoned try: wait until each
+            // has answered, or has passed its `not_after`, after which the backend
+            // guarantees it can no longer take effect.
+            for (call, not_after) in in_flight {
+                let _ = tokio::time::timeout_at(not_after, call).await;
             }
             release_in_background(config, key, token, false);
         });

@@ -6,6 +6,8 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use tokio::sync::watch;
+
 use crate::backend::LockBackend;
 use crate::error::{Error, Result};
 use crate::guard::LockGuard;
@@ -63,6 +65,50 @@ pub(crate) struct ManagerConfig {
     pub(crate) static_guards: Mutex<HashSet<(LockKey, Token)>>,
     /// Extends the leases of all this manager's guards, in batches.
     pub(crate) renewer: Arc<Renewer>,
+    /// Background releases and cleanups, for [`LockManager::settle`].
+    pub(crate) background: Background,
+}
+
+/// Counts a manager's background jobs (releases of dropped guards, cleanups of
+/// abandoned acquires), so that [`LockManager::settle`] can wait for them.
+#[derive(Debug, Clone)]
+pub(crate) struct Background {
+    running: Arc<watch::Sender<usize>>,
+}
+
+impl Background {
+    fn new() -> Self {
+        Self {
+            running: Arc::new(watch::channel(0).0),
+        }
+    }
+
+    /// Runs `job` on `runtime`, counted until it ends (or is dropped with its
+    /// runtime).
+    pub(crate) fn spawn<F>(&self, runtime: &tokio::runtime::Handle, job: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        /// Uncounts the job when it ends, however it ends.
+        struct Done(Arc<watch::Sender<usize>>);
+        impl Drop for Done {
+            fn drop(&mut self) {
+                self.0.send_modify(|n| *n = n.saturating_sub(1));
+            }
+        }
+        self.running.send_modify(|n| *n += 1);
+        let done = Done(self.running.clone());
+        runtime.spawn(async move {
+            let _done = done;
+            job.await;
+        });
+    }
+
+    async fn idle(&self) {
+        let mut running = self.running.subscribe();
+        // The sender lives in `self`, so this only returns at zero.
+        let _ = running.wait_for(|n| *n == 0).await;
+    }
 }
 
 /// How often a guard extends its lease in the background.
@@ -179,6 +225,19 @@ impl LockManager {
     /// The policy waiting acquires follow.
     pub fn retry_policy(&self) -> &RetryPolicy {
         &self.inner.retry
+    }
+
+    /// Waits until this manager's background jobs have finished: the releases of
+    /// dropped guards and of [`release`](LockGuard::release) futures that were
+    /// dropped, and the cleanup of abandoned acquires (which first waits for
+    /// each abandoned try to answer or pass the bound after which it can no
+    /// longer take effect).
+    ///
+    /// Each job is bounded by the call timeout, so this returns within about two
+    /// call timeouts. Call it before a short-lived process exits, or before its
+    /// runtime shuts down, so that nothing it acquired lingers until its ttl.
+    pub async fn settle(&self) {
+        self.inner.background.idle().await;
     }
 
     /// A handle on the lock named `key`. Nothing is sent to the backend yet.
@@ -373,6 +432,7 @@ impl LockManagerBuilder {
             owner: self.owner.unwrap_or_else(default_owner),
             call_timeout: self.call_timeout,
             static_guards: Mutex::new(HashSet::new()),
+            background: Background::new(),
         }
     }
 }

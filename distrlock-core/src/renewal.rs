@@ -26,7 +26,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::runtime::Handle;
 use tokio::sync::Notify;
@@ -230,8 +230,12 @@ impl Renewer {
         if let Some(latest) = latest_deadline {
             give_up = give_up.min(latest);
         }
-        let answer = tokio::time::timeout_at(give_up, self.backend.extend_many(&leases, ttl)).await;
-        let answer: Result<Vec<Result<()>>> = match answer {
+        // The batch must not land after we stopped waiting for it (contract item
+        // 8): then it would renew leases that their guards may already have given
+        // up.
+        let call = self.backend.extend_many(&leases, ttl, give_up);
+        let answer = tokio::time::timeout_at(give_up, call).await;
+        let answer: Result<Vec<Result<SystemTime>>> = match answer {
             Err(_) => Err(Error::unavailable(
                 format!("a batch of {} extends did not answer in time", leases.len()),
                 None,
@@ -260,7 +264,7 @@ impl Renewer {
             };
             let outcome = match &answer {
                 Ok(results) => match &results[i] {
-                    Ok(()) => Outcome::Renewed,
+                    Ok(server_time) => Outcome::Renewed(*server_time),
                     Err(Error::NotHeld { .. }) => Outcome::Gone,
                     Err(error) => Outcome::Failed(error),
                 },
@@ -268,12 +272,12 @@ impl Renewer {
                 Err(error) => Outcome::Failed(error),
             };
             match outcome {
-                Outcome::Renewed => {
+                Outcome::Renewed(server_time) => {
                     // An answer after the deadline does not revive the lock.
                     if guard.check_lost() {
                         continue;
                     }
-                    guard.extended(sent);
+                    guard.extended(sent, server_time);
                     entry.next_extend = Some(sent + interval);
                     tracing::trace!(key = %guard.key, fence = %guard.fence, "lease extended");
                 }
@@ -294,7 +298,7 @@ impl Renewer {
 
 /// What one batch answer means for one guard.
 enum Outcome<'a> {
-    Renewed,
+    Renewed(SystemTime),
     Gone,
     Failed(&'a Error),
 }
