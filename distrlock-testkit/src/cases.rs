@@ -21,6 +21,11 @@ const LONG: Duration = Duration::from_secs(30);
 /// database round trip on a loaded CI machine.
 const SHORT: Duration = Duration::from_millis(800);
 
+/// A `not_after` for direct backend calls: well after any answer a case expects.
+fn soon() -> Instant {
+    Instant::now() + LONG
+}
+
 fn ttl(d: Duration) -> Ttl {
     Ttl::new(d).expect("case ttls are valid")
 }
@@ -28,14 +33,14 @@ fn ttl(d: Duration) -> Ttl {
 async fn acquire(setup: &Setup, key: &LockKey, token: &Token, d: Duration) -> AcquireOutcome {
     setup
         .backend
-        .try_acquire(key, token, ttl(d), "distrlock-conformance")
+        .try_acquire(key, token, ttl(d), "distrlock-conformance", soon())
         .await
         .expect("try_acquire must not fail")
 }
 
 fn fence_of(outcome: AcquireOutcome) -> Fence {
     match outcome {
-        AcquireOutcome::Acquired { fence } => fence,
+        AcquireOutcome::Acquired { fence, .. } => fence,
         AcquireOutcome::Held { remaining } => {
             panic!("expected the lock to be acquired, it was held (remaining {remaining:?})")
         }
@@ -95,7 +100,7 @@ pub async fn second_token_refused_while_held(setup: &Setup) {
         Err(Error::HeldByOther { key: k, .. }) => assert_eq!(k, key),
         other => panic!("try_acquire must return HeldByOther, got {other:?}"),
     }
-    setup.backend.release(&key, &holder).await.unwrap();
+    setup.backend.release(&key, &holder, soon()).await.unwrap();
 }
 
 /// 3. The holder's own token re-acquires: same fence, lease renewed, others still
@@ -118,7 +123,7 @@ pub async fn same_token_reacquires_idempotently(setup: &Setup) {
         ),
         "the renewed lease must still be held after the first ttl"
     );
-    setup.backend.release(&key, &token).await.unwrap();
+    setup.backend.release(&key, &token, soon()).await.unwrap();
 }
 
 /// 4. 32 concurrent try-acquires on one key: exactly one wins.
@@ -133,7 +138,7 @@ pub async fn concurrent_try_acquires_one_winner(setup: &Setup) {
         tasks.push(tokio::spawn(async move {
             barrier.wait().await;
             backend
-                .try_acquire(&key, &Token::new(), ttl(LONG), "racer")
+                .try_acquire(&key, &Token::new(), ttl(LONG), "racer", soon())
                 .await
         }));
     }
@@ -154,7 +159,7 @@ pub async fn independent_keys(setup: &Setup) {
     let (ta, tb) = (Token::new(), Token::new());
     fence_of(acquire(setup, &a, &ta, LONG).await);
     fence_of(acquire(setup, &b, &tb, LONG).await);
-    setup.backend.release(&a, &ta).await.unwrap();
+    setup.backend.release(&a, &ta, soon()).await.unwrap();
     assert!(
         matches!(
             acquire(setup, &b, &Token::new(), LONG).await,
@@ -162,7 +167,7 @@ pub async fn independent_keys(setup: &Setup) {
         ),
         "releasing one key must not free another"
     );
-    setup.backend.release(&b, &tb).await.unwrap();
+    setup.backend.release(&b, &tb, soon()).await.unwrap();
 }
 
 /// 6. Keys are exact: case matters, a trailing space matters, and a 255-byte
@@ -218,11 +223,11 @@ pub async fn wrong_token_not_held(setup: &Setup) {
     let before = setup.backend.inspect(&key).await.unwrap().expect("row");
     let wrong = Token::new();
     assert!(matches!(
-        setup.backend.release(&key, &wrong).await,
+        setup.backend.release(&key, &wrong, soon()).await,
         Err(Error::NotHeld { .. })
     ));
     assert!(matches!(
-        setup.backend.extend(&key, &wrong, ttl(LONG)).await,
+        setup.backend.extend(&key, &wrong, ttl(LONG), soon()).await,
         Err(Error::NotHeld { .. })
     ));
     let after = setup.backend.inspect(&key).await.unwrap().expect("row");
@@ -234,25 +239,28 @@ pub async fn wrong_token_not_held(setup: &Setup) {
     );
     setup
         .backend
-        .extend(&key, &token, ttl(LONG))
+        .extend(&key, &token, ttl(LONG), soon())
         .await
         .expect("the holder still extends");
     setup
         .backend
-        .release(&key, &token)
+        .release(&key, &token, soon())
         .await
         .expect("the holder still releases");
     assert!(matches!(
-        setup.backend.release(&key, &Token::new()).await,
+        setup.backend.release(&key, &Token::new(), soon()).await,
         Err(Error::NotHeld { .. })
     ));
     let missing = setup.key("never-acquired");
     assert!(matches!(
-        setup.backend.release(&missing, &token).await,
+        setup.backend.release(&missing, &token, soon()).await,
         Err(Error::NotHeld { .. })
     ));
     assert!(matches!(
-        setup.backend.extend(&missing, &token, ttl(LONG)).await,
+        setup
+            .backend
+            .extend(&missing, &token, ttl(LONG), soon())
+            .await,
         Err(Error::NotHeld { .. })
     ));
 }
@@ -262,14 +270,14 @@ pub async fn double_release(setup: &Setup) {
     let key = setup.key("double-release");
     let token = Token::new();
     fence_of(acquire(setup, &key, &token, LONG).await);
-    setup.backend.release(&key, &token).await.unwrap();
+    setup.backend.release(&key, &token, soon()).await.unwrap();
     assert!(matches!(
-        setup.backend.release(&key, &token).await,
+        setup.backend.release(&key, &token, soon()).await,
         Err(Error::NotHeld { .. })
     ));
     assert!(
         matches!(
-            setup.backend.extend(&key, &token, ttl(LONG)).await,
+            setup.backend.extend(&key, &token, ttl(LONG), soon()).await,
             Err(Error::NotHeld { .. })
         ),
         "a released lease cannot be extended"
@@ -292,12 +300,12 @@ pub async fn extend_keeps_lock_and_fails_after_expiry(setup: &Setup) {
     tokio::time::sleep(SHORT / 2).await;
     setup
         .backend
-        .extend(&key, &token, ttl(SHORT))
+        .extend(&key, &token, ttl(SHORT), soon())
         .await
         .expect("extend while live");
     setup
         .backend
-        .extend(&key, &token, ttl(SHORT))
+        .extend(&key, &token, ttl(SHORT), soon())
         .await
         .expect("a second extend at once");
     tokio::time::sleep(SHORT / 2 + Duration::from_millis(100)).await;
@@ -312,7 +320,7 @@ pub async fn extend_keeps_lock_and_fails_after_expiry(setup: &Setup) {
     tokio::time::sleep(SHORT).await;
     assert!(
         matches!(
-            setup.backend.extend(&key, &token, ttl(SHORT)).await,
+            setup.backend.extend(&key, &token, ttl(SHORT), soon()).await,
             Err(Error::NotHeld { .. })
         ),
         "an expired lease cannot be extended"
@@ -332,11 +340,11 @@ pub async fn expiry_hands_over(setup: &Setup) {
     let f2 = fence_of(acquire(setup, &key, &new, LONG).await);
     assert!(f2 > f1, "a takeover must raise the fence: {f1} then {f2}");
     assert!(matches!(
-        setup.backend.release(&key, &old).await,
+        setup.backend.release(&key, &old, soon()).await,
         Err(Error::NotHeld { .. })
     ));
     assert!(matches!(
-        setup.backend.extend(&key, &old, ttl(LONG)).await,
+        setup.backend.extend(&key, &old, ttl(LONG), soon()).await,
         Err(Error::NotHeld { .. })
     ));
     // The old holder's same-token acquire is a takeover attempt now: refused.
@@ -346,7 +354,7 @@ pub async fn expiry_hands_over(setup: &Setup) {
     ));
     setup
         .backend
-        .release(&key, &new)
+        .release(&key, &new, soon())
         .await
         .expect("the new holder releases");
 }
@@ -774,8 +782,8 @@ pub async fn killed_sessions_are_recovered(setup: &Setup) {
     }
     let mut failures = 0;
     for _ in 0..3 {
-        match setup.backend.extend(&key, &token, ttl(LONG)).await {
-            Ok(()) => break,
+        match setup.backend.extend(&key, &token, ttl(LONG), soon()).await {
+            Ok(_) => break,
             Err(error) => {
                 assert!(
                     error.is_transient(),
@@ -791,7 +799,7 @@ pub async fn killed_sessions_are_recovered(setup: &Setup) {
     );
     setup
         .backend
-        .release(&key, &token)
+        .release(&key, &token, soon())
         .await
         .expect("the holder still releases");
 }
@@ -832,7 +840,7 @@ pub async fn same_token_after_release_or_expiry_gets_a_new_fence(setup: &Setup) 
     let key = setup.key("same-token-again");
     let token = Token::new();
     let f1 = fence_of(acquire(setup, &key, &token, LONG).await);
-    setup.backend.release(&key, &token).await.unwrap();
+    setup.backend.release(&key, &token, soon()).await.unwrap();
     let f2 = fence_of(acquire(setup, &key, &token, SHORT).await);
     assert!(f2 > f1, "after a release: {f1} then {f2}");
     tokio::time::sleep(SHORT + Duration::from_millis(100)).await;
@@ -843,7 +851,7 @@ pub async fn same_token_after_release_or_expiry_gets_a_new_fence(setup: &Setup) 
         f3,
         "while live: the same"
     );
-    setup.backend.release(&key, &token).await.unwrap();
+    setup.backend.release(&key, &token, soon()).await.unwrap();
 }
 
 /// 24. `extend_many` renews exactly the leases its tokens hold, answers each
@@ -853,7 +861,7 @@ pub async fn extend_many_renews_only_held_leases(setup: &Setup) {
     let backend = &setup.backend;
     assert!(
         backend
-            .extend_many(&[], ttl(LONG))
+            .extend_many(&[], ttl(LONG), soon())
             .await
             .expect("an empty batch succeeds")
             .is_empty(),
@@ -874,7 +882,10 @@ pub async fn extend_many_renews_only_held_leases(setup: &Setup) {
     let released = setup.key("many-released");
     let released_token = Token::new();
     fence_of(acquire(setup, &released, &released_token, LONG).await);
-    backend.release(&released, &released_token).await.unwrap();
+    backend
+        .release(&released, &released_token, soon())
+        .await
+        .unwrap();
     let missing = setup.key("many-missing");
 
     let leases = [
@@ -887,14 +898,14 @@ pub async fn extend_many_renews_only_held_leases(setup: &Setup) {
         (held_a.clone(), token_a),
     ];
     let results = backend
-        .extend_many(&leases, ttl(LONG))
+        .extend_many(&leases, ttl(LONG), soon())
         .await
         .expect("extend_many must not fail as a whole");
     assert_eq!(results.len(), leases.len(), "one result per entry");
     let renewed: Vec<bool> = results
         .iter()
         .map(|result| match result {
-            Ok(()) => true,
+            Ok(_) => true,
             Err(Error::NotHeld { .. }) => false,
             Err(error) => panic!("an entry failed with {error} instead of NotHeld"),
         })
@@ -940,6 +951,6 @@ pub async fn extend_many_renews_only_held_leases(setup: &Setup) {
         backend.inspect(&missing).await.unwrap().is_none(),
         "no row is created for a key never acquired"
     );
-    backend.release(&held_a, &token_a).await.unwrap();
-    backend.release(&held_b, &token_b).await.unwrap();
+    backend.release(&held_a, &token_a, soon()).await.unwrap();
+    backend.release(&held_b, &token_b, soon()).await.unwrap();
 }
