@@ -3,14 +3,15 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use distrlock_core::{
     AcquireOutcome, Error, Fence, LockBackend, LockInfo, LockKey, LockState, ReleaseNotifier,
-    Result, TableName, Token, Ttl,
+    Result, TableName, Token, Ttl, server_clock::from_unix_micros,
 };
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, named_params};
+use tokio::time::Instant;
 
 use crate::clock::{HostClock, Now};
 use crate::driver_error::{Doing, from_sqlite};
@@ -126,21 +127,15 @@ fn open_connection(path: &Path, busy_ms: u64) -> rusqlite::Result<Connection> {
                 if error.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy)
                     && std::time::Instant::now() < give_up =>
             {
-                std::thread::sleep(Duration::from_millis(5 + u64::from(fastrand_ms())));
+                // 5–20 ms of jitter, so that processes opening a new file at
+                // once spread out.
+                std::thread::sleep(Duration::from_millis(5 + fastrand::u64(0..16)));
             }
             Err(error) => return Err(error),
         }
     }
     conn.execute_batch(sql::SYNCHRONOUS_FULL)?;
     Ok(conn)
-}
-
-/// 0–15 ms of jitter, so that processes opening a new file at once spread out.
-fn fastrand_ms() -> u8 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    (nanos % 16) as u8
 }
 
 /// Adds the file's path to an opening error, so the user knows which file.
@@ -242,7 +237,13 @@ impl SqliteBackend {
     /// A deferred transaction would read first and try to upgrade later; in WAL
     /// mode that upgrade fails at once (SQLITE_BUSY_SNAPSHOT, no busy wait) when
     /// another process wrote in between.
-    async fn write<T, F>(&self, job: F) -> Result<T>
+    ///
+    /// With a `not_after` (contract item 8), the job runs only if the clock
+    /// reading was taken no later than that bound: a request that waited in the
+    /// queue behind slow ones, or for another process's write lock, past the
+    /// moment its caller stopped waiting, rolls back without running anything
+    /// and fails with a transient [`Error::Unavailable`]. See [`LocalBound`].
+    async fn write<T, F>(&self, not_after: Option<Instant>, job: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&rusqlite::Transaction<'_>, &Statements, &HostClock, Now) -> Result<T>
@@ -252,6 +253,7 @@ impl SqliteBackend {
         let statements = self.statements.clone();
         let clock = self.clock.clone();
         let table = self.table.clone();
+        let bound = not_after.map(LocalBound::new);
         self.worker
             .run(move |conn| {
                 let map = |e| from_sqlite(e, &table, Doing::Statement);
@@ -259,6 +261,11 @@ impl SqliteBackend {
                     .transaction_with_behavior(TransactionBehavior::Immediate)
                     .map_err(map)?;
                 let now = clock.now();
+                // Checked after the clock reading, so the reading is never later
+                // than the instant compared; the transaction rolls back on drop.
+                if let Some(bound) = bound {
+                    bound.check()?;
+                }
                 let value = job(&tx, &statements, &clock, now)?;
                 tx.commit().map_err(map)?;
                 Ok(value)
@@ -282,6 +289,41 @@ impl SqliteBackend {
     fn map(&self) -> impl Fn(rusqlite::Error) -> Error + Send + 'static {
         let table = self.table.clone();
         move |e| from_sqlite(e, &table, Doing::Statement)
+    }
+}
+
+/// A caller's `not_after`, carried to the connection thread as an instant of
+/// the standard library's monotonic clock.
+///
+/// Outside tests, tokio's [`Instant`] *is* that clock (`CLOCK_MONOTONIC` on
+/// Linux, the clock the leases run on there), so the bound is `not_after`
+/// itself. It is computed as "now plus the time the caller has left", reading
+/// std's clock before tokio's, which rounds toward earlier and stays right
+/// under tokio's paused test clock too.
+#[derive(Debug, Clone, Copy)]
+struct LocalBound(std::time::Instant);
+
+impl LocalBound {
+    fn new(not_after: Instant) -> Self {
+        let std_now = std::time::Instant::now();
+        let left = not_after.saturating_duration_since(Instant::now());
+        Self(std_now + left)
+    }
+
+    /// Fails with a transient [`Error::Unavailable`] once the bound has passed.
+    fn check(self) -> Result<()> {
+        let late = std::time::Instant::now().saturating_duration_since(self.0);
+        if late.is_zero() {
+            Ok(())
+        } else {
+            Err(Error::unavailable(
+                format!(
+                    "the SQLite statement would have run {late:?} after its caller stopped \
+                     waiting; nothing was changed"
+                ),
+                None,
+            ))
+        }
     }
 }
 
@@ -327,8 +369,8 @@ impl Row {
             key,
             owner: self.owner,
             fence: Fence::new(self.fence),
-            acquired_at: system_time(self.acquired_at),
-            expires_at: self.expires_at.map(system_time),
+            acquired_at: from_unix_micros(self.acquired_at),
+            expires_at: self.expires_at.map(from_unix_micros),
             state,
             remaining,
         })
@@ -353,16 +395,6 @@ fn remaining(
     (left > 0).then(|| Duration::from_micros(u64::try_from(left).unwrap_or(0)))
 }
 
-fn system_time(micros: i64) -> SystemTime {
-    let magnitude = Duration::from_micros(micros.unsigned_abs());
-    if micros >= 0 {
-        UNIX_EPOCH.checked_add(magnitude)
-    } else {
-        UNIX_EPOCH.checked_sub(magnitude)
-    }
-    .unwrap_or(UNIX_EPOCH)
-}
-
 #[async_trait]
 impl LockBackend for SqliteBackend {
     async fn try_acquire(
@@ -371,10 +403,11 @@ impl LockBackend for SqliteBackend {
         token: &Token,
         ttl: Ttl,
         owner: &str,
+        not_after: Instant,
     ) -> Result<AcquireOutcome> {
         let map = self.map();
         let (key, token, owner) = (key.clone(), token.to_string(), owner.to_owned());
-        self.write(move |tx, sql, clock, now| {
+        self.write(Some(not_after), move |tx, sql, clock, now| {
             let fence: Option<i64> = tx
                 .prepare_cached(&sql.acquire)
                 .and_then(|mut stmt| {
@@ -396,6 +429,7 @@ impl LockBackend for SqliteBackend {
             if let Some(fence) = fence {
                 return Ok(AcquireOutcome::Acquired {
                     fence: Fence::new(fence),
+                    server_time: clock.as_system_time(now),
                 });
             }
             // Refused: nothing was written. Report the holder's remaining lease.
@@ -424,10 +458,16 @@ impl LockBackend for SqliteBackend {
         .await
     }
 
-    async fn extend(&self, key: &LockKey, token: &Token, ttl: Ttl) -> Result<()> {
+    async fn extend(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        ttl: Ttl,
+        not_after: Instant,
+    ) -> Result<SystemTime> {
         let map = self.map();
         let (key, token) = (key.clone(), token.to_string());
-        self.write(move |tx, sql, clock, now| {
+        self.write(Some(not_after), move |tx, sql, clock, now| {
             let changed = tx
                 .prepare_cached(&sql.extend)
                 .and_then(|mut stmt| {
@@ -442,7 +482,7 @@ impl LockBackend for SqliteBackend {
                 })
                 .map_err(&map)?;
             match changed {
-                1 => Ok(()),
+                1 => Ok(clock.as_system_time(now)),
                 _ => Err(Error::NotHeld { key }),
             }
         })
@@ -450,8 +490,14 @@ impl LockBackend for SqliteBackend {
     }
 
     /// One `BEGIN IMMEDIATE` transaction for the whole batch, with one clock
-    /// reading: each lease gets the single extend's statement and guard.
-    async fn extend_many(&self, leases: &[(LockKey, Token)], ttl: Ttl) -> Result<Vec<Result<()>>> {
+    /// reading and one check of `not_after`: each lease gets the single
+    /// extend's statement and guard.
+    async fn extend_many(
+        &self,
+        leases: &[(LockKey, Token)],
+        ttl: Ttl,
+        not_after: Instant,
+    ) -> Result<Vec<Result<SystemTime>>> {
         if leases.is_empty() {
             return Ok(Vec::new());
         }
@@ -460,7 +506,8 @@ impl LockBackend for SqliteBackend {
             .iter()
             .map(|(key, token)| (key.clone(), token.to_string()))
             .collect();
-        self.write(move |tx, sql, clock, now| {
+        self.write(Some(not_after), move |tx, sql, clock, now| {
+            let server_time = clock.as_system_time(now);
             let mut stmt = tx.prepare_cached(&sql.extend).map_err(&map)?;
             let mut results = Vec::with_capacity(leases.len());
             for (key, token) in leases {
@@ -475,7 +522,7 @@ impl LockBackend for SqliteBackend {
                     })
                     .map_err(&map)?;
                 results.push(match changed {
-                    1 => Ok(()),
+                    1 => Ok(server_time),
                     _ => Err(Error::NotHeld { key }),
                 });
             }
@@ -484,10 +531,10 @@ impl LockBackend for SqliteBackend {
         .await
     }
 
-    async fn release(&self, key: &LockKey, token: &Token) -> Result<()> {
+    async fn release(&self, key: &LockKey, token: &Token, not_after: Instant) -> Result<()> {
         let map = self.map();
         let (owned_key, token) = (key.clone(), token.to_string());
-        self.write(move |tx, sql, clock, now| {
+        self.write(Some(not_after), move |tx, sql, clock, now| {
             let changed = tx
                 .prepare_cached(&sql.release)
                 .and_then(|mut stmt| {
@@ -548,8 +595,10 @@ impl LockBackend for SqliteBackend {
 
     async fn create_table(&self) -> Result<()> {
         let map = self.map();
-        self.write(move |tx, sql, _, _| tx.execute_batch(&sql.create_table).map_err(&map))
-            .await
+        self.write(None, move |tx, sql, _, _| {
+            tx.execute_batch(&sql.create_table).map_err(&map)
+        })
+        .await
     }
 
     fn schema_sql(&self) -> String {

@@ -16,8 +16,15 @@
 //! - Elsewhere (or if the boot id cannot be read), leases are measured on the wall
 //!   clock, tagged `wall`. Then a step of the wall clock moves every lease's end
 //!   by the same amount: forward ends leases early, backward keeps them longer.
+//!
+//! The backend reports each grant's and renewal's clock reading to the lock
+//! manager (contract item 9 of `LockBackend`) as a [`SystemTime`]: the
+//! [wall-clock equivalent](HostClock::as_system_time) of the lease clock's
+//! reading, which advances exactly as the lease clock does.
 
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use distrlock_core::server_clock::from_unix_micros;
 
 /// One reading of the host clock.
 #[derive(Debug, Clone, Copy)]
@@ -33,19 +40,24 @@ pub struct Now {
 pub struct HostClock {
     id: String,
     monotonic: bool,
+    /// Wall-clock minus lease-clock microseconds, measured once in `detect`
+    /// (zero when the lease clock is the wall clock).
+    offset: i64,
 }
 
 impl HostClock {
     /// The monotonic clock of this boot where it can be named, else the wall clock.
     pub fn detect() -> Self {
-        match boot_id() {
-            Some(boot) if monotonic_micros().is_some() => Self {
+        match (boot_id(), monotonic_micros()) {
+            (Some(boot), Some(monotonic)) => Self {
                 id: format!("boot:{boot}"),
                 monotonic: true,
+                offset: wall_micros().saturating_sub(monotonic),
             },
             _ => Self {
                 id: "wall".to_owned(),
                 monotonic: false,
+                offset: 0,
             },
         }
     }
@@ -65,6 +77,22 @@ impl HostClock {
             wall
         };
         Now { lease, wall }
+    }
+
+    /// The reading `now` of the lease clock as a [`SystemTime`]: the lease clock
+    /// shifted by the offset between the wall clock and it, as measured when
+    /// this clock was detected (no shift when the lease clock is the wall clock).
+    ///
+    /// This is the value the backend returns as the server's clock reading of a
+    /// grant or a renewal. It moves exactly as the lease clock does, so the
+    /// guard's comparison of successive readings with its own clock sees the
+    /// clock leases are measured on: a step of the wall clock, which moves no
+    /// monotonic lease, does not look like a server clock step. It matches the
+    /// wall-clock `acquired_at` and `expires_at` that the same statement stores,
+    /// up to however far the wall clock has been stepped since the backend
+    /// opened.
+    pub fn as_system_time(&self, now: Now) -> SystemTime {
+        from_unix_micros(now.lease.saturating_add(self.offset))
     }
 }
 
@@ -106,6 +134,7 @@ fn monotonic_micros() -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn lease_clock_advances_with_real_time() {
@@ -119,6 +148,30 @@ mod tests {
             "lease clock advanced {advanced} µs in 20 ms"
         );
         assert!(b.wall > a.wall);
+    }
+
+    #[test]
+    fn the_system_time_reading_follows_the_lease_clock_near_the_wall_clock() {
+        let clock = HostClock::detect();
+        let a = clock.now();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let b = clock.now();
+        let (ta, tb) = (clock.as_system_time(a), clock.as_system_time(b));
+        let moved = tb.duration_since(ta).expect("it does not go back");
+        assert_eq!(
+            i64::try_from(moved.as_micros()).unwrap(),
+            b.lease - a.lease,
+            "it advances exactly as the lease clock"
+        );
+        let wall = UNIX_EPOCH + Duration::from_micros(u64::try_from(b.wall).unwrap());
+        let apart = match tb.duration_since(wall) {
+            Ok(d) => d,
+            Err(e) => e.duration(),
+        };
+        assert!(
+            apart < Duration::from_secs(1),
+            "{apart:?} from the wall clock"
+        );
     }
 
     #[cfg(target_os = "linux")]

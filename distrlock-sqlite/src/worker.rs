@@ -10,6 +10,9 @@
 //!   release always runs after the acquire it cleans up, so it cannot run first,
 //!   find nothing, and leave the acquire's lease behind. Blocking-pool threads
 //!   racing for a mutex give no such order.
+//!   A job can still wait here after its caller gave up; the backend's mutating
+//!   jobs therefore check their caller's `not_after` once they hold the write
+//!   lock, and do nothing when it has passed (contract item 8).
 //! - **No lost throughput.** SQLite admits one writer per file at a time, and
 //!   every lock operation writes; more connections in one process would only
 //!   queue on the file lock, through the busy handler's sleeps.

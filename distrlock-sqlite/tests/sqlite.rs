@@ -8,8 +8,14 @@ use std::time::Duration;
 use distrlock_core::{AcquireOutcome, Error, LockBackend, LockKey, LockState, Token, Ttl};
 use distrlock_sqlite::SqliteBackend;
 use distrlock_sqlite::rusqlite::{Connection, params};
+use tokio::time::Instant;
 
 const LONG: Duration = Duration::from_secs(30);
+
+/// A `not_after` for calls that are expected to answer.
+fn soon() -> Instant {
+    Instant::now() + LONG
+}
 
 fn ttl(d: Duration) -> Ttl {
     Ttl::new(d).unwrap()
@@ -37,7 +43,7 @@ async fn backends_on_one_file_exclude_each_other_and_share_fences() {
         let (backend, key) = (backend.clone(), key.clone());
         tasks.push(tokio::spawn(async move {
             backend
-                .try_acquire(&key, &Token::new(), ttl(LONG), "racer")
+                .try_acquire(&key, &Token::new(), ttl(LONG), "racer", soon())
                 .await
         }));
     }
@@ -55,8 +61,8 @@ async fn backends_on_one_file_exclude_each_other_and_share_fences() {
     for round in 0..24 {
         let backend = &backends[round % backends.len()];
         let token = Token::new();
-        let AcquireOutcome::Acquired { fence } = backend
-            .try_acquire(&key, &token, ttl(LONG), "turn")
+        let AcquireOutcome::Acquired { fence, .. } = backend
+            .try_acquire(&key, &token, ttl(LONG), "turn", soon())
             .await
             .unwrap()
         else {
@@ -66,7 +72,7 @@ async fn backends_on_one_file_exclude_each_other_and_share_fences() {
         last = fence.get();
         let other = &backends[(round + 1) % backends.len()];
         other
-            .release(&key, &token)
+            .release(&key, &token, soon())
             .await
             .expect("any connection releases with the right token");
     }
@@ -82,7 +88,7 @@ async fn missing_table_is_schema_missing() {
         .unwrap();
     let key = LockKey::new("k").unwrap();
     let result = backend
-        .try_acquire(&key, &Token::new(), ttl(LONG), "o")
+        .try_acquire(&key, &Token::new(), ttl(LONG), "o", soon())
         .await;
     match result {
         Err(Error::SchemaMissing { table, .. }) => assert_eq!(table, "no_such_locks"),
@@ -159,7 +165,7 @@ async fn a_write_lock_held_past_the_busy_timeout_is_transient() {
     let key = LockKey::new("busy").unwrap();
     let started = std::time::Instant::now();
     let result = backend
-        .try_acquire(&key, &Token::new(), ttl(LONG), "o")
+        .try_acquire(&key, &Token::new(), ttl(LONG), "o", soon())
         .await;
     match result {
         Err(error @ Error::Backend { .. }) => assert!(error.is_transient(), "{error}"),
@@ -172,7 +178,7 @@ async fn a_write_lock_held_past_the_busy_timeout_is_transient() {
     blocker.execute_batch("ROLLBACK").unwrap();
     assert!(matches!(
         backend
-            .try_acquire(&key, &Token::new(), ttl(LONG), "o")
+            .try_acquire(&key, &Token::new(), ttl(LONG), "o", soon())
             .await
             .unwrap(),
         AcquireOutcome::Acquired { .. }
@@ -187,8 +193,8 @@ async fn a_lease_on_another_clock_lasts_until_its_wall_clock_expiry() {
     let (_dir, path, backend) = fresh().await;
     let key = LockKey::new("other-clock").unwrap();
     let token = Token::new();
-    let AcquireOutcome::Acquired { fence } = backend
-        .try_acquire(&key, &token, ttl(LONG), "o")
+    let AcquireOutcome::Acquired { fence, .. } = backend
+        .try_acquire(&key, &token, ttl(LONG), "o", soon())
         .await
         .unwrap()
     else {
@@ -221,7 +227,7 @@ async fn a_lease_on_another_clock_lasts_until_its_wall_clock_expiry() {
     );
     assert!(matches!(
         backend
-            .try_acquire(&key, &Token::new(), ttl(LONG), "o")
+            .try_acquire(&key, &Token::new(), ttl(LONG), "o", soon())
             .await
             .unwrap(),
         AcquireOutcome::Held { remaining: Some(_) }
@@ -231,11 +237,11 @@ async fn a_lease_on_another_clock_lasts_until_its_wall_clock_expiry() {
     let info = backend.inspect(&key).await.unwrap().unwrap();
     assert_eq!(info.state, LockState::Expired);
     assert!(matches!(
-        backend.extend(&key, &token, ttl(LONG)).await,
+        backend.extend(&key, &token, ttl(LONG), soon()).await,
         Err(Error::NotHeld { .. })
     ));
-    let AcquireOutcome::Acquired { fence: next } = backend
-        .try_acquire(&key, &Token::new(), ttl(LONG), "o")
+    let AcquireOutcome::Acquired { fence: next, .. } = backend
+        .try_acquire(&key, &Token::new(), ttl(LONG), "o", soon())
         .await
         .unwrap()
     else {
@@ -250,10 +256,10 @@ async fn an_exhausted_fence_is_refused_without_a_change() {
     let key = LockKey::new("exhausted").unwrap();
     let token = Token::new();
     backend
-        .try_acquire(&key, &token, ttl(LONG), "o")
+        .try_acquire(&key, &token, ttl(LONG), "o", soon())
         .await
         .unwrap();
-    backend.release(&key, &token).await.unwrap();
+    backend.release(&key, &token, soon()).await.unwrap();
     let conn = Connection::open(&path).unwrap();
     conn.execute(
         "UPDATE distributed_locks SET fence = ?1 WHERE lock_key = ?2",
@@ -261,7 +267,7 @@ async fn an_exhausted_fence_is_refused_without_a_change() {
     )
     .unwrap();
     let result = backend
-        .try_acquire(&key, &Token::new(), ttl(LONG), "o")
+        .try_acquire(&key, &Token::new(), ttl(LONG), "o", soon())
         .await;
     assert!(
         matches!(&result, Err(error @ Error::Backend { .. }) if !error.is_transient()),
@@ -284,4 +290,147 @@ async fn connect_parses_sqlite_urls() {
         Err(Error::InvalidConfig { .. })
     ));
     assert!(backend.schema_sql().contains("\"distributed_locks\""));
+}
+
+/// Contract item 8 on the connection thread's queue: requests queued behind a
+/// slow one (here, one waiting for another process's write lock) and picked up
+/// after their `not_after` change nothing and fail transiently, whether their
+/// caller still waits for the answer or has given up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_picked_up_after_their_bound_change_nothing() {
+    let (_dir, path, backend) = fresh().await;
+    let backend = Arc::new(backend);
+    let held = LockKey::new("held").unwrap();
+    let token = Token::new();
+    backend
+        .try_acquire(&held, &token, ttl(LONG), "holder", soon())
+        .await
+        .unwrap();
+    let before = backend.inspect(&held).await.unwrap().unwrap();
+
+    // Another process holds the write lock: the next statement waits for it.
+    let blocker = Connection::open(&path).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let slow_key = LockKey::new("slow").unwrap();
+    let slow = {
+        let (backend, key) = (backend.clone(), slow_key.clone());
+        tokio::spawn(async move {
+            backend
+                .try_acquire(&key, &Token::new(), ttl(LONG), "slow", soon())
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // Queued behind it, each with a bound long before the slow one finishes.
+    let bound = Instant::now() + Duration::from_millis(200);
+    let abandoned_key = LockKey::new("abandoned").unwrap();
+    let abandoned = {
+        let (backend, key) = (backend.clone(), abandoned_key.clone());
+        tokio::spawn(async move {
+            // The caller gives up at its bound and drops the call.
+            tokio::time::timeout_at(
+                bound,
+                backend.try_acquire(&key, &Token::new(), ttl(LONG), "late", bound),
+            )
+            .await
+            .is_err()
+        })
+    };
+    let late_acquire = {
+        let backend = backend.clone();
+        tokio::spawn(async move {
+            let key = LockKey::new("late").unwrap();
+            backend
+                .try_acquire(&key, &Token::new(), ttl(LONG), "late", bound)
+                .await
+        })
+    };
+    let late_extend = {
+        let (backend, key) = (backend.clone(), held.clone());
+        tokio::spawn(async move { backend.extend(&key, &token, ttl(LONG), bound).await })
+    };
+    let late_batch = {
+        let (backend, key) = (backend.clone(), held.clone());
+        tokio::spawn(async move { backend.extend_many(&[(key, token)], ttl(LONG), bound).await })
+    };
+    let late_release = {
+        let (backend, key) = (backend.clone(), held.clone());
+        tokio::spawn(async move { backend.release(&key, &token, bound).await })
+    };
+
+    // Let the slow statement through well after the bound.
+    tokio::time::sleep_until(bound + Duration::from_millis(300)).await;
+    blocker.execute_batch("ROLLBACK").unwrap();
+    assert!(
+        matches!(
+            slow.await.unwrap().unwrap(),
+            AcquireOutcome::Acquired { .. }
+        ),
+        "the slow statement itself was within its bound"
+    );
+    assert!(abandoned.await.unwrap(), "the caller gave up");
+
+    fn refused<T: std::fmt::Debug>(what: &str, result: distrlock_core::Result<T>) {
+        match result {
+            Err(error @ Error::Unavailable { .. }) => assert!(error.is_transient()),
+            other => panic!("the late {what} must be refused as unavailable, got {other:?}"),
+        }
+    }
+    refused("acquire", late_acquire.await.unwrap());
+    refused("extend", late_extend.await.unwrap());
+    refused("extend_many", late_batch.await.unwrap());
+    refused("release", late_release.await.unwrap());
+
+    // Nothing changed: no row for the late acquires, the lease as it was.
+    assert_eq!(backend.inspect(&abandoned_key).await.unwrap(), None);
+    let late_key = LockKey::new("late").unwrap();
+    assert_eq!(backend.inspect(&late_key).await.unwrap(), None);
+    let after = backend.inspect(&held).await.unwrap().unwrap();
+    assert_eq!(after.state, LockState::Held, "the late release did nothing");
+    assert_eq!(
+        after.expires_at, before.expires_at,
+        "the late extends did nothing"
+    );
+    // Requests within their bound still work.
+    backend.release(&held, &token, soon()).await.unwrap();
+}
+
+/// Item 9: the reading returned with a grant and a renewal matches the stored
+/// wall-clock times of that statement, and moves with real time.
+#[tokio::test]
+async fn grants_and_renewals_return_the_statements_clock_reading() {
+    let (_dir, _path, backend) = fresh().await;
+    let key = LockKey::new("reading").unwrap();
+    let token = Token::new();
+    let AcquireOutcome::Acquired { server_time, .. } = backend
+        .try_acquire(&key, &token, ttl(LONG), "o", soon())
+        .await
+        .unwrap()
+    else {
+        panic!("free key");
+    };
+    let info = backend.inspect(&key).await.unwrap().unwrap();
+    let apart = |a: std::time::SystemTime, b: std::time::SystemTime| match a.duration_since(b) {
+        Ok(d) => d,
+        Err(e) => e.duration(),
+    };
+    assert!(apart(server_time, info.acquired_at) < Duration::from_secs(1));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let renewed = backend
+        .extend(&key, &token, ttl(LONG), soon())
+        .await
+        .unwrap();
+    let moved = renewed.duration_since(server_time).unwrap();
+    assert!(
+        moved >= Duration::from_millis(45) && moved < Duration::from_secs(5),
+        "{moved:?}"
+    );
+    let info = backend.inspect(&key).await.unwrap().unwrap();
+    assert!(apart(renewed + LONG, info.expires_at.unwrap()) < Duration::from_secs(1));
+    let batch = backend
+        .extend_many(&[(key.clone(), token)], ttl(LONG), soon())
+        .await
+        .unwrap();
+    assert!(*batch[0].as_ref().unwrap() >= renewed);
 }
