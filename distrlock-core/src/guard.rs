@@ -96,6 +96,17 @@ impl GuardShared {
         *self.deadline.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The latest server clock reading plus the ttl (see
+    /// [`LockGuard::expires_at`]).
+    pub(crate) fn expires_at(&self) -> SystemTime {
+        let server = self
+            .clock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .server;
+        server.checked_add(self.ttl.get()).unwrap_or(server)
+    }
+
     /// Whether the lock is lost; marks it so when the deadline has passed.
     pub(crate) fn check_lost(&self) -> bool {
         if *self.lost.borrow() {
@@ -315,7 +326,19 @@ impl LockGuard {
         self.shared.check_lost()
     }
 
-    /// A snapshot of key, token, fence, ttl and the current deadline.
+    /// When the lease ends on the backend's clock, as of the latest grant or
+    /// renewal this guard has seen: that statement's clock reading (contract
+    /// item 9 of [`LockBackend`](crate::LockBackend)) plus the ttl.
+    ///
+    /// It costs no round trip. It is for people and for handing the lease on
+    /// (`distrlock acquire` prints it); the guard itself decides by its local
+    /// [`deadline`](Self::deadline), which never comes later.
+    pub fn expires_at(&self) -> SystemTime {
+        self.shared.expires_at()
+    }
+
+    /// A snapshot of key, token, fence, ttl, the current deadline and the
+    /// backend-side expiry.
     pub fn lease(&self) -> Lease {
         Lease {
             key: self.shared.key.clone(),
@@ -323,6 +346,7 @@ impl LockGuard {
             fence: self.shared.fence,
             ttl: self.shared.ttl,
             deadline: self.shared.deadline(),
+            expires_at: self.shared.expires_at(),
         }
     }
 

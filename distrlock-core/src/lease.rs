@@ -1,6 +1,6 @@
 //! [`Lease`]: what a successful acquisition hands back.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
@@ -10,7 +10,8 @@ use crate::token::Token;
 use crate::ttl::Ttl;
 
 /// A snapshot of one holding of a lock: its key, token, fence and ttl, and the
-/// local deadline at the moment the snapshot was taken.
+/// local deadline and the backend-side expiry at the moment the snapshot was
+/// taken.
 ///
 /// The local deadline is the monotonic instant at which this process stops
 /// claiming the lock unless an extend succeeds first: the instant the latest
@@ -24,6 +25,7 @@ pub struct Lease {
     pub(crate) fence: Fence,
     pub(crate) ttl: Ttl,
     pub(crate) deadline: Instant,
+    pub(crate) expires_at: SystemTime,
 }
 
 impl Lease {
@@ -50,6 +52,13 @@ impl Lease {
     /// The local deadline when this snapshot was taken.
     pub fn deadline(&self) -> Instant {
         self.deadline
+    }
+
+    /// When the lease ends on the backend's clock, as of the latest grant or
+    /// renewal before the snapshot (see
+    /// [`LockGuard::expires_at`](crate::LockGuard::expires_at)).
+    pub fn expires_at(&self) -> SystemTime {
+        self.expires_at
     }
 
     /// Time left until the snapshot's deadline (zero once it has passed).

@@ -412,3 +412,31 @@ async fn heartbeat_survives_a_failed_extend() {
     );
     guard.release().await.unwrap();
 }
+
+/// The guard reports the backend-side expiry of its latest grant or renewal
+/// without a round trip, and the lease snapshot (also the one `detach` returns)
+/// carries it.
+#[tokio::test(start_paused = true)]
+async fn the_guard_knows_the_backend_side_expiry() {
+    let backend = Arc::new(MemoryBackend::new());
+    let m = LockManager::builder(backend.clone())
+        .ttl(Duration::from_secs(30))
+        .auto_extend(false)
+        .build()
+        .unwrap();
+    let guard = m.lock("k").unwrap().try_acquire().await.unwrap();
+    let info = backend.inspect(&key("k")).await.unwrap().unwrap();
+    assert_eq!(Some(guard.expires_at()), info.expires_at);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    guard.extend().await.unwrap();
+    let info = backend.inspect(&key("k")).await.unwrap().unwrap();
+    assert_eq!(
+        Some(guard.expires_at()),
+        info.expires_at,
+        "moved by the renewal"
+    );
+    let lease = guard.detach();
+    assert_eq!(Some(lease.expires_at()), info.expires_at);
+    let info = backend.inspect(&key("k")).await.unwrap().unwrap();
+    assert!(info.is_live(), "detach does not release");
+}
