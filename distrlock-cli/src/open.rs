@@ -5,14 +5,25 @@
 //! `Arc<dyn LockBackend>`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use distrlock_core::{Error, LockBackend, TableName};
+use distrlock_core::{Error, LockBackend, LockManager, TableName};
 use distrlock_mysql::MySqlBackend;
 use distrlock_postgres::{PostgresBackend, PostgresConfig};
 use distrlock_sqlite::SqliteBackend;
 
 use crate::exit::CliError;
 use crate::url::DbUrl;
+
+/// The longest any one backend call may take before distrlock stops waiting for
+/// it. Calls that change a lock carry `now + CALL_TIMEOUT` as their `not_after`,
+/// so one given up on can no longer take effect.
+pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The longest distrlock waits, before exiting, for the lock manager's
+/// background cleanup: the release of whatever an abandoned acquire may have
+/// been granted. The manager bounds it by about two call timeouts.
+const SETTLE_LIMIT: Duration = Duration::from_secs(2 * CALL_TIMEOUT.as_secs() + 1);
 
 /// An open backend, with what messages about it need.
 pub(crate) struct Db {
@@ -30,6 +41,23 @@ impl Db {
             table,
             backend,
         })
+    }
+
+    /// A lock manager on this database for leases of `ttl` written with
+    /// `owner`, extending them in the background only if `auto_extend`.
+    pub(crate) fn manager(
+        &self,
+        ttl: Duration,
+        owner: String,
+        auto_extend: bool,
+    ) -> Result<LockManager, CliError> {
+        LockManager::builder(self.backend.clone())
+            .ttl(ttl)
+            .owner(owner)
+            .auto_extend(auto_extend)
+            .call_timeout(CALL_TIMEOUT)
+            .build()
+            .map_err(|e| self.error(e))
     }
 
     /// Maps a lock error to an exit code and a message naming this database.
@@ -104,4 +132,15 @@ pub(crate) fn schema_sql(url: &DbUrl, table: &TableName) -> Result<String, CliEr
         DbUrl::Postgres(_) => Ok(PostgresBackend::schema_sql_for(table)),
         DbUrl::MySql(_) => Ok(MySqlBackend::schema_sql_for(table)),
     }
+}
+
+/// Waits (at most [`SETTLE_LIMIT`]) until `manager` has finished its background
+/// work, so that nothing an abandoned acquire was granted, and no release of a
+/// dropped guard, is cut off when distrlock exits. Call it before returning from
+/// a command that used a manager.
+///
+/// Past the limit the database is not answering; whatever is left frees itself
+/// when its lease runs out, as the messages about unreachable databases say.
+pub(crate) async fn settle(manager: &LockManager) {
+    let _ = tokio::time::timeout(SETTLE_LIMIT, manager.settle()).await;
 }

@@ -1,8 +1,6 @@
 //! `distrlock run`: hold a lock while a command runs.
 
-use std::time::Duration;
-
-use distrlock_core::{Error, LockGuard, LockManager, RetryPolicy, Token};
+use distrlock_core::{Error, LockGuard, LockManager};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use tokio::process::Command;
@@ -10,52 +8,56 @@ use tokio::process::Command;
 use crate::child::{Signals, Target, exit_code, interactive, signal_exit_code};
 use crate::cli::{RunArgs, Wait};
 use crate::exit::{self, CliError, show_key};
-use crate::open::Db;
+use crate::open::{Db, settle};
 use crate::owner::default_owner;
 use crate::progress::Progress;
 
 /// Runs `args.command` under the lock and returns distrlock's exit code.
+///
+/// The lock is taken, extended and released by core's [`LockManager`] with a
+/// fresh random token: waiting and retries are core's, and so is the cleanup
+/// of an acquire that is given up (a signal during the wait, a try cut short by
+/// its timeout), which releases whatever such a try may have been granted, only
+/// once that try can no longer take effect. Before returning, distrlock waits
+/// for that cleanup and for any background release ([`settle`]).
 pub(crate) async fn run(db: Db, args: RunArgs, quiet: bool) -> Result<u8, CliError> {
     // Caught before anything is acquired, so a signal never kills distrlock while
     // it holds the lock (the command would lose its protection unnoticed).
-    let mut signals = Signals::catch()?;
+    let signals = Signals::catch()?;
     let program = args.command[0].to_string_lossy().into_owned();
     let owner = args
         .owner
         .clone()
         .unwrap_or_else(|| default_owner(std::process::id(), &program));
-    let manager = LockManager::builder(db.backend.clone())
-        .ttl(args.ttl)
-        .owner(owner)
-        .retry_policy(RetryPolicy::default())
-        .build()
-        .map_err(|e| db.error(e))?;
-    // A token of our own, so that if a signal cancels the wait we can release
-    // whatever an in-flight try may have been granted (the lock then does not
-    // release behind our back, and we do it before exiting).
-    let token = Token::new();
-    let lock = manager
-        .lock(args.key.as_str())
-        .map_err(|e| db.error(e))?
-        .with_token(token);
+    let manager = db.manager(args.ttl, owner, true)?;
+    let result = acquire_and_supervise(&db, &manager, &args, signals, quiet).await;
+    settle(&manager).await;
+    result
+}
 
+async fn acquire_and_supervise(
+    db: &Db,
+    manager: &LockManager,
+    args: &RunArgs,
+    mut signals: Signals,
+    quiet: bool,
+) -> Result<u8, CliError> {
+    let lock = manager.lock(args.key.as_str()).map_err(|e| db.error(e))?;
     let progress = Progress::start(db.backend.clone(), args.key.clone(), quiet);
-    let acquire = async {
+    let mut acquire = Box::pin(async {
         match args.wait {
             None => lock.try_acquire().await,
             Some(Wait::For(wait)) => lock.acquire_timeout(wait).await,
             Some(Wait::Forever) => lock.acquire().await,
         }
-    };
+    });
     let acquired = tokio::select! {
-        acquired = acquire => acquired,
+        acquired = &mut acquire => acquired,
         signal = signals.recv() => {
+            // Dropping the acquire hands any try in flight to core's cleanup,
+            // which `run` waits for before exiting.
+            drop(acquire);
             progress.stop();
-            let _ = tokio::time::timeout(
-                Duration::from_secs(5),
-                db.backend.release(&args.key, &token),
-            )
-            .await;
             if !quiet {
                 say!("distrlock: {signal} while waiting for lock {}; not running the command",
                     show_key(&args.key));
@@ -64,15 +66,6 @@ pub(crate) async fn run(db: Db, args: RunArgs, quiet: bool) -> Result<u8, CliErr
         }
     };
     progress.stop();
-    if acquired.is_err() {
-        // A try cut short by its deadline may still have been granted on the
-        // server; with our own token, make sure it does not linger for a ttl.
-        let _ = tokio::time::timeout(
-            Duration::from_secs(5),
-            db.backend.release(&args.key, &token),
-        )
-        .await;
-    }
     let guard = match acquired {
         Ok(guard) => guard,
         Err(Error::HeldByOther { remaining, .. }) => {
@@ -100,7 +93,7 @@ pub(crate) async fn run(db: Db, args: RunArgs, quiet: bool) -> Result<u8, CliErr
         }
         Err(error) => return Err(db.error(error)),
     };
-    supervise(guard, &args, signals).await
+    supervise(guard, args, signals).await
 }
 
 /// Starts the command under `guard` and waits for it, forwarding signals and

@@ -1,156 +1,118 @@
 //! `distrlock acquire`, `extend` and `release`: a lock held across several shell
 //! steps, identified by its token.
 //!
-//! `acquire` must leave the lock held when distrlock exits, so it does not go
-//! through a `LockGuard` (which releases when dropped and extends in the
-//! background). It calls the backend's `try_acquire` itself, waiting between
-//! tries with the same `RetryPolicy` the guard-based path uses, and with one
-//! token for all tries, so a retry after a lost answer is an idempotent
-//! re-acquire rather than a second holding.
+//! `acquire` takes the lock through core's [`Lock`](distrlock_core::Lock) like
+//! `run` does (the same waiting, retries with one token, and cleanup of tries
+//! given up on), then [detaches](distrlock_core::LockGuard::detach) the guard:
+//! the lease stays held when distrlock exits, and nothing extends it. `extend`
+//! and `release` call the backend once with the token they are given, bounded
+//! by [`CALL_TIMEOUT`] both locally and as the call's `not_after`, so a call
+//! distrlock stopped waiting for cannot take effect later.
 
-use std::time::Duration;
+use std::time::SystemTime;
 
-use distrlock_core::{AcquireOutcome, Error, LockKey, MAX_OWNER_LEN, RetryPolicy, Token, Ttl};
+use distrlock_core::{Error, LockManager, MAX_OWNER_LEN, Ttl};
 use serde_json::json;
 use tokio::time::Instant;
 
 use crate::child::{Signals, signal_exit_code};
 use crate::cli::{AcquireArgs, ExtendArgs, ReleaseArgs, Wait};
 use crate::exit::{CliError, show_key};
-use crate::open::Db;
+use crate::open::{CALL_TIMEOUT, Db, settle};
 use crate::output::{rfc3339, short_duration};
 use crate::owner::default_owner;
 use crate::progress::Progress;
 
-/// The longest any one backend call may take before it counts as failed.
-const CALL_TIMEOUT: Duration = Duration::from_secs(10);
-
 pub(crate) async fn acquire(db: Db, args: AcquireArgs, quiet: bool) -> Result<u8, CliError> {
-    let ttl = Ttl::new(args.ttl).map_err(|e| db.error(e))?;
     // The process that holds the lock, as far as anyone can tell, is the shell
     // that called us: distrlock itself exits at once.
     let owner = args
         .owner
         .clone()
         .unwrap_or_else(|| default_owner(nix::unistd::getppid().as_raw() as u32, "(shell)"));
+    Ttl::new(args.ttl).map_err(|e| db.error(e))?;
     check_owner(&owner)?;
+    // No heartbeat: the guard is detached as soon as it exists.
+    let manager = db.manager(args.ttl, owner, false)?;
+    let result = acquire_and_detach(&db, &manager, &args, quiet).await;
+    // Whatever a try given up on was granted is released before we exit.
+    settle(&manager).await;
+    result
+}
+
+async fn acquire_and_detach(
+    db: &Db,
+    manager: &LockManager,
+    args: &AcquireArgs,
+    quiet: bool,
+) -> Result<u8, CliError> {
     let mut signals = Signals::catch()?;
-    let token = Token::new();
+    let lock = manager.lock(args.key.as_str()).map_err(|e| db.error(e))?;
     let progress = Progress::start(db.backend.clone(), args.key.clone(), quiet);
-    let outcome = tokio::select! {
-        outcome = wait_for(&db, &args.key, &token, ttl, &owner, args.wait) => outcome,
+    let mut acquire = Box::pin(async {
+        match args.wait {
+            None => lock.try_acquire().await,
+            Some(Wait::For(wait)) => lock.acquire_timeout(wait).await,
+            Some(Wait::Forever) => lock.acquire().await,
+        }
+    });
+    let acquired = tokio::select! {
+        acquired = &mut acquire => acquired,
         signal = signals.recv() => {
+            // Dropping the acquire hands any try in flight to core's cleanup,
+            // which `acquire` waits for before exiting.
+            drop(acquire);
             progress.stop();
-            // A try may have been granted while we were interrupted: undo it.
-            let _ = tokio::time::timeout(CALL_TIMEOUT, db.backend.release(&args.key, &token)).await;
             return Ok(signal_exit_code(signal));
         }
     };
     progress.stop();
-    if !matches!(outcome, Ok(Ok(_))) {
-        // A try cut short by its timeout, or failed transiently, may still have
-        // been granted on the server: do not leave it to linger for a ttl.
-        let _ = tokio::time::timeout(CALL_TIMEOUT, db.backend.release(&args.key, &token)).await;
-    }
-    let sent = match outcome.map_err(|e| db.error(e))? {
-        Ok(sent) => sent,
-        Err(Refused { waited, remaining }) => {
-            if !quiet {
-                let left = remaining
-                    .map(|r| format!(" for another {}", short_duration(r)))
-                    .unwrap_or_default();
-                let waited = if args.wait.is_none() {
-                    " (use --wait to wait for it)".to_owned()
-                } else {
-                    format!(" after waiting {}", short_duration(waited))
-                };
-                say!(
-                    "distrlock: lock {} is held by another owner{left}{waited}",
-                    show_key(&args.key)
-                );
-            }
-            return Ok(args.conflict_exit_code);
+    let (remaining, waited) = match acquired {
+        Ok(guard) => {
+            let lease = guard.detach();
+            print_lease(
+                lease.key().as_str(),
+                &lease.token().to_string(),
+                lease.fence().get(),
+                Some(manager.owner()),
+                lease.ttl(),
+                lease.expires_at(),
+            );
+            return Ok(0);
         }
+        Err(Error::HeldByOther { remaining, .. }) => (remaining, None),
+        Err(Error::Timeout { waited, .. }) => (None, Some(waited)),
+        Err(error) => return Err(db.error(error)),
     };
-    print_lease(&db, &args.key, &token, ttl, sent).await?;
-    Ok(0)
-}
-
-/// Why a wait ended without the lock.
-struct Refused {
-    waited: Duration,
-    remaining: Option<Duration>,
-}
-
-/// Tries until acquired or the wait is over. `Ok(Ok(fence_and_time))` when
-/// acquired: the wall-clock time the successful request was sent.
-async fn wait_for(
-    db: &Db,
-    key: &LockKey,
-    token: &Token,
-    ttl: Ttl,
-    owner: &str,
-    wait: Option<Wait>,
-) -> Result<Result<(i64, std::time::SystemTime), Refused>, Error> {
-    let started = Instant::now();
-    let deadline = match wait {
-        None => Some(started),
-        Some(Wait::For(d)) => Some(started + d),
-        Some(Wait::Forever) => None,
-    };
-    let policy = RetryPolicy::default();
-    let mut tries: u32 = 0;
-    loop {
-        let sent = std::time::SystemTime::now();
-        let call = db.backend.try_acquire(key, token, ttl, owner);
-        let remaining = match tokio::time::timeout(CALL_TIMEOUT, call).await {
-            Ok(Ok(AcquireOutcome::Acquired { fence })) => return Ok(Ok((fence.get(), sent))),
-            Ok(Ok(AcquireOutcome::Held { remaining })) => remaining,
-            Ok(Err(error))
-                if error.is_transient() && deadline.is_none_or(|d| Instant::now() < d) =>
-            {
-                None
-            }
-            Ok(Err(error)) => return Err(error),
-            Err(_) => None,
+    if !quiet {
+        let left = remaining
+            .map(|r| format!(" for another {}", short_duration(r)))
+            .unwrap_or_default();
+        let waited = match waited {
+            None => " (use --wait to wait for it)".to_owned(),
+            Some(waited) => format!(" after waiting {}", short_duration(waited)),
         };
-        let now = Instant::now();
-        if deadline.is_some_and(|d| now >= d) {
-            return Ok(Err(Refused {
-                waited: now - started,
-                remaining,
-            }));
-        }
-        let mut wake = now + policy.delay(tries, remaining);
-        if let Some(deadline) = deadline {
-            wake = wake.min(deadline);
-        }
-        tries = tries.saturating_add(1);
-        tokio::time::sleep_until(wake).await;
+        say!(
+            "distrlock: lock {} is held by another owner{left}{waited}",
+            show_key(&args.key)
+        );
     }
+    Ok(args.conflict_exit_code)
 }
 
-/// Prints the JSON line for a lease that `token` holds on `key`.
-async fn print_lease(
-    db: &Db,
-    key: &LockKey,
-    token: &Token,
+/// Prints the JSON line for a lease: `expires_at` is its end on the database's
+/// clock.
+fn print_lease(
+    key: &str,
+    token: &str,
+    fence: i64,
+    owner: Option<&str>,
     ttl: Ttl,
-    (fence, sent): (i64, std::time::SystemTime),
-) -> Result<(), CliError> {
-    let info = db.backend.inspect(key).await.map_err(|e| db.error(e))?;
-    // The database's own expiry if the row is still this holding; otherwise (it
-    // cannot have changed unless the lease already ran out) the earliest it ends.
-    let (owner, expires_at) = match info {
-        Some(info) if info.fence.get() == fence && info.is_live() => (
-            Some(info.owner),
-            info.expires_at.unwrap_or(sent + ttl.get()),
-        ),
-        _ => (None, sent + ttl.get()),
-    };
+    expires_at: SystemTime,
+) {
     let line = json!({
-        "key": key.as_str(),
-        "token": token.to_string(),
+        "key": key,
+        "token": token,
         "fence": fence,
         "owner": owner,
         "ttl_ms": ttl.get().as_millis(),
@@ -161,33 +123,71 @@ async fn print_lease(
             .ok(),
     });
     out!("{line}");
-    Ok(())
 }
 
 pub(crate) async fn extend(db: Db, args: ExtendArgs) -> Result<u8, CliError> {
     let ttl = Ttl::new(args.ttl).map_err(|e| db.error(e))?;
-    let sent = std::time::SystemTime::now();
-    match db.backend.extend(&args.key, &args.token, ttl).await {
-        Ok(()) => {
-            let info = db
-                .backend
-                .inspect(&args.key)
-                .await
-                .map_err(|e| db.error(e))?;
-            let fence = info.map_or(0, |i| i.fence.get());
-            print_lease(&db, &args.key, &args.token, ttl, (fence, sent)).await?;
-            Ok(0)
-        }
+    let not_after = Instant::now() + CALL_TIMEOUT;
+    let call = db.backend.extend(&args.key, &args.token, ttl, not_after);
+    let renewed_at = match bounded(not_after, "extend", call).await {
+        Ok(renewed_at) => renewed_at,
+        Err(Error::NotHeld { key }) => return Err(CliError::not_held(&key)),
+        Err(error) => return Err(db.error(error)),
+    };
+    // The backend's extend does not return the fence or the owner: one read for
+    // them. If the row is no longer this live holding (it ran out or was
+    // released since), the owner is left out.
+    let info = db
+        .backend
+        .inspect(&args.key)
+        .await
+        .map_err(|e| db.error(e))?;
+    let fence = info.as_ref().map_or(0, |i| i.fence.get());
+    let owner = info
+        .as_ref()
+        .filter(|i| i.is_live())
+        .map(|i| i.owner.as_str());
+    // The lease now ends `ttl` after the renewal's reading of the database's
+    // clock (contract item 9 of `LockBackend`).
+    let expires_at = renewed_at.checked_add(ttl.get()).unwrap_or(renewed_at);
+    print_lease(
+        args.key.as_str(),
+        &args.token.to_string(),
+        fence,
+        owner,
+        ttl,
+        expires_at,
+    );
+    Ok(0)
+}
+
+pub(crate) async fn release(db: Db, args: ReleaseArgs) -> Result<u8, CliError> {
+    let not_after = Instant::now() + CALL_TIMEOUT;
+    let call = db.backend.release(&args.key, &args.token, not_after);
+    match bounded(not_after, "release", call).await {
+        Ok(()) => Ok(0),
         Err(Error::NotHeld { key }) => Err(CliError::not_held(&key)),
         Err(error) => Err(db.error(error)),
     }
 }
 
-pub(crate) async fn release(db: Db, args: ReleaseArgs) -> Result<u8, CliError> {
-    match db.backend.release(&args.key, &args.token).await {
-        Ok(()) => Ok(0),
-        Err(Error::NotHeld { key }) => Err(CliError::not_held(&key)),
-        Err(error) => Err(db.error(error)),
+/// Waits for `call` until `not_after`, the bound the call itself carries (past
+/// it the backend lets the call take no effect, contract item 8); no answer by
+/// then is reported as an unreachable database.
+async fn bounded<T>(
+    not_after: Instant,
+    what: &str,
+    call: impl Future<Output = distrlock_core::Result<T>>,
+) -> distrlock_core::Result<T> {
+    match tokio::time::timeout_at(not_after, call).await {
+        Ok(result) => result,
+        Err(_) => Err(Error::unavailable(
+            format!(
+                "the {what} did not answer within {}",
+                short_duration(CALL_TIMEOUT)
+            ),
+            None,
+        )),
     }
 }
 
