@@ -915,6 +915,117 @@ fn sqlite_taken_over_lock_kills_a_stubborn_command() {
     );
 }
 
+/// SIGTERM while `run` waits behind another process's lock: distrlock exits
+/// 143 and leaves no lease of its own; the holder's lock is untouched, and once
+/// the holder releases, the key is free at once.
+#[test]
+fn sqlite_a_signal_while_waiting_leaves_no_lease_behind() {
+    let t = Target::sqlite();
+    let key = t.key("term-wait");
+    let out = t.output([
+        "acquire", "--key", &key, "--ttl", "60s", "--owner", "holder",
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let lease: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let token = lease["token"].as_str().unwrap().to_owned();
+    let mut waiter = t
+        .cmd(["run", "--wait", "30s", "--key", &key, "--", "true"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    kill(Pid::from_raw(waiter.id() as i32), Signal::SIGTERM).unwrap();
+    assert_eq!(wait_exit(&mut waiter, Duration::from_secs(30)), 143);
+    let lock = t.lock(&key).unwrap();
+    assert_eq!(lock["state"], "held");
+    assert_eq!(lock["owner"], "holder", "only the original holder");
+    assert_eq!(lock["fence"], lease["fence"]);
+    let out = t.output(["release", "--key", &key, "--token", &token]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let out = t.output(["acquire", "--key", &key]);
+    assert_eq!(code(&out), 0, "free at once: {}", stderr(&out));
+}
+
+/// SIGTERM while a try of `run` is in flight and about to be granted: core's
+/// cleanup waits for that try and releases what it was granted before
+/// distrlock exits. The try is held up on the SQLite file's write lock, taken
+/// by this test in a transaction that also frees the holder's row, and
+/// committed only after the signal.
+#[test]
+fn sqlite_a_signal_during_a_granted_try_releases_it_before_exiting() {
+    let t = Target::sqlite();
+    let key = t.key("term-try");
+    let out = t.output([
+        "acquire", "--key", &key, "--ttl", "60s", "--owner", "holder",
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let fence = t.lock(&key).unwrap()["fence"].as_i64().unwrap();
+    let mut waiter = t
+        .cmd(["run", "--wait", "30s", "--key", &key, "--", "true"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut conn = rusqlite::Connection::open(t.sqlite_path.as_ref().unwrap()).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .unwrap();
+    // The holder's release, not yet visible: the waiter's next try blocks on
+    // the write lock (its busy timeout is 5 s; it polls at least every second).
+    let changed = tx
+        .execute(
+            "UPDATE distributed_locks SET lease_end = NULL, expires_at = NULL \
+             WHERE lock_key = ?1",
+            [&key],
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
+    std::thread::sleep(Duration::from_millis(1500));
+    kill(Pid::from_raw(waiter.id() as i32), Signal::SIGTERM).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    tx.commit().unwrap();
+    assert_eq!(wait_exit(&mut waiter, Duration::from_secs(30)), 143);
+    let lock = t.lock(&key).unwrap();
+    assert_eq!(
+        lock["fence"].as_i64().unwrap(),
+        fence + 1,
+        "the try in flight at the signal was granted"
+    );
+    assert_eq!(lock["state"], "released", "and released before exiting");
+    let out = t.output(["acquire", "--key", &key]);
+    assert_eq!(code(&out), 0, "free at once: {}", stderr(&out));
+}
+
+/// `acquire` prints the lease's expiry on the database's clock without reading
+/// the row again; `release --token` ends it, and the key is free at once.
+#[test]
+fn sqlite_acquire_then_release_round_trip() {
+    let t = Target::sqlite();
+    let key = t.key("round-trip");
+    let out = t.output(["acquire", "--key", &key, "--ttl", "45s"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let lease: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let lock = t.lock(&key).unwrap();
+    assert_eq!(lock["state"], "held");
+    assert_eq!(lock["fence"], lease["fence"]);
+    assert_eq!(lock["owner"], lease["owner"]);
+    let printed = lease["expires_at_unix_ms"].as_i64().unwrap();
+    let stored = lock["expires_at_unix_ms"].as_i64().unwrap();
+    assert!(
+        (printed - stored).abs() < 1000,
+        "printed expiry {printed} vs stored {stored}"
+    );
+    let token = lease["token"].as_str().unwrap();
+    let out = t.output(["release", "--key", &key, "--token", token]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(t.state(&key).as_deref(), Some("released"));
+    let out = t.output(["acquire", "--key", &key]);
+    assert_eq!(code(&out), 0, "free at once: {}", stderr(&out));
+    let next: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(next["fence"].as_i64() > lease["fence"].as_i64());
+}
+
 /// With no --url, locks live in $XDG_STATE_HOME/distrlock/locks.db, created on
 /// first use, and `status` says so.
 #[test]
