@@ -32,15 +32,7 @@ struct Target {
 }
 
 fn unique() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    use std::hash::{BuildHasher, RandomState};
-    format!(
-        "{:012x}",
-        RandomState::new().hash_one((nanos, std::process::id())) & 0xffff_ffff_ffff
-    )
+    format!("{:012x}", fastrand::u64(..) & 0xffff_ffff_ffff)
 }
 
 impl Target {
