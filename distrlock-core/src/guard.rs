@@ -227,17 +227,17 @@ impl GuardShared {
 }
 
 impl LockGuard {
-    /// Starts guarding a lease granted by a request sent at `sent`.
+    /// Starts guarding a lease granted by the request of `granted`.
     pub(crate) fn start(
         config: Arc<ManagerConfig>,
         key: LockKey,
         token: Token,
         fence: Fence,
         ttl: Ttl,
-        sent: Instant,
-        server_time: SystemTime,
+        granted: ClockMark,
         is_static: bool,
     ) -> Self {
+        let sent = granted.sent;
         let margin = config.margin_for(ttl);
         let interval = config.heartbeat_for(ttl);
         let (lost, _) = watch::channel(false);
@@ -250,11 +250,7 @@ impl LockGuard {
             margin,
             is_static,
             deadline: Mutex::new(sent + ttl.get() - margin),
-            clock: Mutex::new(ClockMark {
-                sent,
-                answered: Instant::now(),
-                server: server_time,
-            }),
+            clock: Mutex::new(granted),
             lost,
         });
         // Without a runtime there is no heartbeat; `is_lost` still compares with

@@ -2,6 +2,7 @@
 
 mod backend;
 mod error;
+mod exclusive;
 mod fence;
 mod guard;
 mod key;
@@ -22,6 +23,7 @@ pub use backend::{
     AcquireOutcome, LockBackend, LockInfo, LockState, MAX_EXTEND_BATCH, MAX_OWNER_LEN,
 };
 pub use error::{BoxError, Error, Result};
+pub use exclusive::ExclusiveError;
 pub use fence::Fence;
 pub use guard::LockGuard;
 pub use key::LockKey;

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use crate::backend::AcquireOutcome;
 use crate::error::{Error, Result};
 use crate::fence::Fence;
-use crate::guard::{LockGuard, release_in_background};
+use crate::guard::{ClockMark, LockGuard, release_in_background};
 use crate::key::LockKey;
 use crate::manager::{LockManager, ManagerConfig};
 use crate::token::Token;
@@ -314,8 +314,11 @@ impl<'a> Attempt<'a> {
             self.token,
             fence,
             lock.ttl,
-            sent,
-            server_time,
+            ClockMark {
+                sent,
+                answered: Instant::now(),
+                server: server_time,
+            },
             is_static,
         ))
     }
