@@ -511,7 +511,10 @@ pub async fn lost_lock_stops_do_exclusively(setup: &Setup) {
         })
         .await;
     assert!(
-        matches!(result, Err(Error::LockLost { .. })),
+        matches!(
+            result,
+            Err(distrlock_core::ExclusiveError::Lock(Error::LockLost { .. }))
+        ),
         "got {result:?}"
     );
     assert!(
