@@ -15,6 +15,7 @@ mod owner;
 mod renewal;
 mod retry;
 pub mod server_clock;
+mod suspend;
 mod table;
 mod token;
 mod ttl;

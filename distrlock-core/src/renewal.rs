@@ -41,6 +41,7 @@ use crate::backend::{LockBackend, MAX_EXTEND_BATCH};
 use crate::error::{Error, Result};
 use crate::guard::GuardShared;
 use crate::key::LockKey;
+use crate::suspend::Sent;
 use crate::token::Token;
 use crate::ttl::Ttl;
 
@@ -261,10 +262,11 @@ impl Renewer {
             .into_iter()
             .map(|(id, guard)| (id, Arc::downgrade(&guard)))
             .collect();
-        let sent = Instant::now();
+        let sent = Sent::now();
         let mut give_up = sent
+            .at
             .checked_add(self.call_timeout)
-            .unwrap_or(sent + Duration::from_secs(86_400));
+            .unwrap_or(sent.at + Duration::from_secs(86_400));
         if let Some(latest) = latest_deadline {
             give_up = give_up.min(latest);
         }
@@ -316,7 +318,7 @@ impl Renewer {
                         continue;
                     }
                     guard.extended(sent, server_time);
-                    entry.next_extend = Some(sent + interval);
+                    entry.next_extend = Some(sent.at + interval);
                     tracing::trace!(key = %guard.key, fence = %guard.fence, "lease extended");
                 }
                 Outcome::Gone => guard.mark_lost("extend found the lease gone"),
