@@ -87,6 +87,16 @@ impl FaultProxy {
         self.shared.stalled.send_replace(on);
     }
 
+    /// Freezes the network path: the same as `set_stalled(true)`.
+    pub fn freeze(&self) {
+        self.set_stalled(true);
+    }
+
+    /// Thaws a frozen path: the same as `set_stalled(false)`.
+    pub fn thaw(&self) {
+        self.set_stalled(false);
+    }
+
     /// Stalls all traffic for `duration`, then resumes it.
     pub fn stall_for(&self, duration: Duration) {
         self.set_stalled(true);
