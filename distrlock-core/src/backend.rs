@@ -42,7 +42,14 @@ use crate::ttl::Ttl;
 ///    [`Error::NotHeld`](crate::Error::NotHeld) and changes nothing.
 /// 4. **One clock.** Expiry is computed and compared on the backend's own clock
 ///    (the database server's), never on the caller's, and independent of session
-///    settings such as time zones.
+///    settings such as time zones. That clock must *slew, never step* (NTP with
+///    stepping off, no `date -s`, no VM snapshot restores). A forward step
+///    expires every lease at once: a guard learns of it at its next extend, so
+///    two processes may both act as holder for at most one heartbeat interval
+///    plus one round trip; a backward step makes a dead holder's lease outlive
+///    its ttl by the step. [`LockManager`](crate::LockManager) notices a step
+///    from the readings of item 9, shortens its deadlines by the excess and logs
+///    a warning.
 /// 5. **Refusal is cheap and harmless.** A refused try-acquire changes nothing and
 ///    reports the holder's remaining lease when the backend knows it.
 /// 6. **Bounded calls.** Every call returns, with a result or an error, within the

@@ -16,6 +16,7 @@ use crate::key::LockKey;
 use crate::lease::Lease;
 use crate::manager::ManagerConfig;
 use crate::renewal::Registration;
+use crate::suspend::Sent;
 use crate::token::Token;
 use crate::ttl::Ttl;
 
@@ -37,8 +38,12 @@ use crate::ttl::Ttl;
 /// runtime shuts down) the lease runs out at its ttl, so release guards explicitly
 /// before leaving `main`.
 ///
-/// The deadline is measured on the monotonic clock, which stops while the host is
-/// suspended; a suspended host must be treated as having lost its locks.
+/// The deadline counts time the host spends suspended (on Linux, through
+/// `CLOCK_BOOTTIME`): tokio's clock stops during a suspend while the server's
+/// does not, so a guard re-reads the suspend time whenever it looks at its
+/// deadline, and after a resume it reports a lease that ran out meanwhile as
+/// lost. On other systems a suspended host must be treated as having lost its
+/// locks.
 pub struct LockGuard {
     shared: Arc<GuardShared>,
     /// The guard's place in the manager's renewal; `None` without a runtime.
@@ -56,17 +61,43 @@ pub(crate) struct GuardShared {
     margin: Duration,
     /// Whether the token is static and registered with the manager.
     is_static: bool,
-    deadline: Mutex<Instant>,
+    /// The local deadline, as `at` less any suspend time since `suspended`.
+    deadline: Mutex<Deadline>,
     /// The latest server clock reading, to notice a server clock that steps.
     clock: Mutex<ClockMark>,
     lost: watch::Sender<bool>,
+}
+
+/// A local deadline: `at` on tokio's clock, less the time the host spends
+/// suspended after it was computed (see [`crate::suspend`]).
+#[derive(Debug, Clone, Copy)]
+struct Deadline {
+    at: Instant,
+    suspended: std::time::Duration,
+}
+
+impl Deadline {
+    fn new(sent: Sent, after: Duration) -> Self {
+        Self {
+            at: sent.at + after,
+            suspended: sent.suspended,
+        }
+    }
+
+    fn get(&self) -> Instant {
+        Sent {
+            at: self.at,
+            suspended: self.suspended,
+        }
+        .deadline(Duration::ZERO)
+    }
 }
 
 /// A reading of the backend's clock by the statement of a request sent at
 /// `sent` whose answer arrived at `answered`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ClockMark {
-    pub(crate) sent: Instant,
+    pub(crate) sent: Sent,
     pub(crate) answered: Instant,
     pub(crate) server: SystemTime,
 }
@@ -79,8 +110,10 @@ impl ClockMark {
         // The server read its clock between sending and answering, so between the
         // two readings our clock moved at least `next.sent − self.answered` and at
         // most `next.answered − self.sent`.
-        let most = next.answered.saturating_duration_since(self.sent);
-        let least = next.sent.saturating_duration_since(self.answered);
+        // Time the host spent suspended counts too: the server's clock ran on.
+        let slept = next.sent.suspended.saturating_sub(self.sent.suspended);
+        let most = next.answered.saturating_duration_since(self.sent.at) + slept;
+        let least = next.sent.at.saturating_duration_since(self.answered) + slept;
         let allowance = most / crate::server_clock::MAX_CLOCK_RATE_DIFFERENCE;
         match next.server.duration_since(self.server) {
             Ok(server) if server > most + allowance => Ok(server - most - allowance),
@@ -92,8 +125,14 @@ impl ClockMark {
 }
 
 impl GuardShared {
+    /// The local deadline, less any time the host spent suspended since it was
+    /// computed: read afresh on every call, so a guard that wakes after a
+    /// resume sees it passed.
     pub(crate) fn deadline(&self) -> Instant {
-        *self.deadline.lock().unwrap_or_else(PoisonError::into_inner)
+        self.deadline
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get()
     }
 
     /// The latest server clock reading plus the ttl (see
@@ -130,7 +169,7 @@ impl GuardShared {
     /// ran ahead by more than the round trips explain, it may run ahead again
     /// before the next extend, so the new deadline is shortened by that excess. A
     /// clock that went back is reported: leases then last longer than their ttl.
-    pub(crate) fn extended(&self, sent: Instant, server_time: SystemTime) {
+    pub(crate) fn extended(&self, sent: Sent, server_time: SystemTime) {
         let mark = ClockMark {
             sent,
             answered: Instant::now(),
@@ -139,21 +178,23 @@ impl GuardShared {
         let drift = {
             let mut clock = self.clock.lock().unwrap_or_else(PoisonError::into_inner);
             let drift = clock.drift_to(&mark);
-            if mark.sent >= clock.sent {
+            if mark.sent.at >= clock.sent.at {
                 *clock = mark;
             }
             drift
         };
-        let mut new = sent + self.ttl.get() - self.margin;
+        let mut after = self.ttl.get() - self.margin;
+        let mut shorten = false;
         match drift {
             Ok(ahead) if !ahead.is_zero() => {
+                shorten = true;
                 tracing::warn!(
                     key = %self.key,
                     ahead_ms = ahead.as_millis() as u64,
                     "the database server's clock ran ahead of this host's; shortening the \
                      lock's local deadline (server clocks must slew, never step)"
                 );
-                new = new.checked_sub(ahead).unwrap_or(sent);
+                after = after.saturating_sub(ahead);
             }
             Err(behind) if !behind.is_zero() => {
                 tracing::warn!(
@@ -165,8 +206,11 @@ impl GuardShared {
             }
             _ => {}
         }
+        let new = Deadline::new(sent, after);
         let mut deadline = self.deadline.lock().unwrap_or_else(PoisonError::into_inner);
-        if new > *deadline {
+        // A clock that ran ahead shortens even a later deadline; otherwise the
+        // later one stands.
+        if new.get() > deadline.get() || shorten {
             *deadline = new;
         }
     }
@@ -194,8 +238,8 @@ impl GuardShared {
         if self.check_lost() {
             return Err(self.lost_error());
         }
-        let sent = Instant::now();
-        let timeout_at = sent + self.config.call_timeout;
+        let sent = Sent::now();
+        let timeout_at = sent.at + self.config.call_timeout;
         // Past the deadline we no longer claim the lock: an extend that lands
         // later would keep a lease alive that nobody holds.
         let not_after = timeout_at.min(self.deadline());
@@ -238,19 +282,17 @@ impl GuardShared {
 }
 
 impl LockGuard {
-    /// Starts guarding a lease granted by a request sent at `sent`.
-    // One caller (`Attempt::make_guard`) passes the grant's parts as they come.
-    #[allow(clippy::too_many_arguments)]
+    /// Starts guarding a lease granted by the request of `granted`.
     pub(crate) fn start(
         config: Arc<ManagerConfig>,
         key: LockKey,
         token: Token,
         fence: Fence,
         ttl: Ttl,
-        sent: Instant,
-        server_time: SystemTime,
+        granted: ClockMark,
         is_static: bool,
     ) -> Self {
+        let sent = granted.sent;
         let margin = config.margin_for(ttl);
         let interval = config.heartbeat_for(ttl);
         let (lost, _) = watch::channel(false);
@@ -262,12 +304,8 @@ impl LockGuard {
             ttl,
             margin,
             is_static,
-            deadline: Mutex::new(sent + ttl.get() - margin),
-            clock: Mutex::new(ClockMark {
-                sent,
-                answered: Instant::now(),
-                server: server_time,
-            }),
+            deadline: Mutex::new(Deadline::new(sent, ttl.get() - margin)),
+            clock: Mutex::new(granted),
             lost,
         });
         // Without a runtime there is no heartbeat; `is_lost` still compares with
@@ -572,5 +610,136 @@ fn settle_static_release(
             });
         }
         _ => config.unregister_static_guard(key, &token),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::{Duration, SystemTime};
+
+    use async_trait::async_trait;
+    use tokio::time::Instant;
+
+    use crate::backend::{AcquireOutcome, LockBackend, LockInfo};
+    use crate::error::Result;
+    use crate::key::LockKey;
+    use crate::manager::LockManager;
+    use crate::memory::MemoryBackend;
+    use crate::token::Token;
+    use crate::ttl::Ttl;
+
+    /// A memory backend whose clock readings can be moved, as a server clock
+    /// that steps would move them.
+    #[derive(Debug, Default)]
+    struct Stepping {
+        inner: MemoryBackend,
+        /// Added to (or, when negative, taken from) every reading.
+        step: Mutex<(Duration, bool)>,
+    }
+
+    impl Stepping {
+        fn shift(&self, at: SystemTime) -> SystemTime {
+            let (by, back) = *self.step.lock().unwrap();
+            if back { at - by } else { at + by }
+        }
+    }
+
+    #[async_trait]
+    impl LockBackend for Stepping {
+        async fn try_acquire(
+            &self,
+            key: &LockKey,
+            token: &Token,
+            ttl: Ttl,
+            owner: &str,
+            not_after: Instant,
+        ) -> Result<AcquireOutcome> {
+            self.inner
+                .try_acquire(key, token, ttl, owner, not_after)
+                .await
+        }
+        async fn extend(
+            &self,
+            key: &LockKey,
+            token: &Token,
+            ttl: Ttl,
+            not_after: Instant,
+        ) -> Result<SystemTime> {
+            let at = self.inner.extend(key, token, ttl, not_after).await?;
+            Ok(self.shift(at))
+        }
+        async fn release(&self, key: &LockKey, token: &Token, not_after: Instant) -> Result<()> {
+            self.inner.release(key, token, not_after).await
+        }
+        async fn inspect(&self, key: &LockKey) -> Result<Option<LockInfo>> {
+            self.inner.inspect(key).await
+        }
+        async fn list(&self) -> Result<Vec<LockInfo>> {
+            self.inner.list().await
+        }
+        async fn create_table(&self) -> Result<()> {
+            Ok(())
+        }
+        fn schema_sql(&self) -> String {
+            String::new()
+        }
+    }
+
+    fn manager(backend: std::sync::Arc<dyn LockBackend>) -> LockManager {
+        LockManager::builder(backend)
+            .ttl(Duration::from_secs(30))
+            .build()
+            .unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_server_clock_that_steps_forward_shortens_the_deadline() {
+        let backend = std::sync::Arc::new(Stepping::default());
+        let m = manager(backend.clone());
+        let guard = m.lock("k").unwrap().try_acquire().await.unwrap();
+        *backend.step.lock().unwrap() = (Duration::from_secs(20), false);
+        // The heartbeat at ttl/3 sees the server 20 s ahead of us.
+        tokio::time::sleep(Duration::from_secs(10) + Duration::from_millis(10)).await;
+        let left = guard.time_left();
+        assert!(
+            // ttl − margin = 28.94 s from the extend, less the 20 s jump.
+            left <= Duration::from_millis(28_940 - 20_000 + 100),
+            "the deadline must shrink by the server's jump: {left:?} left"
+        );
+        assert!(!guard.is_lost());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_server_clock_that_steps_back_keeps_the_deadline() {
+        let backend = std::sync::Arc::new(Stepping::default());
+        let m = manager(backend.clone());
+        let guard = m.lock("k").unwrap().try_acquire().await.unwrap();
+        *backend.step.lock().unwrap() = (Duration::from_secs(20), true);
+        tokio::time::sleep(Duration::from_secs(10) + Duration::from_millis(10)).await;
+        let left = guard.time_left();
+        assert!(left > Duration::from_secs(26), "{left:?} left");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_suspend_counts_against_the_deadline() {
+        let backend = std::sync::Arc::new(MemoryBackend::new());
+        let m = manager(backend);
+        let guard = m.lock("k").unwrap().try_acquire().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let before = guard.time_left();
+        // Ten seconds of suspend: tokio's clock did not move, the server's did.
+        crate::suspend::simulate(Duration::from_secs(10));
+        let after = guard.time_left();
+        assert!(
+            before - after >= Duration::from_secs(10) - Duration::from_millis(1),
+            "{before:?} then {after:?}"
+        );
+        // Longer than the lease: lost at once, without waiting for a timer.
+        crate::suspend::simulate(Duration::from_secs(30));
+        assert!(
+            guard.is_lost(),
+            "a lease that ran out during a suspend is lost"
+        );
     }
 }

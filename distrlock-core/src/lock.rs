@@ -9,9 +9,10 @@ use tokio::time::Instant;
 use crate::backend::AcquireOutcome;
 use crate::error::{Error, Result};
 use crate::fence::Fence;
-use crate::guard::{LockGuard, release_in_background};
+use crate::guard::{ClockMark, LockGuard, release_in_background};
 use crate::key::LockKey;
 use crate::manager::{LockManager, ManagerConfig};
+use crate::suspend::Sent;
 use crate::token::Token;
 use crate::ttl::Ttl;
 
@@ -145,7 +146,7 @@ impl Lock {
                 }
                 Ok((AcquireOutcome::Held { remaining }, sent)) => {
                     failures = 0;
-                    remaining.and_then(|r| sent.checked_add(r))
+                    remaining.and_then(|r| sent.at.checked_add(r))
                 }
                 Err(error) if error.is_transient() => {
                     failures = failures.saturating_add(1);
@@ -234,20 +235,20 @@ impl<'a> Attempt<'a> {
     /// One try, and the instant its request was sent. It is bounded by the call
     /// timeout and by the lease's own length minus the margin, since an answer
     /// that arrives later grants nothing usable.
-    async fn try_once(&mut self) -> Result<(AcquireOutcome, Instant)> {
+    async fn try_once(&mut self) -> Result<(AcquireOutcome, Sent)> {
         let config = self.config().clone();
         let lock = self.lock;
         if lock.token.is_some() && config.static_guard_live(&lock.key, &self.token) {
-            return Ok((AcquireOutcome::Held { remaining: None }, Instant::now()));
+            return Ok((AcquireOutcome::Held { remaining: None }, Sent::now()));
         }
         let bound = config
             .call_timeout
             .min(lock.ttl.get() - config.margin_for(lock.ttl));
         let (key, token, ttl) = (lock.key.clone(), self.token, lock.ttl);
-        let sent = Instant::now();
+        let sent = Sent::now();
         // We stop waiting at `not_after`; the backend makes sure the statement
         // cannot take effect after it, however late it reaches the server.
-        let not_after = sent + bound;
+        let not_after = sent.at + bound;
         let call = tokio::spawn(async move {
             config
                 .backend
@@ -291,12 +292,12 @@ impl<'a> Attempt<'a> {
     fn make_guard(
         &mut self,
         fence: Fence,
-        sent: Instant,
+        sent: Sent,
         server_time: SystemTime,
     ) -> Result<LockGuard, Unusable> {
         let lock = self.lock;
         let config = self.config().clone();
-        let deadline = sent + lock.ttl.get() - config.margin_for(lock.ttl);
+        let deadline = sent.deadline(lock.ttl.get() - config.margin_for(lock.ttl));
         if Instant::now() >= deadline {
             tracing::debug!(key = %lock.key, "acquire answered after its local deadline");
             self.maybe_granted = true;
@@ -314,8 +315,11 @@ impl<'a> Attempt<'a> {
             self.token,
             fence,
             lock.ttl,
-            sent,
-            server_time,
+            ClockMark {
+                sent,
+                answered: Instant::now(),
+                server: server_time,
+            },
             is_static,
         ))
     }

@@ -10,6 +10,7 @@ use tokio::sync::watch;
 
 use crate::backend::LockBackend;
 use crate::error::{Error, Result};
+use crate::exclusive::ExclusiveError;
 use crate::guard::LockGuard;
 use crate::key::LockKey;
 use crate::lease::Lease;
@@ -250,17 +251,29 @@ impl LockManager {
 
     /// Runs `work` while holding `key`, the Go original's `DoExclusively`.
     ///
-    /// Waits for the lock per the [`RetryPolicy`], runs `work` with a snapshot of
-    /// the [`Lease`] while the guard extends it in the background, and releases it
-    /// afterwards, also when `work` panics (the guard releases on drop).
+    /// **Waits** for the lock per the [`RetryPolicy`] (without limit by default),
+    /// runs `work` with a snapshot of the [`Lease`] while the guard extends it in
+    /// the background, and releases it afterwards, also when `work` panics (the
+    /// guard releases on drop).
     ///
-    /// If the lock is lost while `work` runs, `work`'s future is dropped before it
-    /// is polled again and the call returns [`Error::LockLost`]: `Err(LockLost)`
-    /// always means the work was stopped, and `Ok` means it finished while the
-    /// lease was live. Loss is checked between polls, so code that blocks the
-    /// thread inside `work` cannot be interrupted (and starves the heartbeat);
-    /// protect side effects with the lease's fence.
-    pub async fn do_exclusively<F, Fut, T>(&self, key: impl AsRef<str>, work: F) -> Result<T>
+    /// `Ok` means the work finished while the lease was live, as the only holder.
+    /// Otherwise ([`ExclusiveError`], which converts into [`Error`] with `?`):
+    /// - the lock was not acquired, or was lost while `work` ran: `work`'s future
+    ///   is dropped before it is polled again and the call returns
+    ///   [`ExclusiveError::Lock`] with [`Error::LockLost`];
+    /// - the work's last poll outlived the lease (code that blocks the thread
+    ///   inside `work` cannot be interrupted, and starves the heartbeat): the
+    ///   output comes back in [`ExclusiveError::LostAfterWork`].
+    ///
+    /// Loss is checked between polls; protect side effects with the lease's fence.
+    /// Tasks that `work` spawns are not cancelled when the lock is lost: stop them
+    /// yourself (for example with [`LockGuard::lost`] through a lock you acquire
+    /// and pass in).
+    pub async fn do_exclusively<F, Fut, T>(
+        &self,
+        key: impl AsRef<str>,
+        work: F,
+    ) -> std::result::Result<T, ExclusiveError<T>>
     where
         F: FnOnce(Lease) -> Fut,
         Fut: Future<Output = T>,
@@ -271,7 +284,10 @@ impl LockManager {
 }
 
 /// Runs `work` under `guard`, stopping it if the lock is lost, then releases.
-pub(crate) async fn run_while_held<F, Fut, T>(guard: LockGuard, work: F) -> Result<T>
+pub(crate) async fn run_while_held<F, Fut, T, E>(
+    guard: LockGuard,
+    work: F,
+) -> std::result::Result<T, ExclusiveError<T, E>>
 where
     F: FnOnce(Lease) -> Fut,
     Fut: Future<Output = T>,
@@ -294,17 +310,19 @@ where
         // on a backend that may be unreachable.
         drop(work);
         drop(guard);
-        return Err(Error::LockLost { key });
+        return Err(ExclusiveError::Lock(Error::LockLost { key }));
     };
-    // The work finished while the lease was live; its output stands whatever the
-    // release says.
     match guard.release().await {
-        Ok(()) | Err(Error::LockLost { .. }) => {}
+        Ok(()) => Ok(output),
+        // The lease lapsed during the work's last poll.
+        Err(Error::LockLost { .. }) => Err(ExclusiveError::LostAfterWork { key, output }),
+        // Sent while the lease was live, so the work finished as the only holder;
+        // the lease runs out at its ttl.
         Err(error) => {
             tracing::warn!(key = %key, %error, "release after exclusive work failed; the lease will expire");
+            Ok(output)
         }
     }
-    Ok(output)
 }
 
 impl fmt::Debug for LockManager {

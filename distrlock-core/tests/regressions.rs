@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use distrlock_core::{
-    AcquireOutcome, Error, LockBackend, LockInfo, LockKey, LockManager, MemoryBackend, Result,
-    RetryPolicy, Token, Ttl, async_trait,
+    AcquireOutcome, Error, ExclusiveError, LockBackend, LockInfo, LockKey, LockManager,
+    MemoryBackend, Result, RetryPolicy, Token, Ttl, async_trait,
 };
 use tokio::time::Instant;
 
@@ -314,7 +314,10 @@ async fn do_exclusively_stops_work_at_the_deadline_even_without_heartbeat_news()
             }
         })
         .await;
-    assert!(matches!(result, Err(Error::LockLost { .. })));
+    assert!(matches!(
+        result,
+        Err(ExclusiveError::Lock(Error::LockLost { .. }))
+    ));
     assert_eq!(
         polls_after_deadline.load(Ordering::SeqCst),
         0,

@@ -511,7 +511,10 @@ pub async fn lost_lock_stops_do_exclusively(setup: &Setup) {
         })
         .await;
     assert!(
-        matches!(result, Err(Error::LockLost { .. })),
+        matches!(
+            result,
+            Err(distrlock_core::ExclusiveError::Lock(Error::LockLost { .. }))
+        ),
         "got {result:?}"
     );
     assert!(
@@ -953,4 +956,55 @@ pub async fn extend_many_renews_only_held_leases(setup: &Setup) {
     );
     backend.release(&held_a, &token_a, soon()).await.unwrap();
     backend.release(&held_b, &token_b, soon()).await.unwrap();
+}
+
+/// 25. A try-acquire whose request is held back by an unreachable database, and
+///     that its caller gave up on (with the manager's cleanup run while still
+///     unreachable), takes no effect when the database is reachable again and
+///     the held-back requests arrive (contract item 8, no late effects): no lease
+///     that nobody holds appears later. Needs the `make_unreachable` and
+///     `restore` fault hooks; `restore` must deliver what the network held back,
+///     as a frozen path that heals does.
+pub async fn timed_out_try_takes_no_effect_later(setup: &Setup) {
+    let key = setup.key("late-delivery");
+    let manager = setup
+        .manager_builder(LONG)
+        .call_timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    if setup.faults.make_unreachable().await.is_err() {
+        eprintln!(
+            "SKIPPED timed_out_try_takes_no_effect_later: the harness cannot make the backend unreachable"
+        );
+        return;
+    }
+    let tried = tokio::time::timeout(
+        Duration::from_secs(5),
+        manager.lock(key.as_str()).unwrap().try_acquire(),
+    )
+    .await
+    .expect("a try on an unreachable backend must end by its call timeout");
+    assert!(
+        tried.as_ref().is_err_and(Error::is_transient),
+        "a try on an unreachable backend fails transiently, got {tried:?}"
+    );
+    // The cleanup of the abandoned try runs (and gives up) while unreachable.
+    tokio::time::timeout(Duration::from_secs(10), manager.settle())
+        .await
+        .expect("the manager's cleanup must end within two call timeouts");
+    setup
+        .faults
+        .restore()
+        .await
+        .expect("a harness that can make the backend unreachable can restore it");
+    // Time for the held-back requests to arrive and run.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let info = setup.backend.inspect(&key).await.unwrap();
+    assert!(
+        !info.as_ref().is_some_and(|i| i.is_live()),
+        "a try that arrived after its caller gave up took the lock: {info:?}"
+    );
+    let other = Token::new();
+    fence_of(acquire(setup, &key, &other, LONG).await);
+    setup.backend.release(&key, &other, soon()).await.unwrap();
 }
