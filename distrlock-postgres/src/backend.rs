@@ -4,15 +4,17 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use distrlock_core::server_clock::{ServerClock, from_unix_micros};
 use distrlock_core::{
     AcquireOutcome, Error, Fence, LockBackend, LockInfo, LockKey, LockState, MAX_OWNER_LEN,
     ReleaseNotifier, Result, TableName, Token, Ttl,
 };
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{GenericClient, Row};
 
@@ -296,42 +298,35 @@ impl PostgresBackend {
     {
         check_owner(owner)?;
         let ttl_us = ttl.as_micros();
-        let params: [(&(dyn ToSql + Sync), Type); 4] = [
-            (&key.as_str(), Type::TEXT),
-            (token.as_uuid(), Type::UUID),
-            (&ttl_us, Type::INT8),
-            (&owner, Type::TEXT),
-        ];
-        let rows = client
-            .query_typed(&self.inner.sql.acquire, &params)
+        let params: [&(dyn ToSql + Sync); 4] = [&key.as_str(), token.as_uuid(), &ttl_us, &owner];
+        let answer = self
+            .run_in(client, &self.inner.sql.acquire, ACQUIRE_TYPES, &params)
             .await
-            .map_err(|e| self.error(e))?;
-        self.acquire_outcome(&rows)
+            .map_err(|f| f.into_error(self))?;
+        self.acquire_outcome(&answer)
     }
 
     /// Like [`extend`](LockBackend::extend), inside your own transaction, with the
     /// same SQL text.
+    ///
+    /// Returns the server clock's reading at which the lease was renewed.
     pub async fn extend_in<C>(
         &self,
         client: &C,
         key: &LockKey,
         token: &Token,
         ttl: Ttl,
-    ) -> Result<()>
+    ) -> Result<SystemTime>
     where
         C: GenericClient + Sync,
     {
         let ttl_us = ttl.as_micros();
-        let params: [(&(dyn ToSql + Sync), Type); 3] = [
-            (&key.as_str(), Type::TEXT),
-            (token.as_uuid(), Type::UUID),
-            (&ttl_us, Type::INT8),
-        ];
-        let rows = client
-            .query_typed(&self.inner.sql.extend, &params)
+        let params: [&(dyn ToSql + Sync); 3] = [&key.as_str(), token.as_uuid(), &ttl_us];
+        let answer = self
+            .run_in(client, &self.inner.sql.extend, EXTEND_TYPES, &params)
             .await
-            .map_err(|e| self.error(e))?;
-        extend_outcome(key, &rows)
+            .map_err(|f| f.into_error(self))?;
+        self.extend_outcome(key, &answer)
     }
 
     /// Like [`release`](LockBackend::release), inside your own transaction, with
@@ -344,19 +339,22 @@ impl PostgresBackend {
         C: GenericClient + Sync,
     {
         let channel = self.inner.sql.channel.as_str();
-        let params: [(&(dyn ToSql + Sync), Type); 3] = [
-            (&key.as_str(), Type::TEXT),
-            (token.as_uuid(), Type::UUID),
-            (&channel, Type::TEXT),
-        ];
-        let rows = client
-            .query_typed(&self.inner.sql.release, &params)
+        let params: [&(dyn ToSql + Sync); 3] = [&key.as_str(), token.as_uuid(), &channel];
+        let answer = self
+            .run_in(client, &self.inner.sql.release, RELEASE_TYPES, &params)
             .await
-            .map_err(|e| self.error(e))?;
-        match release_outcome(&rows) {
+            .map_err(|f| f.into_error(self))?;
+        match self.release_outcome(&answer)? {
             Released::Now => Ok(()),
             Released::Before | Released::NotHeld => Err(Error::NotHeld { key: key.clone() }),
         }
+    }
+
+    /// What the backend knows of the server's clock. Not a stable API: tests feed
+    /// it readings.
+    #[doc(hidden)]
+    pub fn server_clock(&self) -> &ServerClock {
+        self.inner.config.server_clock()
     }
 
     fn error(&self, error: tokio_postgres::Error) -> Error {
@@ -366,11 +364,15 @@ impl PostgresBackend {
     /// Runs one prepared statement on a pooled connection, once more on another
     /// connection if the session died under it (see the type's docs for why that
     /// is safe for every statement here), all within the call timeout.
+    ///
+    /// With `clocked`, the statement is one of the lock statements, whose rows
+    /// carry the server's clock reading (`server_us`): it is observed.
     async fn run(
         &self,
         sql: &str,
         types: &[Type],
         params: &[&(dyn ToSql + Sync)],
+        clocked: bool,
     ) -> std::result::Result<Answer, Failure> {
         let call = async {
             let mut retried = false;
@@ -390,7 +392,7 @@ impl PostgresBackend {
                 match result {
                     Ok(rows) => {
                         conn.done();
-                        return Ok(Answer { rows, retried });
+                        return self.answer(rows, retried, clocked);
                     }
                     Err(error) => {
                         let lost = is_session_lost(&error) || conn.get().is_closed();
@@ -413,6 +415,61 @@ impl PostgresBackend {
         }
     }
 
+    /// Runs one lock statement on the caller's client (unnamed, parsed each time).
+    async fn run_in<C>(
+        &self,
+        client: &C,
+        sql: &str,
+        types: &[Type],
+        params: &[&(dyn ToSql + Sync)],
+    ) -> std::result::Result<Answer, Failure>
+    where
+        C: GenericClient + Sync,
+    {
+        let typed: Vec<(&(dyn ToSql + Sync), Type)> = params
+            .iter()
+            .zip(types)
+            .map(|(param, ty)| (*param, ty.clone()))
+            .collect();
+        let rows = client.query_typed(sql, &typed).await.map_err(Failure::Pg)?;
+        self.answer(rows, false, true)
+    }
+
+    /// The rows of a statement that just answered; for a lock statement, with its
+    /// clock reading observed.
+    fn answer(
+        &self,
+        rows: Vec<Row>,
+        retried: bool,
+        clocked: bool,
+    ) -> std::result::Result<Answer, Failure> {
+        let arrived = Instant::now();
+        let server_us = match clocked {
+            false => None,
+            true => {
+                let server_us = rows
+                    .first()
+                    .map(|row| row.try_get::<_, i64>("server_us"))
+                    .transpose()
+                    .map_err(Failure::Pg)?
+                    .ok_or_else(|| {
+                        Failure::Mapped(Error::Backend {
+                            message: "a lock statement returned no clock reading".into(),
+                            transient: false,
+                            source: None,
+                        })
+                    })?;
+                self.server_clock().observe(arrived, server_us);
+                Some(server_us)
+            }
+        };
+        Ok(Answer {
+            rows,
+            retried,
+            server_us,
+        })
+    }
+
     fn timed_out(&self) -> Error {
         Error::unavailable(
             format!(
@@ -433,10 +490,10 @@ impl PostgresBackend {
         let ttl_us = ttl.as_micros();
         let params: [&(dyn ToSql + Sync); 4] = [&key.as_str(), token.as_uuid(), &ttl_us, &owner];
         match self
-            .run(&self.inner.sql.acquire, ACQUIRE_TYPES, &params)
+            .run(&self.inner.sql.acquire, ACQUIRE_TYPES, &params, true)
             .await
         {
-            Ok(answer) => self.acquire_outcome(&answer.rows),
+            Ok(answer) => self.acquire_outcome(&answer),
             // Waited past lock_timeout on a row another transaction is writing: the
             // statement rolled back, nothing changed, and the key is busy.
             Err(Failure::Pg(e)) if is_lock_not_available(&e) => {
@@ -446,21 +503,46 @@ impl PostgresBackend {
         }
     }
 
-    fn acquire_outcome(&self, rows: &[Row]) -> Result<AcquireOutcome> {
-        let Some(row) = rows.first() else {
-            // The row was absent when the statement began and a concurrent first
-            // acquirer inserted it: that one holds the lock.
-            return Ok(AcquireOutcome::Held { remaining: None });
-        };
-        let fence: Option<i64> = row.try_get(0).map_err(|e| self.error(e))?;
-        let remaining_us: Option<i64> = row.try_get(1).map_err(|e| self.error(e))?;
+    /// The outcome of an acquire statement's one row.
+    fn acquire_outcome(&self, answer: &Answer) -> Result<AcquireOutcome> {
+        let row = answer.row()?;
+        let fence: Option<i64> = row.try_get("fence").map_err(|e| self.error(e))?;
+        let remaining_us: Option<i64> = row.try_get("remaining_us").map_err(|e| self.error(e))?;
         Ok(match fence {
             Some(fence) => AcquireOutcome::Acquired {
                 fence: Fence::new(fence),
+                server_time: answer.server_time(),
             },
+            // Refused; no remaining lease when the row was free (or absent) and a
+            // concurrent acquirer took it first.
             None => AcquireOutcome::Held {
                 remaining: remaining_us.map(micros),
             },
+        })
+    }
+
+    /// The outcome of an extend statement's one row.
+    fn extend_outcome(&self, key: &LockKey, answer: &Answer) -> Result<SystemTime> {
+        let renewed: bool = answer
+            .row()?
+            .try_get("renewed")
+            .map_err(|e| self.error(e))?;
+        match renewed {
+            true => Ok(answer.server_time()),
+            false => Err(Error::NotHeld { key: key.clone() }),
+        }
+    }
+
+    /// The outcome of a release statement's one row.
+    fn release_outcome(&self, answer: &Answer) -> Result<Released> {
+        let released: Option<bool> = answer
+            .row()?
+            .try_get("released")
+            .map_err(|e| self.error(e))?;
+        Ok(match released {
+            Some(true) => Released::Now,
+            Some(false) => Released::Before,
+            None => Released::NotHeld,
         })
     }
 
@@ -486,18 +568,37 @@ impl PostgresBackend {
             key,
             owner,
             fence: Fence::new(fence),
-            acquired_at: epoch_micros(acquired_us),
-            expires_at: expires_us.map(epoch_micros),
+            acquired_at: from_unix_micros(acquired_us),
+            expires_at: expires_us.map(from_unix_micros),
             state,
             remaining: if held { remaining_us.map(micros) } else { None },
         })
     }
 }
 
-/// The rows of one statement, and whether it ran a second time.
+/// The rows of one statement, whether it ran a second time, and for a lock
+/// statement its clock reading.
 struct Answer {
     rows: Vec<Row>,
     retried: bool,
+    /// The statement's `clock_timestamp()`, in µs since the epoch.
+    server_us: Option<i64>,
+}
+
+impl Answer {
+    /// The one row every lock statement but `extend_many` returns.
+    fn row(&self) -> Result<&Row> {
+        self.rows.first().ok_or_else(|| Error::Backend {
+            message: "a lock statement returned no row".into(),
+            transient: false,
+            source: None,
+        })
+    }
+
+    /// The statement's clock reading (the epoch for a statement without one).
+    fn server_time(&self) -> SystemTime {
+        from_unix_micros(self.server_us.unwrap_or(0))
+    }
 }
 
 enum Failure {
@@ -602,22 +703,6 @@ enum Released {
     NotHeld,
 }
 
-fn release_outcome(rows: &[Row]) -> Released {
-    match rows.first().map(|row| row.try_get::<_, bool>(0)) {
-        Some(Ok(true)) => Released::Now,
-        Some(Ok(false)) => Released::Before,
-        _ => Released::NotHeld,
-    }
-}
-
-fn extend_outcome(key: &LockKey, rows: &[Row]) -> Result<()> {
-    if rows.is_empty() {
-        Err(Error::NotHeld { key: key.clone() })
-    } else {
-        Ok(())
-    }
-}
-
 fn check_owner(owner: &str) -> Result<()> {
     if owner.len() > MAX_OWNER_LEN || owner.contains('\0') {
         return Err(Error::InvalidConfig {
@@ -631,16 +716,6 @@ fn micros(us: i64) -> Duration {
     Duration::from_micros(u64::try_from(us).unwrap_or(0))
 }
 
-fn epoch_micros(us: i64) -> SystemTime {
-    let magnitude = Duration::from_micros(us.unsigned_abs());
-    let at = if us >= 0 {
-        UNIX_EPOCH.checked_add(magnitude)
-    } else {
-        UNIX_EPOCH.checked_sub(magnitude)
-    };
-    at.unwrap_or(UNIX_EPOCH)
-}
-
 #[async_trait]
 impl LockBackend for PostgresBackend {
     async fn try_acquire(
@@ -649,6 +724,7 @@ impl LockBackend for PostgresBackend {
         token: &Token,
         ttl: Ttl,
         owner: &str,
+        _not_after: Instant,
     ) -> Result<AcquireOutcome> {
         check_owner(owner)?;
         // The statement runs in a task of its own, so dropping this future does not
@@ -673,21 +749,32 @@ impl LockBackend for PostgresBackend {
         })
     }
 
-    async fn extend(&self, key: &LockKey, token: &Token, ttl: Ttl) -> Result<()> {
+    async fn extend(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        ttl: Ttl,
+        _not_after: Instant,
+    ) -> Result<SystemTime> {
         let ttl_us = ttl.as_micros();
         let params: [&(dyn ToSql + Sync); 3] = [&key.as_str(), token.as_uuid(), &ttl_us];
         match self
-            .run(&self.inner.sql.extend, EXTEND_TYPES, &params)
+            .run(&self.inner.sql.extend, EXTEND_TYPES, &params, true)
             .await
         {
-            Ok(answer) => extend_outcome(key, &answer.rows),
+            Ok(answer) => self.extend_outcome(key, &answer),
             Err(failure) => Err(failure.into_error(self)),
         }
     }
 
     /// One statement for the whole batch (see the type's docs: safe to run twice,
     /// like `extend`).
-    async fn extend_many(&self, leases: &[(LockKey, Token)], ttl: Ttl) -> Result<Vec<Result<()>>> {
+    async fn extend_many(
+        &self,
+        leases: &[(LockKey, Token)],
+        ttl: Ttl,
+        _not_after: Instant,
+    ) -> Result<Vec<Result<SystemTime>>> {
         if leases.is_empty() {
             return Ok(Vec::new());
         }
@@ -696,20 +783,29 @@ impl LockBackend for PostgresBackend {
         let ttl_us = ttl.as_micros();
         let params: [&(dyn ToSql + Sync); 3] = [&keys, &tokens, &ttl_us];
         let answer = self
-            .run(&self.inner.sql.extend_many, EXTEND_MANY_TYPES, &params)
+            .run(
+                &self.inner.sql.extend_many,
+                EXTEND_MANY_TYPES,
+                &params,
+                true,
+            )
             .await
             .map_err(|f| f.into_error(self))?;
         let mut renewed: HashSet<(&str, uuid::Uuid)> = HashSet::with_capacity(answer.rows.len());
         for row in &answer.rows {
-            let key: &str = row.try_get(0).map_err(|e| self.error(e))?;
-            let token: uuid::Uuid = row.try_get(1).map_err(|e| self.error(e))?;
-            renewed.insert((key, token));
+            let key: Option<&str> = row.try_get("lock_key").map_err(|e| self.error(e))?;
+            let token: Option<uuid::Uuid> = row.try_get("token").map_err(|e| self.error(e))?;
+            // One row of NULLs when nothing was renewed.
+            if let (Some(key), Some(token)) = (key, token) {
+                renewed.insert((key, token));
+            }
         }
+        let server_time = answer.server_time();
         Ok(leases
             .iter()
             .map(|(key, token)| {
                 if renewed.contains(&(key.as_str(), *token.as_uuid())) {
-                    Ok(())
+                    Ok(server_time)
                 } else {
                     Err(Error::NotHeld { key: key.clone() })
                 }
@@ -717,15 +813,15 @@ impl LockBackend for PostgresBackend {
             .collect())
     }
 
-    async fn release(&self, key: &LockKey, token: &Token) -> Result<()> {
+    async fn release(&self, key: &LockKey, token: &Token, _not_after: Instant) -> Result<()> {
         InFlight::wait(&self.inner, key, token).await;
         let channel = self.inner.sql.channel.as_str();
         let params: [&(dyn ToSql + Sync); 3] = [&key.as_str(), token.as_uuid(), &channel];
         let answer = self
-            .run(&self.inner.sql.release, RELEASE_TYPES, &params)
+            .run(&self.inner.sql.release, RELEASE_TYPES, &params, true)
             .await
             .map_err(|f| f.into_error(self))?;
-        match release_outcome(&answer.rows) {
+        match self.release_outcome(&answer)? {
             Released::Now => {}
             // Our first run released it and its answer was lost with the session.
             Released::Before if answer.retried => {}
@@ -741,7 +837,7 @@ impl LockBackend for PostgresBackend {
     async fn inspect(&self, key: &LockKey) -> Result<Option<LockInfo>> {
         let params: [&(dyn ToSql + Sync); 1] = [&key.as_str()];
         let answer = self
-            .run(&self.inner.sql.inspect, INSPECT_TYPES, &params)
+            .run(&self.inner.sql.inspect, INSPECT_TYPES, &params, false)
             .await
             .map_err(|f| f.into_error(self))?;
         answer
@@ -753,7 +849,7 @@ impl LockBackend for PostgresBackend {
 
     async fn list(&self) -> Result<Vec<LockInfo>> {
         let answer = self
-            .run(&self.inner.sql.list, &[], &[])
+            .run(&self.inner.sql.list, &[], &[], false)
             .await
             .map_err(|f| f.into_error(self))?;
         answer.rows.iter().map(|row| self.lock_info(row)).collect()
