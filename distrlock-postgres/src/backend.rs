@@ -18,11 +18,12 @@ use tokio::time::Instant;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{GenericClient, Row};
 
-use crate::config::{PostgresConfig, Redacted};
+use crate::config::{PostgresConfig, Redacted, clock_reading};
 use crate::error::{from_pg, from_pool, is_lock_not_available, is_session_lost};
 use crate::listener::Listener;
 use crate::sql::{
-    ACQUIRE_TYPES, EXTEND_MANY_TYPES, EXTEND_TYPES, INSPECT_TYPES, RELEASE_TYPES, Statements,
+    ACQUIRE_TYPES, CLOCK_READING, EXTEND_MANY_TYPES, EXTEND_TYPES, INSPECT_TYPES, RELEASE_TYPES,
+    Statements,
 };
 
 /// Locks stored as rows of one PostgreSQL table, reached through a deadpool of
@@ -36,6 +37,15 @@ use crate::sql::{
 /// - `try_acquire`, `extend` and `release` each run **one statement in one round
 ///   trip**, prepared once per pooled connection (deadpool's statement cache).
 ///   Expiry is computed on the server with `clock_timestamp()`.
+/// - **No late effects.** Each of these statements carries the caller's
+///   `not_after` mapped onto the server's clock (contract item 8): from the
+///   latest clock reading any session reported (every answer carries one; a new
+///   pooled session reads the clock in its setup, without an extra round trip),
+///   rounded toward earlier. A statement that reaches the server later, say
+///   because a frozen network path delivered it after the caller gave up and
+///   closed the connection, changes nothing; the call returns
+///   [`Error::Unavailable`]. A call whose `not_after` has already passed sends
+///   nothing.
 /// - **Bounded.** Each pooled session runs with `lock_timeout` and
 ///   `statement_timeout` from the [`PostgresConfig`], and each call as a whole is
 ///   bounded by [`PostgresConfig::call_timeout`]. A try-acquire that waits past
@@ -285,6 +295,18 @@ impl PostgresBackend {
     ///
     /// With deadpool, pass the driver's transaction: `&*transaction` or
     /// `&**client`.
+    ///
+    /// # No late effects
+    ///
+    /// The `*_in` calls carry the same bound as the backend's own calls
+    /// (contract item 8), fixed at `Instant::now() + `[`call_timeout`](PostgresConfig::call_timeout)
+    /// when the call starts: a statement that reaches the server later than that
+    /// changes nothing and the call returns [`Error::Unavailable`] (your
+    /// transaction is not aborted: the statement ran and did nothing). If you stop
+    /// waiting for the answer earlier and clean up, wait until that instant first.
+    /// Inside an explicit transaction nothing takes effect before your `COMMIT`
+    /// anyway; the bound matters for a client in autocommit, or a `COMMIT` sent
+    /// together with the statement.
     pub async fn try_acquire_in<C>(
         &self,
         client: &C,
@@ -309,7 +331,8 @@ impl PostgresBackend {
     /// Like [`extend`](LockBackend::extend), inside your own transaction, with the
     /// same SQL text.
     ///
-    /// Returns the server clock's reading at which the lease was renewed.
+    /// Returns the server clock's reading at which the lease was renewed. Bounded
+    /// like [`try_acquire_in`](Self::try_acquire_in).
     pub async fn extend_in<C>(
         &self,
         client: &C,
@@ -333,7 +356,8 @@ impl PostgresBackend {
     /// the same SQL text.
     ///
     /// The release takes effect, and waiters are notified, when your transaction
-    /// commits; a rollback keeps the lock held.
+    /// commits; a rollback keeps the lock held. Bounded like
+    /// [`try_acquire_in`](Self::try_acquire_in).
     pub async fn release_in<C>(&self, client: &C, key: &LockKey, token: &Token) -> Result<()>
     where
         C: GenericClient + Sync,
@@ -365,15 +389,20 @@ impl PostgresBackend {
     /// connection if the session died under it (see the type's docs for why that
     /// is safe for every statement here), all within the call timeout.
     ///
-    /// With `clocked`, the statement is one of the lock statements, whose rows
-    /// carry the server's clock reading (`server_us`): it is observed.
+    /// With `not_after`, the statement is one of the lock statements: its bound on
+    /// the server's clock is appended to `params` (see [`bound_for`](Self::bound_for)),
+    /// and its answer carries the server's clock reading, which is observed. One
+    /// that ran too late is [`Failure::Late`].
     async fn run(
         &self,
         sql: &str,
         types: &[Type],
         params: &[&(dyn ToSql + Sync)],
-        clocked: bool,
+        not_after: Option<Instant>,
     ) -> std::result::Result<Answer, Failure> {
+        if let Some(not_after) = not_after {
+            check_not_passed(not_after)?;
+        }
         let call = async {
             let mut retried = false;
             loop {
@@ -384,17 +413,29 @@ impl PostgresBackend {
                     .await
                     .map_err(|e| Failure::Mapped(from_pool(e, &self.inner.table)))?;
                 let conn = DiscardUnlessDone(Some(conn));
+                let client: &tokio_postgres::Client = conn.get();
                 let result = async {
-                    let statement = conn.get().prepare_typed_cached(sql, types).await?;
-                    conn.get().query(&statement, params).await
+                    let bound = match not_after {
+                        Some(not_after) => Some(self.bound_for(client, not_after).await?),
+                        None => None,
+                    };
+                    let statement = conn
+                        .get()
+                        .prepare_typed_cached(sql, types)
+                        .await
+                        .map_err(Failure::Pg)?;
+                    let mut all = params.to_vec();
+                    all.extend(bound.as_ref().map(|b| b as &(dyn ToSql + Sync)));
+                    let rows = client.query(&statement, &all).await.map_err(Failure::Pg)?;
+                    Ok((rows, bound))
                 }
                 .await;
                 match result {
-                    Ok(rows) => {
+                    Ok((rows, bound)) => {
                         conn.done();
-                        return self.answer(rows, retried, clocked);
+                        return self.answer(rows, retried, bound)?.in_time();
                     }
-                    Err(error) => {
+                    Err(Failure::Pg(error)) => {
                         let lost = is_session_lost(&error) || conn.get().is_closed();
                         if lost && !retried {
                             tracing::debug!(%error, "session lost under a call; retrying once");
@@ -406,6 +447,7 @@ impl PostgresBackend {
                         }
                         return Err(Failure::Pg(error));
                     }
+                    Err(failure) => return Err(failure),
                 }
             }
         };
@@ -415,7 +457,9 @@ impl PostgresBackend {
         }
     }
 
-    /// Runs one lock statement on the caller's client (unnamed, parsed each time).
+    /// Runs one lock statement on the caller's client (unnamed, parsed each time),
+    /// bounded at the call timeout from now (see
+    /// [`try_acquire_in`](Self::try_acquire_in)).
     async fn run_in<C>(
         &self,
         client: &C,
@@ -426,27 +470,65 @@ impl PostgresBackend {
     where
         C: GenericClient + Sync,
     {
-        let typed: Vec<(&(dyn ToSql + Sync), Type)> = params
+        let not_after = Instant::now() + self.inner.call_timeout;
+        let bound = self.bound_for(client, not_after).await?;
+        let mut typed: Vec<(&(dyn ToSql + Sync), Type)> = params
             .iter()
             .zip(types)
             .map(|(param, ty)| (*param, ty.clone()))
             .collect();
+        typed.push((&bound, Type::INT8));
         let rows = client.query_typed(sql, &typed).await.map_err(Failure::Pg)?;
-        self.answer(rows, false, true)
+        self.answer(rows, false, Some(bound))?.in_time()
     }
 
-    /// The rows of a statement that just answered; for a lock statement, with its
-    /// clock reading observed.
+    /// `not_after` on the server's clock, in µs since the epoch, rounded toward
+    /// earlier (contract item 8): from the latest reading any session reported.
+    ///
+    /// A backend's own sessions report one when they are set up (the config's
+    /// post_create hook) and with every answer. Only a session of a pool built
+    /// without the hook, before any statement answered, has none: then this reads
+    /// the clock once on `client`, the connection the statement is about to run on.
+    async fn bound_for<C>(
+        &self,
+        client: &C,
+        not_after: Instant,
+    ) -> std::result::Result<i64, Failure>
+    where
+        C: GenericClient + Sync,
+    {
+        let clock = self.server_clock();
+        if let Some(bound) = clock.bound_micros(not_after) {
+            return Ok(bound);
+        }
+        let messages = client
+            .simple_query(CLOCK_READING)
+            .await
+            .map_err(Failure::Pg)?;
+        if let Some(server_us) = clock_reading(&messages) {
+            clock.observe(Instant::now(), server_us);
+        }
+        clock.bound_micros(not_after).ok_or_else(|| {
+            Failure::Mapped(Error::Backend {
+                message: "PostgreSQL did not tell its clock".into(),
+                transient: true,
+                source: None,
+            })
+        })
+    }
+
+    /// The rows of a statement that just answered; for a lock statement (sent with
+    /// `bound`), with its clock reading observed.
     fn answer(
         &self,
         rows: Vec<Row>,
         retried: bool,
-        clocked: bool,
+        bound: Option<i64>,
     ) -> std::result::Result<Answer, Failure> {
         let arrived = Instant::now();
-        let server_us = match clocked {
-            false => None,
-            true => {
+        let clock = match bound {
+            None => None,
+            Some(bound) => {
                 let server_us = rows
                     .first()
                     .map(|row| row.try_get::<_, i64>("server_us"))
@@ -460,13 +542,13 @@ impl PostgresBackend {
                         })
                     })?;
                 self.server_clock().observe(arrived, server_us);
-                Some(server_us)
+                Some(Reading { server_us, bound })
             }
         };
         Ok(Answer {
             rows,
             retried,
-            server_us,
+            clock,
         })
     }
 
@@ -486,11 +568,17 @@ impl PostgresBackend {
         token: &Token,
         ttl: Ttl,
         owner: &str,
+        not_after: Instant,
     ) -> Result<AcquireOutcome> {
         let ttl_us = ttl.as_micros();
         let params: [&(dyn ToSql + Sync); 4] = [&key.as_str(), token.as_uuid(), &ttl_us, &owner];
         match self
-            .run(&self.inner.sql.acquire, ACQUIRE_TYPES, &params, true)
+            .run(
+                &self.inner.sql.acquire,
+                ACQUIRE_TYPES,
+                &params,
+                Some(not_after),
+            )
             .await
         {
             Ok(answer) => self.acquire_outcome(&answer),
@@ -581,8 +669,23 @@ impl PostgresBackend {
 struct Answer {
     rows: Vec<Row>,
     retried: bool,
-    /// The statement's `clock_timestamp()`, in µs since the epoch.
-    server_us: Option<i64>,
+    clock: Option<Reading>,
+}
+
+/// A lock statement's clock reading and the bound it was sent with, both in µs
+/// since the epoch on the server's clock.
+#[derive(Debug, Clone, Copy)]
+struct Reading {
+    server_us: i64,
+    bound: i64,
+}
+
+impl Reading {
+    /// Whether the statement ran at or after its bound, so that it changed
+    /// nothing: its writes all require `clock.at_us < bound`.
+    fn late(&self) -> bool {
+        self.server_us >= self.bound
+    }
 }
 
 impl Answer {
@@ -597,7 +700,15 @@ impl Answer {
 
     /// The statement's clock reading (the epoch for a statement without one).
     fn server_time(&self) -> SystemTime {
-        from_unix_micros(self.server_us.unwrap_or(0))
+        from_unix_micros(self.clock.map_or(0, |c| c.server_us))
+    }
+
+    /// `self`, or [`Failure::Late`] if the statement ran too late to act.
+    fn in_time(self) -> std::result::Result<Self, Failure> {
+        match self.clock {
+            Some(reading) if reading.late() => Err(Failure::Late(reading)),
+            _ => Ok(self),
+        }
     }
 }
 
@@ -606,6 +717,8 @@ enum Failure {
     Pg(tokio_postgres::Error),
     /// Already mapped (pool or timeout).
     Mapped(Error),
+    /// The statement ran at or after its not-after bound, so it changed nothing.
+    Late(Reading),
 }
 
 impl Failure {
@@ -613,8 +726,28 @@ impl Failure {
         match self {
             Failure::Pg(e) => backend.error(e),
             Failure::Mapped(e) => e,
+            Failure::Late(reading) => Error::unavailable(
+                format!(
+                    "the statement reached PostgreSQL after its not_after bound (server clock \
+                     {} µs, bound {} µs since the epoch); nothing changed",
+                    reading.server_us, reading.bound
+                ),
+                None,
+            ),
         }
     }
+}
+
+/// Refuses a lock call whose `not_after` has passed before it was sent: the
+/// statement could only be refused.
+fn check_not_passed(not_after: Instant) -> std::result::Result<(), Failure> {
+    if Instant::now() >= not_after {
+        return Err(Failure::Mapped(Error::unavailable(
+            "the call's not_after passed before its statement was sent; nothing changed",
+            None,
+        )));
+    }
+    Ok(())
 }
 
 /// A pooled connection that goes back to the pool only through [`done`](Self::done):
@@ -724,7 +857,7 @@ impl LockBackend for PostgresBackend {
         token: &Token,
         ttl: Ttl,
         owner: &str,
-        _not_after: Instant,
+        not_after: Instant,
     ) -> Result<AcquireOutcome> {
         check_owner(owner)?;
         // The statement runs in a task of its own, so dropping this future does not
@@ -738,7 +871,9 @@ impl LockBackend for PostgresBackend {
         let (key, token, owner) = (key.clone(), *token, owner.to_owned());
         let task = tokio::spawn(async move {
             let _pending = pending;
-            backend.acquire_once(&key, &token, ttl, &owner).await
+            backend
+                .acquire_once(&key, &token, ttl, &owner, not_after)
+                .await
         });
         task.await.unwrap_or_else(|e| {
             Err(Error::Backend {
@@ -754,12 +889,17 @@ impl LockBackend for PostgresBackend {
         key: &LockKey,
         token: &Token,
         ttl: Ttl,
-        _not_after: Instant,
+        not_after: Instant,
     ) -> Result<SystemTime> {
         let ttl_us = ttl.as_micros();
         let params: [&(dyn ToSql + Sync); 3] = [&key.as_str(), token.as_uuid(), &ttl_us];
         match self
-            .run(&self.inner.sql.extend, EXTEND_TYPES, &params, true)
+            .run(
+                &self.inner.sql.extend,
+                EXTEND_TYPES,
+                &params,
+                Some(not_after),
+            )
             .await
         {
             Ok(answer) => self.extend_outcome(key, &answer),
@@ -773,7 +913,7 @@ impl LockBackend for PostgresBackend {
         &self,
         leases: &[(LockKey, Token)],
         ttl: Ttl,
-        _not_after: Instant,
+        not_after: Instant,
     ) -> Result<Vec<Result<SystemTime>>> {
         if leases.is_empty() {
             return Ok(Vec::new());
@@ -787,7 +927,7 @@ impl LockBackend for PostgresBackend {
                 &self.inner.sql.extend_many,
                 EXTEND_MANY_TYPES,
                 &params,
-                true,
+                Some(not_after),
             )
             .await
             .map_err(|f| f.into_error(self))?;
@@ -813,12 +953,17 @@ impl LockBackend for PostgresBackend {
             .collect())
     }
 
-    async fn release(&self, key: &LockKey, token: &Token, _not_after: Instant) -> Result<()> {
+    async fn release(&self, key: &LockKey, token: &Token, not_after: Instant) -> Result<()> {
         InFlight::wait(&self.inner, key, token).await;
         let channel = self.inner.sql.channel.as_str();
         let params: [&(dyn ToSql + Sync); 3] = [&key.as_str(), token.as_uuid(), &channel];
         let answer = self
-            .run(&self.inner.sql.release, RELEASE_TYPES, &params, true)
+            .run(
+                &self.inner.sql.release,
+                RELEASE_TYPES,
+                &params,
+                Some(not_after),
+            )
             .await
             .map_err(|f| f.into_error(self))?;
         match self.release_outcome(&answer)? {
@@ -837,7 +982,7 @@ impl LockBackend for PostgresBackend {
     async fn inspect(&self, key: &LockKey) -> Result<Option<LockInfo>> {
         let params: [&(dyn ToSql + Sync); 1] = [&key.as_str()];
         let answer = self
-            .run(&self.inner.sql.inspect, INSPECT_TYPES, &params, false)
+            .run(&self.inner.sql.inspect, INSPECT_TYPES, &params, None)
             .await
             .map_err(|f| f.into_error(self))?;
         answer
@@ -849,7 +994,7 @@ impl LockBackend for PostgresBackend {
 
     async fn list(&self) -> Result<Vec<LockInfo>> {
         let answer = self
-            .run(&self.inner.sql.list, &[], &[], false)
+            .run(&self.inner.sql.list, &[], &[], None)
             .await
             .map_err(|f| f.into_error(self))?;
         answer.rows.iter().map(|row| self.lock_info(row)).collect()

@@ -6,6 +6,17 @@
 //!   in the `clock` CTE. `now()` would be frozen at the start of the caller's
 //!   transaction (a lock taken late in a long transaction would get a short lease),
 //!   and the client's clock is never sent.
+//! - **No late effects.** Every mutating statement (acquire, extend, extend_many,
+//!   release) takes a last parameter, the caller's `not_after` mapped onto the
+//!   server's clock (whole µs since the epoch, rounded toward earlier by
+//!   [`ServerClock::bound_micros`](distrlock_core::server_clock::ServerClock::bound_micros)),
+//!   and every write in it requires `clock.at_us < bound`: a statement that reaches
+//!   the server after its caller gave up (a frozen network path delivers it late,
+//!   even after the client closed the socket) changes nothing. The comparison is of
+//!   two integers, so no floating point, rounding or `TimeZone` enters it. A
+//!   statement that read its clock before the bound and then waits for a row lock,
+//!   or for its commit, still takes effect; it holds (or queues for) the row's lock
+//!   meanwhile, so a later statement on the same row waits for it.
 //! - **The reading goes back.** Every mutating statement returns its clock reading
 //!   (`server_us`, integer µs since the epoch) in every case, granted or refused, so
 //!   the backend learns the server's clock from each answer
@@ -50,18 +61,19 @@ pub(crate) struct Statements {
     /// Serialises concurrent `create_table` calls, then runs `create_table`; one
     /// simple-query message, so both run in one implicit transaction.
     pub(crate) create_table_locked: String,
-    /// Try-acquire: params `$1` key, `$2` token, `$3` ttl µs, `$4` owner; one row
-    /// `(fence, remaining_us, server_us)`, a NULL fence when refused.
+    /// Try-acquire: params `$1` key, `$2` token, `$3` ttl µs, `$4` owner, `$5`
+    /// not-after bound µs; one row `(fence, remaining_us, server_us)`, a NULL fence
+    /// when refused (held, or late: `server_us >= $5`).
     pub(crate) acquire: String,
-    /// Extend: params `$1` key, `$2` token, `$3` ttl µs; one row
-    /// `(renewed, server_us)`.
+    /// Extend: params `$1` key, `$2` token, `$3` ttl µs, `$4` not-after bound µs;
+    /// one row `(renewed, server_us)`.
     pub(crate) extend: String,
-    /// Extend a batch: params `$1` keys, `$2` tokens (same length), `$3` ttl µs;
-    /// rows `(lock_key, token, server_us)`, one per lease it renewed, or one row
+    /// Extend a batch: params `$1` keys, `$2` tokens (same length), `$3` ttl µs,
+    /// `$4` not-after bound µs; rows `(lock_key, token, server_us)`, one per lease it renewed, or one row
     /// with NULL key and token when it renewed none.
     pub(crate) extend_many: String,
-    /// Release: params `$1` key, `$2` token, `$3` notification channel; one row
-    /// `(released, server_us)`.
+    /// Release: params `$1` key, `$2` token, `$3` notification channel, `$4`
+    /// not-after bound µs; one row `(released, server_us)`.
     pub(crate) release: String,
     /// Inspect one key: param `$1` key.
     pub(crate) inspect: String,
@@ -74,13 +86,15 @@ pub(crate) struct Statements {
 }
 
 /// Parameter types of [`Statements::acquire`].
-pub(crate) const ACQUIRE_TYPES: &[Type] = &[Type::TEXT, Type::UUID, Type::INT8, Type::TEXT];
+pub(crate) const ACQUIRE_TYPES: &[Type] =
+    &[Type::TEXT, Type::UUID, Type::INT8, Type::TEXT, Type::INT8];
 /// Parameter types of [`Statements::extend`].
-pub(crate) const EXTEND_TYPES: &[Type] = &[Type::TEXT, Type::UUID, Type::INT8];
+pub(crate) const EXTEND_TYPES: &[Type] = &[Type::TEXT, Type::UUID, Type::INT8, Type::INT8];
 /// Parameter types of [`Statements::extend_many`].
-pub(crate) const EXTEND_MANY_TYPES: &[Type] = &[Type::TEXT_ARRAY, Type::UUID_ARRAY, Type::INT8];
+pub(crate) const EXTEND_MANY_TYPES: &[Type] =
+    &[Type::TEXT_ARRAY, Type::UUID_ARRAY, Type::INT8, Type::INT8];
 /// Parameter types of [`Statements::release`].
-pub(crate) const RELEASE_TYPES: &[Type] = &[Type::TEXT, Type::UUID, Type::TEXT];
+pub(crate) const RELEASE_TYPES: &[Type] = &[Type::TEXT, Type::UUID, Type::TEXT, Type::INT8];
 /// Parameter types of [`Statements::inspect`].
 pub(crate) const INSPECT_TYPES: &[Type] = &[Type::TEXT];
 
@@ -140,6 +154,8 @@ taken AS (
     FROM clock
     WHERE l.lock_key = $1::text
       AND (l.expires_at IS NULL OR l.expires_at <= clock.at OR l.token = $2::uuid)
+      -- No late effects: only before the caller's bound on the server's clock.
+      AND clock.at_us < $5::int8
     RETURNING l.fence
 ),
 -- Absent: insert the first holding with fence 1. The NOT EXISTS probe keeps the
@@ -152,17 +168,20 @@ inserted AS (
            clock.at + $3::int8 * interval '1 microsecond'
     FROM clock
     WHERE NOT EXISTS (SELECT 1 FROM {t} WHERE lock_key = $1::text)
+      -- No late effects: only before the caller's bound on the server's clock.
+      AND clock.at_us < $5::int8
     ON CONFLICT (lock_key) DO NOTHING
     RETURNING l.fence
 )
--- Exactly one row whatever happened (granted, refused, key absent, insert race
--- lost), so the clock reading always comes back: `clock` has one row and each join
+-- Exactly one row whatever happened (granted, refused, refused as late, key
+-- absent, insert race lost), so the clock reading always comes back: `clock` has one row and each join
 -- adds at most one (taken and inserted touch at most the one row of the primary
 -- key). The table read here is the one before `taken` and `inserted` (the main
 -- query of a data-modifying CTE does not see its changes), which is what a refusal
 -- reports.
 SELECT
-    -- Success: the fence of this holding; NULL when refused.
+    -- Success: the fence of this holding; NULL when refused (held, or late: then
+    -- server_us is at or past the bound).
     COALESCE(taken.fence, inserted.fence) AS fence,
     -- Refused: the holder's remaining lease in µs, on the server's clock (NULL when
     -- there is no live lease to report: the row was free but another acquirer took
@@ -190,6 +209,8 @@ renewed AS (
     WHERE l.lock_key = $1::text
       AND l.token = $2::uuid
       AND l.expires_at > clock.at
+      -- No late effects: only before the caller's bound on the server's clock.
+      AND clock.at_us < $4::int8
     RETURNING l.fence
 )
 -- One row whatever happened, so the clock reading always comes back (renewed has
@@ -218,6 +239,8 @@ renewed AS (
     WHERE l.lock_key = batch.lock_key COLLATE "C"
       AND l.token = batch.token
       AND l.expires_at > clock.at
+      -- No late effects: only before the caller's bound on the server's clock.
+      AND clock.at_us < $4::int8
     RETURNING l.lock_key, l.token
 )
 -- One row per renewed lease, or a single row with NULL key and token when none
@@ -240,6 +263,9 @@ released AS (
     WHERE l.lock_key = $1::text
       AND l.token = $2::uuid
       AND l.expires_at > clock.at
+      -- No late effects: a release held back in the network must not end a later
+      -- holding of the same token.
+      AND clock.at_us < $4::int8
     -- Wakes waiters in every process LISTENing on the channel, in this same
     -- statement (no extra round trip); PostgreSQL delivers it at commit, so a
     -- release inside the caller's transaction announces only once committed.
@@ -308,16 +334,19 @@ LEFT JOIN {t} AS l
 #[derive(Debug, Clone)]
 pub struct LockSql {
     /// Try-acquire: `$1` key text, `$2` token uuid, `$3` ttl µs int8, `$4` owner
-    /// text; returns one row `(fence, remaining_us, server_us)`, a NULL fence when
-    /// refused.
+    /// text, `$5` not-after bound int8 (µs since the epoch on the server's clock;
+    /// `i64::MAX` for none); returns one row `(fence, remaining_us, server_us)`, a
+    /// NULL fence when refused.
     pub acquire: String,
-    /// Extend: `$1` key, `$2` token, `$3` ttl µs; one row `(renewed, server_us)`.
+    /// Extend: `$1` key, `$2` token, `$3` ttl µs, `$4` bound; one row `(renewed,
+    /// server_us)`.
     pub extend: String,
-    /// Batch extend: `$1` text[], `$2` uuid[], `$3` ttl µs; the renewed pairs
+    /// Batch extend: `$1` text[], `$2` uuid[], `$3` ttl µs, `$4` bound; the renewed
+    /// pairs
     /// `(lock_key, token, server_us)`, or one row with NULL pair if none.
     pub extend_many: String,
-    /// Release: `$1` key, `$2` token, `$3` channel; one row `(released,
-    /// server_us)`, `released` true when released now.
+    /// Release: `$1` key, `$2` token, `$3` channel, `$4` bound; one row
+    /// `(released, server_us)`, `released` true when released now.
     pub release: String,
     /// The notification channel to pass to `release`.
     pub channel: String,
@@ -435,6 +464,59 @@ mod tests {
             for line in from.lines().filter(|line| line.contains("JOIN")) {
                 assert!(line.starts_with("LEFT JOIN "), "{line} in {sql}");
             }
+        }
+    }
+
+    #[test]
+    fn every_write_is_bounded_by_the_callers_not_after_in_integer_micros() {
+        let s = Statements::new(&TableName::default());
+        for (sql, types) in [
+            (&s.acquire, ACQUIRE_TYPES),
+            (&s.extend, EXTEND_TYPES),
+            (&s.extend_many, EXTEND_MANY_TYPES),
+            (&s.release, RELEASE_TYPES),
+        ] {
+            let code = without_comments(sql);
+            // The bound is the last parameter, an int8.
+            let n = types.len();
+            assert_eq!(types[n - 1], Type::INT8, "{sql}");
+            assert!(!code.contains(&format!("${}", n + 1)), "{sql}");
+            let guard = format!("AND clock.at_us < ${n}::int8");
+            // Every UPDATE and INSERT (each a CTE) carries the guard before its
+            // RETURNING or ON CONFLICT.
+            let writes: Vec<&str> = code
+                .split(" AS (")
+                .skip(1)
+                .filter(|cte| {
+                    let head = cte.trim_start();
+                    head.starts_with("UPDATE") || head.starts_with("INSERT")
+                })
+                .collect();
+            assert!(!writes.is_empty(), "{sql}");
+            assert_eq!(
+                code.matches("UPDATE ").count() + code.matches("INSERT INTO").count(),
+                writes.len(),
+                "a write outside a CTE in {sql}"
+            );
+            for write in writes {
+                // The CTE ends at the first closing parenthesis in column 0.
+                let body = write.split("\n)").next().unwrap();
+                assert!(body.contains(&guard), "unguarded write in {sql}");
+            }
+            // Integers only: no seconds as a float, no text times.
+            let lower = code.to_lowercase();
+            for banned in [
+                "to_timestamp",
+                "1e6",
+                "float",
+                "double",
+                "::numeric",
+                "/ 1000000",
+            ] {
+                assert!(!lower.contains(banned), "{banned} in {sql}");
+            }
+            // at_us is computed once, in the clock CTE.
+            assert_eq!(code.matches("EXTRACT(EPOCH FROM reading.at)").count(), 1);
         }
     }
 

@@ -1469,3 +1469,130 @@ async fn grants_and_renewals_return_the_statements_clock_reading() {
     t.backend.release(&k, &token, soon()).await.unwrap();
     t.drop_table().await;
 }
+
+/// A counting proxy in front of the test server, and a driver config through it;
+/// `None` after reporting the test skipped when the server is not on TCP.
+async fn counting_proxy(test: &str) -> Option<(CountingProxy, tokio_postgres::Config)> {
+    let real = common::pg_config();
+    let Some(tokio_postgres::config::Host::Tcp(host)) = real.get_hosts().first().cloned() else {
+        distrlock_testkit::skip(test, "the counting proxy needs a TCP server");
+        return None;
+    };
+    let port = real.get_ports().first().copied().unwrap_or(5432);
+    let upstream = tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .unwrap()
+        .next()
+        .unwrap();
+    let proxy = CountingProxy::start(upstream).await.unwrap();
+    let mut via_proxy = tokio_postgres::Config::new();
+    via_proxy.host("127.0.0.1").port(proxy.addr.port());
+    if let Some(user) = real.get_user() {
+        via_proxy.user(user);
+    }
+    if let Some(password) = real.get_password() {
+        via_proxy.password(password);
+    }
+    if let Some(db) = real.get_dbname() {
+        via_proxy.dbname(db);
+    }
+    Some((proxy, via_proxy))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_without_the_hook_reads_the_clock_once_before_the_first_lock_statement() {
+    let name = "a_pool_without_the_hook_reads_the_clock_once_before_the_first_lock_statement";
+    let Some(admin) = common::admin_or_skip(name).await else {
+        return;
+    };
+    let Some((proxy, via_proxy)) = counting_proxy(name).await else {
+        return;
+    };
+    let table = unique("dl_no_hook");
+    let manager = deadpool_postgres::Manager::new(via_proxy, tokio_postgres::NoTls);
+    let pool = deadpool_postgres::Pool::builder(manager)
+        .max_size(1)
+        .build()
+        .unwrap();
+    let config = PostgresConfig::builder()
+        .table(&table)
+        .listen(false)
+        .build()
+        .unwrap();
+    let backend = PostgresBackend::from_pool(pool, config).unwrap();
+    backend.create_table().await.unwrap();
+    assert!(
+        !backend.server_clock().is_known(),
+        "no hook, no reading yet"
+    );
+
+    let (k, token) = (key("no-hook"), Token::new());
+    let lease = ttl(Duration::from_secs(30));
+    let c = proxy.counts();
+    fence_of(
+        backend
+            .try_acquire(&k, &token, lease, "o", soon())
+            .await
+            .unwrap(),
+    );
+    let first = proxy.counts().since(&c);
+    // One simple query for the clock, then the statement (parsed on first use).
+    assert_eq!(
+        (first.get('Q'), first.get('E'), first.round_trips()),
+        (1, 1, 3),
+        "{first:?}"
+    );
+    assert!(backend.server_clock().is_known());
+    let c = proxy.counts();
+    fence_of(
+        backend
+            .try_acquire(&k, &token, lease, "o", soon())
+            .await
+            .unwrap(),
+    );
+    let again = proxy.counts().since(&c);
+    assert_eq!(
+        (again.statements(), again.round_trips(), again.get('Q')),
+        (1, 1, 0),
+        "{again:?}"
+    );
+    backend.release(&k, &token, soon()).await.unwrap();
+    admin
+        .batch_execute(&format!("DROP TABLE \"{table}\""))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_not_after_has_passed_sends_nothing() {
+    let name = "a_call_whose_not_after_has_passed_sends_nothing";
+    let Some(t) = TestBackend::new(name, |b| b).await else {
+        return;
+    };
+    let (k, token) = (key("passed"), Token::new());
+    let lease = ttl(Duration::from_secs(30));
+    let passed = Instant::now();
+    let results = [
+        t.backend
+            .try_acquire(&k, &token, lease, "o", passed)
+            .await
+            .map(|_| ()),
+        t.backend
+            .extend(&k, &token, lease, passed)
+            .await
+            .map(|_| ()),
+        t.backend
+            .extend_many(&[(k.clone(), token)], lease, passed)
+            .await
+            .map(|_| ()),
+        t.backend.release(&k, &token, passed).await,
+    ];
+    for result in results {
+        match result {
+            Err(error @ Error::Unavailable { .. }) => assert!(error.is_transient()),
+            other => panic!("expected Unavailable, got {other:?}"),
+        }
+    }
+    assert!(t.backend.inspect(&k).await.unwrap().is_none());
+    t.drop_table().await;
+}
