@@ -1596,3 +1596,113 @@ async fn a_call_whose_not_after_has_passed_sends_nothing() {
     assert!(t.backend.inspect(&k).await.unwrap().is_none());
     t.drop_table().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_clock_estimate_is_corrected_from_the_refusal_and_retried_once() {
+    let name = "a_wrong_clock_estimate_is_corrected_from_the_refusal_and_retried_once";
+    let Some(admin) = common::admin_or_skip(name).await else {
+        return;
+    };
+    let Some((proxy, via_proxy)) = counting_proxy(name).await else {
+        return;
+    };
+    let table = unique("dl_estimate");
+    let backend = PostgresBackend::from_config(
+        PostgresConfig::builder()
+            .pg_config(via_proxy.clone())
+            .table(&table)
+            .pool_size(1)
+            .listen(false)
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    backend.create_table().await.unwrap();
+    let (k, token) = (key("estimate"), Token::new());
+    let lease = ttl(Duration::from_secs(30));
+    // Prepare the statements, so the counts below are of executions only.
+    fence_of(
+        backend
+            .try_acquire(&k, &token, lease, "o", soon())
+            .await
+            .unwrap(),
+    );
+    backend.extend(&k, &token, lease, soon()).await.unwrap();
+    backend
+        .extend_many(&[(k.clone(), token)], lease, soon())
+        .await
+        .unwrap();
+    backend.release(&k, &token, soon()).await.unwrap();
+
+    // What a server clock that stepped forward by an hour since the last reading
+    // looks like from here: every bound is an hour early, so the server refuses
+    // each statement as late although our clock is far from not_after. The
+    // refusal's own reading corrects the estimate and the statement runs again.
+    let an_hour_behind = || {
+        let now_us = distrlock_core::server_clock::unix_micros(SystemTime::now());
+        backend
+            .server_clock()
+            .observe(Instant::now(), now_us - 3_600_000_000);
+    };
+    let expect_two = |what: &str, before: &common::counting_proxy::Counts| {
+        let delta = proxy.counts().since(before);
+        assert_eq!(
+            (delta.get('E'), delta.round_trips()),
+            (2, 2),
+            "{what}: refused once, run once more: {delta:?}"
+        );
+    };
+    an_hour_behind();
+    let c = proxy.counts();
+    let outcome = backend
+        .try_acquire(&k, &token, lease, "o", soon())
+        .await
+        .expect("acquire after the estimate was corrected");
+    fence_of(outcome);
+    expect_two("acquire", &c);
+    // Corrected: the next call runs once.
+    let c = proxy.counts();
+    backend.extend(&k, &token, lease, soon()).await.unwrap();
+    assert_eq!(proxy.counts().since(&c).get('E'), 1);
+
+    an_hour_behind();
+    let c = proxy.counts();
+    backend
+        .extend(&k, &token, lease, soon())
+        .await
+        .expect("extend after the estimate was corrected");
+    expect_two("extend", &c);
+    an_hour_behind();
+    let c = proxy.counts();
+    let results = backend
+        .extend_many(&[(k.clone(), token)], lease, soon())
+        .await
+        .expect("extend_many after the estimate was corrected");
+    assert!(results[0].is_ok(), "{results:?}");
+    expect_two("extend_many", &c);
+    an_hour_behind();
+    let c = proxy.counts();
+    backend
+        .release(&k, &token, soon())
+        .await
+        .expect("release after the estimate was corrected");
+    expect_two("release", &c);
+
+    // The caller's own client too.
+    let client = common::connect_with(via_proxy).await.unwrap();
+    an_hour_behind();
+    let c = proxy.counts();
+    fence_of(
+        backend
+            .try_acquire_in(&client, &k, &token, lease, "o")
+            .await
+            .expect("try_acquire_in after the estimate was corrected"),
+    );
+    expect_two("try_acquire_in", &c);
+
+    admin
+        .batch_execute(&format!("DROP TABLE \"{table}\""))
+        .await
+        .unwrap();
+}
