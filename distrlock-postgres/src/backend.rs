@@ -392,7 +392,8 @@ impl PostgresBackend {
     /// With `not_after`, the statement is one of the lock statements: its bound on
     /// the server's clock is appended to `params` (see [`bound_for`](Self::bound_for)),
     /// and its answer carries the server's clock reading, which is observed. One
-    /// that ran too late is [`Failure::Late`].
+    /// that ran too late is [`Failure::Late`], unless only our estimate of the
+    /// server's clock was wrong: then it runs once more (see [`Answer::rerun`]).
     async fn run(
         &self,
         sql: &str,
@@ -405,6 +406,7 @@ impl PostgresBackend {
         }
         let call = async {
             let mut retried = false;
+            let mut reran = false;
             loop {
                 let conn = self
                     .inner
@@ -433,7 +435,11 @@ impl PostgresBackend {
                 match result {
                     Ok((rows, bound)) => {
                         conn.done();
-                        return self.answer(rows, retried, bound)?.in_time();
+                        let answer = self.answer(rows, retried, bound)?;
+                        if answer.rerun(not_after, &mut reran) {
+                            continue;
+                        }
+                        return answer.in_time();
                     }
                     Err(Failure::Pg(error)) => {
                         let lost = is_session_lost(&error) || conn.get().is_closed();
@@ -471,15 +477,21 @@ impl PostgresBackend {
         C: GenericClient + Sync,
     {
         let not_after = Instant::now() + self.inner.call_timeout;
-        let bound = self.bound_for(client, not_after).await?;
-        let mut typed: Vec<(&(dyn ToSql + Sync), Type)> = params
-            .iter()
-            .zip(types)
-            .map(|(param, ty)| (*param, ty.clone()))
-            .collect();
-        typed.push((&bound, Type::INT8));
-        let rows = client.query_typed(sql, &typed).await.map_err(Failure::Pg)?;
-        self.answer(rows, false, Some(bound))?.in_time()
+        let mut reran = false;
+        loop {
+            let bound = self.bound_for(client, not_after).await?;
+            let mut typed: Vec<(&(dyn ToSql + Sync), Type)> = params
+                .iter()
+                .zip(types)
+                .map(|(param, ty)| (*param, ty.clone()))
+                .collect();
+            typed.push((&bound, Type::INT8));
+            let rows = client.query_typed(sql, &typed).await.map_err(Failure::Pg)?;
+            let answer = self.answer(rows, false, Some(bound))?;
+            if !answer.rerun(Some(not_after), &mut reran) {
+                return answer.in_time();
+            }
+        }
     }
 
     /// `not_after` on the server's clock, in µs since the epoch, rounded toward
@@ -548,6 +560,7 @@ impl PostgresBackend {
         Ok(Answer {
             rows,
             retried,
+            arrived,
             clock,
         })
     }
@@ -669,6 +682,8 @@ impl PostgresBackend {
 struct Answer {
     rows: Vec<Row>,
     retried: bool,
+    /// When the answer arrived.
+    arrived: Instant,
     clock: Option<Reading>,
 }
 
@@ -701,6 +716,31 @@ impl Answer {
     /// The statement's clock reading (the epoch for a statement without one).
     fn server_time(&self) -> SystemTime {
         from_unix_micros(self.clock.map_or(0, |c| c.server_us))
+    }
+
+    /// Whether to run a statement refused as late once more (at most once per
+    /// call, `reran` tells): when its answer arrived before `not_after`, the
+    /// statement did not run late on our clock, so the bound was wrong, not the
+    /// statement: the estimate of the server's clock (say the server's clock
+    /// stepped forward since the reading it came from, or the reading was so old
+    /// that the rate allowance alone moved the bound past the server's now). The
+    /// refusal's own reading, just observed, has corrected it, and the statement
+    /// changed nothing, so running it again is safe. Its new bound still rounds
+    /// toward earlier, so the rerun cannot take effect after `not_after` either.
+    fn rerun(&self, not_after: Option<Instant>, reran: &mut bool) -> bool {
+        let (Some(reading), Some(not_after)) = (self.clock, not_after) else {
+            return false;
+        };
+        if !reading.late() || *reran || self.arrived >= not_after {
+            return false;
+        }
+        tracing::debug!(
+            server_us = reading.server_us,
+            bound_us = reading.bound,
+            "refused as late before not_after: the server clock estimate was wrong; retrying once"
+        );
+        *reran = true;
+        true
     }
 
     /// `self`, or [`Failure::Late`] if the statement ran too late to act.
