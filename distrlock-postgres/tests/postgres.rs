@@ -1706,3 +1706,96 @@ async fn a_wrong_clock_estimate_is_corrected_from_the_refusal_and_retried_once()
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_whose_answer_was_lost_is_ok_even_after_a_waiter_took_the_key() {
+    let name = "a_release_whose_answer_was_lost_is_ok_even_after_a_waiter_took_the_key";
+    let Some(admin) = common::admin_or_skip(name).await else {
+        return;
+    };
+    let proxy = match common::proxy_to_server().await {
+        Ok(proxy) => proxy,
+        Err(skip) => {
+            distrlock_testkit::skip(name, &skip.0);
+            return;
+        }
+    };
+    let table = unique("dl_lost_answer");
+    let holder = PostgresBackend::from_config(
+        PostgresConfig::builder()
+            .pg_config(common::through(&proxy))
+            .table(&table)
+            .pool_size(1)
+            .listen(false)
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    holder.create_table().await.unwrap();
+    let waiter = PostgresBackend::from_config(
+        PostgresConfig::builder()
+            .url(url())
+            .table(&table)
+            .listen(false)
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let lease = ttl(Duration::from_secs(30));
+    let (k, mine, theirs) = (key("lost-answer"), Token::new(), Token::new());
+    // Prepared on the one pooled connection, so the release is one chunk each way.
+    fence_of(
+        holder
+            .try_acquire(&k, &mine, lease, "holder", soon())
+            .await
+            .unwrap(),
+    );
+    holder.release(&k, &mine, soon()).await.unwrap();
+    fence_of(
+        holder
+            .try_acquire(&k, &mine, lease, "holder", soon())
+            .await
+            .unwrap(),
+    );
+
+    // Every chunk waits 500 ms in the proxy: the release reaches the server after
+    // 500 ms, and its answer would reach us 500 ms later.
+    proxy.set_latency(Duration::from_millis(500));
+    let release = {
+        let (holder, k) = (holder.clone(), k.clone());
+        tokio::spawn(async move { holder.release(&k, &mine, soon()).await })
+    };
+    let released_by = Instant::now() + Duration::from_secs(5);
+    while waiter.inspect(&k).await.unwrap().unwrap().state != LockState::Released {
+        assert!(Instant::now() < released_by, "the release never ran");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Woken by the release's NOTIFY, a waiter takes the key at once...
+    fence_of(
+        waiter
+            .try_acquire(&k, &theirs, lease, "waiter", soon())
+            .await
+            .unwrap(),
+    );
+    // ...and the answer is lost with the connection: the holder's release runs
+    // again on a new one, and finds another token's lease.
+    proxy.set_latency(Duration::ZERO);
+    proxy.cut();
+    let result = release.await.unwrap();
+    assert!(
+        result.is_ok(),
+        "the release went through; its retry must not report {result:?}"
+    );
+    let info = waiter.inspect(&k).await.unwrap().unwrap();
+    assert_eq!(
+        (info.state, info.owner.as_str()),
+        (LockState::Held, "waiter"),
+        "the retry must not touch the waiter's lease"
+    );
+    admin
+        .batch_execute(&format!("DROP TABLE \"{table}\""))
+        .await
+        .unwrap();
+}
