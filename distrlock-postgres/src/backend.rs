@@ -61,10 +61,11 @@ use crate::sql::{
 ///   another one; only if that one is dead too does the call fail, with a
 ///   transient error. All three are safe to run twice: acquire with the same token
 ///   is idempotent (a live lease of the same token keeps its fence and is
-///   renewed), extend only renews the same token's lease, and release reports
-///   success when its first run already released this token's lease (the statement
-///   tells "already released by this token" from "never held"). Inspect and list
-///   only read.
+///   renewed), extend only renews the same token's lease, and a retried release
+///   reports success whenever it finds no live lease of this token: its first run
+///   may have released it, and a waiter woken by that release may already hold
+///   the key (reporting [`Error::NotHeld`] then would be a false "lock lost").
+///   Inspect and list only read.
 /// - **Cancel safety.** A try-acquire runs to its end even when its future is
 ///   dropped (the statement runs in a task of its own), and a release of the same
 ///   token waits for it first. So the background release that core sends for a
@@ -1008,8 +1009,17 @@ impl LockBackend for PostgresBackend {
             .map_err(|f| f.into_error(self))?;
         match self.release_outcome(&answer)? {
             Released::Now => {}
-            // Our first run released it and its answer was lost with the session.
-            Released::Before if answer.retried => {}
+            // The first run's session was lost before it answered, so it may have
+            // released the lease and committed. Then the retry finds this token's
+            // row released (`Before`), or, once a waiter woken by that release's
+            // NOTIFY has taken the key, another token's lease (`NotHeld`): both
+            // are the first run's success, and NotHeld would tell the caller that
+            // it lost a lock it held to the end. If the first run did not go
+            // through, the retry's NotHeld means the lease had already run out;
+            // the retry cannot tell the two apart, and Ok still states what the
+            // caller needs: no live lease of this token is left. (Nor can the
+            // first run take effect later: its not_after bounds it.)
+            Released::Before | Released::NotHeld if answer.retried => {}
             Released::Before | Released::NotHeld => {
                 return Err(Error::NotHeld { key: key.clone() });
             }
