@@ -68,9 +68,11 @@ use crate::sql::{
 ///   Inspect and list only read.
 /// - **Cancel safety.** A try-acquire runs to its end even when its future is
 ///   dropped (the statement runs in a task of its own), and a release of the same
-///   token waits for it first. So the background release that core sends for a
-///   cancelled acquire cannot overtake the acquire on another connection and leave
-///   the lock held until its ttl. Other calls whose future is dropped part-way
+///   token waits for it first (within the call timeout). So the background release
+///   that core sends for a cancelled acquire cannot overtake the acquire on another
+///   connection and leave the lock held until its ttl: not even one whose
+///   statement read its clock before its `not_after` and is still committing when
+///   the release comes, which the server alone would not order after it. Other calls whose future is dropped part-way
 ///   discard their connection rather than return it to the pool with an answer
 ///   still in flight.
 #[derive(Clone)]
@@ -904,9 +906,24 @@ impl LockBackend for PostgresBackend {
         // The statement runs in a task of its own, so dropping this future does not
         // abandon it half-way: it commits or fails, and a release of the same token
         // (such as the background release of a cancelled acquire) waits for it
-        // first. Otherwise that release could run on another connection before the
-        // abandoned acquire commits, find nothing to release, and leave the lock held
-        // until its ttl.
+        // first (`InFlight`). Otherwise that release could run on another
+        // connection before the abandoned acquire commits, find nothing to release,
+        // and leave the lock held until its ttl.
+        //
+        // The not_after bound does not make this unnecessary. It stops an acquire
+        // that reaches the server late, but not one that read its clock in time and
+        // is still waiting, for a row lock or for its commit (a slow disk, a
+        // synchronous standby), when the release runs: core's cleanup once the
+        // acquire's not_after has passed, or a caller who dropped this future. The
+        // server cannot order that release after it: the release's WHERE (this
+        // token, live) is false on the row version its snapshot sees (the previous
+        // holder's, or no row at all for a key's first acquisition; an UPDATE never
+        // waits for an uncommitted insert), so it answers NotHeld at once without
+        // waiting for the row lock, and the acquire then commits a lease nobody
+        // holds. Tests: release_waits_for_an_abandoned_acquire_of_the_same_token
+        // and release_after_the_bound_waits_for_an_abandoned_first_acquire_still_
+        // committing both fail without the wait. Only this backend's own acquires
+        // are ordered this way; another process's rely on the bound alone.
         let pending = InFlight::start(&self.inner, key, *token);
         let backend = self.clone();
         let (key, token, owner) = (key.clone(), *token, owner.to_owned());

@@ -1799,3 +1799,59 @@ async fn a_release_whose_answer_was_lost_is_ok_even_after_a_waiter_took_the_key(
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_after_the_bound_waits_for_an_abandoned_first_acquire_still_committing() {
+    let name = "release_after_the_bound_waits_for_an_abandoned_first_acquire_still_committing";
+    let Some(t) = TestBackend::new(name, |b| b).await else {
+        return;
+    };
+    // A commit that takes a second (as behind a slow disk or a synchronous
+    // standby): a deferred trigger on this test's table sleeps at commit.
+    let function = unique("dl_slow_commit");
+    t.admin
+        .batch_execute(&format!(
+            "CREATE FUNCTION \"{function}\"() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN PERFORM pg_sleep(1); RETURN NULL; END $$; \
+             CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON \"{}\" \
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION \"{function}\"()",
+            t.table
+        ))
+        .await
+        .unwrap();
+    let (k, token) = (key("first-insert"), Token::new());
+    // The statement reads its clock well before the bound and inserts the key's
+    // first row; the caller gives up at not_after, while the commit is pending.
+    let not_after = Instant::now() + Duration::from_millis(300);
+    let gave_up = tokio::time::timeout_at(
+        not_after,
+        t.backend.try_acquire(
+            &k,
+            &token,
+            ttl(Duration::from_secs(30)),
+            "abandoned",
+            not_after,
+        ),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the commit should still be pending");
+    // As core's cleanup does: release once not_after has passed. Its snapshot
+    // cannot see the uncommitted row, and an UPDATE does not wait for an
+    // uncommitted insert, so only the backend can order it after the acquire.
+    let released = t.backend.release(&k, &token, soon()).await;
+    let info = t.backend.inspect(&k).await.unwrap();
+    assert!(
+        released.is_ok()
+            && info
+                .as_ref()
+                .is_some_and(|i| i.state == LockState::Released),
+        "the abandoned acquire kept the lock: release {released:?}, row {info:?}"
+    );
+    let _ = t
+        .admin
+        .batch_execute(&format!(
+            "DROP TABLE \"{}\"; DROP FUNCTION \"{function}\"()",
+            t.table
+        ))
+        .await;
+}
