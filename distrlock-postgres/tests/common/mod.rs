@@ -27,6 +27,11 @@ pub(crate) fn pg_config() -> tokio_postgres::Config {
         .expect("DISTRLOCK_TEST_POSTGRES_URL is a valid connection string")
 }
 
+/// A `not_after` for direct backend calls: well after any answer a test expects.
+pub(crate) fn soon() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(30)
+}
+
 /// A name no other test (or run) uses: `prefix_<16 hex>`.
 pub(crate) fn unique(prefix: &str) -> String {
     format!("{prefix}_{:016x}", fastrand::u64(..))
