@@ -15,6 +15,7 @@ use crate::guard::LockGuard;
 use crate::key::LockKey;
 use crate::lease::Lease;
 use crate::lock::Lock;
+use crate::loss::LossReason;
 use crate::owner::{default_owner, validate_owner};
 use crate::renewal::Renewer;
 use crate::retry::RetryPolicy;
@@ -305,17 +306,22 @@ where
     };
     let key = guard.key().clone();
     let Some(output) = output else {
+        let reason = guard.loss_reason().unwrap_or(LossReason::LeaseRanOut);
         // Stop the work now; dropping the guard releases in the background in
         // case the backend still has the lease, without making the caller wait
         // on a backend that may be unreachable.
         drop(work);
         drop(guard);
-        return Err(ExclusiveError::Lock(Error::LockLost { key }));
+        return Err(ExclusiveError::Lock(Error::LockLost { key, reason }));
     };
     match guard.release().await {
         Ok(()) => Ok(output),
         // The lease lapsed during the work's last poll.
-        Err(Error::LockLost { .. }) => Err(ExclusiveError::LostAfterWork { key, output }),
+        Err(Error::LockLost { reason, .. }) => Err(ExclusiveError::LostAfterWork {
+            key,
+            output,
+            reason,
+        }),
         // Sent while the lease was live, so the work finished as the only holder;
         // the lease runs out at its ttl.
         Err(error) => {
