@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
 use crate::error::{Error, Result};
+use crate::exclusive::ExclusiveError;
 use crate::fence::Fence;
 use crate::key::LockKey;
 use crate::lease::Lease;
@@ -484,6 +485,49 @@ impl LockGuard {
             }
             Ok(()) | Err(Error::NotHeld { .. }) => Err(shared.lost_error()),
             Err(error) => Err(error),
+        }
+    }
+
+    /// Runs `work` while holding the lock, as
+    /// [`LockManager::do_exclusively`](crate::LockManager::do_exclusively) does
+    /// after acquiring: stops it if the lock is lost, then releases. Combine with
+    /// any acquire: `lock.acquire_timeout(d).await?.run(work).await`.
+    pub async fn run<F, Fut, T>(self, work: F) -> std::result::Result<T, ExclusiveError<T>>
+    where
+        F: FnOnce(Lease) -> Fut,
+        Fut: Future<Output = T>,
+    {
+        crate::manager::run_while_held(self, work).await
+    }
+
+    /// Like [`run`](Self::run), for work that returns a `Result`: its error comes
+    /// back as [`ExclusiveError::Work`] (after the lock is released).
+    pub async fn run_fallible<F, Fut, T, E>(
+        self,
+        work: F,
+    ) -> std::result::Result<T, ExclusiveError<T, E>>
+    where
+        F: FnOnce(Lease) -> Fut,
+        Fut: Future<Output = std::result::Result<T, E>>,
+    {
+        match crate::manager::run_while_held::<_, _, _, E>(self, work).await {
+            Ok(Ok(output)) => Ok(output),
+            Ok(Err(error)) => Err(ExclusiveError::Work(error)),
+            Err(ExclusiveError::LostAfterWork {
+                key,
+                output,
+                reason,
+            }) => match output {
+                Ok(output) => Err(ExclusiveError::LostAfterWork {
+                    key,
+                    output,
+                    reason,
+                }),
+                // The work failed anyway: its error is the news.
+                Err(error) => Err(ExclusiveError::Work(error)),
+            },
+            Err(ExclusiveError::Lock(error)) => Err(ExclusiveError::Lock(error)),
+            Err(ExclusiveError::Work(error)) => Err(ExclusiveError::Work(error)),
         }
     }
 
