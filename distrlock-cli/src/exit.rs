@@ -63,7 +63,7 @@ impl CliError {
                 "database error on {url} (table {table}): {message}"
             )),
             Error::NotHeld { key } => Self::not_held(&key),
-            Error::LockLost { key } => {
+            Error::LockLost { key, .. } => {
                 Self::new(LOCK_LOST, format!("lock {} was lost", show_key(&key)))
             }
             Error::HeldByOther { .. } | Error::Timeout { .. } => {

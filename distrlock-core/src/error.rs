@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::key::LockKey;
+use crate::loss::LossReason;
 
 /// A boxed error from a database driver.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -84,10 +85,12 @@ pub enum Error {
 
     /// The guard passed its local deadline without a successful extend, or an
     /// extend found the lease gone: this process must no longer act as the holder.
-    #[error("lock {key} was lost")]
+    #[error("lock {key} was lost: {reason}")]
     LockLost {
         /// The key whose lock was lost.
         key: LockKey,
+        /// Why.
+        reason: LossReason,
     },
 
     /// The lock table does not exist.

@@ -6,6 +6,7 @@ use std::fmt;
 
 use crate::error::Error;
 use crate::key::LockKey;
+use crate::loss::LossReason;
 
 /// Why [`LockManager::do_exclusively`](crate::LockManager::do_exclusively) did not
 /// finish its work while holding the lock.
@@ -48,6 +49,8 @@ pub enum ExclusiveError<T, E = Infallible> {
         key: LockKey,
         /// What the work returned.
         output: T,
+        /// Why the lock was lost.
+        reason: LossReason,
     },
     /// The work returned this error. The lock was released (or its loss is
     /// irrelevant: the work failed either way).
@@ -93,7 +96,7 @@ impl<T> From<ExclusiveError<T, Infallible>> for Error {
     fn from(error: ExclusiveError<T, Infallible>) -> Self {
         match error {
             ExclusiveError::Lock(error) => error,
-            ExclusiveError::LostAfterWork { key, .. } => Error::LockLost { key },
+            ExclusiveError::LostAfterWork { key, reason, .. } => Error::LockLost { key, reason },
             ExclusiveError::Work(never) => match never {},
         }
     }
@@ -103,9 +106,10 @@ impl<T, E: fmt::Debug> fmt::Debug for ExclusiveError<T, E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ExclusiveError::Lock(error) => f.debug_tuple("Lock").field(error).finish(),
-            ExclusiveError::LostAfterWork { key, .. } => f
+            ExclusiveError::LostAfterWork { key, reason, .. } => f
                 .debug_struct("LostAfterWork")
                 .field("key", key)
+                .field("reason", reason)
                 .finish_non_exhaustive(),
             ExclusiveError::Work(error) => f.debug_tuple("Work").field(error).finish(),
         }
@@ -116,9 +120,10 @@ impl<T, E: fmt::Display> fmt::Display for ExclusiveError<T, E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ExclusiveError::Lock(error) => error.fmt(f),
-            ExclusiveError::LostAfterWork { key, .. } => write!(
+            ExclusiveError::LostAfterWork { key, reason, .. } => write!(
                 f,
-                "lock {key} was lost before the work finished: another holder may have started"
+                "lock {key} was lost before the work finished ({reason}): another holder may \
+                 have started"
             ),
             ExclusiveError::Work(error) => write!(f, "the exclusive work failed: {error}"),
         }

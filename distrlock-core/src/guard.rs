@@ -3,6 +3,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -11,9 +12,11 @@ use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
 use crate::error::{Error, Result};
+use crate::exclusive::ExclusiveError;
 use crate::fence::Fence;
 use crate::key::LockKey;
 use crate::lease::Lease;
+use crate::loss::LossReason;
 use crate::manager::ManagerConfig;
 use crate::renewal::Registration;
 use crate::suspend::Sent;
@@ -65,6 +68,13 @@ pub(crate) struct GuardShared {
     deadline: Mutex<Deadline>,
     /// The latest server clock reading, to notice a server clock that steps.
     clock: Mutex<ClockMark>,
+    /// Whether the latest extend failed (an error or no answer): if the
+    /// deadline passes now, the database was unreachable.
+    failing: AtomicBool,
+    /// Whether the deadline was shortened because the server's clock ran ahead.
+    stepped: AtomicBool,
+    /// Why the lock was lost, once it is.
+    reason: Mutex<Option<LossReason>>,
     lost: watch::Sender<bool>,
 }
 
@@ -151,11 +161,34 @@ impl GuardShared {
         if *self.lost.borrow() {
             return true;
         }
-        if Instant::now() >= self.deadline() {
-            self.mark_lost("local deadline passed");
+        let deadline = *self.deadline.lock().unwrap_or_else(PoisonError::into_inner);
+        if Instant::now() >= deadline.get() {
+            let reason = if crate::suspend::suspended()
+                > deadline.suspended + Duration::from_millis(1)
+                && Instant::now() < deadline.at
+            {
+                LossReason::Suspended
+            } else if self.failing.load(Ordering::SeqCst) {
+                LossReason::Unreachable
+            } else if self.stepped.load(Ordering::SeqCst) {
+                LossReason::ClockStep
+            } else {
+                LossReason::LeaseRanOut
+            };
+            self.mark_lost(reason);
             return true;
         }
         false
+    }
+
+    /// Records that an extend failed or did not answer in time.
+    pub(crate) fn extend_failed(&self) {
+        self.failing.store(true, Ordering::SeqCst);
+    }
+
+    /// Why the lock was lost, if it was.
+    pub(crate) fn loss_reason(&self) -> Option<LossReason> {
+        *self.reason.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Records a successful extend whose request was sent at `sent` and whose
@@ -170,6 +203,7 @@ impl GuardShared {
     /// before the next extend, so the new deadline is shortened by that excess. A
     /// clock that went back is reported: leases then last longer than their ttl.
     pub(crate) fn extended(&self, sent: Sent, server_time: SystemTime) {
+        self.failing.store(false, Ordering::SeqCst);
         let mark = ClockMark {
             sent,
             answered: Instant::now(),
@@ -188,6 +222,7 @@ impl GuardShared {
         match drift {
             Ok(ahead) if !ahead.is_zero() => {
                 shorten = true;
+                self.stepped.store(true, Ordering::SeqCst);
                 tracing::warn!(
                     key = %self.key,
                     ahead_ms = ahead.as_millis() as u64,
@@ -215,18 +250,20 @@ impl GuardShared {
         }
     }
 
-    pub(crate) fn mark_lost(&self, why: &str) {
+    pub(crate) fn mark_lost(&self, reason: LossReason) {
         let newly = self
             .lost
             .send_if_modified(|lost| !std::mem::replace(lost, true));
         if newly {
-            tracing::warn!(key = %self.key, fence = %self.fence, reason = why, "lock lost");
+            *self.reason.lock().unwrap_or_else(PoisonError::into_inner) = Some(reason);
+            tracing::warn!(key = %self.key, fence = %self.fence, reason = reason.as_str(), "lock lost: {reason}");
         }
     }
 
     fn lost_error(&self) -> Error {
         Error::LockLost {
             key: self.key.clone(),
+            reason: self.loss_reason().unwrap_or(LossReason::LeaseRanOut),
         }
     }
 
@@ -258,6 +295,7 @@ impl GuardShared {
                         break Err(self.lost_error());
                     }
                     if Instant::now() >= timeout_at {
+                        self.extend_failed();
                         return Err(Error::unavailable(
                             format!("extend of {} did not answer in time", self.key),
                             None,
@@ -273,10 +311,13 @@ impl GuardShared {
                 Ok(())
             }
             Err(Error::NotHeld { .. }) => {
-                self.mark_lost("extend found the lease gone");
+                self.mark_lost(LossReason::TakenOver);
                 Err(self.lost_error())
             }
-            Err(error) => Err(error),
+            Err(error) => {
+                self.extend_failed();
+                Err(error)
+            }
         }
     }
 }
@@ -306,6 +347,9 @@ impl LockGuard {
             is_static,
             deadline: Mutex::new(Deadline::new(sent, ttl.get() - margin)),
             clock: Mutex::new(granted),
+            failing: AtomicBool::new(false),
+            stepped: AtomicBool::new(false),
+            reason: Mutex::new(None),
             lost,
         });
         // Without a runtime there is no heartbeat; `is_lost` still compares with
@@ -362,6 +406,12 @@ impl LockGuard {
     /// true.
     pub fn is_lost(&self) -> bool {
         self.shared.check_lost()
+    }
+
+    /// Why the lock was lost, once [`is_lost`](Self::is_lost) is true.
+    pub fn loss_reason(&self) -> Option<LossReason> {
+        self.shared.check_lost();
+        self.shared.loss_reason()
     }
 
     /// When the lease ends on the backend's clock, as of the latest grant or
@@ -459,6 +509,49 @@ impl LockGuard {
             }
             Ok(()) | Err(Error::NotHeld { .. }) => Err(shared.lost_error()),
             Err(error) => Err(error),
+        }
+    }
+
+    /// Runs `work` while holding the lock, as
+    /// [`LockManager::do_exclusively`](crate::LockManager::do_exclusively) does
+    /// after acquiring: stops it if the lock is lost, then releases. Combine with
+    /// any acquire: `lock.acquire_timeout(d).await?.run(work).await`.
+    pub async fn run<F, Fut, T>(self, work: F) -> std::result::Result<T, ExclusiveError<T>>
+    where
+        F: FnOnce(Lease) -> Fut,
+        Fut: Future<Output = T>,
+    {
+        crate::manager::run_while_held(self, work).await
+    }
+
+    /// Like [`run`](Self::run), for work that returns a `Result`: its error comes
+    /// back as [`ExclusiveError::Work`] (after the lock is released).
+    pub async fn run_fallible<F, Fut, T, E>(
+        self,
+        work: F,
+    ) -> std::result::Result<T, ExclusiveError<T, E>>
+    where
+        F: FnOnce(Lease) -> Fut,
+        Fut: Future<Output = std::result::Result<T, E>>,
+    {
+        match crate::manager::run_while_held::<_, _, _, E>(self, work).await {
+            Ok(Ok(output)) => Ok(output),
+            Ok(Err(error)) => Err(ExclusiveError::Work(error)),
+            Err(ExclusiveError::LostAfterWork {
+                key,
+                output,
+                reason,
+            }) => match output {
+                Ok(output) => Err(ExclusiveError::LostAfterWork {
+                    key,
+                    output,
+                    reason,
+                }),
+                // The work failed anyway: its error is the news.
+                Err(error) => Err(ExclusiveError::Work(error)),
+            },
+            Err(ExclusiveError::Lock(error)) => Err(ExclusiveError::Lock(error)),
+            Err(ExclusiveError::Work(error)) => Err(ExclusiveError::Work(error)),
         }
     }
 
@@ -741,5 +834,48 @@ mod tests {
             guard.is_lost(),
             "a lease that ran out during a suspend is lost"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_loss_reason_says_why() {
+        use crate::loss::LossReason;
+        let key = || LockKey::new("k").unwrap();
+        // Taken over: someone with the token released it; the next heartbeat sees.
+        let backend = std::sync::Arc::new(MemoryBackend::new());
+        let m = manager(backend.clone());
+        let guard = m.lock("k").unwrap().try_acquire().await.unwrap();
+        let not_after = Instant::now() + Duration::from_secs(5);
+        backend
+            .release(&key(), &guard.token(), not_after)
+            .await
+            .unwrap();
+        guard.lost().await;
+        assert_eq!(guard.loss_reason(), Some(LossReason::TakenOver));
+        // Unreachable: every heartbeat fails until the deadline.
+        let guard = m.lock("k").unwrap().try_acquire().await.unwrap();
+        backend.set_unreachable(true);
+        guard.lost().await;
+        assert_eq!(guard.loss_reason(), Some(LossReason::Unreachable));
+        backend.set_unreachable(false);
+        drop(guard);
+        // Ran out: no heartbeats at all.
+        let quiet = LockManager::builder(backend.clone())
+            .ttl(Duration::from_secs(30))
+            .auto_extend(false)
+            .build()
+            .unwrap();
+        let guard = quiet.lock("k2").unwrap().try_acquire().await.unwrap();
+        assert_eq!(guard.loss_reason(), None);
+        guard.lost().await;
+        assert_eq!(guard.loss_reason(), Some(LossReason::LeaseRanOut));
+        let error = guard.release().await.unwrap_err();
+        assert!(error.to_string().contains("ran out"), "{error}");
+        // A clock step: the shortened deadline passes with no failed extend.
+        let stepping = std::sync::Arc::new(Stepping::default());
+        let m = manager(stepping.clone());
+        let guard = m.lock("k3").unwrap().try_acquire().await.unwrap();
+        *stepping.step.lock().unwrap() = (Duration::from_secs(25), false);
+        guard.lost().await;
+        assert_eq!(guard.loss_reason(), Some(LossReason::ClockStep));
     }
 }

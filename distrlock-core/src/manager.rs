@@ -15,6 +15,7 @@ use crate::guard::LockGuard;
 use crate::key::LockKey;
 use crate::lease::Lease;
 use crate::lock::Lock;
+use crate::loss::LossReason;
 use crate::owner::{default_owner, validate_owner};
 use crate::renewal::Renewer;
 use crate::retry::RetryPolicy;
@@ -197,15 +198,19 @@ impl LockManager {
     /// A manager with the defaults: 30 s ttl, [`RetryPolicy::default`], heartbeat
     /// every ttl/3, margin ttl/10 (at most 1 s + ttl/500), owner `host:pid`, call
     /// timeout 10 s.
-    pub fn new(backend: Arc<dyn LockBackend>) -> Self {
+    ///
+    /// Takes any backend: a `PostgresBackend` as it is, an `Arc` of one, or an
+    /// `Arc<dyn LockBackend>` (used as it is, not wrapped again).
+    pub fn new(backend: impl LockBackend + 'static) -> Self {
         Self {
-            inner: Arc::new(LockManagerBuilder::new(backend).config(Ttl::DEFAULT)),
+            inner: Arc::new(LockManagerBuilder::new(shared(backend)).config(Ttl::DEFAULT)),
         }
     }
 
-    /// A builder for a manager with other defaults.
-    pub fn builder(backend: Arc<dyn LockBackend>) -> LockManagerBuilder {
-        LockManagerBuilder::new(backend)
+    /// A builder for a manager with other defaults; takes any backend, as
+    /// [`new`](Self::new) does.
+    pub fn builder(backend: impl LockBackend + 'static) -> LockManagerBuilder {
+        LockManagerBuilder::new(shared(backend))
     }
 
     /// The backend locks are stored in.
@@ -279,11 +284,92 @@ impl LockManager {
         Fut: Future<Output = T>,
     {
         let guard = self.lock(key)?.acquire().await?;
-        run_while_held(guard, work).await
+        guard.run(work).await
+    }
+
+    /// Like [`do_exclusively`](Self::do_exclusively), but tries **once**, as the
+    /// Go original's `DoExclusively` does: when another owner holds the lock it
+    /// returns [`Error::HeldByOther`] at once and `work` does not run.
+    pub async fn try_do_exclusively<F, Fut, T>(
+        &self,
+        key: impl AsRef<str>,
+        work: F,
+    ) -> std::result::Result<T, ExclusiveError<T>>
+    where
+        F: FnOnce(Lease) -> Fut,
+        Fut: Future<Output = T>,
+    {
+        let guard = self.lock(key)?.try_acquire().await?;
+        guard.run(work).await
+    }
+
+    /// Like [`do_exclusively`](Self::do_exclusively), but waits for the lock at
+    /// most `timeout`, then returns [`Error::Timeout`] and `work` does not run.
+    pub async fn do_exclusively_timeout<F, Fut, T>(
+        &self,
+        key: impl AsRef<str>,
+        timeout: Duration,
+        work: F,
+    ) -> std::result::Result<T, ExclusiveError<T>>
+    where
+        F: FnOnce(Lease) -> Fut,
+        Fut: Future<Output = T>,
+    {
+        let guard = self.lock(key)?.acquire_timeout(timeout).await?;
+        guard.run(work).await
+    }
+
+    /// Like [`do_exclusively`](Self::do_exclusively), for work that returns a
+    /// `Result`: its error comes back as [`ExclusiveError::Work`], with no nested
+    /// `Result` to untangle. For other waits, acquire a guard yourself and call
+    /// [`LockGuard::run_fallible`].
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use distrlock_core::{ExclusiveError, LockManager, MemoryBackend};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let manager = LockManager::new(MemoryBackend::new());
+    /// let result = manager
+    ///     .do_exclusively_fallible("import", |_lease| async { "x".parse::<u32>() })
+    ///     .await;
+    /// assert!(matches!(result, Err(ExclusiveError::Work(_))));
+    /// # }
+    /// ```
+    pub async fn do_exclusively_fallible<F, Fut, T, E>(
+        &self,
+        key: impl AsRef<str>,
+        work: F,
+    ) -> std::result::Result<T, ExclusiveError<T, E>>
+    where
+        F: FnOnce(Lease) -> Fut,
+        Fut: Future<Output = std::result::Result<T, E>>,
+    {
+        let guard = self.lock(key)?.acquire().await?;
+        guard.run_fallible(work).await
+    }
+}
+
+/// `backend` as the shared trait object the manager keeps: an
+/// `Arc<dyn LockBackend>` as it is, anything else in a new `Arc`.
+fn shared<B: LockBackend + 'static>(backend: B) -> Arc<dyn LockBackend> {
+    let mut slot = Some(backend);
+    if let Some(already) =
+        (&mut slot as &mut dyn std::any::Any).downcast_mut::<Option<Arc<dyn LockBackend>>>()
+    {
+        if let Some(already) = already.take() {
+            return already;
+        }
+    }
+    match slot {
+        Some(backend) => Arc::new(backend),
+        None => unreachable!("taken only when it was already shared"),
     }
 }
 
 /// Runs `work` under `guard`, stopping it if the lock is lost, then releases.
+/// Returns the work's output, also when the lock was lost after the work
+/// finished (then in [`ExclusiveError::LostAfterWork`]).
 pub(crate) async fn run_while_held<F, Fut, T, E>(
     guard: LockGuard,
     work: F,
@@ -305,17 +391,22 @@ where
     };
     let key = guard.key().clone();
     let Some(output) = output else {
+        let reason = guard.loss_reason().unwrap_or(LossReason::LeaseRanOut);
         // Stop the work now; dropping the guard releases in the background in
         // case the backend still has the lease, without making the caller wait
         // on a backend that may be unreachable.
         drop(work);
         drop(guard);
-        return Err(ExclusiveError::Lock(Error::LockLost { key }));
+        return Err(ExclusiveError::Lock(Error::LockLost { key, reason }));
     };
     match guard.release().await {
         Ok(()) => Ok(output),
         // The lease lapsed during the work's last poll.
-        Err(Error::LockLost { .. }) => Err(ExclusiveError::LostAfterWork { key, output }),
+        Err(Error::LockLost { reason, .. }) => Err(ExclusiveError::LostAfterWork {
+            key,
+            output,
+            reason,
+        }),
         // Sent while the lease was live, so the work finished as the only holder;
         // the lease runs out at its ttl.
         Err(error) => {

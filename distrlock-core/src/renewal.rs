@@ -41,6 +41,7 @@ use crate::backend::{LockBackend, MAX_EXTEND_BATCH};
 use crate::error::{Error, Result};
 use crate::guard::GuardShared;
 use crate::key::LockKey;
+use crate::loss::LossReason;
 use crate::suspend::Sent;
 use crate::token::Token;
 use crate::ttl::Ttl;
@@ -321,8 +322,9 @@ impl Renewer {
                     entry.next_extend = Some(sent.at + interval);
                     tracing::trace!(key = %guard.key, fence = %guard.fence, "lease extended");
                 }
-                Outcome::Gone => guard.mark_lost("extend found the lease gone"),
+                Outcome::Gone => guard.mark_lost(LossReason::TakenOver),
                 Outcome::Failed(error) => {
+                    guard.extend_failed();
                     // Try again soon; the deadline still bounds how long we claim the lock.
                     let retry =
                         (interval / 4).clamp(Duration::from_millis(5), Duration::from_secs(1));

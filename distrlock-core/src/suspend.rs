@@ -60,20 +60,21 @@ fn measured() -> Duration {
 }
 
 #[cfg(test)]
-static SIMULATED_US: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+thread_local! {
+    /// Per thread, so that parallel tests (each on its own current-thread
+    /// runtime) do not see each other's suspends.
+    static SIMULATED: std::cell::Cell<Duration> = const { std::cell::Cell::new(Duration::ZERO) };
+}
 
-/// Tests add a suspend of their own.
+/// Tests add a suspend of their own (seen by this thread only).
 #[cfg(test)]
 pub(crate) fn simulate(suspend: Duration) {
-    SIMULATED_US.fetch_add(
-        suspend.as_micros() as u64,
-        std::sync::atomic::Ordering::SeqCst,
-    );
+    SIMULATED.with(|s| s.set(s.get() + suspend));
 }
 
 #[cfg(test)]
 fn simulated() -> Duration {
-    Duration::from_micros(SIMULATED_US.load(std::sync::atomic::Ordering::SeqCst))
+    SIMULATED.with(std::cell::Cell::get)
 }
 
 #[cfg(not(test))]
