@@ -166,8 +166,12 @@ async fn sessions_in_different_time_zones_contend_correctly() {
     drop_table(&table).await;
 }
 
-/// A row locked by another open transaction: try-acquire, extend and release
-/// give a transient error within the row-lock bound (1 s) instead of waiting.
+/// A row locked by another open transaction (here `SELECT … FOR UPDATE`, and an
+/// uncommitted insert of a new key): within the row-lock bound (1 s),
+/// try-acquire answers `Held` with no remaining lease (busy, holder unknown, as
+/// on PostgreSQL), while extend, extend_many and release give a transient error
+/// (outcome unknown to the caller, but the statement was rolled back). None of
+/// them changes the lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn row_locked_by_foreign_transaction_returns_within_bound() {
     let test = "row_locked_by_foreign_transaction_returns_within_bound";
@@ -175,7 +179,13 @@ async fn row_locked_by_foreign_transaction_returns_within_bound() {
     let (b, _) = require!(test, backend(config(&table)).await);
     let k = key("row-locked");
     let token = Token::new();
-    fence(acquire(&b, &k, &token, LONG).await);
+    let f = fence(acquire(&b, &k, &token, LONG).await);
+    // A second lease, on a row nobody locks, renewed in the same batch.
+    let free = key("row-free");
+    let free_token = Token::new();
+    fence(acquire(&b, &free, &free_token, LONG).await);
+    let before = b.inspect(&k).await.unwrap().expect("row");
+    let free_before = b.inspect(&free).await.unwrap().expect("row");
 
     let mut foreign = require!(test, raw_conn().await);
     let mut tx = foreign.start_transaction(TxOpts::default()).await.unwrap();
@@ -204,37 +214,61 @@ async fn row_locked_by_foreign_transaction_returns_within_bound() {
 
     let bound = Duration::from_secs(1);
     let slack = Duration::from_millis(1500);
-    for (what, call) in [
-        ("acquire existing", 0),
-        ("acquire new", 1),
-        ("extend", 2),
-        ("release", 3),
-    ] {
-        let started = Instant::now();
-        let result = match call {
-            0 => b
-                .try_acquire(&k, &Token::new(), ttl(LONG), "t")
-                .await
-                .map(|_| ()),
-            1 => b
-                .try_acquire(&fresh, &Token::new(), ttl(LONG), "t")
-                .await
-                .map(|_| ()),
-            2 => b.extend(&k, &token, ttl(LONG)).await,
-            _ => b.release(&k, &token).await,
-        };
-        let took = started.elapsed();
-        let error = result.expect_err(what);
-        assert!(error.is_transient(), "{what}: {error}");
-        assert!(
-            error.to_string().contains("1205"),
-            "{what}: expected a lock wait timeout, got {error}"
-        );
+    let within_bound = |what: &str, took: Duration| {
         assert!(
             took >= bound - Duration::from_millis(100) && took < bound + slack,
             "{what} returned after {took:?}, bound {bound:?}"
         );
+    };
+    for (what, k) in [("acquire existing", &k), ("acquire new", &fresh)] {
+        let started = Instant::now();
+        let outcome = b.try_acquire(k, &Token::new(), ttl(LONG), "t").await;
+        within_bound(what, started.elapsed());
+        assert!(
+            matches!(outcome, Ok(AcquireOutcome::Held { remaining: None })),
+            "{what}: a row locked by another transaction is busy, holder unknown: {outcome:?}"
+        );
     }
+    for (what, call) in [("extend", 0), ("extend_many", 1), ("release", 2)] {
+        let started = Instant::now();
+        let result = match call {
+            0 => b.extend(&k, &token, ttl(LONG)).await,
+            1 => b
+                .extend_many(&[(free.clone(), free_token), (k.clone(), token)], ttl(LONG))
+                .await
+                .map(|results| panic!("extend_many answered per lease: {results:?}")),
+            _ => b.release(&k, &token).await,
+        };
+        within_bound(what, started.elapsed());
+        let error = result.expect_err(what);
+        assert!(
+            matches!(
+                error,
+                Error::Backend {
+                    transient: true,
+                    ..
+                }
+            ),
+            "{what}: outcome unknown is a transient backend error, got {error:?}"
+        );
+        assert!(
+            error.to_string().contains("1205"),
+            "{what}: expected a lock wait timeout, got {error}"
+        );
+    }
+    // Nothing changed: same fence, same expiry, still held; the batch's free
+    // lease was not renewed either (the statement was rolled back as a whole).
+    let after = b.inspect(&k).await.unwrap().expect("row");
+    assert_eq!(after.fence, f);
+    assert_eq!(after.state, LockState::Held);
+    assert_eq!(
+        after.expires_at, before.expires_at,
+        "the lease is unchanged"
+    );
+    let free_after = b.inspect(&free).await.unwrap().expect("row");
+    assert_eq!(free_after.expires_at, free_before.expires_at);
+    assert!(b.inspect(&fresh).await.unwrap().is_none());
+
     tx.rollback().await.unwrap();
     let _ = foreign.disconnect().await;
     // Once the foreign transaction is gone, everything works again.
@@ -645,10 +679,16 @@ async fn acquire_and_release_inside_the_callers_transaction() {
             .await
             .unwrap(),
     );
+    let started = Instant::now();
     let blocked = b.try_acquire(&k, &Token::new(), t, "other").await;
     assert!(
-        matches!(&blocked, Err(e) if e.is_transient()),
-        "an uncommitted acquire blocks others for the row-lock bound: {blocked:?}"
+        matches!(blocked, Ok(AcquireOutcome::Held { remaining: None })),
+        "an uncommitted acquire makes the key busy, holder unknown: {blocked:?}"
+    );
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(2500),
+        "others wait for the row-lock bound (1 s), took {took:?}"
     );
     tx.commit().await.unwrap();
     assert!(matches!(
