@@ -14,7 +14,7 @@ use mysql_async::{Conn, Error as MyError, Opts, Pool, Row, Value};
 use tokio::time::Instant;
 
 use crate::config::{MySqlConfig, Settings};
-use crate::error::{self, is_connection_error, is_deadlock};
+use crate::error::{self, is_connection_error, is_deadlock, is_lock_wait_timeout};
 use crate::sql::{self, Statements};
 
 /// Locks stored as rows of one table in MySQL 5.7/8.x or MariaDB ≥ 10.5, through a
@@ -41,6 +41,22 @@ use crate::sql::{self, Statements};
 /// time, so it reports the first error (transient) instead of
 /// [`Error::NotHeld`]. Statements that ran into a timeout are not retried, so
 /// every call stays bounded.
+///
+/// # Rows locked by another transaction
+///
+/// A statement waits for a row lock held by another transaction (an
+/// uncommitted [`try_acquire_in`](Self::try_acquire_in), a `SELECT … FOR
+/// UPDATE`) at most [`MySqlConfig::lock_wait_timeout`]; then the server rolls
+/// it back (error 1205) and nothing has changed. A
+/// [`try_acquire`](LockBackend::try_acquire) answers that with
+/// [`AcquireOutcome::Held`] and no remaining lease: someone else is busy with
+/// the key, as on PostgreSQL, and a waiting acquire backs off and tries again.
+/// For [`extend`](LockBackend::extend), [`extend_many`](LockBackend::extend_many)
+/// (the whole batch) and [`release`](LockBackend::release) it is a transient
+/// [`Error::Backend`]: the lease is as it was, and the caller learns nothing
+/// about it, so neither "held" nor [`Error::NotHeld`] would be honest. The same
+/// goes for a metadata-lock wait (a DDL statement on the table), which fails
+/// with the same error.
 ///
 /// # Release notifications
 ///
@@ -154,7 +170,11 @@ impl MySqlBackend {
     /// It runs the same statement as [`LockBackend::try_acquire`], with the same
     /// outcomes, but without the backend's retries and client-side timeouts: the
     /// connection's own session settings bound it (see
-    /// [`MySqlConfig::session_setup_sql`]). Inside a transaction:
+    /// [`MySqlConfig::session_setup_sql`]). A row-lock wait past your session's
+    /// `innodb_lock_wait_timeout` is an error here (1205, transient), not
+    /// [`AcquireOutcome::Held`]: with `innodb_rollback_on_timeout` the server
+    /// rolls back your whole transaction, which you need to know. Inside a
+    /// transaction:
     ///
     /// - the acquisition is undone if the transaction rolls back, and other
     ///   sessions see it only once it commits; until then they wait on the row
@@ -262,6 +282,14 @@ impl MySqlBackend {
     /// Runs `call` on a pooled connection, retrying once after a broken
     /// connection or a deadlock (see the type's docs).
     async fn run(&self, what: &'static str, call: &Call<'_>) -> Result<Ran> {
+        self.run_unmapped(what, call)
+            .await
+            .map_err(|failed| failed.into_error(self, what))
+    }
+
+    /// [`run`](Self::run), leaving the last failure unmapped for callers that
+    /// read some server errors as an answer.
+    async fn run_unmapped(&self, what: &'static str, call: &Call<'_>) -> Result<Ran, Failed> {
         match self.attempt(call, false).await {
             Ok(reply) => Ok(Ran {
                 reply,
@@ -270,15 +298,12 @@ impl MySqlBackend {
             Err(Failed::Statement(e)) if is_connection_error(&e) || is_deadlock(&e) => {
                 let first = self.map(e, what);
                 tracing::debug!(table = %self.table(), %first, "{what} failed; retrying once on a verified connection");
-                match self.attempt(call, true).await {
-                    Ok(reply) => Ok(Ran {
-                        reply,
-                        retried_after: Some(first),
-                    }),
-                    Err(failed) => Err(failed.into_error(self, what)),
-                }
+                self.attempt(call, true).await.map(|reply| Ran {
+                    reply,
+                    retried_after: Some(first),
+                })
             }
-            Err(failed) => Err(failed.into_error(self, what)),
+            Err(failed) => Err(failed),
         }
     }
 
@@ -552,8 +577,17 @@ impl LockBackend for MySqlBackend {
         owner: &str,
     ) -> Result<AcquireOutcome> {
         let call = self.acquire_call(key, token, ttl, owner)?;
-        let ran = self.run("acquire", &call).await?;
-        acquire_outcome(key, ran.reply)
+        match self.run_unmapped("acquire", &call).await {
+            Ok(ran) => acquire_outcome(key, ran.reply),
+            // Waited out the row-lock bound on a row another transaction holds
+            // (an uncommitted acquire, a `SELECT … FOR UPDATE`): the statement was
+            // rolled back, so nothing changed, and someone else is busy with the
+            // key. The same answer as PostgreSQL's for its `lock_timeout`.
+            Err(Failed::Statement(e)) if is_lock_wait_timeout(&e) => {
+                Ok(AcquireOutcome::Held { remaining: None })
+            }
+            Err(failed) => Err(failed.into_error(self, "acquire")),
+        }
     }
 
     async fn extend(&self, key: &LockKey, token: &Token, ttl: Ttl) -> Result<()> {

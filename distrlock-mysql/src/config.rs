@@ -124,8 +124,11 @@ impl MySqlConfig {
     /// How long a statement waits for a row lock held by another transaction
     /// (default 1 s), as the session's `innodb_lock_wait_timeout`. The server
     /// counts whole seconds, so this is rounded up to at least one second. A
-    /// try-acquire on a row that another open transaction has locked returns a
-    /// transient error (1205) after this long.
+    /// try-acquire on a row that another open transaction has locked answers
+    /// [`AcquireOutcome::Held`](distrlock_core::AcquireOutcome::Held) with no
+    /// remaining lease after this long (the key is busy, the holder unknown);
+    /// an extend or release gives a transient [`Error::Backend`] (error 1205:
+    /// the statement was rolled back, nothing changed).
     pub fn lock_wait_timeout(mut self, timeout: Duration) -> Self {
         self.lock_wait_timeout = timeout;
         self

@@ -121,6 +121,14 @@ pub(crate) fn is_deadlock(error: &MyError) -> bool {
     matches!(error, MyError::Server(s) if s.code == code::DEADLOCK)
 }
 
+/// Whether `error` is a row-lock (or metadata-lock) wait that ran out its
+/// bound (`innodb_lock_wait_timeout`, `lock_wait_timeout`): the statement was
+/// rolled back and changed nothing, because another transaction holds a lock
+/// it needs.
+pub(crate) fn is_lock_wait_timeout(error: &MyError) -> bool {
+    matches!(error, MyError::Server(s) if s.code == code::LOCK_WAIT_TIMEOUT)
+}
+
 /// Maps a driver error from an operation on `table` (`what` names the
 /// operation) into distrlock's error.
 ///
@@ -240,6 +248,8 @@ mod tests {
         }
         assert!(is_deadlock(&server(1213)));
         assert!(!is_connection_error(&server(1213)));
+        assert!(is_lock_wait_timeout(&server(1205)));
+        assert!(!is_lock_wait_timeout(&server(1213)));
     }
 
     #[test]
