@@ -504,6 +504,200 @@ async fn double_extend_within_one_clock_tick_keeps_the_lock() {
     drop_table(&table).await;
 }
 
+/// The refusal of a call made with a pinned session clock: the typed error
+/// that names the cause.
+fn assert_refused_for_pinned_clock<T: std::fmt::Debug>(what: &str, result: Result<T, Error>) {
+    match result {
+        Err(Error::InvalidConfig { reason }) if reason.contains("@@timestamp") => {}
+        other => panic!("{what}: a pinned session clock must be refused, got {other:?}"),
+    }
+}
+
+type LeaseState = (Fence, String, SystemTime, Option<SystemTime>, LockState);
+
+/// What must not change about a lease: everything but the remaining time.
+fn lease_state(info: &distrlock_core::LockInfo) -> LeaseState {
+    (
+        info.fence,
+        info.owner.clone(),
+        info.acquired_at,
+        info.expires_at,
+        info.state,
+    )
+}
+
+/// A caller's session that pinned its clock with `SET @@timestamp` (an hour in
+/// the past, then an hour in the future) gets a typed error from
+/// `try_acquire_in` and `release_in`, and nothing changes: no new row, no
+/// takeover of a live lease, no renewal of its own lease. With the past clock,
+/// an acquire would otherwise report a lease that has already run out on the
+/// real clock, and another token would take the key at once; with the future
+/// clock it would take over a live lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_session_clock_is_refused_on_the_callers_connection() {
+    let test = "pinned_session_clock_is_refused_on_the_callers_connection";
+    let table = unique("dl_pinned_in");
+    let (b, _) = require!(test, backend(config(&table)).await);
+    let held = key("pinned-held");
+    let holder = Token::new();
+    fence(acquire(&b, &held, &holder, LONG).await);
+    let snapshot = lease_state(&b.inspect(&held).await.unwrap().expect("row"));
+    let mut own = require!(test, raw_conn().await);
+    let ten_minutes = ttl(Duration::from_secs(600));
+
+    for offset in [-3600, 3600] {
+        own.query_drop(format!(
+            "SET @@timestamp = UNIX_TIMESTAMP(SYSDATE(6)) + {offset}"
+        ))
+        .await
+        .unwrap();
+        let pinned: f64 = own
+            .query_first("SELECT @@timestamp")
+            .await
+            .unwrap()
+            .unwrap();
+        let real: f64 = own
+            .query_first("SELECT UNIX_TIMESTAMP(SYSDATE(6))")
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            ((pinned - real) - f64::from(offset)).abs() < 5.0,
+            "the session clock is pinned {offset} s off"
+        );
+
+        // A key nobody holds: no row appears, and so another token that takes
+        // it on the real clock is its first holder, not a second one.
+        let fresh = key(&format!("pinned-fresh{offset}"));
+        let mine = Token::new();
+        assert_refused_for_pinned_clock(
+            &format!("acquire of a new key, clock {offset} s off"),
+            b.try_acquire_in(&mut own, &fresh, &mine, ten_minutes, "pinned")
+                .await,
+        );
+        assert!(
+            b.inspect(&fresh).await.unwrap().is_none(),
+            "{offset}: no row"
+        );
+        let other = Token::new();
+        assert_eq!(
+            fence(acquire(&b, &fresh, &other, LONG).await),
+            Fence::new(1),
+            "{offset}: the first holder on the real clock"
+        );
+        // Nor can the pinned session sneak in now that the other token holds it.
+        assert_refused_for_pinned_clock(
+            &format!("acquire of a key held by another token, clock {offset} s off"),
+            b.try_acquire_in(&mut own, &fresh, &mine, ten_minutes, "pinned")
+                .await,
+        );
+
+        // A live lease of another token: no takeover; and its holder's own
+        // token on the pinned clock neither renews nor releases it.
+        for (what, token) in [("another token", Token::new()), ("the holder", holder)] {
+            assert_refused_for_pinned_clock(
+                &format!("acquire of a held key by {what}, clock {offset} s off"),
+                b.try_acquire_in(&mut own, &held, &token, ten_minutes, "pinned")
+                    .await,
+            );
+        }
+        assert_refused_for_pinned_clock(
+            &format!("release by the holder, clock {offset} s off"),
+            b.release_in(&mut own, &held, &holder).await,
+        );
+        let info = b.inspect(&held).await.unwrap().expect("row");
+        assert_eq!(
+            lease_state(&info),
+            snapshot,
+            "{offset}: the lease is unchanged"
+        );
+        let info = b.inspect(&fresh).await.unwrap().expect("row");
+        assert_eq!(info.fence, Fence::new(1), "{offset}");
+        assert_eq!(info.owner, "mysql-test", "{offset}: the real holder's row");
+        b.release(&fresh, &other).await.unwrap();
+        own.query_drop("SET @@timestamp = DEFAULT").await.unwrap();
+    }
+
+    // The same session with its clock back works as before.
+    let k = key("pinned-then-real");
+    let mine = Token::new();
+    fence(
+        b.try_acquire_in(&mut own, &k, &mine, ten_minutes, "real")
+            .await
+            .unwrap(),
+    );
+    b.release_in(&mut own, &k, &mine).await.unwrap();
+    b.release_in(&mut own, &held, &holder).await.unwrap();
+    let _ = own.disconnect().await;
+    drop_table(&table).await;
+}
+
+/// The pooled path refuses sessions whose clock the pool's own setup pinned
+/// (`SET @@timestamp` in the caller's setup statements, which the backend's
+/// session setup does not undo): try_acquire, extend, extend_many and release
+/// all give the typed error, and no lease changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_pool_sessions_are_refused() {
+    let test = "pinned_pool_sessions_are_refused";
+    let table = unique("dl_pinned_pool");
+    let (real, _) = require!(test, backend(config(&table)).await);
+    let held = key("pool-held");
+    let holder = Token::new();
+    fence(acquire(&real, &held, &holder, LONG).await);
+    let snapshot = lease_state(&real.inspect(&held).await.unwrap().expect("row"));
+
+    for offset in [-3600, 3600] {
+        let pinned = require!(
+            test,
+            backend_with_setup(
+                &table,
+                &format!("SET @@timestamp = UNIX_TIMESTAMP(SYSDATE(6)) + {offset}")
+            )
+            .await
+        );
+        let fresh = key(&format!("pool-fresh{offset}"));
+        assert_refused_for_pinned_clock(
+            &format!("acquire of a new key, clock {offset} s off"),
+            pinned
+                .try_acquire(&fresh, &Token::new(), ttl(LONG), "pinned")
+                .await,
+        );
+        assert!(
+            real.inspect(&fresh).await.unwrap().is_none(),
+            "{offset}: no row"
+        );
+        for (what, token) in [("another token", Token::new()), ("the holder", holder)] {
+            assert_refused_for_pinned_clock(
+                &format!("acquire of a held key by {what}, clock {offset} s off"),
+                pinned.try_acquire(&held, &token, ttl(LONG), "pinned").await,
+            );
+        }
+        assert_refused_for_pinned_clock(
+            &format!("extend, clock {offset} s off"),
+            pinned.extend(&held, &holder, ttl(LONG)).await,
+        );
+        assert_refused_for_pinned_clock(
+            &format!("extend_many, clock {offset} s off"),
+            pinned
+                .extend_many(&[(held.clone(), holder)], ttl(LONG))
+                .await,
+        );
+        assert_refused_for_pinned_clock(
+            &format!("release, clock {offset} s off"),
+            pinned.release(&held, &holder).await,
+        );
+        let info = real.inspect(&held).await.unwrap().expect("row");
+        assert_eq!(
+            lease_state(&info),
+            snapshot,
+            "{offset}: the lease is unchanged"
+        );
+        pinned.disconnect().await.unwrap();
+    }
+    real.release(&held, &holder).await.unwrap();
+    drop_table(&table).await;
+}
+
 /// Keys compare byte for byte: case, trailing and inner white space, and
 /// Unicode normalisation all make different keys (a PAD SPACE or accent-folding
 /// collation would merge some of them), and each reads back exactly.
