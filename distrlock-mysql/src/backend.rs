@@ -14,7 +14,9 @@ use mysql_async::{Conn, Error as MyError, Opts, Pool, Row, Value};
 use tokio::time::Instant;
 
 use crate::config::{MySqlConfig, Settings};
-use crate::error::{self, is_connection_error, is_deadlock, is_lock_wait_timeout};
+use crate::error::{
+    self, is_connection_error, is_deadlock, is_lock_wait_timeout, is_pinned_clock_refusal,
+};
 use crate::sql::{self, Statements};
 
 /// Locks stored as rows of one table in MySQL 5.7/8.x or MariaDB ≥ 10.5, through a
@@ -57,6 +59,22 @@ use crate::sql::{self, Statements};
 /// about it, so neither "held" nor [`Error::NotHeld`] would be honest. The same
 /// goes for a metadata-lock wait (a DDL statement on the table), which fails
 /// with the same error.
+///
+/// # A pinned session clock
+///
+/// Leases run on the server's clock as each statement reads it
+/// (`UTC_TIMESTAMP(6)`), which a session can pin with `SET @@timestamp = …`:
+/// then every lease it writes ends at the wrong time, and it judges other
+/// leases on the wrong clock. Acquire, extend (single and batched) and release
+/// check in the same statement that the session's clock is the server's real
+/// one (`SYSDATE()`, which cannot be pinned), within
+/// [`MySqlConfig::clock_tolerance`]; otherwise they change nothing and fail with
+/// [`Error::InvalidConfig`], on the pool (whose sessions a setup statement of
+/// yours may have pinned) and on your own connection alike. `InvalidConfig`,
+/// because the cause is the session's setting, not the database, and no retry
+/// helps until `SET @@timestamp = DEFAULT`. See "A pinned session clock" in
+/// the source of `sql.rs` for how, and for what it cannot detect (a clock
+/// pinned within the tolerance, servers started with `--sysdate-is-now`).
 ///
 /// # Release notifications
 ///
@@ -107,7 +125,10 @@ impl MySqlBackend {
     /// The DDL that [`create_table`](LockBackend::create_table) runs for `table`,
     /// without connecting: for migration tools and `distrlock schema`.
     pub fn schema_sql_for(table: &TableName) -> String {
-        format!("{};\n", Statements::new(table).create_table)
+        format!(
+            "{};\n",
+            Statements::new(table, MySqlConfig::new().clock_tolerance()).create_table
+        )
     }
 
     /// A config to build a backend with other settings.
@@ -121,7 +142,7 @@ impl MySqlBackend {
         server: Option<String>,
         settings: Settings,
     ) -> Self {
-        let sql = Statements::new(&settings.table);
+        let sql = Statements::new(&settings.table, settings.clock_tolerance);
         Self {
             inner: Arc::new(Inner {
                 pool,
@@ -186,6 +207,12 @@ impl MySqlBackend {
     ///   `innodb_lock_wait_timeout`, so on `Held` roll back or commit at once;
     /// - like any statement that calls `LAST_INSERT_ID(expr)`, it sets the
     ///   session's `LAST_INSERT_ID()`: read your own generated ids before calling it.
+    ///
+    /// A session whose clock is pinned (`SET @@timestamp = …`) gets
+    /// [`Error::InvalidConfig`] and nothing changes (see "A pinned session
+    /// clock" on the type). So do sessions that wait longer than
+    /// [`MySqlConfig::clock_tolerance`] for the table's metadata lock: bound
+    /// `lock_wait_timeout` with [`MySqlConfig::session_setup_sql`].
     pub async fn try_acquire_in<Q: Queryable>(
         &self,
         conn: &mut Q,
@@ -208,6 +235,12 @@ impl MySqlBackend {
     /// commit; it is not announced on the
     /// [`release_notifier`](LockBackend::release_notifier), since the backend
     /// cannot tell when (or whether) you commit.
+    ///
+    /// A session whose clock is pinned (`SET @@timestamp = …`) gets
+    /// [`Error::InvalidConfig`] and the lease stays as it is (see "A pinned
+    /// session clock" on the type); so does a release that waited longer than
+    /// [`MySqlConfig::clock_tolerance`] for locks, which
+    /// [`MySqlConfig::session_setup_sql`] rules out.
     pub async fn release_in<Q: Queryable>(
         &self,
         conn: &mut Q,
@@ -218,7 +251,7 @@ impl MySqlBackend {
         let reply = execute(conn, &call)
             .await
             .map_err(|e| self.map(e, "release"))?;
-        guarded_outcome(key, reply, "release")
+        self.guarded_outcome(key, reply, "release")
     }
 
     /// Opens (or borrows) one connection within the connect timeout, to check
@@ -230,7 +263,23 @@ impl MySqlBackend {
     }
 
     fn map(&self, error: MyError, what: &str) -> Error {
+        if is_pinned_clock_refusal(&error) {
+            return self.pinned_clock(what);
+        }
         error::map(error, &self.inner.settings.table, what)
+    }
+
+    fn pinned_clock(&self, what: &str) -> Error {
+        error::pinned_clock(what, self.inner.settings.clock_tolerance)
+    }
+
+    /// Reads the answer of extend or release (see [`guarded_outcome`]).
+    fn guarded_outcome(&self, key: &LockKey, reply: Reply, what: &str) -> Result<()> {
+        match guarded_outcome(key, reply, what)? {
+            Guarded::Matched => Ok(()),
+            Guarded::NotHeld => Err(Error::NotHeld { key: key.clone() }),
+            Guarded::PinnedClock => Err(self.pinned_clock(what)),
+        }
     }
 
     fn acquire_call(
@@ -489,13 +538,25 @@ fn acquire_outcome(key: &LockKey, reply: Reply) -> Result<AcquireOutcome> {
     }
 }
 
+/// What extend or release found (see `sql` for the encoding).
+#[derive(Debug, PartialEq, Eq)]
+enum Guarded {
+    /// The token's live lease: extended or released.
+    Matched,
+    /// No live lease of the token; nothing changed.
+    NotHeld,
+    /// The session's clock is pinned; nothing changed.
+    PinnedClock,
+}
+
 /// Reads the answer of extend or release: the fence when the token's live lease
-/// matched, 0 when nothing did.
-fn guarded_outcome(key: &LockKey, reply: Reply, what: &str) -> Result<()> {
+/// matched, 0 when nothing did, −1 when the session's clock is pinned.
+fn guarded_outcome(key: &LockKey, reply: Reply, what: &str) -> Result<Guarded> {
     let (affected, id) = reply.written(what)?;
     match id {
-        1.. if affected <= 1 => Ok(()),
-        0 if affected == 0 => Err(Error::NotHeld { key: key.clone() }),
+        1.. if affected <= 1 => Ok(Guarded::Matched),
+        0 if affected == 0 => Ok(Guarded::NotHeld),
+        -1 if affected == 0 => Ok(Guarded::PinnedClock),
         _ => Err(unexpected(what, key, affected, id)),
     }
 }
@@ -600,7 +661,7 @@ impl LockBackend for MySqlBackend {
             ],
         };
         let ran = self.run("extend", &call).await?;
-        guarded_outcome(key, ran.reply, "extend")
+        self.guarded_outcome(key, ran.reply, "extend")
     }
 
     /// One `UPDATE` per 1,024 distinct leases when every lease is renewed (the
@@ -627,11 +688,16 @@ impl LockBackend for MySqlBackend {
                 params.push(key_value(key));
                 params.push(token_value(token));
             }
-            let sql = sql::extend_many(&table, slots);
+            let sql = sql::extend_many(&table, slots, &self.inner.sql.real_clock);
             let ran = self
                 .run("extend", &Call::Write { sql: &sql, params })
                 .await?;
-            let (affected, _) = ran.reply.written("extend")?;
+            let (affected, id) = ran.reply.written("extend")?;
+            if id == -1 {
+                // A pinned session clock: a property of the session, not of a
+                // lease, so the whole call fails.
+                return Err(self.pinned_clock("extend"));
+            }
             all_renewed &= affected == chunk.len() as u64;
         }
         if all_renewed {
@@ -648,7 +714,7 @@ impl LockBackend for MySqlBackend {
         let call = self.release_call(key, token);
         let ran = self.run("release", &call).await?;
         match (
-            guarded_outcome(key, ran.reply, "release"),
+            self.guarded_outcome(key, ran.reply, "release"),
             ran.retried_after,
         ) {
             (Ok(()), _) => {
@@ -762,14 +828,15 @@ mod tests {
 
     #[test]
     fn reads_extend_and_release_answers() {
-        assert!(guarded_outcome(&key(), written(1, 3), "extend").is_ok());
+        let read = |affected, id| guarded_outcome(&key(), written(affected, id), "extend");
+        assert_eq!(read(1, 3).unwrap(), Guarded::Matched);
         // Matched but unchanged (same expiry within one clock tick): still held.
-        assert!(guarded_outcome(&key(), written(0, 3), "extend").is_ok());
-        assert!(matches!(
-            guarded_outcome(&key(), written(0, 0), "extend"),
-            Err(Error::NotHeld { .. })
-        ));
-        assert!(guarded_outcome(&key(), written(1, 0), "release").is_err());
+        assert_eq!(read(0, 3).unwrap(), Guarded::Matched);
+        assert_eq!(read(0, 0).unwrap(), Guarded::NotHeld);
+        assert_eq!(read(0, -1).unwrap(), Guarded::PinnedClock);
+        for (affected, id) in [(1, 0), (1, -1), (0, -2)] {
+            assert!(read(affected, id).is_err(), "{affected} {id}");
+        }
     }
 
     #[test]
