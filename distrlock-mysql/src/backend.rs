@@ -200,6 +200,13 @@ impl MySqlBackend {
     /// - the acquisition is undone if the transaction rolls back, and other
     ///   sessions see it only once it commits; until then they wait on the row
     ///   lock (up to their `innodb_lock_wait_timeout`), so commit promptly;
+    /// - **the fence counts only once the transaction commits.** A rolled-back
+    ///   acquire never happened: its fence is not kept anywhere, and the next
+    ///   acquisition of the key may be handed the same fence number. Present
+    ///   the fence to anything outside the transaction (a storage service that
+    ///   rejects stale fences) only after the commit succeeded; if the commit's
+    ///   outcome is unknown (the connection broke during `COMMIT`),
+    ///   [`inspect`](LockBackend::inspect) the key first;
     /// - the lease is counted from the statement, not from the commit;
     /// - a *refused* try also locks the holder's row until your transaction ends
     ///   (InnoDB locks the duplicate row of every `INSERT … ON DUPLICATE KEY
@@ -232,7 +239,10 @@ impl MySqlBackend {
     ///
     /// The same statement as [`LockBackend::release`], without retries or
     /// client-side timeouts. Inside a transaction the release takes effect at
-    /// commit; it is not announced on the
+    /// commit, and a rollback keeps the lease and its fence as they were (the
+    /// fence of an acquisition made in the same transaction counts only if that
+    /// transaction commits, see [`try_acquire_in`](Self::try_acquire_in)). It is
+    /// not announced on the
     /// [`release_notifier`](LockBackend::release_notifier), since the backend
     /// cannot tell when (or whether) you commit.
     ///

@@ -913,6 +913,67 @@ async fn acquire_and_release_inside_the_callers_transaction() {
     drop_table(&table).await;
 }
 
+/// The documented fence rule of `try_acquire_in`: the fence counts only once
+/// the transaction commits. A rolled-back acquire leaves no trace, so the next
+/// acquisition gets the same fence number, for a new key and for a takeover;
+/// after a commit, the next holding's fence is greater.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolled_back_acquire_hands_out_its_fence_again() {
+    let test = "rolled_back_acquire_hands_out_its_fence_again";
+    let table = unique("dl_txfence");
+    let (b, _) = require!(test, backend(config(&table)).await);
+    let mut own = require!(test, raw_conn().await);
+    let t = ttl(LONG);
+    let k = key("tx-fence");
+
+    // A new key: fence 1 in the rolled-back transaction, and fence 1 again.
+    let mut tx = own.start_transaction(TxOpts::default()).await.unwrap();
+    let rolled_back = fence(
+        b.try_acquire_in(&mut tx, &k, &Token::new(), t, "tx")
+            .await
+            .unwrap(),
+    );
+    tx.rollback().await.unwrap();
+    let first = Token::new();
+    let f1 = fence(acquire(&b, &k, &first, LONG).await);
+    assert_eq!((rolled_back, f1), (Fence::new(1), Fence::new(1)));
+    b.release(&k, &first).await.unwrap();
+
+    // A takeover of the released row: the same number twice too.
+    let mut tx = own.start_transaction(TxOpts::default()).await.unwrap();
+    let rolled_back = fence(
+        b.try_acquire_in(&mut tx, &k, &Token::new(), t, "tx")
+            .await
+            .unwrap(),
+    );
+    tx.rollback().await.unwrap();
+    assert_eq!(b.inspect(&k).await.unwrap().unwrap().fence, f1);
+    let second = Token::new();
+    let f2 = fence(acquire(&b, &k, &second, LONG).await);
+    assert!(rolled_back > f1);
+    assert_eq!(
+        f2, rolled_back,
+        "the rolled-back acquire's fence is handed out again"
+    );
+    b.release(&k, &second).await.unwrap();
+
+    // Committed: it counts, and the next holding's fence is greater.
+    let mut tx = own.start_transaction(TxOpts::default()).await.unwrap();
+    let third = Token::new();
+    let f3 = fence(
+        b.try_acquire_in(&mut tx, &k, &third, t, "tx")
+            .await
+            .unwrap(),
+    );
+    b.release_in(&mut tx, &k, &third).await.unwrap();
+    tx.commit().await.unwrap();
+    assert!(f3 > f2);
+    let f4 = fence(acquire(&b, &k, &Token::new(), LONG).await);
+    assert!(f4 > f3, "{f4:?} after the committed {f3:?}");
+    let _ = own.disconnect().await;
+    drop_table(&table).await;
+}
+
 /// Connections with the `CLIENT_FOUND_ROWS` flag (where a refused
 /// `ON DUPLICATE KEY UPDATE` reports 1 row, like an insert) read every outcome
 /// the same way.
