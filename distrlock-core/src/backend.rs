@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
+use tokio::time::Instant;
 
 use crate::error::Result;
 use crate::fence::Fence;
@@ -41,7 +42,14 @@ use crate::ttl::Ttl;
 ///    [`Error::NotHeld`](crate::Error::NotHeld) and changes nothing.
 /// 4. **One clock.** Expiry is computed and compared on the backend's own clock
 ///    (the database server's), never on the caller's, and independent of session
-///    settings such as time zones.
+///    settings such as time zones. That clock must *slew, never step* (NTP with
+///    stepping off, no `date -s`, no VM snapshot restores). A forward step
+///    expires every lease at once: a guard learns of it at its next extend, so
+///    two processes may both act as holder for at most one heartbeat interval
+///    plus one round trip; a backward step makes a dead holder's lease outlive
+///    its ttl by the step. [`LockManager`](crate::LockManager) notices a step
+///    from the readings of item 9, shortens its deadlines by the excess and logs
+///    a warning.
 /// 5. **Refusal is cheap and harmless.** A refused try-acquire changes nothing and
 ///    reports the holder's remaining lease when the backend knows it.
 /// 6. **Bounded calls.** Every call returns, with a result or an error, within the
@@ -53,6 +61,33 @@ use crate::ttl::Ttl;
 ///    give [`Error::Backend`](crate::Error::Backend) with
 ///    [`is_transient`](crate::Error::is_transient) telling whether a retry may help.
 ///    No error message contains a password.
+/// 8. **No late effects.** [`try_acquire`](Self::try_acquire),
+///    [`extend`](Self::extend), [`extend_many`](Self::extend_many) and
+///    [`release`](Self::release) take `not_after`, an instant of the caller's
+///    monotonic clock (tokio's) at which the caller stops waiting for the answer.
+///    The call must change nothing if it would take effect after that instant,
+///    even when its request reaches the database late: a network path that froze
+///    and healed delivers everything it held back, long after the caller gave up
+///    and closed the connection. An SQL backend maps `not_after` onto the server's
+///    clock from an earlier reading, rounding toward earlier
+///    ([`ServerClock`](crate::server_clock::ServerClock)), and each statement
+///    compares its own clock reading with that bound. A call refused this way
+///    returns a transient error ([`Error::Unavailable`](crate::Error::Unavailable)).
+///    Once `not_after` has passed, the caller may rely on the call never taking
+///    effect: [`LockManager`](crate::LockManager) releases the leases of abandoned
+///    acquires, and lets a static token acquire again after a release whose
+///    answer was lost, only after that instant. (A statement that read its clock
+///    before the bound but whose commit is held up, say by a synchronous standby,
+///    still commits; it holds the row's lock meanwhile, so a later call on the
+///    key waits for it.)
+/// 9. **Clock readings.** A granted [`try_acquire`](Self::try_acquire) and a
+///    successful [`extend`](Self::extend) or [`extend_many`](Self::extend_many)
+///    entry return the backend clock's reading at which the lease was granted or
+///    renewed: the lease ends `ttl` after it. A backend without a clock of its
+///    own (the in-memory one) returns a reading of a clock that advances with the
+///    process's monotonic clock. [`LockManager`](crate::LockManager) compares how
+///    far these readings move with how far its own clock moved, to notice a
+///    server clock that steps.
 ///
 /// Keys, tokens and ttls arrive validated ([`LockKey`], [`Token`], [`Ttl`]). The
 /// owner text is at most [`MAX_OWNER_LEN`] bytes without NUL when it comes from
@@ -65,22 +100,32 @@ pub trait LockBackend: Send + Sync + fmt::Debug {
     /// live and held by this same `token` (then the fence stays the same). On success
     /// the lease runs until `ttl` after the backend's clock at the moment of
     /// acquisition. When another token holds a live lease, returns
-    /// [`AcquireOutcome::Held`] and changes nothing.
+    /// [`AcquireOutcome::Held`] and changes nothing. Changes nothing either if it
+    /// would take effect after `not_after` (contract item 8).
     async fn try_acquire(
         &self,
         key: &LockKey,
         token: &Token,
         ttl: Ttl,
         owner: &str,
+        not_after: Instant,
     ) -> Result<AcquireOutcome>;
 
     /// Renews the live lease of `token` on `key` to end `ttl` from now on the
     /// backend's clock.
     ///
-    /// Returns [`Error::NotHeld`](crate::Error::NotHeld) if `token` does not hold a
-    /// live lease. Extending twice in a row (even within one clock tick) succeeds
-    /// both times.
-    async fn extend(&self, key: &LockKey, token: &Token, ttl: Ttl) -> Result<()>;
+    /// Returns the backend clock's reading at which the lease was renewed (it now
+    /// ends `ttl` after it), or [`Error::NotHeld`](crate::Error::NotHeld) if
+    /// `token` does not hold a live lease. Extending twice in a row (even within
+    /// one clock tick) succeeds both times. Changes nothing if it would take
+    /// effect after `not_after` (contract item 8).
+    async fn extend(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        ttl: Ttl,
+        not_after: Instant,
+    ) -> Result<SystemTime>;
 
     /// Renews many leases at once, each exactly as [`extend`](Self::extend) would,
     /// all to end `ttl` from now on the backend's clock.
@@ -89,21 +134,28 @@ pub trait LockBackend: Send + Sync + fmt::Debug {
     /// through this method, in batches of at most [`MAX_EXTEND_BATCH`], so that a
     /// process holding many locks sends few statements per heartbeat interval.
     ///
-    /// Returns one result per entry of `leases`, in the same order: `Ok(())` if
-    /// that lease was renewed, [`Error::NotHeld`](crate::Error::NotHeld) if its
+    /// Returns one result per entry of `leases`, in the same order: the backend
+    /// clock's reading at which that lease was renewed, [`Error::NotHeld`](crate::Error::NotHeld) if its
     /// token does not hold a live lease on its key (nothing is changed for it). An
     /// entry may appear twice; both positions get the same answer. An `Err` of
     /// the whole call (the database could not be reached, the statement failed)
     /// means nothing is known about any entry: each lease may or may not have been
     /// renewed.
     ///
+    /// Nothing is changed for any entry after `not_after` (contract item 8).
+    ///
     /// The default calls [`extend`](Self::extend) once per entry, one after the
     /// other; a backend that can renew a batch in one statement or transaction
     /// should override it.
-    async fn extend_many(&self, leases: &[(LockKey, Token)], ttl: Ttl) -> Result<Vec<Result<()>>> {
+    async fn extend_many(
+        &self,
+        leases: &[(LockKey, Token)],
+        ttl: Ttl,
+        not_after: Instant,
+    ) -> Result<Vec<Result<SystemTime>>> {
         let mut results = Vec::with_capacity(leases.len());
         for (key, token) in leases {
-            results.push(self.extend(key, token, ttl).await);
+            results.push(self.extend(key, token, ttl, not_after).await);
         }
         Ok(results)
     }
@@ -112,8 +164,10 @@ pub trait LockBackend: Send + Sync + fmt::Debug {
     /// the fence) for the next holder.
     ///
     /// Returns [`Error::NotHeld`](crate::Error::NotHeld) if `token` does not hold a
-    /// live lease, including on a second release.
-    async fn release(&self, key: &LockKey, token: &Token) -> Result<()>;
+    /// live lease, including on a second release. Changes nothing if it would
+    /// take effect after `not_after` (contract item 8), so a release whose answer
+    /// was lost cannot end a later holding of the same token.
+    async fn release(&self, key: &LockKey, token: &Token, not_after: Instant) -> Result<()>;
 
     /// The state of one key, or `None` if it was never acquired.
     async fn inspect(&self, key: &LockKey) -> Result<Option<LockInfo>>;
@@ -155,6 +209,9 @@ pub enum AcquireOutcome {
     Acquired {
         /// The fence of this holding.
         fence: Fence,
+        /// The backend clock's reading at which the lease was granted: it ends
+        /// `ttl` after this.
+        server_time: SystemTime,
     },
     /// Another token holds a live lease; nothing was changed.
     Held {
@@ -228,21 +285,29 @@ macro_rules! forward_backend {
                 token: &Token,
                 ttl: Ttl,
                 owner: &str,
+                not_after: Instant,
             ) -> Result<AcquireOutcome> {
-                (**self).try_acquire(key, token, ttl, owner).await
+                (**self).try_acquire(key, token, ttl, owner, not_after).await
             }
-            async fn extend(&self, key: &LockKey, token: &Token, ttl: Ttl) -> Result<()> {
-                (**self).extend(key, token, ttl).await
+            async fn extend(
+                &self,
+                key: &LockKey,
+                token: &Token,
+                ttl: Ttl,
+                not_after: Instant,
+            ) -> Result<SystemTime> {
+                (**self).extend(key, token, ttl, not_after).await
             }
             async fn extend_many(
                 &self,
                 leases: &[(LockKey, Token)],
                 ttl: Ttl,
-            ) -> Result<Vec<Result<()>>> {
-                (**self).extend_many(leases, ttl).await
+                not_after: Instant,
+            ) -> Result<Vec<Result<SystemTime>>> {
+                (**self).extend_many(leases, ttl, not_after).await
             }
-            async fn release(&self, key: &LockKey, token: &Token) -> Result<()> {
-                (**self).release(key, token).await
+            async fn release(&self, key: &LockKey, token: &Token, not_after: Instant) -> Result<()> {
+                (**self).release(key, token, not_after).await
             }
             async fn inspect(&self, key: &LockKey) -> Result<Option<LockInfo>> {
                 (**self).inspect(key).await

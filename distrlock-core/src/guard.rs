@@ -5,7 +5,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
@@ -16,6 +16,7 @@ use crate::key::LockKey;
 use crate::lease::Lease;
 use crate::manager::ManagerConfig;
 use crate::renewal::Registration;
+use crate::suspend::Sent;
 use crate::token::Token;
 use crate::ttl::Ttl;
 
@@ -37,8 +38,12 @@ use crate::ttl::Ttl;
 /// runtime shuts down) the lease runs out at its ttl, so release guards explicitly
 /// before leaving `main`.
 ///
-/// The deadline is measured on the monotonic clock, which stops while the host is
-/// suspended; a suspended host must be treated as having lost its locks.
+/// The deadline counts time the host spends suspended (on Linux, through
+/// `CLOCK_BOOTTIME`): tokio's clock stops during a suspend while the server's
+/// does not, so a guard re-reads the suspend time whenever it looks at its
+/// deadline, and after a resume it reports a lease that ran out meanwhile as
+/// lost. On other systems a suspended host must be treated as having lost its
+/// locks.
 pub struct LockGuard {
     shared: Arc<GuardShared>,
     /// The guard's place in the manager's renewal; `None` without a runtime.
@@ -56,13 +61,78 @@ pub(crate) struct GuardShared {
     margin: Duration,
     /// Whether the token is static and registered with the manager.
     is_static: bool,
-    deadline: Mutex<Instant>,
+    /// The local deadline, as `at` less any suspend time since `suspended`.
+    deadline: Mutex<Deadline>,
+    /// The latest server clock reading, to notice a server clock that steps.
+    clock: Mutex<ClockMark>,
     lost: watch::Sender<bool>,
 }
 
+/// A local deadline: `at` on tokio's clock, less the time the host spends
+/// suspended after it was computed (see [`crate::suspend`]).
+#[derive(Debug, Clone, Copy)]
+struct Deadline {
+    at: Instant,
+    suspended: std::time::Duration,
+}
+
+impl Deadline {
+    fn new(sent: Sent, after: Duration) -> Self {
+        Self {
+            at: sent.at + after,
+            suspended: sent.suspended,
+        }
+    }
+
+    fn get(&self) -> Instant {
+        Sent {
+            at: self.at,
+            suspended: self.suspended,
+        }
+        .deadline(Duration::ZERO)
+    }
+}
+
+/// A reading of the backend's clock by the statement of a request sent at
+/// `sent` whose answer arrived at `answered`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClockMark {
+    pub(crate) sent: Sent,
+    pub(crate) answered: Instant,
+    pub(crate) server: SystemTime,
+}
+
+impl ClockMark {
+    /// How far the server's clock ran ahead of (`Ok`) or behind (`Err`) ours
+    /// between `self` and the later `next`, beyond what the round trips and the
+    /// clock-rate allowance explain; zero when it kept time.
+    fn drift_to(&self, next: &ClockMark) -> std::result::Result<Duration, Duration> {
+        // The server read its clock between sending and answering, so between the
+        // two readings our clock moved at least `next.sent − self.answered` and at
+        // most `next.answered − self.sent`.
+        // Time the host spent suspended counts too: the server's clock ran on.
+        let slept = next.sent.suspended.saturating_sub(self.sent.suspended);
+        let most = next.answered.saturating_duration_since(self.sent.at) + slept;
+        let least = next.sent.at.saturating_duration_since(self.answered) + slept;
+        let allowance = most / crate::server_clock::MAX_CLOCK_RATE_DIFFERENCE;
+        match next.server.duration_since(self.server) {
+            Ok(server) if server > most + allowance => Ok(server - most - allowance),
+            Ok(server) if server + allowance < least => Err(least - server - allowance),
+            Ok(_) => Ok(Duration::ZERO),
+            Err(back) => Err(least + back.duration().saturating_sub(allowance)),
+        }
+    }
+}
+
 impl GuardShared {
+    /// The local deadline, less any time the host spent suspended since it was
+    /// computed: read afresh on every call, so a guard that wakes after a
+    /// resume sees it passed.
     pub(crate) fn deadline(&self) -> Instant {
-        *self.deadline.lock().unwrap_or_else(PoisonError::into_inner)
+        self.deadline
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get()
     }
 
     /// Whether the lock is lost; marks it so when the deadline has passed.
@@ -77,15 +147,59 @@ impl GuardShared {
         false
     }
 
-    /// Records a successful extend whose request was sent at `sent`.
+    /// Records a successful extend whose request was sent at `sent` and whose
+    /// statement read `server_time` on the backend's clock.
     ///
     /// Taking the later of the two deadlines is safe even for concurrent extends:
     /// the server's expiry is set by whichever extend it ran last, and every extend
     /// it ran, ran after it was sent.
-    pub(crate) fn extended(&self, sent: Instant) {
-        let new = sent + self.ttl.get() - self.margin;
+    ///
+    /// The server's clock is compared with ours since the previous reading: if it
+    /// ran ahead by more than the round trips explain, it may run ahead again
+    /// before the next extend, so the new deadline is shortened by that excess. A
+    /// clock that went back is reported: leases then last longer than their ttl.
+    pub(crate) fn extended(&self, sent: Sent, server_time: SystemTime) {
+        let mark = ClockMark {
+            sent,
+            answered: Instant::now(),
+            server: server_time,
+        };
+        let drift = {
+            let mut clock = self.clock.lock().unwrap_or_else(PoisonError::into_inner);
+            let drift = clock.drift_to(&mark);
+            if mark.sent.at >= clock.sent.at {
+                *clock = mark;
+            }
+            drift
+        };
+        let mut after = self.ttl.get() - self.margin;
+        let mut shorten = false;
+        match drift {
+            Ok(ahead) if !ahead.is_zero() => {
+                shorten = true;
+                tracing::warn!(
+                    key = %self.key,
+                    ahead_ms = ahead.as_millis() as u64,
+                    "the database server's clock ran ahead of this host's; shortening the \
+                     lock's local deadline (server clocks must slew, never step)"
+                );
+                after = after.saturating_sub(ahead);
+            }
+            Err(behind) if !behind.is_zero() => {
+                tracing::warn!(
+                    key = %self.key,
+                    behind_ms = behind.as_millis() as u64,
+                    "the database server's clock went back; a dead holder's lease may outlive \
+                     its ttl (server clocks must slew, never step)"
+                );
+            }
+            _ => {}
+        }
+        let new = Deadline::new(sent, after);
         let mut deadline = self.deadline.lock().unwrap_or_else(PoisonError::into_inner);
-        if new > *deadline {
+        // A clock that ran ahead shortens even a later deadline; otherwise the
+        // later one stands.
+        if new.get() > deadline.get() || shorten {
             *deadline = new;
         }
     }
@@ -113,9 +227,15 @@ impl GuardShared {
         if self.check_lost() {
             return Err(self.lost_error());
         }
-        let sent = Instant::now();
-        let timeout_at = sent + self.config.call_timeout;
-        let call = self.config.backend.extend(&self.key, &self.token, self.ttl);
+        let sent = Sent::now();
+        let timeout_at = sent.at + self.config.call_timeout;
+        // Past the deadline we no longer claim the lock: an extend that lands
+        // later would keep a lease alive that nobody holds.
+        let not_after = timeout_at.min(self.deadline());
+        let call = self
+            .config
+            .backend
+            .extend(&self.key, &self.token, self.ttl, not_after);
         tokio::pin!(call);
         let result = loop {
             let deadline = self.deadline();
@@ -136,8 +256,8 @@ impl GuardShared {
             }
         };
         match result? {
-            Ok(()) => {
-                self.extended(sent);
+            Ok(server_time) => {
+                self.extended(sent, server_time);
                 tracing::trace!(key = %self.key, fence = %self.fence, "lease extended");
                 Ok(())
             }
@@ -151,16 +271,17 @@ impl GuardShared {
 }
 
 impl LockGuard {
-    /// Starts guarding a lease granted by a request sent at `sent`.
+    /// Starts guarding a lease granted by the request of `granted`.
     pub(crate) fn start(
         config: Arc<ManagerConfig>,
         key: LockKey,
         token: Token,
         fence: Fence,
         ttl: Ttl,
-        sent: Instant,
+        granted: ClockMark,
         is_static: bool,
     ) -> Self {
+        let sent = granted.sent;
         let margin = config.margin_for(ttl);
         let interval = config.heartbeat_for(ttl);
         let (lost, _) = watch::channel(false);
@@ -172,7 +293,8 @@ impl LockGuard {
             ttl,
             margin,
             is_static,
-            deadline: Mutex::new(sent + ttl.get() - margin),
+            deadline: Mutex::new(Deadline::new(sent, ttl.get() - margin)),
+            clock: Mutex::new(granted),
             lost,
         });
         // Without a runtime there is no heartbeat; `is_lost` still compares with
@@ -268,17 +390,26 @@ impl LockGuard {
 
     /// Releases the lock and waits for the backend to confirm.
     ///
-    /// `Ok` means the lease was held without interruption until now. Returns
-    /// [`Error::LockLost`] if the lock had been lost (it is released anyway if the
-    /// backend still has it), and the backend's error if the release failed (the
-    /// lease then runs out at its ttl). If this future is dropped before it
-    /// finishes, the guard releases in the background as on drop.
+    /// `Ok` means the lease was held without interruption until the release was
+    /// sent: the guard had not reached its local deadline, so no one else can
+    /// have held the key meanwhile. That stays true when the backend answers
+    /// [`Error::NotHeld`] (a retried release whose first run went through, or a
+    /// lease that ran out while the release travelled). Returns
+    /// [`Error::LockLost`] if the lock had been lost before (it is released anyway
+    /// if the backend still has it), and the backend's error if the release
+    /// failed or did not answer in time (the lease then runs out at its ttl). If
+    /// this future is dropped before it finishes, the guard releases in the
+    /// background as on drop.
     pub async fn release(mut self) -> Result<()> {
         drop(self.renewal.take());
         let shared = self.shared.clone();
         let was_lost = shared.check_lost();
-        let call = shared.config.backend.release(&shared.key, &shared.token);
-        let result = match tokio::time::timeout(shared.config.call_timeout, call).await {
+        let not_after = Instant::now() + shared.config.call_timeout;
+        let call = shared
+            .config
+            .backend
+            .release(&shared.key, &shared.token, not_after);
+        let result = match tokio::time::timeout_at(not_after, call).await {
             Ok(result) => result,
             Err(_) => Err(Error::unavailable(
                 format!("release of {} did not answer in time", shared.key),
@@ -287,20 +418,43 @@ impl LockGuard {
         };
         self.released = true;
         if shared.is_static {
-            shared
-                .config
-                .unregister_static_guard(&shared.key, &shared.token);
+            settle_static_release(
+                &shared.config,
+                &shared.key,
+                shared.token,
+                &result,
+                not_after,
+            );
         }
         // Wake anyone awaiting `lost()`: this process no longer holds the lock.
         shared.lost.send_replace(true);
         match result {
-            Ok(()) if !was_lost => {
+            Ok(()) | Err(Error::NotHeld { .. }) if !was_lost => {
                 tracing::debug!(key = %shared.key, fence = %shared.fence, "lock released");
                 Ok(())
             }
             Ok(()) | Err(Error::NotHeld { .. }) => Err(shared.lost_error()),
             Err(error) => Err(error),
         }
+    }
+
+    /// Stops guarding the lease without releasing it, and returns its snapshot.
+    ///
+    /// The heartbeat stops and dropping no longer releases: the lease runs out at
+    /// its ttl unless someone extends or releases it with the token (for example a
+    /// later process, as `distrlock acquire` hands the lock to the shell). The
+    /// snapshot's deadline is the last one this guard computed.
+    pub fn detach(mut self) -> Lease {
+        drop(self.renewal.take());
+        let lease = self.lease();
+        self.released = true;
+        if self.shared.is_static {
+            self.shared
+                .config
+                .unregister_static_guard(&self.shared.key, &self.shared.token);
+        }
+        self.shared.lost.send_replace(true);
+        lease
     }
 }
 
@@ -367,9 +521,9 @@ impl Future for Lost {
     }
 }
 
-/// Releases `token`'s lease on `key` without waiting, if a runtime is available.
-/// A static token is unregistered from the manager only after its release, so a
-/// new guard with the same token cannot have its lease ended by this one.
+/// Releases `token`'s lease on `key` without waiting, if a runtime is available,
+/// as a background job of the manager ([`LockManager::settle`](crate::LockManager::settle)
+/// waits for it).
 pub(crate) fn release_in_background(
     config: Arc<ManagerConfig>,
     key: LockKey,
@@ -383,20 +537,185 @@ pub(crate) fn release_in_background(
         }
         return;
     };
-    runtime.spawn(async move {
-        let call = config.backend.release(&key, &token);
-        match tokio::time::timeout(config.call_timeout, call).await {
-            Ok(Ok(())) => tracing::debug!(key = %key, "lock released in the background"),
-            Ok(Err(Error::NotHeld { .. })) => {}
-            Ok(Err(error)) => {
+    let background = config.background.clone();
+    background.spawn(&runtime, async move {
+        let not_after = Instant::now() + config.call_timeout;
+        let call = config.backend.release(&key, &token, not_after);
+        let result = match tokio::time::timeout_at(not_after, call).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::unavailable("no answer in time", None)),
+        };
+        match &result {
+            Ok(()) => tracing::debug!(key = %key, "lock released in the background"),
+            Err(Error::NotHeld { .. }) => {}
+            Err(error) => {
                 tracing::warn!(key = %key, %error, "background release failed; the lease will expire")
-            }
-            Err(_) => {
-                tracing::warn!(key = %key, "background release timed out; the lease will expire")
             }
         }
         if is_static {
-            config.unregister_static_guard(&key, &token);
+            settle_static_release(&config, &key, token, &result, not_after);
         }
     });
+}
+
+/// Lets a new guard of the static `token` start once its release is settled.
+///
+/// After a definite answer (released, or not held) at once. After an unknown one
+/// (no answer in time, a broken connection) the release may still be on its way
+/// to the database, and landing after a new guard of the same token acquired it
+/// would end that guard's lease behind its back. The backend guarantees that it
+/// cannot land after its `not_after` (contract item 8), so the token stays taken
+/// until then.
+fn settle_static_release(
+    config: &Arc<ManagerConfig>,
+    key: &LockKey,
+    token: Token,
+    result: &Result<()>,
+    not_after: Instant,
+) {
+    let settled = matches!(result, Ok(()) | Err(Error::NotHeld { .. }));
+    let runtime = tokio::runtime::Handle::try_current();
+    match runtime {
+        Ok(runtime) if !settled && Instant::now() < not_after => {
+            tracing::debug!(key = %key, "release outcome unknown; the static token waits for its bound");
+            let (config, key) = (config.clone(), key.clone());
+            let background = config.background.clone();
+            background.spawn(&runtime, async move {
+                tokio::time::sleep_until(not_after).await;
+                config.unregister_static_guard(&key, &token);
+            });
+        }
+        _ => config.unregister_static_guard(key, &token),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::{Duration, SystemTime};
+
+    use async_trait::async_trait;
+    use tokio::time::Instant;
+
+    use crate::backend::{AcquireOutcome, LockBackend, LockInfo};
+    use crate::error::Result;
+    use crate::key::LockKey;
+    use crate::manager::LockManager;
+    use crate::memory::MemoryBackend;
+    use crate::token::Token;
+    use crate::ttl::Ttl;
+
+    /// A memory backend whose clock readings can be moved, as a server clock
+    /// that steps would move them.
+    #[derive(Debug, Default)]
+    struct Stepping {
+        inner: MemoryBackend,
+        /// Added to (or, when negative, taken from) every reading.
+        step: Mutex<(Duration, bool)>,
+    }
+
+    impl Stepping {
+        fn shift(&self, at: SystemTime) -> SystemTime {
+            let (by, back) = *self.step.lock().unwrap();
+            if back { at - by } else { at + by }
+        }
+    }
+
+    #[async_trait]
+    impl LockBackend for Stepping {
+        async fn try_acquire(
+            &self,
+            key: &LockKey,
+            token: &Token,
+            ttl: Ttl,
+            owner: &str,
+            not_after: Instant,
+        ) -> Result<AcquireOutcome> {
+            self.inner
+                .try_acquire(key, token, ttl, owner, not_after)
+                .await
+        }
+        async fn extend(
+            &self,
+            key: &LockKey,
+            token: &Token,
+            ttl: Ttl,
+            not_after: Instant,
+        ) -> Result<SystemTime> {
+            let at = self.inner.extend(key, token, ttl, not_after).await?;
+            Ok(self.shift(at))
+        }
+        async fn release(&self, key: &LockKey, token: &Token, not_after: Instant) -> Result<()> {
+            self.inner.release(key, token, not_after).await
+        }
+        async fn inspect(&self, key: &LockKey) -> Result<Option<LockInfo>> {
+            self.inner.inspect(key).await
+        }
+        async fn list(&self) -> Result<Vec<LockInfo>> {
+            self.inner.list().await
+        }
+        async fn create_table(&self) -> Result<()> {
+            Ok(())
+        }
+        fn schema_sql(&self) -> String {
+            String::new()
+        }
+    }
+
+    fn manager(backend: std::sync::Arc<dyn LockBackend>) -> LockManager {
+        LockManager::builder(backend)
+            .ttl(Duration::from_secs(30))
+            .build()
+            .unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_server_clock_that_steps_forward_shortens_the_deadline() {
+        let backend = std::sync::Arc::new(Stepping::default());
+        let m = manager(backend.clone());
+        let guard = m.lock("k").unwrap().try_acquire().await.unwrap();
+        *backend.step.lock().unwrap() = (Duration::from_secs(20), false);
+        // The heartbeat at ttl/3 sees the server 20 s ahead of us.
+        tokio::time::sleep(Duration::from_secs(10) + Duration::from_millis(10)).await;
+        let left = guard.time_left();
+        assert!(
+            // ttl − margin = 28.94 s from the extend, less the 20 s jump.
+            left <= Duration::from_millis(28_940 - 20_000 + 100),
+            "the deadline must shrink by the server's jump: {left:?} left"
+        );
+        assert!(!guard.is_lost());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_server_clock_that_steps_back_keeps_the_deadline() {
+        let backend = std::sync::Arc::new(Stepping::default());
+        let m = manager(backend.clone());
+        let guard = m.lock("k").unwrap().try_acquire().await.unwrap();
+        *backend.step.lock().unwrap() = (Duration::from_secs(20), true);
+        tokio::time::sleep(Duration::from_secs(10) + Duration::from_millis(10)).await;
+        let left = guard.time_left();
+        assert!(left > Duration::from_secs(26), "{left:?} left");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_suspend_counts_against_the_deadline() {
+        let backend = std::sync::Arc::new(MemoryBackend::new());
+        let m = manager(backend);
+        let guard = m.lock("k").unwrap().try_acquire().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let before = guard.time_left();
+        // Ten seconds of suspend: tokio's clock did not move, the server's did.
+        crate::suspend::simulate(Duration::from_secs(10));
+        let after = guard.time_left();
+        assert!(
+            before - after >= Duration::from_secs(10) - Duration::from_millis(1),
+            "{before:?} then {after:?}"
+        );
+        // Longer than the lease: lost at once, without waiting for a timer.
+        crate::suspend::simulate(Duration::from_secs(30));
+        assert!(
+            guard.is_lost(),
+            "a lease that ran out during a suspend is lost"
+        );
+    }
 }

@@ -2,6 +2,7 @@
 
 mod backend;
 mod error;
+mod exclusive;
 mod fence;
 mod guard;
 mod key;
@@ -13,6 +14,8 @@ mod notify;
 mod owner;
 mod renewal;
 mod retry;
+pub mod server_clock;
+mod suspend;
 mod table;
 mod token;
 mod ttl;
@@ -21,6 +24,7 @@ pub use backend::{
     AcquireOutcome, LockBackend, LockInfo, LockState, MAX_EXTEND_BATCH, MAX_OWNER_LEN,
 };
 pub use error::{BoxError, Error, Result};
+pub use exclusive::ExclusiveError;
 pub use fence::Fence;
 pub use guard::LockGuard;
 pub use key::LockKey;

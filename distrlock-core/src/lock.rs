@@ -1,7 +1,7 @@
 //! [`Lock`]: a handle on one key, with try-acquire and waiting acquire.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -9,9 +9,10 @@ use tokio::time::Instant;
 use crate::backend::AcquireOutcome;
 use crate::error::{Error, Result};
 use crate::fence::Fence;
-use crate::guard::{LockGuard, release_in_background};
+use crate::guard::{ClockMark, LockGuard, release_in_background};
 use crate::key::LockKey;
 use crate::manager::{LockManager, ManagerConfig};
+use crate::suspend::Sent;
 use crate::token::Token;
 use crate::ttl::Ttl;
 
@@ -83,17 +84,19 @@ impl Lock {
     pub async fn try_acquire(&self) -> Result<LockGuard> {
         let mut attempt = Attempt::new(self);
         match attempt.try_once().await? {
-            (AcquireOutcome::Acquired { fence }, sent) => match attempt.make_guard(fence, sent) {
-                Ok(guard) => Ok(guard),
-                Err(Unusable::Late) => Err(Error::unavailable(
-                    format!("the grant of {} arrived after its local deadline", self.key),
-                    None,
-                )),
-                Err(Unusable::TokenInUse) => Err(Error::HeldByOther {
-                    key: self.key.clone(),
-                    remaining: None,
-                }),
-            },
+            (AcquireOutcome::Acquired { fence, server_time }, sent) => {
+                match attempt.make_guard(fence, sent, server_time) {
+                    Ok(guard) => Ok(guard),
+                    Err(Unusable::Late) => Err(Error::unavailable(
+                        format!("the grant of {} arrived after its local deadline", self.key),
+                        None,
+                    )),
+                    Err(Unusable::TokenInUse) => Err(Error::HeldByOther {
+                        key: self.key.clone(),
+                        remaining: None,
+                    }),
+                }
+            }
             (AcquireOutcome::Held { remaining }, _) => Err(Error::HeldByOther {
                 key: self.key.clone(),
                 remaining,
@@ -133,17 +136,17 @@ impl Lock {
             let mut released = config.backend.release_notifier().map(|n| n.subscribe());
             // When the holder's lease ends, if the backend said.
             let holder_expiry = match attempt.try_once().await {
-                Ok((AcquireOutcome::Acquired { fence }, sent)) => {
-                    match attempt.make_guard(fence, sent) {
+                Ok((AcquireOutcome::Acquired { fence, server_time }, sent)) => {
+                    match attempt.make_guard(fence, sent, server_time) {
                         Ok(guard) => return Ok(guard),
-                        // Try again at once: the same token renews the lease.
-                        Err(Unusable::Late) => continue,
-                        Err(Unusable::TokenInUse) => None,
+                        // A late grant is like a failed try: back off and mind the
+                        // deadline. The next try with the same token renews it.
+                        Err(Unusable::Late | Unusable::TokenInUse) => None,
                     }
                 }
                 Ok((AcquireOutcome::Held { remaining }, sent)) => {
                     failures = 0;
-                    remaining.and_then(|r| sent.checked_add(r))
+                    remaining.and_then(|r| sent.at.checked_add(r))
                 }
                 Err(error) if error.is_transient() => {
                     failures = failures.saturating_add(1);
@@ -207,7 +210,9 @@ enum Unusable {
 struct Attempt<'a> {
     lock: &'a Lock,
     token: Token,
-    in_flight: Vec<JoinHandle<Result<AcquireOutcome>>>,
+    /// Tries that may still take effect, each with its `not_after`: past that
+    /// instant the backend guarantees it never will (contract item 8).
+    in_flight: Vec<(JoinHandle<Result<AcquireOutcome>>, Instant)>,
     maybe_granted: bool,
     done: bool,
 }
@@ -230,26 +235,29 @@ impl<'a> Attempt<'a> {
     /// One try, and the instant its request was sent. It is bounded by the call
     /// timeout and by the lease's own length minus the margin, since an answer
     /// that arrives later grants nothing usable.
-    async fn try_once(&mut self) -> Result<(AcquireOutcome, Instant)> {
+    async fn try_once(&mut self) -> Result<(AcquireOutcome, Sent)> {
         let config = self.config().clone();
         let lock = self.lock;
         if lock.token.is_some() && config.static_guard_live(&lock.key, &self.token) {
-            return Ok((AcquireOutcome::Held { remaining: None }, Instant::now()));
+            return Ok((AcquireOutcome::Held { remaining: None }, Sent::now()));
         }
         let bound = config
             .call_timeout
             .min(lock.ttl.get() - config.margin_for(lock.ttl));
         let (key, token, ttl) = (lock.key.clone(), self.token, lock.ttl);
-        let sent = Instant::now();
+        let sent = Sent::now();
+        // We stop waiting at `not_after`; the backend makes sure the statement
+        // cannot take effect after it, however late it reaches the server.
+        let not_after = sent.at + bound;
         let call = tokio::spawn(async move {
             config
                 .backend
-                .try_acquire(&key, &token, ttl, &config.owner)
+                .try_acquire(&key, &token, ttl, &config.owner, not_after)
                 .await
         });
         let index = self.in_flight.len();
-        self.in_flight.push(call);
-        let answer = tokio::time::timeout(bound, &mut self.in_flight[index]).await;
+        self.in_flight.push((call, not_after));
+        let answer = tokio::time::timeout_at(not_after, &mut self.in_flight[index].0).await;
         let answer = match answer {
             Err(_elapsed) => {
                 // Leave it running in `in_flight`: it may still grant.
@@ -281,10 +289,15 @@ impl<'a> Attempt<'a> {
         }
     }
 
-    fn make_guard(&mut self, fence: Fence, sent: Instant) -> Result<LockGuard, Unusable> {
+    fn make_guard(
+        &mut self,
+        fence: Fence,
+        sent: Sent,
+        server_time: SystemTime,
+    ) -> Result<LockGuard, Unusable> {
         let lock = self.lock;
         let config = self.config().clone();
-        let deadline = sent + lock.ttl.get() - config.margin_for(lock.ttl);
+        let deadline = sent.deadline(lock.ttl.get() - config.margin_for(lock.ttl));
         if Instant::now() >= deadline {
             tracing::debug!(key = %lock.key, "acquire answered after its local deadline");
             self.maybe_granted = true;
@@ -302,7 +315,11 @@ impl<'a> Attempt<'a> {
             self.token,
             fence,
             lock.ttl,
-            sent,
+            ClockMark {
+                sent,
+                answered: Instant::now(),
+                server: server_time,
+            },
             is_static,
         ))
     }
@@ -323,10 +340,13 @@ impl Drop for Attempt<'_> {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        runtime.spawn(async move {
-            // Let the abandoned tries finish first, so the release comes after them.
-            for call in in_flight {
-                let _ = tokio::time::timeout(config.call_timeout, call).await;
+        let background = config.background.clone();
+        background.spawn(&runtime, async move {
+            // The release must come after every abandoned try: wait until each
+            // has answered, or has passed its `not_after`, after which the backend
+            // guarantees it can no longer take effect.
+            for (call, not_after) in in_flight {
+                let _ = tokio::time::timeout_at(not_after, call).await;
             }
             release_in_background(config, key, token, false);
         });

@@ -6,8 +6,11 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use tokio::sync::watch;
+
 use crate::backend::LockBackend;
 use crate::error::{Error, Result};
+use crate::exclusive::ExclusiveError;
 use crate::guard::LockGuard;
 use crate::key::LockKey;
 use crate::lease::Lease;
@@ -63,6 +66,50 @@ pub(crate) struct ManagerConfig {
     pub(crate) static_guards: Mutex<HashSet<(LockKey, Token)>>,
     /// Extends the leases of all this manager's guards, in batches.
     pub(crate) renewer: Arc<Renewer>,
+    /// Background releases and cleanups, for [`LockManager::settle`].
+    pub(crate) background: Background,
+}
+
+/// Counts a manager's background jobs (releases of dropped guards, cleanups of
+/// abandoned acquires), so that [`LockManager::settle`] can wait for them.
+#[derive(Debug, Clone)]
+pub(crate) struct Background {
+    running: Arc<watch::Sender<usize>>,
+}
+
+impl Background {
+    fn new() -> Self {
+        Self {
+            running: Arc::new(watch::channel(0).0),
+        }
+    }
+
+    /// Runs `job` on `runtime`, counted until it ends (or is dropped with its
+    /// runtime).
+    pub(crate) fn spawn<F>(&self, runtime: &tokio::runtime::Handle, job: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        /// Uncounts the job when it ends, however it ends.
+        struct Done(Arc<watch::Sender<usize>>);
+        impl Drop for Done {
+            fn drop(&mut self) {
+                self.0.send_modify(|n| *n = n.saturating_sub(1));
+            }
+        }
+        self.running.send_modify(|n| *n += 1);
+        let done = Done(self.running.clone());
+        runtime.spawn(async move {
+            let _done = done;
+            job.await;
+        });
+    }
+
+    async fn idle(&self) {
+        let mut running = self.running.subscribe();
+        // The sender lives in `self`, so this only returns at zero.
+        let _ = running.wait_for(|n| *n == 0).await;
+    }
 }
 
 /// How often a guard extends its lease in the background.
@@ -181,6 +228,19 @@ impl LockManager {
         &self.inner.retry
     }
 
+    /// Waits until this manager's background jobs have finished: the releases of
+    /// dropped guards and of [`release`](LockGuard::release) futures that were
+    /// dropped, and the cleanup of abandoned acquires (which first waits for
+    /// each abandoned try to answer or pass the bound after which it can no
+    /// longer take effect).
+    ///
+    /// Each job is bounded by the call timeout, so this returns within about two
+    /// call timeouts. Call it before a short-lived process exits, or before its
+    /// runtime shuts down, so that nothing it acquired lingers until its ttl.
+    pub async fn settle(&self) {
+        self.inner.background.idle().await;
+    }
+
     /// A handle on the lock named `key`. Nothing is sent to the backend yet.
     ///
     /// Returns [`Error::InvalidKey`] for an empty, over-long or NUL-bearing key.
@@ -191,17 +251,29 @@ impl LockManager {
 
     /// Runs `work` while holding `key`, the Go original's `DoExclusively`.
     ///
-    /// Waits for the lock per the [`RetryPolicy`], runs `work` with a snapshot of
-    /// the [`Lease`] while the guard extends it in the background, and releases it
-    /// afterwards, also when `work` panics (the guard releases on drop).
+    /// **Waits** for the lock per the [`RetryPolicy`] (without limit by default),
+    /// runs `work` with a snapshot of the [`Lease`] while the guard extends it in
+    /// the background, and releases it afterwards, also when `work` panics (the
+    /// guard releases on drop).
     ///
-    /// If the lock is lost while `work` runs, `work`'s future is dropped before it
-    /// is polled again and the call returns [`Error::LockLost`]: `Err(LockLost)`
-    /// always means the work was stopped, and `Ok` means it finished while the
-    /// lease was live. Loss is checked between polls, so code that blocks the
-    /// thread inside `work` cannot be interrupted (and starves the heartbeat);
-    /// protect side effects with the lease's fence.
-    pub async fn do_exclusively<F, Fut, T>(&self, key: impl AsRef<str>, work: F) -> Result<T>
+    /// `Ok` means the work finished while the lease was live, as the only holder.
+    /// Otherwise ([`ExclusiveError`], which converts into [`Error`] with `?`):
+    /// - the lock was not acquired, or was lost while `work` ran: `work`'s future
+    ///   is dropped before it is polled again and the call returns
+    ///   [`ExclusiveError::Lock`] with [`Error::LockLost`];
+    /// - the work's last poll outlived the lease (code that blocks the thread
+    ///   inside `work` cannot be interrupted, and starves the heartbeat): the
+    ///   output comes back in [`ExclusiveError::LostAfterWork`].
+    ///
+    /// Loss is checked between polls; protect side effects with the lease's fence.
+    /// Tasks that `work` spawns are not cancelled when the lock is lost: stop them
+    /// yourself (for example with [`LockGuard::lost`] through a lock you acquire
+    /// and pass in).
+    pub async fn do_exclusively<F, Fut, T>(
+        &self,
+        key: impl AsRef<str>,
+        work: F,
+    ) -> std::result::Result<T, ExclusiveError<T>>
     where
         F: FnOnce(Lease) -> Fut,
         Fut: Future<Output = T>,
@@ -212,7 +284,10 @@ impl LockManager {
 }
 
 /// Runs `work` under `guard`, stopping it if the lock is lost, then releases.
-pub(crate) async fn run_while_held<F, Fut, T>(guard: LockGuard, work: F) -> Result<T>
+pub(crate) async fn run_while_held<F, Fut, T, E>(
+    guard: LockGuard,
+    work: F,
+) -> std::result::Result<T, ExclusiveError<T, E>>
 where
     F: FnOnce(Lease) -> Fut,
     Fut: Future<Output = T>,
@@ -235,17 +310,19 @@ where
         // on a backend that may be unreachable.
         drop(work);
         drop(guard);
-        return Err(Error::LockLost { key });
+        return Err(ExclusiveError::Lock(Error::LockLost { key }));
     };
-    // The work finished while the lease was live; its output stands whatever the
-    // release says.
     match guard.release().await {
-        Ok(()) | Err(Error::LockLost { .. }) => {}
+        Ok(()) => Ok(output),
+        // The lease lapsed during the work's last poll.
+        Err(Error::LockLost { .. }) => Err(ExclusiveError::LostAfterWork { key, output }),
+        // Sent while the lease was live, so the work finished as the only holder;
+        // the lease runs out at its ttl.
         Err(error) => {
             tracing::warn!(key = %key, %error, "release after exclusive work failed; the lease will expire");
+            Ok(output)
         }
     }
-    Ok(output)
 }
 
 impl fmt::Debug for LockManager {
@@ -373,6 +450,7 @@ impl LockManagerBuilder {
             owner: self.owner.unwrap_or_else(default_owner),
             call_timeout: self.call_timeout,
             static_guards: Mutex::new(HashSet::new()),
+            background: Background::new(),
         }
     }
 }

@@ -31,6 +31,9 @@ pub struct MemoryBackend {
     rows: Mutex<BTreeMap<LockKey, Row>>,
     notifier: ReleaseNotifier,
     reachable: watch::Sender<bool>,
+    /// The backend's "server clock": wall-clock time at creation, advanced by
+    /// tokio's clock, so that readings and expiries follow paused-clock tests.
+    epoch: (Instant, SystemTime),
 }
 
 #[derive(Debug, Clone)]
@@ -74,7 +77,28 @@ impl MemoryBackend {
             rows: Mutex::new(BTreeMap::new()),
             notifier: ReleaseNotifier::new(),
             reachable,
+            epoch: (Instant::now(), SystemTime::now()),
         }
+    }
+
+    /// The backend clock's reading at `now`.
+    fn clock(&self, now: Instant) -> SystemTime {
+        self.epoch.1 + now.saturating_duration_since(self.epoch.0)
+    }
+
+    /// Waits until reachable, then reads the clock; refuses a call that would
+    /// take effect after its `not_after` (contract item 8), as a stalled request
+    /// that is delivered once the network heals must.
+    async fn arrive(&self, not_after: Instant, what: &str, key: &LockKey) -> Result<Instant> {
+        self.reachable().await;
+        let now = Instant::now();
+        if now > not_after {
+            return Err(Error::unavailable(
+                format!("{what} of {key} arrived after its not_after bound; nothing changed"),
+                None,
+            ));
+        }
+        Ok(now)
     }
 
     /// Makes every call stall (`false`) until reachable again (`true`), as a
@@ -100,10 +124,6 @@ impl Default for MemoryBackend {
     }
 }
 
-fn expiry(ttl: Ttl) -> (Instant, SystemTime) {
-    (Instant::now() + ttl.get(), SystemTime::now() + ttl.get())
-}
-
 #[async_trait]
 impl LockBackend for MemoryBackend {
     async fn try_acquire(
@@ -112,16 +132,21 @@ impl LockBackend for MemoryBackend {
         token: &Token,
         ttl: Ttl,
         owner: &str,
+        not_after: Instant,
     ) -> Result<AcquireOutcome> {
-        self.reachable().await;
-        let now = Instant::now();
+        let now = self.arrive(not_after, "acquire", key).await?;
+        let server_time = self.clock(now);
+        let expires = Some((now + ttl.get(), server_time + ttl.get()));
         let mut rows = self.rows();
         let row = rows.get_mut(key);
         let fence = match row {
             Some(row) if row.live(now) && row.token == *token => {
-                row.expires = Some(expiry(ttl));
+                row.expires = expires;
                 row.owner = owner.to_owned();
-                return Ok(AcquireOutcome::Acquired { fence: row.fence });
+                return Ok(AcquireOutcome::Acquired {
+                    fence: row.fence,
+                    server_time,
+                });
             }
             Some(row) if row.live(now) => {
                 let remaining = row.expires.map(|(at, _)| at - now);
@@ -141,28 +166,33 @@ impl LockBackend for MemoryBackend {
                 token: *token,
                 fence,
                 owner: owner.to_owned(),
-                acquired_at: SystemTime::now(),
-                expires: Some(expiry(ttl)),
+                acquired_at: server_time,
+                expires,
             },
         );
-        Ok(AcquireOutcome::Acquired { fence })
+        Ok(AcquireOutcome::Acquired { fence, server_time })
     }
 
-    async fn extend(&self, key: &LockKey, token: &Token, ttl: Ttl) -> Result<()> {
-        self.reachable().await;
-        let now = Instant::now();
+    async fn extend(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        ttl: Ttl,
+        not_after: Instant,
+    ) -> Result<SystemTime> {
+        let now = self.arrive(not_after, "extend", key).await?;
+        let server_time = self.clock(now);
         match self.rows().get_mut(key) {
             Some(row) if row.live(now) && row.token == *token => {
-                row.expires = Some(expiry(ttl));
-                Ok(())
+                row.expires = Some((now + ttl.get(), server_time + ttl.get()));
+                Ok(server_time)
             }
             _ => Err(Error::NotHeld { key: key.clone() }),
         }
     }
 
-    async fn release(&self, key: &LockKey, token: &Token) -> Result<()> {
-        self.reachable().await;
-        let now = Instant::now();
+    async fn release(&self, key: &LockKey, token: &Token, not_after: Instant) -> Result<()> {
+        let now = self.arrive(not_after, "release", key).await?;
         match self.rows().get_mut(key) {
             Some(row) if row.live(now) && row.token == *token => row.expires = None,
             _ => return Err(Error::NotHeld { key: key.clone() }),

@@ -21,14 +21,18 @@
 //!   within the call timeout): transient, the guard tries again after a short
 //!   delay, bounded as always by its deadline.
 //!
-//! The task runs while the manager has guards and ends when the last one goes; the
-//! next guard starts it again.
+//! There is one task per tokio runtime that holds guards of the manager, and it
+//! renews only the guards taken on its runtime: a runtime that stops being driven
+//! (a `current_thread` runtime whose `block_on` returned) then stops only its own
+//! guards' renewal, which it could not drive anyway. A task runs while its
+//! runtime has guards and ends when the last one goes; the next guard starts it
+//! again.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use tokio::runtime::Handle;
+use tokio::runtime::{Handle, Id as RuntimeId};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -37,6 +41,7 @@ use crate::backend::{LockBackend, MAX_EXTEND_BATCH};
 use crate::error::{Error, Result};
 use crate::guard::GuardShared;
 use crate::key::LockKey;
+use crate::suspend::Sent;
 use crate::token::Token;
 use crate::ttl::Ttl;
 
@@ -45,22 +50,30 @@ pub(crate) struct Renewer {
     backend: Arc<dyn LockBackend>,
     call_timeout: Duration,
     state: Mutex<State>,
-    /// Wakes the task: a guard came that is due before the task would wake, or
-    /// a batch answered.
-    wake: Arc<Notify>,
 }
 
 struct State {
     next_id: u64,
     guards: HashMap<u64, Entry>,
-    task: Option<JoinHandle<()>>,
+    /// The renewal task of each runtime that has guards.
+    tasks: HashMap<RuntimeId, Task>,
+}
+
+/// The renewal task on one runtime.
+struct Task {
+    handle: JoinHandle<()>,
     /// When the task will look again on its own.
     wakes_at: Option<Instant>,
+    /// Wakes the task: a guard came that is due before the task would wake, or
+    /// a batch answered.
+    wake: Arc<Notify>,
 }
 
 /// One registered guard.
 struct Entry {
     guard: Weak<GuardShared>,
+    /// The runtime whose task renews it: the one the guard was taken on.
+    runtime: RuntimeId,
     /// The heartbeat interval, or `None` when auto-extend is off (then the entry
     /// only watches the deadline).
     interval: Option<Duration>,
@@ -92,10 +105,8 @@ impl Renewer {
             state: Mutex::new(State {
                 next_id: 0,
                 guards: HashMap::new(),
-                task: None,
-                wakes_at: None,
+                tasks: HashMap::new(),
             }),
-            wake: Arc::new(Notify::new()),
         }
     }
 
@@ -104,8 +115,8 @@ impl Renewer {
     }
 
     /// Starts renewing `guard` every `interval` from now (or only watching its
-    /// deadline when `interval` is `None`), starting the task on `runtime` if it
-    /// is not running.
+    /// deadline when `interval` is `None`), by the task of `runtime`, starting
+    /// that task if it is not running.
     pub(crate) fn register(
         self: &Arc<Self>,
         runtime: &Handle,
@@ -117,6 +128,7 @@ impl Renewer {
             (Some(shared), None) => shared.deadline(),
             (None, _) => Instant::now(),
         };
+        let runtime_id = runtime.id();
         let mut state = self.state();
         let id = state.next_id;
         state.next_id += 1;
@@ -124,23 +136,41 @@ impl Renewer {
             id,
             Entry {
                 guard,
+                runtime: runtime_id,
                 interval,
                 next_extend: interval.map(|i| Instant::now() + i),
                 in_flight: false,
             },
         );
-        // A task whose runtime shut down is finished: start another on this one.
-        let wake = if state.task.as_ref().is_none_or(JoinHandle::is_finished) {
-            state.task = Some(runtime.spawn(run(Arc::downgrade(self), self.wake.clone())));
-            false
-        } else {
+        // A task whose runtime shut down is finished: start another.
+        let running = state
+            .tasks
+            .get(&runtime_id)
+            .filter(|task| !task.handle.is_finished());
+        let wake = match running {
             // Wake the task only if this guard needs it sooner than it planned
             // (a shorter interval or deadline than every other guard's).
-            state.wakes_at.is_none_or(|at| first_look < at)
+            Some(task) => task
+                .wakes_at
+                .is_none_or(|at| first_look < at)
+                .then(|| task.wake.clone()),
+            None => {
+                let wake = Arc::new(Notify::new());
+                let handle = runtime.spawn(run(Arc::downgrade(self), runtime_id, wake.clone()));
+                state.tasks.insert(
+                    runtime_id,
+                    Task {
+                        handle,
+                        wakes_at: None,
+                        wake,
+                    },
+                );
+                None
+            }
         };
         drop(state);
-        if wake {
-            self.wake.notify_one();
+        if let Some(wake) = wake {
+            wake.notify_one();
         }
         Registration {
             renewer: self.clone(),
@@ -148,10 +178,10 @@ impl Renewer {
         }
     }
 
-    /// Forgets lost and dropped guards, sends the batches that are due, and
-    /// returns when to look again, or `None` when no guard is left (the task
-    /// has then been unregistered and must end).
-    fn tick(self: &Arc<Self>) -> Option<Instant> {
+    /// Forgets lost and dropped guards, sends the batches of `runtime`'s guards
+    /// that are due, and returns when to look again, or `None` when the runtime
+    /// has no guard left (its task has then been unregistered and must end).
+    fn tick(self: &Arc<Self>, runtime: RuntimeId) -> Option<Instant> {
         let mut state = self.state();
         let now = Instant::now();
         state.guards.retain(|_, entry| {
@@ -160,19 +190,20 @@ impl Renewer {
                 .upgrade()
                 .is_some_and(|guard| !guard.check_lost())
         });
-        if state.guards.is_empty() {
-            state.task = None;
-            state.wakes_at = None;
+        if !state.guards.values().any(|e| e.runtime == runtime) {
+            state.tasks.remove(&runtime);
             return None;
         }
-        let any_due = state
-            .guards
-            .values()
-            .any(|e| !e.in_flight && e.next_extend.is_some_and(|next| next <= now));
+        let any_due = state.guards.values().any(|e| {
+            e.runtime == runtime && !e.in_flight && e.next_extend.is_some_and(|next| next <= now)
+        });
         if any_due {
             // Everyone due now, or within half their interval: one batch.
             let mut by_ttl: HashMap<Ttl, Vec<(u64, Arc<GuardShared>)>> = HashMap::new();
             for (id, entry) in state.guards.iter_mut() {
+                if entry.runtime != runtime {
+                    continue;
+                }
                 let (Some(interval), Some(next)) = (entry.interval, entry.next_extend) else {
                     continue;
                 };
@@ -189,7 +220,7 @@ impl Renewer {
                 let mut guards = guards.into_iter().peekable();
                 while guards.peek().is_some() {
                     let chunk: Vec<_> = guards.by_ref().take(MAX_EXTEND_BATCH).collect();
-                    tokio::spawn(self.clone().renew(ttl, chunk));
+                    tokio::spawn(self.clone().renew(runtime, ttl, chunk));
                 }
             }
         }
@@ -198,6 +229,7 @@ impl Renewer {
         let wakes_at = state
             .guards
             .values()
+            .filter(|entry| entry.runtime == runtime)
             .filter_map(|entry| {
                 let deadline = entry.guard.upgrade()?.deadline();
                 Some(match entry.next_extend {
@@ -206,12 +238,19 @@ impl Renewer {
                 })
             })
             .min();
-        state.wakes_at = wakes_at;
+        if let Some(task) = state.tasks.get_mut(&runtime) {
+            task.wakes_at = wakes_at;
+        }
         wakes_at
     }
 
     /// Sends one batch and applies its answer to each of its guards.
-    async fn renew(self: Arc<Self>, ttl: Ttl, chunk: Vec<(u64, Arc<GuardShared>)>) {
+    async fn renew(
+        self: Arc<Self>,
+        runtime: RuntimeId,
+        ttl: Ttl,
+        chunk: Vec<(u64, Arc<GuardShared>)>,
+    ) {
         let leases: Vec<(LockKey, Token)> = chunk
             .iter()
             .map(|(_, guard)| (guard.key.clone(), guard.token))
@@ -223,15 +262,20 @@ impl Renewer {
             .into_iter()
             .map(|(id, guard)| (id, Arc::downgrade(&guard)))
             .collect();
-        let sent = Instant::now();
+        let sent = Sent::now();
         let mut give_up = sent
+            .at
             .checked_add(self.call_timeout)
-            .unwrap_or(sent + Duration::from_secs(86_400));
+            .unwrap_or(sent.at + Duration::from_secs(86_400));
         if let Some(latest) = latest_deadline {
             give_up = give_up.min(latest);
         }
-        let answer = tokio::time::timeout_at(give_up, self.backend.extend_many(&leases, ttl)).await;
-        let answer: Result<Vec<Result<()>>> = match answer {
+        // The batch must not land after we stopped waiting for it (contract item
+        // 8): then it would renew leases that their guards may already have given
+        // up.
+        let call = self.backend.extend_many(&leases, ttl, give_up);
+        let answer = tokio::time::timeout_at(give_up, call).await;
+        let answer: Result<Vec<Result<SystemTime>>> = match answer {
             Err(_) => Err(Error::unavailable(
                 format!("a batch of {} extends did not answer in time", leases.len()),
                 None,
@@ -260,7 +304,7 @@ impl Renewer {
             };
             let outcome = match &answer {
                 Ok(results) => match &results[i] {
-                    Ok(()) => Outcome::Renewed,
+                    Ok(server_time) => Outcome::Renewed(*server_time),
                     Err(Error::NotHeld { .. }) => Outcome::Gone,
                     Err(error) => Outcome::Failed(error),
                 },
@@ -268,13 +312,13 @@ impl Renewer {
                 Err(error) => Outcome::Failed(error),
             };
             match outcome {
-                Outcome::Renewed => {
+                Outcome::Renewed(server_time) => {
                     // An answer after the deadline does not revive the lock.
                     if guard.check_lost() {
                         continue;
                     }
-                    guard.extended(sent);
-                    entry.next_extend = Some(sent + interval);
+                    guard.extended(sent, server_time);
+                    entry.next_extend = Some(sent.at + interval);
                     tracing::trace!(key = %guard.key, fence = %guard.fence, "lease extended");
                 }
                 Outcome::Gone => guard.mark_lost("extend found the lease gone"),
@@ -287,14 +331,17 @@ impl Renewer {
                 }
             }
         }
+        let wake = state.tasks.get(&runtime).map(|task| task.wake.clone());
         drop(state);
-        self.wake.notify_one();
+        if let Some(wake) = wake {
+            wake.notify_one();
+        }
     }
 }
 
 /// What one batch answer means for one guard.
 enum Outcome<'a> {
-    Renewed,
+    Renewed(SystemTime),
     Gone,
     Failed(&'a Error),
 }
@@ -303,13 +350,13 @@ enum Outcome<'a> {
 /// deadline passes, or something changes. It holds the renewer (and so the
 /// backend) only while it looks, so a manager dropped with its guards is freed
 /// at once; the task then ends when it next wakes.
-async fn run(renewer: Weak<Renewer>, wake: Arc<Notify>) {
+async fn run(renewer: Weak<Renewer>, runtime: RuntimeId, wake: Arc<Notify>) {
     loop {
         // Subscribe before looking, so a change while we look still wakes us.
         let changed = wake.notified();
         tokio::pin!(changed);
         changed.as_mut().enable();
-        let Some(wake) = renewer.upgrade().and_then(|renewer| renewer.tick()) else {
+        let Some(wake) = renewer.upgrade().and_then(|renewer| renewer.tick(runtime)) else {
             return;
         };
         tokio::select! {

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use distrlock_core::{
     AcquireOutcome, Error, LockBackend, LockInfo, LockKey, LockManager, MAX_EXTEND_BATCH,
@@ -31,14 +31,28 @@ impl LockBackend for Counting {
         token: &Token,
         ttl: Ttl,
         owner: &str,
+        not_after: Instant,
     ) -> Result<AcquireOutcome> {
-        self.inner.try_acquire(key, token, ttl, owner).await
+        self.inner
+            .try_acquire(key, token, ttl, owner, not_after)
+            .await
     }
-    async fn extend(&self, key: &LockKey, token: &Token, ttl: Ttl) -> Result<()> {
+    async fn extend(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        ttl: Ttl,
+        not_after: Instant,
+    ) -> Result<SystemTime> {
         self.extends.fetch_add(1, Ordering::SeqCst);
-        self.inner.extend(key, token, ttl).await
+        self.inner.extend(key, token, ttl, not_after).await
     }
-    async fn extend_many(&self, leases: &[(LockKey, Token)], ttl: Ttl) -> Result<Vec<Result<()>>> {
+    async fn extend_many(
+        &self,
+        leases: &[(LockKey, Token)],
+        ttl: Ttl,
+        not_after: Instant,
+    ) -> Result<Vec<Result<SystemTime>>> {
         self.batches.lock().unwrap().push(leases.len());
         let delay = *self.batch_delay.lock().unwrap();
         tokio::time::sleep(delay).await;
@@ -52,10 +66,10 @@ impl LockBackend for Counting {
                 std::io::Error::other("injected"),
             ));
         }
-        self.inner.extend_many(leases, ttl).await
+        self.inner.extend_many(leases, ttl, not_after).await
     }
-    async fn release(&self, key: &LockKey, token: &Token) -> Result<()> {
-        self.inner.release(key, token).await
+    async fn release(&self, key: &LockKey, token: &Token, not_after: Instant) -> Result<()> {
+        self.inner.release(key, token, not_after).await
     }
     async fn inspect(&self, key: &LockKey) -> Result<Option<LockInfo>> {
         self.inner.inspect(key).await
@@ -69,6 +83,11 @@ impl LockBackend for Counting {
     fn schema_sql(&self) -> String {
         String::new()
     }
+}
+
+/// A `not_after` for direct backend calls.
+fn soon() -> Instant {
+    Instant::now() + Duration::from_secs(10)
 }
 
 fn manager(backend: Arc<Counting>, ttl: Duration) -> LockManager {
@@ -130,7 +149,7 @@ async fn a_lease_gone_from_a_batch_loses_only_its_guard_at_the_next_heartbeat() 
     let c = m.lock("c").unwrap().try_acquire().await.unwrap();
     backend
         .inner
-        .release(&LockKey::new("b").unwrap(), &b.token())
+        .release(&LockKey::new("b").unwrap(), &b.token(), soon())
         .await
         .unwrap();
     b.lost().await;

@@ -4,12 +4,13 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use distrlock_core::{
-    AcquireOutcome, Error, LockBackend, LockInfo, LockKey, LockManager, MemoryBackend, Result,
-    RetryPolicy, Token, Ttl, async_trait,
+    AcquireOutcome, Error, ExclusiveError, LockBackend, LockInfo, LockKey, LockManager,
+    MemoryBackend, Result, RetryPolicy, Token, Ttl, async_trait,
 };
+use tokio::time::Instant;
 
 fn manager(backend: Arc<dyn LockBackend>, ttl: Duration) -> LockManager {
     LockManager::builder(backend).ttl(ttl).build().unwrap()
@@ -48,6 +49,7 @@ impl LockBackend for Wire {
         token: &Token,
         ttl: Ttl,
         owner: &str,
+        not_after: Instant,
     ) -> Result<AcquireOutcome> {
         let (inner, key, token, owner, latency) = (
             self.inner.clone(),
@@ -58,14 +60,22 @@ impl LockBackend for Wire {
         );
         let answer = tokio::spawn(async move {
             tokio::time::sleep(latency).await;
-            inner.try_acquire(&key, &token, ttl, &owner).await
+            inner
+                .try_acquire(&key, &token, ttl, &owner, not_after)
+                .await
         })
         .await
         .unwrap();
         tokio::time::sleep(self.answer_delay).await;
         answer
     }
-    async fn extend(&self, key: &LockKey, token: &Token, ttl: Ttl) -> Result<()> {
+    async fn extend(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        ttl: Ttl,
+        not_after: Instant,
+    ) -> Result<SystemTime> {
         let hang = self
             .hang_extends
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -73,9 +83,9 @@ impl LockBackend for Wire {
         if hang {
             std::future::pending::<()>().await;
         }
-        self.inner.extend(key, token, ttl).await
+        self.inner.extend(key, token, ttl, not_after).await
     }
-    async fn release(&self, key: &LockKey, token: &Token) -> Result<()> {
+    async fn release(&self, key: &LockKey, token: &Token, not_after: Instant) -> Result<()> {
         let (inner, key, token, latency) = (
             self.inner.clone(),
             key.clone(),
@@ -84,7 +94,7 @@ impl LockBackend for Wire {
         );
         tokio::spawn(async move {
             tokio::time::sleep(latency).await;
-            inner.release(&key, &token).await
+            inner.release(&key, &token, not_after).await
         })
         .await
         .unwrap()
@@ -304,7 +314,10 @@ async fn do_exclusively_stops_work_at_the_deadline_even_without_heartbeat_news()
             }
         })
         .await;
-    assert!(matches!(result, Err(Error::LockLost { .. })));
+    assert!(matches!(
+        result,
+        Err(ExclusiveError::Lock(Error::LockLost { .. }))
+    ));
     assert_eq!(
         polls_after_deadline.load(Ordering::SeqCst),
         0,

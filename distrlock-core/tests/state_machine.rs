@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use distrlock_core::{
     AcquireOutcome, Error, LockBackend, LockInfo, LockKey, LockManager, MemoryBackend,
@@ -16,6 +16,11 @@ fn manager(backend: Arc<dyn LockBackend>, ttl: Duration) -> LockManager {
         .ttl(ttl)
         .build()
         .expect("valid settings")
+}
+
+/// A `not_after` for direct backend calls.
+fn soon() -> Instant {
+    Instant::now() + Duration::from_secs(10)
 }
 
 fn key(name: &str) -> LockKey {
@@ -36,6 +41,7 @@ async fn heartbeat_keeps_the_lock_for_many_ttls() {
             &Token::new(),
             Ttl::new(Duration::from_secs(1)).unwrap(),
             "x",
+            soon(),
         )
         .await
         .unwrap();
@@ -108,7 +114,10 @@ async fn a_lease_taken_away_is_reported_lost_at_the_next_heartbeat() {
     let started = Instant::now();
     let guard = m.lock("k").unwrap().try_acquire().await.unwrap();
     // Someone with the token (say, an operator) releases it behind the guard's back.
-    backend.release(&key("k"), &guard.token()).await.unwrap();
+    backend
+        .release(&key("k"), &guard.token(), soon())
+        .await
+        .unwrap();
     guard.lost().await;
     assert_eq!(
         started.elapsed().as_secs(),
@@ -127,6 +136,7 @@ async fn waiter_wakes_when_the_holders_lease_ends() {
             &holder,
             Ttl::new(Duration::from_secs(10)).unwrap(),
             "h",
+            soon(),
         )
         .await
         .unwrap();
@@ -325,16 +335,25 @@ impl LockBackend for Flaky {
         token: &Token,
         ttl: Ttl,
         owner: &str,
+        not_after: Instant,
     ) -> Result<AcquireOutcome> {
         self.maybe_fail(&self.fail_acquires)?;
-        self.inner.try_acquire(key, token, ttl, owner).await
+        self.inner
+            .try_acquire(key, token, ttl, owner, not_after)
+            .await
     }
-    async fn extend(&self, key: &LockKey, token: &Token, ttl: Ttl) -> Result<()> {
+    async fn extend(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        ttl: Ttl,
+        not_after: Instant,
+    ) -> Result<SystemTime> {
         self.maybe_fail(&self.fail_extends)?;
-        self.inner.extend(key, token, ttl).await
+        self.inner.extend(key, token, ttl, not_after).await
     }
-    async fn release(&self, key: &LockKey, token: &Token) -> Result<()> {
-        self.inner.release(key, token).await
+    async fn release(&self, key: &LockKey, token: &Token, not_after: Instant) -> Result<()> {
+        self.inner.release(key, token, not_after).await
     }
     async fn inspect(&self, key: &LockKey) -> Result<Option<LockInfo>> {
         self.inner.inspect(key).await

@@ -21,6 +21,11 @@ const LONG: Duration = Duration::from_secs(30);
 /// database round trip on a loaded CI machine.
 const SHORT: Duration = Duration::from_millis(800);
 
+/// A `not_after` for direct backend calls: well after any answer a case expects.
+fn soon() -> Instant {
+    Instant::now() + LONG
+}
+
 fn ttl(d: Duration) -> Ttl {
     Ttl::new(d).expect("case ttls are valid")
 }
@@ -28,14 +33,14 @@ fn ttl(d: Duration) -> Ttl {
 async fn acquire(setup: &Setup, key: &LockKey, token: &Token, d: Duration) -> AcquireOutcome {
     setup
         .backend
-        .try_acquire(key, token, ttl(d), "distrlock-conformance")
+        .try_acquire(key, token, ttl(d), "distrlock-conformance", soon())
         .await
         .expect("try_acquire must not fail")
 }
 
 fn fence_of(outcome: AcquireOutcome) -> Fence {
     match outcome {
-        AcquireOutcome::Acquired { fence } => fence,
+        AcquireOutcome::Acquired { fence, .. } => fence,
         AcquireOutcome::Held { remaining } => {
             panic!("expected the lock to be acquired, it was held (remaining {remaining:?})")
         }
@@ -95,7 +100,7 @@ pub async fn second_token_refused_while_held(setup: &Setup) {
         Err(Error::HeldByOther { key: k, .. }) => assert_eq!(k, key),
         other => panic!("try_acquire must return HeldByOther, got {other:?}"),
     }
-    setup.backend.release(&key, &holder).await.unwrap();
+    setup.backend.release(&key, &holder, soon()).await.unwrap();
 }
 
 /// 3. The holder's own token re-acquires: same fence, lease renewed, others still
@@ -118,7 +123,7 @@ pub async fn same_token_reacquires_idempotently(setup: &Setup) {
         ),
         "the renewed lease must still be held after the first ttl"
     );
-    setup.backend.release(&key, &token).await.unwrap();
+    setup.backend.release(&key, &token, soon()).await.unwrap();
 }
 
 /// 4. 32 concurrent try-acquires on one key: exactly one wins.
@@ -133,7 +138,7 @@ pub async fn concurrent_try_acquires_one_winner(setup: &Setup) {
         tasks.push(tokio::spawn(async move {
             barrier.wait().await;
             backend
-                .try_acquire(&key, &Token::new(), ttl(LONG), "racer")
+                .try_acquire(&key, &Token::new(), ttl(LONG), "racer", soon())
                 .await
         }));
     }
@@ -154,7 +159,7 @@ pub async fn independent_keys(setup: &Setup) {
     let (ta, tb) = (Token::new(), Token::new());
     fence_of(acquire(setup, &a, &ta, LONG).await);
     fence_of(acquire(setup, &b, &tb, LONG).await);
-    setup.backend.release(&a, &ta).await.unwrap();
+    setup.backend.release(&a, &ta, soon()).await.unwrap();
     assert!(
         matches!(
             acquire(setup, &b, &Token::new(), LONG).await,
@@ -162,7 +167,7 @@ pub async fn independent_keys(setup: &Setup) {
         ),
         "releasing one key must not free another"
     );
-    setup.backend.release(&b, &tb).await.unwrap();
+    setup.backend.release(&b, &tb, soon()).await.unwrap();
 }
 
 /// 6. Keys are exact: case matters, a trailing space matters, and a 255-byte
@@ -218,11 +223,11 @@ pub async fn wrong_token_not_held(setup: &Setup) {
     let before = setup.backend.inspect(&key).await.unwrap().expect("row");
     let wrong = Token::new();
     assert!(matches!(
-        setup.backend.release(&key, &wrong).await,
+        setup.backend.release(&key, &wrong, soon()).await,
         Err(Error::NotHeld { .. })
     ));
     assert!(matches!(
-        setup.backend.extend(&key, &wrong, ttl(LONG)).await,
+        setup.backend.extend(&key, &wrong, ttl(LONG), soon()).await,
         Err(Error::NotHeld { .. })
     ));
     let after = setup.backend.inspect(&key).await.unwrap().expect("row");
@@ -234,25 +239,28 @@ pub async fn wrong_token_not_held(setup: &Setup) {
     );
     setup
         .backend
-        .extend(&key, &token, ttl(LONG))
+        .extend(&key, &token, ttl(LONG), soon())
         .await
         .expect("the holder still extends");
     setup
         .backend
-        .release(&key, &token)
+        .release(&key, &token, soon())
         .await
         .expect("the holder still releases");
     assert!(matches!(
-        setup.backend.release(&key, &Token::new()).await,
+        setup.backend.release(&key, &Token::new(), soon()).await,
         Err(Error::NotHeld { .. })
     ));
     let missing = setup.key("never-acquired");
     assert!(matches!(
-        setup.backend.release(&missing, &token).await,
+        setup.backend.release(&missing, &token, soon()).await,
         Err(Error::NotHeld { .. })
     ));
     assert!(matches!(
-        setup.backend.extend(&missing, &token, ttl(LONG)).await,
+        setup
+            .backend
+            .extend(&missing, &token, ttl(LONG), soon())
+            .await,
         Err(Error::NotHeld { .. })
     ));
 }
@@ -262,14 +270,14 @@ pub async fn double_release(setup: &Setup) {
     let key = setup.key("double-release");
     let token = Token::new();
     fence_of(acquire(setup, &key, &token, LONG).await);
-    setup.backend.release(&key, &token).await.unwrap();
+    setup.backend.release(&key, &token, soon()).await.unwrap();
     assert!(matches!(
-        setup.backend.release(&key, &token).await,
+        setup.backend.release(&key, &token, soon()).await,
         Err(Error::NotHeld { .. })
     ));
     assert!(
         matches!(
-            setup.backend.extend(&key, &token, ttl(LONG)).await,
+            setup.backend.extend(&key, &token, ttl(LONG), soon()).await,
             Err(Error::NotHeld { .. })
         ),
         "a released lease cannot be extended"
@@ -292,12 +300,12 @@ pub async fn extend_keeps_lock_and_fails_after_expiry(setup: &Setup) {
     tokio::time::sleep(SHORT / 2).await;
     setup
         .backend
-        .extend(&key, &token, ttl(SHORT))
+        .extend(&key, &token, ttl(SHORT), soon())
         .await
         .expect("extend while live");
     setup
         .backend
-        .extend(&key, &token, ttl(SHORT))
+        .extend(&key, &token, ttl(SHORT), soon())
         .await
         .expect("a second extend at once");
     tokio::time::sleep(SHORT / 2 + Duration::from_millis(100)).await;
@@ -312,7 +320,7 @@ pub async fn extend_keeps_lock_and_fails_after_expiry(setup: &Setup) {
     tokio::time::sleep(SHORT).await;
     assert!(
         matches!(
-            setup.backend.extend(&key, &token, ttl(SHORT)).await,
+            setup.backend.extend(&key, &token, ttl(SHORT), soon()).await,
             Err(Error::NotHeld { .. })
         ),
         "an expired lease cannot be extended"
@@ -332,11 +340,11 @@ pub async fn expiry_hands_over(setup: &Setup) {
     let f2 = fence_of(acquire(setup, &key, &new, LONG).await);
     assert!(f2 > f1, "a takeover must raise the fence: {f1} then {f2}");
     assert!(matches!(
-        setup.backend.release(&key, &old).await,
+        setup.backend.release(&key, &old, soon()).await,
         Err(Error::NotHeld { .. })
     ));
     assert!(matches!(
-        setup.backend.extend(&key, &old, ttl(LONG)).await,
+        setup.backend.extend(&key, &old, ttl(LONG), soon()).await,
         Err(Error::NotHeld { .. })
     ));
     // The old holder's same-token acquire is a takeover attempt now: refused.
@@ -346,7 +354,7 @@ pub async fn expiry_hands_over(setup: &Setup) {
     ));
     setup
         .backend
-        .release(&key, &new)
+        .release(&key, &new, soon())
         .await
         .expect("the new holder releases");
 }
@@ -503,7 +511,10 @@ pub async fn lost_lock_stops_do_exclusively(setup: &Setup) {
         })
         .await;
     assert!(
-        matches!(result, Err(Error::LockLost { .. })),
+        matches!(
+            result,
+            Err(distrlock_core::ExclusiveError::Lock(Error::LockLost { .. }))
+        ),
         "got {result:?}"
     );
     assert!(
@@ -774,8 +785,8 @@ pub async fn killed_sessions_are_recovered(setup: &Setup) {
     }
     let mut failures = 0;
     for _ in 0..3 {
-        match setup.backend.extend(&key, &token, ttl(LONG)).await {
-            Ok(()) => break,
+        match setup.backend.extend(&key, &token, ttl(LONG), soon()).await {
+            Ok(_) => break,
             Err(error) => {
                 assert!(
                     error.is_transient(),
@@ -791,7 +802,7 @@ pub async fn killed_sessions_are_recovered(setup: &Setup) {
     );
     setup
         .backend
-        .release(&key, &token)
+        .release(&key, &token, soon())
         .await
         .expect("the holder still releases");
 }
@@ -832,7 +843,7 @@ pub async fn same_token_after_release_or_expiry_gets_a_new_fence(setup: &Setup) 
     let key = setup.key("same-token-again");
     let token = Token::new();
     let f1 = fence_of(acquire(setup, &key, &token, LONG).await);
-    setup.backend.release(&key, &token).await.unwrap();
+    setup.backend.release(&key, &token, soon()).await.unwrap();
     let f2 = fence_of(acquire(setup, &key, &token, SHORT).await);
     assert!(f2 > f1, "after a release: {f1} then {f2}");
     tokio::time::sleep(SHORT + Duration::from_millis(100)).await;
@@ -843,7 +854,7 @@ pub async fn same_token_after_release_or_expiry_gets_a_new_fence(setup: &Setup) 
         f3,
         "while live: the same"
     );
-    setup.backend.release(&key, &token).await.unwrap();
+    setup.backend.release(&key, &token, soon()).await.unwrap();
 }
 
 /// 24. `extend_many` renews exactly the leases its tokens hold, answers each
@@ -853,7 +864,7 @@ pub async fn extend_many_renews_only_held_leases(setup: &Setup) {
     let backend = &setup.backend;
     assert!(
         backend
-            .extend_many(&[], ttl(LONG))
+            .extend_many(&[], ttl(LONG), soon())
             .await
             .expect("an empty batch succeeds")
             .is_empty(),
@@ -874,7 +885,10 @@ pub async fn extend_many_renews_only_held_leases(setup: &Setup) {
     let released = setup.key("many-released");
     let released_token = Token::new();
     fence_of(acquire(setup, &released, &released_token, LONG).await);
-    backend.release(&released, &released_token).await.unwrap();
+    backend
+        .release(&released, &released_token, soon())
+        .await
+        .unwrap();
     let missing = setup.key("many-missing");
 
     let leases = [
@@ -887,14 +901,14 @@ pub async fn extend_many_renews_only_held_leases(setup: &Setup) {
         (held_a.clone(), token_a),
     ];
     let results = backend
-        .extend_many(&leases, ttl(LONG))
+        .extend_many(&leases, ttl(LONG), soon())
         .await
         .expect("extend_many must not fail as a whole");
     assert_eq!(results.len(), leases.len(), "one result per entry");
     let renewed: Vec<bool> = results
         .iter()
         .map(|result| match result {
-            Ok(()) => true,
+            Ok(_) => true,
             Err(Error::NotHeld { .. }) => false,
             Err(error) => panic!("an entry failed with {error} instead of NotHeld"),
         })
@@ -940,6 +954,57 @@ pub async fn extend_many_renews_only_held_leases(setup: &Setup) {
         backend.inspect(&missing).await.unwrap().is_none(),
         "no row is created for a key never acquired"
     );
-    backend.release(&held_a, &token_a).await.unwrap();
-    backend.release(&held_b, &token_b).await.unwrap();
+    backend.release(&held_a, &token_a, soon()).await.unwrap();
+    backend.release(&held_b, &token_b, soon()).await.unwrap();
+}
+
+/// 25. A try-acquire whose request is held back by an unreachable database, and
+///     that its caller gave up on (with the manager's cleanup run while still
+///     unreachable), takes no effect when the database is reachable again and
+///     the held-back requests arrive (contract item 8, no late effects): no lease
+///     that nobody holds appears later. Needs the `make_unreachable` and
+///     `restore` fault hooks; `restore` must deliver what the network held back,
+///     as a frozen path that heals does.
+pub async fn timed_out_try_takes_no_effect_later(setup: &Setup) {
+    let key = setup.key("late-delivery");
+    let manager = setup
+        .manager_builder(LONG)
+        .call_timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    if setup.faults.make_unreachable().await.is_err() {
+        eprintln!(
+            "SKIPPED timed_out_try_takes_no_effect_later: the harness cannot make the backend unreachable"
+        );
+        return;
+    }
+    let tried = tokio::time::timeout(
+        Duration::from_secs(5),
+        manager.lock(key.as_str()).unwrap().try_acquire(),
+    )
+    .await
+    .expect("a try on an unreachable backend must end by its call timeout");
+    assert!(
+        tried.as_ref().is_err_and(Error::is_transient),
+        "a try on an unreachable backend fails transiently, got {tried:?}"
+    );
+    // The cleanup of the abandoned try runs (and gives up) while unreachable.
+    tokio::time::timeout(Duration::from_secs(10), manager.settle())
+        .await
+        .expect("the manager's cleanup must end within two call timeouts");
+    setup
+        .faults
+        .restore()
+        .await
+        .expect("a harness that can make the backend unreachable can restore it");
+    // Time for the held-back requests to arrive and run.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let info = setup.backend.inspect(&key).await.unwrap();
+    assert!(
+        !info.as_ref().is_some_and(|i| i.is_live()),
+        "a try that arrived after its caller gave up took the lock: {info:?}"
+    );
+    let other = Token::new();
+    fence_of(acquire(setup, &key, &other, LONG).await);
+    setup.backend.release(&key, &other, soon()).await.unwrap();
 }

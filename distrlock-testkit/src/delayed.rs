@@ -1,12 +1,13 @@
 //! [`DelayedBackend`]: a wrapper that delays every answer of a real backend.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use distrlock_core::{
     AcquireOutcome, LockBackend, LockInfo, LockKey, ReleaseNotifier, Result, Token, Ttl,
 };
+use tokio::time::Instant;
 
 /// Forwards every call to a real backend, then waits `delay` before returning the
 /// answer, like a slow network on the way back.
@@ -35,26 +36,41 @@ impl LockBackend for DelayedBackend {
         token: &Token,
         ttl: Ttl,
         owner: &str,
+        not_after: Instant,
     ) -> Result<AcquireOutcome> {
-        let answer = self.inner.try_acquire(key, token, ttl, owner).await;
+        let answer = self
+            .inner
+            .try_acquire(key, token, ttl, owner, not_after)
+            .await;
         tokio::time::sleep(self.delay).await;
         answer
     }
 
-    async fn extend(&self, key: &LockKey, token: &Token, ttl: Ttl) -> Result<()> {
-        let answer = self.inner.extend(key, token, ttl).await;
+    async fn extend(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        ttl: Ttl,
+        not_after: Instant,
+    ) -> Result<SystemTime> {
+        let answer = self.inner.extend(key, token, ttl, not_after).await;
         tokio::time::sleep(self.delay).await;
         answer
     }
 
-    async fn extend_many(&self, leases: &[(LockKey, Token)], ttl: Ttl) -> Result<Vec<Result<()>>> {
-        let answer = self.inner.extend_many(leases, ttl).await;
+    async fn extend_many(
+        &self,
+        leases: &[(LockKey, Token)],
+        ttl: Ttl,
+        not_after: Instant,
+    ) -> Result<Vec<Result<SystemTime>>> {
+        let answer = self.inner.extend_many(leases, ttl, not_after).await;
         tokio::time::sleep(self.delay).await;
         answer
     }
 
-    async fn release(&self, key: &LockKey, token: &Token) -> Result<()> {
-        let answer = self.inner.release(key, token).await;
+    async fn release(&self, key: &LockKey, token: &Token, not_after: Instant) -> Result<()> {
+        let answer = self.inner.release(key, token, not_after).await;
         tokio::time::sleep(self.delay).await;
         answer
     }

@@ -78,6 +78,7 @@ macro_rules! conformance_tests {
             held_until_local_deadline,
             same_token_after_release_or_expiry_gets_a_new_fence,
             extend_many_renews_only_held_leases,
+            timed_out_try_takes_no_effect_later,
         );
     };
 }

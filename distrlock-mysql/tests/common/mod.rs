@@ -120,8 +120,9 @@ fn redacted(url: &str) -> String {
 
 /// Runs the conformance suite on one shared table, `distrlock_conformance`; each
 /// case keeps to its own key prefix. The backend reaches the server through a
-/// `FaultProxy` of its own: `make_unreachable` stalls it (a network blackhole),
-/// and `kill_sessions` kills this setup's pool sessions with `KILL CONNECTION`.
+/// `FaultProxy` of its own: `make_unreachable` freezes it (traffic held, and
+/// delivered late by `restore`), and `kill_sessions` kills this setup's pool
+/// sessions with `KILL CONNECTION`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct MySqlHarness;
 

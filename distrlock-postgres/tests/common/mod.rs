@@ -172,8 +172,8 @@ pub(crate) async fn kill_sessions(admin: &tokio_postgres::Client, application_na
 /// idempotently by every setup, which also exercises concurrent `create_table`)
 /// with the setup's unique key prefix, and a unique `application_name` per setup so
 /// `kill_sessions` kills exactly this backend's sessions. The backend reaches the
-/// server through a `FaultProxy` of its own, which `make_unreachable` stalls (a
-/// network blackhole).
+/// server through a `FaultProxy` of its own, which `make_unreachable` freezes
+/// (traffic held, and delivered late by `restore`).
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct PostgresHarness;
 
