@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
+use distrlock_core::server_clock::from_unix_micros;
 use distrlock_core::{
     AcquireOutcome, Error, Fence, LockBackend, LockInfo, LockKey, LockState, MAX_OWNER_LEN,
     ReleaseNotifier, Result, TableName, Token, Ttl,
@@ -536,6 +537,8 @@ fn acquire_outcome(key: &LockKey, reply: Reply) -> Result<AcquireOutcome> {
         // 1: inserted; 2: taken over or renewed; 0: renewed to the same expiry.
         1.. if affected <= 2 => Ok(AcquireOutcome::Acquired {
             fence: Fence::new(id),
+            // Not yet the statement's own reading: this process's clock, for now.
+            server_time: SystemTime::now(),
         }),
         // 0 without found-rows, 1 with it.
         ..=-2 if affected <= 1 => {
@@ -597,15 +600,6 @@ fn mismatched(what: &str) -> Error {
     )
 }
 
-fn instant(micros: i64) -> SystemTime {
-    let offset = Duration::from_micros(micros.unsigned_abs());
-    if micros >= 0 {
-        SystemTime::UNIX_EPOCH + offset
-    } else {
-        SystemTime::UNIX_EPOCH - offset
-    }
-}
-
 type InfoRow = (Vec<u8>, String, i64, i64, Option<i64>, Option<i64>);
 
 fn lock_info(row: Row, table: &TableName) -> Result<LockInfo> {
@@ -631,8 +625,8 @@ fn lock_info(row: Row, table: &TableName) -> Result<LockInfo> {
         key,
         owner,
         fence: Fence::new(fence),
-        acquired_at: instant(acquired),
-        expires_at: expires.map(instant),
+        acquired_at: from_unix_micros(acquired),
+        expires_at: expires.map(from_unix_micros),
         state,
         remaining,
     })
@@ -646,6 +640,7 @@ impl LockBackend for MySqlBackend {
         token: &Token,
         ttl: Ttl,
         owner: &str,
+        _not_after: Instant,
     ) -> Result<AcquireOutcome> {
         let call = self.acquire_call(key, token, ttl, owner)?;
         match self.run_unmapped("acquire", &call).await {
@@ -661,7 +656,13 @@ impl LockBackend for MySqlBackend {
         }
     }
 
-    async fn extend(&self, key: &LockKey, token: &Token, ttl: Ttl) -> Result<()> {
+    async fn extend(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        ttl: Ttl,
+        _not_after: Instant,
+    ) -> Result<SystemTime> {
         let call = Call::Write {
             sql: &self.inner.sql.extend,
             params: vec![
@@ -671,14 +672,21 @@ impl LockBackend for MySqlBackend {
             ],
         };
         let ran = self.run("extend", &call).await?;
-        self.guarded_outcome(key, ran.reply, "extend")
+        self.guarded_outcome(key, ran.reply, "extend")?;
+        // Not yet the statement's own reading: this process's clock, for now.
+        Ok(SystemTime::now())
     }
 
     /// One `UPDATE` per 1,024 distinct leases when every lease is renewed (the
     /// usual case); when the affected-rows count shows that some were not, each
     /// lease of the batch is asked again with [`extend`](LockBackend::extend),
     /// which renews the live ones once more and reports the others as not held.
-    async fn extend_many(&self, leases: &[(LockKey, Token)], ttl: Ttl) -> Result<Vec<Result<()>>> {
+    async fn extend_many(
+        &self,
+        leases: &[(LockKey, Token)],
+        ttl: Ttl,
+        not_after: Instant,
+    ) -> Result<Vec<Result<SystemTime>>> {
         let mut seen = std::collections::HashSet::with_capacity(leases.len());
         let distinct: Vec<&(LockKey, Token)> =
             leases.iter().filter(|lease| seen.insert(*lease)).collect();
@@ -711,16 +719,17 @@ impl LockBackend for MySqlBackend {
             all_renewed &= affected == chunk.len() as u64;
         }
         if all_renewed {
-            return Ok(leases.iter().map(|_| Ok(())).collect());
+            let now = SystemTime::now();
+            return Ok(leases.iter().map(|_| Ok(now)).collect());
         }
         let mut results = Vec::with_capacity(leases.len());
         for (key, token) in leases {
-            results.push(self.extend(key, token, ttl).await);
+            results.push(self.extend(key, token, ttl, not_after).await);
         }
         Ok(results)
     }
 
-    async fn release(&self, key: &LockKey, token: &Token) -> Result<()> {
+    async fn release(&self, key: &LockKey, token: &Token, _not_after: Instant) -> Result<()> {
         let call = self.release_call(key, token);
         let ran = self.run("release", &call).await?;
         match (
@@ -812,12 +821,10 @@ mod tests {
     #[test]
     fn reads_acquire_answers() {
         for (affected, id) in [(1, 1), (2, 7), (0, 7)] {
-            assert_eq!(
+            assert!(matches!(
                 acquire_outcome(&key(), written(affected, id)).unwrap(),
-                AcquireOutcome::Acquired {
-                    fence: Fence::new(id)
-                }
-            );
+                AcquireOutcome::Acquired { fence, .. } if fence == Fence::new(id)
+            ));
         }
         // Refused, with and without found-rows: remaining = -1 - id µs.
         for affected in [0, 1] {
@@ -847,18 +854,5 @@ mod tests {
         for (affected, id) in [(1, 0), (1, -1), (0, -2)] {
             assert!(read(affected, id).is_err(), "{affected} {id}");
         }
-    }
-
-    #[test]
-    fn converts_server_instants() {
-        assert_eq!(instant(0), SystemTime::UNIX_EPOCH);
-        assert_eq!(
-            instant(1_500_000),
-            SystemTime::UNIX_EPOCH + Duration::from_millis(1500)
-        );
-        assert_eq!(
-            instant(-1),
-            SystemTime::UNIX_EPOCH - Duration::from_micros(1)
-        );
     }
 }

@@ -16,6 +16,11 @@ use distrlock_mysql::{MySqlBackend, MySqlConfig};
 
 const LONG: Duration = Duration::from_secs(30);
 
+/// A `not_after` far enough away for any single call of these tests.
+fn soon() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(10)
+}
+
 fn ttl(d: Duration) -> Ttl {
     Ttl::new(d).unwrap()
 }
@@ -31,14 +36,14 @@ async fn acquire(
     d: Duration,
 ) -> AcquireOutcome {
     backend
-        .try_acquire(key, token, ttl(d), "mysql-test")
+        .try_acquire(key, token, ttl(d), "mysql-test", soon())
         .await
         .expect("try_acquire")
 }
 
 fn fence(outcome: AcquireOutcome) -> Fence {
     match outcome {
-        AcquireOutcome::Acquired { fence } => fence,
+        AcquireOutcome::Acquired { fence, .. } => fence,
         other => panic!("expected Acquired, got {other:?}"),
     }
 }
@@ -146,7 +151,7 @@ async fn sessions_in_different_time_zones_contend_correctly() {
     let f2 = fence(acquire(&backends[1], &k, &taker, LONG).await);
     assert!(f2 > f1);
     assert!(matches!(
-        backends[0].extend(&k, &holder, ttl(LONG)).await,
+        backends[0].extend(&k, &holder, ttl(LONG), soon()).await,
         Err(Error::NotHeld { .. })
     ));
     let mut expiries = Vec::new();
@@ -158,11 +163,11 @@ async fn sessions_in_different_time_zones_contend_correctly() {
         "every zone reads the same expiry: {expiries:?}"
     );
     assert!(matches!(
-        backends[2].release(&k, &Token::new()).await,
+        backends[2].release(&k, &Token::new(), soon()).await,
         Err(Error::NotHeld { .. })
     ));
     // The holder's token releases from a session in any zone.
-    backends[3].release(&k, &taker).await.unwrap();
+    backends[3].release(&k, &taker, soon()).await.unwrap();
     drop_table(&table).await;
 }
 
@@ -222,7 +227,9 @@ async fn row_locked_by_foreign_transaction_returns_within_bound() {
     };
     for (what, k) in [("acquire existing", &k), ("acquire new", &fresh)] {
         let started = Instant::now();
-        let outcome = b.try_acquire(k, &Token::new(), ttl(LONG), "t").await;
+        let outcome = b
+            .try_acquire(k, &Token::new(), ttl(LONG), "t", soon())
+            .await;
         within_bound(what, started.elapsed());
         assert!(
             matches!(outcome, Ok(AcquireOutcome::Held { remaining: None })),
@@ -232,12 +239,16 @@ async fn row_locked_by_foreign_transaction_returns_within_bound() {
     for (what, call) in [("extend", 0), ("extend_many", 1), ("release", 2)] {
         let started = Instant::now();
         let result = match call {
-            0 => b.extend(&k, &token, ttl(LONG)).await,
+            0 => b.extend(&k, &token, ttl(LONG), soon()).await.map(|_| ()),
             1 => b
-                .extend_many(&[(free.clone(), free_token), (k.clone(), token)], ttl(LONG))
+                .extend_many(
+                    &[(free.clone(), free_token), (k.clone(), token)],
+                    ttl(LONG),
+                    soon(),
+                )
                 .await
                 .map(|results| panic!("extend_many answered per lease: {results:?}")),
-            _ => b.release(&k, &token).await,
+            _ => b.release(&k, &token, soon()).await,
         };
         within_bound(what, started.elapsed());
         let error = result.expect_err(what);
@@ -272,9 +283,9 @@ async fn row_locked_by_foreign_transaction_returns_within_bound() {
     tx.rollback().await.unwrap();
     let _ = foreign.disconnect().await;
     // Once the foreign transaction is gone, everything works again.
-    b.extend(&k, &token, ttl(LONG)).await.unwrap();
+    b.extend(&k, &token, ttl(LONG), soon()).await.unwrap();
     fence(acquire(&b, &fresh, &Token::new(), LONG).await);
-    b.release(&k, &token).await.unwrap();
+    b.release(&k, &token, soon()).await.unwrap();
     drop_table(&table).await;
 }
 
@@ -331,7 +342,7 @@ async fn killed_sessions_case(test: &str, prefer_socket: bool) {
         let sessions = ids.lock().unwrap().clone();
         kill(&sessions).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
-        b.extend(&k, &token, ttl(LONG))
+        b.extend(&k, &token, ttl(LONG), soon())
             .await
             .unwrap_or_else(|e| panic!("round {round}: extend: {e}"));
         assert_eq!(
@@ -344,7 +355,7 @@ async fn killed_sessions_case(test: &str, prefer_socket: bool) {
         fence(acquire(&b, &other, &t2, LONG).await);
         assert!(b.inspect(&k).await.unwrap().unwrap().is_live());
         assert!(!b.list().await.unwrap().is_empty());
-        b.release(&other, &t2).await.unwrap();
+        b.release(&other, &t2, soon()).await.unwrap();
     }
 
     // A session killed in the middle of a statement: that call fails, the next
@@ -360,7 +371,7 @@ async fn killed_sessions_case(test: &str, prefer_socket: bool) {
     let waiting = {
         let b = b.clone();
         let k = k.clone();
-        tokio::spawn(async move { b.extend(&k, &token, ttl(LONG)).await })
+        tokio::spawn(async move { b.extend(&k, &token, ttl(LONG), soon()).await })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     let sessions = ids.lock().unwrap().clone();
@@ -370,10 +381,10 @@ async fn killed_sessions_case(test: &str, prefer_socket: bool) {
     assert!(error.is_transient(), "{error}");
     tx.rollback().await.unwrap();
     let _ = foreign.disconnect().await;
-    b.extend(&k, &token, ttl(LONG))
+    b.extend(&k, &token, ttl(LONG), soon())
         .await
         .expect("the next call works");
-    b.release(&k, &token)
+    b.release(&k, &token, soon())
         .await
         .expect("the holder still releases");
     drop_table(&table).await;
@@ -404,7 +415,7 @@ async fn qualified_database_table_names_work() {
         .await
         .unwrap();
     assert_eq!(count, Some(1), "the row lives in the named database");
-    b.release(&k, &token).await.unwrap();
+    b.release(&k, &token, soon()).await.unwrap();
     admin
         .query_drop(format!("DROP DATABASE `{db}`"))
         .await
@@ -468,9 +479,11 @@ async fn double_extend_within_one_clock_tick_keeps_the_lock() {
         let rows: Option<i64> = conn.query_first("SELECT ROW_COUNT()").await.unwrap();
         rows.unwrap()
     };
-    b.extend(&k, &token, ttl(LONG)).await.expect("first extend");
+    b.extend(&k, &token, ttl(LONG), soon())
+        .await
+        .expect("first extend");
     let first = changed(b.clone()).await;
-    b.extend(&k, &token, ttl(LONG))
+    b.extend(&k, &token, ttl(LONG), soon())
         .await
         .expect("second extend in the same tick");
     let second = changed(b.clone()).await;
@@ -502,7 +515,7 @@ async fn double_extend_within_one_clock_tick_keeps_the_lock() {
     let mut conn = b.pool().get_conn().await.unwrap();
     conn.query_drop("SET timestamp = DEFAULT").await.unwrap();
     drop(conn);
-    b.release(&k, &token).await.unwrap();
+    b.release(&k, &token, soon()).await.unwrap();
     drop_table(&table).await;
 }
 
@@ -616,7 +629,7 @@ async fn pinned_session_clock_is_refused_on_the_callers_connection() {
         let info = b.inspect(&fresh).await.unwrap().expect("row");
         assert_eq!(info.fence, Fence::new(1), "{offset}");
         assert_eq!(info.owner, "mysql-test", "{offset}: the real holder's row");
-        b.release(&fresh, &other).await.unwrap();
+        b.release(&fresh, &other, soon()).await.unwrap();
         own.query_drop("SET @@timestamp = DEFAULT").await.unwrap();
     }
 
@@ -661,7 +674,7 @@ async fn pinned_pool_sessions_are_refused() {
         assert_refused_for_pinned_clock(
             &format!("acquire of a new key, clock {offset} s off"),
             pinned
-                .try_acquire(&fresh, &Token::new(), ttl(LONG), "pinned")
+                .try_acquire(&fresh, &Token::new(), ttl(LONG), "pinned", soon())
                 .await,
         );
         assert!(
@@ -671,22 +684,24 @@ async fn pinned_pool_sessions_are_refused() {
         for (what, token) in [("another token", Token::new()), ("the holder", holder)] {
             assert_refused_for_pinned_clock(
                 &format!("acquire of a held key by {what}, clock {offset} s off"),
-                pinned.try_acquire(&held, &token, ttl(LONG), "pinned").await,
+                pinned
+                    .try_acquire(&held, &token, ttl(LONG), "pinned", soon())
+                    .await,
             );
         }
         assert_refused_for_pinned_clock(
             &format!("extend, clock {offset} s off"),
-            pinned.extend(&held, &holder, ttl(LONG)).await,
+            pinned.extend(&held, &holder, ttl(LONG), soon()).await,
         );
         assert_refused_for_pinned_clock(
             &format!("extend_many, clock {offset} s off"),
             pinned
-                .extend_many(&[(held.clone(), holder)], ttl(LONG))
+                .extend_many(&[(held.clone(), holder)], ttl(LONG), soon())
                 .await,
         );
         assert_refused_for_pinned_clock(
             &format!("release, clock {offset} s off"),
-            pinned.release(&held, &holder).await,
+            pinned.release(&held, &holder, soon()).await,
         );
         let info = real.inspect(&held).await.unwrap().expect("row");
         assert_eq!(
@@ -696,7 +711,7 @@ async fn pinned_pool_sessions_are_refused() {
         );
         pinned.disconnect().await.unwrap();
     }
-    real.release(&held, &holder).await.unwrap();
+    real.release(&held, &holder, soon()).await.unwrap();
     drop_table(&table).await;
 }
 
@@ -754,10 +769,10 @@ async fn each_operation_is_one_statement() {
 
     // Warm up: prepare every statement once on the connection.
     fence(acquire(&b, &k, &token, LONG).await);
-    b.extend(&k, &token, t).await.unwrap();
+    b.extend(&k, &token, t, soon()).await.unwrap();
     b.inspect(&k).await.unwrap();
     b.list().await.unwrap();
-    b.release(&k, &token).await.unwrap();
+    b.release(&k, &token, soon()).await.unwrap();
 
     let mut conn = b.pool().get_conn().await.unwrap();
     let id = conn.id();
@@ -805,14 +820,14 @@ async fn each_operation_is_one_statement() {
         "acquire (same token)",
         fence(acquire(&b, &k, &token, LONG).await)
     );
-    counted!("extend", b.extend(&k, &token, t).await.unwrap());
+    counted!("extend", b.extend(&k, &token, t, soon()).await.unwrap());
     counted!(
         "extend (not held)",
-        assert!(b.extend(&k, &other, t).await.is_err())
+        assert!(b.extend(&k, &other, t, soon()).await.is_err())
     );
     counted!("inspect", b.inspect(&k).await.unwrap());
     counted!("list", b.list().await.unwrap());
-    counted!("release", b.release(&k, &token).await.unwrap());
+    counted!("release", b.release(&k, &token, soon()).await.unwrap());
 
     // The caller's-connection path runs the same statements.
     let mut own = require!(test, raw_conn().await);
@@ -876,7 +891,7 @@ async fn acquire_and_release_inside_the_callers_transaction() {
             .unwrap(),
     );
     let started = Instant::now();
-    let blocked = b.try_acquire(&k, &Token::new(), t, "other").await;
+    let blocked = b.try_acquire(&k, &Token::new(), t, "other", soon()).await;
     assert!(
         matches!(blocked, Ok(AcquireOutcome::Held { remaining: None })),
         "an uncommitted acquire makes the key busy, holder unknown: {blocked:?}"
@@ -937,7 +952,7 @@ async fn rolled_back_acquire_hands_out_its_fence_again() {
     let first = Token::new();
     let f1 = fence(acquire(&b, &k, &first, LONG).await);
     assert_eq!((rolled_back, f1), (Fence::new(1), Fence::new(1)));
-    b.release(&k, &first).await.unwrap();
+    b.release(&k, &first, soon()).await.unwrap();
 
     // A takeover of the released row: the same number twice too.
     let mut tx = own.start_transaction(TxOpts::default()).await.unwrap();
@@ -955,7 +970,7 @@ async fn rolled_back_acquire_hands_out_its_fence_again() {
         f2, rolled_back,
         "the rolled-back acquire's fence is handed out again"
     );
-    b.release(&k, &second).await.unwrap();
+    b.release(&k, &second, soon()).await.unwrap();
 
     // Committed: it counts, and the next holding's fence is greater.
     let mut tx = own.start_transaction(TxOpts::default()).await.unwrap();
@@ -990,14 +1005,14 @@ async fn found_rows_connections_read_outcomes_correctly() {
     let f = fence(acquire(&b, &k, &a, LONG).await);
     remaining(acquire(&b, &k, &other, LONG).await);
     assert_eq!(fence(acquire(&b, &k, &a, LONG).await), f);
-    b.extend(&k, &a, ttl(LONG)).await.unwrap();
+    b.extend(&k, &a, ttl(LONG), soon()).await.unwrap();
     assert!(matches!(
-        b.extend(&k, &other, ttl(LONG)).await,
+        b.extend(&k, &other, ttl(LONG), soon()).await,
         Err(Error::NotHeld { .. })
     ));
-    b.release(&k, &a).await.unwrap();
+    b.release(&k, &a, soon()).await.unwrap();
     assert!(matches!(
-        b.release(&k, &a).await,
+        b.release(&k, &a, soon()).await,
         Err(Error::NotHeld { .. })
     ));
     assert!(fence(acquire(&b, &k, &other, LONG).await) > f);
@@ -1016,9 +1031,11 @@ async fn missing_table_is_typed_and_create_table_is_idempotent() {
     let k = key("missing");
     let token = Token::new();
     let results = [
-        b.try_acquire(&k, &token, ttl(LONG), "x").await.map(|_| ()),
-        b.extend(&k, &token, ttl(LONG)).await,
-        b.release(&k, &token).await,
+        b.try_acquire(&k, &token, ttl(LONG), "x", soon())
+            .await
+            .map(|_| ()),
+        b.extend(&k, &token, ttl(LONG), soon()).await.map(|_| ()),
+        b.release(&k, &token, soon()).await,
         b.inspect(&k).await.map(|_| ()),
         b.list().await.map(|_| ()),
     ];
@@ -1178,12 +1195,12 @@ async fn simultaneous_assignment_mode_keeps_mutual_exclusion() {
     let k = key("released");
     let (a, b_token, c) = (Token::new(), Token::new(), Token::new());
     let f1 = fence(acquire(&b, &k, &a, LONG).await);
-    b.release(&k, &a).await.unwrap();
+    b.release(&k, &a, soon()).await.unwrap();
     let f2 = fence(acquire(&b, &k, &b_token, LONG).await);
     assert!(f2 > f1);
     remaining(acquire(&b, &k, &c, LONG).await);
     assert_eq!(b.inspect(&k).await.unwrap().unwrap().state, LockState::Held);
-    b.extend(&k, &b_token, ttl(LONG))
+    b.extend(&k, &b_token, ttl(LONG), soon())
         .await
         .expect("the new holder extends");
     // Expired row taken over.

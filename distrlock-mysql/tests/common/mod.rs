@@ -164,12 +164,12 @@ struct MySqlFaults {
 #[async_trait::async_trait]
 impl Faults for MySqlFaults {
     async fn make_unreachable(&self) -> Result<(), Unsupported> {
-        self.proxy.set_stalled(true);
+        self.proxy.freeze();
         Ok(())
     }
 
     async fn restore(&self) -> Result<(), Unsupported> {
-        self.proxy.heal();
+        self.proxy.thaw();
         Ok(())
     }
 
