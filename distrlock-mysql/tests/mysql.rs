@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use common::{
     backend, config, drop_table, kill, raw_conn, recording_opts, server_now_secs, session_status,
-    unique,
+    soon, unique,
 };
 use distrlock_core::{AcquireOutcome, Error, Fence, LockBackend, LockKey, LockState, Token, Ttl};
 use distrlock_mysql::mysql_async::prelude::Queryable;
@@ -15,11 +15,6 @@ use distrlock_mysql::mysql_async::{Opts, OptsBuilder, TxOpts};
 use distrlock_mysql::{MySqlBackend, MySqlConfig};
 
 const LONG: Duration = Duration::from_secs(30);
-
-/// A `not_after` far enough away for any single call of these tests.
-fn soon() -> tokio::time::Instant {
-    tokio::time::Instant::now() + Duration::from_secs(10)
-}
 
 fn ttl(d: Duration) -> Ttl {
     Ttl::new(d).unwrap()
