@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
+use distrlock_core::server_clock::from_unix_micros;
 use distrlock_core::{
     AcquireOutcome, Error, Fence, LockBackend, LockInfo, LockKey, LockState, MAX_OWNER_LEN,
     ReleaseNotifier, Result, TableName, Token, Ttl,
@@ -14,7 +15,9 @@ use mysql_async::{Conn, Error as MyError, Opts, Pool, Row, Value};
 use tokio::time::Instant;
 
 use crate::config::{MySqlConfig, Settings};
-use crate::error::{self, is_connection_error, is_deadlock};
+use crate::error::{
+    self, is_connection_error, is_deadlock, is_lock_wait_timeout, is_pinned_clock_refusal,
+};
 use crate::sql::{self, Statements};
 
 /// Locks stored as rows of one table in MySQL 5.7/8.x or MariaDB ≥ 10.5, through a
@@ -41,6 +44,38 @@ use crate::sql::{self, Statements};
 /// time, so it reports the first error (transient) instead of
 /// [`Error::NotHeld`]. Statements that ran into a timeout are not retried, so
 /// every call stays bounded.
+///
+/// # Rows locked by another transaction
+///
+/// A statement waits for a row lock held by another transaction (an
+/// uncommitted [`try_acquire_in`](Self::try_acquire_in), a `SELECT … FOR
+/// UPDATE`) at most [`MySqlConfig::lock_wait_timeout`]; then the server rolls
+/// it back (error 1205) and nothing has changed. A
+/// [`try_acquire`](LockBackend::try_acquire) answers that with
+/// [`AcquireOutcome::Held`] and no remaining lease: someone else is busy with
+/// the key, as on PostgreSQL, and a waiting acquire backs off and tries again.
+/// For [`extend`](LockBackend::extend), [`extend_many`](LockBackend::extend_many)
+/// (the whole batch) and [`release`](LockBackend::release) it is a transient
+/// [`Error::Backend`]: the lease is as it was, and the caller learns nothing
+/// about it, so neither "held" nor [`Error::NotHeld`] would be honest. The same
+/// goes for a metadata-lock wait (a DDL statement on the table), which fails
+/// with the same error.
+///
+/// # A pinned session clock
+///
+/// Leases run on the server's clock as each statement reads it
+/// (`UTC_TIMESTAMP(6)`), which a session can pin with `SET @@timestamp = …`:
+/// then every lease it writes ends at the wrong time, and it judges other
+/// leases on the wrong clock. Acquire, extend (single and batched) and release
+/// check in the same statement that the session's clock is the server's real
+/// one (`SYSDATE()`, which cannot be pinned), within
+/// [`MySqlConfig::clock_tolerance`]; otherwise they change nothing and fail with
+/// [`Error::InvalidConfig`], on the pool (whose sessions a setup statement of
+/// yours may have pinned) and on your own connection alike. `InvalidConfig`,
+/// because the cause is the session's setting, not the database, and no retry
+/// helps until `SET @@timestamp = DEFAULT`. See "A pinned session clock" in
+/// the source of `sql.rs` for how, and for what it cannot detect (a clock
+/// pinned within the tolerance, servers started with `--sysdate-is-now`).
 ///
 /// # Release notifications
 ///
@@ -91,7 +126,10 @@ impl MySqlBackend {
     /// The DDL that [`create_table`](LockBackend::create_table) runs for `table`,
     /// without connecting: for migration tools and `distrlock schema`.
     pub fn schema_sql_for(table: &TableName) -> String {
-        format!("{};\n", Statements::new(table).create_table)
+        format!(
+            "{};\n",
+            Statements::new(table, MySqlConfig::new().clock_tolerance()).create_table
+        )
     }
 
     /// A config to build a backend with other settings.
@@ -105,7 +143,7 @@ impl MySqlBackend {
         server: Option<String>,
         settings: Settings,
     ) -> Self {
-        let sql = Statements::new(&settings.table);
+        let sql = Statements::new(&settings.table, settings.clock_tolerance);
         Self {
             inner: Arc::new(Inner {
                 pool,
@@ -154,11 +192,22 @@ impl MySqlBackend {
     /// It runs the same statement as [`LockBackend::try_acquire`], with the same
     /// outcomes, but without the backend's retries and client-side timeouts: the
     /// connection's own session settings bound it (see
-    /// [`MySqlConfig::session_setup_sql`]). Inside a transaction:
+    /// [`MySqlConfig::session_setup_sql`]). A row-lock wait past your session's
+    /// `innodb_lock_wait_timeout` is an error here (1205, transient), not
+    /// [`AcquireOutcome::Held`]: with `innodb_rollback_on_timeout` the server
+    /// rolls back your whole transaction, which you need to know. Inside a
+    /// transaction:
     ///
     /// - the acquisition is undone if the transaction rolls back, and other
     ///   sessions see it only once it commits; until then they wait on the row
     ///   lock (up to their `innodb_lock_wait_timeout`), so commit promptly;
+    /// - **the fence counts only once the transaction commits.** A rolled-back
+    ///   acquire never happened: its fence is not kept anywhere, and the next
+    ///   acquisition of the key may be handed the same fence number. Present
+    ///   the fence to anything outside the transaction (a storage service that
+    ///   rejects stale fences) only after the commit succeeded; if the commit's
+    ///   outcome is unknown (the connection broke during `COMMIT`),
+    ///   [`inspect`](LockBackend::inspect) the key first;
     /// - the lease is counted from the statement, not from the commit;
     /// - a *refused* try also locks the holder's row until your transaction ends
     ///   (InnoDB locks the duplicate row of every `INSERT … ON DUPLICATE KEY
@@ -166,6 +215,12 @@ impl MySqlBackend {
     ///   `innodb_lock_wait_timeout`, so on `Held` roll back or commit at once;
     /// - like any statement that calls `LAST_INSERT_ID(expr)`, it sets the
     ///   session's `LAST_INSERT_ID()`: read your own generated ids before calling it.
+    ///
+    /// A session whose clock is pinned (`SET @@timestamp = …`) gets
+    /// [`Error::InvalidConfig`] and nothing changes (see "A pinned session
+    /// clock" on the type). So do sessions that wait longer than
+    /// [`MySqlConfig::clock_tolerance`] for the table's metadata lock: bound
+    /// `lock_wait_timeout` with [`MySqlConfig::session_setup_sql`].
     pub async fn try_acquire_in<Q: Queryable>(
         &self,
         conn: &mut Q,
@@ -185,9 +240,18 @@ impl MySqlBackend {
     ///
     /// The same statement as [`LockBackend::release`], without retries or
     /// client-side timeouts. Inside a transaction the release takes effect at
-    /// commit; it is not announced on the
+    /// commit, and a rollback keeps the lease and its fence as they were (the
+    /// fence of an acquisition made in the same transaction counts only if that
+    /// transaction commits, see [`try_acquire_in`](Self::try_acquire_in)). It is
+    /// not announced on the
     /// [`release_notifier`](LockBackend::release_notifier), since the backend
     /// cannot tell when (or whether) you commit.
+    ///
+    /// A session whose clock is pinned (`SET @@timestamp = …`) gets
+    /// [`Error::InvalidConfig`] and the lease stays as it is (see "A pinned
+    /// session clock" on the type); so does a release that waited longer than
+    /// [`MySqlConfig::clock_tolerance`] for locks, which
+    /// [`MySqlConfig::session_setup_sql`] rules out.
     pub async fn release_in<Q: Queryable>(
         &self,
         conn: &mut Q,
@@ -198,7 +262,7 @@ impl MySqlBackend {
         let reply = execute(conn, &call)
             .await
             .map_err(|e| self.map(e, "release"))?;
-        guarded_outcome(key, reply, "release")
+        self.guarded_outcome(key, reply, "release")
     }
 
     /// Opens (or borrows) one connection within the connect timeout, to check
@@ -210,7 +274,23 @@ impl MySqlBackend {
     }
 
     fn map(&self, error: MyError, what: &str) -> Error {
+        if is_pinned_clock_refusal(&error) {
+            return self.pinned_clock(what);
+        }
         error::map(error, &self.inner.settings.table, what)
+    }
+
+    fn pinned_clock(&self, what: &str) -> Error {
+        error::pinned_clock(what, self.inner.settings.clock_tolerance)
+    }
+
+    /// Reads the answer of extend or release (see [`guarded_outcome`]).
+    fn guarded_outcome(&self, key: &LockKey, reply: Reply, what: &str) -> Result<()> {
+        match guarded_outcome(key, reply, what)? {
+            Guarded::Matched => Ok(()),
+            Guarded::NotHeld => Err(Error::NotHeld { key: key.clone() }),
+            Guarded::PinnedClock => Err(self.pinned_clock(what)),
+        }
     }
 
     fn acquire_call(
@@ -262,6 +342,14 @@ impl MySqlBackend {
     /// Runs `call` on a pooled connection, retrying once after a broken
     /// connection or a deadlock (see the type's docs).
     async fn run(&self, what: &'static str, call: &Call<'_>) -> Result<Ran> {
+        self.run_unmapped(what, call)
+            .await
+            .map_err(|failed| failed.into_error(self, what))
+    }
+
+    /// [`run`](Self::run), leaving the last failure unmapped for callers that
+    /// read some server errors as an answer.
+    async fn run_unmapped(&self, what: &'static str, call: &Call<'_>) -> Result<Ran, Failed> {
         match self.attempt(call, false).await {
             Ok(reply) => Ok(Ran {
                 reply,
@@ -270,15 +358,12 @@ impl MySqlBackend {
             Err(Failed::Statement(e)) if is_connection_error(&e) || is_deadlock(&e) => {
                 let first = self.map(e, what);
                 tracing::debug!(table = %self.table(), %first, "{what} failed; retrying once on a verified connection");
-                match self.attempt(call, true).await {
-                    Ok(reply) => Ok(Ran {
-                        reply,
-                        retried_after: Some(first),
-                    }),
-                    Err(failed) => Err(failed.into_error(self, what)),
-                }
+                self.attempt(call, true).await.map(|reply| Ran {
+                    reply,
+                    retried_after: Some(first),
+                })
             }
-            Err(failed) => Err(failed.into_error(self, what)),
+            Err(failed) => Err(failed),
         }
     }
 
@@ -452,6 +537,8 @@ fn acquire_outcome(key: &LockKey, reply: Reply) -> Result<AcquireOutcome> {
         // 1: inserted; 2: taken over or renewed; 0: renewed to the same expiry.
         1.. if affected <= 2 => Ok(AcquireOutcome::Acquired {
             fence: Fence::new(id),
+            // Not yet the statement's own reading: this process's clock, for now.
+            server_time: SystemTime::now(),
         }),
         // 0 without found-rows, 1 with it.
         ..=-2 if affected <= 1 => {
@@ -464,13 +551,25 @@ fn acquire_outcome(key: &LockKey, reply: Reply) -> Result<AcquireOutcome> {
     }
 }
 
+/// What extend or release found (see `sql` for the encoding).
+#[derive(Debug, PartialEq, Eq)]
+enum Guarded {
+    /// The token's live lease: extended or released.
+    Matched,
+    /// No live lease of the token; nothing changed.
+    NotHeld,
+    /// The session's clock is pinned; nothing changed.
+    PinnedClock,
+}
+
 /// Reads the answer of extend or release: the fence when the token's live lease
-/// matched, 0 when nothing did.
-fn guarded_outcome(key: &LockKey, reply: Reply, what: &str) -> Result<()> {
+/// matched, 0 when nothing did, −1 when the session's clock is pinned.
+fn guarded_outcome(key: &LockKey, reply: Reply, what: &str) -> Result<Guarded> {
     let (affected, id) = reply.written(what)?;
     match id {
-        1.. if affected <= 1 => Ok(()),
-        0 if affected == 0 => Err(Error::NotHeld { key: key.clone() }),
+        1.. if affected <= 1 => Ok(Guarded::Matched),
+        0 if affected == 0 => Ok(Guarded::NotHeld),
+        -1 if affected == 0 => Ok(Guarded::PinnedClock),
         _ => Err(unexpected(what, key, affected, id)),
     }
 }
@@ -501,15 +600,6 @@ fn mismatched(what: &str) -> Error {
     )
 }
 
-fn instant(micros: i64) -> SystemTime {
-    let offset = Duration::from_micros(micros.unsigned_abs());
-    if micros >= 0 {
-        SystemTime::UNIX_EPOCH + offset
-    } else {
-        SystemTime::UNIX_EPOCH - offset
-    }
-}
-
 type InfoRow = (Vec<u8>, String, i64, i64, Option<i64>, Option<i64>);
 
 fn lock_info(row: Row, table: &TableName) -> Result<LockInfo> {
@@ -535,8 +625,8 @@ fn lock_info(row: Row, table: &TableName) -> Result<LockInfo> {
         key,
         owner,
         fence: Fence::new(fence),
-        acquired_at: instant(acquired),
-        expires_at: expires.map(instant),
+        acquired_at: from_unix_micros(acquired),
+        expires_at: expires.map(from_unix_micros),
         state,
         remaining,
     })
@@ -550,13 +640,29 @@ impl LockBackend for MySqlBackend {
         token: &Token,
         ttl: Ttl,
         owner: &str,
+        _not_after: Instant,
     ) -> Result<AcquireOutcome> {
         let call = self.acquire_call(key, token, ttl, owner)?;
-        let ran = self.run("acquire", &call).await?;
-        acquire_outcome(key, ran.reply)
+        match self.run_unmapped("acquire", &call).await {
+            Ok(ran) => acquire_outcome(key, ran.reply),
+            // Waited out the row-lock bound on a row another transaction holds
+            // (an uncommitted acquire, a `SELECT … FOR UPDATE`): the statement was
+            // rolled back, so nothing changed, and someone else is busy with the
+            // key. The same answer as PostgreSQL's for its `lock_timeout`.
+            Err(Failed::Statement(e)) if is_lock_wait_timeout(&e) => {
+                Ok(AcquireOutcome::Held { remaining: None })
+            }
+            Err(failed) => Err(failed.into_error(self, "acquire")),
+        }
     }
 
-    async fn extend(&self, key: &LockKey, token: &Token, ttl: Ttl) -> Result<()> {
+    async fn extend(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        ttl: Ttl,
+        _not_after: Instant,
+    ) -> Result<SystemTime> {
         let call = Call::Write {
             sql: &self.inner.sql.extend,
             params: vec![
@@ -566,14 +672,21 @@ impl LockBackend for MySqlBackend {
             ],
         };
         let ran = self.run("extend", &call).await?;
-        guarded_outcome(key, ran.reply, "extend")
+        self.guarded_outcome(key, ran.reply, "extend")?;
+        // Not yet the statement's own reading: this process's clock, for now.
+        Ok(SystemTime::now())
     }
 
     /// One `UPDATE` per 1,024 distinct leases when every lease is renewed (the
     /// usual case); when the affected-rows count shows that some were not, each
     /// lease of the batch is asked again with [`extend`](LockBackend::extend),
     /// which renews the live ones once more and reports the others as not held.
-    async fn extend_many(&self, leases: &[(LockKey, Token)], ttl: Ttl) -> Result<Vec<Result<()>>> {
+    async fn extend_many(
+        &self,
+        leases: &[(LockKey, Token)],
+        ttl: Ttl,
+        not_after: Instant,
+    ) -> Result<Vec<Result<SystemTime>>> {
         let mut seen = std::collections::HashSet::with_capacity(leases.len());
         let distinct: Vec<&(LockKey, Token)> =
             leases.iter().filter(|lease| seen.insert(*lease)).collect();
@@ -593,28 +706,34 @@ impl LockBackend for MySqlBackend {
                 params.push(key_value(key));
                 params.push(token_value(token));
             }
-            let sql = sql::extend_many(&table, slots);
+            let sql = sql::extend_many(&table, slots, &self.inner.sql.real_clock);
             let ran = self
                 .run("extend", &Call::Write { sql: &sql, params })
                 .await?;
-            let (affected, _) = ran.reply.written("extend")?;
+            let (affected, id) = ran.reply.written("extend")?;
+            if id == -1 {
+                // A pinned session clock: a property of the session, not of a
+                // lease, so the whole call fails.
+                return Err(self.pinned_clock("extend"));
+            }
             all_renewed &= affected == chunk.len() as u64;
         }
         if all_renewed {
-            return Ok(leases.iter().map(|_| Ok(())).collect());
+            let now = SystemTime::now();
+            return Ok(leases.iter().map(|_| Ok(now)).collect());
         }
         let mut results = Vec::with_capacity(leases.len());
         for (key, token) in leases {
-            results.push(self.extend(key, token, ttl).await);
+            results.push(self.extend(key, token, ttl, not_after).await);
         }
         Ok(results)
     }
 
-    async fn release(&self, key: &LockKey, token: &Token) -> Result<()> {
+    async fn release(&self, key: &LockKey, token: &Token, _not_after: Instant) -> Result<()> {
         let call = self.release_call(key, token);
         let ran = self.run("release", &call).await?;
         match (
-            guarded_outcome(key, ran.reply, "release"),
+            self.guarded_outcome(key, ran.reply, "release"),
             ran.retried_after,
         ) {
             (Ok(()), _) => {
@@ -702,12 +821,10 @@ mod tests {
     #[test]
     fn reads_acquire_answers() {
         for (affected, id) in [(1, 1), (2, 7), (0, 7)] {
-            assert_eq!(
+            assert!(matches!(
                 acquire_outcome(&key(), written(affected, id)).unwrap(),
-                AcquireOutcome::Acquired {
-                    fence: Fence::new(id)
-                }
-            );
+                AcquireOutcome::Acquired { fence, .. } if fence == Fence::new(id)
+            ));
         }
         // Refused, with and without found-rows: remaining = -1 - id µs.
         for affected in [0, 1] {
@@ -728,26 +845,14 @@ mod tests {
 
     #[test]
     fn reads_extend_and_release_answers() {
-        assert!(guarded_outcome(&key(), written(1, 3), "extend").is_ok());
+        let read = |affected, id| guarded_outcome(&key(), written(affected, id), "extend");
+        assert_eq!(read(1, 3).unwrap(), Guarded::Matched);
         // Matched but unchanged (same expiry within one clock tick): still held.
-        assert!(guarded_outcome(&key(), written(0, 3), "extend").is_ok());
-        assert!(matches!(
-            guarded_outcome(&key(), written(0, 0), "extend"),
-            Err(Error::NotHeld { .. })
-        ));
-        assert!(guarded_outcome(&key(), written(1, 0), "release").is_err());
-    }
-
-    #[test]
-    fn converts_server_instants() {
-        assert_eq!(instant(0), SystemTime::UNIX_EPOCH);
-        assert_eq!(
-            instant(1_500_000),
-            SystemTime::UNIX_EPOCH + Duration::from_millis(1500)
-        );
-        assert_eq!(
-            instant(-1),
-            SystemTime::UNIX_EPOCH - Duration::from_micros(1)
-        );
+        assert_eq!(read(0, 3).unwrap(), Guarded::Matched);
+        assert_eq!(read(0, 0).unwrap(), Guarded::NotHeld);
+        assert_eq!(read(0, -1).unwrap(), Guarded::PinnedClock);
+        for (affected, id) in [(1, 0), (1, -1), (0, -2)] {
+            assert!(read(affected, id).is_err(), "{affected} {id}");
+        }
     }
 }

@@ -124,8 +124,11 @@ impl MySqlConfig {
     /// How long a statement waits for a row lock held by another transaction
     /// (default 1 s), as the session's `innodb_lock_wait_timeout`. The server
     /// counts whole seconds, so this is rounded up to at least one second. A
-    /// try-acquire on a row that another open transaction has locked returns a
-    /// transient error (1205) after this long.
+    /// try-acquire on a row that another open transaction has locked answers
+    /// [`AcquireOutcome::Held`](distrlock_core::AcquireOutcome::Held) with no
+    /// remaining lease after this long (the key is busy, the holder unknown);
+    /// an extend or release gives a transient [`Error::Backend`] (error 1205:
+    /// the statement was rolled back, nothing changed).
     pub fn lock_wait_timeout(mut self, timeout: Duration) -> Self {
         self.lock_wait_timeout = timeout;
         self
@@ -136,6 +139,27 @@ impl MySqlConfig {
         let d = self.lock_wait_timeout;
         let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
         secs.max(1)
+    }
+
+    /// How far a session's clock may trail the server's real clock before
+    /// acquire, extend and release refuse to run: the longer of the statement
+    /// timeout and two row-lock wait bounds (one for the table's metadata lock,
+    /// one for the row), plus [`CLIENT_TIMEOUT_MARGIN`](Self::CLIENT_TIMEOUT_MARGIN);
+    /// 5.5 s with the defaults.
+    ///
+    /// Every statement's clock (`NOW()`, `UTC_TIMESTAMP()`) is the instant it
+    /// started, unless the session pinned it with `SET @@timestamp = …`. Each
+    /// write compares it with `SYSDATE()`, which cannot be pinned, and fails with
+    /// [`Error::InvalidConfig`] when the statement's clock is ahead of it, or
+    /// behind by more than this: a lease on a pinned clock would end at the
+    /// wrong time. A session with this config's bounds
+    /// ([`session_setup_sql`](Self::session_setup_sql)) spends at most this long
+    /// in the server before the comparison, and no answer that comes later is
+    /// accepted by the backend's pooled calls, so an unpinned clock is never
+    /// refused. A clock pinned less than this far in the past is not detected.
+    pub fn clock_tolerance(&self) -> Duration {
+        let waits = Duration::from_secs(2 * self.lock_wait_timeout_secs());
+        self.statement_timeout.max(waits) + Self::CLIENT_TIMEOUT_MARGIN
     }
 
     /// The statement that applies this config's row-lock wait bound and (on
@@ -260,6 +284,7 @@ impl MySqlConfig {
             table,
             connect_timeout: self.connect_timeout,
             call_timeout: self.statement_timeout + Self::CLIENT_TIMEOUT_MARGIN,
+            clock_tolerance: self.clock_tolerance(),
             session_setup: self.session_setup_sql(),
             config: self.clone(),
         })
@@ -278,6 +303,7 @@ pub(crate) struct Settings {
     pub(crate) table: TableName,
     pub(crate) connect_timeout: Duration,
     pub(crate) call_timeout: Duration,
+    pub(crate) clock_tolerance: Duration,
     pub(crate) session_setup: String,
     pub(crate) config: MySqlConfig,
 }
@@ -363,6 +389,27 @@ mod tests {
         assert_eq!(secs(Duration::from_secs(1)), 1);
         assert_eq!(secs(Duration::from_millis(1001)), 2);
         assert_eq!(secs(Duration::from_secs(30)), 30);
+    }
+
+    #[test]
+    fn clock_tolerance_covers_the_session_bounds() {
+        assert_eq!(
+            MySqlConfig::new().clock_tolerance(),
+            Duration::from_millis(5500)
+        );
+        // Two row-lock waits of 3 s (2.5 s rounded up) outlast a 5 s statement.
+        assert_eq!(
+            MySqlConfig::new()
+                .lock_wait_timeout(Duration::from_millis(2500))
+                .clock_tolerance(),
+            Duration::from_millis(6500)
+        );
+        assert_eq!(
+            MySqlConfig::new()
+                .statement_timeout(Duration::from_secs(1))
+                .clock_tolerance(),
+            Duration::from_millis(2500)
+        );
     }
 
     #[tokio::test]

@@ -15,6 +15,46 @@
 //! plain calendar arithmetic, never `UNIX_TIMESTAMP(datetime)`, which would read the
 //! value in the session time zone (and is ambiguous in a DST fold).
 //!
+//! # A pinned session clock
+//!
+//! `UTC_TIMESTAMP(6)` (like `NOW()`) reads the session's `@@timestamp`, which
+//! `SET @@timestamp = …` pins to any instant (and the replication applier pins to
+//! the primary's). A lease computed on a pinned clock ends at the wrong time: an
+//! hour in the past, an acquire reports a lease that has already run out for
+//! everyone else; an hour in the future, it takes over live leases. `SYSDATE(6)`
+//! is the one clock a session cannot pin: it reads the system clock whenever it
+//! is evaluated. So acquire, extend and release run only when [`real_clock`]
+//! holds: the statement's clock is not ahead of `SYSDATE(6)` and trails it by at
+//! most the backend's clock tolerance
+//! ([`MySqlConfig::clock_tolerance`](crate::MySqlConfig::clock_tolerance)).
+//!
+//! An exact test is impossible within one statement: unpinned, `@@timestamp` is
+//! the instant the statement *started*, and `SYSDATE(6)` is read after the
+//! statement's waits for the table's metadata lock and for the row lock, each
+//! up to the session's lock-wait bound. The tolerance covers those waits, so an
+//! unpinned clock always passes. The price: a clock pinned less than the
+//! tolerance in the past is not detected, and can make a lease end up to the
+//! tolerance earlier than its holder counts on.
+//!
+//! The two readings are compared as local times in the session's time zone,
+//! with `TIMESTAMPDIFF` (calendar arithmetic, like every other instant here),
+//! never with `UNIX_TIMESTAMP(SYSDATE())`: in a DST fold that conversion picks
+//! one of two instants an hour apart, and would refuse sound sessions (or pass
+//! pinned ones) for that hour. Local readings are off only when a DST change
+//! falls between the two, within one statement of an unpinned session.
+//!
+//! Limits: a server started with `--sysdate-is-now` makes `SYSDATE()` an alias
+//! of `NOW()`, and then a pinned clock cannot be detected. `SYSDATE()` makes the
+//! statements unsafe for statement-based replication: with `binlog_format =
+//! STATEMENT` a replica would evaluate the guard again on its own clock, so use
+//! `ROW` or `MIXED` (the defaults), which log these statements as rows.
+//!
+//! How a refusal is reported, without changing anything: the acquire's `VALUES`
+//! list, evaluated before any row is locked or written, puts `NULL` in
+//! `lock_key`, which fails with error 1048 in every SQL mode (a single-row
+//! `INSERT` never turns `NULL` into a default); extend and release report
+//! `-1` in the insert id (below).
+//!
 //! # How a statement reports its outcome: the OK packet's insert id
 //!
 //! A write's OK packet carries an "insert id". When a statement calls
@@ -29,6 +69,7 @@
 //! | acquire | `-1 - remaining_µs` (≤ −2, as a signed 64-bit number) | refused: another token holds a live lease |
 //! | extend / release | `fence` ≥ 1 | the token's live lease was extended / released |
 //! | extend / release | 0 | no live lease of this token: nothing changed |
+//! | extend / release / batch extend | −1 | the token matched, but the session's clock is pinned: nothing changed |
 //!
 //! The affected-rows count cannot serve: it counts *changed* rows (so an extend or
 //! a same-token re-acquire landing on the same expiry within one clock tick would
@@ -41,6 +82,8 @@
 //! `LAST_INSERT_ID(expr)` also sets the session's `LAST_INSERT_ID()` value; see the
 //! notes on [`MySqlBackend::try_acquire_in`](crate::MySqlBackend::try_acquire_in).
 
+use std::time::Duration;
+
 use distrlock_core::TableName;
 
 /// The statements for one table, built once from its validated, backquoted name.
@@ -52,20 +95,26 @@ pub(crate) struct Statements {
     pub(crate) release: String,
     pub(crate) inspect: String,
     pub(crate) list: String,
+    /// The clock guard, for the batch extends built per batch size.
+    pub(crate) real_clock: String,
 }
 
 impl Statements {
-    pub(crate) fn new(table: &TableName) -> Self {
+    /// The statements for `table`, refusing sessions whose clock is off the
+    /// real one by more than `clock_tolerance` (see "A pinned session clock").
+    pub(crate) fn new(table: &TableName, clock_tolerance: Duration) -> Self {
         // Safe to splice: TableName admits only [A-Za-z0-9_] parts, and each part
         // is backquoted, so the name can neither break out nor hit a keyword.
         let t = table.quoted('`');
+        let real = real_clock(clock_tolerance);
         Self {
             create_table: create_table(&t),
-            acquire: acquire(&t),
-            extend: extend(&t),
-            release: release(&t),
+            acquire: acquire(&t, &real),
+            extend: extend(&t, &real),
+            release: release(&t, &real),
             inspect: format!("{SELECT_INFO} FROM {t} WHERE lock_key = ?"),
             list: format!("{SELECT_INFO} FROM {t} ORDER BY lock_key"),
+            real_clock: real,
         }
     }
 }
@@ -89,9 +138,10 @@ pub struct LockSql {
 }
 
 impl LockSql {
-    /// The statements for `table`.
+    /// The statements for `table`, with the clock tolerance of the default
+    /// [`MySqlConfig`](crate::MySqlConfig).
     pub fn for_table(table: &TableName) -> Self {
-        let s = Statements::new(table);
+        let s = Statements::new(table, crate::MySqlConfig::new().clock_tolerance());
         Self {
             acquire: s.acquire,
             extend: s.extend,
@@ -100,6 +150,31 @@ impl LockSql {
         }
     }
 }
+
+/// The condition that the session's clock is the server's real clock, within
+/// `tolerance` (see "A pinned session clock" in the module docs).
+///
+/// - `NOW(6)` is the statement's clock (`@@timestamp`, pinned or not) and
+///   `SYSDATE(6)` the system clock at the moment of evaluation, both in the
+///   session's time zone; `TIMESTAMPDIFF` subtracts them as calendar values.
+/// - `BETWEEN 0 AND …`: an unpinned clock never runs ahead of the real one
+///   (both read the same system clock, `SYSDATE` later), and trails it by the
+///   time the statement has spent in the server so far.
+/// - The tolerance is spliced as an integer literal (microseconds) so that the
+///   parameters of every statement stay as documented.
+pub(crate) fn real_clock(tolerance: Duration) -> String {
+    format!(
+        "TIMESTAMPDIFF(MICROSECOND, NOW(6), SYSDATE(6)) BETWEEN 0 AND {}",
+        tolerance.as_micros()
+    )
+}
+
+/// What extend and release (and the batch extend) evaluate instead of the
+/// liveness test when the session's clock is pinned: reports −1 in the insert
+/// id and matches nothing. `0 * fence` makes the argument depend on the row, so
+/// that the optimizer never evaluates it as a constant ahead of the row; `IF(x,
+/// FALSE, FALSE)` evaluates `x` only for its side effect.
+const PINNED: &str = "IF(LAST_INSERT_ID(-1 + 0 * fence), FALSE, FALSE)";
 
 /// The lock table.
 ///
@@ -140,6 +215,11 @@ fn create_table(t: &str) -> String {
 ///
 /// Parameters: key, token, owner, ttl µs, token, token, owner, token, token, ttl µs.
 ///
+/// - `IF(<real clock>, ?, NULL)` for `lock_key`: on a pinned session clock the
+///   key is `NULL` and the statement fails with error 1048 before it looks for
+///   the row, so it neither inserts, takes over, renews nor locks anything.
+///   `VALUES` is evaluated before the duplicate row is locked, so a row-lock
+///   wait never counts against the tolerance here.
 /// - `INSERT … VALUES (…, LAST_INSERT_ID(1), …)`: a new key starts at fence 1 and
 ///   reports it. On a duplicate key the UPDATE below always calls
 ///   `LAST_INSERT_ID` again, and the last call is the one reported.
@@ -168,10 +248,10 @@ fn create_table(t: &str) -> String {
 ///      answer, since the first condition is false then.
 /// - `expires_at > UTC_TIMESTAMP(6)` is false for NULL, so a released row is
 ///   never live; the comparison is on the server clock at microsecond precision.
-fn acquire(t: &str) -> String {
+fn acquire(t: &str, real_clock: &str) -> String {
     format!(
         "INSERT INTO {t} (lock_key, token, fence, owner, acquired_at, expires_at) \
-        VALUES (?, ?, LAST_INSERT_ID(1), ?, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND) \
+        VALUES (IF({real_clock}, ?, NULL), ?, LAST_INSERT_ID(1), ?, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND) \
         ON DUPLICATE KEY UPDATE \
         fence = IF(expires_at > UTC_TIMESTAMP(6), \
             IF(token = ?, LAST_INSERT_ID(fence), \
@@ -189,19 +269,24 @@ fn acquire(t: &str) -> String {
 ///
 /// Parameters: ttl µs, key, token.
 ///
-/// - `WHERE lock_key = ? AND token = ? AND expires_at > UTC_TIMESTAMP(6)`: only
+/// - `WHERE lock_key = ? AND token = ? AND … expires_at > UTC_TIMESTAMP(6)`: only
 ///   the live lease of this token (a released lease has NULL and never matches),
 ///   found through the primary key so only that one row is locked.
+/// - `IF(<real clock>, <live>, <pinned>)`: on a pinned session clock the row
+///   matches nothing and the insert id is −1 ([`PINNED`]). It comes after the
+///   token test, so another token's lease is "not held" whatever the clock, and
+///   before the expiry test, which would read the pinned clock.
 /// - `fence = LAST_INSERT_ID(fence)` changes nothing but makes a matched row
 ///   report its fence in the insert id, even when the new expiry equals the old
 ///   one (two extends within one clock tick) and the row is therefore "unchanged".
 ///   No match reports 0.
-fn extend(t: &str) -> String {
+fn extend(t: &str, real_clock: &str) -> String {
     format!(
         "UPDATE {t} \
         SET fence = LAST_INSERT_ID(fence), \
         expires_at = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND \
-        WHERE lock_key = ? AND token = ? AND expires_at > UTC_TIMESTAMP(6)"
+        WHERE lock_key = ? AND token = ? \
+        AND IF({real_clock}, expires_at > UTC_TIMESTAMP(6), {PINNED})"
     )
 }
 
@@ -219,21 +304,23 @@ pub(crate) const EXTEND_MANY_SLOTS: usize = 1024;
 /// - `lock_key IN (…)` lets InnoDB find the rows through the primary key (a
 ///   row constructor alone may not use the index); `(lock_key, token) IN (…)`
 ///   then keeps only the rows of the listed token for each key.
-/// - `expires_at > UTC_TIMESTAMP(6)`: the same guard as [`extend`]: only live
-///   leases, on the server clock.
+/// - `IF(<real clock>, expires_at > UTC_TIMESTAMP(6), <pinned>)`: the same
+///   guards as [`extend`]: only live leases, on the server's real clock; a
+///   pinned session clock renews nothing and reports −1 in the insert id (which
+///   is otherwise 0: nothing else here calls `LAST_INSERT_ID`).
 /// - There is no `RETURNING` on MySQL, so the OK packet's affected-rows count is
 ///   the answer: equal to the number of distinct leases when every one was
 ///   renewed. Anything less (a lease gone, or an expiry that did not change
 ///   within one clock tick and so is not counted) makes the caller ask each lease
 ///   on its own with [`extend`].
-pub(crate) fn extend_many(t: &str, slots: usize) -> String {
+pub(crate) fn extend_many(t: &str, slots: usize, real_clock: &str) -> String {
     let keys = vec!["?"; slots].join(", ");
     let pairs = vec!["(?, ?)"; slots].join(", ");
     format!(
         "UPDATE {t} \
         SET expires_at = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND \
         WHERE lock_key IN ({keys}) AND (lock_key, token) IN ({pairs}) \
-        AND expires_at > UTC_TIMESTAMP(6)"
+        AND IF({real_clock}, expires_at > UTC_TIMESTAMP(6), {PINNED})"
     )
 }
 
@@ -242,13 +329,15 @@ pub(crate) fn extend_many(t: &str, slots: usize) -> String {
 ///
 /// Parameters: key, token.
 ///
-/// Same guard and same insert-id report as [`extend`]; `expires_at = NULL` marks
-/// the row released, so a second release matches nothing and reports 0.
-fn release(t: &str) -> String {
+/// Same guards and same insert-id report as [`extend`] (−1 on a pinned session
+/// clock); `expires_at = NULL` marks the row released, so a second release
+/// matches nothing and reports 0.
+fn release(t: &str, real_clock: &str) -> String {
     format!(
         "UPDATE {t} \
         SET fence = LAST_INSERT_ID(fence), expires_at = NULL \
-        WHERE lock_key = ? AND token = ? AND expires_at > UTC_TIMESTAMP(6)"
+        WHERE lock_key = ? AND token = ? \
+        AND IF({real_clock}, expires_at > UTC_TIMESTAMP(6), {PINNED})"
     )
 }
 
@@ -289,9 +378,15 @@ pub(crate) fn session_setup(lock_wait_secs: u64, statement_timeout_secs: f64) ->
 mod tests {
     use super::*;
 
+    const TOLERANCE: Duration = Duration::from_millis(5500);
+
+    fn statements(table: &TableName) -> Statements {
+        Statements::new(table, TOLERANCE)
+    }
+
     #[test]
     fn every_statement_backquotes_the_qualified_name() {
-        let s = Statements::new(&TableName::new("locks.Dist_Locks").unwrap());
+        let s = statements(&TableName::new("locks.Dist_Locks").unwrap());
         for sql in [
             &s.create_table,
             &s.acquire,
@@ -306,31 +401,63 @@ mod tests {
 
     #[test]
     fn placeholders_match_the_bound_parameters() {
-        let s = Statements::new(&TableName::default());
+        let s = statements(&TableName::default());
         let count = |sql: &str| sql.matches('?').count();
         assert_eq!(count(&s.acquire), 10);
         assert_eq!(count(&s.extend), 3);
         assert_eq!(count(&s.release), 2);
         assert_eq!(count(&s.inspect), 1);
         assert_eq!(count(&s.list), 0);
-        assert_eq!(count(&extend_many("`t`", 8)), 1 + 8 + 16);
+        assert_eq!(count(&extend_many("`t`", 8, "TRUE")), 1 + 8 + 16);
     }
 
     #[test]
     fn no_syntax_that_only_one_server_accepts() {
-        let s = Statements::new(&TableName::default());
+        let s = statements(&TableName::default());
+        // The clock guard is the one place that reads NOW() and SYSDATE().
+        let guard = real_clock(TOLERANCE);
         for sql in [&s.acquire, &s.extend, &s.release, &s.inspect, &s.list] {
-            let upper = sql.to_uppercase();
+            let upper = sql.replace(&guard, "").to_uppercase();
             for banned in [
                 "RETURNING",
                 "VALUES(",
                 " AS NEW",
                 "WITH ",
                 "NOW(",
+                "SYSDATE",
                 "UNIX_TIMESTAMP",
             ] {
                 assert!(!upper.contains(banned), "{banned} in {sql}");
             }
+        }
+    }
+
+    #[test]
+    fn every_write_checks_the_clock_once() {
+        let s = statements(&TableName::default());
+        let guard = real_clock(TOLERANCE);
+        assert_eq!(
+            guard,
+            "TIMESTAMPDIFF(MICROSECOND, NOW(6), SYSDATE(6)) BETWEEN 0 AND 5500000"
+        );
+        let batch = extend_many("`t`", 4, &guard);
+        for sql in [&s.acquire, &s.extend, &s.release, &batch] {
+            assert_eq!(sql.matches(&guard).count(), 1, "{sql}");
+        }
+        assert!(
+            s.acquire
+                .contains(&format!("VALUES (IF({guard}, ?, NULL), ?"))
+        );
+        for sql in [&s.extend, &s.release, &batch] {
+            assert!(
+                sql.ends_with(&format!(
+                    "AND IF({guard}, expires_at > UTC_TIMESTAMP(6), {PINNED})"
+                )),
+                "{sql}"
+            );
+        }
+        for sql in [&s.inspect, &s.list] {
+            assert!(!sql.contains("SYSDATE"), "{sql}");
         }
     }
 

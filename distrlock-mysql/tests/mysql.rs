@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use common::{
     backend, config, drop_table, kill, raw_conn, recording_opts, server_now_secs, session_status,
-    unique,
+    soon, unique,
 };
 use distrlock_core::{AcquireOutcome, Error, Fence, LockBackend, LockKey, LockState, Token, Ttl};
 use distrlock_mysql::mysql_async::prelude::Queryable;
@@ -31,14 +31,14 @@ async fn acquire(
     d: Duration,
 ) -> AcquireOutcome {
     backend
-        .try_acquire(key, token, ttl(d), "mysql-test")
+        .try_acquire(key, token, ttl(d), "mysql-test", soon())
         .await
         .expect("try_acquire")
 }
 
 fn fence(outcome: AcquireOutcome) -> Fence {
     match outcome {
-        AcquireOutcome::Acquired { fence } => fence,
+        AcquireOutcome::Acquired { fence, .. } => fence,
         other => panic!("expected Acquired, got {other:?}"),
     }
 }
@@ -146,7 +146,7 @@ async fn sessions_in_different_time_zones_contend_correctly() {
     let f2 = fence(acquire(&backends[1], &k, &taker, LONG).await);
     assert!(f2 > f1);
     assert!(matches!(
-        backends[0].extend(&k, &holder, ttl(LONG)).await,
+        backends[0].extend(&k, &holder, ttl(LONG), soon()).await,
         Err(Error::NotHeld { .. })
     ));
     let mut expiries = Vec::new();
@@ -158,16 +158,20 @@ async fn sessions_in_different_time_zones_contend_correctly() {
         "every zone reads the same expiry: {expiries:?}"
     );
     assert!(matches!(
-        backends[2].release(&k, &Token::new()).await,
+        backends[2].release(&k, &Token::new(), soon()).await,
         Err(Error::NotHeld { .. })
     ));
     // The holder's token releases from a session in any zone.
-    backends[3].release(&k, &taker).await.unwrap();
+    backends[3].release(&k, &taker, soon()).await.unwrap();
     drop_table(&table).await;
 }
 
-/// A row locked by another open transaction: try-acquire, extend and release
-/// give a transient error within the row-lock bound (1 s) instead of waiting.
+/// A row locked by another open transaction (here `SELECT … FOR UPDATE`, and an
+/// uncommitted insert of a new key): within the row-lock bound (1 s),
+/// try-acquire answers `Held` with no remaining lease (busy, holder unknown, as
+/// on PostgreSQL), while extend, extend_many and release give a transient error
+/// (outcome unknown to the caller, but the statement was rolled back). None of
+/// them changes the lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn row_locked_by_foreign_transaction_returns_within_bound() {
     let test = "row_locked_by_foreign_transaction_returns_within_bound";
@@ -175,7 +179,13 @@ async fn row_locked_by_foreign_transaction_returns_within_bound() {
     let (b, _) = require!(test, backend(config(&table)).await);
     let k = key("row-locked");
     let token = Token::new();
-    fence(acquire(&b, &k, &token, LONG).await);
+    let f = fence(acquire(&b, &k, &token, LONG).await);
+    // A second lease, on a row nobody locks, renewed in the same batch.
+    let free = key("row-free");
+    let free_token = Token::new();
+    fence(acquire(&b, &free, &free_token, LONG).await);
+    let before = b.inspect(&k).await.unwrap().expect("row");
+    let free_before = b.inspect(&free).await.unwrap().expect("row");
 
     let mut foreign = require!(test, raw_conn().await);
     let mut tx = foreign.start_transaction(TxOpts::default()).await.unwrap();
@@ -204,43 +214,73 @@ async fn row_locked_by_foreign_transaction_returns_within_bound() {
 
     let bound = Duration::from_secs(1);
     let slack = Duration::from_millis(1500);
-    for (what, call) in [
-        ("acquire existing", 0),
-        ("acquire new", 1),
-        ("extend", 2),
-        ("release", 3),
-    ] {
-        let started = Instant::now();
-        let result = match call {
-            0 => b
-                .try_acquire(&k, &Token::new(), ttl(LONG), "t")
-                .await
-                .map(|_| ()),
-            1 => b
-                .try_acquire(&fresh, &Token::new(), ttl(LONG), "t")
-                .await
-                .map(|_| ()),
-            2 => b.extend(&k, &token, ttl(LONG)).await,
-            _ => b.release(&k, &token).await,
-        };
-        let took = started.elapsed();
-        let error = result.expect_err(what);
-        assert!(error.is_transient(), "{what}: {error}");
-        assert!(
-            error.to_string().contains("1205"),
-            "{what}: expected a lock wait timeout, got {error}"
-        );
+    let within_bound = |what: &str, took: Duration| {
         assert!(
             took >= bound - Duration::from_millis(100) && took < bound + slack,
             "{what} returned after {took:?}, bound {bound:?}"
         );
+    };
+    for (what, k) in [("acquire existing", &k), ("acquire new", &fresh)] {
+        let started = Instant::now();
+        let outcome = b
+            .try_acquire(k, &Token::new(), ttl(LONG), "t", soon())
+            .await;
+        within_bound(what, started.elapsed());
+        assert!(
+            matches!(outcome, Ok(AcquireOutcome::Held { remaining: None })),
+            "{what}: a row locked by another transaction is busy, holder unknown: {outcome:?}"
+        );
     }
+    for (what, call) in [("extend", 0), ("extend_many", 1), ("release", 2)] {
+        let started = Instant::now();
+        let result = match call {
+            0 => b.extend(&k, &token, ttl(LONG), soon()).await.map(|_| ()),
+            1 => b
+                .extend_many(
+                    &[(free.clone(), free_token), (k.clone(), token)],
+                    ttl(LONG),
+                    soon(),
+                )
+                .await
+                .map(|results| panic!("extend_many answered per lease: {results:?}")),
+            _ => b.release(&k, &token, soon()).await,
+        };
+        within_bound(what, started.elapsed());
+        let error = result.expect_err(what);
+        assert!(
+            matches!(
+                error,
+                Error::Backend {
+                    transient: true,
+                    ..
+                }
+            ),
+            "{what}: outcome unknown is a transient backend error, got {error:?}"
+        );
+        assert!(
+            error.to_string().contains("1205"),
+            "{what}: expected a lock wait timeout, got {error}"
+        );
+    }
+    // Nothing changed: same fence, same expiry, still held; the batch's free
+    // lease was not renewed either (the statement was rolled back as a whole).
+    let after = b.inspect(&k).await.unwrap().expect("row");
+    assert_eq!(after.fence, f);
+    assert_eq!(after.state, LockState::Held);
+    assert_eq!(
+        after.expires_at, before.expires_at,
+        "the lease is unchanged"
+    );
+    let free_after = b.inspect(&free).await.unwrap().expect("row");
+    assert_eq!(free_after.expires_at, free_before.expires_at);
+    assert!(b.inspect(&fresh).await.unwrap().is_none());
+
     tx.rollback().await.unwrap();
     let _ = foreign.disconnect().await;
     // Once the foreign transaction is gone, everything works again.
-    b.extend(&k, &token, ttl(LONG)).await.unwrap();
+    b.extend(&k, &token, ttl(LONG), soon()).await.unwrap();
     fence(acquire(&b, &fresh, &Token::new(), LONG).await);
-    b.release(&k, &token).await.unwrap();
+    b.release(&k, &token, soon()).await.unwrap();
     drop_table(&table).await;
 }
 
@@ -297,7 +337,7 @@ async fn killed_sessions_case(test: &str, prefer_socket: bool) {
         let sessions = ids.lock().unwrap().clone();
         kill(&sessions).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
-        b.extend(&k, &token, ttl(LONG))
+        b.extend(&k, &token, ttl(LONG), soon())
             .await
             .unwrap_or_else(|e| panic!("round {round}: extend: {e}"));
         assert_eq!(
@@ -310,7 +350,7 @@ async fn killed_sessions_case(test: &str, prefer_socket: bool) {
         fence(acquire(&b, &other, &t2, LONG).await);
         assert!(b.inspect(&k).await.unwrap().unwrap().is_live());
         assert!(!b.list().await.unwrap().is_empty());
-        b.release(&other, &t2).await.unwrap();
+        b.release(&other, &t2, soon()).await.unwrap();
     }
 
     // A session killed in the middle of a statement: that call fails, the next
@@ -326,7 +366,7 @@ async fn killed_sessions_case(test: &str, prefer_socket: bool) {
     let waiting = {
         let b = b.clone();
         let k = k.clone();
-        tokio::spawn(async move { b.extend(&k, &token, ttl(LONG)).await })
+        tokio::spawn(async move { b.extend(&k, &token, ttl(LONG), soon()).await })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     let sessions = ids.lock().unwrap().clone();
@@ -336,10 +376,10 @@ async fn killed_sessions_case(test: &str, prefer_socket: bool) {
     assert!(error.is_transient(), "{error}");
     tx.rollback().await.unwrap();
     let _ = foreign.disconnect().await;
-    b.extend(&k, &token, ttl(LONG))
+    b.extend(&k, &token, ttl(LONG), soon())
         .await
         .expect("the next call works");
-    b.release(&k, &token)
+    b.release(&k, &token, soon())
         .await
         .expect("the holder still releases");
     drop_table(&table).await;
@@ -370,7 +410,7 @@ async fn qualified_database_table_names_work() {
         .await
         .unwrap();
     assert_eq!(count, Some(1), "the row lives in the named database");
-    b.release(&k, &token).await.unwrap();
+    b.release(&k, &token, soon()).await.unwrap();
     admin
         .query_drop(format!("DROP DATABASE `{db}`"))
         .await
@@ -404,7 +444,9 @@ async fn injection_in_table_names_is_refused() {
 
 /// Two extends (and two same-token acquires) within one clock tick leave the
 /// row unchanged, so the server reports 0 changed rows: the backend must still
-/// see the lock as held. The session's clock is pinned with `SET timestamp`.
+/// see the lock as held. The session's clock is pinned with `SET timestamp`, to
+/// the real clock's reading: the test runs well within the clock tolerance
+/// (5.5 s), so the pinned-clock guard lets it through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn double_extend_within_one_clock_tick_keeps_the_lock() {
     let test = "double_extend_within_one_clock_tick_keeps_the_lock";
@@ -432,9 +474,11 @@ async fn double_extend_within_one_clock_tick_keeps_the_lock() {
         let rows: Option<i64> = conn.query_first("SELECT ROW_COUNT()").await.unwrap();
         rows.unwrap()
     };
-    b.extend(&k, &token, ttl(LONG)).await.expect("first extend");
+    b.extend(&k, &token, ttl(LONG), soon())
+        .await
+        .expect("first extend");
     let first = changed(b.clone()).await;
-    b.extend(&k, &token, ttl(LONG))
+    b.extend(&k, &token, ttl(LONG), soon())
         .await
         .expect("second extend in the same tick");
     let second = changed(b.clone()).await;
@@ -466,7 +510,203 @@ async fn double_extend_within_one_clock_tick_keeps_the_lock() {
     let mut conn = b.pool().get_conn().await.unwrap();
     conn.query_drop("SET timestamp = DEFAULT").await.unwrap();
     drop(conn);
-    b.release(&k, &token).await.unwrap();
+    b.release(&k, &token, soon()).await.unwrap();
+    drop_table(&table).await;
+}
+
+/// The refusal of a call made with a pinned session clock: the typed error
+/// that names the cause.
+fn assert_refused_for_pinned_clock<T: std::fmt::Debug>(what: &str, result: Result<T, Error>) {
+    match result {
+        Err(Error::InvalidConfig { reason }) if reason.contains("@@timestamp") => {}
+        other => panic!("{what}: a pinned session clock must be refused, got {other:?}"),
+    }
+}
+
+type LeaseState = (Fence, String, SystemTime, Option<SystemTime>, LockState);
+
+/// What must not change about a lease: everything but the remaining time.
+fn lease_state(info: &distrlock_core::LockInfo) -> LeaseState {
+    (
+        info.fence,
+        info.owner.clone(),
+        info.acquired_at,
+        info.expires_at,
+        info.state,
+    )
+}
+
+/// A caller's session that pinned its clock with `SET @@timestamp` (an hour in
+/// the past, then an hour in the future) gets a typed error from
+/// `try_acquire_in` and `release_in`, and nothing changes: no new row, no
+/// takeover of a live lease, no renewal of its own lease. With the past clock,
+/// an acquire would otherwise report a lease that has already run out on the
+/// real clock, and another token would take the key at once; with the future
+/// clock it would take over a live lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_session_clock_is_refused_on_the_callers_connection() {
+    let test = "pinned_session_clock_is_refused_on_the_callers_connection";
+    let table = unique("dl_pinned_in");
+    let (b, _) = require!(test, backend(config(&table)).await);
+    let held = key("pinned-held");
+    let holder = Token::new();
+    fence(acquire(&b, &held, &holder, LONG).await);
+    let snapshot = lease_state(&b.inspect(&held).await.unwrap().expect("row"));
+    let mut own = require!(test, raw_conn().await);
+    let ten_minutes = ttl(Duration::from_secs(600));
+
+    for offset in [-3600, 3600] {
+        own.query_drop(format!(
+            "SET @@timestamp = UNIX_TIMESTAMP(SYSDATE(6)) + {offset}"
+        ))
+        .await
+        .unwrap();
+        let pinned: f64 = own
+            .query_first("SELECT @@timestamp")
+            .await
+            .unwrap()
+            .unwrap();
+        let real: f64 = own
+            .query_first("SELECT UNIX_TIMESTAMP(SYSDATE(6))")
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            ((pinned - real) - f64::from(offset)).abs() < 5.0,
+            "the session clock is pinned {offset} s off"
+        );
+
+        // A key nobody holds: no row appears, and so another token that takes
+        // it on the real clock is its first holder, not a second one.
+        let fresh = key(&format!("pinned-fresh{offset}"));
+        let mine = Token::new();
+        assert_refused_for_pinned_clock(
+            &format!("acquire of a new key, clock {offset} s off"),
+            b.try_acquire_in(&mut own, &fresh, &mine, ten_minutes, "pinned")
+                .await,
+        );
+        assert!(
+            b.inspect(&fresh).await.unwrap().is_none(),
+            "{offset}: no row"
+        );
+        let other = Token::new();
+        assert_eq!(
+            fence(acquire(&b, &fresh, &other, LONG).await),
+            Fence::new(1),
+            "{offset}: the first holder on the real clock"
+        );
+        // Nor can the pinned session sneak in now that the other token holds it.
+        assert_refused_for_pinned_clock(
+            &format!("acquire of a key held by another token, clock {offset} s off"),
+            b.try_acquire_in(&mut own, &fresh, &mine, ten_minutes, "pinned")
+                .await,
+        );
+
+        // A live lease of another token: no takeover; and its holder's own
+        // token on the pinned clock neither renews nor releases it.
+        for (what, token) in [("another token", Token::new()), ("the holder", holder)] {
+            assert_refused_for_pinned_clock(
+                &format!("acquire of a held key by {what}, clock {offset} s off"),
+                b.try_acquire_in(&mut own, &held, &token, ten_minutes, "pinned")
+                    .await,
+            );
+        }
+        assert_refused_for_pinned_clock(
+            &format!("release by the holder, clock {offset} s off"),
+            b.release_in(&mut own, &held, &holder).await,
+        );
+        let info = b.inspect(&held).await.unwrap().expect("row");
+        assert_eq!(
+            lease_state(&info),
+            snapshot,
+            "{offset}: the lease is unchanged"
+        );
+        let info = b.inspect(&fresh).await.unwrap().expect("row");
+        assert_eq!(info.fence, Fence::new(1), "{offset}");
+        assert_eq!(info.owner, "mysql-test", "{offset}: the real holder's row");
+        b.release(&fresh, &other, soon()).await.unwrap();
+        own.query_drop("SET @@timestamp = DEFAULT").await.unwrap();
+    }
+
+    // The same session with its clock back works as before.
+    let k = key("pinned-then-real");
+    let mine = Token::new();
+    fence(
+        b.try_acquire_in(&mut own, &k, &mine, ten_minutes, "real")
+            .await
+            .unwrap(),
+    );
+    b.release_in(&mut own, &k, &mine).await.unwrap();
+    b.release_in(&mut own, &held, &holder).await.unwrap();
+    let _ = own.disconnect().await;
+    drop_table(&table).await;
+}
+
+/// The pooled path refuses sessions whose clock the pool's own setup pinned
+/// (`SET @@timestamp` in the caller's setup statements, which the backend's
+/// session setup does not undo): try_acquire, extend, extend_many and release
+/// all give the typed error, and no lease changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_pool_sessions_are_refused() {
+    let test = "pinned_pool_sessions_are_refused";
+    let table = unique("dl_pinned_pool");
+    let (real, _) = require!(test, backend(config(&table)).await);
+    let held = key("pool-held");
+    let holder = Token::new();
+    fence(acquire(&real, &held, &holder, LONG).await);
+    let snapshot = lease_state(&real.inspect(&held).await.unwrap().expect("row"));
+
+    for offset in [-3600, 3600] {
+        let pinned = require!(
+            test,
+            backend_with_setup(
+                &table,
+                &format!("SET @@timestamp = UNIX_TIMESTAMP(SYSDATE(6)) + {offset}")
+            )
+            .await
+        );
+        let fresh = key(&format!("pool-fresh{offset}"));
+        assert_refused_for_pinned_clock(
+            &format!("acquire of a new key, clock {offset} s off"),
+            pinned
+                .try_acquire(&fresh, &Token::new(), ttl(LONG), "pinned", soon())
+                .await,
+        );
+        assert!(
+            real.inspect(&fresh).await.unwrap().is_none(),
+            "{offset}: no row"
+        );
+        for (what, token) in [("another token", Token::new()), ("the holder", holder)] {
+            assert_refused_for_pinned_clock(
+                &format!("acquire of a held key by {what}, clock {offset} s off"),
+                pinned
+                    .try_acquire(&held, &token, ttl(LONG), "pinned", soon())
+                    .await,
+            );
+        }
+        assert_refused_for_pinned_clock(
+            &format!("extend, clock {offset} s off"),
+            pinned.extend(&held, &holder, ttl(LONG), soon()).await,
+        );
+        assert_refused_for_pinned_clock(
+            &format!("extend_many, clock {offset} s off"),
+            pinned
+                .extend_many(&[(held.clone(), holder)], ttl(LONG), soon())
+                .await,
+        );
+        assert_refused_for_pinned_clock(
+            &format!("release, clock {offset} s off"),
+            pinned.release(&held, &holder, soon()).await,
+        );
+        let info = real.inspect(&held).await.unwrap().expect("row");
+        assert_eq!(
+            lease_state(&info),
+            snapshot,
+            "{offset}: the lease is unchanged"
+        );
+        pinned.disconnect().await.unwrap();
+    }
+    real.release(&held, &holder, soon()).await.unwrap();
     drop_table(&table).await;
 }
 
@@ -524,10 +764,10 @@ async fn each_operation_is_one_statement() {
 
     // Warm up: prepare every statement once on the connection.
     fence(acquire(&b, &k, &token, LONG).await);
-    b.extend(&k, &token, t).await.unwrap();
+    b.extend(&k, &token, t, soon()).await.unwrap();
     b.inspect(&k).await.unwrap();
     b.list().await.unwrap();
-    b.release(&k, &token).await.unwrap();
+    b.release(&k, &token, soon()).await.unwrap();
 
     let mut conn = b.pool().get_conn().await.unwrap();
     let id = conn.id();
@@ -575,14 +815,14 @@ async fn each_operation_is_one_statement() {
         "acquire (same token)",
         fence(acquire(&b, &k, &token, LONG).await)
     );
-    counted!("extend", b.extend(&k, &token, t).await.unwrap());
+    counted!("extend", b.extend(&k, &token, t, soon()).await.unwrap());
     counted!(
         "extend (not held)",
-        assert!(b.extend(&k, &other, t).await.is_err())
+        assert!(b.extend(&k, &other, t, soon()).await.is_err())
     );
     counted!("inspect", b.inspect(&k).await.unwrap());
     counted!("list", b.list().await.unwrap());
-    counted!("release", b.release(&k, &token).await.unwrap());
+    counted!("release", b.release(&k, &token, soon()).await.unwrap());
 
     // The caller's-connection path runs the same statements.
     let mut own = require!(test, raw_conn().await);
@@ -645,10 +885,16 @@ async fn acquire_and_release_inside_the_callers_transaction() {
             .await
             .unwrap(),
     );
-    let blocked = b.try_acquire(&k, &Token::new(), t, "other").await;
+    let started = Instant::now();
+    let blocked = b.try_acquire(&k, &Token::new(), t, "other", soon()).await;
     assert!(
-        matches!(&blocked, Err(e) if e.is_transient()),
-        "an uncommitted acquire blocks others for the row-lock bound: {blocked:?}"
+        matches!(blocked, Ok(AcquireOutcome::Held { remaining: None })),
+        "an uncommitted acquire makes the key busy, holder unknown: {blocked:?}"
+    );
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(2500),
+        "others wait for the row-lock bound (1 s), took {took:?}"
     );
     tx.commit().await.unwrap();
     assert!(matches!(
@@ -677,6 +923,67 @@ async fn acquire_and_release_inside_the_callers_transaction() {
     drop_table(&table).await;
 }
 
+/// The documented fence rule of `try_acquire_in`: the fence counts only once
+/// the transaction commits. A rolled-back acquire leaves no trace, so the next
+/// acquisition gets the same fence number, for a new key and for a takeover;
+/// after a commit, the next holding's fence is greater.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolled_back_acquire_hands_out_its_fence_again() {
+    let test = "rolled_back_acquire_hands_out_its_fence_again";
+    let table = unique("dl_txfence");
+    let (b, _) = require!(test, backend(config(&table)).await);
+    let mut own = require!(test, raw_conn().await);
+    let t = ttl(LONG);
+    let k = key("tx-fence");
+
+    // A new key: fence 1 in the rolled-back transaction, and fence 1 again.
+    let mut tx = own.start_transaction(TxOpts::default()).await.unwrap();
+    let rolled_back = fence(
+        b.try_acquire_in(&mut tx, &k, &Token::new(), t, "tx")
+            .await
+            .unwrap(),
+    );
+    tx.rollback().await.unwrap();
+    let first = Token::new();
+    let f1 = fence(acquire(&b, &k, &first, LONG).await);
+    assert_eq!((rolled_back, f1), (Fence::new(1), Fence::new(1)));
+    b.release(&k, &first, soon()).await.unwrap();
+
+    // A takeover of the released row: the same number twice too.
+    let mut tx = own.start_transaction(TxOpts::default()).await.unwrap();
+    let rolled_back = fence(
+        b.try_acquire_in(&mut tx, &k, &Token::new(), t, "tx")
+            .await
+            .unwrap(),
+    );
+    tx.rollback().await.unwrap();
+    assert_eq!(b.inspect(&k).await.unwrap().unwrap().fence, f1);
+    let second = Token::new();
+    let f2 = fence(acquire(&b, &k, &second, LONG).await);
+    assert!(rolled_back > f1);
+    assert_eq!(
+        f2, rolled_back,
+        "the rolled-back acquire's fence is handed out again"
+    );
+    b.release(&k, &second, soon()).await.unwrap();
+
+    // Committed: it counts, and the next holding's fence is greater.
+    let mut tx = own.start_transaction(TxOpts::default()).await.unwrap();
+    let third = Token::new();
+    let f3 = fence(
+        b.try_acquire_in(&mut tx, &k, &third, t, "tx")
+            .await
+            .unwrap(),
+    );
+    b.release_in(&mut tx, &k, &third).await.unwrap();
+    tx.commit().await.unwrap();
+    assert!(f3 > f2);
+    let f4 = fence(acquire(&b, &k, &Token::new(), LONG).await);
+    assert!(f4 > f3, "{f4:?} after the committed {f3:?}");
+    let _ = own.disconnect().await;
+    drop_table(&table).await;
+}
+
 /// Connections with the `CLIENT_FOUND_ROWS` flag (where a refused
 /// `ON DUPLICATE KEY UPDATE` reports 1 row, like an insert) read every outcome
 /// the same way.
@@ -693,14 +1000,14 @@ async fn found_rows_connections_read_outcomes_correctly() {
     let f = fence(acquire(&b, &k, &a, LONG).await);
     remaining(acquire(&b, &k, &other, LONG).await);
     assert_eq!(fence(acquire(&b, &k, &a, LONG).await), f);
-    b.extend(&k, &a, ttl(LONG)).await.unwrap();
+    b.extend(&k, &a, ttl(LONG), soon()).await.unwrap();
     assert!(matches!(
-        b.extend(&k, &other, ttl(LONG)).await,
+        b.extend(&k, &other, ttl(LONG), soon()).await,
         Err(Error::NotHeld { .. })
     ));
-    b.release(&k, &a).await.unwrap();
+    b.release(&k, &a, soon()).await.unwrap();
     assert!(matches!(
-        b.release(&k, &a).await,
+        b.release(&k, &a, soon()).await,
         Err(Error::NotHeld { .. })
     ));
     assert!(fence(acquire(&b, &k, &other, LONG).await) > f);
@@ -719,9 +1026,11 @@ async fn missing_table_is_typed_and_create_table_is_idempotent() {
     let k = key("missing");
     let token = Token::new();
     let results = [
-        b.try_acquire(&k, &token, ttl(LONG), "x").await.map(|_| ()),
-        b.extend(&k, &token, ttl(LONG)).await,
-        b.release(&k, &token).await,
+        b.try_acquire(&k, &token, ttl(LONG), "x", soon())
+            .await
+            .map(|_| ()),
+        b.extend(&k, &token, ttl(LONG), soon()).await.map(|_| ()),
+        b.release(&k, &token, soon()).await,
         b.inspect(&k).await.map(|_| ()),
         b.list().await.map(|_| ()),
     ];
@@ -881,12 +1190,12 @@ async fn simultaneous_assignment_mode_keeps_mutual_exclusion() {
     let k = key("released");
     let (a, b_token, c) = (Token::new(), Token::new(), Token::new());
     let f1 = fence(acquire(&b, &k, &a, LONG).await);
-    b.release(&k, &a).await.unwrap();
+    b.release(&k, &a, soon()).await.unwrap();
     let f2 = fence(acquire(&b, &k, &b_token, LONG).await);
     assert!(f2 > f1);
     remaining(acquire(&b, &k, &c, LONG).await);
     assert_eq!(b.inspect(&k).await.unwrap().unwrap().state, LockState::Held);
-    b.extend(&k, &b_token, ttl(LONG))
+    b.extend(&k, &b_token, ttl(LONG), soon())
         .await
         .expect("the new holder extends");
     // Expired row taken over.

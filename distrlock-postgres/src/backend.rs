@@ -292,6 +292,14 @@ impl PostgresBackend {
     /// `clock_timestamp()`), not when the transaction began, and the row stays
     /// locked by your transaction until it ends, so keep it short.
     ///
+    /// **The fence counts only once the transaction commits.** A rolled-back
+    /// acquire never happened: its fence is not kept anywhere, and the next
+    /// acquisition of the key may be handed the same fence number. Present the
+    /// fence to anything outside the transaction (a storage service that rejects
+    /// stale fences) only after the commit succeeded; if the commit's outcome is
+    /// unknown (the connection broke during `COMMIT`),
+    /// [`inspect`](LockBackend::inspect) the key first.
+    ///
     /// One round trip (an unnamed statement, parsed each time). Your session's own
     /// settings apply: a row-lock wait past your `lock_timeout` is an error here
     /// (your transaction is aborted), not [`AcquireOutcome::Held`].

@@ -126,24 +126,37 @@ fn redacted(url: &str) -> String {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct MySqlHarness;
 
+/// Connection options that reach the test server through a new `FaultProxy`
+/// (over TCP: never the unix socket, which would go around the proxy), with
+/// each new session's id recorded; and the proxy.
+pub async fn proxied_opts() -> Result<(Opts, SessionIds, FaultProxy), Skip> {
+    let (opts, ids) = recording_opts()?;
+    let upstream = tokio::net::lookup_host((opts.ip_or_hostname().to_owned(), opts.tcp_port()))
+        .await
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .ok_or_else(|| Skip(format!("cannot resolve {}", redacted(&url()))))?;
+    let proxy = FaultProxy::start(upstream)
+        .await
+        .map_err(|e| Skip(format!("cannot start a fault proxy: {e}")))?;
+    let opts = OptsBuilder::from_opts(opts)
+        .ip_or_hostname("127.0.0.1")
+        .tcp_port(proxy.port())
+        // Otherwise mysql_async moves loopback connections to the server's
+        // unix socket, around the proxy.
+        .prefer_socket(false);
+    Ok((opts.into(), ids, proxy))
+}
+
+/// A `not_after` far enough away for any single call of these tests.
+pub fn soon() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(10)
+}
+
 #[async_trait::async_trait]
 impl Harness for MySqlHarness {
     async fn setup(&self) -> Result<Setup, Skip> {
-        let (opts, ids) = recording_opts()?;
-        let upstream = tokio::net::lookup_host((opts.ip_or_hostname().to_owned(), opts.tcp_port()))
-            .await
-            .ok()
-            .and_then(|mut addrs| addrs.next())
-            .ok_or_else(|| Skip(format!("cannot resolve {}", redacted(&url()))))?;
-        let proxy = FaultProxy::start(upstream)
-            .await
-            .map_err(|e| Skip(format!("cannot start a fault proxy: {e}")))?;
-        let opts = OptsBuilder::from_opts(opts)
-            .ip_or_hostname("127.0.0.1")
-            .tcp_port(proxy.port())
-            // Otherwise mysql_async moves loopback connections to the server's
-            // unix socket, around the proxy.
-            .prefer_socket(false);
+        let (opts, ids, proxy) = proxied_opts().await?;
         let backend = config("distrlock_conformance")
             .build(opts)
             .expect("test configs are valid");
@@ -164,12 +177,12 @@ struct MySqlFaults {
 #[async_trait::async_trait]
 impl Faults for MySqlFaults {
     async fn make_unreachable(&self) -> Result<(), Unsupported> {
-        self.proxy.set_stalled(true);
+        self.proxy.freeze();
         Ok(())
     }
 
     async fn restore(&self) -> Result<(), Unsupported> {
-        self.proxy.heal();
+        self.proxy.thaw();
         Ok(())
     }
 
