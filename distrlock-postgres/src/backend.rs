@@ -203,7 +203,11 @@ impl PostgresBackend {
     /// pool with [`PostgresConfig::post_create_hook`] so they get the config's
     /// `lock_timeout` and `statement_timeout`, and with `RecyclingMethod::Fast` or
     /// `Verified` (`Clean` resets them; see
-    /// [`session_settings_sql`](PostgresConfig::session_settings_sql)). Release notifications from other
+    /// [`session_settings_sql`](PostgresConfig::session_settings_sql)). The hook
+    /// also reads the server's clock for the backends built with that same config
+    /// (or a clone of it), which bound every lock statement on that clock; without
+    /// it the backend reads the clock itself once, with one more round trip before
+    /// its first lock statement. Release notifications from other
     /// processes need a connection of their own outside the pool; the backend opens
     /// one only if the config names a connection
     /// ([`url`](crate::PostgresConfigBuilder::url) or
