@@ -72,9 +72,9 @@ use crate::sql::{
 ///   that core sends for a cancelled acquire cannot overtake the acquire on another
 ///   connection and leave the lock held until its ttl: not even one whose
 ///   statement read its clock before its `not_after` and is still committing when
-///   the release comes, which the server alone would not order after it. Other calls whose future is dropped part-way
-///   discard their connection rather than return it to the pool with an answer
-///   still in flight.
+///   the release comes, which the server alone would not order after it. Other
+///   calls whose future is dropped part-way discard their connection rather than
+///   return it to the pool with an answer still in flight.
 #[derive(Clone)]
 pub struct PostgresBackend {
     inner: Arc<Inner>,
@@ -207,8 +207,8 @@ impl PostgresBackend {
     /// also reads the server's clock for the backends built with that same config
     /// (or a clone of it), which bound every lock statement on that clock; without
     /// it the backend reads the clock itself once, with one more round trip before
-    /// its first lock statement. Release notifications from other
-    /// processes need a connection of their own outside the pool; the backend opens
+    /// its first lock statement. Release notifications from other processes need a
+    /// connection of their own outside the pool; the backend opens
     /// one only if the config names a connection
     /// ([`url`](crate::PostgresConfigBuilder::url) or
     /// [`pg_config`](crate::PostgresConfigBuilder::pg_config)) and listening is on.

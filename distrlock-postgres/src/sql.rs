@@ -69,8 +69,8 @@ pub(crate) struct Statements {
     /// one row `(renewed, server_us)`.
     pub(crate) extend: String,
     /// Extend a batch: params `$1` keys, `$2` tokens (same length), `$3` ttl µs,
-    /// `$4` not-after bound µs; rows `(lock_key, token, server_us)`, one per lease it renewed, or one row
-    /// with NULL key and token when it renewed none.
+    /// `$4` not-after bound µs; rows `(lock_key, token, server_us)`, one per lease
+    /// it renewed, or one row with NULL key and token when it renewed none.
     pub(crate) extend_many: String,
     /// Release: params `$1` key, `$2` token, `$3` notification channel, `$4`
     /// not-after bound µs; one row `(released, server_us)`.
