@@ -44,8 +44,9 @@ use crate::sql::{
 ///   rounded toward earlier. A statement that reaches the server later, say
 ///   because a frozen network path delivered it after the caller gave up and
 ///   closed the connection, changes nothing; the call returns
-///   [`Error::Unavailable`]. A call whose `not_after` has already passed sends
-///   nothing.
+///   [`Error::Unavailable`]. Nor is a statement sent once its `not_after` has
+///   passed, whether before the call or while it waited for a connection or for
+///   the statement's first preparation on it.
 /// - **Bounded.** Each pooled session runs with `lock_timeout` and
 ///   `statement_timeout` from the [`PostgresConfig`], and each call as a whole is
 ///   bounded by [`PostgresConfig::call_timeout`]. A try-acquire that waits past
@@ -433,6 +434,9 @@ impl PostgresBackend {
                         .prepare_typed_cached(sql, types)
                         .await
                         .map_err(Failure::Pg)?;
+                    if let Some(not_after) = not_after {
+                        check_not_passed(not_after)?;
+                    }
                     let mut all = params.to_vec();
                     all.extend(bound.as_ref().map(|b| b as &(dyn ToSql + Sync)));
                     let rows = client.query(&statement, &all).await.map_err(Failure::Pg)?;
@@ -459,6 +463,11 @@ impl PostgresBackend {
                             conn.done();
                         }
                         return Err(Failure::Pg(error));
+                    }
+                    // Nothing was sent, and the session is fine.
+                    Err(Failure::Passed) => {
+                        conn.done();
+                        return Err(Failure::Passed);
                     }
                     Err(failure) => return Err(failure),
                 }
@@ -493,6 +502,7 @@ impl PostgresBackend {
                 .map(|(param, ty)| (*param, ty.clone()))
                 .collect();
             typed.push((&bound, Type::INT8));
+            check_not_passed(not_after)?;
             let rows = client.query_typed(sql, &typed).await.map_err(Failure::Pg)?;
             let answer = self.answer(rows, false, Some(bound))?;
             if !answer.rerun(Some(not_after), &mut reran) {
@@ -766,6 +776,9 @@ enum Failure {
     Mapped(Error),
     /// The statement ran at or after its not-after bound, so it changed nothing.
     Late(Reading),
+    /// The call's not_after passed before its statement was sent, so nothing was
+    /// sent.
+    Passed,
 }
 
 impl Failure {
@@ -781,18 +794,24 @@ impl Failure {
                 ),
                 None,
             ),
+            Failure::Passed => Error::unavailable(
+                "the call's not_after passed before its statement was sent; nothing changed",
+                None,
+            ),
         }
     }
 }
 
-/// Refuses a lock call whose `not_after` has passed before it was sent: the
-/// statement could only be refused.
+/// Refuses to send a lock statement once its `not_after` has passed: the server
+/// would refuse it (or, were the bound wrong, let it act late), and the caller
+/// has stopped waiting. Checked when the call starts and again just before the
+/// statement goes out, since waiting for a connection, a clock reading or the
+/// statement's first Parse round trip can take it past not_after; the backend's
+/// acquire task, which outlives a caller who gave up, would otherwise send it
+/// once a frozen path thawed.
 fn check_not_passed(not_after: Instant) -> std::result::Result<(), Failure> {
     if Instant::now() >= not_after {
-        return Err(Failure::Mapped(Error::unavailable(
-            "the call's not_after passed before its statement was sent; nothing changed",
-            None,
-        )));
+        return Err(Failure::Passed);
     }
     Ok(())
 }
