@@ -44,8 +44,9 @@ use crate::sql::{
 ///   rounded toward earlier. A statement that reaches the server later, say
 ///   because a frozen network path delivered it after the caller gave up and
 ///   closed the connection, changes nothing; the call returns
-///   [`Error::Unavailable`]. A call whose `not_after` has already passed sends
-///   nothing.
+///   [`Error::Unavailable`]. Nor is a statement sent once its `not_after` has
+///   passed, whether before the call or while it waited for a connection or for
+///   the statement's first preparation on it.
 /// - **Bounded.** Each pooled session runs with `lock_timeout` and
 ///   `statement_timeout` from the [`PostgresConfig`], and each call as a whole is
 ///   bounded by [`PostgresConfig::call_timeout`]. A try-acquire that waits past
@@ -72,9 +73,9 @@ use crate::sql::{
 ///   that core sends for a cancelled acquire cannot overtake the acquire on another
 ///   connection and leave the lock held until its ttl: not even one whose
 ///   statement read its clock before its `not_after` and is still committing when
-///   the release comes, which the server alone would not order after it. Other calls whose future is dropped part-way
-///   discard their connection rather than return it to the pool with an answer
-///   still in flight.
+///   the release comes, which the server alone would not order after it. Other
+///   calls whose future is dropped part-way discard their connection rather than
+///   return it to the pool with an answer still in flight.
 #[derive(Clone)]
 pub struct PostgresBackend {
     inner: Arc<Inner>,
@@ -203,8 +204,12 @@ impl PostgresBackend {
     /// pool with [`PostgresConfig::post_create_hook`] so they get the config's
     /// `lock_timeout` and `statement_timeout`, and with `RecyclingMethod::Fast` or
     /// `Verified` (`Clean` resets them; see
-    /// [`session_settings_sql`](PostgresConfig::session_settings_sql)). Release notifications from other
-    /// processes need a connection of their own outside the pool; the backend opens
+    /// [`session_settings_sql`](PostgresConfig::session_settings_sql)). The hook
+    /// also reads the server's clock for the backends built with that same config
+    /// (or a clone of it), which bound every lock statement on that clock; without
+    /// it the backend reads the clock itself once, with one more round trip before
+    /// its first lock statement. Release notifications from other processes need a
+    /// connection of their own outside the pool; the backend opens
     /// one only if the config names a connection
     /// ([`url`](crate::PostgresConfigBuilder::url) or
     /// [`pg_config`](crate::PostgresConfigBuilder::pg_config)) and listening is on.
@@ -437,6 +442,9 @@ impl PostgresBackend {
                         .prepare_typed_cached(sql, types)
                         .await
                         .map_err(Failure::Pg)?;
+                    if let Some(not_after) = not_after {
+                        check_not_passed(not_after)?;
+                    }
                     let mut all = params.to_vec();
                     all.extend(bound.as_ref().map(|b| b as &(dyn ToSql + Sync)));
                     let rows = client.query(&statement, &all).await.map_err(Failure::Pg)?;
@@ -463,6 +471,11 @@ impl PostgresBackend {
                             conn.done();
                         }
                         return Err(Failure::Pg(error));
+                    }
+                    // Nothing was sent, and the session is fine.
+                    Err(Failure::Passed) => {
+                        conn.done();
+                        return Err(Failure::Passed);
                     }
                     Err(failure) => return Err(failure),
                 }
@@ -497,6 +510,7 @@ impl PostgresBackend {
                 .map(|(param, ty)| (*param, ty.clone()))
                 .collect();
             typed.push((&bound, Type::INT8));
+            check_not_passed(not_after)?;
             let rows = client.query_typed(sql, &typed).await.map_err(Failure::Pg)?;
             let answer = self.answer(rows, false, Some(bound))?;
             if !answer.rerun(Some(not_after), &mut reran) {
@@ -770,6 +784,9 @@ enum Failure {
     Mapped(Error),
     /// The statement ran at or after its not-after bound, so it changed nothing.
     Late(Reading),
+    /// The call's not_after passed before its statement was sent, so nothing was
+    /// sent.
+    Passed,
 }
 
 impl Failure {
@@ -785,18 +802,24 @@ impl Failure {
                 ),
                 None,
             ),
+            Failure::Passed => Error::unavailable(
+                "the call's not_after passed before its statement was sent; nothing changed",
+                None,
+            ),
         }
     }
 }
 
-/// Refuses a lock call whose `not_after` has passed before it was sent: the
-/// statement could only be refused.
+/// Refuses to send a lock statement once its `not_after` has passed: the server
+/// would refuse it (or, were the bound wrong, let it act late), and the caller
+/// has stopped waiting. Checked when the call starts and again just before the
+/// statement goes out, since waiting for a connection, a clock reading or the
+/// statement's first Parse round trip can take it past not_after; the backend's
+/// acquire task, which outlives a caller who gave up, would otherwise send it
+/// once a frozen path thawed.
 fn check_not_passed(not_after: Instant) -> std::result::Result<(), Failure> {
     if Instant::now() >= not_after {
-        return Err(Failure::Mapped(Error::unavailable(
-            "the call's not_after passed before its statement was sent; nothing changed",
-            None,
-        )));
+        return Err(Failure::Passed);
     }
     Ok(())
 }

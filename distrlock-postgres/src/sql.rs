@@ -15,8 +15,12 @@
 //!   even after the client closed the socket) changes nothing. The comparison is of
 //!   two integers, so no floating point, rounding or `TimeZone` enters it. A
 //!   statement that read its clock before the bound and then waits for a row lock,
-//!   or for its commit, still takes effect; it holds (or queues for) the row's lock
-//!   meanwhile, so a later statement on the same row waits for it.
+//!   or for its commit, still takes effect. A later acquire of the key waits for it
+//!   (its WHERE matches the row version it sees, so it queues for the row's lock,
+//!   or its insert meets the uncommitted one), so mutual exclusion holds; a later
+//!   release of the same token does not (its WHERE is false on the previous
+//!   holder's version, and an UPDATE never waits for an uncommitted insert), which
+//!   is why the backend orders its own releases after its running acquires.
 //! - **The reading goes back.** Every mutating statement returns its clock reading
 //!   (`server_us`, integer µs since the epoch) in every case, granted or refused, so
 //!   the backend learns the server's clock from each answer
@@ -42,7 +46,9 @@ use tokio_postgres::types::Type;
 const CLOCK_CTE: &str = r#"-- One reading of the server's clock for the whole statement: clock_timestamp(),
 -- not now(), which is frozen at the start of the caller's transaction. `at_us` is
 -- the same instant in whole µs since the epoch (an instant, whatever TimeZone
--- says), computed once here: it is what goes back to the client.
+-- says; EXTRACT gives an exact numeric from PostgreSQL 14 on, a double exact to
+-- far below a µs before), computed once here: the bound is compared with it and
+-- it is what goes back to the client.
 clock AS MATERIALIZED (
     SELECT reading.at, (EXTRACT(EPOCH FROM reading.at) * 1000000)::int8 AS at_us
     FROM (SELECT clock_timestamp() AS at) AS reading
@@ -69,8 +75,8 @@ pub(crate) struct Statements {
     /// one row `(renewed, server_us)`.
     pub(crate) extend: String,
     /// Extend a batch: params `$1` keys, `$2` tokens (same length), `$3` ttl µs,
-    /// `$4` not-after bound µs; rows `(lock_key, token, server_us)`, one per lease it renewed, or one row
-    /// with NULL key and token when it renewed none.
+    /// `$4` not-after bound µs; rows `(lock_key, token, server_us)`, one per lease
+    /// it renewed, or one row with NULL key and token when it renewed none.
     pub(crate) extend_many: String,
     /// Release: params `$1` key, `$2` token, `$3` notification channel, `$4`
     /// not-after bound µs; one row `(released, server_us)`.

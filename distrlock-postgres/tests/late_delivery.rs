@@ -255,3 +255,81 @@ async fn release_delivered_after_its_bound_does_not_end_a_later_holding() {
     );
     f.drop_table().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_whose_prepare_answers_after_not_after_is_never_sent() {
+    let name = "a_statement_whose_prepare_answers_after_not_after_is_never_sent";
+    let Some(admin) = common::admin_or_skip(name).await else {
+        return;
+    };
+    let proxy = match common::proxy_to_server().await {
+        Ok(proxy) => proxy,
+        Err(skip) => {
+            distrlock_testkit::skip(name, &skip.0);
+            return;
+        }
+    };
+    // backend → counting proxy → fault proxy → server: the counts are of what
+    // the backend sends, before the frozen path holds it.
+    let counting = common::counting_proxy::CountingProxy::start(proxy.addr())
+        .await
+        .unwrap();
+    let via = common::through_port(counting.addr.port());
+    let table = unique("dl_late_prepare");
+    let backend = PostgresBackend::from_config(
+        PostgresConfig::builder()
+            .pg_config(via)
+            .table(&table)
+            .pool_size(1)
+            .listen(false)
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    backend.create_table().await.unwrap();
+    // The acquire statement is not prepared on the connection yet: its first use
+    // waits for the Parse round trip before it sends Bind and Execute.
+    let k = key("late-prepare");
+    let before = counting.counts();
+    proxy.freeze();
+    let not_after = Instant::now() + GIVE_UP;
+    let gave_up = tokio::time::timeout_at(
+        not_after,
+        backend.try_acquire(
+            &k,
+            &Token::new(),
+            ttl(Duration::from_secs(30)),
+            "late",
+            not_after,
+        ),
+    )
+    .await;
+    assert!(gave_up.is_err(), "a frozen path cannot answer");
+    // Thaw while the backend still waits for the Parse (well within its call
+    // timeout): the answer comes after not_after.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.thaw();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let sent = counting.counts().since(&before);
+    assert_eq!(
+        sent.get('E'),
+        0,
+        "the statement was sent after its not_after: {sent:?}"
+    );
+    let direct = PostgresBackend::from_config(
+        PostgresConfig::builder()
+            .url(url())
+            .table(&table)
+            .listen(false)
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert!(direct.inspect(&k).await.unwrap().is_none());
+    admin
+        .batch_execute(&format!("DROP TABLE \"{table}\""))
+        .await
+        .unwrap();
+}

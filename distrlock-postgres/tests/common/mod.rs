@@ -234,9 +234,14 @@ pub(crate) async fn proxy_to_server() -> Result<FaultProxy, Skip> {
 
 /// The test server's driver config, pointed at `proxy` instead.
 pub(crate) fn through(proxy: &FaultProxy) -> tokio_postgres::Config {
+    through_port(proxy.port())
+}
+
+/// The test server's driver config, pointed at a proxy on loopback's `port`.
+pub(crate) fn through_port(port: u16) -> tokio_postgres::Config {
     let server = pg_config();
     let mut config = tokio_postgres::Config::new();
-    config.host("127.0.0.1").port(proxy.port());
+    config.host("127.0.0.1").port(port);
     if let Some(user) = server.get_user() {
         config.user(user);
     }
