@@ -4,23 +4,26 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use distrlock_core::server_clock::{ServerClock, from_unix_micros};
 use distrlock_core::{
     AcquireOutcome, Error, Fence, LockBackend, LockInfo, LockKey, LockState, MAX_OWNER_LEN,
     ReleaseNotifier, Result, TableName, Token, Ttl,
 };
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{GenericClient, Row};
 
-use crate::config::{PostgresConfig, Redacted};
+use crate::config::{PostgresConfig, Redacted, clock_reading};
 use crate::error::{from_pg, from_pool, is_lock_not_available, is_session_lost};
 use crate::listener::Listener;
 use crate::sql::{
-    ACQUIRE_TYPES, EXTEND_MANY_TYPES, EXTEND_TYPES, INSPECT_TYPES, RELEASE_TYPES, Statements,
+    ACQUIRE_TYPES, CLOCK_READING, EXTEND_MANY_TYPES, EXTEND_TYPES, INSPECT_TYPES, RELEASE_TYPES,
+    Statements,
 };
 
 /// Locks stored as rows of one PostgreSQL table, reached through a deadpool of
@@ -34,6 +37,16 @@ use crate::sql::{
 /// - `try_acquire`, `extend` and `release` each run **one statement in one round
 ///   trip**, prepared once per pooled connection (deadpool's statement cache).
 ///   Expiry is computed on the server with `clock_timestamp()`.
+/// - **No late effects.** Each of these statements carries the caller's
+///   `not_after` mapped onto the server's clock (contract item 8): from the
+///   latest clock reading any session reported (every answer carries one; a new
+///   pooled session reads the clock in its setup, without an extra round trip),
+///   rounded toward earlier. A statement that reaches the server later, say
+///   because a frozen network path delivered it after the caller gave up and
+///   closed the connection, changes nothing; the call returns
+///   [`Error::Unavailable`]. Nor is a statement sent once its `not_after` has
+///   passed, whether before the call or while it waited for a connection or for
+///   the statement's first preparation on it.
 /// - **Bounded.** Each pooled session runs with `lock_timeout` and
 ///   `statement_timeout` from the [`PostgresConfig`], and each call as a whole is
 ///   bounded by [`PostgresConfig::call_timeout`]. A try-acquire that waits past
@@ -49,17 +62,20 @@ use crate::sql::{
 ///   another one; only if that one is dead too does the call fail, with a
 ///   transient error. All three are safe to run twice: acquire with the same token
 ///   is idempotent (a live lease of the same token keeps its fence and is
-///   renewed), extend only renews the same token's lease, and release reports
-///   success when its first run already released this token's lease (the statement
-///   tells "already released by this token" from "never held"). Inspect and list
-///   only read.
+///   renewed), extend only renews the same token's lease, and a retried release
+///   reports success whenever it finds no live lease of this token: its first run
+///   may have released it, and a waiter woken by that release may already hold
+///   the key (reporting [`Error::NotHeld`] then would be a false "lock lost").
+///   Inspect and list only read.
 /// - **Cancel safety.** A try-acquire runs to its end even when its future is
 ///   dropped (the statement runs in a task of its own), and a release of the same
-///   token waits for it first. So the background release that core sends for a
-///   cancelled acquire cannot overtake the acquire on another connection and leave
-///   the lock held until its ttl. Other calls whose future is dropped part-way
-///   discard their connection rather than return it to the pool with an answer
-///   still in flight.
+///   token waits for it first (within the call timeout). So the background release
+///   that core sends for a cancelled acquire cannot overtake the acquire on another
+///   connection and leave the lock held until its ttl: not even one whose
+///   statement read its clock before its `not_after` and is still committing when
+///   the release comes, which the server alone would not order after it. Other
+///   calls whose future is dropped part-way discard their connection rather than
+///   return it to the pool with an answer still in flight.
 #[derive(Clone)]
 pub struct PostgresBackend {
     inner: Arc<Inner>,
@@ -188,8 +204,12 @@ impl PostgresBackend {
     /// pool with [`PostgresConfig::post_create_hook`] so they get the config's
     /// `lock_timeout` and `statement_timeout`, and with `RecyclingMethod::Fast` or
     /// `Verified` (`Clean` resets them; see
-    /// [`session_settings_sql`](PostgresConfig::session_settings_sql)). Release notifications from other
-    /// processes need a connection of their own outside the pool; the backend opens
+    /// [`session_settings_sql`](PostgresConfig::session_settings_sql)). The hook
+    /// also reads the server's clock for the backends built with that same config
+    /// (or a clone of it), which bound every lock statement on that clock; without
+    /// it the backend reads the clock itself once, with one more round trip before
+    /// its first lock statement. Release notifications from other processes need a
+    /// connection of their own outside the pool; the backend opens
     /// one only if the config names a connection
     /// ([`url`](crate::PostgresConfigBuilder::url) or
     /// [`pg_config`](crate::PostgresConfigBuilder::pg_config)) and listening is on.
@@ -283,6 +303,18 @@ impl PostgresBackend {
     ///
     /// With deadpool, pass the driver's transaction: `&*transaction` or
     /// `&**client`.
+    ///
+    /// # No late effects
+    ///
+    /// The `*_in` calls carry the same bound as the backend's own calls
+    /// (contract item 8), fixed at `Instant::now() + `[`call_timeout`](PostgresConfig::call_timeout)
+    /// when the call starts: a statement that reaches the server later than that
+    /// changes nothing and the call returns [`Error::Unavailable`] (your
+    /// transaction is not aborted: the statement ran and did nothing). If you stop
+    /// waiting for the answer earlier and clean up, wait until that instant first.
+    /// Inside an explicit transaction nothing takes effect before your `COMMIT`
+    /// anyway; the bound matters for a client in autocommit, or a `COMMIT` sent
+    /// together with the statement.
     pub async fn try_acquire_in<C>(
         &self,
         client: &C,
@@ -296,67 +328,65 @@ impl PostgresBackend {
     {
         check_owner(owner)?;
         let ttl_us = ttl.as_micros();
-        let params: [(&(dyn ToSql + Sync), Type); 4] = [
-            (&key.as_str(), Type::TEXT),
-            (token.as_uuid(), Type::UUID),
-            (&ttl_us, Type::INT8),
-            (&owner, Type::TEXT),
-        ];
-        let rows = client
-            .query_typed(&self.inner.sql.acquire, &params)
+        let params: [&(dyn ToSql + Sync); 4] = [&key.as_str(), token.as_uuid(), &ttl_us, &owner];
+        let answer = self
+            .run_in(client, &self.inner.sql.acquire, ACQUIRE_TYPES, &params)
             .await
-            .map_err(|e| self.error(e))?;
-        self.acquire_outcome(&rows)
+            .map_err(|f| f.into_error(self))?;
+        self.acquire_outcome(&answer)
     }
 
     /// Like [`extend`](LockBackend::extend), inside your own transaction, with the
     /// same SQL text.
+    ///
+    /// Returns the server clock's reading at which the lease was renewed. Bounded
+    /// like [`try_acquire_in`](Self::try_acquire_in).
     pub async fn extend_in<C>(
         &self,
         client: &C,
         key: &LockKey,
         token: &Token,
         ttl: Ttl,
-    ) -> Result<()>
+    ) -> Result<SystemTime>
     where
         C: GenericClient + Sync,
     {
         let ttl_us = ttl.as_micros();
-        let params: [(&(dyn ToSql + Sync), Type); 3] = [
-            (&key.as_str(), Type::TEXT),
-            (token.as_uuid(), Type::UUID),
-            (&ttl_us, Type::INT8),
-        ];
-        let rows = client
-            .query_typed(&self.inner.sql.extend, &params)
+        let params: [&(dyn ToSql + Sync); 3] = [&key.as_str(), token.as_uuid(), &ttl_us];
+        let answer = self
+            .run_in(client, &self.inner.sql.extend, EXTEND_TYPES, &params)
             .await
-            .map_err(|e| self.error(e))?;
-        extend_outcome(key, &rows)
+            .map_err(|f| f.into_error(self))?;
+        self.extend_outcome(key, &answer)
     }
 
     /// Like [`release`](LockBackend::release), inside your own transaction, with
     /// the same SQL text.
     ///
     /// The release takes effect, and waiters are notified, when your transaction
-    /// commits; a rollback keeps the lock held.
+    /// commits; a rollback keeps the lock held. Bounded like
+    /// [`try_acquire_in`](Self::try_acquire_in).
     pub async fn release_in<C>(&self, client: &C, key: &LockKey, token: &Token) -> Result<()>
     where
         C: GenericClient + Sync,
     {
         let channel = self.inner.sql.channel.as_str();
-        let params: [(&(dyn ToSql + Sync), Type); 3] = [
-            (&key.as_str(), Type::TEXT),
-            (token.as_uuid(), Type::UUID),
-            (&channel, Type::TEXT),
-        ];
-        let rows = client
-            .query_typed(&self.inner.sql.release, &params)
+        let params: [&(dyn ToSql + Sync); 3] = [&key.as_str(), token.as_uuid(), &channel];
+        let answer = self
+            .run_in(client, &self.inner.sql.release, RELEASE_TYPES, &params)
             .await
-            .map_err(|e| self.error(e))?;
-        match release_outcome(&rows) {
+            .map_err(|f| f.into_error(self))?;
+        match self.release_outcome(&answer)? {
             Released::Now => Ok(()),
             Released::Before | Released::NotHeld => Err(Error::NotHeld { key: key.clone() }),
         }
+    }
+
+    /// What the backend knows of the server's clock. Not a stable API: tests feed
+    /// it readings.
+    #[doc(hidden)]
+    pub fn server_clock(&self) -> &ServerClock {
+        self.inner.config.server_clock()
     }
 
     fn error(&self, error: tokio_postgres::Error) -> Error {
@@ -366,14 +396,25 @@ impl PostgresBackend {
     /// Runs one prepared statement on a pooled connection, once more on another
     /// connection if the session died under it (see the type's docs for why that
     /// is safe for every statement here), all within the call timeout.
+    ///
+    /// With `not_after`, the statement is one of the lock statements: its bound on
+    /// the server's clock is appended to `params` (see [`bound_for`](Self::bound_for)),
+    /// and its answer carries the server's clock reading, which is observed. One
+    /// that ran too late is [`Failure::Late`], unless only our estimate of the
+    /// server's clock was wrong: then it runs once more (see [`Answer::rerun`]).
     async fn run(
         &self,
         sql: &str,
         types: &[Type],
         params: &[&(dyn ToSql + Sync)],
+        not_after: Option<Instant>,
     ) -> std::result::Result<Answer, Failure> {
+        if let Some(not_after) = not_after {
+            check_not_passed(not_after)?;
+        }
         let call = async {
             let mut retried = false;
+            let mut reran = false;
             loop {
                 let conn = self
                     .inner
@@ -382,17 +423,36 @@ impl PostgresBackend {
                     .await
                     .map_err(|e| Failure::Mapped(from_pool(e, &self.inner.table)))?;
                 let conn = DiscardUnlessDone(Some(conn));
+                let client: &tokio_postgres::Client = conn.get();
                 let result = async {
-                    let statement = conn.get().prepare_typed_cached(sql, types).await?;
-                    conn.get().query(&statement, params).await
+                    let bound = match not_after {
+                        Some(not_after) => Some(self.bound_for(client, not_after).await?),
+                        None => None,
+                    };
+                    let statement = conn
+                        .get()
+                        .prepare_typed_cached(sql, types)
+                        .await
+                        .map_err(Failure::Pg)?;
+                    if let Some(not_after) = not_after {
+                        check_not_passed(not_after)?;
+                    }
+                    let mut all = params.to_vec();
+                    all.extend(bound.as_ref().map(|b| b as &(dyn ToSql + Sync)));
+                    let rows = client.query(&statement, &all).await.map_err(Failure::Pg)?;
+                    Ok((rows, bound))
                 }
                 .await;
                 match result {
-                    Ok(rows) => {
+                    Ok((rows, bound)) => {
                         conn.done();
-                        return Ok(Answer { rows, retried });
+                        let answer = self.answer(rows, retried, bound)?;
+                        if answer.rerun(not_after, &mut reran) {
+                            continue;
+                        }
+                        return answer.in_time();
                     }
-                    Err(error) => {
+                    Err(Failure::Pg(error)) => {
                         let lost = is_session_lost(&error) || conn.get().is_closed();
                         if lost && !retried {
                             tracing::debug!(%error, "session lost under a call; retrying once");
@@ -404,6 +464,12 @@ impl PostgresBackend {
                         }
                         return Err(Failure::Pg(error));
                     }
+                    // Nothing was sent, and the session is fine.
+                    Err(Failure::Passed) => {
+                        conn.done();
+                        return Err(Failure::Passed);
+                    }
+                    Err(failure) => return Err(failure),
                 }
             }
         };
@@ -411,6 +477,109 @@ impl PostgresBackend {
             Ok(result) => result,
             Err(_) => Err(Failure::Mapped(self.timed_out())),
         }
+    }
+
+    /// Runs one lock statement on the caller's client (unnamed, parsed each time),
+    /// bounded at the call timeout from now (see
+    /// [`try_acquire_in`](Self::try_acquire_in)).
+    async fn run_in<C>(
+        &self,
+        client: &C,
+        sql: &str,
+        types: &[Type],
+        params: &[&(dyn ToSql + Sync)],
+    ) -> std::result::Result<Answer, Failure>
+    where
+        C: GenericClient + Sync,
+    {
+        let not_after = Instant::now() + self.inner.call_timeout;
+        let mut reran = false;
+        loop {
+            let bound = self.bound_for(client, not_after).await?;
+            let mut typed: Vec<(&(dyn ToSql + Sync), Type)> = params
+                .iter()
+                .zip(types)
+                .map(|(param, ty)| (*param, ty.clone()))
+                .collect();
+            typed.push((&bound, Type::INT8));
+            check_not_passed(not_after)?;
+            let rows = client.query_typed(sql, &typed).await.map_err(Failure::Pg)?;
+            let answer = self.answer(rows, false, Some(bound))?;
+            if !answer.rerun(Some(not_after), &mut reran) {
+                return answer.in_time();
+            }
+        }
+    }
+
+    /// `not_after` on the server's clock, in µs since the epoch, rounded toward
+    /// earlier (contract item 8): from the latest reading any session reported.
+    ///
+    /// A backend's own sessions report one when they are set up (the config's
+    /// post_create hook) and with every answer. Only a session of a pool built
+    /// without the hook, before any statement answered, has none: then this reads
+    /// the clock once on `client`, the connection the statement is about to run on.
+    async fn bound_for<C>(
+        &self,
+        client: &C,
+        not_after: Instant,
+    ) -> std::result::Result<i64, Failure>
+    where
+        C: GenericClient + Sync,
+    {
+        let clock = self.server_clock();
+        if let Some(bound) = clock.bound_micros(not_after) {
+            return Ok(bound);
+        }
+        let messages = client
+            .simple_query(CLOCK_READING)
+            .await
+            .map_err(Failure::Pg)?;
+        if let Some(server_us) = clock_reading(&messages) {
+            clock.observe(Instant::now(), server_us);
+        }
+        clock.bound_micros(not_after).ok_or_else(|| {
+            Failure::Mapped(Error::Backend {
+                message: "PostgreSQL did not tell its clock".into(),
+                transient: true,
+                source: None,
+            })
+        })
+    }
+
+    /// The rows of a statement that just answered; for a lock statement (sent with
+    /// `bound`), with its clock reading observed.
+    fn answer(
+        &self,
+        rows: Vec<Row>,
+        retried: bool,
+        bound: Option<i64>,
+    ) -> std::result::Result<Answer, Failure> {
+        let arrived = Instant::now();
+        let clock = match bound {
+            None => None,
+            Some(bound) => {
+                let server_us = rows
+                    .first()
+                    .map(|row| row.try_get::<_, i64>("server_us"))
+                    .transpose()
+                    .map_err(Failure::Pg)?
+                    .ok_or_else(|| {
+                        Failure::Mapped(Error::Backend {
+                            message: "a lock statement returned no clock reading".into(),
+                            transient: false,
+                            source: None,
+                        })
+                    })?;
+                self.server_clock().observe(arrived, server_us);
+                Some(Reading { server_us, bound })
+            }
+        };
+        Ok(Answer {
+            rows,
+            retried,
+            arrived,
+            clock,
+        })
     }
 
     fn timed_out(&self) -> Error {
@@ -429,14 +598,20 @@ impl PostgresBackend {
         token: &Token,
         ttl: Ttl,
         owner: &str,
+        not_after: Instant,
     ) -> Result<AcquireOutcome> {
         let ttl_us = ttl.as_micros();
         let params: [&(dyn ToSql + Sync); 4] = [&key.as_str(), token.as_uuid(), &ttl_us, &owner];
         match self
-            .run(&self.inner.sql.acquire, ACQUIRE_TYPES, &params)
+            .run(
+                &self.inner.sql.acquire,
+                ACQUIRE_TYPES,
+                &params,
+                Some(not_after),
+            )
             .await
         {
-            Ok(answer) => self.acquire_outcome(&answer.rows),
+            Ok(answer) => self.acquire_outcome(&answer),
             // Waited past lock_timeout on a row another transaction is writing: the
             // statement rolled back, nothing changed, and the key is busy.
             Err(Failure::Pg(e)) if is_lock_not_available(&e) => {
@@ -446,21 +621,46 @@ impl PostgresBackend {
         }
     }
 
-    fn acquire_outcome(&self, rows: &[Row]) -> Result<AcquireOutcome> {
-        let Some(row) = rows.first() else {
-            // The row was absent when the statement began and a concurrent first
-            // acquirer inserted it: that one holds the lock.
-            return Ok(AcquireOutcome::Held { remaining: None });
-        };
-        let fence: Option<i64> = row.try_get(0).map_err(|e| self.error(e))?;
-        let remaining_us: Option<i64> = row.try_get(1).map_err(|e| self.error(e))?;
+    /// The outcome of an acquire statement's one row.
+    fn acquire_outcome(&self, answer: &Answer) -> Result<AcquireOutcome> {
+        let row = answer.row()?;
+        let fence: Option<i64> = row.try_get("fence").map_err(|e| self.error(e))?;
+        let remaining_us: Option<i64> = row.try_get("remaining_us").map_err(|e| self.error(e))?;
         Ok(match fence {
             Some(fence) => AcquireOutcome::Acquired {
                 fence: Fence::new(fence),
+                server_time: answer.server_time(),
             },
+            // Refused; no remaining lease when the row was free (or absent) and a
+            // concurrent acquirer took it first.
             None => AcquireOutcome::Held {
                 remaining: remaining_us.map(micros),
             },
+        })
+    }
+
+    /// The outcome of an extend statement's one row.
+    fn extend_outcome(&self, key: &LockKey, answer: &Answer) -> Result<SystemTime> {
+        let renewed: bool = answer
+            .row()?
+            .try_get("renewed")
+            .map_err(|e| self.error(e))?;
+        match renewed {
+            true => Ok(answer.server_time()),
+            false => Err(Error::NotHeld { key: key.clone() }),
+        }
+    }
+
+    /// The outcome of a release statement's one row.
+    fn release_outcome(&self, answer: &Answer) -> Result<Released> {
+        let released: Option<bool> = answer
+            .row()?
+            .try_get("released")
+            .map_err(|e| self.error(e))?;
+        Ok(match released {
+            Some(true) => Released::Now,
+            Some(false) => Released::Before,
+            None => Released::NotHeld,
         })
     }
 
@@ -486,18 +686,87 @@ impl PostgresBackend {
             key,
             owner,
             fence: Fence::new(fence),
-            acquired_at: epoch_micros(acquired_us),
-            expires_at: expires_us.map(epoch_micros),
+            acquired_at: from_unix_micros(acquired_us),
+            expires_at: expires_us.map(from_unix_micros),
             state,
             remaining: if held { remaining_us.map(micros) } else { None },
         })
     }
 }
 
-/// The rows of one statement, and whether it ran a second time.
+/// The rows of one statement, whether it ran a second time, and for a lock
+/// statement its clock reading.
 struct Answer {
     rows: Vec<Row>,
     retried: bool,
+    /// When the answer arrived.
+    arrived: Instant,
+    clock: Option<Reading>,
+}
+
+/// A lock statement's clock reading and the bound it was sent with, both in µs
+/// since the epoch on the server's clock.
+#[derive(Debug, Clone, Copy)]
+struct Reading {
+    server_us: i64,
+    bound: i64,
+}
+
+impl Reading {
+    /// Whether the statement ran at or after its bound, so that it changed
+    /// nothing: its writes all require `clock.at_us < bound`.
+    fn late(&self) -> bool {
+        self.server_us >= self.bound
+    }
+}
+
+impl Answer {
+    /// The one row every lock statement but `extend_many` returns.
+    fn row(&self) -> Result<&Row> {
+        self.rows.first().ok_or_else(|| Error::Backend {
+            message: "a lock statement returned no row".into(),
+            transient: false,
+            source: None,
+        })
+    }
+
+    /// The statement's clock reading (the epoch for a statement without one).
+    fn server_time(&self) -> SystemTime {
+        from_unix_micros(self.clock.map_or(0, |c| c.server_us))
+    }
+
+    /// Whether to run a statement refused as late once more (at most once per
+    /// call, `reran` tells): when its answer arrived before `not_after`, the
+    /// statement did not run late on our clock, so the bound was wrong, not the
+    /// statement: the estimate of the server's clock (say the server's clock
+    /// stepped forward since the reading it came from, or the reading was so old
+    /// that the rate allowance alone moved the bound past the server's now). The
+    /// refusal's own reading, just observed, has corrected it, and the statement
+    /// changed nothing, so running it again is safe. Its new bound still rounds
+    /// toward earlier, so the rerun cannot take effect after `not_after` either.
+    fn rerun(&self, not_after: Option<Instant>, reran: &mut bool) -> bool {
+        let (Some(reading), Some(not_after)) = (self.clock, not_after) else {
+            return false;
+        };
+        if !reading.late() || *reran || self.arrived >= not_after {
+            return false;
+        }
+        tracing::debug!(
+            server_us = reading.server_us,
+            bound_us = reading.bound,
+            "refused as late before not_after: the server clock estimate was wrong; retrying once"
+        );
+        *reran = true;
+        true
+    }
+
+    /// `self`, or [`Failure::Late`] if the statement ran too late to act.
+    fn in_time(self) -> std::result::Result<Self, Failure> {
+        match self.clock {
+            Some(reading) if reading.late() => Err(Failure::Late(reading)),
+            _ => Ok(self),
+        }
+    }
 }
 
 enum Failure {
@@ -505,6 +774,11 @@ enum Failure {
     Pg(tokio_postgres::Error),
     /// Already mapped (pool or timeout).
     Mapped(Error),
+    /// The statement ran at or after its not-after bound, so it changed nothing.
+    Late(Reading),
+    /// The call's not_after passed before its statement was sent, so nothing was
+    /// sent.
+    Passed,
 }
 
 impl Failure {
@@ -512,8 +786,34 @@ impl Failure {
         match self {
             Failure::Pg(e) => backend.error(e),
             Failure::Mapped(e) => e,
+            Failure::Late(reading) => Error::unavailable(
+                format!(
+                    "the statement reached PostgreSQL after its not_after bound (server clock \
+                     {} µs, bound {} µs since the epoch); nothing changed",
+                    reading.server_us, reading.bound
+                ),
+                None,
+            ),
+            Failure::Passed => Error::unavailable(
+                "the call's not_after passed before its statement was sent; nothing changed",
+                None,
+            ),
         }
     }
+}
+
+/// Refuses to send a lock statement once its `not_after` has passed: the server
+/// would refuse it (or, were the bound wrong, let it act late), and the caller
+/// has stopped waiting. Checked when the call starts and again just before the
+/// statement goes out, since waiting for a connection, a clock reading or the
+/// statement's first Parse round trip can take it past not_after; the backend's
+/// acquire task, which outlives a caller who gave up, would otherwise send it
+/// once a frozen path thawed.
+fn check_not_passed(not_after: Instant) -> std::result::Result<(), Failure> {
+    if Instant::now() >= not_after {
+        return Err(Failure::Passed);
+    }
+    Ok(())
 }
 
 /// A pooled connection that goes back to the pool only through [`done`](Self::done):
@@ -602,22 +902,6 @@ enum Released {
     NotHeld,
 }
 
-fn release_outcome(rows: &[Row]) -> Released {
-    match rows.first().map(|row| row.try_get::<_, bool>(0)) {
-        Some(Ok(true)) => Released::Now,
-        Some(Ok(false)) => Released::Before,
-        _ => Released::NotHeld,
-    }
-}
-
-fn extend_outcome(key: &LockKey, rows: &[Row]) -> Result<()> {
-    if rows.is_empty() {
-        Err(Error::NotHeld { key: key.clone() })
-    } else {
-        Ok(())
-    }
-}
-
 fn check_owner(owner: &str) -> Result<()> {
     if owner.len() > MAX_OWNER_LEN || owner.contains('\0') {
         return Err(Error::InvalidConfig {
@@ -631,16 +915,6 @@ fn micros(us: i64) -> Duration {
     Duration::from_micros(u64::try_from(us).unwrap_or(0))
 }
 
-fn epoch_micros(us: i64) -> SystemTime {
-    let magnitude = Duration::from_micros(us.unsigned_abs());
-    let at = if us >= 0 {
-        UNIX_EPOCH.checked_add(magnitude)
-    } else {
-        UNIX_EPOCH.checked_sub(magnitude)
-    };
-    at.unwrap_or(UNIX_EPOCH)
-}
-
 #[async_trait]
 impl LockBackend for PostgresBackend {
     async fn try_acquire(
@@ -649,20 +923,38 @@ impl LockBackend for PostgresBackend {
         token: &Token,
         ttl: Ttl,
         owner: &str,
+        not_after: Instant,
     ) -> Result<AcquireOutcome> {
         check_owner(owner)?;
         // The statement runs in a task of its own, so dropping this future does not
         // abandon it half-way: it commits or fails, and a release of the same token
         // (such as the background release of a cancelled acquire) waits for it
-        // first. Otherwise that release could run on another connection before the
-        // abandoned acquire commits, find nothing to release, and leave the lock held
-        // until its ttl.
+        // first (`InFlight`). Otherwise that release could run on another
+        // connection before the abandoned acquire commits, find nothing to release,
+        // and leave the lock held until its ttl.
+        //
+        // The not_after bound does not make this unnecessary. It stops an acquire
+        // that reaches the server late, but not one that read its clock in time and
+        // is still waiting, for a row lock or for its commit (a slow disk, a
+        // synchronous standby), when the release runs: core's cleanup once the
+        // acquire's not_after has passed, or a caller who dropped this future. The
+        // server cannot order that release after it: the release's WHERE (this
+        // token, live) is false on the row version its snapshot sees (the previous
+        // holder's, or no row at all for a key's first acquisition; an UPDATE never
+        // waits for an uncommitted insert), so it answers NotHeld at once without
+        // waiting for the row lock, and the acquire then commits a lease nobody
+        // holds. Tests: release_waits_for_an_abandoned_acquire_of_the_same_token
+        // and release_after_the_bound_waits_for_an_abandoned_first_acquire_still_
+        // committing both fail without the wait. Only this backend's own acquires
+        // are ordered this way; another process's rely on the bound alone.
         let pending = InFlight::start(&self.inner, key, *token);
         let backend = self.clone();
         let (key, token, owner) = (key.clone(), *token, owner.to_owned());
         let task = tokio::spawn(async move {
             let _pending = pending;
-            backend.acquire_once(&key, &token, ttl, &owner).await
+            backend
+                .acquire_once(&key, &token, ttl, &owner, not_after)
+                .await
         });
         task.await.unwrap_or_else(|e| {
             Err(Error::Backend {
@@ -673,21 +965,37 @@ impl LockBackend for PostgresBackend {
         })
     }
 
-    async fn extend(&self, key: &LockKey, token: &Token, ttl: Ttl) -> Result<()> {
+    async fn extend(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        ttl: Ttl,
+        not_after: Instant,
+    ) -> Result<SystemTime> {
         let ttl_us = ttl.as_micros();
         let params: [&(dyn ToSql + Sync); 3] = [&key.as_str(), token.as_uuid(), &ttl_us];
         match self
-            .run(&self.inner.sql.extend, EXTEND_TYPES, &params)
+            .run(
+                &self.inner.sql.extend,
+                EXTEND_TYPES,
+                &params,
+                Some(not_after),
+            )
             .await
         {
-            Ok(answer) => extend_outcome(key, &answer.rows),
+            Ok(answer) => self.extend_outcome(key, &answer),
             Err(failure) => Err(failure.into_error(self)),
         }
     }
 
     /// One statement for the whole batch (see the type's docs: safe to run twice,
     /// like `extend`).
-    async fn extend_many(&self, leases: &[(LockKey, Token)], ttl: Ttl) -> Result<Vec<Result<()>>> {
+    async fn extend_many(
+        &self,
+        leases: &[(LockKey, Token)],
+        ttl: Ttl,
+        not_after: Instant,
+    ) -> Result<Vec<Result<SystemTime>>> {
         if leases.is_empty() {
             return Ok(Vec::new());
         }
@@ -696,20 +1004,29 @@ impl LockBackend for PostgresBackend {
         let ttl_us = ttl.as_micros();
         let params: [&(dyn ToSql + Sync); 3] = [&keys, &tokens, &ttl_us];
         let answer = self
-            .run(&self.inner.sql.extend_many, EXTEND_MANY_TYPES, &params)
+            .run(
+                &self.inner.sql.extend_many,
+                EXTEND_MANY_TYPES,
+                &params,
+                Some(not_after),
+            )
             .await
             .map_err(|f| f.into_error(self))?;
         let mut renewed: HashSet<(&str, uuid::Uuid)> = HashSet::with_capacity(answer.rows.len());
         for row in &answer.rows {
-            let key: &str = row.try_get(0).map_err(|e| self.error(e))?;
-            let token: uuid::Uuid = row.try_get(1).map_err(|e| self.error(e))?;
-            renewed.insert((key, token));
+            let key: Option<&str> = row.try_get("lock_key").map_err(|e| self.error(e))?;
+            let token: Option<uuid::Uuid> = row.try_get("token").map_err(|e| self.error(e))?;
+            // One row of NULLs when nothing was renewed.
+            if let (Some(key), Some(token)) = (key, token) {
+                renewed.insert((key, token));
+            }
         }
+        let server_time = answer.server_time();
         Ok(leases
             .iter()
             .map(|(key, token)| {
                 if renewed.contains(&(key.as_str(), *token.as_uuid())) {
-                    Ok(())
+                    Ok(server_time)
                 } else {
                     Err(Error::NotHeld { key: key.clone() })
                 }
@@ -717,18 +1034,32 @@ impl LockBackend for PostgresBackend {
             .collect())
     }
 
-    async fn release(&self, key: &LockKey, token: &Token) -> Result<()> {
+    async fn release(&self, key: &LockKey, token: &Token, not_after: Instant) -> Result<()> {
         InFlight::wait(&self.inner, key, token).await;
         let channel = self.inner.sql.channel.as_str();
         let params: [&(dyn ToSql + Sync); 3] = [&key.as_str(), token.as_uuid(), &channel];
         let answer = self
-            .run(&self.inner.sql.release, RELEASE_TYPES, &params)
+            .run(
+                &self.inner.sql.release,
+                RELEASE_TYPES,
+                &params,
+                Some(not_after),
+            )
             .await
             .map_err(|f| f.into_error(self))?;
-        match release_outcome(&answer.rows) {
+        match self.release_outcome(&answer)? {
             Released::Now => {}
-            // Our first run released it and its answer was lost with the session.
-            Released::Before if answer.retried => {}
+            // The first run's session was lost before it answered, so it may have
+            // released the lease and committed. Then the retry finds this token's
+            // row released (`Before`), or, once a waiter woken by that release's
+            // NOTIFY has taken the key, another token's lease (`NotHeld`): both
+            // are the first run's success, and NotHeld would tell the caller that
+            // it lost a lock it held to the end. If the first run did not go
+            // through, the retry's NotHeld means the lease had already run out;
+            // the retry cannot tell the two apart, and Ok still states what the
+            // caller needs: no live lease of this token is left. (Nor can the
+            // first run take effect later: its not_after bounds it.)
+            Released::Before | Released::NotHeld if answer.retried => {}
             Released::Before | Released::NotHeld => {
                 return Err(Error::NotHeld { key: key.clone() });
             }
@@ -741,7 +1072,7 @@ impl LockBackend for PostgresBackend {
     async fn inspect(&self, key: &LockKey) -> Result<Option<LockInfo>> {
         let params: [&(dyn ToSql + Sync); 1] = [&key.as_str()];
         let answer = self
-            .run(&self.inner.sql.inspect, INSPECT_TYPES, &params)
+            .run(&self.inner.sql.inspect, INSPECT_TYPES, &params, None)
             .await
             .map_err(|f| f.into_error(self))?;
         answer
@@ -753,7 +1084,7 @@ impl LockBackend for PostgresBackend {
 
     async fn list(&self) -> Result<Vec<LockInfo>> {
         let answer = self
-            .run(&self.inner.sql.list, &[], &[])
+            .run(&self.inner.sql.list, &[], &[], None)
             .await
             .map_err(|f| f.into_error(self))?;
         answer.rows.iter().map(|row| self.lock_info(row)).collect()

@@ -1,9 +1,13 @@
 //! [`PostgresConfig`] and its builder: where to connect and how to bound each call.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
+use distrlock_core::server_clock::ServerClock;
 use distrlock_core::{Error, Result, TableName};
+use tokio::time::Instant;
+use tokio_postgres::SimpleQueryMessage;
 use tokio_postgres::config::Host;
 
 use crate::sql;
@@ -40,6 +44,11 @@ pub struct PostgresConfig {
     pub(crate) listen: bool,
     #[cfg(feature = "tls")]
     pub(crate) tls: Option<crate::tls::TlsConfig>,
+    /// What the sessions have told of the server's clock: shared by the
+    /// [`post_create_hook`](Self::post_create_hook), which reads it when a session
+    /// is set up, and the backends built with this config (or a clone of it), whose
+    /// every statement reads it again.
+    pub(crate) server_clock: Arc<ServerClock>,
 }
 
 impl PostgresConfig {
@@ -135,18 +144,44 @@ impl PostgresConfig {
     /// [`session_settings_sql`](Self::session_settings_sql) on each new connection,
     /// for pools you build yourself and hand to
     /// [`from_pool`](crate::PostgresBackend::from_pool).
+    ///
+    /// In the same simple-query message (one round trip) it reads the server's
+    /// clock, and hands the reading to the backends built with this config (or a
+    /// clone of it): a backend needs one before its first lock statement, to bound
+    /// it on the server's clock (see [`PostgresBackend`](crate::PostgresBackend)).
+    /// Without the hook the backend reads the clock itself once, with one more
+    /// round trip before its first statement.
     pub fn post_create_hook(&self) -> deadpool_postgres::Hook {
-        let settings = self.session_settings_sql();
+        let setup = format!("{}; {}", self.session_settings_sql(), sql::CLOCK_READING);
+        let clock = self.server_clock.clone();
         deadpool_postgres::Hook::async_fn(move |client, _metrics| {
-            let settings = settings.clone();
+            let (setup, clock) = (setup.clone(), clock.clone());
             Box::pin(async move {
-                client
-                    .batch_execute(&settings)
+                let messages = client
+                    .simple_query(&setup)
                     .await
-                    .map_err(deadpool_postgres::HookError::Backend)
+                    .map_err(deadpool_postgres::HookError::Backend)?;
+                if let Some(server_us) = clock_reading(&messages) {
+                    clock.observe(Instant::now(), server_us);
+                }
+                Ok(())
             })
         })
     }
+
+    /// The clock the config's sessions report to.
+    pub(crate) fn server_clock(&self) -> &Arc<ServerClock> {
+        &self.server_clock
+    }
+}
+
+/// The µs reading in the answer of a simple query ending with
+/// [`sql::CLOCK_READING`], if it has one.
+pub(crate) fn clock_reading(messages: &[SimpleQueryMessage]) -> Option<i64> {
+    messages.iter().rev().find_map(|message| match message {
+        SimpleQueryMessage::Row(row) => row.get(0)?.parse().ok(),
+        _ => None,
+    })
 }
 
 impl Default for PostgresConfig {
@@ -162,6 +197,7 @@ impl Default for PostgresConfig {
             listen: true,
             #[cfg(feature = "tls")]
             tls: None,
+            server_clock: Arc::new(ServerClock::new()),
         }
     }
 }
@@ -383,6 +419,7 @@ impl PostgresConfigBuilder {
             listen: self.listen.unwrap_or(defaults.listen),
             #[cfg(feature = "tls")]
             tls: self.tls,
+            server_clock: defaults.server_clock,
         })
     }
 }

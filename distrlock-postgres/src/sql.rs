@@ -6,6 +6,26 @@
 //!   in the `clock` CTE. `now()` would be frozen at the start of the caller's
 //!   transaction (a lock taken late in a long transaction would get a short lease),
 //!   and the client's clock is never sent.
+//! - **No late effects.** Every mutating statement (acquire, extend, extend_many,
+//!   release) takes a last parameter, the caller's `not_after` mapped onto the
+//!   server's clock (whole µs since the epoch, rounded toward earlier by
+//!   [`ServerClock::bound_micros`](distrlock_core::server_clock::ServerClock::bound_micros)),
+//!   and every write in it requires `clock.at_us < bound`: a statement that reaches
+//!   the server after its caller gave up (a frozen network path delivers it late,
+//!   even after the client closed the socket) changes nothing. The comparison is of
+//!   two integers, so no floating point, rounding or `TimeZone` enters it. A
+//!   statement that read its clock before the bound and then waits for a row lock,
+//!   or for its commit, still takes effect. A later acquire of the key waits for it
+//!   (its WHERE matches the row version it sees, so it queues for the row's lock,
+//!   or its insert meets the uncommitted one), so mutual exclusion holds; a later
+//!   release of the same token does not (its WHERE is false on the previous
+//!   holder's version, and an UPDATE never waits for an uncommitted insert), which
+//!   is why the backend orders its own releases after its running acquires.
+//! - **The reading goes back.** Every mutating statement returns its clock reading
+//!   (`server_us`, integer µs since the epoch) in every case, granted or refused, so
+//!   the backend learns the server's clock from each answer
+//!   ([`ServerClock`](distrlock_core::server_clock::ServerClock)) and can report when
+//!   a lease was granted or renewed.
 //! - **No session settings leak in.** Durations are added as a whole number of
 //!   microseconds (`$n * interval '1 microsecond'` has no day or month part, so
 //!   `TimeZone` and daylight saving never change its length), and every time goes back
@@ -21,6 +41,24 @@
 use distrlock_core::TableName;
 use tokio_postgres::types::Type;
 
+/// The `clock` CTE every statement starts with: one reading of the server's clock,
+/// as a `timestamptz` (`at`) and as integer µs since the epoch (`at_us`).
+const CLOCK_CTE: &str = r#"-- One reading of the server's clock for the whole statement: clock_timestamp(),
+-- not now(), which is frozen at the start of the caller's transaction. `at_us` is
+-- the same instant in whole µs since the epoch (an instant, whatever TimeZone
+-- says; EXTRACT gives an exact numeric from PostgreSQL 14 on, a double exact to
+-- far below a µs before), computed once here: the bound is compared with it and
+-- it is what goes back to the client.
+clock AS MATERIALIZED (
+    SELECT reading.at, (EXTRACT(EPOCH FROM reading.at) * 1000000)::int8 AS at_us
+    FROM (SELECT clock_timestamp() AS at) AS reading
+)"#;
+
+/// One reading of the server's clock, in whole µs since the epoch, as the `clock`
+/// CTE computes it: for a session that has sent no statement yet.
+pub(crate) const CLOCK_READING: &str =
+    "SELECT (EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::int8 AS server_us";
+
 /// The SQL of one lock table.
 #[derive(Debug, Clone)]
 pub(crate) struct Statements {
@@ -29,14 +67,19 @@ pub(crate) struct Statements {
     /// Serialises concurrent `create_table` calls, then runs `create_table`; one
     /// simple-query message, so both run in one implicit transaction.
     pub(crate) create_table_locked: String,
-    /// Try-acquire: params `$1` key, `$2` token, `$3` ttl µs, `$4` owner.
+    /// Try-acquire: params `$1` key, `$2` token, `$3` ttl µs, `$4` owner, `$5`
+    /// not-after bound µs; one row `(fence, remaining_us, server_us)`, a NULL fence
+    /// when refused (held, or late: `server_us >= $5`).
     pub(crate) acquire: String,
-    /// Extend: params `$1` key, `$2` token, `$3` ttl µs.
+    /// Extend: params `$1` key, `$2` token, `$3` ttl µs, `$4` not-after bound µs;
+    /// one row `(renewed, server_us)`.
     pub(crate) extend: String,
-    /// Extend a batch: params `$1` keys, `$2` tokens (same length), `$3` ttl µs;
-    /// returns the (key, token) of every lease it renewed.
+    /// Extend a batch: params `$1` keys, `$2` tokens (same length), `$3` ttl µs,
+    /// `$4` not-after bound µs; rows `(lock_key, token, server_us)`, one per lease
+    /// it renewed, or one row with NULL key and token when it renewed none.
     pub(crate) extend_many: String,
-    /// Release: params `$1` key, `$2` token, `$3` notification channel.
+    /// Release: params `$1` key, `$2` token, `$3` notification channel, `$4`
+    /// not-after bound µs; one row `(released, server_us)`.
     pub(crate) release: String,
     /// Inspect one key: param `$1` key.
     pub(crate) inspect: String,
@@ -49,13 +92,15 @@ pub(crate) struct Statements {
 }
 
 /// Parameter types of [`Statements::acquire`].
-pub(crate) const ACQUIRE_TYPES: &[Type] = &[Type::TEXT, Type::UUID, Type::INT8, Type::TEXT];
+pub(crate) const ACQUIRE_TYPES: &[Type] =
+    &[Type::TEXT, Type::UUID, Type::INT8, Type::TEXT, Type::INT8];
 /// Parameter types of [`Statements::extend`].
-pub(crate) const EXTEND_TYPES: &[Type] = &[Type::TEXT, Type::UUID, Type::INT8];
+pub(crate) const EXTEND_TYPES: &[Type] = &[Type::TEXT, Type::UUID, Type::INT8, Type::INT8];
 /// Parameter types of [`Statements::extend_many`].
-pub(crate) const EXTEND_MANY_TYPES: &[Type] = &[Type::TEXT_ARRAY, Type::UUID_ARRAY, Type::INT8];
+pub(crate) const EXTEND_MANY_TYPES: &[Type] =
+    &[Type::TEXT_ARRAY, Type::UUID_ARRAY, Type::INT8, Type::INT8];
 /// Parameter types of [`Statements::release`].
-pub(crate) const RELEASE_TYPES: &[Type] = &[Type::TEXT, Type::UUID, Type::TEXT];
+pub(crate) const RELEASE_TYPES: &[Type] = &[Type::TEXT, Type::UUID, Type::TEXT, Type::INT8];
 /// Parameter types of [`Statements::inspect`].
 pub(crate) const INSPECT_TYPES: &[Type] = &[Type::TEXT];
 
@@ -92,11 +137,10 @@ impl Statements {
         let create_table_locked =
             format!("SELECT pg_advisory_xact_lock({lock_id});\n{create_table}");
 
+        let clock = CLOCK_CTE;
         let acquire = format!(
             r#"WITH
--- One reading of the server's clock for the whole statement: clock_timestamp(),
--- not now(), which is frozen at the start of the caller's transaction.
-clock AS MATERIALIZED (SELECT clock_timestamp() AS at),
+{clock},
 -- Present and free (released or expired), or held by this same token: take it or
 -- renew it. A held row fails the WHERE clause before it is locked, so a refused
 -- try writes nothing and takes no row lock (unlike INSERT … ON CONFLICT DO UPDATE
@@ -116,6 +160,8 @@ taken AS (
     FROM clock
     WHERE l.lock_key = $1::text
       AND (l.expires_at IS NULL OR l.expires_at <= clock.at OR l.token = $2::uuid)
+      -- No late effects: only before the caller's bound on the server's clock.
+      AND clock.at_us < $5::int8
     RETURNING l.fence
 ),
 -- Absent: insert the first holding with fence 1. The NOT EXISTS probe keeps the
@@ -128,40 +174,63 @@ inserted AS (
            clock.at + $3::int8 * interval '1 microsecond'
     FROM clock
     WHERE NOT EXISTS (SELECT 1 FROM {t} WHERE lock_key = $1::text)
+      -- No late effects: only before the caller's bound on the server's clock.
+      AND clock.at_us < $5::int8
     ON CONFLICT (lock_key) DO NOTHING
     RETURNING l.fence
 )
--- Success: the fence of this holding.
-SELECT fence, NULL::int8 AS remaining_us FROM taken
-UNION ALL
-SELECT fence, NULL::int8 FROM inserted
-UNION ALL
--- Refused: the holder's remaining lease in µs, on the server's clock (NULL when
--- the row we saw was free but another acquirer took it first).
-SELECT NULL::int8,
-       CASE WHEN l.expires_at > clock.at
-            THEN (EXTRACT(EPOCH FROM (l.expires_at - clock.at)) * 1000000)::int8 END
-FROM {t} AS l, clock
-WHERE l.lock_key = $1::text
-  AND NOT EXISTS (SELECT 1 FROM taken)
-  AND NOT EXISTS (SELECT 1 FROM inserted)"#
+-- Exactly one row whatever happened (granted, refused, refused as late, key
+-- absent, insert race lost), so the clock reading always comes back: `clock` has one row and each join
+-- adds at most one (taken and inserted touch at most the one row of the primary
+-- key). The table read here is the one before `taken` and `inserted` (the main
+-- query of a data-modifying CTE does not see its changes), which is what a refusal
+-- reports.
+SELECT
+    -- Success: the fence of this holding; NULL when refused (held, or late: then
+    -- server_us is at or past the bound).
+    COALESCE(taken.fence, inserted.fence) AS fence,
+    -- Refused: the holder's remaining lease in µs, on the server's clock (NULL when
+    -- there is no live lease to report: the row was free but another acquirer took
+    -- it first, or the key had no row and another first acquirer inserted it).
+    CASE WHEN taken.fence IS NULL AND inserted.fence IS NULL AND l.expires_at > clock.at
+         THEN (EXTRACT(EPOCH FROM (l.expires_at - clock.at)) * 1000000)::int8
+    END AS remaining_us,
+    -- The statement's clock reading: when the lease was granted (it ends ttl later).
+    clock.at_us AS server_us
+FROM clock
+LEFT JOIN taken ON true
+LEFT JOIN inserted ON true
+LEFT JOIN {t} AS l ON l.lock_key = $1::text"#
         );
 
         let extend = format!(
-            r#"WITH clock AS MATERIALIZED (SELECT clock_timestamp() AS at)
+            r#"WITH
+{clock},
 -- Only the token of a live lease: a stale token updates nothing (NotHeld) and
 -- writes nothing. The new expiry counts from the server's clock now.
-UPDATE {t} AS l
-SET expires_at = clock.at + $3::int8 * interval '1 microsecond'
+renewed AS (
+    UPDATE {t} AS l
+    SET expires_at = clock.at + $3::int8 * interval '1 microsecond'
+    FROM clock
+    WHERE l.lock_key = $1::text
+      AND l.token = $2::uuid
+      AND l.expires_at > clock.at
+      -- No late effects: only before the caller's bound on the server's clock.
+      AND clock.at_us < $4::int8
+    RETURNING l.fence
+)
+-- One row whatever happened, so the clock reading always comes back (renewed has
+-- at most the one row of the primary key).
+SELECT renewed.fence IS NOT NULL AS renewed,
+       -- When the lease was renewed: it now ends ttl after this.
+       clock.at_us AS server_us
 FROM clock
-WHERE l.lock_key = $1::text
-  AND l.token = $2::uuid
-  AND l.expires_at > clock.at
-RETURNING l.fence"#
+LEFT JOIN renewed ON true"#
         );
 
         let extend_many = format!(
-            r#"WITH clock AS MATERIALIZED (SELECT clock_timestamp() AS at)
+            r#"WITH
+{clock},
 -- The same guard as the single extend, for every (key, token) pair of the two
 -- arrays at once: one statement, one round trip, one commit for the batch, and
 -- one clock reading for all of it. Each lease is renewed only if its token holds
@@ -169,18 +238,29 @@ RETURNING l.fence"#
 -- COLLATE "C": the column's collation, so the join uses the primary key's index.
 -- A pair listed twice updates its row once (PostgreSQL joins each target row to
 -- one source row) and is returned once.
-UPDATE {t} AS l
-SET expires_at = clock.at + $3::int8 * interval '1 microsecond'
-FROM clock, unnest($1::text[], $2::uuid[]) AS batch(lock_key, token)
-WHERE l.lock_key = batch.lock_key COLLATE "C"
-  AND l.token = batch.token
-  AND l.expires_at > clock.at
-RETURNING l.lock_key, l.token"#
+renewed AS (
+    UPDATE {t} AS l
+    SET expires_at = clock.at + $3::int8 * interval '1 microsecond'
+    FROM clock, unnest($1::text[], $2::uuid[]) AS batch(lock_key, token)
+    WHERE l.lock_key = batch.lock_key COLLATE "C"
+      AND l.token = batch.token
+      AND l.expires_at > clock.at
+      -- No late effects: only before the caller's bound on the server's clock.
+      AND clock.at_us < $4::int8
+    RETURNING l.lock_key, l.token
+)
+-- One row per renewed lease, or a single row with NULL key and token when none
+-- was renewed: the clock reading always comes back.
+SELECT renewed.lock_key, renewed.token,
+       -- When the leases were renewed: each now ends ttl after this.
+       clock.at_us AS server_us
+FROM clock
+LEFT JOIN renewed ON true"#
         );
 
         let release = format!(
             r#"WITH
-clock AS MATERIALIZED (SELECT clock_timestamp() AS at),
+{clock},
 -- Only the token of a live lease. The row is kept (expires_at NULL) so the next
 -- holder's fence continues from this one.
 released AS (
@@ -189,21 +269,30 @@ released AS (
     WHERE l.lock_key = $1::text
       AND l.token = $2::uuid
       AND l.expires_at > clock.at
+      -- No late effects: a release held back in the network must not end a later
+      -- holding of the same token.
+      AND clock.at_us < $4::int8
     -- Wakes waiters in every process LISTENing on the channel, in this same
     -- statement (no extra round trip); PostgreSQL delivers it at commit, so a
     -- release inside the caller's transaction announces only once committed.
     RETURNING pg_notify($3::text, l.lock_key)
 )
--- true: released now.
-SELECT true AS released FROM released
-UNION ALL
--- false: this token's holding was already released (a retry after a lost answer
--- can tell "my first try went through" from "never held"). No row: not held.
-SELECT false FROM {t} AS l
-WHERE l.lock_key = $1::text
-  AND l.token = $2::uuid
-  AND l.expires_at IS NULL
-  AND NOT EXISTS (SELECT 1 FROM released)"#
+-- One row whatever happened, so the clock reading always comes back. The table
+-- read here is the one before `released` (the main query does not see the CTE's
+-- change), so a match below means released by an earlier statement.
+SELECT
+    -- true: released now. false: this token's holding was already released (a
+    -- retry after a lost answer can tell "my first try went through" from "never
+    -- held"). NULL: not held.
+    CASE WHEN EXISTS (SELECT 1 FROM released) THEN true
+         WHEN l.lock_key IS NOT NULL THEN false
+    END AS released,
+    clock.at_us AS server_us
+FROM clock
+LEFT JOIN {t} AS l
+       ON l.lock_key = $1::text
+      AND l.token = $2::uuid
+      AND l.expires_at IS NULL"#
         );
 
         // Times leave as integer microseconds since the epoch: timestamptz's epoch is
@@ -217,14 +306,12 @@ WHERE l.lock_key = $1::text
             THEN (EXTRACT(EPOCH FROM (l.expires_at - clock.at)) * 1000000)::int8
        END AS remaining_us"#;
         let inspect = format!(
-            "WITH clock AS MATERIALIZED (SELECT clock_timestamp() AS at)\n\
-             SELECT {columns}\nFROM {t} AS l, clock\nWHERE l.lock_key = $1::text"
+            "WITH\n{clock}\nSELECT {columns}\nFROM {t} AS l, clock\nWHERE l.lock_key = $1::text"
         );
         // COLLATE "C": byte order, as LockKey's Ord, even on a table created by
         // hand with another collation.
         let list = format!(
-            "WITH clock AS MATERIALIZED (SELECT clock_timestamp() AS at)\n\
-             SELECT {columns}\nFROM {t} AS l, clock\nORDER BY l.lock_key COLLATE \"C\""
+            "WITH\n{clock}\nSELECT {columns}\nFROM {t} AS l, clock\nORDER BY l.lock_key COLLATE \"C\""
         );
 
         // The channel holds only [A-Za-z0-9_.:], so quoting it is safe; quoted, its
@@ -253,13 +340,19 @@ WHERE l.lock_key = $1::text
 #[derive(Debug, Clone)]
 pub struct LockSql {
     /// Try-acquire: `$1` key text, `$2` token uuid, `$3` ttl µs int8, `$4` owner
-    /// text; returns `(fence, remaining_us)`, a NULL fence when refused.
+    /// text, `$5` not-after bound int8 (µs since the epoch on the server's clock;
+    /// `i64::MAX` for none); returns one row `(fence, remaining_us, server_us)`, a
+    /// NULL fence when refused.
     pub acquire: String,
-    /// Extend: `$1` key, `$2` token, `$3` ttl µs; one row when renewed.
+    /// Extend: `$1` key, `$2` token, `$3` ttl µs, `$4` bound; one row `(renewed,
+    /// server_us)`.
     pub extend: String,
-    /// Batch extend: `$1` text[], `$2` uuid[], `$3` ttl µs; the renewed pairs.
+    /// Batch extend: `$1` text[], `$2` uuid[], `$3` ttl µs, `$4` bound; the renewed
+    /// pairs
+    /// `(lock_key, token, server_us)`, or one row with NULL pair if none.
     pub extend_many: String,
-    /// Release: `$1` key, `$2` token, `$3` channel; `true` when released now.
+    /// Release: `$1` key, `$2` token, `$3` channel, `$4` bound; one row
+    /// `(released, server_us)`, `released` true when released now.
     pub release: String,
     /// The notification channel to pass to `release`.
     pub channel: String,
@@ -356,6 +449,81 @@ mod tests {
             }
         }
         assert!(s.acquire.contains("clock_timestamp()"));
+    }
+
+    /// The acquire, extend, extend_many and release statements.
+    fn lock_statements(s: &Statements) -> [&str; 4] {
+        [&s.acquire, &s.extend, &s.extend_many, &s.release]
+    }
+
+    #[test]
+    fn every_lock_statement_answers_its_clock_reading_in_every_case() {
+        let s = Statements::new(&TableName::default());
+        for sql in lock_statements(&s) {
+            let code = without_comments(sql);
+            assert!(code.contains("clock.at_us AS server_us"), "{sql}");
+            // The main query starts from the one-row clock and only LEFT JOINs to
+            // it, with no WHERE: it answers at least one row whatever the CTEs did.
+            let main = &code[code.rfind("\nSELECT").expect("a main SELECT")..];
+            let from = &main[main.find("\nFROM clock\n").expect("FROM clock")..];
+            assert!(!from.contains("WHERE"), "{sql}");
+            for line in from.lines().filter(|line| line.contains("JOIN")) {
+                assert!(line.starts_with("LEFT JOIN "), "{line} in {sql}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_write_is_bounded_by_the_callers_not_after_in_integer_micros() {
+        let s = Statements::new(&TableName::default());
+        for (sql, types) in [
+            (&s.acquire, ACQUIRE_TYPES),
+            (&s.extend, EXTEND_TYPES),
+            (&s.extend_many, EXTEND_MANY_TYPES),
+            (&s.release, RELEASE_TYPES),
+        ] {
+            let code = without_comments(sql);
+            // The bound is the last parameter, an int8.
+            let n = types.len();
+            assert_eq!(types[n - 1], Type::INT8, "{sql}");
+            assert!(!code.contains(&format!("${}", n + 1)), "{sql}");
+            let guard = format!("AND clock.at_us < ${n}::int8");
+            // Every UPDATE and INSERT (each a CTE) carries the guard before its
+            // RETURNING or ON CONFLICT.
+            let writes: Vec<&str> = code
+                .split(" AS (")
+                .skip(1)
+                .filter(|cte| {
+                    let head = cte.trim_start();
+                    head.starts_with("UPDATE") || head.starts_with("INSERT")
+                })
+                .collect();
+            assert!(!writes.is_empty(), "{sql}");
+            assert_eq!(
+                code.matches("UPDATE ").count() + code.matches("INSERT INTO").count(),
+                writes.len(),
+                "a write outside a CTE in {sql}"
+            );
+            for write in writes {
+                // The CTE ends at the first closing parenthesis in column 0.
+                let body = write.split("\n)").next().unwrap();
+                assert!(body.contains(&guard), "unguarded write in {sql}");
+            }
+            // Integers only: no seconds as a float, no text times.
+            let lower = code.to_lowercase();
+            for banned in [
+                "to_timestamp",
+                "1e6",
+                "float",
+                "double",
+                "::numeric",
+                "/ 1000000",
+            ] {
+                assert!(!lower.contains(banned), "{banned} in {sql}");
+            }
+            // at_us is computed once, in the clock CTE.
+            assert_eq!(code.matches("EXTRACT(EPOCH FROM reading.at)").count(), 1);
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{TestBackend, counting_proxy::CountingProxy, unique, url};
+use common::{TestBackend, counting_proxy::CountingProxy, soon, unique, url};
 use distrlock_core::{AcquireOutcome, Error, LockBackend, LockKey, LockState, Token, Ttl};
 use distrlock_postgres::{PostgresBackend, PostgresConfig, deadpool_postgres, tokio_postgres};
 use tokio::time::Instant;
@@ -20,7 +20,7 @@ fn ttl(d: Duration) -> Ttl {
 
 fn fence_of(outcome: AcquireOutcome) -> i64 {
     match outcome {
-        AcquireOutcome::Acquired { fence } => fence.get(),
+        AcquireOutcome::Acquired { fence, .. } => fence.get(),
         other => panic!("expected Acquired, got {other:?}"),
     }
 }
@@ -106,7 +106,7 @@ async fn acquire_in_a_transaction_begun_seconds_earlier_gets_the_full_ttl() {
         remaining > Duration::from_secs(4),
         "remaining {remaining:?}: the transaction's sleep was taken off the lease"
     );
-    t.backend.release(&k, &token).await.unwrap();
+    t.backend.release(&k, &token, soon()).await.unwrap();
     t.drop_table().await;
 }
 
@@ -146,8 +146,16 @@ async fn sessions_with_different_time_zones_and_date_styles_contend_correctly() 
     let k = key("zones-long");
     let (te, tw) = (Token::new(), Token::new());
     let lease = Duration::from_secs(30);
-    let fence = fence_of(east.try_acquire(&k, &te, ttl(lease), "east").await.unwrap());
-    match west.try_acquire(&k, &tw, ttl(lease), "west").await.unwrap() {
+    let fence = fence_of(
+        east.try_acquire(&k, &te, ttl(lease), "east", soon())
+            .await
+            .unwrap(),
+    );
+    match west
+        .try_acquire(&k, &tw, ttl(lease), "west", soon())
+        .await
+        .unwrap()
+    {
         AcquireOutcome::Held {
             remaining: Some(remaining),
         } => assert!(
@@ -173,34 +181,34 @@ async fn sessions_with_different_time_zones_and_date_styles_contend_correctly() 
     // A short lease taken in the west expires for the east on time.
     let k2 = key("zones-short");
     let f1 = fence_of(
-        west.try_acquire(&k2, &tw, ttl(Duration::from_millis(1000)), "west")
+        west.try_acquire(&k2, &tw, ttl(Duration::from_millis(1000)), "west", soon())
             .await
             .unwrap(),
     );
     assert!(matches!(
-        east.try_acquire(&k2, &te, ttl(lease), "east")
+        east.try_acquire(&k2, &te, ttl(lease), "east", soon())
             .await
             .unwrap(),
         AcquireOutcome::Held { .. }
     ));
     tokio::time::sleep(Duration::from_millis(1300)).await;
     let f2 = fence_of(
-        east.try_acquire(&k2, &te, ttl(lease), "east")
+        east.try_acquire(&k2, &te, ttl(lease), "east", soon())
             .await
             .unwrap(),
     );
     assert!(f2 > f1);
     assert!(matches!(
-        west.extend(&k2, &tw, ttl(lease)).await,
+        west.extend(&k2, &tw, ttl(lease), soon()).await,
         Err(Error::NotHeld { .. })
     ));
-    east.extend(&k2, &te, ttl(lease)).await.unwrap();
+    east.extend(&k2, &te, ttl(lease), soon()).await.unwrap();
     assert!(matches!(
-        west.release(&k, &tw).await,
+        west.release(&k, &tw, soon()).await,
         Err(Error::NotHeld { .. })
     ));
-    east.release(&k, &te).await.unwrap();
-    east.release(&k2, &te).await.unwrap();
+    east.release(&k, &te, soon()).await.unwrap();
+    east.release(&k2, &te, soon()).await.unwrap();
     assert_eq!(fence, 1);
     t.drop_table().await;
 }
@@ -217,14 +225,14 @@ async fn row_locked_by_a_foreign_transaction_bounds_try_acquire() {
     let old = Token::new();
     fence_of(
         t.backend
-            .try_acquire(&free, &old, ttl(Duration::from_secs(30)), "o")
+            .try_acquire(&free, &old, ttl(Duration::from_secs(30)), "o", soon())
             .await
             .unwrap(),
     );
-    t.backend.release(&free, &old).await.unwrap();
+    t.backend.release(&free, &old, soon()).await.unwrap();
     fence_of(
         t.backend
-            .try_acquire(&held, &holder, ttl(Duration::from_secs(30)), "o")
+            .try_acquire(&held, &holder, ttl(Duration::from_secs(30)), "o", soon())
             .await
             .unwrap(),
     );
@@ -257,7 +265,7 @@ async fn row_locked_by_a_foreign_transaction_bounds_try_acquire() {
         let started = Instant::now();
         let outcome = t
             .backend
-            .try_acquire(k, &Token::new(), ttl(Duration::from_secs(30)), "me")
+            .try_acquire(k, &Token::new(), ttl(Duration::from_secs(30)), "me", soon())
             .await
             .unwrap();
         let took = started.elapsed();
@@ -272,7 +280,13 @@ async fn row_locked_by_a_foreign_transaction_bounds_try_acquire() {
     let started = Instant::now();
     let outcome = t
         .backend
-        .try_acquire(&held, &Token::new(), ttl(Duration::from_secs(30)), "me")
+        .try_acquire(
+            &held,
+            &Token::new(),
+            ttl(Duration::from_secs(30)),
+            "me",
+            soon(),
+        )
         .await
         .unwrap();
     assert!(matches!(
@@ -287,7 +301,7 @@ async fn row_locked_by_a_foreign_transaction_bounds_try_acquire() {
     let started = Instant::now();
     let error = t
         .backend
-        .extend(&held, &holder, ttl(Duration::from_secs(30)))
+        .extend(&held, &holder, ttl(Duration::from_secs(30)), soon())
         .await
         .expect_err("extend cannot lock the row");
     assert!(error.is_transient(), "{error}");
@@ -296,21 +310,33 @@ async fn row_locked_by_a_foreign_transaction_bounds_try_acquire() {
     tx.rollback().await.unwrap();
     fence_of(
         t.backend
-            .try_acquire(&free, &Token::new(), ttl(Duration::from_secs(30)), "me")
+            .try_acquire(
+                &free,
+                &Token::new(),
+                ttl(Duration::from_secs(30)),
+                "me",
+                soon(),
+            )
             .await
             .unwrap(),
     );
     assert_eq!(
         fence_of(
             t.backend
-                .try_acquire(&fresh, &Token::new(), ttl(Duration::from_secs(30)), "me")
+                .try_acquire(
+                    &fresh,
+                    &Token::new(),
+                    ttl(Duration::from_secs(30)),
+                    "me",
+                    soon()
+                )
                 .await
                 .unwrap()
         ),
         1
     );
     t.backend
-        .extend(&held, &holder, ttl(Duration::from_secs(30)))
+        .extend(&held, &holder, ttl(Duration::from_secs(30)), soon())
         .await
         .unwrap();
     t.drop_table().await;
@@ -325,7 +351,12 @@ async fn killed_pool_sessions_fail_at_most_one_call() {
     let k = key("killed");
     let token = Token::new();
     let lease = ttl(Duration::from_secs(30));
-    let fence = fence_of(t.backend.try_acquire(&k, &token, lease, "o").await.unwrap());
+    let fence = fence_of(
+        t.backend
+            .try_acquire(&k, &token, lease, "o", soon())
+            .await
+            .unwrap(),
+    );
     // Open every pooled connection, so every one of them is killed.
     let results = concurrently(8, || {
         let (backend, k) = (t.backend.clone(), k.clone());
@@ -344,17 +375,25 @@ async fn killed_pool_sessions_fail_at_most_one_call() {
     let mut failures = Vec::new();
     for step in 0..6 {
         let result = match step {
-            0 => t.backend.extend(&k, &token, lease).await,
+            0 => t
+                .backend
+                .extend(&k, &token, lease, soon())
+                .await
+                .map(|_| ()),
             1 => t.backend.inspect(&k).await.map(|_| ()),
             2 => t.backend.list().await.map(|_| ()),
-            3 => match t.backend.try_acquire(&k, &token, lease, "o").await {
+            3 => match t.backend.try_acquire(&k, &token, lease, "o", soon()).await {
                 Ok(outcome) => {
                     assert_eq!(fence_of(outcome), fence, "same token keeps the fence");
                     Ok(())
                 }
                 Err(e) => Err(e),
             },
-            4 => t.backend.extend(&k, &token, lease).await,
+            4 => t
+                .backend
+                .extend(&k, &token, lease, soon())
+                .await
+                .map(|_| ()),
             _ => t.backend.inspect(&k).await.map(|_| ()),
         };
         if let Err(error) = result {
@@ -366,7 +405,7 @@ async fn killed_pool_sessions_fail_at_most_one_call() {
         failures.len() <= 1,
         "more than one call failed: {failures:?}"
     );
-    t.backend.release(&k, &token).await.unwrap();
+    t.backend.release(&k, &token, soon()).await.unwrap();
     t.drop_table().await;
 }
 
@@ -380,7 +419,12 @@ async fn session_killed_under_a_call_is_retried_on_another_connection() {
     for op in ["extend", "release", "acquire"] {
         let k = key(op);
         let token = Token::new();
-        fence_of(t.backend.try_acquire(&k, &token, lease, "o").await.unwrap());
+        fence_of(
+            t.backend
+                .try_acquire(&k, &token, lease, "o", soon())
+                .await
+                .unwrap(),
+        );
         // A foreign transaction holds the row, so the call waits inside the server.
         let mut foreign = common::admin().await.unwrap();
         let tx = foreign.transaction().await.unwrap();
@@ -397,11 +441,11 @@ async fn session_killed_under_a_call_is_retried_on_another_connection() {
             let (backend, k) = (t.backend.clone(), k.clone());
             tokio::spawn(async move {
                 match op {
-                    "extend" => backend.extend(&k, &token, lease).await,
-                    "release" => backend.release(&k, &token).await,
+                    "extend" => backend.extend(&k, &token, lease, soon()).await.map(|_| ()),
+                    "release" => backend.release(&k, &token, soon()).await,
                     // Same token: the retried acquire is idempotent.
                     _ => backend
-                        .try_acquire(&k, &token, lease, "o")
+                        .try_acquire(&k, &token, lease, "o", soon())
                         .await
                         .map(|_| ()),
                 }
@@ -446,8 +490,13 @@ async fn release_waits_for_an_abandoned_acquire_of_the_same_token() {
     let k = key("abandoned");
     let lease = ttl(Duration::from_secs(30));
     let old = Token::new();
-    fence_of(t.backend.try_acquire(&k, &old, lease, "o").await.unwrap());
-    t.backend.release(&k, &old).await.unwrap();
+    fence_of(
+        t.backend
+            .try_acquire(&k, &old, lease, "o", soon())
+            .await
+            .unwrap(),
+    );
+    t.backend.release(&k, &old, soon()).await.unwrap();
     // A foreign transaction holds the free row, so the acquire waits in the server.
     let mut foreign = common::admin().await.unwrap();
     let tx = foreign.transaction().await.unwrap();
@@ -464,14 +513,15 @@ async fn release_waits_for_an_abandoned_acquire_of_the_same_token() {
     // The caller gives up on the acquire while its statement is still waiting...
     let gave_up = tokio::time::timeout(
         Duration::from_millis(300),
-        t.backend.try_acquire(&k, &token, lease, "abandoned"),
+        t.backend
+            .try_acquire(&k, &token, lease, "abandoned", soon()),
     )
     .await;
     assert!(gave_up.is_err(), "the acquire should still be waiting");
     // ...and releases the token in case it was granted, as core's cancel safety does.
     let release = {
         let (backend, k) = (t.backend.clone(), k.clone());
-        tokio::spawn(async move { backend.release(&k, &token).await })
+        tokio::spawn(async move { backend.release(&k, &token, soon()).await })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     tx.rollback().await.unwrap();
@@ -528,12 +578,12 @@ async fn listener_reconnects_after_its_session_is_killed_and_wakes_everyone() {
     let token = Token::new();
     fence_of(
         other
-            .try_acquire(&k, &token, ttl(Duration::from_secs(30)), "o")
+            .try_acquire(&k, &token, ttl(Duration::from_secs(30)), "o", soon())
             .await
             .unwrap(),
     );
     let mut sub = notifier.subscribe();
-    other.release(&k, &token).await.unwrap();
+    other.release(&k, &token, soon()).await.unwrap();
     tokio::time::timeout(Duration::from_secs(5), sub.released(&k))
         .await
         .expect("a release elsewhere is announced through LISTEN");
@@ -551,25 +601,25 @@ async fn release_elsewhere_wakes_this_backend_only_for_its_key() {
     let (ta, tb) = (Token::new(), Token::new());
     fence_of(
         other
-            .try_acquire(&a, &ta, ttl(Duration::from_secs(30)), "o")
+            .try_acquire(&a, &ta, ttl(Duration::from_secs(30)), "o", soon())
             .await
             .unwrap(),
     );
     fence_of(
         other
-            .try_acquire(&b, &tb, ttl(Duration::from_secs(30)), "o")
+            .try_acquire(&b, &tb, ttl(Duration::from_secs(30)), "o", soon())
             .await
             .unwrap(),
     );
     let mut sub = t.backend.release_notifier().unwrap().subscribe();
-    other.release(&b, &tb).await.unwrap();
+    other.release(&b, &tb, soon()).await.unwrap();
     assert!(
         tokio::time::timeout(Duration::from_millis(500), sub.released(&a))
             .await
             .is_err(),
         "a release of b must not wake a waiter on a"
     );
-    other.release(&a, &ta).await.unwrap();
+    other.release(&a, &ta, soon()).await.unwrap();
     tokio::time::timeout(Duration::from_secs(5), sub.released(&a))
         .await
         .expect("the release of a, by another backend, wakes this one");
@@ -607,12 +657,12 @@ async fn one_listening_connection_per_backend_and_none_when_off() {
     let token = Token::new();
     fence_of(
         quiet
-            .try_acquire(&k, &token, ttl(Duration::from_secs(30)), "o")
+            .try_acquire(&k, &token, ttl(Duration::from_secs(30)), "o", soon())
             .await
             .unwrap(),
     );
     let mut sub = quiet.release_notifier().unwrap().subscribe();
-    quiet.release(&k, &token).await.unwrap();
+    quiet.release(&k, &token, soon()).await.unwrap();
     tokio::time::timeout(Duration::from_secs(1), sub.released(&k))
         .await
         .expect("own releases wake own waiters");
@@ -630,7 +680,7 @@ async fn release_in_a_transaction_takes_effect_and_notifies_at_commit() {
     let token = Token::new();
     fence_of(
         t.backend
-            .try_acquire(&k, &token, ttl(Duration::from_secs(30)), "o")
+            .try_acquire(&k, &token, ttl(Duration::from_secs(30)), "o", soon())
             .await
             .unwrap(),
     );
@@ -658,7 +708,7 @@ async fn release_in_a_transaction_takes_effect_and_notifies_at_commit() {
     assert!(
         matches!(
             other
-                .try_acquire(&k, &Token::new(), ttl(Duration::from_secs(30)), "x")
+                .try_acquire(&k, &Token::new(), ttl(Duration::from_secs(30)), "x", soon())
                 .await
                 .unwrap(),
             AcquireOutcome::Held { .. }
@@ -750,7 +800,7 @@ async fn acquire_in_a_transaction_is_atomic_with_the_callers_writes() {
         .unwrap()
         .get(0);
     assert_eq!(n, 1);
-    t.backend.release(&k, &token).await.unwrap();
+    t.backend.release(&k, &token, soon()).await.unwrap();
     t.admin
         .batch_execute(&format!("DROP TABLE \"{jobs}\""))
         .await
@@ -808,26 +858,26 @@ async fn schema_qualified_mixed_case_table_works() {
     assert_eq!(
         fence_of(
             backend
-                .try_acquire(&k, &token, ttl(Duration::from_secs(30)), "o")
+                .try_acquire(&k, &token, ttl(Duration::from_secs(30)), "o", soon())
                 .await
                 .unwrap()
         ),
         1
     );
     backend
-        .extend(&k, &token, ttl(Duration::from_secs(30)))
+        .extend(&k, &token, ttl(Duration::from_secs(30)), soon())
         .await
         .unwrap();
     assert_eq!(backend.list().await.unwrap().len(), 1);
     let mut sub = waiter.release_notifier().unwrap().subscribe();
-    backend.release(&k, &token).await.unwrap();
+    backend.release(&k, &token, soon()).await.unwrap();
     tokio::time::timeout(Duration::from_secs(5), sub.released(&k))
         .await
         .expect("the qualified table's channel carries the release");
     assert_eq!(
         fence_of(
             waiter
-                .try_acquire(&k, &Token::new(), ttl(Duration::from_secs(30)), "o")
+                .try_acquire(&k, &Token::new(), ttl(Duration::from_secs(30)), "o", soon())
                 .await
                 .unwrap()
         ),
@@ -881,11 +931,11 @@ async fn missing_table_or_schema_gives_schema_missing_with_a_hint() {
     let lease = ttl(Duration::from_secs(5));
     let results = [
         backend
-            .try_acquire(&k, &token, lease, "o")
+            .try_acquire(&k, &token, lease, "o", soon())
             .await
             .map(|_| ()),
-        backend.extend(&k, &token, lease).await,
-        backend.release(&k, &token).await,
+        backend.extend(&k, &token, lease, soon()).await.map(|_| ()),
+        backend.release(&k, &token, soon()).await,
         backend.inspect(&k).await.map(|_| ()),
         backend.list().await.map(|_| ()),
     ];
@@ -915,7 +965,7 @@ async fn missing_table_or_schema_gives_schema_missing_with_a_hint() {
     for result in [
         backend.create_table().await,
         backend
-            .try_acquire(&k, &token, lease, "o")
+            .try_acquire(&k, &token, lease, "o", soon())
             .await
             .map(|_| ()),
     ] {
@@ -958,7 +1008,13 @@ async fn create_table_is_idempotent_and_safe_concurrently() {
     backend.create_table().await.expect("and again");
     fence_of(
         backend
-            .try_acquire(&key("k"), &Token::new(), ttl(Duration::from_secs(5)), "o")
+            .try_acquire(
+                &key("k"),
+                &Token::new(),
+                ttl(Duration::from_secs(5)),
+                "o",
+                soon(),
+            )
             .await
             .unwrap(),
     );
@@ -1016,11 +1072,11 @@ async fn schema_sql_creates_the_documented_columns_with_timestamptz() {
     let token = Token::new();
     fence_of(
         backend
-            .try_acquire(&k, &token, ttl(Duration::from_secs(5)), "o")
+            .try_acquire(&k, &token, ttl(Duration::from_secs(5)), "o", soon())
             .await
             .unwrap(),
     );
-    backend.release(&k, &token).await.unwrap();
+    backend.release(&k, &token, soon()).await.unwrap();
     admin
         .batch_execute(&format!("DROP TABLE \"{table}\""))
         .await
@@ -1037,7 +1093,7 @@ async fn refused_acquire_and_stale_token_calls_write_nothing() {
     let holder = Token::new();
     fence_of(
         t.backend
-            .try_acquire(&k, &holder, ttl(Duration::from_secs(30)), "o")
+            .try_acquire(&k, &holder, ttl(Duration::from_secs(30)), "o", soon())
             .await
             .unwrap(),
     );
@@ -1063,7 +1119,7 @@ async fn refused_acquire_and_stale_token_calls_write_nothing() {
     for _ in 0..5 {
         assert!(matches!(
             t.backend
-                .try_acquire(&k, &Token::new(), ttl(Duration::from_secs(30)), "x")
+                .try_acquire(&k, &Token::new(), ttl(Duration::from_secs(30)), "x", soon())
                 .await
                 .unwrap(),
             AcquireOutcome::Held { remaining: Some(_) }
@@ -1072,11 +1128,11 @@ async fn refused_acquire_and_stale_token_calls_write_nothing() {
     let stale = Token::new();
     assert!(
         t.backend
-            .extend(&k, &stale, ttl(Duration::from_secs(30)))
+            .extend(&k, &stale, ttl(Duration::from_secs(30)), soon())
             .await
             .is_err()
     );
-    assert!(t.backend.release(&k, &stale).await.is_err());
+    assert!(t.backend.release(&k, &stale, soon()).await.is_err());
     assert_eq!(version().await, before, "a refused call touched the row");
 
     // The check can see a write: the upsert the backend avoids locks the row even
@@ -1097,7 +1153,7 @@ async fn refused_acquire_and_stale_token_calls_write_nothing() {
         after.2, before.2,
         "ON CONFLICT DO UPDATE … WHERE false set xmax"
     );
-    t.backend.release(&k, &holder).await.unwrap();
+    t.backend.release(&k, &holder, soon()).await.unwrap();
     t.drop_table().await;
 }
 
@@ -1154,10 +1210,18 @@ async fn one_statement_and_one_round_trip_per_operation() {
     let (k, absent, a, b) = (key("counted"), key("absent"), Token::new(), Token::new());
     let lease = ttl(Duration::from_secs(30));
     // Warm up: the first use of each statement on the connection prepares it.
-    fence_of(backend.try_acquire(&k, &a, lease, "o").await.unwrap());
-    backend.extend(&k, &a, lease).await.unwrap();
-    backend.extend_many(&[(k.clone(), a)], lease).await.unwrap();
-    backend.release(&k, &a).await.unwrap();
+    fence_of(
+        backend
+            .try_acquire(&k, &a, lease, "o", soon())
+            .await
+            .unwrap(),
+    );
+    backend.extend(&k, &a, lease, soon()).await.unwrap();
+    backend
+        .extend_many(&[(k.clone(), a)], lease, soon())
+        .await
+        .unwrap();
+    backend.release(&k, &a, soon()).await.unwrap();
 
     let mut report = Vec::new();
     let mut measure = |what: &str, before: &common::counting_proxy::Counts| {
@@ -1178,14 +1242,24 @@ async fn one_statement_and_one_round_trip_per_operation() {
     };
 
     let c = proxy.counts();
-    fence_of(backend.try_acquire(&k, &a, lease, "o").await.unwrap());
+    fence_of(
+        backend
+            .try_acquire(&k, &a, lease, "o", soon())
+            .await
+            .unwrap(),
+    );
     expect_one(
         "acquire, row present and free",
         &measure("acquire (present, free)", &c),
         0,
     );
     let c = proxy.counts();
-    fence_of(backend.try_acquire(&k, &a, lease, "o").await.unwrap());
+    fence_of(
+        backend
+            .try_acquire(&k, &a, lease, "o", soon())
+            .await
+            .unwrap(),
+    );
     expect_one(
         "acquire, same token",
         &measure("acquire (same token)", &c),
@@ -1193,33 +1267,46 @@ async fn one_statement_and_one_round_trip_per_operation() {
     );
     let c = proxy.counts();
     assert!(matches!(
-        backend.try_acquire(&k, &b, lease, "o").await.unwrap(),
+        backend
+            .try_acquire(&k, &b, lease, "o", soon())
+            .await
+            .unwrap(),
         AcquireOutcome::Held { .. }
     ));
     expect_one("acquire, refused", &measure("acquire (refused)", &c), 0);
     let c = proxy.counts();
-    fence_of(backend.try_acquire(&absent, &b, lease, "o").await.unwrap());
+    fence_of(
+        backend
+            .try_acquire(&absent, &b, lease, "o", soon())
+            .await
+            .unwrap(),
+    );
     expect_one("acquire, row absent", &measure("acquire (absent)", &c), 0);
     let c = proxy.counts();
-    backend.extend(&k, &a, lease).await.unwrap();
+    backend.extend(&k, &a, lease, soon()).await.unwrap();
     expect_one("extend", &measure("extend", &c), 0);
     let c = proxy.counts();
-    backend.release(&k, &a).await.unwrap();
+    backend.release(&k, &a, soon()).await.unwrap();
     expect_one("release", &measure("release", &c), 0);
     let c = proxy.counts();
-    assert!(backend.release(&k, &a).await.is_err());
+    assert!(backend.release(&k, &a, soon()).await.is_err());
     expect_one("release, not held", &measure("release (not held)", &c), 0);
 
     // A batch of 100 held leases and one stale token: one statement.
     let mut batch = Vec::new();
     for i in 0..100 {
         let (bk, bt) = (key(&format!("batch-{i}")), Token::new());
-        fence_of(backend.try_acquire(&bk, &bt, lease, "o").await.unwrap());
+        fence_of(
+            backend
+                .try_acquire(&bk, &bt, lease, "o", soon())
+                .await
+                .unwrap(),
+        );
         batch.push((bk, bt));
     }
     batch.push((key("batch-0"), Token::new()));
     let c = proxy.counts();
-    let results = backend.extend_many(&batch, lease).await.unwrap();
+    let results = backend.extend_many(&batch, lease, soon()).await.unwrap();
     expect_one("extend_many", &measure("extend_many (101 leases)", &c), 0);
     assert!(results[..100].iter().all(Result::is_ok));
     assert!(matches!(results[100], Err(Error::NotHeld { .. })));
@@ -1292,11 +1379,11 @@ async fn callers_pool_gets_the_session_bounds_through_the_hook() {
     let token = Token::new();
     fence_of(
         backend
-            .try_acquire(&k, &token, ttl(Duration::from_secs(5)), "o")
+            .try_acquire(&k, &token, ttl(Duration::from_secs(5)), "o", soon())
             .await
             .unwrap(),
     );
-    backend.release(&k, &token).await.unwrap();
+    backend.release(&k, &token, soon()).await.unwrap();
     admin
         .batch_execute(&format!("DROP TABLE \"{table}\""))
         .await
@@ -1315,4 +1402,456 @@ async fn unreachable_server_is_unavailable_and_errors_hide_the_password() {
         }
         other => panic!("expected Unavailable, got {other:?}"),
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grants_and_renewals_return_the_statements_clock_reading() {
+    let name = "grants_and_renewals_return_the_statements_clock_reading";
+    let Some(t) = TestBackend::new(name, |b| b).await else {
+        return;
+    };
+    assert!(
+        t.backend.server_clock().is_known(),
+        "the pool's session setup read the server's clock"
+    );
+    let (k, token) = (key("reading"), Token::new());
+    let lease = Duration::from_secs(30);
+    let before = server_now_us(&t.admin).await;
+    let granted = match t
+        .backend
+        .try_acquire(&k, &token, ttl(lease), "o", soon())
+        .await
+        .unwrap()
+    {
+        AcquireOutcome::Acquired { server_time, .. } => server_time,
+        other => panic!("expected Acquired, got {other:?}"),
+    };
+    let after = server_now_us(&t.admin).await;
+    let granted_us = micros_since_epoch(granted);
+    assert!(
+        (before..=after).contains(&granted_us),
+        "the grant's reading {granted_us} is not between {before} and {after}"
+    );
+    // The very reading the lease was computed from: exact to the microsecond.
+    let info = t.backend.inspect(&k).await.unwrap().unwrap();
+    assert_eq!(info.acquired_at, granted);
+    assert_eq!(info.expires_at, Some(granted + lease));
+
+    let renewed = t
+        .backend
+        .extend(&k, &token, ttl(lease), soon())
+        .await
+        .unwrap();
+    assert!(renewed > granted);
+    let info = t.backend.inspect(&k).await.unwrap().unwrap();
+    assert_eq!(info.expires_at, Some(renewed + lease));
+
+    let batch = t
+        .backend
+        .extend_many(
+            &[(k.clone(), token), (key("reading-absent"), token)],
+            ttl(lease),
+            soon(),
+        )
+        .await
+        .unwrap();
+    let renewed_in_batch = *batch[0].as_ref().unwrap();
+    assert!(matches!(batch[1], Err(Error::NotHeld { .. })));
+    let info = t.backend.inspect(&k).await.unwrap().unwrap();
+    assert_eq!(info.expires_at, Some(renewed_in_batch + lease));
+    // A batch that renews nothing still answers (one row of NULLs).
+    let none = t
+        .backend
+        .extend_many(&[(key("reading-absent"), token)], ttl(lease), soon())
+        .await
+        .unwrap();
+    assert!(matches!(none[..], [Err(Error::NotHeld { .. })]));
+    t.backend.release(&k, &token, soon()).await.unwrap();
+    t.drop_table().await;
+}
+
+/// A counting proxy in front of the test server, and a driver config through it;
+/// `None` after reporting the test skipped when the server is not on TCP.
+async fn counting_proxy(test: &str) -> Option<(CountingProxy, tokio_postgres::Config)> {
+    let real = common::pg_config();
+    let Some(tokio_postgres::config::Host::Tcp(host)) = real.get_hosts().first().cloned() else {
+        distrlock_testkit::skip(test, "the counting proxy needs a TCP server");
+        return None;
+    };
+    let port = real.get_ports().first().copied().unwrap_or(5432);
+    let upstream = tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .unwrap()
+        .next()
+        .unwrap();
+    let proxy = CountingProxy::start(upstream).await.unwrap();
+    let mut via_proxy = tokio_postgres::Config::new();
+    via_proxy.host("127.0.0.1").port(proxy.addr.port());
+    if let Some(user) = real.get_user() {
+        via_proxy.user(user);
+    }
+    if let Some(password) = real.get_password() {
+        via_proxy.password(password);
+    }
+    if let Some(db) = real.get_dbname() {
+        via_proxy.dbname(db);
+    }
+    Some((proxy, via_proxy))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_without_the_hook_reads_the_clock_once_before_the_first_lock_statement() {
+    let name = "a_pool_without_the_hook_reads_the_clock_once_before_the_first_lock_statement";
+    let Some(admin) = common::admin_or_skip(name).await else {
+        return;
+    };
+    let Some((proxy, via_proxy)) = counting_proxy(name).await else {
+        return;
+    };
+    let table = unique("dl_no_hook");
+    let manager = deadpool_postgres::Manager::new(via_proxy, tokio_postgres::NoTls);
+    let pool = deadpool_postgres::Pool::builder(manager)
+        .max_size(1)
+        .build()
+        .unwrap();
+    let config = PostgresConfig::builder()
+        .table(&table)
+        .listen(false)
+        .build()
+        .unwrap();
+    let backend = PostgresBackend::from_pool(pool, config).unwrap();
+    backend.create_table().await.unwrap();
+    assert!(
+        !backend.server_clock().is_known(),
+        "no hook, no reading yet"
+    );
+
+    let (k, token) = (key("no-hook"), Token::new());
+    let lease = ttl(Duration::from_secs(30));
+    let c = proxy.counts();
+    fence_of(
+        backend
+            .try_acquire(&k, &token, lease, "o", soon())
+            .await
+            .unwrap(),
+    );
+    let first = proxy.counts().since(&c);
+    // One simple query for the clock, then the statement (parsed on first use).
+    assert_eq!(
+        (first.get('Q'), first.get('E'), first.round_trips()),
+        (1, 1, 3),
+        "{first:?}"
+    );
+    assert!(backend.server_clock().is_known());
+    let c = proxy.counts();
+    fence_of(
+        backend
+            .try_acquire(&k, &token, lease, "o", soon())
+            .await
+            .unwrap(),
+    );
+    let again = proxy.counts().since(&c);
+    assert_eq!(
+        (again.statements(), again.round_trips(), again.get('Q')),
+        (1, 1, 0),
+        "{again:?}"
+    );
+    backend.release(&k, &token, soon()).await.unwrap();
+    admin
+        .batch_execute(&format!("DROP TABLE \"{table}\""))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_not_after_has_passed_sends_nothing() {
+    let name = "a_call_whose_not_after_has_passed_sends_nothing";
+    let Some(t) = TestBackend::new(name, |b| b).await else {
+        return;
+    };
+    let (k, token) = (key("passed"), Token::new());
+    let lease = ttl(Duration::from_secs(30));
+    let passed = Instant::now();
+    let results = [
+        t.backend
+            .try_acquire(&k, &token, lease, "o", passed)
+            .await
+            .map(|_| ()),
+        t.backend
+            .extend(&k, &token, lease, passed)
+            .await
+            .map(|_| ()),
+        t.backend
+            .extend_many(&[(k.clone(), token)], lease, passed)
+            .await
+            .map(|_| ()),
+        t.backend.release(&k, &token, passed).await,
+    ];
+    for result in results {
+        match result {
+            Err(error @ Error::Unavailable { .. }) => assert!(error.is_transient()),
+            other => panic!("expected Unavailable, got {other:?}"),
+        }
+    }
+    assert!(t.backend.inspect(&k).await.unwrap().is_none());
+    t.drop_table().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_clock_estimate_is_corrected_from_the_refusal_and_retried_once() {
+    let name = "a_wrong_clock_estimate_is_corrected_from_the_refusal_and_retried_once";
+    let Some(admin) = common::admin_or_skip(name).await else {
+        return;
+    };
+    let Some((proxy, via_proxy)) = counting_proxy(name).await else {
+        return;
+    };
+    let table = unique("dl_estimate");
+    let backend = PostgresBackend::from_config(
+        PostgresConfig::builder()
+            .pg_config(via_proxy.clone())
+            .table(&table)
+            .pool_size(1)
+            .listen(false)
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    backend.create_table().await.unwrap();
+    let (k, token) = (key("estimate"), Token::new());
+    let lease = ttl(Duration::from_secs(30));
+    // Prepare the statements, so the counts below are of executions only.
+    fence_of(
+        backend
+            .try_acquire(&k, &token, lease, "o", soon())
+            .await
+            .unwrap(),
+    );
+    backend.extend(&k, &token, lease, soon()).await.unwrap();
+    backend
+        .extend_many(&[(k.clone(), token)], lease, soon())
+        .await
+        .unwrap();
+    backend.release(&k, &token, soon()).await.unwrap();
+
+    // What a server clock that stepped forward by an hour since the last reading
+    // looks like from here: every bound is an hour early, so the server refuses
+    // each statement as late although our clock is far from not_after. The
+    // refusal's own reading corrects the estimate and the statement runs again.
+    let an_hour_behind = || {
+        let now_us = distrlock_core::server_clock::unix_micros(SystemTime::now());
+        backend
+            .server_clock()
+            .observe(Instant::now(), now_us - 3_600_000_000);
+    };
+    let expect_two = |what: &str, before: &common::counting_proxy::Counts| {
+        let delta = proxy.counts().since(before);
+        assert_eq!(
+            (delta.get('E'), delta.round_trips()),
+            (2, 2),
+            "{what}: refused once, run once more: {delta:?}"
+        );
+    };
+    an_hour_behind();
+    let c = proxy.counts();
+    let outcome = backend
+        .try_acquire(&k, &token, lease, "o", soon())
+        .await
+        .expect("acquire after the estimate was corrected");
+    fence_of(outcome);
+    expect_two("acquire", &c);
+    // Corrected: the next call runs once.
+    let c = proxy.counts();
+    backend.extend(&k, &token, lease, soon()).await.unwrap();
+    assert_eq!(proxy.counts().since(&c).get('E'), 1);
+
+    an_hour_behind();
+    let c = proxy.counts();
+    backend
+        .extend(&k, &token, lease, soon())
+        .await
+        .expect("extend after the estimate was corrected");
+    expect_two("extend", &c);
+    an_hour_behind();
+    let c = proxy.counts();
+    let results = backend
+        .extend_many(&[(k.clone(), token)], lease, soon())
+        .await
+        .expect("extend_many after the estimate was corrected");
+    assert!(results[0].is_ok(), "{results:?}");
+    expect_two("extend_many", &c);
+    an_hour_behind();
+    let c = proxy.counts();
+    backend
+        .release(&k, &token, soon())
+        .await
+        .expect("release after the estimate was corrected");
+    expect_two("release", &c);
+
+    // The caller's own client too.
+    let client = common::connect_with(via_proxy).await.unwrap();
+    an_hour_behind();
+    let c = proxy.counts();
+    fence_of(
+        backend
+            .try_acquire_in(&client, &k, &token, lease, "o")
+            .await
+            .expect("try_acquire_in after the estimate was corrected"),
+    );
+    expect_two("try_acquire_in", &c);
+
+    admin
+        .batch_execute(&format!("DROP TABLE \"{table}\""))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_whose_answer_was_lost_is_ok_even_after_a_waiter_took_the_key() {
+    let name = "a_release_whose_answer_was_lost_is_ok_even_after_a_waiter_took_the_key";
+    let Some(admin) = common::admin_or_skip(name).await else {
+        return;
+    };
+    let proxy = match common::proxy_to_server().await {
+        Ok(proxy) => proxy,
+        Err(skip) => {
+            distrlock_testkit::skip(name, &skip.0);
+            return;
+        }
+    };
+    let table = unique("dl_lost_answer");
+    let holder = PostgresBackend::from_config(
+        PostgresConfig::builder()
+            .pg_config(common::through(&proxy))
+            .table(&table)
+            .pool_size(1)
+            .listen(false)
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    holder.create_table().await.unwrap();
+    let waiter = PostgresBackend::from_config(
+        PostgresConfig::builder()
+            .url(url())
+            .table(&table)
+            .listen(false)
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let lease = ttl(Duration::from_secs(30));
+    let (k, mine, theirs) = (key("lost-answer"), Token::new(), Token::new());
+    // Prepared on the one pooled connection, so the release is one chunk each way.
+    fence_of(
+        holder
+            .try_acquire(&k, &mine, lease, "holder", soon())
+            .await
+            .unwrap(),
+    );
+    holder.release(&k, &mine, soon()).await.unwrap();
+    fence_of(
+        holder
+            .try_acquire(&k, &mine, lease, "holder", soon())
+            .await
+            .unwrap(),
+    );
+
+    // Every chunk waits 500 ms in the proxy: the release reaches the server after
+    // 500 ms, and its answer would reach us 500 ms later.
+    proxy.set_latency(Duration::from_millis(500));
+    let release = {
+        let (holder, k) = (holder.clone(), k.clone());
+        tokio::spawn(async move { holder.release(&k, &mine, soon()).await })
+    };
+    let released_by = Instant::now() + Duration::from_secs(5);
+    while waiter.inspect(&k).await.unwrap().unwrap().state != LockState::Released {
+        assert!(Instant::now() < released_by, "the release never ran");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Woken by the release's NOTIFY, a waiter takes the key at once...
+    fence_of(
+        waiter
+            .try_acquire(&k, &theirs, lease, "waiter", soon())
+            .await
+            .unwrap(),
+    );
+    // ...and the answer is lost with the connection: the holder's release runs
+    // again on a new one, and finds another token's lease.
+    proxy.set_latency(Duration::ZERO);
+    proxy.cut();
+    let result = release.await.unwrap();
+    assert!(
+        result.is_ok(),
+        "the release went through; its retry must not report {result:?}"
+    );
+    let info = waiter.inspect(&k).await.unwrap().unwrap();
+    assert_eq!(
+        (info.state, info.owner.as_str()),
+        (LockState::Held, "waiter"),
+        "the retry must not touch the waiter's lease"
+    );
+    admin
+        .batch_execute(&format!("DROP TABLE \"{table}\""))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_after_the_bound_waits_for_an_abandoned_first_acquire_still_committing() {
+    let name = "release_after_the_bound_waits_for_an_abandoned_first_acquire_still_committing";
+    let Some(t) = TestBackend::new(name, |b| b).await else {
+        return;
+    };
+    // A commit that takes a second (as behind a slow disk or a synchronous
+    // standby): a deferred trigger on this test's table sleeps at commit.
+    let function = unique("dl_slow_commit");
+    t.admin
+        .batch_execute(&format!(
+            "CREATE FUNCTION \"{function}\"() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN PERFORM pg_sleep(1); RETURN NULL; END $$; \
+             CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON \"{}\" \
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION \"{function}\"()",
+            t.table
+        ))
+        .await
+        .unwrap();
+    let (k, token) = (key("first-insert"), Token::new());
+    // The statement reads its clock well before the bound and inserts the key's
+    // first row; the caller gives up at not_after, while the commit is pending.
+    let not_after = Instant::now() + Duration::from_millis(300);
+    let gave_up = tokio::time::timeout_at(
+        not_after,
+        t.backend.try_acquire(
+            &k,
+            &token,
+            ttl(Duration::from_secs(30)),
+            "abandoned",
+            not_after,
+        ),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the commit should still be pending");
+    // As core's cleanup does: release once not_after has passed. Its snapshot
+    // cannot see the uncommitted row, and an UPDATE does not wait for an
+    // uncommitted insert, so only the backend can order it after the acquire.
+    let released = t.backend.release(&k, &token, soon()).await;
+    let info = t.backend.inspect(&k).await.unwrap();
+    assert!(
+        released.is_ok()
+            && info
+                .as_ref()
+                .is_some_and(|i| i.state == LockState::Released),
+        "the abandoned acquire kept the lock: release {released:?}, row {info:?}"
+    );
+    let _ = t
+        .admin
+        .batch_execute(&format!(
+            "DROP TABLE \"{}\"; DROP FUNCTION \"{function}\"()",
+            t.table
+        ))
+        .await;
 }

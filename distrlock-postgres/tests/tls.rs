@@ -10,7 +10,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::unique;
+use common::{soon, unique};
 use distrlock_core::{AcquireOutcome, Error, LockBackend, LockKey, Token, Ttl};
 use distrlock_postgres::{PostgresBackend, PostgresConfig, TlsConfig, tokio_postgres};
 
@@ -93,10 +93,13 @@ async fn tls_with_the_servers_ca_encrypts_pool_and_listener() {
     let token = Token::new();
     let lease = Ttl::new(Duration::from_secs(5)).unwrap();
     assert!(matches!(
-        backend.try_acquire(&k, &token, lease, "o").await.unwrap(),
+        backend
+            .try_acquire(&k, &token, lease, "o", soon())
+            .await
+            .unwrap(),
         AcquireOutcome::Acquired { .. }
     ));
-    backend.release(&k, &token).await.unwrap();
+    backend.release(&k, &token, soon()).await.unwrap();
     let rows = admin
         .query(
             "SELECT s.ssl, a.query LIKE 'LISTEN%' FROM pg_stat_activity a \

@@ -27,6 +27,11 @@ pub(crate) fn pg_config() -> tokio_postgres::Config {
         .expect("DISTRLOCK_TEST_POSTGRES_URL is a valid connection string")
 }
 
+/// A `not_after` for direct backend calls: well after any answer a test expects.
+pub(crate) fn soon() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(30)
+}
+
 /// A name no other test (or run) uses: `prefix_<16 hex>`.
 pub(crate) fn unique(prefix: &str) -> String {
     format!("{prefix}_{:016x}", fastrand::u64(..))
@@ -229,9 +234,14 @@ pub(crate) async fn proxy_to_server() -> Result<FaultProxy, Skip> {
 
 /// The test server's driver config, pointed at `proxy` instead.
 pub(crate) fn through(proxy: &FaultProxy) -> tokio_postgres::Config {
+    through_port(proxy.port())
+}
+
+/// The test server's driver config, pointed at a proxy on loopback's `port`.
+pub(crate) fn through_port(port: u16) -> tokio_postgres::Config {
     let server = pg_config();
     let mut config = tokio_postgres::Config::new();
-    config.host("127.0.0.1").port(proxy.port());
+    config.host("127.0.0.1").port(port);
     if let Some(user) = server.get_user() {
         config.user(user);
     }
