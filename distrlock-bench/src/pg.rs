@@ -209,11 +209,14 @@ impl Env for Postgres {
                     acquire: client
                         .prepare_typed(
                             &sql.acquire,
-                            &[Type::TEXT, Type::UUID, Type::INT8, Type::TEXT],
+                            &[Type::TEXT, Type::UUID, Type::INT8, Type::TEXT, Type::INT8],
                         )
                         .await?,
                     release: client
-                        .prepare_typed(&sql.release, &[Type::TEXT, Type::UUID, Type::TEXT])
+                        .prepare_typed(
+                            &sql.release,
+                            &[Type::TEXT, Type::UUID, Type::TEXT, Type::INT8],
+                        )
                         .await?,
                     channel: sql.channel.clone(),
                     ttl_us: self.ttl_us,
@@ -300,7 +303,8 @@ impl Cycle for RawCycle {
             .client
             .query_one(
                 &self.acquire,
-                &[&key, &token, &self.ttl_us, &"distrlock-bench"],
+                // No not-after bound: the same statement, the same work.
+                &[&key, &token, &self.ttl_us, &"distrlock-bench", &i64::MAX],
             )
             .await?;
         let fence: Option<i64> = row.get(0);
@@ -309,9 +313,12 @@ impl Cycle for RawCycle {
         }
         let rows = self
             .client
-            .query(&self.release, &[&key, &token, &self.channel])
+            .query(&self.release, &[&key, &token, &self.channel, &i64::MAX])
             .await?;
-        if !rows.first().is_some_and(|row| row.get::<_, bool>(0)) {
+        if !rows
+            .first()
+            .is_some_and(|row| row.get::<_, Option<bool>>(0) == Some(true))
+        {
             bail!("raw release of {key} found nothing to release");
         }
         Ok(())

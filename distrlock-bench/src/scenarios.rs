@@ -726,9 +726,12 @@ async fn round_trips(env: &dyn Env, opts: &Options, report: &mut Report) -> anyh
         let warm = distrlock_core::LockKey::new("op/warm-up")?;
         let token = distrlock_core::Token::new();
         let ttl = Ttl::new(Duration::from_secs(30))?;
-        backend.try_acquire(&warm, &token, ttl, "bench").await?;
-        backend.extend(&warm, &token, ttl).await?;
-        backend.release(&warm, &token).await?;
+        let soon = || tokio::time::Instant::now() + Duration::from_secs(30);
+        backend
+            .try_acquire(&warm, &token, ttl, "bench", soon())
+            .await?;
+        backend.extend(&warm, &token, ttl, soon()).await?;
+        backend.release(&warm, &token, soon()).await?;
         let wire0 = proxy.counts();
         op(backend.clone()).await?;
         let wire = proxy.counts().since(wire0);
@@ -755,13 +758,22 @@ async fn round_trips(env: &dyn Env, opts: &Options, report: &mut Report) -> anyh
             for (key, token) in k.iter().zip(&t) {
                 match which {
                     0 => {
-                        let outcome = backend.try_acquire(key, token, ttl, "bench").await?;
+                        let not_after = tokio::time::Instant::now() + Duration::from_secs(30);
+                        let outcome = backend
+                            .try_acquire(key, token, ttl, "bench", not_after)
+                            .await?;
                         if !matches!(outcome, distrlock_core::AcquireOutcome::Acquired { .. }) {
                             bail!("acquire of {key} refused");
                         }
                     }
-                    1 => backend.extend(key, token, ttl).await?,
-                    _ => backend.release(key, token).await?,
+                    1 => {
+                        let not_after = tokio::time::Instant::now() + Duration::from_secs(30);
+                        backend.extend(key, token, ttl, not_after).await?;
+                    }
+                    _ => {
+                        let not_after = tokio::time::Instant::now() + Duration::from_secs(30);
+                        backend.release(key, token, not_after).await?;
+                    }
                 }
             }
             Ok(())

@@ -112,34 +112,40 @@ impl LockBackend for CountingBackend {
         token: &distrlock_core::Token,
         ttl: distrlock_core::Ttl,
         owner: &str,
+        not_after: tokio::time::Instant,
     ) -> distrlock_core::Result<distrlock_core::AcquireOutcome> {
         self.count(1);
-        self.inner.try_acquire(key, token, ttl, owner).await
+        self.inner
+            .try_acquire(key, token, ttl, owner, not_after)
+            .await
     }
     async fn extend(
         &self,
         key: &distrlock_core::LockKey,
         token: &distrlock_core::Token,
         ttl: distrlock_core::Ttl,
-    ) -> distrlock_core::Result<()> {
+        not_after: tokio::time::Instant,
+    ) -> distrlock_core::Result<std::time::SystemTime> {
         self.count(1);
-        self.inner.extend(key, token, ttl).await
+        self.inner.extend(key, token, ttl, not_after).await
     }
     async fn extend_many(
         &self,
         leases: &[(distrlock_core::LockKey, distrlock_core::Token)],
         ttl: distrlock_core::Ttl,
-    ) -> distrlock_core::Result<Vec<distrlock_core::Result<()>>> {
+        not_after: tokio::time::Instant,
+    ) -> distrlock_core::Result<Vec<distrlock_core::Result<std::time::SystemTime>>> {
         self.count(leases.len());
-        self.inner.extend_many(leases, ttl).await
+        self.inner.extend_many(leases, ttl, not_after).await
     }
     async fn release(
         &self,
         key: &distrlock_core::LockKey,
         token: &distrlock_core::Token,
+        not_after: tokio::time::Instant,
     ) -> distrlock_core::Result<()> {
         self.count(1);
-        self.inner.release(key, token).await
+        self.inner.release(key, token, not_after).await
     }
     async fn inspect(
         &self,

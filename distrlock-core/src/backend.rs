@@ -89,6 +89,18 @@ use crate::ttl::Ttl;
 ///    far these readings move with how far its own clock moved, to notice a
 ///    server clock that steps.
 ///
+/// # Wrappers
+///
+/// A backend that wraps another (to count calls, add latency, inject faults)
+/// must forward *every* method, the provided ones included: a wrapper that
+/// forgets [`release_notifier`](Self::release_notifier) silently turns
+/// notifications off, and one that forgets [`extend_many`](Self::extend_many)
+/// turns one batched statement into one statement per lease. Put
+/// `#[deny(clippy::missing_trait_methods)]` on the `impl` so that clippy catches
+/// a forgotten one, as distrlock's own forwarding impls for `Arc<T>` and `Box<T>`
+/// do. A wrapper that delays calls passes `not_after` through unchanged: the
+/// deadline belongs to the caller.
+///
 /// Keys, tokens and ttls arrive validated ([`LockKey`], [`Token`], [`Ttl`]). The
 /// owner text is at most [`MAX_OWNER_LEN`] bytes without NUL when it comes from
 /// [`LockManager`](crate::LockManager).
@@ -278,6 +290,7 @@ impl LockInfo {
 macro_rules! forward_backend {
     ($($ty:ty),*) => {$(
         #[async_trait]
+        #[deny(clippy::missing_trait_methods)]
         impl<T: LockBackend + ?Sized> LockBackend for $ty {
             async fn try_acquire(
                 &self,

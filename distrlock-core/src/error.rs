@@ -158,6 +158,17 @@ impl Error {
         }
     }
 
+    /// An [`Error::Backend`] without a driver error behind it: the database
+    /// answered something the backend cannot use (an unexpected reply, a fence at
+    /// its maximum). `transient` says whether retrying may help.
+    pub fn backend(message: impl Into<String>, transient: bool) -> Self {
+        Error::Backend {
+            message: message.into(),
+            transient,
+            source: None,
+        }
+    }
+
     /// An [`Error::Unavailable`] with a message and its source.
     pub fn unavailable(message: impl Into<String>, source: Option<BoxError>) -> Self {
         Error::Unavailable {

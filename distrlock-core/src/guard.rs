@@ -3,13 +3,14 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
+use tracing::Instrument;
 
 use crate::error::{Error, Result};
 use crate::exclusive::ExclusiveError;
@@ -71,11 +72,28 @@ pub(crate) struct GuardShared {
     /// Whether the latest extend failed (an error or no answer): if the
     /// deadline passes now, the database was unreachable.
     failing: AtomicBool,
+    /// Extends sent and not answered yet: one still out at the deadline means
+    /// the database did not answer in time.
+    extends_out: AtomicUsize,
     /// Whether the deadline was shortened because the server's clock ran ahead.
     stepped: AtomicBool,
     /// Why the lock was lost, once it is.
     reason: Mutex<Option<LossReason>>,
+    /// When the lock was acquired, and whether its hold time was recorded.
+    acquired: Instant,
+    hold_recorded: AtomicBool,
     lost: watch::Sender<bool>,
+}
+
+/// An extend on its way; see [`GuardShared::extend_out`].
+pub(crate) struct ExtendOut(Weak<GuardShared>);
+
+impl Drop for ExtendOut {
+    fn drop(&mut self) {
+        if let Some(guard) = self.0.upgrade() {
+            guard.extends_out.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
 }
 
 /// A local deadline: `at` on tokio's clock, less the time the host spends
@@ -168,7 +186,9 @@ impl GuardShared {
                 && Instant::now() < deadline.at
             {
                 LossReason::Suspended
-            } else if self.failing.load(Ordering::SeqCst) {
+            } else if self.failing.load(Ordering::SeqCst)
+                || self.extends_out.load(Ordering::SeqCst) > 0
+            {
                 LossReason::Unreachable
             } else if self.stepped.load(Ordering::SeqCst) {
                 LossReason::ClockStep
@@ -181,9 +201,25 @@ impl GuardShared {
         false
     }
 
+    /// Counts an extend as sent until the returned token is dropped (when its
+    /// answer is in, or it is given up).
+    pub(crate) fn extend_out(self: &Arc<Self>) -> ExtendOut {
+        self.extends_out.fetch_add(1, Ordering::SeqCst);
+        ExtendOut(Arc::downgrade(self))
+    }
+
     /// Records that an extend failed or did not answer in time.
     pub(crate) fn extend_failed(&self) {
         self.failing.store(true, Ordering::SeqCst);
+        crate::metrics::extend_failed();
+    }
+
+    /// Records, once, how long the lock was held: at loss, release, drop or
+    /// detach, whichever comes first.
+    fn hold_ended(&self) {
+        if !self.hold_recorded.swap(true, Ordering::SeqCst) {
+            crate::metrics::held(self.acquired.elapsed());
+        }
     }
 
     /// Why the lock was lost, if it was.
@@ -256,6 +292,8 @@ impl GuardShared {
             .send_if_modified(|lost| !std::mem::replace(lost, true));
         if newly {
             *self.reason.lock().unwrap_or_else(PoisonError::into_inner) = Some(reason);
+            crate::metrics::lost(reason);
+            self.hold_ended();
             tracing::warn!(key = %self.key, fence = %self.fence, reason = reason.as_str(), "lock lost: {reason}");
         }
     }
@@ -271,11 +309,12 @@ impl GuardShared {
     /// success the deadline moves; when the lease is gone, or the deadline passes
     /// first, the lock is lost. A call that times out before the deadline is a
     /// transient error, and the lease may still be live.
-    async fn extend_once(&self) -> Result<()> {
+    async fn extend_once(self: &Arc<Self>) -> Result<()> {
         if self.check_lost() {
             return Err(self.lost_error());
         }
         let sent = Sent::now();
+        let _out = self.extend_out();
         let timeout_at = sent.at + self.config.call_timeout;
         // Past the deadline we no longer claim the lock: an extend that lands
         // later would keep a lease alive that nobody holds.
@@ -283,7 +322,12 @@ impl GuardShared {
         let call = self
             .config
             .backend
-            .extend(&self.key, &self.token, self.ttl, not_after);
+            .extend(&self.key, &self.token, self.ttl, not_after)
+            .instrument(tracing::debug_span!(
+                "distrlock.extend",
+                key = %self.key,
+                fence = %self.fence,
+            ));
         tokio::pin!(call);
         let result = loop {
             let deadline = self.deadline();
@@ -348,8 +392,11 @@ impl LockGuard {
             deadline: Mutex::new(Deadline::new(sent, ttl.get() - margin)),
             clock: Mutex::new(granted),
             failing: AtomicBool::new(false),
+            extends_out: AtomicUsize::new(0),
             stepped: AtomicBool::new(false),
             reason: Mutex::new(None),
+            acquired: Instant::now(),
+            hold_recorded: AtomicBool::new(false),
             lost,
         });
         // Without a runtime there is no heartbeat; `is_lost` still compares with
@@ -478,11 +525,19 @@ impl LockGuard {
         drop(self.renewal.take());
         let shared = self.shared.clone();
         let was_lost = shared.check_lost();
+        shared.hold_ended();
         let not_after = Instant::now() + shared.config.call_timeout;
+        let span = tracing::debug_span!(
+            "distrlock.release",
+            key = %shared.key,
+            fence = %shared.fence,
+            outcome = tracing::field::Empty,
+        );
         let call = shared
             .config
             .backend
-            .release(&shared.key, &shared.token, not_after);
+            .release(&shared.key, &shared.token, not_after)
+            .instrument(span.clone());
         let result = match tokio::time::timeout_at(not_after, call).await {
             Ok(result) => result,
             Err(_) => Err(Error::unavailable(
@@ -564,6 +619,7 @@ impl LockGuard {
     pub fn detach(mut self) -> Lease {
         drop(self.renewal.take());
         let lease = self.lease();
+        self.shared.hold_ended();
         self.released = true;
         if self.shared.is_static {
             self.shared
@@ -580,6 +636,7 @@ impl Drop for LockGuard {
         drop(self.renewal.take());
         if !self.released {
             let shared = &self.shared;
+            shared.hold_ended();
             shared.lost.send_replace(true);
             release_in_background(
                 shared.config.clone(),

@@ -1,4 +1,5 @@
 #![doc = include_str!("../README.md")]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod backend;
 mod error;
@@ -12,10 +13,13 @@ mod lock;
 mod loss;
 mod manager;
 mod memory;
+pub mod metrics;
 mod notify;
 mod owner;
 mod renewal;
 mod retry;
+#[cfg(feature = "serde")]
+mod serde_impls;
 pub mod server_clock;
 mod suspend;
 mod table;

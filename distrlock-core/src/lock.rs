@@ -1,10 +1,12 @@
 //! [`Lock`]: a handle on one key, with try-acquire and waiting acquire.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::backend::AcquireOutcome;
 use crate::error::{Error, Result};
@@ -82,6 +84,10 @@ impl Lock {
     /// Tries once. Returns [`Error::HeldByOther`], with the holder's remaining lease
     /// when known, if another token holds the lock.
     pub async fn try_acquire(&self) -> Result<LockGuard> {
+        self.observed("try", self.try_once_into_guard()).await
+    }
+
+    async fn try_once_into_guard(&self) -> Result<LockGuard> {
         let mut attempt = Attempt::new(self);
         match attempt.try_once().await? {
             (AcquireOutcome::Acquired { fence, server_time }, sent) => {
@@ -123,6 +129,43 @@ impl Lock {
     }
 
     async fn acquire_until(&self, timeout: Option<Duration>) -> Result<LockGuard> {
+        self.observed("wait", self.wait_for_guard(timeout)).await
+    }
+
+    /// Runs one acquire in a `distrlock.acquire` span (key, try or wait, fence,
+    /// outcome) and records it in the metrics.
+    async fn observed(
+        &self,
+        wait: &'static str,
+        acquire: impl Future<Output = Result<LockGuard>>,
+    ) -> Result<LockGuard> {
+        let span = tracing::debug_span!(
+            "distrlock.acquire",
+            key = %self.key,
+            wait,
+            fence = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
+        let started = Instant::now();
+        let result = acquire.instrument(span.clone()).await;
+        let outcome = match &result {
+            Ok(guard) => {
+                span.record("fence", guard.fence().get());
+                crate::metrics::acquired(started.elapsed());
+                "acquired"
+            }
+            Err(Error::HeldByOther { .. }) => "held",
+            Err(Error::Timeout { waited, .. }) => {
+                crate::metrics::timed_out(*waited);
+                "timeout"
+            }
+            Err(_) => "error",
+        };
+        span.record("outcome", outcome);
+        result
+    }
+
+    async fn wait_for_guard(&self, timeout: Option<Duration>) -> Result<LockGuard> {
         let config = &self.manager.inner;
         let started = Instant::now();
         // An unrepresentable deadline (say, Duration::MAX) means no deadline.
@@ -272,7 +315,12 @@ impl<'a> Attempt<'a> {
             }
         };
         match answer {
-            Ok(Ok(outcome)) => Ok((outcome, sent)),
+            Ok(Ok(outcome)) => {
+                if let AcquireOutcome::Held { .. } = outcome {
+                    crate::metrics::refused();
+                }
+                Ok((outcome, sent))
+            }
             Ok(Err(error)) => {
                 // A transient error (a broken connection) may hide a grant.
                 self.maybe_granted |= error.is_transient();

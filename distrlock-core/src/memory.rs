@@ -153,10 +153,7 @@ impl LockBackend for MemoryBackend {
                 return Ok(AcquireOutcome::Held { remaining });
             }
             Some(row) => Fence::new(row.fence.get().checked_add(1).ok_or_else(|| {
-                Error::permanent(
-                    format!("fence of {key} is exhausted"),
-                    std::io::Error::other("i64 overflow"),
-                )
+                Error::backend(format!("fence of {key} is exhausted (at i64::MAX)"), false)
             })?),
             None => Fence::new(1),
         };

@@ -36,6 +36,7 @@ use tokio::runtime::{Handle, Id as RuntimeId};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::backend::{LockBackend, MAX_EXTEND_BATCH};
 use crate::error::{Error, Result};
@@ -258,6 +259,8 @@ impl Renewer {
             .collect();
         // Past the latest deadline every guard of the batch is lost: stop waiting.
         let latest_deadline = chunk.iter().map(|(_, guard)| guard.deadline()).max();
+        // Each guard counts the batch as an extend on its way until it answers.
+        let _out: Vec<_> = chunk.iter().map(|(_, guard)| guard.extend_out()).collect();
         // Hold only weak references while waiting, so a dropped guard goes at once.
         let chunk: Vec<(u64, Weak<GuardShared>)> = chunk
             .into_iter()
@@ -274,7 +277,14 @@ impl Renewer {
         // The batch must not land after we stopped waiting for it (contract item
         // 8): then it would renew leases that their guards may already have given
         // up.
-        let call = self.backend.extend_many(&leases, ttl, give_up);
+        crate::metrics::renewal_batch();
+        let call =
+            self.backend
+                .extend_many(&leases, ttl, give_up)
+                .instrument(tracing::debug_span!(
+                    "distrlock.renew",
+                    leases = leases.len(),
+                ));
         let answer = tokio::time::timeout_at(give_up, call).await;
         let answer: Result<Vec<Result<SystemTime>>> = match answer {
             Err(_) => Err(Error::unavailable(

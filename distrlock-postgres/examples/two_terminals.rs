@@ -69,8 +69,9 @@ async fn main() -> Result<(), Error> {
                 println!("[{me}] working… {}s left", left.as_millis().div_ceil(1000));
             }
             () = guard.lost() => {
-                println!("[{me}] the lock was lost; stopping");
-                return Err(Error::LockLost { key: guard.key().clone() });
+                let reason = guard.loss_reason().unwrap_or(distrlock_core::LossReason::LeaseRanOut);
+                println!("[{me}] the lock was lost ({reason}); stopping");
+                return Err(Error::LockLost { key: guard.key().clone(), reason });
             }
         }
     }
