@@ -15,6 +15,8 @@ pub struct WorkerRun {
     pub events: Vec<Event>,
     /// When the test sent SIGKILL, on `CLOCK_MONOTONIC`.
     pub killed_at: Option<u64>,
+    /// The worker's name, which it writes as the owner of its leases.
+    pub owner: String,
 }
 
 /// One continuous claim on a key by one worker.
@@ -223,15 +225,167 @@ pub fn first_acquisition_after(runs: &[WorkerRun], since: u64) -> Vec<(String, O
         .collect()
 }
 
+/// A live lease seen in the table by the test's sampler.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseSample {
+    /// The key.
+    pub key: String,
+    /// The fence of the lease.
+    pub fence: i64,
+    /// The owner text of the lease: the worker's name.
+    pub owner: String,
+    /// When it was seen live, on `CLOCK_MONOTONIC`.
+    pub t: u64,
+}
+
+/// A lease that no worker claimed and whose acquirer had given up long before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Orphan {
+    /// The sample that shows it live.
+    pub sample: LeaseSample,
+    /// How long before the sample its owner last gave up waiting for the key
+    /// (`None`: the owner never waited for it).
+    pub gave_up_before: Option<Duration>,
+}
+
+/// Leases that were live although no worker claimed them, at a moment when
+/// their owner was not waiting for the key and had given up on it more than
+/// `grace` earlier (and was not killed within a ttl before).
+///
+/// An unclaimed lease is normal for a while: a try that was granted while its
+/// answer was lost stays live until the waiter's cleanup releases it, shortly
+/// after the waiter gives up. One still live `grace` after the give-up belongs
+/// to nobody: a statement that arrived after its caller and the cleanup were done
+/// took effect (contract item 8 broken).
+pub fn orphaned_leases(
+    runs: &[WorkerRun],
+    samples: &[LeaseSample],
+    ttl: Duration,
+    grace: Duration,
+) -> Vec<Orphan> {
+    let claimed: std::collections::HashSet<(&str, i64)> = runs
+        .iter()
+        .flat_map(|run| run.events.iter())
+        .filter_map(|e| match e {
+            Event::Acquired { key, fence, .. } | Event::Unused { key, fence, .. } => {
+                Some((key.as_str(), *fence))
+            }
+            _ => None,
+        })
+        .collect();
+    let (ttl_ns, grace_ns) = (ttl.as_nanos() as u64, grace.as_nanos() as u64);
+    samples
+        .iter()
+        .filter(|sample| !claimed.contains(&(sample.key.as_str(), sample.fence)))
+        .filter_map(|sample| {
+            let owners: Vec<&WorkerRun> = runs.iter().filter(|r| r.owner == sample.owner).collect();
+            let t = sample.t;
+            let killed_recently = owners
+                .iter()
+                .filter_map(|r| r.killed_at)
+                .any(|kill| kill <= t && t <= kill + ttl_ns);
+            let mut waiting = false;
+            let mut last_give_up = None;
+            for event in owners.iter().flat_map(|r| r.events.iter()) {
+                match event {
+                    Event::Failed {
+                        key,
+                        waited_from,
+                        t: gave_up,
+                        ..
+                    } if *key == sample.key => {
+                        if *waited_from <= t && t <= *gave_up {
+                            waiting = true;
+                        }
+                        if *gave_up <= t {
+                            last_give_up = last_give_up.max(Some(*gave_up));
+                        }
+                    }
+                    Event::Acquired {
+                        key,
+                        waited_from,
+                        t: got,
+                        ..
+                    } if *key == sample.key => {
+                        if *waited_from <= t && t <= *got {
+                            waiting = true;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            let stale = last_give_up.is_none_or(|g| t > g + grace_ns);
+            (!waiting && !killed_recently && stale).then(|| Orphan {
+                sample: sample.clone(),
+                gave_up_before: last_give_up.map(|g| Duration::from_nanos(t - g)),
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unclaimed_lease_long_after_its_owner_gave_up_is_an_orphan() {
+        let ms = 1_000_000;
+        let failed = |key: &str, from: u64, t: u64| Event::Failed {
+            key: key.into(),
+            waited_from: from * ms,
+            error: "timed out".into(),
+            t: t * ms,
+        };
+        let mut a = run(
+            "a",
+            vec![
+                acq("k", 1, 10 * ms),
+                end("k", 1, 20 * ms),
+                failed("k", 100, 4_100),
+            ],
+            None,
+        );
+        a.owner = "w-a".into();
+        let mut b = run("b", vec![], Some(5_000 * ms));
+        b.owner = "w-b".into();
+        let runs = [a, b];
+        let sample = |fence, owner: &str, t| LeaseSample {
+            key: "k".into(),
+            fence,
+            owner: owner.into(),
+            t: t * ms,
+        };
+        let samples = [
+            // Claimed.
+            sample(1, "w-a", 15),
+            // Granted during a's wait, its answer lost: normal until the cleanup.
+            sample(2, "w-a", 3_000),
+            sample(2, "w-a", 4_500),
+            // Appeared long after a gave up: nobody's.
+            sample(3, "w-a", 9_000),
+            // Right after b's kill: b's own grant, never written down.
+            sample(4, "w-b", 5_100),
+        ];
+        let orphans = orphaned_leases(
+            &runs,
+            &samples,
+            Duration::from_secs(2),
+            Duration::from_secs(3),
+        );
+        assert_eq!(orphans.len(), 1, "{orphans:?}");
+        assert_eq!(orphans[0].sample.fence, 3);
+        assert_eq!(
+            orphans[0].gave_up_before,
+            Some(Duration::from_millis(4_900))
+        );
+    }
 
     fn run(name: &str, events: Vec<Event>, killed_at: Option<u64>) -> WorkerRun {
         WorkerRun {
             name: name.into(),
             events,
             killed_at,
+            owner: name.into(),
         }
     }
 

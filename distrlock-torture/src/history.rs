@@ -52,6 +52,16 @@ pub enum Event {
         /// Whether the guard had declared the lock lost.
         lost: bool,
     },
+    /// The worker was granted `key` but found the guard already lost before it
+    /// could use it (the grant came too late), so it never claimed the lock.
+    Unused {
+        /// The key.
+        key: String,
+        /// The fence of the grant.
+        fence: i64,
+        /// When.
+        t: u64,
+    },
     /// An acquire failed (timed out, or the database was unreachable).
     Failed {
         /// The key waited for (empty when the backend could not be opened).

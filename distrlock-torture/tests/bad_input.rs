@@ -558,7 +558,13 @@ impl Sweep {
         assert!(!self.sentinel.is_lost(), "(c) the sentinel's guard is lost");
         let intruder = self
             .backend
-            .try_acquire(key, &Token::new(), ttl(Duration::from_secs(5)), "intruder")
+            .try_acquire(
+                key,
+                &Token::new(),
+                ttl(Duration::from_secs(5)),
+                "intruder",
+                soon(),
+            )
             .await
             .expect("try the sentinel with another token");
         assert!(
@@ -605,6 +611,11 @@ async fn on_shared(db: Db, test: &str, case: impl AsyncFnOnce(&Sweep) -> NewRows
     }
 }
 
+/// A `not_after` for direct backend calls: later than any answer a case expects.
+fn soon() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(30)
+}
+
 fn key(text: &str) -> LockKey {
     LockKey::new(text).expect("a valid key")
 }
@@ -615,7 +626,7 @@ fn ttl(d: Duration) -> Ttl {
 
 fn fence(outcome: AcquireOutcome) -> Fence {
     match outcome {
-        AcquireOutcome::Acquired { fence } => fence,
+        AcquireOutcome::Acquired { fence, .. } => fence,
         held => panic!("expected to acquire, got {held:?}"),
     }
 }
@@ -658,7 +669,12 @@ async fn assert_invalid_key(manager: &LockManager, text: &str) {
         .do_exclusively(text, |_| async { ran.store(true, Ordering::SeqCst) })
         .await;
     assert!(
-        matches!(result, Err(Error::InvalidKey { .. })),
+        matches!(
+            result,
+            Err(distrlock_core::ExclusiveError::Lock(
+                Error::InvalidKey { .. }
+            ))
+        ),
         "do_exclusively({shown}): {result:?}"
     );
     assert!(!ran.load(Ordering::SeqCst), "work ran under an invalid key");
@@ -675,7 +691,13 @@ async fn assert_round_trip(s: &Sweep, texts: &[String]) -> NewRows {
         let token = Token::new();
         let outcome = s
             .backend
-            .try_acquire(&k, &token, ttl(Duration::from_secs(60)), "round-trip")
+            .try_acquire(
+                &k,
+                &token,
+                ttl(Duration::from_secs(60)),
+                "round-trip",
+                soon(),
+            )
             .await
             .unwrap_or_else(|e| panic!("acquire {text:?}: {e}"));
         assert_eq!(
@@ -692,7 +714,13 @@ async fn assert_round_trip(s: &Sweep, texts: &[String]) -> NewRows {
         assert_eq!(info.owner, "round-trip");
         let other = s
             .backend
-            .try_acquire(k, &Token::new(), ttl(Duration::from_secs(60)), "other")
+            .try_acquire(
+                k,
+                &Token::new(),
+                ttl(Duration::from_secs(60)),
+                "other",
+                soon(),
+            )
             .await
             .expect("try with another token");
         assert!(
@@ -729,7 +757,7 @@ async fn assert_round_trip(s: &Sweep, texts: &[String]) -> NewRows {
     );
     for (k, token) in &held {
         s.backend
-            .release(k, token)
+            .release(k, token, soon())
             .await
             .unwrap_or_else(|e| panic!("release {k:?}: {e}"));
         let info = s.backend.inspect(k).await.expect("inspect").expect("a row");
@@ -972,12 +1000,12 @@ async fn zero_and_huge_ttl_are_invalid_ttl(db: Db, test: &str) {
         let max = ttl(Ttl::MAX);
         fence(
             s.backend
-                .try_acquire(&longest, &token, max, "max")
+                .try_acquire(&longest, &token, max, "max", soon())
                 .await
                 .expect("acquire"),
         );
         s.backend
-            .extend(&longest, &token, max)
+            .extend(&longest, &token, max, soon())
             .await
             .expect("extend by the longest ttl");
         let info = s.backend.inspect(&longest).await.unwrap().unwrap();
@@ -991,20 +1019,26 @@ async fn zero_and_huge_ttl_are_invalid_ttl(db: Db, test: &str) {
             "a 365-day lease, got {lease:?}"
         );
         assert!(info.remaining.unwrap() > Ttl::MAX - Duration::from_secs(60));
-        s.backend.release(&longest, &token).await.expect("release");
+        s.backend
+            .release(&longest, &token, soon())
+            .await
+            .expect("release");
 
         let shortest = key("ttl-min");
         let token = Token::new();
         fence(
             s.backend
-                .try_acquire(&shortest, &token, ttl(Ttl::MIN), "min")
+                .try_acquire(&shortest, &token, ttl(Ttl::MIN), "min", soon())
                 .await
                 .unwrap(),
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
         let info = s.backend.inspect(&shortest).await.unwrap().unwrap();
         assert_eq!(info.state, LockState::Expired);
-        let late = s.backend.extend(&shortest, &token, ttl(Ttl::MIN)).await;
+        let late = s
+            .backend
+            .extend(&shortest, &token, ttl(Ttl::MIN), soon())
+            .await;
         assert!(matches!(late, Err(Error::NotHeld { .. })), "{late:?}");
         NewRows(2)
     })
@@ -1019,16 +1053,36 @@ async fn wrong_and_stale_tokens_are_not_held(db: Db, test: &str) {
 
         // A live lease, a released one, an expired one and one taken over.
         let (held, holder) = (key("held"), Token::new());
-        fence(b.try_acquire(&held, &holder, long, "holder").await.unwrap());
+        fence(
+            b.try_acquire(&held, &holder, long, "holder", soon())
+                .await
+                .unwrap(),
+        );
         let (released, gone) = (key("released"), Token::new());
-        fence(b.try_acquire(&released, &gone, long, "gone").await.unwrap());
-        b.release(&released, &gone).await.unwrap();
+        fence(
+            b.try_acquire(&released, &gone, long, "gone", soon())
+                .await
+                .unwrap(),
+        );
+        b.release(&released, &gone, soon()).await.unwrap();
         let (expired, late) = (key("expired"), Token::new());
-        fence(b.try_acquire(&expired, &late, brief, "late").await.unwrap());
+        fence(
+            b.try_acquire(&expired, &late, brief, "late", soon())
+                .await
+                .unwrap(),
+        );
         let (taken, old, new) = (key("taken"), Token::new(), Token::new());
-        let first = fence(b.try_acquire(&taken, &old, brief, "old").await.unwrap());
+        let first = fence(
+            b.try_acquire(&taken, &old, brief, "old", soon())
+                .await
+                .unwrap(),
+        );
         tokio::time::sleep(Duration::from_millis(60)).await;
-        let second = fence(b.try_acquire(&taken, &new, long, "new").await.unwrap());
+        let second = fence(
+            b.try_acquire(&taken, &new, long, "new", soon())
+                .await
+                .unwrap(),
+        );
         assert!(second > first, "fences increase on takeover");
         let never = key("never-acquired");
 
@@ -1050,12 +1104,12 @@ async fn wrong_and_stale_tokens_are_not_held(db: Db, test: &str) {
             before.push(b.inspect(k).await.unwrap().as_ref().map(unchanging));
         }
         for (k, token) in wrong {
-            let extended = b.extend(k, &token, long).await;
+            let extended = b.extend(k, &token, long, soon()).await;
             assert!(
                 matches!(&extended, Err(Error::NotHeld { key }) if key == k),
                 "extend {k:?} with a wrong token: {extended:?}"
             );
-            let released = b.release(k, &token).await;
+            let released = b.release(k, &token, soon()).await;
             assert!(
                 matches!(&released, Err(Error::NotHeld { key }) if key == k),
                 "release {k:?} with a wrong token: {released:?}"
@@ -1082,7 +1136,7 @@ async fn wrong_and_stale_tokens_are_not_held(db: Db, test: &str) {
         tokio::time::sleep(Duration::from_millis(150)).await;
         let successor = Token::new();
         fence(
-            b.try_acquire(guard.key(), &successor, long, "successor")
+            b.try_acquire(guard.key(), &successor, long, "successor", soon())
                 .await
                 .unwrap(),
         );
@@ -1105,13 +1159,13 @@ async fn wrong_and_stale_tokens_are_not_held(db: Db, test: &str) {
             "the successor's lease changed"
         );
 
-        b.release(&held, &holder)
+        b.release(&held, &holder, soon())
             .await
             .expect("the holder still holds its lock");
-        b.release(&taken, &new)
+        b.release(&taken, &new, soon())
             .await
             .expect("the new holder still holds its lock");
-        b.release(&guarded, &successor)
+        b.release(&guarded, &successor, soon())
             .await
             .expect("the successor still holds its lock");
         NewRows(5)
@@ -1128,10 +1182,13 @@ async fn missing_table_is_schema_missing_with_a_hint(db: Db, test: &str) {
             let calls = [
                 (
                     "try_acquire",
-                    backend.try_acquire(&k, &token, long, "o").await.map(drop),
+                    backend
+                        .try_acquire(&k, &token, long, "o", soon())
+                        .await
+                        .map(drop),
                 ),
-                ("extend", backend.extend(&k, &token, long).await),
-                ("release", backend.release(&k, &token).await),
+                ("extend", backend.extend(&k, &token, long, soon()).await),
+                ("release", backend.release(&k, &token, soon()).await),
                 ("inspect", backend.inspect(&k).await.map(drop)),
                 ("list", backend.list().await.map(drop)),
             ];
@@ -1310,7 +1367,7 @@ async fn stalled_calls_are_unavailable_within_the_call_timeout(db: Db, test: &st
         let (mine, token, long) = (key("mine"), Token::new(), ttl(Duration::from_secs(60)));
         fence(
             backend
-                .try_acquire(&mine, &token, long, "me")
+                .try_acquire(&mine, &token, long, "me", soon())
                 .await
                 .unwrap(),
         );
@@ -1330,9 +1387,9 @@ async fn stalled_calls_are_unavailable_within_the_call_timeout(db: Db, test: &st
         let limit = s.db.call_timeout(bounds) + SLACK;
         let intruder = Token::new();
         let (acquire, extend, release, inspect, list) = tokio::join!(
-            timed(backend.try_acquire(sentinel, &intruder, long, "stalled")),
-            timed(backend.extend(&mine, &token, long)),
-            timed(backend.release(&mine, &token)),
+            timed(backend.try_acquire(sentinel, &intruder, long, "stalled", soon())),
+            timed(backend.extend(&mine, &token, long, soon())),
+            timed(backend.release(&mine, &token, soon())),
             timed(backend.inspect(&mine)),
             timed(backend.list()),
         );
@@ -1355,7 +1412,7 @@ async fn stalled_calls_are_unavailable_within_the_call_timeout(db: Db, test: &st
         let mine_after = unchanging(&s.backend.inspect(&mine).await.unwrap().unwrap());
         assert_eq!(mine_after, mine_before, "a stalled call changed the row");
         s.backend
-            .release(&mine, &token)
+            .release(&mine, &token, soon())
             .await
             .expect("still held by its token");
         NewRows(1)
@@ -1385,15 +1442,15 @@ async fn server_restarted_mid_call_is_transient_and_recovers(db: Db, test: &str)
             let (free, first) = (key("free"), Token::new());
             let before = fence(
                 s.backend
-                    .try_acquire(&free, &first, long, "o")
+                    .try_acquire(&free, &first, long, "o", soon())
                     .await
                     .unwrap(),
             );
-            s.backend.release(&free, &first).await.unwrap();
+            s.backend.release(&free, &first, soon()).await.unwrap();
             let (held, holder) = (key("held"), Token::new());
             fence(
                 s.backend
-                    .try_acquire(&held, &holder, long, "holder")
+                    .try_acquire(&held, &holder, long, "holder", soon())
                     .await
                     .unwrap(),
             );
@@ -1406,11 +1463,15 @@ async fn server_restarted_mid_call_is_transient_and_recovers(db: Db, test: &str)
             let acquirer = Token::new();
             let acquire = tokio::spawn({
                 let (backend, k) = (s.backend.clone(), free.clone());
-                timed(async move { backend.try_acquire(&k, &acquirer, long, "mid-call").await })
+                timed(async move {
+                    backend
+                        .try_acquire(&k, &acquirer, long, "mid-call", soon())
+                        .await
+                })
             });
             let extend = tokio::spawn({
                 let (backend, k) = (s.backend.clone(), held.clone());
-                timed(async move { backend.extend(&k, &holder, long).await })
+                timed(async move { backend.extend(&k, &holder, long, soon()).await })
             });
             let waiting = Instant::now();
             while s.admin.lock_waiters(&s.table).await < 2 {
@@ -1451,7 +1512,7 @@ async fn server_restarted_mid_call_is_transient_and_recovers(db: Db, test: &str)
             // it, as the waiting acquire does: one holder change, one fence more.
             let settled = s
                 .backend
-                .try_acquire(&free, &acquirer, long, "mid-call")
+                .try_acquire(&free, &acquirer, long, "mid-call", soon())
                 .await
                 .expect("the first call after the restart works");
             assert_eq!(fence(settled), Fence::new(before.get() + 1));
@@ -1466,19 +1527,25 @@ async fn server_restarted_mid_call_is_transient_and_recovers(db: Db, test: &str)
             );
             assert!(held_after.expires_at >= held_before.expires_at);
             s.backend
-                .extend(&held, &holder, long)
+                .extend(&held, &holder, long, soon())
                 .await
                 .expect("still the holder's");
 
             // A new client comes next, with a strictly greater fence.
-            s.backend.release(&free, &acquirer).await.expect("release");
+            s.backend
+                .release(&free, &acquirer, soon())
+                .await
+                .expect("release");
             let next = s
                 .backend
-                .try_acquire(&free, &Token::new(), long, "after")
+                .try_acquire(&free, &Token::new(), long, "after", soon())
                 .await
                 .unwrap();
             assert_eq!(fence(next), Fence::new(before.get() + 2));
-            s.backend.release(&held, &holder).await.expect("release");
+            s.backend
+                .release(&held, &holder, soon())
+                .await
+                .expect("release");
             NewRows(2)
         })
         .await;

@@ -1,6 +1,8 @@
 //! The torture test: worker processes take and hold locks on a private database
 //! server while this test SIGKILLs holders, kills their database sessions,
-//! restarts the server, stalls a holder's network past its ttl and adds latency.
+//! restarts the server, stalls a holder's network past its ttl, freezes a
+//! waiter's network for longer than its wait (and then delivers everything it
+//! held back) and adds latency.
 //! The history checker then proves, from what the workers recorded:
 //!
 //! - no two holdings of a key overlap (mutual exclusion, conservative client view);
@@ -8,6 +10,9 @@
 //! - every lock of a killed holder was taken again within ttl + one poll interval
 //!   + a stated slack;
 //! - after the server restart, every worker acquires again within a stated time;
+//! - no lease is live that no worker claimed, once its owner had given up on the
+//!   key for longer than a ttl (a statement delivered after its caller and the
+//!   cleanup were done must change nothing);
 //! - no worker hangs or fails; at the end no lock is left held.
 //!
 //! Each run prints one summary line. `DISTRLOCK_TORTURE_SECS` sets the run time
@@ -20,7 +25,9 @@ use std::time::Duration;
 
 use distrlock_testkit::{FaultProxy, ServerKind, ThrowawayServer, skip};
 use distrlock_torture::backends;
-use distrlock_torture::checker::{WorkerRun, check, first_acquisition_after};
+use distrlock_torture::checker::{
+    LeaseSample, WorkerRun, check, first_acquisition_after, orphaned_leases,
+};
 use distrlock_torture::history::{Event, monotonic_ns, read_history};
 
 const WORKERS: usize = 6;
@@ -36,29 +43,38 @@ const TAKEOVER_SLACK: Duration = Duration::from_millis(1500);
 const RECOVERY_BOUND: Duration = Duration::from_secs(15);
 /// How often a fault is injected.
 const FAULT_EVERY: Duration = Duration::from_secs(3);
+/// How often the table is sampled for leases that nobody claimed.
+const SAMPLE_EVERY: Duration = Duration::from_millis(100);
+/// How long after its owner gave up a lease nobody claimed may stay live: the
+/// cleanup of an abandoned try waits for the try's bound (under a ttl), and a
+/// lease whose cleanup could not reach the server runs out within a ttl.
+const ORPHAN_GRACE: Duration = Duration::from_millis(3000);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fault {
     KillHolder,
     KillSessions,
     StallHolder,
+    FreezeWaiter,
     Latency,
     RestartServer,
 }
 
 /// The faults, in turn; the restart comes once, near the middle.
-const SCHEDULE: [Fault; 12] = [
+const SCHEDULE: [Fault; 14] = [
     Fault::KillHolder,
+    Fault::FreezeWaiter,
     Fault::KillSessions,
     Fault::StallHolder,
     Fault::Latency,
-    Fault::KillHolder,
     Fault::RestartServer,
+    Fault::FreezeWaiter,
+    Fault::KillHolder,
     Fault::KillSessions,
     Fault::StallHolder,
     Fault::KillHolder,
     Fault::Latency,
-    Fault::KillHolder,
+    Fault::FreezeWaiter,
     Fault::StallHolder,
 ];
 
@@ -147,6 +163,25 @@ impl Torture {
         Some(holding.swap_remove(rng.usize(..holding.len())))
     }
 
+    /// A slot whose worker holds nothing right now, per its history: it is
+    /// waiting for a key (or about to).
+    fn waiter(&self, rng: &mut fastrand::Rng) -> Option<usize> {
+        let mut waiting: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| {
+                let events = read_history(&self.slots[i].history).unwrap_or_default();
+                let last = events
+                    .iter()
+                    .rev()
+                    .find(|e| matches!(e, Event::Acquired { .. } | Event::Ended { .. }));
+                !matches!(last, Some(Event::Acquired { .. }))
+            })
+            .collect();
+        if waiting.is_empty() {
+            return None;
+        }
+        Some(waiting.swap_remove(rng.usize(..waiting.len())))
+    }
+
     async fn inject(&mut self, fault: Fault, rng: &mut fastrand::Rng) {
         match fault {
             Fault::KillHolder => {
@@ -196,6 +231,17 @@ impl Torture {
                 // gets in.
                 self.slots[i].proxy.stall_for(TTL * 3 / 2);
             }
+            Fault::FreezeWaiter => {
+                let Some(i) = self.waiter(rng) else {
+                    return;
+                };
+                // Longer than a whole wait (2 ttls): the worker gives up and its
+                // cleanup runs while every statement it sent is held back; the
+                // thaw then delivers them all, and the FIN of each connection the
+                // backend dropped, to the server.
+                let freeze = TTL * 5 / 2 + Duration::from_millis(rng.u64(..=1000));
+                self.slots[i].proxy.stall_for(freeze);
+            }
             Fault::Latency => {
                 for slot in self.slots.iter().take(2) {
                     slot.proxy.set_latency(Duration::from_millis(30));
@@ -223,6 +269,7 @@ fn fault_name(fault: Fault) -> &'static str {
         Fault::KillHolder => "sigkill",
         Fault::KillSessions => "session_kills",
         Fault::StallHolder => "stalls",
+        Fault::FreezeWaiter => "freezes",
         Fault::Latency => "latency",
         Fault::RestartServer => "restarts",
     }
@@ -278,6 +325,36 @@ async fn run(name: &'static str, server: ThrowawayServer) {
         });
     }
 
+    // Samples the live leases, to find any that nobody claimed.
+    let samples = Arc::new(Mutex::new(Vec::<LeaseSample>::new()));
+    let sampler = tokio::spawn({
+        let (admin, samples) = (admin.clone(), samples.clone());
+        async move {
+            loop {
+                tokio::time::sleep(SAMPLE_EVERY).await;
+                // The server may be restarting: a missed sample is fine.
+                let Ok(Ok(infos)) = tokio::time::timeout(TTL, admin.list()).await else {
+                    continue;
+                };
+                let t = monotonic_ns();
+                samples
+                    .lock()
+                    .unwrap()
+                    .extend(
+                        infos
+                            .into_iter()
+                            .filter(|i| i.is_live())
+                            .map(|i| LeaseSample {
+                                key: i.key.into_string(),
+                                fence: i.fence.get(),
+                                owner: i.owner,
+                                t,
+                            }),
+                    );
+            }
+        }
+    });
+
     let mut rng = fastrand::Rng::new();
     let mut next = 0;
     // Faults until 5 s before the end, so the last ones' effects are checked too.
@@ -325,10 +402,14 @@ async fn run(name: &'static str, server: ThrowawayServer) {
                 name: history.file_name().unwrap().to_string_lossy().into_owned(),
                 events: read_history(&history).unwrap_or_default(),
                 killed_at,
+                owner: format!("torture-worker-{i}"),
             });
         }
     }
 
+    sampler.abort();
+    let samples = samples.lock().unwrap().clone();
+    let orphans = orphaned_leases(&runs, &samples, TTL, ORPHAN_GRACE);
     let report = check(&runs);
     let recovery = torture
         .restarted_at
@@ -359,7 +440,7 @@ async fn run(name: &'static str, server: ThrowawayServer) {
     let counts = &torture.counts;
     let count = |k: &str| counts.get(k).copied().unwrap_or(0);
     println!(
-        "torture[{}]: {}s, {} workers on {} keys, ttl {:?}: acquisitions={} lost_by_guard={} faults: sigkill={} session_kills={} restarts={} stalls={} latency={} | overlaps={} fence_regressions={} worst_takeover={} (bound {:?}) worst_recovery={} (bound {:?}) hung={} failed={} left_held={}",
+        "torture[{}]: {}s, {} workers on {} keys, ttl {:?}: acquisitions={} lost_by_guard={} faults: sigkill={} session_kills={} restarts={} stalls={} freezes={} latency={} | overlaps={} fence_regressions={} orphaned_leases={} (of {} samples) worst_takeover={} (bound {:?}) worst_recovery={} (bound {:?}) hung={} failed={} left_held={}",
         torture.name,
         secs,
         WORKERS,
@@ -371,9 +452,12 @@ async fn run(name: &'static str, server: ThrowawayServer) {
         count("session_kills"),
         count("restarts"),
         count("stalls"),
+        count("freezes"),
         count("latency"),
         report.overlaps.len(),
         report.fence_regressions.len(),
+        orphans.len(),
+        samples.len(),
         report
             .worst_takeover()
             .map_or("-".into(), |d| format!("{}ms", d.as_millis())),
@@ -395,6 +479,10 @@ async fn run(name: &'static str, server: ThrowawayServer) {
         "fence regressions: {:#?}",
         report.fence_regressions
     );
+    assert!(
+        orphans.is_empty(),
+        "leases that nobody claimed, live long after their owner gave up: {orphans:#?}"
+    );
     if let Some(worst) = report.worst_takeover() {
         assert!(
             worst <= TTL + POLL + TAKEOVER_SLACK,
@@ -413,7 +501,10 @@ async fn run(name: &'static str, server: ThrowawayServer) {
         report.acquisitions()
     );
     assert!(
-        count("sigkill") > 0 && count("stalls") > 0 && count("session_kills") > 0,
+        count("sigkill") > 0
+            && count("stalls") > 0
+            && count("session_kills") > 0
+            && count("freezes") > 0,
         "faults were injected: {counts:?}"
     );
     assert_eq!(count("restarts"), 1, "the server was restarted once");

@@ -118,6 +118,11 @@ async fn work(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         // Read the clock, then ask the guard: if it still holds now, it held then.
         let start = monotonic_ns();
         if guard.is_lost() {
+            history.write(&Event::Unused {
+                key: key.clone(),
+                fence: guard.fence().get(),
+                t: start,
+            })?;
             continue;
         }
         let fence = guard.fence().get();
