@@ -1187,7 +1187,10 @@ async fn missing_table_is_schema_missing_with_a_hint(db: Db, test: &str) {
                         .await
                         .map(drop),
                 ),
-                ("extend", backend.extend(&k, &token, long, soon()).await),
+                (
+                    "extend",
+                    backend.extend(&k, &token, long, soon()).await.map(drop),
+                ),
                 ("release", backend.release(&k, &token, soon()).await),
                 ("inspect", backend.inspect(&k).await.map(drop)),
                 ("list", backend.list().await.map(drop)),
@@ -1395,7 +1398,7 @@ async fn stalled_calls_are_unavailable_within_the_call_timeout(db: Db, test: &st
         );
         let results = [
             ("try_acquire", acquire.0.map(drop), acquire.1),
-            ("extend", extend.0, extend.1),
+            ("extend", extend.0.map(drop), extend.1),
             ("release", release.0, release.1),
             ("inspect", inspect.0.map(drop), inspect.1),
             ("list", list.0.map(drop), list.1),
