@@ -315,10 +315,8 @@ impl Cycle for RawCycle {
             .client
             .query(&self.release, &[&key, &token, &self.channel, &i64::MAX])
             .await?;
-        if !rows
-            .first()
-            .is_some_and(|row| row.get::<_, Option<bool>>(0) == Some(true))
-        {
+        let released = rows.first().and_then(|row| row.get::<_, Option<bool>>(0));
+        if released != Some(true) {
             bail!("raw release of {key} found nothing to release");
         }
         Ok(())

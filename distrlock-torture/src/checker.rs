@@ -306,10 +306,8 @@ pub fn orphaned_leases(
                         waited_from,
                         t: got,
                         ..
-                    } if *key == sample.key => {
-                        if *waited_from <= t && t <= *got {
-                            waiting = true;
-                        }
+                    } if *key == sample.key && *waited_from <= t && t <= *got => {
+                        waiting = true;
                     }
                     _ => {}
                 }
