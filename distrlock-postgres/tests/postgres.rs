@@ -1855,3 +1855,72 @@ async fn release_after_the_bound_waits_for_an_abandoned_first_acquire_still_comm
         ))
         .await;
 }
+
+/// One row locked by another transaction must not cost the manager's other
+/// locks: the batch renews every other lease, reports the locked one as unknown
+/// (a transient error, not NotHeld), and through a manager no other guard is lost.
+#[tokio::test]
+async fn a_row_locked_by_another_transaction_does_not_stall_the_batch() {
+    let name = "a_row_locked_by_another_transaction_does_not_stall_the_batch";
+    let Some(t) = TestBackend::new(name, |b| b.lock_timeout(Duration::from_millis(500))).await
+    else {
+        return;
+    };
+    let manager = distrlock_core::LockManager::builder(t.backend.clone())
+        .ttl(Duration::from_secs(3))
+        .build()
+        .unwrap();
+    let mut guards = Vec::new();
+    for i in 0..5 {
+        let k = format!("k{i}");
+        guards.push(manager.lock(&k).unwrap().try_acquire().await.unwrap());
+    }
+    // Another transaction holds the row of k0 for 10 s (3 ttls).
+    let mut foreign = common::admin().await.unwrap();
+    let tx = foreign.transaction().await.unwrap();
+    tx.execute(
+        &format!(
+            "SELECT 1 FROM \"{}\" WHERE lock_key = 'k0' FOR UPDATE",
+            t.table
+        ),
+        &[],
+    )
+    .await
+    .unwrap();
+    // One batch, directly: the other four are renewed.
+    let leases: Vec<(LockKey, Token)> = guards
+        .iter()
+        .map(|g| (g.key().clone(), g.token()))
+        .collect();
+    let started = Instant::now();
+    let answers = t
+        .backend
+        .extend_many(&leases, ttl(Duration::from_secs(3)), soon())
+        .await
+        .expect("the batch answers even with one row locked");
+    assert!(
+        started.elapsed() < Duration::from_millis(400),
+        "it did not wait on the lock"
+    );
+    assert!(
+        answers[0].as_ref().is_err_and(Error::is_transient),
+        "the locked lease is unknown, not gone: {:?}",
+        answers[0]
+    );
+    for answer in &answers[1..] {
+        assert!(answer.is_ok(), "{answer:?}");
+    }
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    for guard in &guards[1..] {
+        assert!(
+            !guard.is_lost(),
+            "{} was lost because another key's row was locked",
+            guard.key()
+        );
+    }
+    tx.rollback().await.unwrap();
+    for guard in guards {
+        let _ = guard.release().await;
+    }
+    t.drop_table().await;
+}
