@@ -1021,20 +1021,33 @@ impl LockBackend for PostgresBackend {
             .await
             .map_err(|f| f.into_error(self))?;
         let mut renewed: HashSet<(&str, uuid::Uuid)> = HashSet::with_capacity(answer.rows.len());
+        let mut busy: HashSet<(&str, uuid::Uuid)> = HashSet::new();
         for row in &answer.rows {
             let key: Option<&str> = row.try_get("lock_key").map_err(|e| self.error(e))?;
             let token: Option<uuid::Uuid> = row.try_get("token").map_err(|e| self.error(e))?;
+            let locked: bool = row.try_get("busy").map_err(|e| self.error(e))?;
             // One row of NULLs when nothing was renewed.
             if let (Some(key), Some(token)) = (key, token) {
-                renewed.insert((key, token));
+                if locked {
+                    busy.insert((key, token));
+                } else {
+                    renewed.insert((key, token));
+                }
             }
         }
         let server_time = answer.server_time();
         Ok(leases
             .iter()
             .map(|(key, token)| {
-                if renewed.contains(&(key.as_str(), *token.as_uuid())) {
+                let pair = (key.as_str(), *token.as_uuid());
+                if renewed.contains(&pair) {
                     Ok(server_time)
+                } else if busy.contains(&pair) {
+                    // Neither renewed nor gone: the manager retries it alone.
+                    Err(Error::backend(
+                        format!("the row of {key} is locked by another transaction; not renewed"),
+                        true,
+                    ))
                 } else {
                     Err(Error::NotHeld { key: key.clone() })
                 }

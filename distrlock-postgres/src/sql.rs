@@ -75,8 +75,10 @@ pub(crate) struct Statements {
     /// one row `(renewed, server_us)`.
     pub(crate) extend: String,
     /// Extend a batch: params `$1` keys, `$2` tokens (same length), `$3` ttl µs,
-    /// `$4` not-after bound µs; rows `(lock_key, token, server_us)`, one per lease
-    /// it renewed, or one row with NULL key and token when it renewed none.
+    /// `$4` not-after bound µs; rows `(lock_key, token, busy, server_us)`: one per
+    /// lease it renewed (`busy` false) or one row with NULL key and token when it
+    /// renewed none, then one per lease whose row another transaction held
+    /// locked (`busy` true: not renewed, outcome unknown).
     pub(crate) extend_many: String,
     /// Release: params `$1` key, `$2` token, `$3` notification channel, `$4`
     /// not-after bound µs; one row `(released, server_us)`.
@@ -236,26 +238,58 @@ LEFT JOIN renewed ON true"#
 -- one clock reading for all of it. Each lease is renewed only if its token holds
 -- it live; the others update nothing and are missing from RETURNING (NotHeld).
 -- COLLATE "C": the column's collation, so the join uses the primary key's index.
+batch AS (
+    SELECT * FROM unnest($1::text[], $2::uuid[]) AS b(lock_key, token)
+),
+-- The rows to renew, locked here first, skipping any row that another
+-- transaction holds locked (a refused try_acquire_in, a hand-written SELECT …
+-- FOR UPDATE): one busy row must not make the whole batch wait and fail, which
+-- would put every lease of the manager at risk. A skipped lease is reported as
+-- busy below, and the manager retries it on its own.
+lockable AS (
+    SELECT l.lock_key
+    FROM {t} AS l
+    JOIN batch ON l.lock_key = batch.lock_key COLLATE "C" AND l.token = batch.token
+    FOR UPDATE OF l SKIP LOCKED
+),
 -- A pair listed twice updates its row once (PostgreSQL joins each target row to
--- one source row) and is returned once.
+-- one source row) and is returned once. Only rows locked above are updated, so
+-- this never waits.
 renewed AS (
     UPDATE {t} AS l
     SET expires_at = clock.at + $3::int8 * interval '1 microsecond'
-    FROM clock, unnest($1::text[], $2::uuid[]) AS batch(lock_key, token)
+    FROM clock, batch
     WHERE l.lock_key = batch.lock_key COLLATE "C"
       AND l.token = batch.token
+      AND l.lock_key IN (SELECT lock_key FROM lockable)
       AND l.expires_at > clock.at
       -- No late effects: only before the caller's bound on the server's clock.
       AND clock.at_us < $4::int8
     RETURNING l.lock_key, l.token
+),
+-- Busy: the token's row exists but another transaction holds it locked, so the
+-- lease was neither renewed nor found gone; the outcome is unknown.
+busy AS (
+    SELECT batch.lock_key, batch.token
+    FROM batch
+    WHERE NOT EXISTS (SELECT 1 FROM lockable WHERE lockable.lock_key = batch.lock_key COLLATE "C")
+      AND EXISTS (
+          SELECT 1 FROM {t} AS l
+          WHERE l.lock_key = batch.lock_key COLLATE "C" AND l.token = batch.token
+      )
 )
 -- One row per renewed lease, or a single row with NULL key and token when none
--- was renewed: the clock reading always comes back.
-SELECT renewed.lock_key, renewed.token,
+-- was renewed: the clock reading always comes back. Then the busy leases (or a
+-- row of NULLs when none was busy).
+SELECT renewed.lock_key, renewed.token, false AS busy,
        -- When the leases were renewed: each now ends ttl after this.
        clock.at_us AS server_us
 FROM clock
-LEFT JOIN renewed ON true"#
+LEFT JOIN renewed ON true
+UNION ALL
+SELECT busy.lock_key, busy.token, true, clock.at_us
+FROM clock
+LEFT JOIN busy ON true"#
         );
 
         let release = format!(
@@ -499,8 +533,10 @@ mod tests {
                 })
                 .collect();
             assert!(!writes.is_empty(), "{sql}");
+            // (`FOR UPDATE … SKIP LOCKED` locks rows; it writes nothing.)
             assert_eq!(
-                code.matches("UPDATE ").count() + code.matches("INSERT INTO").count(),
+                code.matches("UPDATE ").count() - code.matches("FOR UPDATE ").count()
+                    + code.matches("INSERT INTO").count(),
                 writes.len(),
                 "a write outside a CTE in {sql}"
             );
