@@ -767,8 +767,20 @@ async fn each_operation_is_one_statement() {
     let other = Token::new();
     let t = ttl(LONG);
 
-    // Warm up: prepare every statement once on the connection.
+    // Warm up: prepare every statement once on the connection. The backend's
+    // first write reads the server's clock first, once: one `SELECT` more.
+    let mut conn = b.pool().get_conn().await.unwrap();
+    let before = session_status(&mut conn).await;
+    drop(conn);
     fence(acquire(&b, &k, &token, LONG).await);
+    let mut conn = b.pool().get_conn().await.unwrap();
+    let after = session_status(&mut conn).await;
+    drop(conn);
+    assert_eq!(
+        after["Com_select"] - before["Com_select"],
+        1,
+        "the first write reads the clock"
+    );
     b.extend(&k, &token, t, soon()).await.unwrap();
     b.inspect(&k).await.unwrap();
     b.list().await.unwrap();
@@ -1232,5 +1244,100 @@ async fn sessions_with_autocommit_off_still_commit() {
     let (second, _) = require!(test, backend(config(&table)).await);
     remaining(acquire(&second, &k, &Token::new(), LONG).await);
     assert_eq!(second.inspect(&k).await.unwrap().unwrap().fence, f);
+    drop_table(&table).await;
+}
+
+/// The edges of the insert id's layout (see `src/sql.rs`): the largest fence a
+/// grant can report is handed out, the next acquire is refused with a permanent
+/// error and changes nothing; a holder's remaining lease beyond 19 hours is
+/// reported as 19 hours. And the clock readings are the statement's: a new
+/// holding starts at the reading and ends `ttl` after it, and so does a renewal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insert_id_layout_edges_and_clock_readings() {
+    let test = "insert_id_layout_edges_and_clock_readings";
+    let table = unique("dl_layout");
+    let (b, _) = require!(test, backend(config(&table)).await);
+    let mut own = require!(test, raw_conn().await);
+    const MAX_FENCE: i64 = (1 << 39) - 1;
+    let insert = |key: &str, fence: i64, expires: &str| {
+        format!(
+            "INSERT INTO `{table}` (lock_key, token, fence, owner, acquired_at, expires_at) \
+             VALUES ('{key}', UNHEX(REPEAT('AB', 16)), {fence}, 'seeded', UTC_TIMESTAMP(6), {expires})"
+        )
+    };
+    own.query_drop(insert("edge-fence", MAX_FENCE - 1, "NULL"))
+        .await
+        .unwrap();
+    let k = key("edge-fence");
+    let token = Token::new();
+    assert_eq!(
+        fence(acquire(&b, &k, &token, LONG).await),
+        Fence::new(MAX_FENCE)
+    );
+    b.release(&k, &token, soon()).await.unwrap();
+    let before = b.inspect(&k).await.unwrap().unwrap();
+    let refused = b
+        .try_acquire(&k, &Token::new(), ttl(LONG), "next", soon())
+        .await;
+    match refused {
+        Err(e @ Error::Backend { .. }) => {
+            assert!(!e.is_transient(), "{e}");
+            assert!(e.to_string().contains("549755813887"), "{e}");
+        }
+        other => panic!("a fence past the layout must be refused, got {other:?}"),
+    }
+    assert_eq!(
+        b.inspect(&k).await.unwrap().unwrap(),
+        before,
+        "nothing changed"
+    );
+
+    own.query_drop(insert("edge-long", 1, "UTC_TIMESTAMP(6) + INTERVAL 30 DAY"))
+        .await
+        .unwrap();
+    assert_eq!(
+        remaining(acquire(&b, &key("edge-long"), &Token::new(), LONG).await),
+        Duration::from_micros((1 << 36) - 1),
+        "a remaining lease past 2^36 µs is reported as 2^36 - 1 µs"
+    );
+
+    let k = key("edge-clock");
+    let token = Token::new();
+    let lease = Duration::from_secs(20);
+    let granted = match acquire(&b, &k, &token, lease).await {
+        AcquireOutcome::Acquired { server_time, .. } => server_time,
+        other => panic!("{other:?}"),
+    };
+    let info = b.inspect(&k).await.unwrap().unwrap();
+    assert_eq!(
+        info.acquired_at, granted,
+        "a new holding starts at the reading"
+    );
+    assert_eq!(info.expires_at, Some(granted + lease));
+    let skew = granted
+        .duration_since(SystemTime::now())
+        .unwrap_or_else(|e| e.duration());
+    assert!(
+        skew < Duration::from_secs(5),
+        "the server's clock is {skew:?} off ours"
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let renewed = b.extend(&k, &token, ttl(lease), soon()).await.unwrap();
+    assert!(renewed > granted);
+    let info = b.inspect(&k).await.unwrap().unwrap();
+    assert_eq!(
+        info.expires_at,
+        Some(renewed + lease),
+        "a renewal ends ttl after its reading"
+    );
+    let batch = b
+        .extend_many(&[(k.clone(), token)], ttl(lease), soon())
+        .await
+        .unwrap();
+    let batched = *batch[0].as_ref().unwrap();
+    assert!(batched > renewed);
+    let info = b.inspect(&k).await.unwrap().unwrap();
+    assert_eq!(info.expires_at, Some(batched + lease));
+    let _ = own.disconnect().await;
     drop_table(&table).await;
 }
