@@ -1341,3 +1341,68 @@ async fn insert_id_layout_edges_and_clock_readings() {
     let _ = own.disconnect().await;
     drop_table(&table).await;
 }
+
+/// The statement texts for tools without the backend (`LockSql`, the
+/// benchmark's raw-driver baseline) work as documented: a grant is a positive
+/// insert id, a refusal a negative one, and a release reports its clock
+/// reading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_sql_runs_without_the_backend() {
+    let test = "lock_sql_runs_without_the_backend";
+    let table = unique("dl_locksql");
+    let (b, _) = require!(test, backend(config(&table)).await);
+    let sql = distrlock_mysql::LockSql::for_table(&distrlock_core::TableName::new(&table).unwrap());
+    let mut conn = require!(test, raw_conn().await);
+    let reading: Option<i64> = conn.query_first(sql.clock.as_str()).await.unwrap();
+    let clock = distrlock_core::server_clock::ServerClock::new();
+    clock.observe(tokio::time::Instant::now(), reading.unwrap());
+    let acquire = conn.prep(&sql.acquire).await.unwrap();
+    let release = conn.prep(&sql.release).await.unwrap();
+    let insert_id = async |conn: &mut distrlock_mysql::mysql_async::Conn,
+                           stmt: &distrlock_mysql::mysql_async::Statement,
+                           params| {
+        let result = conn.exec_iter(stmt, params).await.unwrap();
+        let id = result.last_insert_id().unwrap_or(0) as i64;
+        result.drop_result().await.unwrap();
+        id
+    };
+    let (k, t, other) = ("raw", Token::new(), Token::new());
+    let now = clock.bound_micros(tokio::time::Instant::now()).unwrap();
+    let params = distrlock_mysql::LockSql::acquire_params(
+        k.as_bytes(),
+        t.as_uuid().as_bytes(),
+        "raw",
+        30_000_000,
+        now,
+    );
+    assert!(insert_id(&mut conn, &acquire, params).await > 0, "granted");
+    let params = distrlock_mysql::LockSql::acquire_params(
+        k.as_bytes(),
+        other.as_uuid().as_bytes(),
+        "raw",
+        30_000_000,
+        now,
+    );
+    assert!(insert_id(&mut conn, &acquire, params).await < 0, "refused");
+    let params =
+        distrlock_mysql::LockSql::release_params(k.as_bytes(), t.as_uuid().as_bytes(), now);
+    let released = insert_id(&mut conn, &release, params).await;
+    assert!(
+        released >= now,
+        "a release reports its clock reading: {released}"
+    );
+    clock.observe(tokio::time::Instant::now(), released);
+    let params =
+        distrlock_mysql::LockSql::release_params(k.as_bytes(), t.as_uuid().as_bytes(), now);
+    assert_eq!(
+        insert_id(&mut conn, &release, params).await,
+        0,
+        "nothing to release"
+    );
+    assert_eq!(
+        b.inspect(&key(k)).await.unwrap().unwrap().state,
+        LockState::Released
+    );
+    let _ = conn.disconnect().await;
+    drop_table(&table).await;
+}
