@@ -8,10 +8,12 @@ use std::sync::Arc;
 
 use anyhow::{Context, anyhow, bail};
 use async_trait::async_trait;
+use distrlock_core::server_clock::ServerClock;
 use distrlock_core::{LockBackend, TableName, Ttl};
 use distrlock_mysql::{LockSql, MySqlBackend};
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Opts, OptsBuilder, Statement, Value};
+use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::env::{Connect, Env, Variant};
@@ -181,12 +183,21 @@ impl Env for MariaDb {
         for _ in 0..n {
             let mut conn = self.conn().await?;
             out.push(match variant {
-                Variant::Raw => Box::new(RawCycle {
-                    acquire: conn.prep(&sql.acquire).await?,
-                    release: conn.prep(&sql.release).await?,
-                    ttl_us: self.ttl_us,
-                    conn,
-                }),
+                Variant::Raw => {
+                    // The statements take an estimate of the server's clock
+                    // (their bound and the origin of the acquire's reported
+                    // offset): one reading now, and each release's after.
+                    let reading: Option<i64> = conn.query_first(sql.clock.as_str()).await?;
+                    let clock = ServerClock::new();
+                    clock.observe(Instant::now(), reading.context("no clock reading")?);
+                    Box::new(RawCycle {
+                        acquire: conn.prep(&sql.acquire).await?,
+                        release: conn.prep(&sql.release).await?,
+                        ttl_us: self.ttl_us,
+                        clock,
+                        conn,
+                    })
+                }
                 Variant::Go => Box::new(GoCycle {
                     init: conn.prep(go::mysql_init(&t)).await?,
                     acquire: conn.prep(go::mysql_acquire(&t)).await?,
@@ -243,6 +254,7 @@ struct RawCycle {
     acquire: Statement,
     release: Statement,
     ttl_us: i64,
+    clock: ServerClock,
 }
 
 async fn insert_id(conn: &mut Conn, stmt: &Statement, params: Vec<Value>) -> anyhow::Result<i64> {
@@ -255,26 +267,22 @@ async fn insert_id(conn: &mut Conn, stmt: &Statement, params: Vec<Value>) -> any
 #[async_trait]
 impl Cycle for RawCycle {
     async fn cycle(&mut self, key: &str) -> anyhow::Result<()> {
-        let (k, t) = (Value::from(key.as_bytes()), Value::from(token_bytes()));
-        let (owner, ttl) = (Value::from("distrlock-bench"), Value::from(self.ttl_us));
-        let params = vec![
-            k.clone(),
-            t.clone(),
-            owner.clone(),
-            ttl.clone(),
-            t.clone(),
-            t.clone(),
-            owner,
-            t.clone(),
-            t.clone(),
-            ttl,
-        ];
+        let (k, t) = (key.as_bytes(), token_bytes());
+        let now = self
+            .clock
+            .bound_micros(Instant::now())
+            .context("no clock reading")?;
+        let params = LockSql::acquire_params(k, &t, "distrlock-bench", self.ttl_us, now);
         if insert_id(&mut self.conn, &self.acquire, params).await? < 1 {
             bail!("raw acquire of {key} was refused");
         }
-        if insert_id(&mut self.conn, &self.release, vec![k, t]).await? < 1 {
+        let params = LockSql::release_params(k, &t, now);
+        let released = insert_id(&mut self.conn, &self.release, params).await?;
+        if released < 1 {
             bail!("raw release of {key} found nothing");
         }
+        // A release's insert id is its reading of the server's clock.
+        self.clock.observe(Instant::now(), released);
         Ok(())
     }
 }

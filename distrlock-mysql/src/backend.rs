@@ -1,11 +1,12 @@
 //! [`MySqlBackend`]: the [`LockBackend`] on MySQL and MariaDB.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use distrlock_core::server_clock::from_unix_micros;
+use distrlock_core::server_clock::{ServerClock, from_unix_micros};
 use distrlock_core::{
     AcquireOutcome, Error, Fence, LockBackend, LockInfo, LockKey, LockState, MAX_OWNER_LEN,
     ReleaseNotifier, Result, TableName, Token, Ttl,
@@ -15,17 +16,19 @@ use mysql_async::{Conn, Error as MyError, Opts, Pool, Row, Value};
 use tokio::time::Instant;
 
 use crate::config::{MySqlConfig, Settings};
-use crate::error::{
-    self, is_connection_error, is_deadlock, is_lock_wait_timeout, is_pinned_clock_refusal,
+use crate::error::{self, is_connection_error, is_deadlock, is_lock_wait_timeout};
+use crate::sql::{
+    self, AcquireAnswer, BatchAnswer, GuardedAnswer, LockWait, Refusal, Stamp, Statements, Verdict,
 };
-use crate::sql::{self, Statements};
 
 /// Locks stored as rows of one table in MySQL 5.7/8.x or MariaDB ≥ 10.5, through a
 /// [`mysql_async`] connection pool.
 ///
 /// Acquire, extend and release are each one prepared statement and one round trip
-/// (see "Statements" in the crate docs). Cloning is cheap and clones
-/// share the pool.
+/// (see "Statements" in the crate docs), which also returns the statement's
+/// reading of the server's clock; the backend's very first write reads that
+/// clock once beforehand. Cloning is cheap and clones share the pool (and the
+/// clock reading).
 ///
 /// Build one with [`connect`](Self::connect) (a URL),
 /// [`from_opts`](Self::from_opts) ([`mysql_async::Opts`]),
@@ -45,6 +48,27 @@ use crate::sql::{self, Statements};
 /// [`Error::NotHeld`]. Statements that ran into a timeout are not retried, so
 /// every call stays bounded.
 ///
+/// # No late effects
+///
+/// Acquire, extend (single and batched) and release change nothing if they
+/// would take effect after their `not_after` (contract item 8 of
+/// [`LockBackend`]), even when a network path that froze delivers the
+/// statement long after the backend gave up on it. Each attempt, the retry
+/// after a broken connection included, stops waiting shortly before
+/// `not_after` (or at the call timeout, if that comes first), and sends that
+/// instant on the server's clock as its bound, estimated from the latest
+/// reading (rounded toward earlier, [`ServerClock`]): the statement compares
+/// its own clock, as it reaches the row after any lock wait, with the bound.
+/// A statement refused that way returns a transient [`Error::Unavailable`];
+/// if the refusal came before our own clock reached `not_after`, the estimate
+/// was off (the server's clock stepped), and the call is tried once more with
+/// the reading the refusal brought. So once `not_after` has passed, a call
+/// that has not answered never will take effect. One gap: an acquire of a key
+/// *without a row* that waits for another transaction's lock on that key (an
+/// uncommitted insert of the same key that is then rolled back, or a gap lock
+/// of a range read) inserts with the values it computed before the wait, so
+/// it can land up to [`MySqlConfig::lock_wait_timeout`] after its check.
+///
 /// # Rows locked by another transaction
 ///
 /// A statement waits for a row lock held by another transaction (an
@@ -54,12 +78,23 @@ use crate::sql::{self, Statements};
 /// [`try_acquire`](LockBackend::try_acquire) answers that with
 /// [`AcquireOutcome::Held`] and no remaining lease: someone else is busy with
 /// the key, as on PostgreSQL, and a waiting acquire backs off and tries again.
-/// For [`extend`](LockBackend::extend), [`extend_many`](LockBackend::extend_many)
-/// (the whole batch) and [`release`](LockBackend::release) it is a transient
-/// [`Error::Backend`]: the lease is as it was, and the caller learns nothing
-/// about it, so neither "held" nor [`Error::NotHeld`] would be honest. The same
-/// goes for a metadata-lock wait (a DDL statement on the table), which fails
-/// with the same error.
+/// For [`extend`](LockBackend::extend) and [`release`](LockBackend::release)
+/// it is a transient [`Error::Backend`]: the lease is as it was, and the
+/// caller learns nothing about it, so neither "held" nor [`Error::NotHeld`]
+/// would be honest. The same goes for a metadata-lock wait (a DDL statement on
+/// the table), which fails with the same error.
+///
+/// [`extend_many`](LockBackend::extend_many) renews the leases of a whole
+/// manager at once, so one locked row must not cost the others: when a batch
+/// waits out one second on a lock, the backend renews it again in quarters,
+/// each without waiting on MariaDB (`SET STATEMENT innodb_lock_wait_timeout =
+/// 0`), splitting only the quarters that hit a lock, down to the leases whose
+/// rows are locked; those get the transient error, all others their answer.
+/// One locked row among 1,000 leases costs about 20 statements. MySQL has no
+/// per-statement lock wait below one second, so there each split level that
+/// hits the lock waits the session's bound, and leases still unresolved at
+/// `not_after` get a transient error (the manager tries them again soon, in a
+/// smaller batch).
 ///
 /// # A pinned session clock
 ///
@@ -96,6 +131,8 @@ struct Inner {
     settings: Settings,
     sql: Statements,
     notifier: ReleaseNotifier,
+    /// The latest reading of the server's clock, for the bounds of writes.
+    clock: ServerClock,
 }
 
 impl MySqlBackend {
@@ -152,6 +189,7 @@ impl MySqlBackend {
                 settings,
                 sql,
                 notifier: ReleaseNotifier::new(),
+                clock: ServerClock::new(),
             }),
         }
     }
@@ -164,6 +202,13 @@ impl MySqlBackend {
     /// The lock table.
     pub fn table(&self) -> &TableName {
         &self.inner.settings.table
+    }
+
+    /// A `not_after` for calls without one (inspect, list, create table): both
+    /// attempts within their connect and call timeouts.
+    fn read_deadline(&self) -> Instant {
+        let settings = &self.inner.settings;
+        Instant::now() + 2 * (settings.connect_timeout + settings.call_timeout)
     }
 
     /// The settings the backend was built with.
@@ -208,13 +253,20 @@ impl MySqlBackend {
     ///   rejects stale fences) only after the commit succeeded; if the commit's
     ///   outcome is unknown (the connection broke during `COMMIT`),
     ///   [`inspect`](LockBackend::inspect) the key first;
-    /// - the lease is counted from the statement, not from the commit;
+    /// - the lease is counted from the statement, not from the commit, and the
+    ///   clock reading it returns is the statement's;
     /// - a *refused* try also locks the holder's row until your transaction ends
     ///   (InnoDB locks the duplicate row of every `INSERT … ON DUPLICATE KEY
     ///   UPDATE`): the holder's extends wait on it and fail after their
     ///   `innodb_lock_wait_timeout`, so on `Held` roll back or commit at once;
     /// - like any statement that calls `LAST_INSERT_ID(expr)`, it sets the
     ///   session's `LAST_INSERT_ID()`: read your own generated ids before calling it.
+    ///
+    /// There is no `not_after` here: when the statement takes effect is up to
+    /// your commit. It still runs only within about 12 s of the backend's
+    /// estimate of the server's clock (see "No late effects" on the type); if the estimate
+    /// was off it retries once with a fresh one. The backend's first call of all
+    /// reads the server's clock first, on `conn`.
     ///
     /// A session whose clock is pinned (`SET @@timestamp = …`) gets
     /// [`Error::InvalidConfig`] and nothing changes (see "A pinned session
@@ -230,20 +282,29 @@ impl MySqlBackend {
         owner: &str,
     ) -> Result<AcquireOutcome> {
         let call = self.acquire_call(key, token, ttl, owner)?;
-        let reply = execute(conn, &call)
-            .await
-            .map_err(|e| self.map(e, "acquire"))?;
-        acquire_outcome(key, reply)
+        let mut refused = None;
+        for _ in 0..2 {
+            let reply = self
+                .execute_in(conn, &call)
+                .await
+                .map_err(|e| self.map(e, "acquire"))?;
+            match self.acquire_answer(key, reply)? {
+                Answered::Done(outcome) => return Ok(outcome),
+                Answered::Late(stamp, reading) => refused = Some((stamp, reading)),
+            }
+        }
+        let (stamp, reading) = refused.expect("two refusals");
+        Err(late("acquire", key, stamp, reading))
     }
 
     /// Releases `key` on `conn`: your own connection, or a transaction on it.
     ///
-    /// The same statement as [`LockBackend::release`], without retries or
-    /// client-side timeouts. Inside a transaction the release takes effect at
-    /// commit, and a rollback keeps the lease and its fence as they were (the
-    /// fence of an acquisition made in the same transaction counts only if that
-    /// transaction commits, see [`try_acquire_in`](Self::try_acquire_in)). It is
-    /// not announced on the
+    /// The same statement as [`LockBackend::release`], without retries,
+    /// client-side timeouts or a `not_after` bound. Inside a transaction the
+    /// release takes effect at commit, and a rollback keeps the lease and its
+    /// fence as they were (the fence of an acquisition made in the same
+    /// transaction counts only if that transaction commits, see
+    /// [`try_acquire_in`](Self::try_acquire_in)). It is not announced on the
     /// [`release_notifier`](LockBackend::release_notifier), since the backend
     /// cannot tell when (or whether) you commit.
     ///
@@ -259,24 +320,27 @@ impl MySqlBackend {
         token: &Token,
     ) -> Result<()> {
         let call = self.release_call(key, token);
-        let reply = execute(conn, &call)
+        let reply = self
+            .execute_in(conn, &call)
             .await
             .map_err(|e| self.map(e, "release"))?;
-        self.guarded_outcome(key, reply, "release")
+        match self.guarded_answer(key, reply, "release")? {
+            Answered::Done(_) => Ok(()),
+            // Only a bound can refuse it, and a release on your connection has none.
+            Answered::Late(stamp, reading) => Err(late("release", key, stamp, reading)),
+        }
     }
 
     /// Opens (or borrows) one connection within the connect timeout, to check
     /// that the server can be reached.
     pub(crate) async fn check_connection(&self) -> Result<()> {
-        let conn = self.checkout(false).await?;
+        let deadline = Instant::now() + self.inner.settings.connect_timeout;
+        let conn = self.checkout(false, deadline).await?;
         drop(conn);
         Ok(())
     }
 
     fn map(&self, error: MyError, what: &str) -> Error {
-        if is_pinned_clock_refusal(&error) {
-            return self.pinned_clock(what);
-        }
         error::map(error, &self.inner.settings.table, what)
     }
 
@@ -284,12 +348,84 @@ impl MySqlBackend {
         error::pinned_clock(what, self.inner.settings.clock_tolerance)
     }
 
-    /// Reads the answer of extend or release (see [`guarded_outcome`]).
-    fn guarded_outcome(&self, key: &LockKey, reply: Reply, what: &str) -> Result<()> {
-        match guarded_outcome(key, reply, what)? {
-            Guarded::Matched => Ok(()),
-            Guarded::NotHeld => Err(Error::NotHeld { key: key.clone() }),
-            Guarded::PinnedClock => Err(self.pinned_clock(what)),
+    /// Reads the acquire statement's answer (see `sql` for the encoding), and
+    /// observes its clock reading.
+    fn acquire_answer(&self, key: &LockKey, reply: Reply) -> Result<Answered<AcquireOutcome>> {
+        let (affected, id, stamp, arrived) = reply.written("acquire")?;
+        let answer = sql::decode_acquire(affected, id, stamp.reference)
+            .ok_or_else(|| unexpected("acquire", key, affected, id))?;
+        match answer {
+            AcquireAnswer::Granted { fence, reading } => {
+                self.inner.clock.observe(arrived, reading);
+                Ok(Answered::Done(AcquireOutcome::Acquired {
+                    fence: Fence::new(fence),
+                    server_time: from_unix_micros(reading),
+                }))
+            }
+            AcquireAnswer::Held {
+                remaining_us,
+                reading,
+            } => {
+                self.inner.clock.observe(arrived, reading);
+                Ok(Answered::Done(AcquireOutcome::Held {
+                    remaining: Some(Duration::from_micros(remaining_us.unsigned_abs())),
+                }))
+            }
+            AcquireAnswer::Refused(refusal) => {
+                self.refused(key, refusal, stamp, arrived, "acquire")
+            }
+        }
+    }
+
+    /// Reads the answer of extend or release (see `sql`), and observes its
+    /// clock reading.
+    fn guarded_answer(
+        &self,
+        key: &LockKey,
+        reply: Reply,
+        what: &str,
+    ) -> Result<Answered<SystemTime>> {
+        let (affected, id, stamp, arrived) = reply.written(what)?;
+        let answer =
+            sql::decode_guarded(affected, id).ok_or_else(|| unexpected(what, key, affected, id))?;
+        match answer {
+            GuardedAnswer::Matched { reading } => {
+                self.inner.clock.observe(arrived, reading);
+                Ok(Answered::Done(from_unix_micros(reading)))
+            }
+            GuardedAnswer::NotHeld => Err(Error::NotHeld { key: key.clone() }),
+            GuardedAnswer::Refused(refusal) => self.refused(key, refusal, stamp, arrived, what),
+        }
+    }
+
+    /// A refusal: a late one is for the caller to retry or report; the others
+    /// are errors.
+    fn refused<T>(
+        &self,
+        key: &LockKey,
+        refusal: Refusal,
+        stamp: Stamp,
+        arrived: Instant,
+        what: &str,
+    ) -> Result<Answered<T>> {
+        match refusal {
+            Refusal::Clock { reading } => {
+                self.inner.clock.observe(arrived, reading);
+                Ok(Answered::Late(stamp, reading))
+            }
+            // A pinned clock's reading says nothing about the server's clock.
+            Refusal::Pinned { .. } => Err(self.pinned_clock(what)),
+            Refusal::FenceExhausted { reading } => {
+                self.inner.clock.observe(arrived, reading);
+                Err(Error::permanent(
+                    format!(
+                        "{what} of {key} refused: its next fence would exceed {}, the largest \
+                         this backend can report; nothing was changed",
+                        sql::MAX_FENCE
+                    ),
+                    std::io::Error::other("fence space exhausted"),
+                ))
+            }
         }
     }
 
@@ -316,41 +452,100 @@ impl MySqlBackend {
         );
         Ok(Call::Write {
             sql: &self.inner.sql.acquire,
-            // The order of the placeholders in `sql::acquire`.
-            params: vec![
-                key,
-                token.clone(),
-                owner.clone(),
-                ttl.clone(),
-                token.clone(),
-                token.clone(),
-                owner,
-                token.clone(),
-                token,
-                ttl,
-            ],
+            params: Box::new(move |stamp| {
+                sql::acquire_params(
+                    key.clone(),
+                    token.clone(),
+                    owner.clone(),
+                    ttl.clone(),
+                    stamp,
+                )
+            }),
+            window: true,
         })
     }
 
-    fn release_call(&self, key: &LockKey, token: &Token) -> Call<'_> {
+    fn extend_call(&self, key: &LockKey, token: &Token, ttl: Ttl) -> Call<'_> {
+        let (key, token, ttl) = (
+            key_value(key),
+            token_value(token),
+            Value::from(ttl.as_micros()),
+        );
         Call::Write {
-            sql: &self.inner.sql.release,
-            params: vec![key_value(key), token_value(token)],
+            sql: &self.inner.sql.extend,
+            params: Box::new(move |stamp| {
+                sql::extend_params(ttl.clone(), key.clone(), token.clone(), stamp)
+            }),
+            window: false,
         }
     }
 
+    fn release_call(&self, key: &LockKey, token: &Token) -> Call<'_> {
+        let (key, token) = (key_value(key), token_value(token));
+        Call::Write {
+            sql: &self.inner.sql.release,
+            params: Box::new(move |stamp| sql::release_params(key.clone(), token.clone(), stamp)),
+            window: false,
+        }
+    }
+
+    /// The clock parameters of a write sent now that may take effect until
+    /// `deadline` (`None`: whenever), within the offset window when `window`
+    /// (see `sql`); `None` before any reading of the server's clock.
+    fn stamp(&self, deadline: Option<Instant>, window: bool) -> Option<Stamp> {
+        let clock = &self.inner.clock;
+        let estimate = clock.bound_micros(Instant::now())?;
+        let bound = match deadline {
+            Some(deadline) => clock.bound_micros(deadline)?,
+            None => i64::MAX,
+        };
+        Some(Stamp::new(estimate, bound, window))
+    }
+
+    /// Reads the server's clock on `conn` if the backend has no reading yet
+    /// (once per backend: afterwards every write's answer carries one).
+    async fn ensure_clock<Q: Queryable>(&self, conn: &mut Q) -> mysql_async::Result<()> {
+        if self.inner.clock.is_known() {
+            return Ok(());
+        }
+        let reading: Option<i64> = conn.query_first(sql::CLOCK).await?;
+        if let Some(reading) = reading {
+            self.inner.clock.observe(Instant::now(), reading);
+        }
+        Ok(())
+    }
+
+    /// Runs `call` on the caller's connection, without timeouts or a bound.
+    async fn execute_in<Q: Queryable>(
+        &self,
+        conn: &mut Q,
+        call: &Call<'_>,
+    ) -> mysql_async::Result<Reply> {
+        if matches!(call, Call::Write { .. }) {
+            self.ensure_clock(conn).await?;
+        }
+        let window = matches!(call, Call::Write { window: true, .. });
+        execute(conn, call, self.stamp(None, window)).await
+    }
+
     /// Runs `call` on a pooled connection, retrying once after a broken
-    /// connection or a deadlock (see the type's docs).
-    async fn run(&self, what: &'static str, call: &Call<'_>) -> Result<Ran> {
-        self.run_unmapped(what, call)
+    /// connection or a deadlock (see the type's docs), each attempt ending by
+    /// `not_after` (see "No late effects").
+    async fn run(&self, what: &'static str, call: &Call<'_>, not_after: Instant) -> Result<Ran> {
+        self.run_unmapped(what, call, not_after)
             .await
             .map_err(|failed| failed.into_error(self, what))
     }
 
     /// [`run`](Self::run), leaving the last failure unmapped for callers that
     /// read some server errors as an answer.
-    async fn run_unmapped(&self, what: &'static str, call: &Call<'_>) -> Result<Ran, Failed> {
-        match self.attempt(call, false).await {
+    async fn run_unmapped(
+        &self,
+        what: &'static str,
+        call: &Call<'_>,
+        not_after: Instant,
+    ) -> Result<Ran, Failed> {
+        match self.attempt(call, false, not_after).await {
             Ok(reply) => Ok(Ran {
                 reply,
                 retried_after: None,
@@ -358,7 +553,7 @@ impl MySqlBackend {
             Err(Failed::Statement(e)) if is_connection_error(&e) || is_deadlock(&e) => {
                 let first = self.map(e, what);
                 tracing::debug!(table = %self.table(), %first, "{what} failed; retrying once on a verified connection");
-                self.attempt(call, true).await.map(|reply| Ran {
+                self.attempt(call, true, not_after).await.map(|reply| Ran {
                     reply,
                     retried_after: Some(first),
                 })
@@ -367,10 +562,35 @@ impl MySqlBackend {
         }
     }
 
-    async fn attempt(&self, call: &Call<'_>, verify: bool) -> Result<Reply, Failed> {
-        let mut conn = self.checkout(verify).await.map_err(Failed::Checkout)?;
-        let timeout = self.inner.settings.call_timeout;
-        match tokio::time::timeout(timeout, execute(&mut conn, call)).await {
+    /// One attempt of `call`: a connection within the connect timeout, then the
+    /// statement within the call timeout, both ending before `not_after`. A
+    /// write carries the bound of the instant this attempt stops waiting, so it
+    /// can never take effect after it.
+    async fn attempt(
+        &self,
+        call: &Call<'_>,
+        verify: bool,
+        not_after: Instant,
+    ) -> Result<Reply, Failed> {
+        let settings = &self.inner.settings;
+        // Answer a little before `not_after`, so that a caller who stops
+        // waiting then still gets this answer rather than dropping the call.
+        let stop = not_after.checked_sub(ANSWER_RESERVE).unwrap_or(not_after);
+        let started = Instant::now();
+        let mut conn = self
+            .checkout(verify, stop.min(started + settings.connect_timeout))
+            .await
+            .map_err(Failed::Checkout)?;
+        let deadline = stop.min(Instant::now() + settings.call_timeout);
+        let work = async {
+            if let Call::Write { window, .. } = call {
+                self.ensure_clock(&mut conn).await?;
+                let stamp = self.stamp(Some(deadline), *window);
+                return execute(&mut conn, call, stamp).await;
+            }
+            execute(&mut conn, call, None).await
+        };
+        match tokio::time::timeout_at(deadline, work).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(e)) => {
                 // The driver already drops connections after I/O errors; a server
@@ -383,22 +603,22 @@ impl MySqlBackend {
             Err(_) => {
                 // The answer may still come: this connection can never be reused.
                 discard(conn);
-                Err(Failed::TimedOut(timeout))
+                Err(Failed::TimedOut(started.elapsed()))
             }
         }
     }
 
-    /// A connection from the pool within the connect timeout. With `verify`,
-    /// each one must answer a ping first; dead ones (as after the server killed
-    /// the pool's sessions) are discarded, at most the pool's size of them.
-    async fn checkout(&self, verify: bool) -> Result<Conn> {
-        let settings = &self.inner.settings;
-        let deadline = Instant::now() + settings.connect_timeout;
+    /// A connection from the pool by `deadline`. With `verify`, each one must
+    /// answer a ping first; dead ones (as after the server killed the pool's
+    /// sessions) are discarded, at most the pool's size of them.
+    async fn checkout(&self, verify: bool, deadline: Instant) -> Result<Conn> {
+        let started = Instant::now();
         let timed_out = || {
             Error::unavailable(
                 format!(
-                    "no connection to the MySQL server within the connect timeout ({:?})",
-                    settings.connect_timeout
+                    "no connection to the MySQL server within {:?} (connect timeout {:?})",
+                    started.elapsed(),
+                    self.inner.settings.connect_timeout
                 ),
                 None,
             )
@@ -432,12 +652,335 @@ impl MySqlBackend {
             }
         }
     }
+
+    /// Runs one write that its answer may refuse on the server's clock: if the
+    /// server says the statement ran past its bound while our clock has not
+    /// reached `not_after`, the estimate of the server's clock was off (the
+    /// clock stepped forward, or drifted past the rate allowance); the refusal
+    /// brought a new reading, so try once more with it. A refusal at or after
+    /// `not_after` is the late statement item 8 is about: a transient error.
+    async fn write_in_time<T>(
+        &self,
+        what: &'static str,
+        key: &LockKey,
+        call: &Call<'_>,
+        not_after: Instant,
+        read: impl Fn(&Self, Ran) -> Result<Answered<T>>,
+    ) -> Result<T> {
+        let mut refused = None;
+        for _ in 0..2 {
+            if refused.is_some() && Instant::now() >= not_after {
+                break;
+            }
+            let ran = self.run(what, call, not_after).await?;
+            match read(self, ran)? {
+                Answered::Done(value) => return Ok(value),
+                Answered::Late(stamp, reading) => refused = Some((stamp, reading)),
+            }
+        }
+        let (stamp, reading) = refused.expect("a refusal");
+        Err(late(what, key, stamp, reading))
+    }
+
+    /// Renews `distinct` leases in batches (see "Batch renewal" in `sql`), and
+    /// answers each one.
+    async fn renew_batches(
+        &self,
+        distinct: &[&(LockKey, Token)],
+        ttl: Ttl,
+        not_after: Instant,
+    ) -> Result<Vec<Result<SystemTime>>> {
+        let stop = not_after.checked_sub(ANSWER_RESERVE).unwrap_or(not_after);
+        let values: Vec<(Value, Value)> = distinct
+            .iter()
+            .map(|(key, token)| (key_value(key), token_value(token)))
+            .collect();
+        let mut answers: Vec<Option<Result<SystemTime>>> =
+            (0..distinct.len()).map(|_| None).collect();
+        let mut work: Vec<Part> = (0..distinct.len())
+            .collect::<Vec<_>>()
+            .chunks(sql::EXTEND_MANY_SLOTS)
+            .rev()
+            .map(|chunk| Part {
+                leases: chunk.to_vec(),
+                wait: LockWait::Short,
+                clock_retried: false,
+            })
+            .collect();
+        // Leases whose batch did not report them all renewed, with its reading.
+        let mut to_verify: Vec<(usize, i64)> = Vec::new();
+        let mut learned = false;
+        let ttl_us = ttl.as_micros();
+        while let Some(part) = work.pop() {
+            if Instant::now() >= stop {
+                let error = no_time("extend", part.leases.len());
+                fill(&mut answers, &part.leases, &error);
+                continue;
+            }
+            let slots = part.leases.len().next_power_of_two();
+            let sql = sql::extend_many(
+                &self.inner.sql.table,
+                slots,
+                &self.inner.sql.real_clock,
+                part.wait,
+            );
+            let leases: Vec<(Value, Value)> =
+                part.leases.iter().map(|&i| values[i].clone()).collect();
+            let call = Call::Write {
+                sql: &sql,
+                params: Box::new(move |stamp| {
+                    sql::extend_many_params(Value::from(ttl_us), &leases, slots, stamp)
+                }),
+                window: false,
+            };
+            let ran = match self.run_unmapped("extend", &call, not_after).await {
+                Ok(ran) => ran,
+                // Another transaction holds one of these rows: nothing was
+                // renewed. Renew the batch in quarters, without waiting (on
+                // MariaDB), down to the leases whose rows are locked.
+                Err(Failed::Statement(e)) if is_lock_wait_timeout(&e) => {
+                    learned = true;
+                    if let [lease] = part.leases[..] {
+                        answers[lease] = Some(Err(self.map(e, "extend")));
+                    } else {
+                        let quarter = part.leases.len().div_ceil(4);
+                        for leases in part.leases.chunks(quarter).rev() {
+                            work.push(Part {
+                                leases: leases.to_vec(),
+                                wait: LockWait::None,
+                                clock_retried: part.clock_retried,
+                            });
+                        }
+                    }
+                    continue;
+                }
+                Err(failed) => {
+                    let error = failed.into_error(self, "extend");
+                    if !learned {
+                        // Nothing is known about any lease yet.
+                        return Err(error);
+                    }
+                    fill(&mut answers, &part.leases, &error);
+                    continue;
+                }
+            };
+            let (affected, id, stamp, arrived) = ran.reply.written("extend")?;
+            let n = part.leases.len();
+            let answer = sql::decode_batch(affected, id, n)
+                .ok_or_else(|| unexpected("extend", &distinct[part.leases[0]].0, affected, id))?;
+            learned = true;
+            match answer {
+                BatchAnswer::Renewed { reading, affected } => {
+                    self.inner.clock.observe(arrived, reading);
+                    if affected == n as u64 {
+                        for &i in &part.leases {
+                            answers[i] = Some(Ok(from_unix_micros(reading)));
+                        }
+                    } else {
+                        to_verify.extend(part.leases.iter().map(|&i| (i, reading)));
+                    }
+                }
+                BatchAnswer::NoneHeld => {
+                    for &i in &part.leases {
+                        answers[i] = Some(Err(Error::NotHeld {
+                            key: distinct[i].0.clone(),
+                        }));
+                    }
+                }
+                // A pinned session clock: a property of the session, not of a
+                // lease, so the whole call fails.
+                BatchAnswer::Refused {
+                    refusal: Refusal::Pinned { .. },
+                    ..
+                } => return Err(self.pinned_clock("extend")),
+                BatchAnswer::Refused {
+                    refusal: Refusal::Clock { reading },
+                    affected,
+                } => {
+                    self.inner.clock.observe(arrived, reading);
+                    if affected > 0 {
+                        // Some renewed before the bound passed: read them back.
+                        to_verify.extend(part.leases.iter().map(|&i| (i, reading)));
+                    } else if !part.clock_retried && Instant::now() < not_after {
+                        // The estimate was off (see `write_in_time`): once more.
+                        work.push(Part {
+                            clock_retried: true,
+                            ..part
+                        });
+                    } else {
+                        let error = late("extend", &distinct[part.leases[0]].0, stamp, reading);
+                        fill(&mut answers, &part.leases, &error);
+                    }
+                }
+                BatchAnswer::Refused {
+                    refusal: Refusal::FenceExhausted { .. },
+                    ..
+                } => {
+                    return Err(unexpected(
+                        "extend",
+                        &distinct[part.leases[0]].0,
+                        affected,
+                        id,
+                    ));
+                }
+            }
+        }
+        for group in to_verify.chunks(sql::EXTEND_MANY_SLOTS) {
+            self.verify(distinct, group, ttl_us, not_after, &mut answers)
+                .await;
+        }
+        Ok(answers
+            .into_iter()
+            .map(|answer| answer.expect("every lease is answered"))
+            .collect())
+    }
+
+    /// Reads back the rows of leases that a batch did not report all renewed
+    /// (`group`: each lease with its batch's reading) and answers each from
+    /// what its row shows ([`sql::verdict`]); a lease that cannot be read back
+    /// in time gets a transient error.
+    async fn verify(
+        &self,
+        distinct: &[&(LockKey, Token)],
+        group: &[(usize, i64)],
+        ttl_us: i64,
+        not_after: Instant,
+        answers: &mut [Option<Result<SystemTime>>],
+    ) {
+        let slots = group.len().next_power_of_two();
+        let sql = sql::verify(&self.inner.sql.table, slots);
+        let last = group[group.len() - 1].0;
+        let params = group
+            .iter()
+            .map(|&(i, _)| i)
+            .chain(std::iter::repeat(last))
+            .take(slots)
+            .map(|i| key_value(&distinct[i].0))
+            .collect();
+        let call = Call::Read { sql: &sql, params };
+        let rows = match self.run("extend", &call, not_after).await {
+            Ok(ran) => ran.reply.rows("extend"),
+            Err(error) => Err(error),
+        };
+        let rows: Vec<(Vec<u8>, Vec<u8>, Option<i64>)> = match rows.and_then(|rows| {
+            rows.into_iter()
+                .map(|row| {
+                    mysql_async::from_row_opt(row)
+                        .map_err(|e| corrupt(self.table(), &e.to_string()))
+                })
+                .collect()
+        }) {
+            Ok(rows) => rows,
+            Err(error) => {
+                let leases: Vec<usize> = group.iter().map(|&(i, _)| i).collect();
+                fill(answers, &leases, &error);
+                return;
+            }
+        };
+        let by_key: HashMap<&[u8], (&[u8], Option<i64>)> = rows
+            .iter()
+            .map(|(key, token, expires)| (key.as_slice(), (token.as_slice(), *expires)))
+            .collect();
+        for &(i, reading) in group {
+            let (key, token) = distinct[i];
+            let row = by_key.get(key.as_str().as_bytes()).copied();
+            answers[i] = Some(
+                match sql::verdict(row, token.as_uuid().as_bytes(), reading, ttl_us) {
+                    Verdict::Renewed => Ok(from_unix_micros(reading)),
+                    Verdict::NotHeld => Err(Error::NotHeld { key: key.clone() }),
+                    Verdict::Unknown => Err(Error::unavailable(
+                        format!(
+                            "extend of {key}: the batch did not renew it although it was live, \
+                             and it has changed since (refused as late, or renewed by another \
+                             call); its outcome is unknown"
+                        ),
+                        None,
+                    )),
+                },
+            );
+        }
+    }
 }
+
+/// How long before a call's `not_after` the backend stops waiting, so that its
+/// answer (with whatever results arrived) reaches a caller who stops waiting at
+/// `not_after`.
+const ANSWER_RESERVE: Duration = Duration::from_millis(2);
+
+/// What a write's answer comes to: done, or refused because it ran past its
+/// bound (or outside the offset window), with the stamp it ran with and its
+/// reading.
+enum Answered<T> {
+    Done(T),
+    Late(Stamp, i64),
+}
+
+/// The transient error of a write that the server refused on its clock.
+fn late(what: &str, key: &LockKey, stamp: Stamp, reading: i64) -> Error {
+    Error::unavailable(
+        format!(
+            "{what} of {key} refused by the server: it ran at {reading} µs on the server's clock, \
+             outside [{}, {}], the window of the call's not_after on this backend's estimate of \
+             that clock (the statement arrived late, or the server's clock stepped); nothing was \
+             changed",
+            stamp.reference, stamp.bound
+        ),
+        None,
+    )
+}
+
+/// The error of leases that no statement could be sent for before `not_after`.
+fn no_time(what: &str, leases: usize) -> Error {
+    Error::unavailable(
+        format!("{what}: no time left before the call's not_after for {leases} lease(s)"),
+        None,
+    )
+}
+
+/// Gives each of `leases` (that has no answer yet) a copy of `error`.
+fn fill(answers: &mut [Option<Result<SystemTime>>], leases: &[usize], error: &Error) {
+    for &i in leases {
+        if answers[i].is_none() {
+            answers[i] = Some(Err(copy_error(error)));
+        }
+    }
+}
+
+/// An error with the same kind and text as `error`, for one more lease of a
+/// batch (errors are not `Clone`; the source stays with the first).
+fn copy_error(error: &Error) -> Error {
+    match error {
+        Error::NotHeld { key } => Error::NotHeld { key: key.clone() },
+        Error::Unavailable { message, .. } => Error::unavailable(message.clone(), None),
+        other => Error::Backend {
+            message: other.to_string(),
+            transient: other.is_transient(),
+            source: None,
+        },
+    }
+}
+
+/// A part of a batch renewal still to send.
+struct Part {
+    /// Indices into the distinct leases.
+    leases: Vec<usize>,
+    wait: LockWait,
+    /// Whether this part was already sent again after a clock refusal.
+    clock_retried: bool,
+}
+
+/// The parameters of a write, built for each attempt from its clock stamp.
+type Params<'a> = Box<dyn Fn(Stamp) -> Vec<Value> + Send + Sync + 'a>;
 
 /// One statement and its parameters, kept so that it can run again.
 enum Call<'a> {
-    /// An `INSERT`/`UPDATE` whose OK packet is the answer.
-    Write { sql: &'a str, params: Vec<Value> },
+    /// An `INSERT`/`UPDATE` whose OK packet is the answer; `window`: its stamp's
+    /// bound stays within the offset window of its reference (the acquire).
+    Write {
+        sql: &'a str,
+        params: Params<'a>,
+        window: bool,
+    },
     /// A `SELECT`.
     Read { sql: &'a str, params: Vec<Value> },
     /// DDL, sent as text (it is run once, so preparing it would only cost).
@@ -445,10 +988,13 @@ enum Call<'a> {
 }
 
 enum Reply {
-    /// Affected rows and the insert id, as a signed number (see `sql`).
+    /// Affected rows and the insert id, as a signed number (see `sql`), of a
+    /// write run with `stamp`, whose answer arrived at `arrived`.
     Written {
         affected: u64,
         id: i64,
+        stamp: Stamp,
+        arrived: Instant,
     },
     Rows(Vec<Row>),
     Done,
@@ -480,17 +1026,31 @@ impl Failed {
 }
 
 /// Runs one call: prepared (cached per connection by the driver) for reads and
-/// writes, so each is one round trip once the connection has prepared it.
-async fn execute<Q: Queryable>(conn: &mut Q, call: &Call<'_>) -> mysql_async::Result<Reply> {
+/// writes, so each is one round trip once the connection has prepared it. A
+/// write needs its `stamp`.
+async fn execute<Q: Queryable>(
+    conn: &mut Q,
+    call: &Call<'_>,
+    stamp: Option<Stamp>,
+) -> mysql_async::Result<Reply> {
     match call {
-        Call::Write { sql, params } => {
-            let result = conn.exec_iter(*sql, params.clone()).await?;
+        Call::Write { sql, params, .. } => {
+            let stamp = stamp.ok_or_else(|| {
+                MyError::Other("no reading of the server's clock to bound the statement".into())
+            })?;
+            let result = conn.exec_iter(*sql, params(stamp)).await?;
+            let arrived = Instant::now();
             let affected = result.affected_rows();
             // The server sends the insert id as an unsigned 64-bit number; our
             // statements put signed values in it (see `sql`).
             let id = result.last_insert_id().unwrap_or(0) as i64;
             result.drop_result().await?;
-            Ok(Reply::Written { affected, id })
+            Ok(Reply::Written {
+                affected,
+                id,
+                stamp,
+                arrived,
+            })
         }
         Call::Read { sql, params } => {
             let rows = conn.exec(*sql, params.clone()).await?;
@@ -530,56 +1090,17 @@ fn unexpected(what: &str, key: &LockKey, affected: u64, id: i64) -> Error {
     )
 }
 
-/// Reads the acquire statement's answer (see `sql` for the encoding).
-fn acquire_outcome(key: &LockKey, reply: Reply) -> Result<AcquireOutcome> {
-    let (affected, id) = reply.written("acquire")?;
-    match id {
-        // 1: inserted; 2: taken over or renewed; 0: renewed to the same expiry.
-        1.. if affected <= 2 => Ok(AcquireOutcome::Acquired {
-            fence: Fence::new(id),
-            // Not yet the statement's own reading: this process's clock, for now.
-            server_time: SystemTime::now(),
-        }),
-        // 0 without found-rows, 1 with it.
-        ..=-2 if affected <= 1 => {
-            let micros = u64::try_from(-1 - i128::from(id)).unwrap_or(u64::MAX);
-            Ok(AcquireOutcome::Held {
-                remaining: Some(Duration::from_micros(micros)),
-            })
-        }
-        _ => Err(unexpected("acquire", key, affected, id)),
-    }
-}
-
-/// What extend or release found (see `sql` for the encoding).
-#[derive(Debug, PartialEq, Eq)]
-enum Guarded {
-    /// The token's live lease: extended or released.
-    Matched,
-    /// No live lease of the token; nothing changed.
-    NotHeld,
-    /// The session's clock is pinned; nothing changed.
-    PinnedClock,
-}
-
-/// Reads the answer of extend or release: the fence when the token's live lease
-/// matched, 0 when nothing did, −1 when the session's clock is pinned.
-fn guarded_outcome(key: &LockKey, reply: Reply, what: &str) -> Result<Guarded> {
-    let (affected, id) = reply.written(what)?;
-    match id {
-        1.. if affected <= 1 => Ok(Guarded::Matched),
-        0 if affected == 0 => Ok(Guarded::NotHeld),
-        -1 if affected == 0 => Ok(Guarded::PinnedClock),
-        _ => Err(unexpected(what, key, affected, id)),
-    }
-}
-
 impl Reply {
     /// The OK packet of a write. `execute` answers every write call with one;
     /// anything else is reported as an error rather than trusted.
-    fn written(self, what: &str) -> Result<(u64, i64)> {
+    fn written(self, what: &str) -> Result<(u64, i64, Stamp, Instant)> {
         match self {
-            Reply::Written { affected, id } => Ok((affected, id)),
+            Reply::Written {
+                affected,
+                id,
+                stamp,
+                arrived,
+            } => Ok((affected, id, stamp, arrived)),
             _ => Err(mismatched(what)),
         }
     }
@@ -600,15 +1121,17 @@ fn mismatched(what: &str) -> Error {
     )
 }
 
+fn corrupt(table: &TableName, reason: &str) -> Error {
+    Error::permanent(
+        format!("lock table {table} holds a row this backend cannot read: {reason}"),
+        std::io::Error::other("unreadable row"),
+    )
+}
+
 type InfoRow = (Vec<u8>, String, i64, i64, Option<i64>, Option<i64>);
 
 fn lock_info(row: Row, table: &TableName) -> Result<LockInfo> {
-    let corrupt = |reason: String| {
-        Error::permanent(
-            format!("lock table {table} holds a row this backend cannot read: {reason}"),
-            std::io::Error::other("unreadable row"),
-        )
-    };
+    let corrupt = |reason: String| corrupt(table, &reason);
     let (key, owner, fence, acquired, expires, remaining): InfoRow =
         mysql_async::from_row_opt(row).map_err(|e| corrupt(e.to_string()))?;
     let key = String::from_utf8(key).map_err(|_| corrupt("a key is not UTF-8".into()))?;
@@ -634,26 +1157,42 @@ fn lock_info(row: Row, table: &TableName) -> Result<LockInfo> {
 
 #[async_trait]
 impl LockBackend for MySqlBackend {
+    /// One statement (two, if the server refuses the first on its clock while
+    /// ours has not reached `not_after`, see "No late effects"), each retried
+    /// once after a broken connection; every attempt carries the bound of
+    /// `not_after` (or earlier), so none can take effect after it.
     async fn try_acquire(
         &self,
         key: &LockKey,
         token: &Token,
         ttl: Ttl,
         owner: &str,
-        _not_after: Instant,
+        not_after: Instant,
     ) -> Result<AcquireOutcome> {
         let call = self.acquire_call(key, token, ttl, owner)?;
-        match self.run_unmapped("acquire", &call).await {
-            Ok(ran) => acquire_outcome(key, ran.reply),
-            // Waited out the row-lock bound on a row another transaction holds
-            // (an uncommitted acquire, a `SELECT … FOR UPDATE`): the statement was
-            // rolled back, so nothing changed, and someone else is busy with the
-            // key. The same answer as PostgreSQL's for its `lock_timeout`.
-            Err(Failed::Statement(e)) if is_lock_wait_timeout(&e) => {
-                Ok(AcquireOutcome::Held { remaining: None })
+        let mut refused = None;
+        for _ in 0..2 {
+            if refused.is_some() && Instant::now() >= not_after {
+                break;
             }
-            Err(failed) => Err(failed.into_error(self, "acquire")),
+            match self.run_unmapped("acquire", &call, not_after).await {
+                Ok(ran) => match self.acquire_answer(key, ran.reply)? {
+                    Answered::Done(outcome) => return Ok(outcome),
+                    Answered::Late(stamp, reading) => refused = Some((stamp, reading)),
+                },
+                // Waited out the row-lock bound on a row another transaction holds
+                // (an uncommitted acquire, a `SELECT … FOR UPDATE`): the statement
+                // was rolled back, so nothing changed, and someone else is busy
+                // with the key. The same answer as PostgreSQL's for its
+                // `lock_timeout`.
+                Err(Failed::Statement(e)) if is_lock_wait_timeout(&e) => {
+                    return Ok(AcquireOutcome::Held { remaining: None });
+                }
+                Err(failed) => return Err(failed.into_error(self, "acquire")),
+            }
         }
+        let (stamp, reading) = refused.expect("a refusal");
+        Err(late("acquire", key, stamp, reading))
     }
 
     async fn extend(
@@ -661,90 +1200,80 @@ impl LockBackend for MySqlBackend {
         key: &LockKey,
         token: &Token,
         ttl: Ttl,
-        _not_after: Instant,
+        not_after: Instant,
     ) -> Result<SystemTime> {
-        let call = Call::Write {
-            sql: &self.inner.sql.extend,
-            params: vec![
-                Value::from(ttl.as_micros()),
-                key_value(key),
-                token_value(token),
-            ],
-        };
-        let ran = self.run("extend", &call).await?;
-        self.guarded_outcome(key, ran.reply, "extend")?;
-        // Not yet the statement's own reading: this process's clock, for now.
-        Ok(SystemTime::now())
+        let call = self.extend_call(key, token, ttl);
+        self.write_in_time("extend", key, &call, not_after, |b, ran| {
+            b.guarded_answer(key, ran.reply, "extend")
+        })
+        .await
     }
 
     /// One `UPDATE` per 1,024 distinct leases when every lease is renewed (the
-    /// usual case); when the affected-rows count shows that some were not, each
-    /// lease of the batch is asked again with [`extend`](LockBackend::extend),
-    /// which renews the live ones once more and reports the others as not held.
+    /// usual case); when the affected-rows count shows that some were not, one
+    /// `SELECT` reads that batch's rows back and answers each lease. A row
+    /// locked by another transaction costs that lease only (see "Rows locked by
+    /// another transaction" on the type). Every statement ends before
+    /// `not_after`, and leases it leaves unanswered get a transient error.
     async fn extend_many(
         &self,
         leases: &[(LockKey, Token)],
         ttl: Ttl,
         not_after: Instant,
     ) -> Result<Vec<Result<SystemTime>>> {
-        let mut seen = std::collections::HashSet::with_capacity(leases.len());
-        let distinct: Vec<&(LockKey, Token)> =
-            leases.iter().filter(|lease| seen.insert(*lease)).collect();
-        let table = self.table().quoted('`');
-        let mut all_renewed = true;
-        for chunk in distinct.chunks(sql::EXTEND_MANY_SLOTS) {
-            let slots = chunk.len().next_power_of_two();
-            let padded = || {
-                chunk
-                    .iter()
-                    .chain(std::iter::repeat(&chunk[chunk.len() - 1]))
-            };
-            let mut params = Vec::with_capacity(1 + 3 * slots);
-            params.push(Value::from(ttl.as_micros()));
-            params.extend(padded().take(slots).map(|(key, _)| key_value(key)));
-            for (key, token) in padded().take(slots) {
-                params.push(key_value(key));
-                params.push(token_value(token));
-            }
-            let sql = sql::extend_many(&table, slots, &self.inner.sql.real_clock);
-            let ran = self
-                .run("extend", &Call::Write { sql: &sql, params })
-                .await?;
-            let (affected, id) = ran.reply.written("extend")?;
-            if id == -1 {
-                // A pinned session clock: a property of the session, not of a
-                // lease, so the whole call fails.
-                return Err(self.pinned_clock("extend"));
-            }
-            all_renewed &= affected == chunk.len() as u64;
+        let mut position: HashMap<&(LockKey, Token), usize> = HashMap::with_capacity(leases.len());
+        let mut distinct: Vec<&(LockKey, Token)> = Vec::with_capacity(leases.len());
+        let slots: Vec<usize> = leases
+            .iter()
+            .map(|lease| {
+                *position.entry(lease).or_insert_with(|| {
+                    distinct.push(lease);
+                    distinct.len() - 1
+                })
+            })
+            .collect();
+        if distinct.is_empty() {
+            return Ok(Vec::new());
         }
-        if all_renewed {
-            let now = SystemTime::now();
-            return Ok(leases.iter().map(|_| Ok(now)).collect());
-        }
-        let mut results = Vec::with_capacity(leases.len());
-        for (key, token) in leases {
-            results.push(self.extend(key, token, ttl, not_after).await);
+        let mut answers: Vec<Option<Result<SystemTime>>> = self
+            .renew_batches(&distinct, ttl, not_after)
+            .await?
+            .into_iter()
+            .map(Some)
+            .collect();
+        // An entry that appears twice gets the same answer in both positions.
+        let mut results = Vec::with_capacity(slots.len());
+        for i in slots {
+            let answer = answers[i].take().expect("every lease is answered");
+            answers[i] = Some(match &answer {
+                Ok(at) => Ok(*at),
+                Err(e) => Err(copy_error(e)),
+            });
+            results.push(answer);
         }
         Ok(results)
     }
 
-    async fn release(&self, key: &LockKey, token: &Token, _not_after: Instant) -> Result<()> {
+    async fn release(&self, key: &LockKey, token: &Token, not_after: Instant) -> Result<()> {
         let call = self.release_call(key, token);
-        let ran = self.run("release", &call).await?;
-        match (
-            self.guarded_outcome(key, ran.reply, "release"),
-            ran.retried_after,
-        ) {
-            (Ok(()), _) => {
-                self.inner.notifier.notify(key);
-                Ok(())
-            }
-            // The first attempt may have released it before its connection broke:
-            // "not held" would be a guess, the first error is the honest answer.
-            (Err(Error::NotHeld { .. }), Some(first)) => Err(first),
-            (Err(error), _) => Err(error),
+        let result = self
+            .write_in_time("release", key, &call, not_after, |b, ran| {
+                match (
+                    b.guarded_answer(key, ran.reply, "release"),
+                    ran.retried_after,
+                ) {
+                    // The first attempt may have released it before its
+                    // connection broke: "not held" would be a guess, the first
+                    // error is the honest answer.
+                    (Err(Error::NotHeld { .. }), Some(first)) => Err(first),
+                    (answer, _) => answer,
+                }
+            })
+            .await;
+        if result.is_ok() {
+            self.inner.notifier.notify(key);
         }
+        result.map(|_| ())
     }
 
     async fn inspect(&self, key: &LockKey) -> Result<Option<LockInfo>> {
@@ -752,7 +1281,11 @@ impl LockBackend for MySqlBackend {
             sql: &self.inner.sql.inspect,
             params: vec![key_value(key)],
         };
-        let rows = self.run("inspect", &call).await?.reply.rows("inspect")?;
+        let rows = self
+            .run("inspect", &call, self.read_deadline())
+            .await?
+            .reply
+            .rows("inspect")?;
         rows.into_iter()
             .next()
             .map(|row| lock_info(row, self.table()))
@@ -764,7 +1297,11 @@ impl LockBackend for MySqlBackend {
             sql: &self.inner.sql.list,
             params: Vec::new(),
         };
-        let rows = self.run("list", &call).await?.reply.rows("list")?;
+        let rows = self
+            .run("list", &call, self.read_deadline())
+            .await?
+            .reply
+            .rows("list")?;
         rows.into_iter()
             .map(|row| lock_info(row, self.table()))
             .collect()
@@ -774,7 +1311,8 @@ impl LockBackend for MySqlBackend {
         let call = Call::Ddl {
             sql: &self.inner.sql.create_table,
         };
-        self.run("create table", &call).await?;
+        self.run("create table", &call, self.read_deadline())
+            .await?;
         Ok(())
     }
 
@@ -810,49 +1348,16 @@ impl fmt::Debug for MySqlBackend {
 mod tests {
     use super::*;
 
-    fn key() -> LockKey {
-        LockKey::new("k").unwrap()
-    }
-
-    fn written(affected: u64, id: i64) -> Reply {
-        Reply::Written { affected, id }
-    }
-
     #[test]
-    fn reads_acquire_answers() {
-        for (affected, id) in [(1, 1), (2, 7), (0, 7)] {
-            assert!(matches!(
-                acquire_outcome(&key(), written(affected, id)).unwrap(),
-                AcquireOutcome::Acquired { fence, .. } if fence == Fence::new(id)
-            ));
-        }
-        // Refused, with and without found-rows: remaining = -1 - id µs.
-        for affected in [0, 1] {
-            assert_eq!(
-                acquire_outcome(&key(), written(affected, -1_500_001)).unwrap(),
-                AcquireOutcome::Held {
-                    remaining: Some(Duration::from_millis(1500))
-                }
-            );
-        }
-        for (affected, id) in [(0, 0), (0, -1), (3, 5), (2, -5)] {
-            assert!(
-                acquire_outcome(&key(), written(affected, id)).is_err(),
-                "{affected} {id}"
-            );
-        }
-    }
-
-    #[test]
-    fn reads_extend_and_release_answers() {
-        let read = |affected, id| guarded_outcome(&key(), written(affected, id), "extend");
-        assert_eq!(read(1, 3).unwrap(), Guarded::Matched);
-        // Matched but unchanged (same expiry within one clock tick): still held.
-        assert_eq!(read(0, 3).unwrap(), Guarded::Matched);
-        assert_eq!(read(0, 0).unwrap(), Guarded::NotHeld);
-        assert_eq!(read(0, -1).unwrap(), Guarded::PinnedClock);
-        for (affected, id) in [(1, 0), (1, -1), (0, -2)] {
-            assert!(read(affected, id).is_err(), "{affected} {id}");
-        }
+    fn copies_of_errors_keep_their_kind() {
+        let key = LockKey::new("k").unwrap();
+        let not_held = copy_error(&Error::NotHeld { key: key.clone() });
+        assert!(matches!(not_held, Error::NotHeld { key: k } if k == key));
+        let unavailable = copy_error(&Error::unavailable("gone", None));
+        assert!(matches!(&unavailable, Error::Unavailable { message, .. } if message == "gone"));
+        let transient = copy_error(&Error::transient("busy", std::io::Error::other("x")));
+        assert!(transient.is_transient());
+        let permanent = copy_error(&Error::permanent("bad", std::io::Error::other("x")));
+        assert!(!permanent.is_transient());
     }
 }

@@ -13,9 +13,6 @@ pub(crate) mod code {
     pub(crate) const BAD_DB: u16 = 1049;
     /// `ER_LOCK_DEADLOCK`: chosen as a deadlock victim; the statement was rolled back.
     pub(crate) const DEADLOCK: u16 = 1213;
-    /// `ER_BAD_NULL_ERROR`: `NULL` into a `NOT NULL` column; from the acquire
-    /// statement, only as its refusal of a pinned session clock (see `sql`).
-    pub(crate) const BAD_NULL: u16 = 1048;
     /// `ER_LOCK_WAIT_TIMEOUT`: waited `innodb_lock_wait_timeout` for a row lock.
     pub(crate) const LOCK_WAIT_TIMEOUT: u16 = 1205;
     /// `ER_OPTION_PREVENTS_STATEMENT`: `--read-only` (a replica, or a primary
@@ -134,15 +131,8 @@ pub(crate) fn is_lock_wait_timeout(error: &MyError) -> bool {
     matches!(error, MyError::Server(s) if s.code == code::LOCK_WAIT_TIMEOUT)
 }
 
-/// Whether `error` is the acquire statement refusing a pinned session clock:
-/// its `VALUES` list puts `NULL` in `lock_key` then (see `sql::acquire`), and
-/// nothing else ever does, since the key is always bound.
-pub(crate) fn is_pinned_clock_refusal(error: &MyError) -> bool {
-    matches!(error, MyError::Server(s) if s.code == code::BAD_NULL && s.message.contains("'lock_key'"))
-}
-
-/// The error of a write refused because the session's clock is pinned (the
-/// acquire's error 1048, or extend's and release's insert id −1).
+/// The error of a write refused because the session's clock is pinned (a
+/// refusal of tag 2 in the insert id, see `sql`).
 ///
 /// [`Error::InvalidConfig`]: the cause is the session's own setting (`SET
 /// @@timestamp`, in the caller's code or a pool's setup statements), not a
@@ -279,13 +269,6 @@ mod tests {
         assert!(is_deadlock(&server(1213)));
         assert!(!is_connection_error(&server(1213)));
         assert!(is_lock_wait_timeout(&server(1205)));
-        let null_key = MyError::Server(ServerError {
-            code: 1048,
-            message: "Column 'lock_key' cannot be null".into(),
-            state: "23000".into(),
-        });
-        assert!(is_pinned_clock_refusal(&null_key));
-        assert!(!is_pinned_clock_refusal(&server(1048)));
         let refused = pinned_clock("acquire", Duration::from_millis(5500));
         assert!(
             matches!(&refused, Error::InvalidConfig { reason } if reason.contains("@@timestamp"))

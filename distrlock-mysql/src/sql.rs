@@ -1,19 +1,22 @@
 //! Every SQL statement of the MySQL/MariaDB backend, each with why its clauses are
-//! there.
+//! there, and the decoding of the answers they encode.
 //!
 //! One text serves MySQL 5.7, MySQL 8.x and MariaDB ≥ 10.5: no `RETURNING`, no
 //! `INSERT … AS alias`, no `VALUES()` in `ON DUPLICATE KEY UPDATE` (deprecated in
-//! MySQL 8.0.20; parameters are bound twice instead), no CTEs.
+//! MySQL 8.0.20; parameters are bound twice instead), no CTEs, no `SKIP LOCKED`
+//! or `NOWAIT` (MariaDB 10.5 and MySQL 5.7 lack them); the one MariaDB-only
+//! clause sits in a `/*M! … */` comment that MySQL skips.
 //!
 //! # Time
 //!
 //! Every instant is `UTC_TIMESTAMP(6)`: the server's clock, in UTC whatever the
 //! session `time_zone`, fixed for the duration of one statement (so every use
-//! within a statement sees the same instant). Columns are `DATETIME(6)`, which
-//! stores what it is given without any time-zone conversion (unlike `TIMESTAMP`).
-//! Instants are read back as microseconds since 1970 with `TIMESTAMPDIFF`, which is
-//! plain calendar arithmetic, never `UNIX_TIMESTAMP(datetime)`, which would read the
-//! value in the session time zone (and is ambiguous in a DST fold).
+//! within a statement sees the same instant: the statement's *clock reading*).
+//! Columns are `DATETIME(6)`, which stores what it is given without any time-zone
+//! conversion (unlike `TIMESTAMP`). Instants are read back as microseconds since
+//! 1970 with `TIMESTAMPDIFF`, which is plain calendar arithmetic, never
+//! `UNIX_TIMESTAMP(datetime)`, which would read the value in the session time
+//! zone (and is ambiguous in a DST fold).
 //!
 //! # A pinned session clock
 //!
@@ -49,27 +52,43 @@
 //! STATEMENT` a replica would evaluate the guard again on its own clock, so use
 //! `ROW` or `MIXED` (the defaults), which log these statements as rows.
 //!
-//! How a refusal is reported, without changing anything: the acquire's `VALUES`
-//! list, evaluated before any row is locked or written, puts `NULL` in
-//! `lock_key`, which fails with error 1048 in every SQL mode (a single-row
-//! `INSERT` never turns `NULL` into a default); extend and release report
-//! `-1` in the insert id (below).
+//! # No late effects: the bound
+//!
+//! A statement can reach the server long after it was sent (a network path that
+//! froze and healed delivers it, and the FIN of the socket the client closed,
+//! and the server runs and commits it). The caller's `not_after` is therefore
+//! mapped onto the server's clock from an earlier reading
+//! ([`ServerClock::bound_micros`](distrlock_core::server_clock::ServerClock::bound_micros),
+//! rounded toward earlier), and every write takes that *bound* (µs since 1970)
+//! as a parameter and changes nothing when [`SYS_US`] has passed it: the
+//! statement's clock reading plus the time it has spent in the server so far
+//! (`SYSDATE(6) − NOW(6)`, which the pinned-clock guard keeps within the
+//! tolerance), so a statement that waited for a lock is judged by when it
+//! writes, not by when it started. The updates evaluate it in their `WHERE`,
+//! after the row lock is granted; the acquire once before it looks for the row
+//! and once more in its `ON DUPLICATE KEY UPDATE`, after the row lock.
+//!
+//! One gap is left, documented on the backend: an acquire of a key *without a
+//! row* that waits for another transaction's lock on that key (an uncommitted
+//! insert of the same key that is then rolled back, or a gap lock) inserts
+//! with the values it computed before the wait, so it can land up to the
+//! session's row-lock bound after its check.
+//!
+//! The first statement of a backend needs an earlier reading: nothing comes for
+//! free at connection setup (the handshake carries no clock, and `mysql_async`
+//! drops the results of setup statements), so the backend reads the clock once
+//! with [`CLOCK`] before its first write. After that every answer of a write
+//! carries the statement's reading (below) and keeps the estimate fresh.
 //!
 //! # How a statement reports its outcome: the OK packet's insert id
 //!
 //! A write's OK packet carries an "insert id". When a statement calls
 //! `LAST_INSERT_ID(expr)` (and the table has no `AUTO_INCREMENT` column, as ours),
 //! the server reports the argument of the *last* such call in that statement, and
-//! 0 when the statement never called it. Every write below calls it on exactly the
-//! paths that matter, so the insert id alone says what happened:
-//!
-//! | statement | insert id | meaning |
-//! |---|---|---|
-//! | acquire | `fence` ≥ 1 | acquired (inserted, taken over, or renewed by the same token) |
-//! | acquire | `-1 - remaining_µs` (≤ −2, as a signed 64-bit number) | refused: another token holds a live lease |
-//! | extend / release | `fence` ≥ 1 | the token's live lease was extended / released |
-//! | extend / release | 0 | no live lease of this token: nothing changed |
-//! | extend / release / batch extend | −1 | the token matched, but the session's clock is pinned: nothing changed |
+//! 0 when the statement never called it; `LAST_INSERT_ID()` without an argument,
+//! later in the same statement, returns that argument too. Every write below
+//! calls it on exactly the paths that matter, so the insert id alone says what
+//! happened, and when.
 //!
 //! The affected-rows count cannot serve: it counts *changed* rows (so an extend or
 //! a same-token re-acquire landing on the same expiry within one clock tick would
@@ -79,16 +98,174 @@
 //! connections with either setting. The affected-rows count is still checked
 //! against the insert id as a consistency check.
 //!
+//! The insert id is one 64-bit number (read as signed), and the acquire must fit
+//! three things into it: the outcome, the fence and the statement's clock
+//! reading (µs since 1970, 51 bits today). A fence and a full reading do not fit
+//! together, so the reading travels as an offset from a *reference* the client
+//! sends: 4.2 s ([`EARLY_US`]) before its own estimate of the server's clock
+//! when it sent the statement (`bound_micros(now)`, itself a little early). The
+//! statement runs only if its reading lies in `[reference, reference + 2^24
+//! µs)`, from 4.2 s before the estimate to 12.6 s after it, so the offset takes
+//! 24 bits and the fence the other 39 (fences up to 549,755,813,887: a key
+//! acquired 1,000 times a second lasts 17 years; beyond that the acquire
+//! refuses with a permanent error instead of handing out a fence it cannot
+//! report). A reading outside the window means the estimate was off (the
+//! server's clock stepped, or the backend was idle for hours and its estimate's
+//! rate allowance grew): the statement refuses like a late one, reporting its
+//! full reading, and the backend retries once with the new estimate.
+//!
+//! | statement | insert id | meaning |
+//! |---|---|---|
+//! | acquire | `fence · 2^24 + (reading − reference)` (≥ 2^24) | acquired (inserted, taken over, or renewed by the same token) |
+//! | extend, release, batch extend | `reading` (> 0) | the token's live lease (at least one, for the batch) was extended / released |
+//! | extend, release, batch extend | 0 | no live lease of the token: nothing changed |
+//! | all writes | `−1 − (4 · payload + tag)` (< 0) | refused, nothing changed; `tag` below |
+//!
+//! | tag | payload | refusal |
+//! |---|---|---|
+//! | 0 | `min(remaining µs, 2^36 − 1) · 2^24 + (reading − reference)` | acquire only: another token holds a live lease |
+//! | 1 | `reading` | the bound had passed, or the reading is outside the window: late, or the estimate was off |
+//! | 2 | `reading` (of the pinned clock) | the session's clock is pinned |
+//! | 3 | `reading` | acquire only: the next fence would not fit |
+//!
+//! Other designs considered:
+//!
+//! - *Two statements in one round trip* (`INSERT …; SELECT …` as a multi-statement
+//!   text query, which `mysql_async` supports): it gives up prepared statements
+//!   (every call parsed again, its parameters spliced into the text), a result
+//!   set per call, and two statements per call in the server's counters, and the
+//!   `SELECT` could only read user variables that the `INSERT` set with `@v :=`
+//!   assignments in expressions, which MySQL 8.0 deprecates.
+//! - *The OK packet's session-state tracking*: it reports system variables,
+//!   which a statement cannot set, and user variables not at all.
+//! - *`expires_at − ttl` read back*: needs a second round trip.
+//! - *`RETURNING`*: MariaDB only, and not for `UPDATE` before 11.x.
+//!
+//! The price of the chosen design is the fence limit above, parameters bound
+//! several times, and one extra round trip after a clock step or a long idle
+//! period.
+//!
 //! `LAST_INSERT_ID(expr)` also sets the session's `LAST_INSERT_ID()` value; see the
 //! notes on [`MySqlBackend::try_acquire_in`](crate::MySqlBackend::try_acquire_in).
+//!
+//! # Batch renewal
+//!
+//! [`extend_many`] renews up to 1,024 leases in one `UPDATE`, whose insert id
+//! gives the reading and whose affected-rows count shows whether every lease was
+//! renewed. When some were not (or a renewed expiry did not change within one
+//! clock tick), one [`verify`] `SELECT` reads the batch's rows back, and
+//! [`verdict`] tells per lease: renewed exactly when its row shows its token and
+//! the batch's own expiry, `reading + ttl`. So every batch has per-lease answers
+//! in at most two round trips.
+//!
+//! A row that another transaction has locked makes the whole `UPDATE` wait and
+//! fail with error 1205; nothing is renewed. The first batch waits at most one
+//! second; the backend then renews the batch in quarters, each without waiting
+//! on MariaDB (`SET STATEMENT innodb_lock_wait_timeout = 0 FOR`, [`NO_WAIT`]),
+//! and splits again only the quarters that hit a lock, so one locked row among
+//! 1,000 costs about 20 statements and ends as a transient error of that one
+//! lease. MySQL has no per-statement bound below one second (`SKIP LOCKED` and
+//! `NOWAIT` exist only for locking reads, and only from 8.0): there each quarter
+//! that hits a lock waits the session's bound, so the splitting takes about a
+//! second per level, and the leases the caller's `not_after` leaves unresolved
+//! get a transient error.
 
 use std::time::Duration;
 
 use distrlock_core::TableName;
+use mysql_async::Value;
+
+/// The server clock's reading, in µs since 1970, by calendar arithmetic on
+/// `UTC_TIMESTAMP(6)` (the statement's clock, the same all through a statement).
+pub(crate) const UTC_US: &str =
+    "TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6))";
+
+/// [`UTC_US`] plus the time the statement has spent in the server so far
+/// (`SYSDATE(6)`, read at evaluation, minus `NOW(6)`, the statement's start):
+/// the instant a write compares with its bound. Both are local times of the
+/// session, subtracted as calendar values (see "A pinned session clock").
+pub(crate) const SYS_US: &str = "(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) \
+     + TIMESTAMPDIFF(MICROSECOND, NOW(6), SYSDATE(6)))";
+
+/// Reads the server's clock, for the first reading of a backend.
+pub(crate) const CLOCK: &str =
+    "SELECT TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6))";
+
+/// How many low bits of a grant's (or refusal's) insert id carry the reading's
+/// offset from the reference: the window is `2^24` µs, 16.8 s.
+pub(crate) const OFFSET_BITS: u32 = 24;
+
+/// The width of the window in µs.
+pub(crate) const WINDOW_US: i64 = 1 << OFFSET_BITS;
+
+/// The largest fence a grant can report: `2^39 − 1`.
+pub(crate) const MAX_FENCE: i64 = (1 << (63 - OFFSET_BITS)) - 1;
+
+/// The largest remaining lease a refusal reports, in µs (19 hours); longer
+/// ones are reported as this.
+pub(crate) const MAX_REMAINING_US: i64 = (1 << 36) - 1;
+
+/// Refusal tags (see the table in the module docs).
+const TAG_HELD: i64 = 0;
+const TAG_CLOCK: i64 = 1;
+const TAG_PINNED: i64 = 2;
+const TAG_FENCE_EXHAUSTED: i64 = 3;
+
+/// The insert id `−1 − (4 · payload + tag)` of a refusal whose payload is
+/// [`UTC_US`], as SQL; `row` is `" + 0 * fence"` in an `UPDATE`'s `WHERE`, so
+/// that the argument depends on the row and is never evaluated ahead of it.
+fn refusal(tag: i64, row: &str) -> String {
+    format!("-1 - {tag} - 4 * {UTC_US}{row}")
+}
+
+/// `IF(LAST_INSERT_ID(code), value, value)`: reports `code` in the insert id and
+/// yields `value`. `IF(x, v, v)` evaluates `x` only for that side effect.
+fn report(code: &str, value: &str) -> String {
+    format!("IF(LAST_INSERT_ID({code}), {value}, {value})")
+}
+
+/// Whether the statement has granted so far: the last `LAST_INSERT_ID(expr)` of
+/// this statement, read back, is not a refusal. `LAST_INSERT_ID()` is
+/// unsigned, so a refusal (negative as a signed number) has its top bit set.
+const GRANTED: &str = "LAST_INSERT_ID() >> 63 = 0";
+
+/// How long before the client's estimate of the server's clock a statement's
+/// reading may lie and still be reported: `2^22` µs, 4.2 s (a quarter of the
+/// window). Readings are never earlier than the estimate unless the server's
+/// clock went back, or the session's clock is pinned within the tolerance.
+pub(crate) const EARLY_US: i64 = 1 << 22;
+
+/// The clock parameters of one execution of a write, computed by the backend
+/// for each attempt (see "No late effects" and "How a statement reports").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Stamp {
+    /// The origin of the reported offsets: [`EARLY_US`] before the client's
+    /// estimate of the server's clock when it sent the statement.
+    pub(crate) reference: i64,
+    /// The last server-clock instant (µs since 1970) at which the write may take
+    /// effect.
+    pub(crate) bound: i64,
+}
+
+impl Stamp {
+    /// The stamp of a write sent when the server's clock read at least
+    /// `estimate` (µs since 1970), that may take effect until `bound`; with
+    /// `window` (the acquire), no later than the offsets can report.
+    pub(crate) fn new(estimate: i64, bound: i64, window: bool) -> Self {
+        let reference = estimate.saturating_sub(EARLY_US);
+        let bound = if window {
+            bound.min(reference.saturating_add(WINDOW_US - 1))
+        } else {
+            bound
+        };
+        Self { reference, bound }
+    }
+}
 
 /// The statements for one table, built once from its validated, backquoted name.
 #[derive(Debug, Clone)]
 pub(crate) struct Statements {
+    pub(crate) table: String,
     pub(crate) create_table: String,
     pub(crate) acquire: String,
     pub(crate) extend: String,
@@ -115,6 +292,7 @@ impl Statements {
             inspect: format!("{SELECT_INFO} FROM {t} WHERE lock_key = ?"),
             list: format!("{SELECT_INFO} FROM {t} ORDER BY lock_key"),
             real_clock: real,
+            table: t,
         }
     }
 }
@@ -122,17 +300,19 @@ impl Statements {
 /// The SQL texts of one table's lock statements, exactly as the backend sends
 /// them, for tools that issue them without the backend (the benchmark's
 /// raw-driver baseline). Not a stable API. Each reports through the OK
-/// packet's insert id (see the module docs).
+/// packet's insert id (see the module docs): a grant is positive, a refusal
+/// negative, and a release that found nothing 0.
 #[doc(hidden)]
 #[derive(Debug, Clone)]
 pub struct LockSql {
-    /// Try-acquire. Parameters: key, token, owner, ttl µs, token, token, owner,
-    /// token, token, ttl µs.
+    /// Try-acquire; build its parameters with [`acquire_params`](Self::acquire_params).
     pub acquire: String,
-    /// Extend. Parameters: ttl µs, key, token.
+    /// Extend; parameters: ttl µs, key, token, bound.
     pub extend: String,
-    /// Release. Parameters: key, token.
+    /// Release; build its parameters with [`release_params`](Self::release_params).
     pub release: String,
+    /// Reads the server clock (µs since 1970), for the parameter builders.
+    pub clock: String,
     /// The DDL of the table.
     pub create_table: String,
 }
@@ -146,8 +326,35 @@ impl LockSql {
             acquire: s.acquire,
             extend: s.extend,
             release: s.release,
+            clock: CLOCK.to_owned(),
             create_table: s.create_table,
         }
+    }
+
+    /// The parameters of [`acquire`](Self::acquire): `reading` is a reading of
+    /// [`clock`](Self::clock) (µs since 1970) taken before, and the statement
+    /// may take effect until 12 s after it.
+    pub fn acquire_params(
+        key: &[u8],
+        token: &[u8],
+        owner: &str,
+        ttl_us: i64,
+        reading: i64,
+    ) -> Vec<Value> {
+        acquire_params(
+            Value::from(key),
+            Value::from(token),
+            Value::from(owner),
+            Value::from(ttl_us),
+            Stamp::new(reading, i64::MAX, true),
+        )
+    }
+
+    /// The parameters of [`release`](Self::release), which may take effect
+    /// until 12 s after `reading` (of [`clock`](Self::clock), taken before).
+    pub fn release_params(key: &[u8], token: &[u8], reading: i64) -> Vec<Value> {
+        let window = Stamp::new(reading, i64::MAX, true);
+        release_params(Value::from(key), Value::from(token), window)
     }
 }
 
@@ -169,12 +376,41 @@ pub(crate) fn real_clock(tolerance: Duration) -> String {
     )
 }
 
-/// What extend and release (and the batch extend) evaluate instead of the
-/// liveness test when the session's clock is pinned: reports −1 in the insert
-/// id and matches nothing. `0 * fence` makes the argument depend on the row, so
-/// that the optimizer never evaluates it as a constant ahead of the row; `IF(x,
-/// FALSE, FALSE)` evaluates `x` only for its side effect.
-const PINNED: &str = "IF(LAST_INSERT_ID(-1 + 0 * fence), FALSE, FALSE)";
+/// The condition an `UPDATE` (extend, release, batch extend) puts last in its
+/// `WHERE`, after the key and token tests, evaluated on each candidate row once
+/// InnoDB has granted its lock:
+///
+/// - `IF(<real clock>, …, <report pinned>)`: on a pinned session clock the row
+///   matches nothing and the insert id is a refusal of tag 2. It comes after the
+///   token test, so another token's lease is "not held" whatever the clock, and
+///   before the expiry test, which would read the pinned clock.
+/// - `expires_at > UTC_TIMESTAMP(6)`: only a live lease (a released lease has
+///   NULL and never matches); a lease that is not live is "not held" (insert id
+///   0), late or not.
+/// - `SYS_US <= ?` (the bound): otherwise the row matches nothing and the insert
+///   id is a refusal of tag 1 carrying the reading.
+/// - Each report's argument depends on the row (`+ 0 * fence`), so the optimizer
+///   never evaluates it as a constant ahead of the rows.
+fn live_in_time(real_clock: &str) -> String {
+    let late = report(&refusal(TAG_CLOCK, " + 0 * fence"), "FALSE");
+    let pinned = report(&refusal(TAG_PINNED, " + 0 * fence"), "FALSE");
+    format!(
+        "IF({real_clock}, \
+            IF(expires_at > UTC_TIMESTAMP(6), IF({SYS_US} <= ?, TRUE, {late}), FALSE), \
+            {pinned})"
+    )
+}
+
+/// What a matched row of an `UPDATE` assigns first: reports the statement's
+/// reading in the insert id and keeps the fence. A row whose new expiry equals
+/// the old one (two extends within one clock tick) is "unchanged", but the
+/// assignment is still evaluated, so it still reports.
+fn report_reading() -> String {
+    format!(
+        "fence = {}",
+        report(&format!("{UTC_US} + 0 * fence"), "fence")
+    )
+}
 
 /// The lock table.
 ///
@@ -211,87 +447,180 @@ fn create_table(t: &str) -> String {
 
 /// Acquire: insert the key, or take over a released or expired lease, or renew
 /// this token's own live lease; otherwise change nothing and report the holder's
-/// remaining lease. One statement, one round trip.
+/// remaining lease. One statement, one round trip. Build the parameters with
+/// [`acquire_params`].
 ///
-/// Parameters: key, token, owner, ttl µs, token, token, owner, token, token, ttl µs.
-///
-/// - `IF(<real clock>, ?, NULL)` for `lock_key`: on a pinned session clock the
-///   key is `NULL` and the statement fails with error 1048 before it looks for
-///   the row, so it neither inserts, takes over, renews nor locks anything.
-///   `VALUES` is evaluated before the duplicate row is locked, so a row-lock
-///   wait never counts against the tolerance here.
-/// - `INSERT … VALUES (…, LAST_INSERT_ID(1), …)`: a new key starts at fence 1 and
-///   reports it. On a duplicate key the UPDATE below always calls
-///   `LAST_INSERT_ID` again, and the last call is the one reported.
+/// - `INSERT … SELECT … FROM DUAL WHERE …`: the `SELECT` yields the new row only
+///   when the `WHERE` passes; otherwise nothing is inserted, no row is looked
+///   for or locked, and the `WHERE` has reported why:
+///   - `IF(<real clock>, …, <report pinned>)`: the session's clock is pinned
+///     (tag 2).
+///   - `UTC_US >= ? AND SYS_US <= ?` (reference, bound): the reading is within
+///     the window and the bound has not passed; otherwise tag 1, with the
+///     reading. The client makes the bound at most `reference + 2^24 − 1`, so a
+///     statement that passes has an offset that fits 24 bits.
+/// - The new row (a key never acquired): fence 1, reported as `2^24 + offset`
+///   (`IF(LAST_INSERT_ID(…), 1, 1)` yields 1 and reports the grant). On a
+///   duplicate key the `UPDATE` below always calls `LAST_INSERT_ID` again, and
+///   the last call is the one reported.
 /// - `ON DUPLICATE KEY UPDATE` takes the existing row under an exclusive row lock,
 ///   so concurrent acquires of one key are serialised and each sees the previous
 ///   one's result (exactly one of racing tokens wins).
-/// - MySQL and MariaDB run the assignments left to right, each seeing the values
-///   assigned before it, but MariaDB's `SIMULTANEOUS_ASSIGNMENT` SQL mode makes
-///   every one see the old row. The statement gives the same result either way:
-///   each assignment reads only columns assigned *after* it (or its own), so it
-///   sees the old row in both modes.
-///   1. `fence`, first, while `token` and `expires_at` still hold the old values.
-///      Live and ours: keep the fence and report it. Live and not ours: keep it and
-///      report `-1 - remaining µs` (the holder's remaining lease, in this same round
-///      trip; `IF(x, fence, fence)` evaluates `x` only for that side effect).
-///      Not live (released: NULL, or expired): a new holding, `fence + 1`.
-///   2. `acquired_at` is reset only when a new holding starts.
-///   3. `owner` is written unless another token holds a live lease (`NULL AND …`
-///      is not true, so a released row takes the new owner).
-///   4. `token` changes only when the lease is not live: a live lease keeps its
-///      token (ours or the holder's).
-///   5. `expires_at`, last: kept only while another token's lease is live (the
-///      caller lost); otherwise the caller took over or renewed its own lease, and
-///      the lease gets a new expiry. With left-to-right assignment `token` is then
-///      already the caller's when the lease was not live, which gives the same
-///      answer, since the first condition is false then.
+/// - The assignments run left to right. The first, `fence`, decides and reports
+///   the outcome, reading only the old row (and every report's argument depends
+///   on the row, `+ 0 * fence` where nothing else does, so that none is
+///   evaluated ahead of it); the others read that decision back
+///   with `LAST_INSERT_ID()` ([`GRANTED`]), and each reads no column assigned
+///   before it, so MariaDB's `SIMULTANEOUS_ASSIGNMENT` SQL mode (every
+///   assignment sees the old row) gives the same result.
+///   1. `fence`: `SYS_US > ?` (the bound, read again now that the row lock is
+///      granted, after any wait for it): late, keep everything (tag 1). Else,
+///      live and ours: keep the fence and report it (a renewal). Live and not
+///      ours: keep it and report the holder's remaining lease (tag 0). Not live
+///      (released: NULL, or expired): a new holding, `fence + 1`. A fence past
+///      [`MAX_FENCE`] is refused with tag 3 instead.
+///   2. `acquired_at` is reset only when a grant starts a new holding (the old
+///      lease was not live).
+///   3. `owner`, 4. `token` and 5. `expires_at` take the caller's values on a
+///      grant and keep the old ones otherwise.
 /// - `expires_at > UTC_TIMESTAMP(6)` is false for NULL, so a released row is
 ///   never live; the comparison is on the server clock at microsecond precision.
 fn acquire(t: &str, real_clock: &str) -> String {
+    // In parentheses: the reading alone would overflow `fence * 2^24 + …`.
+    let offset = format!("({UTC_US} - ?)");
+    let grant_new = report(&format!("{WINDOW_US} + {offset}"), "1");
+    let late = report(&refusal(TAG_CLOCK, ""), "FALSE");
+    let pinned = report(&refusal(TAG_PINNED, ""), "FALSE");
+    let exhausted = report(&refusal(TAG_FENCE_EXHAUSTED, " + 0 * fence"), "fence");
+    let late_now = report(&refusal(TAG_CLOCK, " + 0 * fence"), "fence");
+    let renew = report(&format!("fence * {WINDOW_US} + {offset}"), "fence");
+    let held = report(
+        &format!(
+            "-1 - {TAG_HELD} - 4 * (LEAST(TIMESTAMPDIFF(MICROSECOND, UTC_TIMESTAMP(6), expires_at), \
+             {MAX_REMAINING_US}) * {WINDOW_US} + {offset})"
+        ),
+        "fence",
+    );
+    let take_over = report(
+        &format!("(fence + 1) * {WINDOW_US} + {offset}"),
+        "fence + 1",
+    );
     format!(
         "INSERT INTO {t} (lock_key, token, fence, owner, acquired_at, expires_at) \
-        VALUES (IF({real_clock}, ?, NULL), ?, LAST_INSERT_ID(1), ?, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND) \
+        SELECT ?, ?, {grant_new}, ?, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND \
+        FROM DUAL \
+        WHERE IF({real_clock}, IF({UTC_US} >= ? AND {SYS_US} <= ?, TRUE, {late}), {pinned}) \
         ON DUPLICATE KEY UPDATE \
-        fence = IF(expires_at > UTC_TIMESTAMP(6), \
-            IF(token = ?, LAST_INSERT_ID(fence), \
-                IF(LAST_INSERT_ID(-1 - TIMESTAMPDIFF(MICROSECOND, UTC_TIMESTAMP(6), expires_at)), fence, fence)), \
-            LAST_INSERT_ID(fence + 1)), \
-        acquired_at = IF(expires_at > UTC_TIMESTAMP(6), acquired_at, UTC_TIMESTAMP(6)), \
-        owner = IF(expires_at > UTC_TIMESTAMP(6) AND token <> ?, owner, ?), \
-        token = IF(expires_at > UTC_TIMESTAMP(6), token, ?), \
-        expires_at = IF(expires_at > UTC_TIMESTAMP(6) AND token <> ?, expires_at, \
-            UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND)"
+        fence = IF({SYS_US} > ?, {late_now}, \
+            IF(expires_at > UTC_TIMESTAMP(6), \
+                IF(token = ?, IF(fence > {MAX_FENCE}, {exhausted}, {renew}), {held}), \
+                IF(fence >= {MAX_FENCE}, {exhausted}, {take_over}))), \
+        acquired_at = IF({GRANTED}, \
+            IF(expires_at > UTC_TIMESTAMP(6), acquired_at, UTC_TIMESTAMP(6)), acquired_at), \
+        owner = IF({GRANTED}, ?, owner), \
+        token = IF({GRANTED}, ?, token), \
+        expires_at = IF({GRANTED}, UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND, expires_at)"
     )
+}
+
+/// The parameters of [`acquire`], in the order of its placeholders.
+pub(crate) fn acquire_params(
+    key: Value,
+    token: Value,
+    owner: Value,
+    ttl_us: Value,
+    stamp: Stamp,
+) -> Vec<Value> {
+    let (reference, bound) = (Value::from(stamp.reference), Value::from(stamp.bound));
+    vec![
+        // The new row.
+        key,
+        token.clone(),
+        reference.clone(),
+        owner.clone(),
+        ttl_us.clone(),
+        // The WHERE.
+        reference.clone(),
+        bound.clone(),
+        // fence: late, ours, and the offsets of renew, held and take-over.
+        bound,
+        token.clone(),
+        reference.clone(),
+        reference.clone(),
+        reference,
+        // owner, token, expires_at.
+        owner,
+        token,
+        ttl_us,
+    ]
 }
 
 /// Extend: a new expiry for this token's live lease. One statement.
 ///
-/// Parameters: ttl µs, key, token.
+/// Parameters ([`extend_params`]): ttl µs, key, token, bound.
 ///
-/// - `WHERE lock_key = ? AND token = ? AND … expires_at > UTC_TIMESTAMP(6)`: only
-///   the live lease of this token (a released lease has NULL and never matches),
-///   found through the primary key so only that one row is locked.
-/// - `IF(<real clock>, <live>, <pinned>)`: on a pinned session clock the row
-///   matches nothing and the insert id is −1 ([`PINNED`]). It comes after the
-///   token test, so another token's lease is "not held" whatever the clock, and
-///   before the expiry test, which would read the pinned clock.
-/// - `fence = LAST_INSERT_ID(fence)` changes nothing but makes a matched row
-///   report its fence in the insert id, even when the new expiry equals the old
-///   one (two extends within one clock tick) and the row is therefore "unchanged".
-///   No match reports 0.
+/// - `WHERE lock_key = ? AND token = ? AND …`: only the lease of this token,
+///   found through the primary key so only that one row is locked; then
+///   [`live_in_time`]: live, on a real clock, before the bound.
+/// - [`report_reading`] makes a matched row report the statement's reading in
+///   the insert id; no match reports 0.
 fn extend(t: &str, real_clock: &str) -> String {
     format!(
         "UPDATE {t} \
-        SET fence = LAST_INSERT_ID(fence), \
-        expires_at = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND \
-        WHERE lock_key = ? AND token = ? \
-        AND IF({real_clock}, expires_at > UTC_TIMESTAMP(6), {PINNED})"
+        SET {}, expires_at = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND \
+        WHERE lock_key = ? AND token = ? AND {}",
+        report_reading(),
+        live_in_time(real_clock)
     )
+}
+
+/// The parameters of [`extend`].
+pub(crate) fn extend_params(ttl_us: Value, key: Value, token: Value, stamp: Stamp) -> Vec<Value> {
+    vec![ttl_us, key, token, Value::from(stamp.bound)]
+}
+
+/// Release: end this token's live lease now, keeping the row (and its fence) for
+/// the next holder. One statement.
+///
+/// Parameters ([`release_params`]): key, token, bound.
+///
+/// Same guards and same insert-id report as [`extend`]; `expires_at = NULL`
+/// marks the row released, so a second release matches nothing and reports 0.
+fn release(t: &str, real_clock: &str) -> String {
+    format!(
+        "UPDATE {t} \
+        SET {}, expires_at = NULL \
+        WHERE lock_key = ? AND token = ? AND {}",
+        report_reading(),
+        live_in_time(real_clock)
+    )
+}
+
+/// The parameters of [`release`].
+pub(crate) fn release_params(key: Value, token: Value, stamp: Stamp) -> Vec<Value> {
+    vec![key, token, Value::from(stamp.bound)]
 }
 
 /// The most leases one [`extend_many`] statement renews.
 pub(crate) const EXTEND_MANY_SLOTS: usize = 1024;
+
+/// How long a batch extend waits for another transaction's row lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LockWait {
+    /// At most one second on MariaDB; the session's bound on MySQL.
+    Short,
+    /// Not at all on MariaDB ([`NO_WAIT`]); the session's bound on MySQL.
+    None,
+}
+
+/// Makes the statement after it fail at once with error 1205 on a row that
+/// another transaction has locked, instead of waiting: MariaDB runs what is in
+/// a `/*M! … */` comment (10.3+ accept a lock-wait bound of 0), MySQL skips it.
+pub(crate) const NO_WAIT: &str = "/*M! SET STATEMENT innodb_lock_wait_timeout = 0 FOR */ ";
+
+/// Bounds the statement after it to one second of waiting for a row lock, on
+/// MariaDB; MySQL skips it.
+const WAIT_ONE_SECOND: &str = "/*M! SET STATEMENT innodb_lock_wait_timeout = 1 FOR */ ";
 
 /// Batch extend: a new expiry for every listed token's live lease, in one
 /// statement and one commit. `slots` (a power of two up to
@@ -299,46 +628,234 @@ pub(crate) const EXTEND_MANY_SLOTS: usize = 1024;
 /// repeating its last lease, so that a handful of texts serve every batch size
 /// and stay in the connection's prepared-statement cache.
 ///
-/// Parameters: ttl µs, `slots` keys, then `slots` (key, token) pairs.
+/// Parameters ([`extend_many_params`]): ttl µs, `slots` keys, then `slots`
+/// (key, token) pairs, then the bound.
 ///
+/// - The prefix bounds its wait for other transactions' row locks
+///   ([`LockWait`]; see "Batch renewal" in the module docs).
 /// - `lock_key IN (…)` lets InnoDB find the rows through the primary key (a
 ///   row constructor alone may not use the index); `(lock_key, token) IN (…)`
 ///   then keeps only the rows of the listed token for each key.
-/// - `IF(<real clock>, expires_at > UTC_TIMESTAMP(6), <pinned>)`: the same
-///   guards as [`extend`]: only live leases, on the server's real clock; a
-///   pinned session clock renews nothing and reports −1 in the insert id (which
-///   is otherwise 0: nothing else here calls `LAST_INSERT_ID`).
-/// - There is no `RETURNING` on MySQL, so the OK packet's affected-rows count is
-///   the answer: equal to the number of distinct leases when every one was
-///   renewed. Anything less (a lease gone, or an expiry that did not change
-///   within one clock tick and so is not counted) makes the caller ask each lease
-///   on its own with [`extend`].
-pub(crate) fn extend_many(t: &str, slots: usize, real_clock: &str) -> String {
+/// - [`live_in_time`] and [`report_reading`], as in [`extend`]: every renewed
+///   row reports the same reading (the statement's clock is one instant), and
+///   the insert id is a refusal only if some row was refused. So the insert id
+///   gives the reading whatever happened, and is 0 only when no listed lease
+///   was live.
+/// - There is no `RETURNING` on MySQL, so the OK packet's affected-rows count
+///   says whether every lease was renewed: equal to the number of distinct
+///   leases then. Anything less (a lease gone, or an expiry that did not change
+///   within one clock tick and so is not counted) makes the caller read the
+///   rows back with [`VERIFY`].
+pub(crate) fn extend_many(t: &str, slots: usize, real_clock: &str, wait: LockWait) -> String {
     let keys = vec!["?"; slots].join(", ");
     let pairs = vec!["(?, ?)"; slots].join(", ");
+    let prefix = match wait {
+        LockWait::Short => WAIT_ONE_SECOND,
+        LockWait::None => NO_WAIT,
+    };
     format!(
-        "UPDATE {t} \
-        SET expires_at = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND \
-        WHERE lock_key IN ({keys}) AND (lock_key, token) IN ({pairs}) \
-        AND IF({real_clock}, expires_at > UTC_TIMESTAMP(6), {PINNED})"
+        "{prefix}UPDATE {t} \
+        SET {}, expires_at = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND \
+        WHERE lock_key IN ({keys}) AND (lock_key, token) IN ({pairs}) AND {}",
+        report_reading(),
+        live_in_time(real_clock)
     )
 }
 
-/// Release: end this token's live lease now, keeping the row (and its fence) for
-/// the next holder. One statement.
-///
-/// Parameters: key, token.
-///
-/// Same guards and same insert-id report as [`extend`] (−1 on a pinned session
-/// clock); `expires_at = NULL` marks the row released, so a second release
-/// matches nothing and reports 0.
-fn release(t: &str, real_clock: &str) -> String {
+/// The parameters of [`extend_many`] for `leases` (key and token values),
+/// padded to `slots` by repeating the last one.
+pub(crate) fn extend_many_params(
+    ttl_us: Value,
+    leases: &[(Value, Value)],
+    slots: usize,
+    stamp: Stamp,
+) -> Vec<Value> {
+    let last = leases.last().expect("a batch has at least one lease");
+    let padded = || leases.iter().chain(std::iter::repeat(last)).take(slots);
+    let mut params = Vec::with_capacity(2 + 3 * slots);
+    params.push(ttl_us);
+    params.extend(padded().map(|(key, _)| key.clone()));
+    for (key, token) in padded() {
+        params.push(key.clone());
+        params.push(token.clone());
+    }
+    params.push(Value::from(stamp.bound));
+    params
+}
+
+/// Reads back the rows of a batch extend that did not report every lease
+/// renewed: key, token and expiry (µs since 1970, NULL once released), by a
+/// consistent read, which never waits on a row lock. `slots` keys, padded like
+/// [`extend_many`]'s.
+pub(crate) fn verify(t: &str, slots: usize) -> String {
+    let keys = vec!["?"; slots].join(", ");
     format!(
-        "UPDATE {t} \
-        SET fence = LAST_INSERT_ID(fence), expires_at = NULL \
-        WHERE lock_key = ? AND token = ? \
-        AND IF({real_clock}, expires_at > UTC_TIMESTAMP(6), {PINNED})"
+        "SELECT lock_key, token, TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', expires_at) \
+        FROM {t} WHERE lock_key IN ({keys})"
     )
+}
+
+/// Why a write changed nothing, from a negative insert id (see the tables in
+/// the module docs). Each carries the statement's clock reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// Tag 1: the bound had passed, or the reading was outside the window.
+    Clock { reading: i64 },
+    /// Tag 2: the session's clock is pinned; the reading is the pinned one.
+    Pinned { reading: i64 },
+    /// Tag 3: the next fence would not fit the insert id.
+    FenceExhausted { reading: i64 },
+}
+
+/// A negative insert id split into tag and payload.
+fn refused(id: i64) -> Option<(i64, i64)> {
+    let m = id.checked_neg()?.checked_sub(1)?;
+    (id < 0).then_some((m & 3, m >> 2))
+}
+
+/// A refusal of tag 1 to 3.
+fn refusal_of(tag: i64, reading: i64) -> Option<Refusal> {
+    match tag {
+        TAG_CLOCK => Some(Refusal::Clock { reading }),
+        TAG_PINNED => Some(Refusal::Pinned { reading }),
+        TAG_FENCE_EXHAUSTED => Some(Refusal::FenceExhausted { reading }),
+        _ => None,
+    }
+}
+
+/// What an acquire did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AcquireAnswer {
+    /// Acquired with `fence`; the lease runs from `reading`.
+    Granted { fence: i64, reading: i64 },
+    /// Another token holds a live lease with `remaining_us` left.
+    Held { remaining_us: i64, reading: i64 },
+    /// Nothing changed.
+    Refused(Refusal),
+}
+
+/// Reads the answer of [`acquire`] run with `reference`; `None` when the OK
+/// packet is not one the statement can produce.
+pub(crate) fn decode_acquire(affected: u64, id: i64, reference: i64) -> Option<AcquireAnswer> {
+    let offset_mask = WINDOW_US - 1;
+    if id >= WINDOW_US {
+        // 1: inserted; 2: taken over or renewed; 0: renewed to the same expiry
+        // (1 with found-rows).
+        return (affected <= 2).then_some(AcquireAnswer::Granted {
+            fence: id >> OFFSET_BITS,
+            reading: reference + (id & offset_mask),
+        });
+    }
+    let (tag, payload) = refused(id)?;
+    // Nothing inserted, or a duplicate left unchanged (1 with found-rows).
+    if affected > 1 {
+        return None;
+    }
+    if tag == TAG_HELD {
+        return Some(AcquireAnswer::Held {
+            remaining_us: payload >> OFFSET_BITS,
+            reading: reference + (payload & offset_mask),
+        });
+    }
+    refusal_of(tag, payload).map(AcquireAnswer::Refused)
+}
+
+/// What an extend or a release did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GuardedAnswer {
+    /// The token's live lease was extended or released at `reading`.
+    Matched { reading: i64 },
+    /// No live lease of the token; nothing changed.
+    NotHeld,
+    /// Nothing changed.
+    Refused(Refusal),
+}
+
+/// Reads the answer of [`extend`] or [`release`]; `None` when the OK packet is
+/// not one the statement can produce.
+pub(crate) fn decode_guarded(affected: u64, id: i64) -> Option<GuardedAnswer> {
+    match id {
+        // Changed (1) or unchanged within one clock tick (0).
+        1.. => (affected <= 1).then_some(GuardedAnswer::Matched { reading: id }),
+        0 => (affected == 0).then_some(GuardedAnswer::NotHeld),
+        _ if affected == 0 => match refused(id)? {
+            (tag @ (TAG_CLOCK | TAG_PINNED), reading) => {
+                refusal_of(tag, reading).map(GuardedAnswer::Refused)
+            }
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// What a batch extend did, as a whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BatchAnswer {
+    /// At least one lease was renewed at `reading`; `affected` rows changed.
+    Renewed { reading: i64, affected: u64 },
+    /// No listed lease was live: nothing changed.
+    NoneHeld,
+    /// At least one lease was refused; `affected` rows were renewed anyway (a
+    /// bound that passed while the statement waited for a later row).
+    Refused { refusal: Refusal, affected: u64 },
+}
+
+/// Reads the answer of [`extend_many`] for `distinct` leases; `None` when the
+/// OK packet is not one the statement can produce.
+pub(crate) fn decode_batch(affected: u64, id: i64, distinct: usize) -> Option<BatchAnswer> {
+    if affected > distinct as u64 {
+        return None;
+    }
+    match id {
+        1.. => Some(BatchAnswer::Renewed {
+            reading: id,
+            affected,
+        }),
+        0 => (affected == 0).then_some(BatchAnswer::NoneHeld),
+        _ => match refused(id)? {
+            (tag @ (TAG_CLOCK | TAG_PINNED), reading) => Some(BatchAnswer::Refused {
+                refusal: refusal_of(tag, reading)?,
+                affected,
+            }),
+            _ => None,
+        },
+    }
+}
+
+/// What the [`verify`] read shows about one lease of a batch renewed at
+/// `reading` with `ttl_us`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// The row shows the token and the batch's own expiry: renewed.
+    Renewed,
+    /// No row, another token, a released row, or an expiry not after the
+    /// batch's reading: the lease was not live when the batch ran.
+    NotHeld,
+    /// The token's lease was live at the batch's reading but the row shows
+    /// another expiry: refused as late, or changed since by another call.
+    Unknown,
+}
+
+/// Judges one lease from its [`verify`] row (`None`: the key has no row):
+/// token and expiry µs.
+pub(crate) fn verdict(
+    row: Option<(&[u8], Option<i64>)>,
+    token: &[u8],
+    reading: i64,
+    ttl_us: i64,
+) -> Verdict {
+    match row {
+        Some((t, Some(expires))) if t == token => {
+            if expires == reading.saturating_add(ttl_us) {
+                Verdict::Renewed
+            } else if expires > reading {
+                Verdict::Unknown
+            } else {
+                Verdict::NotHeld
+            }
+        }
+        _ => Verdict::NotHeld,
+    }
 }
 
 /// The columns of [`LockInfo`](distrlock_core::LockInfo), read without locking
@@ -384,9 +901,18 @@ mod tests {
         Statements::new(table, TOLERANCE)
     }
 
+    fn stamp() -> Stamp {
+        Stamp {
+            reference: 1_700_000_000_000_000,
+            bound: 1_700_000_005_000_000,
+        }
+    }
+
     #[test]
     fn every_statement_backquotes_the_qualified_name() {
         let s = statements(&TableName::new("locks.Dist_Locks").unwrap());
+        let t = "`locks`.`Dist_Locks`";
+        let batch = extend_many(&s.table, 4, &s.real_clock, LockWait::Short);
         for sql in [
             &s.create_table,
             &s.acquire,
@@ -394,8 +920,10 @@ mod tests {
             &s.release,
             &s.inspect,
             &s.list,
+            &batch,
+            &verify(&s.table, 4),
         ] {
-            assert!(sql.contains("`locks`.`Dist_Locks`"), "{sql}");
+            assert!(sql.contains(t), "{sql}");
         }
     }
 
@@ -403,21 +931,43 @@ mod tests {
     fn placeholders_match_the_bound_parameters() {
         let s = statements(&TableName::default());
         let count = |sql: &str| sql.matches('?').count();
-        assert_eq!(count(&s.acquire), 10);
-        assert_eq!(count(&s.extend), 3);
-        assert_eq!(count(&s.release), 2);
+        let v = || Value::from(1);
+        assert_eq!(count(&s.acquire), 15);
+        assert_eq!(acquire_params(v(), v(), v(), v(), stamp()).len(), 15);
+        assert_eq!(count(&s.extend), 4);
+        assert_eq!(extend_params(v(), v(), v(), stamp()).len(), 4);
+        assert_eq!(count(&s.release), 3);
+        assert_eq!(release_params(v(), v(), stamp()).len(), 3);
         assert_eq!(count(&s.inspect), 1);
         assert_eq!(count(&s.list), 0);
-        assert_eq!(count(&extend_many("`t`", 8, "TRUE")), 1 + 8 + 16);
+        let batch = extend_many("`t`", 8, "TRUE", LockWait::None);
+        assert_eq!(count(&batch), 1 + 8 + 16 + 1);
+        let leases = vec![(v(), v()); 5];
+        assert_eq!(
+            extend_many_params(v(), &leases, 8, stamp()).len(),
+            1 + 8 + 16 + 1
+        );
+        assert_eq!(count(&verify("`t`", 8)), 8);
+        assert_eq!(count(CLOCK), 0);
     }
 
     #[test]
     fn no_syntax_that_only_one_server_accepts() {
         let s = statements(&TableName::default());
-        // The clock guard is the one place that reads NOW() and SYSDATE().
+        // The clock guard and the bound's clock are the places that read NOW()
+        // and SYSDATE(); the lock-wait prefixes are MariaDB-only comments.
         let guard = real_clock(TOLERANCE);
-        for sql in [&s.acquire, &s.extend, &s.release, &s.inspect, &s.list] {
-            let upper = sql.replace(&guard, "").to_uppercase();
+        let batches = [LockWait::Short, LockWait::None].map(|w| extend_many("`t`", 4, &guard, w));
+        for sql in [&s.acquire, &s.extend, &s.release, &s.inspect, &s.list]
+            .into_iter()
+            .chain(&batches)
+        {
+            let plain = sql
+                .replace(&guard, "")
+                .replace(SYS_US, "")
+                .replace(NO_WAIT, "")
+                .replace(WAIT_ONE_SECOND, "");
+            let upper = plain.to_uppercase();
             for banned in [
                 "RETURNING",
                 "VALUES(",
@@ -426,6 +976,11 @@ mod tests {
                 "NOW(",
                 "SYSDATE",
                 "UNIX_TIMESTAMP",
+                "SKIP LOCKED",
+                "NOWAIT",
+                "SET STATEMENT",
+                "/*",
+                ":=",
             ] {
                 assert!(!upper.contains(banned), "{banned} in {sql}");
             }
@@ -433,32 +988,169 @@ mod tests {
     }
 
     #[test]
-    fn every_write_checks_the_clock_once() {
+    fn every_write_checks_the_clock_and_the_bound() {
         let s = statements(&TableName::default());
         let guard = real_clock(TOLERANCE);
         assert_eq!(
             guard,
             "TIMESTAMPDIFF(MICROSECOND, NOW(6), SYSDATE(6)) BETWEEN 0 AND 5500000"
         );
-        let batch = extend_many("`t`", 4, &guard);
+        let batch = extend_many("`t`", 4, &guard, LockWait::Short);
         for sql in [&s.acquire, &s.extend, &s.release, &batch] {
             assert_eq!(sql.matches(&guard).count(), 1, "{sql}");
         }
-        assert!(
-            s.acquire
-                .contains(&format!("VALUES (IF({guard}, ?, NULL), ?"))
-        );
+        // The acquire checks the bound before it looks for the row and again
+        // once it holds the row's lock; the updates once, per locked row.
+        assert_eq!(s.acquire.matches(&format!("{SYS_US} <= ?")).count(), 1);
+        assert_eq!(s.acquire.matches(&format!("{SYS_US} > ?")).count(), 1);
+        let tail = live_in_time(&guard);
         for sql in [&s.extend, &s.release, &batch] {
-            assert!(
-                sql.ends_with(&format!(
-                    "AND IF({guard}, expires_at > UTC_TIMESTAMP(6), {PINNED})"
-                )),
-                "{sql}"
-            );
+            assert!(sql.ends_with(&tail), "{sql}");
+            assert_eq!(sql.matches(SYS_US).count(), 1, "{sql}");
         }
-        for sql in [&s.inspect, &s.list] {
+        for sql in [&s.inspect, &s.list, &verify("`t`", 2)] {
             assert!(!sql.contains("SYSDATE"), "{sql}");
         }
+    }
+
+    #[test]
+    fn the_insert_id_layout_fits_64_bits() {
+        assert_eq!(WINDOW_US, 16_777_216);
+        assert_eq!(MAX_FENCE, 549_755_813_887);
+        // The largest grant, held refusal and clock refusal stay within i64.
+        assert!(
+            i128::from(MAX_FENCE) * i128::from(WINDOW_US) + i128::from(WINDOW_US - 1)
+                <= i128::from(i64::MAX)
+        );
+        let held = i128::from(MAX_REMAINING_US) * i128::from(WINDOW_US) + i128::from(WINDOW_US - 1);
+        assert!(1 + 3 + 4 * held <= -(i128::from(i64::MIN)));
+        // Year 9999 fits a clock refusal's payload.
+        let year_9999 = 253_402_300_799_999_999_i128;
+        assert!(1 + 3 + 4 * year_9999 < i128::from(i64::MAX));
+    }
+
+    #[test]
+    fn decodes_acquire_answers() {
+        let reference = 1_700_000_000_000_000;
+        let grant = |fence: i64, offset: i64| fence * WINDOW_US + offset;
+        let refusal = |tag: i64, payload: i64| -1 - (4 * payload + tag);
+        for affected in [0, 1, 2] {
+            assert_eq!(
+                decode_acquire(affected, grant(7, 1234), reference),
+                Some(AcquireAnswer::Granted {
+                    fence: 7,
+                    reading: reference + 1234
+                })
+            );
+        }
+        assert_eq!(
+            decode_acquire(1, grant(MAX_FENCE, WINDOW_US - 1), reference),
+            Some(AcquireAnswer::Granted {
+                fence: MAX_FENCE,
+                reading: reference + WINDOW_US - 1
+            })
+        );
+        // Refused: the holder's remaining lease and the reading's offset.
+        for affected in [0, 1] {
+            assert_eq!(
+                decode_acquire(affected, refusal(0, 1_500_000 * WINDOW_US + 42), reference),
+                Some(AcquireAnswer::Held {
+                    remaining_us: 1_500_000,
+                    reading: reference + 42
+                })
+            );
+        }
+        let reading = reference + 3_600_000_000;
+        for (tag, expected) in [
+            (1, Refusal::Clock { reading }),
+            (2, Refusal::Pinned { reading }),
+            (3, Refusal::FenceExhausted { reading }),
+        ] {
+            assert_eq!(
+                decode_acquire(0, refusal(tag, reading), reference),
+                Some(AcquireAnswer::Refused(expected))
+            );
+        }
+        // What the statement never reports: nothing, a grant offset alone, too
+        // many affected rows.
+        for (affected, id) in [
+            (0, 0),
+            (1, WINDOW_US - 1),
+            (3, grant(1, 0)),
+            (2, refusal(0, 5)),
+        ] {
+            assert_eq!(
+                decode_acquire(affected, id, reference),
+                None,
+                "{affected} {id}"
+            );
+        }
+        assert_eq!(decode_acquire(0, i64::MIN, reference), None);
+    }
+
+    #[test]
+    fn decodes_extend_release_and_batch_answers() {
+        let reading = 1_700_000_000_000_000;
+        let refusal = |tag: i64| -1 - (4 * reading + tag);
+        assert_eq!(
+            decode_guarded(1, reading),
+            Some(GuardedAnswer::Matched { reading })
+        );
+        // Matched but unchanged (same expiry within one clock tick): still held.
+        assert_eq!(
+            decode_guarded(0, reading),
+            Some(GuardedAnswer::Matched { reading })
+        );
+        assert_eq!(decode_guarded(0, 0), Some(GuardedAnswer::NotHeld));
+        assert_eq!(
+            decode_guarded(0, refusal(1)),
+            Some(GuardedAnswer::Refused(Refusal::Clock { reading }))
+        );
+        assert_eq!(
+            decode_guarded(0, refusal(2)),
+            Some(GuardedAnswer::Refused(Refusal::Pinned { reading }))
+        );
+        for (affected, id) in [
+            (1, 0),
+            (1, refusal(1)),
+            (0, refusal(0)),
+            (0, refusal(3)),
+            (2, reading),
+        ] {
+            assert_eq!(decode_guarded(affected, id), None, "{affected} {id}");
+        }
+        assert_eq!(
+            decode_batch(3, reading, 4),
+            Some(BatchAnswer::Renewed {
+                reading,
+                affected: 3
+            })
+        );
+        assert_eq!(decode_batch(0, 0, 4), Some(BatchAnswer::NoneHeld));
+        assert_eq!(
+            decode_batch(2, refusal(1), 4),
+            Some(BatchAnswer::Refused {
+                refusal: Refusal::Clock { reading },
+                affected: 2
+            })
+        );
+        for (affected, id) in [(1, 0), (5, reading), (0, refusal(0))] {
+            assert_eq!(decode_batch(affected, id, 4), None, "{affected} {id}");
+        }
+    }
+
+    #[test]
+    fn verdicts_of_a_batch_read_back() {
+        let (reading, ttl) = (1_000_000_000, 30_000_000);
+        let ours: &[u8] = b"ours";
+        let v = |row| verdict(row, ours, reading, ttl);
+        assert_eq!(v(Some((ours, Some(reading + ttl)))), Verdict::Renewed);
+        assert_eq!(v(None), Verdict::NotHeld);
+        assert_eq!(v(Some((b"other", Some(reading + ttl)))), Verdict::NotHeld);
+        assert_eq!(v(Some((ours, None))), Verdict::NotHeld);
+        assert_eq!(v(Some((ours, Some(reading)))), Verdict::NotHeld);
+        assert_eq!(v(Some((ours, Some(reading + 1)))), Verdict::Unknown);
+        assert_eq!(v(Some((ours, Some(reading + ttl + 1)))), Verdict::Unknown);
     }
 
     #[test]

@@ -169,9 +169,10 @@ async fn sessions_in_different_time_zones_contend_correctly() {
 /// A row locked by another open transaction (here `SELECT … FOR UPDATE`, and an
 /// uncommitted insert of a new key): within the row-lock bound (1 s),
 /// try-acquire answers `Held` with no remaining lease (busy, holder unknown, as
-/// on PostgreSQL), while extend, extend_many and release give a transient error
-/// (outcome unknown to the caller, but the statement was rolled back). None of
-/// them changes the lease.
+/// on PostgreSQL), while extend, release and the locked lease's entry of
+/// extend_many give a transient error (outcome unknown to the caller, but the
+/// statement was rolled back). None of them changes the lease; the batch still
+/// renews its other lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn row_locked_by_foreign_transaction_returns_within_bound() {
     let test = "row_locked_by_foreign_transaction_returns_within_bound";
@@ -235,14 +236,18 @@ async fn row_locked_by_foreign_transaction_returns_within_bound() {
         let started = Instant::now();
         let result = match call {
             0 => b.extend(&k, &token, ttl(LONG), soon()).await.map(|_| ()),
-            1 => b
-                .extend_many(
-                    &[(free.clone(), free_token), (k.clone(), token)],
-                    ttl(LONG),
-                    soon(),
-                )
-                .await
-                .map(|results| panic!("extend_many answered per lease: {results:?}")),
+            1 => {
+                let mut results = b
+                    .extend_many(
+                        &[(free.clone(), free_token), (k.clone(), token)],
+                        ttl(LONG),
+                        soon(),
+                    )
+                    .await
+                    .expect("extend_many answers per lease");
+                assert!(results[0].is_ok(), "the free lease is renewed: {results:?}");
+                results.pop().unwrap().map(|_| ())
+            }
             _ => b.release(&k, &token, soon()).await,
         };
         within_bound(what, started.elapsed());
@@ -263,7 +268,7 @@ async fn row_locked_by_foreign_transaction_returns_within_bound() {
         );
     }
     // Nothing changed: same fence, same expiry, still held; the batch's free
-    // lease was not renewed either (the statement was rolled back as a whole).
+    // lease was renewed all the same.
     let after = b.inspect(&k).await.unwrap().expect("row");
     assert_eq!(after.fence, f);
     assert_eq!(after.state, LockState::Held);
@@ -272,7 +277,7 @@ async fn row_locked_by_foreign_transaction_returns_within_bound() {
         "the lease is unchanged"
     );
     let free_after = b.inspect(&free).await.unwrap().expect("row");
-    assert_eq!(free_after.expires_at, free_before.expires_at);
+    assert!(free_after.expires_at > free_before.expires_at);
     assert!(b.inspect(&fresh).await.unwrap().is_none());
 
     tx.rollback().await.unwrap();
@@ -762,8 +767,20 @@ async fn each_operation_is_one_statement() {
     let other = Token::new();
     let t = ttl(LONG);
 
-    // Warm up: prepare every statement once on the connection.
+    // Warm up: prepare every statement once on the connection. The backend's
+    // first write reads the server's clock first, once: one `SELECT` more.
+    let mut conn = b.pool().get_conn().await.unwrap();
+    let before = session_status(&mut conn).await;
+    drop(conn);
     fence(acquire(&b, &k, &token, LONG).await);
+    let mut conn = b.pool().get_conn().await.unwrap();
+    let after = session_status(&mut conn).await;
+    drop(conn);
+    assert_eq!(
+        after["Com_select"] - before["Com_select"],
+        1,
+        "the first write reads the clock"
+    );
     b.extend(&k, &token, t, soon()).await.unwrap();
     b.inspect(&k).await.unwrap();
     b.list().await.unwrap();
@@ -1227,5 +1244,165 @@ async fn sessions_with_autocommit_off_still_commit() {
     let (second, _) = require!(test, backend(config(&table)).await);
     remaining(acquire(&second, &k, &Token::new(), LONG).await);
     assert_eq!(second.inspect(&k).await.unwrap().unwrap().fence, f);
+    drop_table(&table).await;
+}
+
+/// The edges of the insert id's layout (see `src/sql.rs`): the largest fence a
+/// grant can report is handed out, the next acquire is refused with a permanent
+/// error and changes nothing; a holder's remaining lease beyond 19 hours is
+/// reported as 19 hours. And the clock readings are the statement's: a new
+/// holding starts at the reading and ends `ttl` after it, and so does a renewal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insert_id_layout_edges_and_clock_readings() {
+    let test = "insert_id_layout_edges_and_clock_readings";
+    let table = unique("dl_layout");
+    let (b, _) = require!(test, backend(config(&table)).await);
+    let mut own = require!(test, raw_conn().await);
+    const MAX_FENCE: i64 = (1 << 39) - 1;
+    let insert = |key: &str, fence: i64, expires: &str| {
+        format!(
+            "INSERT INTO `{table}` (lock_key, token, fence, owner, acquired_at, expires_at) \
+             VALUES ('{key}', UNHEX(REPEAT('AB', 16)), {fence}, 'seeded', UTC_TIMESTAMP(6), {expires})"
+        )
+    };
+    own.query_drop(insert("edge-fence", MAX_FENCE - 1, "NULL"))
+        .await
+        .unwrap();
+    let k = key("edge-fence");
+    let token = Token::new();
+    assert_eq!(
+        fence(acquire(&b, &k, &token, LONG).await),
+        Fence::new(MAX_FENCE)
+    );
+    b.release(&k, &token, soon()).await.unwrap();
+    let before = b.inspect(&k).await.unwrap().unwrap();
+    let refused = b
+        .try_acquire(&k, &Token::new(), ttl(LONG), "next", soon())
+        .await;
+    match refused {
+        Err(e @ Error::Backend { .. }) => {
+            assert!(!e.is_transient(), "{e}");
+            assert!(e.to_string().contains("549755813887"), "{e}");
+        }
+        other => panic!("a fence past the layout must be refused, got {other:?}"),
+    }
+    assert_eq!(
+        b.inspect(&k).await.unwrap().unwrap(),
+        before,
+        "nothing changed"
+    );
+
+    own.query_drop(insert("edge-long", 1, "UTC_TIMESTAMP(6) + INTERVAL 30 DAY"))
+        .await
+        .unwrap();
+    assert_eq!(
+        remaining(acquire(&b, &key("edge-long"), &Token::new(), LONG).await),
+        Duration::from_micros((1 << 36) - 1),
+        "a remaining lease past 2^36 µs is reported as 2^36 - 1 µs"
+    );
+
+    let k = key("edge-clock");
+    let token = Token::new();
+    let lease = Duration::from_secs(20);
+    let granted = match acquire(&b, &k, &token, lease).await {
+        AcquireOutcome::Acquired { server_time, .. } => server_time,
+        other => panic!("{other:?}"),
+    };
+    let info = b.inspect(&k).await.unwrap().unwrap();
+    assert_eq!(
+        info.acquired_at, granted,
+        "a new holding starts at the reading"
+    );
+    assert_eq!(info.expires_at, Some(granted + lease));
+    let skew = granted
+        .duration_since(SystemTime::now())
+        .unwrap_or_else(|e| e.duration());
+    assert!(
+        skew < Duration::from_secs(5),
+        "the server's clock is {skew:?} off ours"
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let renewed = b.extend(&k, &token, ttl(lease), soon()).await.unwrap();
+    assert!(renewed > granted);
+    let info = b.inspect(&k).await.unwrap().unwrap();
+    assert_eq!(
+        info.expires_at,
+        Some(renewed + lease),
+        "a renewal ends ttl after its reading"
+    );
+    let batch = b
+        .extend_many(&[(k.clone(), token)], ttl(lease), soon())
+        .await
+        .unwrap();
+    let batched = *batch[0].as_ref().unwrap();
+    assert!(batched > renewed);
+    let info = b.inspect(&k).await.unwrap().unwrap();
+    assert_eq!(info.expires_at, Some(batched + lease));
+    let _ = own.disconnect().await;
+    drop_table(&table).await;
+}
+
+/// The statement texts for tools without the backend (`LockSql`, the
+/// benchmark's raw-driver baseline) work as documented: a grant is a positive
+/// insert id, a refusal a negative one, and a release reports its clock
+/// reading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_sql_runs_without_the_backend() {
+    let test = "lock_sql_runs_without_the_backend";
+    let table = unique("dl_locksql");
+    let (b, _) = require!(test, backend(config(&table)).await);
+    let sql = distrlock_mysql::LockSql::for_table(&distrlock_core::TableName::new(&table).unwrap());
+    let mut conn = require!(test, raw_conn().await);
+    let reading: Option<i64> = conn.query_first(sql.clock.as_str()).await.unwrap();
+    let clock = distrlock_core::server_clock::ServerClock::new();
+    clock.observe(tokio::time::Instant::now(), reading.unwrap());
+    let acquire = conn.prep(&sql.acquire).await.unwrap();
+    let release = conn.prep(&sql.release).await.unwrap();
+    let insert_id = async |conn: &mut distrlock_mysql::mysql_async::Conn,
+                           stmt: &distrlock_mysql::mysql_async::Statement,
+                           params| {
+        let result = conn.exec_iter(stmt, params).await.unwrap();
+        let id = result.last_insert_id().unwrap_or(0) as i64;
+        result.drop_result().await.unwrap();
+        id
+    };
+    let (k, t, other) = ("raw", Token::new(), Token::new());
+    let now = clock.bound_micros(tokio::time::Instant::now()).unwrap();
+    let params = distrlock_mysql::LockSql::acquire_params(
+        k.as_bytes(),
+        t.as_uuid().as_bytes(),
+        "raw",
+        30_000_000,
+        now,
+    );
+    assert!(insert_id(&mut conn, &acquire, params).await > 0, "granted");
+    let params = distrlock_mysql::LockSql::acquire_params(
+        k.as_bytes(),
+        other.as_uuid().as_bytes(),
+        "raw",
+        30_000_000,
+        now,
+    );
+    assert!(insert_id(&mut conn, &acquire, params).await < 0, "refused");
+    let params =
+        distrlock_mysql::LockSql::release_params(k.as_bytes(), t.as_uuid().as_bytes(), now);
+    let released = insert_id(&mut conn, &release, params).await;
+    assert!(
+        released >= now,
+        "a release reports its clock reading: {released}"
+    );
+    clock.observe(tokio::time::Instant::now(), released);
+    let params =
+        distrlock_mysql::LockSql::release_params(k.as_bytes(), t.as_uuid().as_bytes(), now);
+    assert_eq!(
+        insert_id(&mut conn, &release, params).await,
+        0,
+        "nothing to release"
+    );
+    assert_eq!(
+        b.inspect(&key(k)).await.unwrap().unwrap().state,
+        LockState::Released
+    );
+    let _ = conn.disconnect().await;
     drop_table(&table).await;
 }

@@ -235,3 +235,68 @@ async fn guards_survive_another_guards_lost_lease() {
     drop(held);
     drop_table(&table).await;
 }
+
+/// Batched renewal stays cheap: 1,500 leases are renewed with two statements
+/// (one per 1,024 leases), so 10,000 held locks cost 10 per heartbeat; with
+/// one of them released, one `SELECT` more reads that batch back, and every
+/// other lease is still renewed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extend_many_costs_one_statement_per_batch() {
+    let test = "extend_many_costs_one_statement_per_batch";
+    let table = unique("dl_batch_count");
+    let (b, _) = require!(
+        test,
+        backend(config(&table).max_connections(1).min_connections(1)).await
+    );
+    let mut leases = Vec::new();
+    for i in 0..1500 {
+        let k = key(&format!("count-{i:04}"));
+        let token = hold(&b, &k, Duration::from_secs(30)).await;
+        leases.push((k, token));
+    }
+    let lease = ttl(Duration::from_secs(30));
+    // Prepare both batch sizes on the one connection.
+    b.extend_many(&leases, lease, soon()).await.unwrap();
+    let counted = async |b: &MySqlBackend| {
+        let mut conn = b.pool().get_conn().await.unwrap();
+        common::session_status(&mut conn).await
+    };
+    let before = counted(&b).await;
+    let results = b.extend_many(&leases, lease, soon()).await.unwrap();
+    let after = counted(&b).await;
+    assert!(results.iter().all(Result::is_ok));
+    let delta = |name: &str| after[name] - before[name];
+    assert_eq!(
+        (
+            delta("Com_stmt_execute"),
+            delta("Com_update"),
+            delta("Com_select")
+        ),
+        (2, 2, 0),
+        "1,500 leases, all held: one UPDATE per 1,024"
+    );
+
+    let (gone, gone_token) = leases[1234].clone();
+    b.release(&gone, &gone_token, soon()).await.unwrap();
+    let before = counted(&b).await;
+    let results = b.extend_many(&leases, lease, soon()).await.unwrap();
+    let after = counted(&b).await;
+    for (i, result) in results.iter().enumerate() {
+        match (i, result) {
+            (1234, Err(Error::NotHeld { .. })) | (_, Ok(_)) => {}
+            (_, other) => panic!("lease {i}: {other:?}"),
+        }
+    }
+    assert!(results[1234].is_err());
+    let delta = |name: &str| after[name] - before[name];
+    assert_eq!(
+        (
+            delta("Com_stmt_execute"),
+            delta("Com_update"),
+            delta("Com_select")
+        ),
+        (3, 2, 1),
+        "one lease gone: its batch is read back once"
+    );
+    drop_table(&table).await;
+}

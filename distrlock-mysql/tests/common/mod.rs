@@ -161,12 +161,35 @@ impl Harness for MySqlHarness {
             .build(opts)
             .expect("test configs are valid");
         create_or_skip(&backend).await?;
+        warm_up(&backend).await;
         let backend: Arc<dyn LockBackend> = Arc::new(backend);
         Ok(Setup::with_faults(
             backend,
             Arc::new(MySqlFaults { ids, proxy }),
         ))
     }
+}
+
+/// Reads the server's clock and prepares the lock statements on the backend's
+/// idle connection, so that a call made while the proxy is frozen sends the
+/// statement itself (not a first clock read or a prepare that would hold it
+/// back): then a late delivery really runs it.
+pub async fn warm_up(backend: &MySqlBackend) {
+    let key = distrlock_core::LockKey::new(unique("warm-up")).unwrap();
+    let token = distrlock_core::Token::new();
+    let ttl = distrlock_core::Ttl::new(Duration::from_secs(5)).unwrap();
+    backend
+        .try_acquire(&key, &token, ttl, "warm-up", soon())
+        .await
+        .expect("warm-up acquire");
+    backend
+        .extend(&key, &token, ttl, soon())
+        .await
+        .expect("warm-up extend");
+    backend
+        .release(&key, &token, soon())
+        .await
+        .expect("warm-up release");
 }
 
 struct MySqlFaults {
