@@ -34,6 +34,10 @@ struct Network {
     lose_release_answers: AtomicUsize,
     /// While set, a try-acquire blocks its thread this long before it answers.
     block_acquires: AtomicBool,
+    /// When set, a try-acquire answers a transient error at once (its own
+    /// timeout, shorter than the manager's), while its request still reaches
+    /// the backend this much later.
+    acquire_lands_after_error: Option<Duration>,
 }
 
 impl Network {
@@ -43,6 +47,7 @@ impl Network {
             release_delay: Duration::ZERO,
             lose_release_answers: AtomicUsize::new(0),
             block_acquires: AtomicBool::new(false),
+            acquire_lands_after_error: None,
         }
     }
 }
@@ -59,6 +64,17 @@ impl LockBackend for Network {
     ) -> Result<AcquireOutcome> {
         if self.block_acquires.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(400));
+        }
+        if let Some(delay) = self.acquire_lands_after_error {
+            let (inner, key, token, owner) =
+                (self.inner.clone(), key.clone(), *token, owner.to_owned());
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let _ = inner
+                    .try_acquire(&key, &token, ttl, &owner, not_after)
+                    .await;
+            });
+            return Err(Error::unavailable("the backend's own timeout", None));
         }
         self.inner
             .try_acquire(key, token, ttl, owner, not_after)
@@ -241,5 +257,31 @@ async fn a_late_grant_still_respects_the_wait_deadline() {
     assert!(
         elapsed < Duration::from_millis(1200),
         "acquire_timeout(100ms) took {elapsed:?}"
+    );
+}
+
+/// A try that failed transiently (its backend gave up sooner than the manager)
+/// may still land before its `not_after`: the cleanup must not release before
+/// that instant, or the late grant outlives it as a lease nobody holds.
+#[tokio::test(start_paused = true)]
+async fn the_cleanup_of_a_transiently_failed_try_waits_for_its_bound() {
+    let memory = Arc::new(MemoryBackend::new());
+    let network = Network {
+        acquire_lands_after_error: Some(Duration::from_millis(300)),
+        ..Network::new(memory.clone())
+    };
+    let manager = LockManager::builder(Arc::new(network))
+        .ttl(Duration::from_secs(60))
+        .call_timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let tried = manager.lock("k").unwrap().try_acquire().await;
+    assert!(matches!(tried, Err(Error::Unavailable { .. })), "{tried:?}");
+    manager.settle().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let info = memory.inspect(&key("k")).await.unwrap();
+    assert!(
+        !info.as_ref().is_some_and(LockInfo::is_live),
+        "the grant landed after the cleanup's release: {info:?}"
     );
 }
