@@ -256,7 +256,13 @@ struct Attempt<'a> {
     /// Tries that may still take effect, each with its `not_after`: past that
     /// instant the backend guarantees it never will (contract item 8).
     in_flight: Vec<(JoinHandle<Result<AcquireOutcome>>, Instant)>,
+    /// Whether a finished try may have granted a lease we did not see (it
+    /// failed transiently, or its grant came too late to use).
     maybe_granted: bool,
+    /// The latest `not_after` of such tries: a try that failed (its backend
+    /// gave up before we did) may still take effect until then, so the cleanup
+    /// releases only after it.
+    settles_at: Option<Instant>,
     done: bool,
 }
 
@@ -267,6 +273,7 @@ impl<'a> Attempt<'a> {
             token: lock.token.unwrap_or_default(),
             in_flight: Vec::new(),
             maybe_granted: false,
+            settles_at: None,
             done: false,
         }
     }
@@ -322,12 +329,16 @@ impl<'a> Attempt<'a> {
                 Ok((outcome, sent))
             }
             Ok(Err(error)) => {
-                // A transient error (a broken connection) may hide a grant.
-                self.maybe_granted |= error.is_transient();
+                // A transient error (a broken connection, the backend's own
+                // timeout) may hide a grant, which may still land until the
+                // try's bound.
+                if error.is_transient() {
+                    self.may_have_granted(not_after);
+                }
                 Err(error)
             }
             Err(join_error) => {
-                self.maybe_granted = true;
+                self.may_have_granted(not_after);
                 Err(Error::Backend {
                     message: format!("the backend's acquire of {} panicked", lock.key),
                     transient: false,
@@ -335,6 +346,13 @@ impl<'a> Attempt<'a> {
                 })
             }
         }
+    }
+
+    /// Records a finished try that may have granted a lease unseen, and may
+    /// still take effect until `not_after`.
+    fn may_have_granted(&mut self, not_after: Instant) {
+        self.maybe_granted = true;
+        self.settles_at = self.settles_at.max(Some(not_after));
     }
 
     fn make_guard(
@@ -388,13 +406,18 @@ impl Drop for Attempt<'_> {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        let settles_at = self.settles_at;
         let background = config.background.clone();
         background.spawn(&runtime, async move {
             // The release must come after every abandoned try: wait until each
             // has answered, or has passed its `not_after`, after which the backend
-            // guarantees it can no longer take effect.
+            // guarantees it can no longer take effect; and until the bound of
+            // every try that failed but may still land.
             for (call, not_after) in in_flight {
                 let _ = tokio::time::timeout_at(not_after, call).await;
+            }
+            if let Some(at) = settles_at {
+                tokio::time::sleep_until(at).await;
             }
             release_in_background(config, key, token, false);
         });
