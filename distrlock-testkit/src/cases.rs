@@ -441,7 +441,11 @@ pub async fn acquire_release_reacquire(setup: &Setup) {
         .release()
         .await
         .expect("release of a held lock succeeds");
-    assert_eq!(row(setup, &key).await.state, LockState::Released);
+    assert_eq!(
+        row(setup, &key).await.state,
+        LockState::Released,
+        "a released row shows `released`"
+    );
     let second = manager
         .lock(key.as_str())
         .unwrap()
@@ -847,8 +851,16 @@ pub async fn extend_many_renews_only_held_leases(setup: &Setup) {
         fixed(&other_before),
         "a wrong token's entry must change nothing"
     );
-    assert_eq!(row(setup, &released).await.state, LockState::Released);
-    assert_eq!(row(setup, &expired).await.state, LockState::Expired);
+    assert_eq!(
+        row(setup, &released).await.state,
+        LockState::Released,
+        "a released lease's entry must leave it released"
+    );
+    assert_eq!(
+        row(setup, &expired).await.state,
+        LockState::Expired,
+        "an expired lease's entry must leave it expired"
+    );
     assert!(
         inspect(setup, &missing).await.value.is_none(),
         "no row is created for a key never acquired"
@@ -1078,9 +1090,15 @@ pub async fn wrong_token_not_held(setup: &Setup) {
     release(setup, &key, &token)
         .await
         .expect("the holder still releases");
-    assert!(is_not_held(&release(setup, &key, &Token::new()).await));
+    assert!(
+        is_not_held(&release(setup, &key, &Token::new()).await),
+        "a released lease: any token's release gets NotHeld"
+    );
     let missing = setup.key("never-acquired");
-    assert!(is_not_held(&release(setup, &missing, &token).await));
+    assert!(
+        is_not_held(&release(setup, &missing, &token).await),
+        "release of a key never acquired gets NotHeld"
+    );
     assert!(is_not_held(
         &extend(setup, &missing, &token, long).await.value
     ));
@@ -1108,7 +1126,7 @@ pub async fn double_release(setup: &Setup) {
         "a released lease cannot be extended"
     );
     let info = row(setup, &key).await;
-    assert_eq!(info.state, LockState::Released);
+    assert_eq!(info.state, LockState::Released, "the row stays released");
     assert_eq!(fixed(&info), fixed(&before), "and they change nothing");
 }
 
@@ -1123,7 +1141,11 @@ pub async fn release_after_expiry_is_not_held(setup: &Setup) {
     let grant = acquire(setup, &key, &token, short).await;
     sleep_past_expiry(setup, grant.answered, short).await;
     let before = row(setup, &key).await;
-    assert_eq!(before.state, LockState::Expired);
+    assert_eq!(
+        before.state,
+        LockState::Expired,
+        "a lease past its ttl shows `expired`"
+    );
     assert!(
         is_not_held(&release(setup, &key, &token).await),
         "a release after the lease expired must get NotHeld"
@@ -1139,7 +1161,10 @@ pub async fn release_after_expiry_is_not_held(setup: &Setup) {
         "a release or extend after expiry must change nothing"
     );
     let next = acquire(setup, &key, &Token::new(), setup.long_ttl()).await;
-    assert!(next.value.fence > grant.value.fence);
+    assert!(
+        next.value.fence > grant.value.fence,
+        "the next holding's fence must be greater"
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -1512,7 +1537,11 @@ pub async fn missing_table_gives_schema_missing(setup: &Setup) {
         .await
         .expect("inspect after create_table")
         .expect("the row");
-    assert_eq!(info.state, LockState::Held);
+    assert_eq!(
+        info.state,
+        LockState::Held,
+        "the lease taken after create_table is held"
+    );
     bounded(setup, "release", backend.release(&key, &token, soon(setup)))
         .await
         .expect("release after create_table");
@@ -1768,15 +1797,24 @@ enum Dropped {
     Release,
 }
 
+/// Where `dropped_calls_leave_a_consistent_state` drops a call.
+#[derive(Debug, Clone, Copy)]
+enum DropPoint {
+    /// After this many polls (with a yield between them).
+    Polls(u32),
+    /// After this long.
+    After(Duration),
+}
+
 /// Contract item 10 (cancel safety), on the trait itself. Every mutating call
 /// (`try_acquire` of a free key and by the holder, `extend`, `extend_many`,
-/// `release`) is dropped mid-flight: after one poll, and after a quarter, half
-/// and three quarters of its usual round trip. Once its `not_after` has passed,
-/// another token's `try_acquire` on the key answers within the latency budget
-/// (no row lock is left behind), and the state is consistent: the dropped call
-/// took effect or it did not, so exactly one of the holder's token and the other
-/// token holds the key, a dropped renewal never ends a lease, and fence and owner
-/// are unchanged by it.
+/// `release`) is dropped mid-flight: after 1 to 4 polls, and after a quarter,
+/// half and three quarters of its usual round trip. Once its `not_after` has
+/// passed, another token's `try_acquire` on the key answers within the latency
+/// budget (no row lock is left behind), and the state is consistent: the dropped
+/// call took effect or it did not, so exactly one of the holder's token and the
+/// other token holds the key, a dropped renewal never ends a lease, and fence,
+/// owner and `acquired_at` are unchanged by it.
 pub async fn dropped_calls_leave_a_consistent_state(setup: &Setup) {
     let long = setup.long_ttl();
     // A usual round trip, for the drop points.
@@ -1795,11 +1833,14 @@ pub async fn dropped_calls_leave_a_consistent_state(setup: &Setup) {
         Dropped::ExtendMany,
         Dropped::Release,
     ];
-    let points: [Option<Duration>; 4] = [
-        None,
-        Some(round_trip / 4),
-        Some(round_trip / 2),
-        Some(round_trip * 3 / 4),
+    let points = [
+        DropPoint::Polls(1),
+        DropPoint::Polls(2),
+        DropPoint::Polls(3),
+        DropPoint::Polls(4),
+        DropPoint::After(round_trip / 4),
+        DropPoint::After(round_trip / 2),
+        DropPoint::After(round_trip * 3 / 4),
     ];
     let mut rounds = Vec::new();
     for (k, kind) in kinds.into_iter().enumerate() {
@@ -1813,7 +1854,7 @@ pub async fn dropped_calls_leave_a_consistent_state(setup: &Setup) {
 async fn drop_round(
     setup: &Setup,
     kind: Dropped,
-    point: Option<Duration>,
+    point: DropPoint,
     round_trip: Duration,
     n: usize,
 ) {
@@ -1846,32 +1887,47 @@ async fn drop_round(
         }),
     };
     let what = match point {
-        None => format!("{kind:?} dropped after one poll"),
-        Some(after) => format!("{kind:?} dropped after {after:?}"),
+        DropPoint::Polls(n) => format!("{kind:?} dropped after {n} polls"),
+        DropPoint::After(after) => format!("{kind:?} dropped after {after:?}"),
     };
     match point {
-        None => {
-            std::future::poll_fn(|cx| {
-                let _ = call.as_mut().poll(cx);
-                Poll::Ready(())
-            })
-            .await
+        DropPoint::Polls(n) => {
+            for i in 0..n {
+                if i > 0 {
+                    tokio::task::yield_now().await;
+                }
+                let done =
+                    std::future::poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx).is_ready())).await;
+                if done {
+                    break;
+                }
+            }
         }
-        Some(after) => {
+        DropPoint::After(after) => {
             let _ = tokio::time::timeout(after, call.as_mut()).await;
         }
     }
     drop(call);
     tokio::time::sleep_until(not_after + Duration::from_millis(10)).await;
     let other = Token::new();
-    let probe = try_acquire(setup, &key, &other, long).await;
+    let probe = timed(bounded(
+        setup,
+        "try_acquire",
+        backend.try_acquire(&key, &other, ttl(long), OWNER, soon(setup)),
+    ))
+    .await;
+    let outcome = probe.value.as_ref().unwrap_or_else(|error| {
+        panic!(
+            "{what}: another token's try_acquire on the key afterwards failed after {:?}:              {error} (contract item 10: a dropped call lets go of its row locks)",
+            probe.took()
+        )
+    });
     assert!(
         probe.took() <= setup.latency_budget(),
-        "{what}: another token's try_acquire on the key took {:?}, over the latency budget: \
-         the dropped call kept the row locked (contract item 10)",
+        "{what}: another token's try_acquire on the key took {:?}, over the latency budget:          the dropped call kept the row locked (contract item 10)",
         probe.took()
     );
-    let other_holds = !is_held(&probe.value);
+    let other_holds = !is_held(outcome);
     let renewed = extend(setup, &key, &token, long).await.value;
     let token_holds = match &renewed {
         Ok(_) => true,
@@ -2000,7 +2056,11 @@ pub async fn expiry_hands_over(setup: &Setup) {
     let first = acquire(setup, &key, &old, short).await;
     sleep_past_expiry(setup, first.answered, short).await;
     let info = row(setup, &key).await;
-    assert_eq!(info.state, LockState::Expired);
+    assert_eq!(
+        info.state,
+        LockState::Expired,
+        "a lease past its ttl shows `expired`"
+    );
     let new = Token::new();
     let f2 = acquire(setup, &key, &new, long).await.value.fence;
     assert!(
@@ -2008,10 +2068,19 @@ pub async fn expiry_hands_over(setup: &Setup) {
         "a takeover must raise the fence: {} then {f2}",
         first.value.fence
     );
-    assert!(is_not_held(&release(setup, &key, &old).await));
-    assert!(is_not_held(&extend(setup, &key, &old, long).await.value));
+    assert!(
+        is_not_held(&release(setup, &key, &old).await),
+        "the old token's release after a takeover gets NotHeld"
+    );
+    assert!(
+        is_not_held(&extend(setup, &key, &old, long).await.value),
+        "the old token's extend after a takeover gets NotHeld"
+    );
     // The old holder's same-token acquire is a takeover attempt now: refused.
-    assert!(is_held(&try_acquire(setup, &key, &old, long).await.value));
+    assert!(
+        is_held(&try_acquire(setup, &key, &old, long).await.value),
+        "the old token cannot take the key back while the new lease lives"
+    );
     release(setup, &key, &new)
         .await
         .expect("the new holder releases");
@@ -2103,8 +2172,9 @@ pub async fn release_wakes_waiter(setup: &Setup) {
         .await
         .unwrap();
     let waiter = manager.lock(key.as_str()).unwrap();
+    let bound = Duration::from_secs(2).max(budget * 6);
     let waiting = tokio::spawn(async move {
-        let guard = waiter.acquire_timeout(Duration::from_secs(20)).await?;
+        let guard = waiter.acquire_timeout(bound * 2).await?;
         let woke = Instant::now();
         guard.release().await?;
         Ok::<_, Error>(woke)
@@ -2114,9 +2184,13 @@ pub async fn release_wakes_waiter(setup: &Setup) {
     tokio::time::sleep(Duration::from_millis(300).max(budget * 3)).await;
     let released = Instant::now();
     holder.release().await.unwrap();
-    let woke = waiting.await.unwrap().expect("waiter acquires");
+    let woke = waiting.await.unwrap().unwrap_or_else(|error| {
+        panic!(
+            "a waiter with a 60 s poll interval did not take the lock within {bound:?} of its \
+             release: no release notification woke it ({error})"
+        )
+    });
     let handoff = woke - released;
-    let bound = Duration::from_secs(2).max(budget * 6);
     assert!(
         handoff < bound,
         "handoff took {handoff:?} despite a notification (bound {bound:?})"
@@ -2337,9 +2411,13 @@ pub async fn inspect_and_list_show_holder(setup: &Setup) {
         .unwrap();
     let seen = inspect(setup, &key).await;
     let info = seen.value.clone().expect("row");
-    assert_eq!(info.owner, "host-a:42");
-    assert_eq!(info.fence, guard.fence());
-    assert_eq!(info.state, LockState::Held);
+    assert_eq!(info.owner, "host-a:42", "inspect shows the owner text");
+    assert_eq!(
+        info.fence,
+        guard.fence(),
+        "inspect shows the holding's fence"
+    );
+    assert_eq!(info.state, LockState::Held, "inspect shows the lock held");
     assert!(info.is_live());
     let remaining = info
         .remaining
@@ -2369,13 +2447,27 @@ pub async fn inspect_and_list_show_holder(setup: &Setup) {
 
     guard.release().await.unwrap();
     let info = row(setup, &key).await;
-    assert_eq!(info.state, LockState::Released);
-    assert_eq!(info.remaining, None);
+    assert_eq!(
+        info.state,
+        LockState::Released,
+        "a released row shows `released`"
+    );
+    assert_eq!(
+        info.remaining, None,
+        "a released row has no remaining lease"
+    );
     assert_eq!(info.expires_at, None, "a released row has no expiry");
     sleep_past_expiry(setup, expiring.answered, short).await;
     let info = row(setup, &other).await;
-    assert_eq!(info.state, LockState::Expired);
-    assert_eq!(info.remaining, None);
+    assert_eq!(
+        info.state,
+        LockState::Expired,
+        "an expired row shows `expired`"
+    );
+    assert_eq!(
+        info.remaining, None,
+        "an expired row has no remaining lease"
+    );
 }
 
 /// Contract item 13 (faithful inspection). `inspect` reports the latest holding,
