@@ -134,9 +134,9 @@ impl LockBackend for DelayedBackend {
 }
 
 /// Runs the setups of another harness through a [`DelayedBackend::round_trip`]
-/// of `delay`, and adds `delay` to their latency budget and fault timeout: the
-/// whole suite then runs as against a database `delay` away. The fault hooks are
-/// the inner harness's.
+/// of `delay`, and adds `delay` and a quarter (for the two timers a call now
+/// waits on) to their latency budget and fault timeout: the whole suite then runs
+/// as against a database `delay` away. The fault hooks are the inner harness's.
 ///
 /// ```
 /// use std::time::Duration;
@@ -167,8 +167,9 @@ impl<H: Harness> Harness for DelayedHarness<H> {
             setup.backend.clone(),
             self.delay,
         ));
-        let budget = setup.latency_budget() + self.delay;
-        let fault_timeout = setup.fault_timeout() + self.delay;
+        let slower = self.delay + self.delay / 4;
+        let budget = setup.latency_budget() + slower;
+        let fault_timeout = setup.fault_timeout() + slower;
         Ok(setup
             .with_latency_budget(budget)
             .with_fault_timeout(fault_timeout))

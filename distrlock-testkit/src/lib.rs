@@ -130,12 +130,15 @@ where
                     .map(|p| format!("recorded problems:\n{p}"))
                     .unwrap_or_default()
             ))),
-            Ok(Err(panic)) => {
-                if let Some(problems) = watch.problems() {
-                    eprintln!("{name}: the backend also broke the suite's rules:\n{problems}");
-                }
-                Err(Failure::Panic(panic))
-            }
+            // What the watcher saw (a hang, a call over budget, a backend panic)
+            // is the cause of whatever the case then tripped over: say it first.
+            Ok(Err(panic)) => match watch.problems() {
+                Some(problems) => Err(Failure::Message(format!(
+                    "{name}:\n{problems}and then the case failed: {}",
+                    watch::panic_message(&*panic)
+                ))),
+                None => Err(Failure::Panic(panic)),
+            },
             Ok(Ok(())) => match watch.problems() {
                 Some(problems) => Err(Failure::Message(format!("{name}:\n{problems}"))),
                 None => Ok(()),

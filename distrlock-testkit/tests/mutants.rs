@@ -9,12 +9,15 @@
 mod common;
 
 use common::reference::{Mutant, RefHarness};
-use common::run_cases;
+use common::{Limiter, run_cases};
 use distrlock_testkit::{CASES, Capabilities};
+
+/// At most 6 cases at once in this binary.
+static LIMITER: Limiter = Limiter::new(6);
 
 /// Asserts that every case in `cases` fails on `mutant`.
 fn caught_by(mutant: Mutant, cases: &[&str]) {
-    let verdicts = run_cases(&RefHarness(mutant), Capabilities::all(), cases);
+    let verdicts = run_cases(&RefHarness(mutant), Capabilities::all(), cases, &LIMITER);
     let mut passed = Vec::new();
     for (name, verdict) in verdicts {
         match verdict {
@@ -34,7 +37,12 @@ fn caught_by(mutant: Mutant, cases: &[&str]) {
 #[test]
 fn the_reference_backend_passes_every_case() {
     let names: Vec<&str> = CASES.iter().map(|case| case.name).collect();
-    let verdicts = run_cases(&RefHarness(Mutant::None), Capabilities::all(), &names);
+    let verdicts = run_cases(
+        &RefHarness(Mutant::None),
+        Capabilities::all(),
+        &names,
+        &LIMITER,
+    );
     let failed: Vec<_> = verdicts
         .into_iter()
         .filter_map(|(name, verdict)| verdict.err().map(|message| format!("{name}: {message}")))
@@ -52,7 +60,7 @@ fn catch_matrix() {
     let names: Vec<&str> = CASES.iter().map(|case| case.name).collect();
     let mut report = String::new();
     for mutant in Mutant::ALL {
-        let verdicts = run_cases(&RefHarness(mutant), Capabilities::all(), &names);
+        let verdicts = run_cases(&RefHarness(mutant), Capabilities::all(), &names, &LIMITER);
         let catchers: Vec<String> = verdicts
             .into_iter()
             .filter(|(_, verdict)| verdict.is_err())

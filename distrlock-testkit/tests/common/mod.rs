@@ -8,12 +8,36 @@ use std::sync::{Condvar, Mutex};
 
 use distrlock_testkit::{Capabilities, Harness};
 
-/// At most this many cases run at once in one test binary, so that timing stays
-/// sane on a small machine.
-const AT_ONCE: usize = 6;
+/// Lets at most a given number of cases run at once in one test binary, so
+/// that timing stays sane on a small machine.
+pub struct Limiter {
+    running: Mutex<usize>,
+    freed: Condvar,
+    at_once: usize,
+}
 
-static RUNNING: Mutex<usize> = Mutex::new(0);
-static FREED: Condvar = Condvar::new();
+impl Limiter {
+    pub const fn new(at_once: usize) -> Self {
+        Self {
+            running: Mutex::new(0),
+            freed: Condvar::new(),
+            at_once,
+        }
+    }
+
+    fn enter(&self) {
+        let mut running = self.running.lock().unwrap();
+        while *running >= self.at_once {
+            running = self.freed.wait(running).unwrap();
+        }
+        *running += 1;
+    }
+
+    fn leave(&self) {
+        *self.running.lock().unwrap() -= 1;
+        self.freed.notify_one();
+    }
+}
 
 /// Runs the case `name` on a thread of its own with `harness`; `Err` holds its
 /// failure message.
@@ -23,22 +47,13 @@ pub fn run_case<H: Harness + 'static>(
     name: &str,
 ) -> Result<(), String> {
     let case = distrlock_testkit::case(name).unwrap_or_else(|| panic!("no case named {name}"));
-    {
-        let mut running = RUNNING.lock().unwrap();
-        while *running >= AT_ONCE {
-            running = FREED.wait(running).unwrap();
-        }
-        *running += 1;
-    }
-    let joined = std::thread::spawn(move || {
+    std::thread::spawn(move || {
         distrlock_testkit::run_case_with(case.name, harness, capabilities, move |setup| {
             Box::pin(async move { (case.run)(&setup).await })
         })
     })
-    .join();
-    *RUNNING.lock().unwrap() -= 1;
-    FREED.notify_one();
-    joined.map_err(|payload| {
+    .join()
+    .map_err(|payload| {
         if let Some(s) = payload.downcast_ref::<&str>() {
             (*s).to_owned()
         } else if let Some(s) = payload.downcast_ref::<String>() {
@@ -49,12 +64,13 @@ pub fn run_case<H: Harness + 'static>(
     })
 }
 
-/// Runs the cases `names` at once (a few at a time), each on its own thread, and
-/// returns each one's verdict in order.
+/// Runs the cases `names` at once (as many as `limiter` lets), each on its own
+/// thread, and returns each one's verdict in order.
 pub fn run_cases<H: Harness + Clone + 'static>(
     harness: &H,
     capabilities: Capabilities,
     names: &[&str],
+    limiter: &Limiter,
 ) -> Vec<(String, Result<(), String>)> {
     std::thread::scope(|scope| {
         let runs: Vec<_> = names
@@ -63,7 +79,9 @@ pub fn run_cases<H: Harness + Clone + 'static>(
                 let harness = harness.clone();
                 let name = (*name).to_owned();
                 scope.spawn(move || {
+                    limiter.enter();
                     let verdict = run_case(harness, capabilities, &name);
+                    limiter.leave();
                     (name, verdict)
                 })
             })
