@@ -160,6 +160,17 @@ impl Watch {
         F: Future<Output = Result<T>>,
         T: fmt::Debug,
     {
+        self.run_with(what, true, call).await
+    }
+
+    /// Runs one backend call described by `what`, watched; `budgeted` says
+    /// whether the latency budget applies (not to DDL), or only the fault
+    /// timeout.
+    pub(crate) async fn run_with<T, F>(&self, what: String, budgeted: bool, call: F) -> Result<T>
+    where
+        F: Future<Output = Result<T>>,
+        T: fmt::Debug,
+    {
         let started = Instant::now();
         let (id, limit) = {
             let mut state = self.state();
@@ -200,7 +211,7 @@ impl Watch {
             Ok(Ok(result)) => {
                 state.calls += 1;
                 let faulty = Self::faulty(&state, started, ended);
-                if !faulty {
+                if budgeted && !faulty {
                     if took > state.budget {
                         let message = format!(
                             "{what} took {took:?}, over the latency budget of {:?} (set it with \
@@ -327,8 +338,13 @@ impl LockBackend for Watched {
     }
 
     async fn create_table(&self) -> Result<()> {
+        // DDL may take longer than a lock call: only the fault timeout applies.
         self.watch
-            .run("create_table()".to_owned(), self.inner.create_table())
+            .run_with(
+                "create_table()".to_owned(),
+                false,
+                self.inner.create_table(),
+            )
             .await
     }
 
