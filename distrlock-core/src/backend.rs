@@ -23,7 +23,8 @@ use crate::ttl::Ttl;
 ///
 /// # Contract
 ///
-/// Every implementation keeps these promises; the conformance suite checks them.
+/// Every implementation keeps these promises. The conformance suite of
+/// `distrlock-testkit` checks them: each of its cases names the item it proves.
 ///
 /// 1. **Mutual exclusion.** At any instant of the backend's clock at most one token
 ///    holds a live lease on a key. A lease is live from a successful
@@ -88,6 +89,51 @@ use crate::ttl::Ttl;
 ///    process's monotonic clock. [`LockManager`](crate::LockManager) compares how
 ///    far these readings move with how far its own clock moved, to notice a
 ///    server clock that steps.
+/// 10. **Cancel safety.** A caller may drop the future of any call at any point
+///     (a timeout, a `select!`, a cancelled task). The backend stays usable, and
+///     the dropped call took effect entirely or not at all, never half (say, a
+///     renewed expiry under a changed fence). It lets go of whatever it held — a
+///     row lock, an open transaction, a connection in mid-statement — so that
+///     once its `not_after` has passed, no later call on the key, by any token,
+///     waits for it: a connection dropped mid-transaction is closed or rolled
+///     back, never returned to a pool with the transaction open. A later call
+///     with the same token sees a consistent state: what the dropped call would
+///     have acquired, renewed or released is in its old state or in its new one.
+///     A dropped mutating call may still take effect until its `not_after`,
+///     never after it (item 8). [`LockManager`](crate::LockManager) runs each
+///     try-acquire in a task of its own, but its heartbeat and releases drop
+///     backend calls that outlive their call timeout.
+/// 11. **Liveness.** A lease that is not extended ends `ttl` after the clock
+///     reading at which it was last granted or renewed (item 9), and from then on
+///     any token can acquire the key, as a new holding (item 2): a holder that
+///     died, was partitioned or had its session killed keeps the key no longer
+///     than its ttl, and nothing it left behind (an open transaction, a dead
+///     connection's row lock) holds up the next holder beyond the backend's
+///     configured timeouts. A lease neither ends before its ttl (item 1) nor
+///     outlives it, within the clock-rate allowance of item 4
+///     ([`MAX_CLOCK_RATE_DIFFERENCE`](crate::server_clock::MAX_CLOCK_RATE_DIFFERENCE)).
+/// 12. **A conservative client view.** A statement runs after its request was
+///     sent and reads its own clock (items 4 and 9), so a lease granted or renewed
+///     by a request sent at instant `s` of the caller's monotonic clock lasts at
+///     least until `s + ttl` by that clock, less the clock-rate allowance.
+///     [`LockManager`](crate::LockManager) gives a lock up at its local deadline,
+///     `s + ttl − margin`, which is therefore never after the backend's expiry: a
+///     guard that has not reported the lock lost is its only holder. The backend
+///     keeps this true by ending or shortening a lease only by its expiry, its own
+///     token's [`release`](Self::release), or its own token's renewal to a
+///     shorter ttl. A refused acquire (item 5), another token's calls (item 3), a
+///     dropped call (item 10) or a call past its `not_after` (item 8) never do,
+///     and every [`extend`](Self::extend) or [`extend_many`](Self::extend_many)
+///     entry that answers `Ok` has renewed its lease.
+/// 13. **Faithful inspection.** [`inspect`](Self::inspect) and
+///     [`list`](Self::list) report each row as the mutating calls left it, on the
+///     backend's clock: the fence, owner and `acquired_at` (the grant's clock
+///     reading) of the latest holding; `expires_at`, the reading of the last
+///     grant or renewal plus its ttl (`None` once released); the state, `held`
+///     exactly while the lease is live; and for a held lease the `remaining`
+///     time, `expires_at` less the clock when read. `list` returns every row,
+///     released and expired ones included, ordered by [`LockKey`]'s order (byte
+///     for byte, case-sensitive).
 ///
 /// # Wrappers
 ///
