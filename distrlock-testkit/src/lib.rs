@@ -4,6 +4,7 @@ pub mod cases;
 mod delayed;
 mod harness;
 mod memory;
+mod pgbouncer;
 mod proxy;
 mod throwaway;
 
@@ -13,6 +14,7 @@ use std::pin::Pin;
 pub use delayed::DelayedBackend;
 pub use harness::{Faults, Harness, NoFaults, Setup, Skip, Unsupported, require_db, skip};
 pub use memory::MemoryHarness;
+pub use pgbouncer::{PgBouncer, PgBouncerBuilder, PoolMode};
 pub use proxy::FaultProxy;
 pub use throwaway::{ServerError, ServerKind, ThrowawayServer};
 
