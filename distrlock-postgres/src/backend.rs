@@ -110,23 +110,20 @@ pub(crate) enum Connector {
 }
 
 impl Connector {
-    fn for_config(config: &PostgresConfig) -> Result<Self> {
+    /// The connector for `pg`, one of `config`'s connections.
+    fn for_config(config: &PostgresConfig, pg: &tokio_postgres::Config) -> Result<Self> {
         #[cfg(feature = "tls")]
         {
             if let Some(tls) = &config.tls {
                 return Ok(Connector::Rustls(tls.connector()?));
             }
-            let require = config
-                .pg
-                .as_ref()
-                .is_some_and(|pg| pg.get_ssl_mode() == tokio_postgres::config::SslMode::Require);
-            if require {
+            if pg.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
                 return Ok(Connector::Rustls(
                     crate::tls::TlsConfig::webpki_roots().connector()?,
                 ));
             }
         }
-        let _ = config;
+        let _ = (config, pg);
         Ok(Connector::Plain)
     }
 }
@@ -161,7 +158,7 @@ impl PostgresBackend {
         let pg = config.pg.clone().ok_or_else(|| Error::InvalidConfig {
             reason: "no connection given: set a URL or a tokio_postgres::Config".into(),
         })?;
-        let connector = Connector::for_config(&config)?;
+        let connector = Connector::for_config(&config, &pg)?;
         let manager_config = ManagerConfig {
             // Fast: only checks that the connection is open. Verified or Clean would
             // add a round trip to every call; a session that died unnoticed is
@@ -187,7 +184,7 @@ impl PostgresBackend {
         // Fail now, not at the first lock, when the server or the login is wrong.
         drop(pool.get().await.map_err(|e| from_pool(e, &config.table))?);
         let connect_timeout = config.connect_timeout;
-        let (backend, ready) = Self::assemble(pool, config, Some(connector))?;
+        let (backend, ready) = Self::assemble(pool, config)?;
         if let Some(ready) = ready {
             // Waiters that start right away should already be woken by releases
             // elsewhere; if listening takes longer, it keeps trying in the background.
@@ -210,31 +207,30 @@ impl PostgresBackend {
     /// it the backend reads the clock itself once, with one more round trip before
     /// its first lock statement. Release notifications from other processes need a
     /// connection of their own outside the pool; the backend opens
-    /// one only if the config names a connection
+    /// one only if the config names a connection to listen on
     /// ([`url`](crate::PostgresConfigBuilder::url) or
-    /// [`pg_config`](crate::PostgresConfigBuilder::pg_config)) and listening is on.
+    /// [`pg_config`](crate::PostgresConfigBuilder::pg_config), or a
+    /// [`listen_url`](crate::PostgresConfigBuilder::listen_url)) and listening is
+    /// on (see [`PostgresConfig::listens`]).
     ///
     /// Must be called within a tokio runtime when it starts a listener; returns
     /// [`Error::InvalidConfig`] otherwise.
     pub fn from_pool(pool: Pool, config: PostgresConfig) -> Result<Self> {
-        let connector = match config.pg.is_some() && config.listen {
-            true => Some(Connector::for_config(&config)?),
-            false => None,
-        };
-        Ok(Self::assemble(pool, config, connector)?.0)
+        Ok(Self::assemble(pool, config)?.0)
     }
 
     /// The backend, and a receiver that fires once its listener is `LISTEN`ing.
     fn assemble(
         pool: Pool,
         config: PostgresConfig,
-        connector: Option<Connector>,
     ) -> Result<(Self, Option<tokio::sync::oneshot::Receiver<()>>)> {
         let sql = Statements::new(&config.table);
         let notifier = ReleaseNotifier::new();
         let mut listener = None;
         let mut ready = None;
-        if let (true, Some(pg), Some(connector)) = (config.listen, config.pg.clone(), connector) {
+        let listen_pg = config.listen_pg_config().filter(|_| config.listen).cloned();
+        if let Some(pg) = listen_pg {
+            let connector = Connector::for_config(&config, &pg)?;
             if tokio::runtime::Handle::try_current().is_err() {
                 return Err(Error::InvalidConfig {
                     reason: "the release listener needs a tokio runtime: create the backend \
