@@ -18,12 +18,12 @@ use tokio::time::Instant;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{GenericClient, Row};
 
-use crate::config::{PostgresConfig, Redacted, clock_reading};
+use crate::config::{Pooler, PostgresConfig, Redacted, clock_reading};
 use crate::error::{from_pg, from_pool, is_lock_not_available, is_session_lost};
 use crate::listener::Listener;
 use crate::sql::{
-    ACQUIRE_TYPES, CLOCK_READING, EXTEND_MANY_TYPES, EXTEND_TYPES, INSPECT_TYPES, RELEASE_TYPES,
-    Statements,
+    ACQUIRE_TYPES, CLOCK_READING, COMMIT, EXTEND_MANY_TYPES, EXTEND_TYPES, INSPECT_TYPES,
+    RELEASE_TYPES, Statements,
 };
 
 /// Locks stored as rows of one PostgreSQL table, reached through a deadpool of
@@ -88,6 +88,12 @@ struct Inner {
     notifier: ReleaseNotifier,
     listener: Option<tokio::task::AbortHandle>,
     call_timeout: Duration,
+    /// Behind a transaction pooler, what opens each call's own transaction
+    /// (`BEGIN; SET LOCAL …`); `None` otherwise.
+    begin: Option<String>,
+    /// What `create_table` sends: the DDL under its advisory lock, behind a
+    /// transaction pooler after the `SET LOCAL`s.
+    create_table: String,
     config: PostgresConfig,
     /// Acquires still running, by key and token (see [`InFlight`]).
     in_flight: Mutex<HashMap<(LockKey, Token), watch::Sender<usize>>>,
@@ -182,7 +188,29 @@ impl PostgresBackend {
                 reason: format!("building the connection pool failed: {e}"),
             })?;
         // Fail now, not at the first lock, when the server or the login is wrong.
-        drop(pool.get().await.map_err(|e| from_pool(e, &config.table))?);
+        let conn = pool.get().await.map_err(|e| from_pool(e, &config.table))?;
+        if config.pooler() == Pooler::Transaction {
+            // A pooler may let us in before it has reached the server: ask the
+            // database itself, and read its clock while at it (behind a
+            // transaction pooler the session setup does not).
+            let messages =
+                tokio::time::timeout(config.connect_timeout, conn.simple_query(CLOCK_READING))
+                    .await
+                    .map_err(|_| {
+                        Error::unavailable(
+                            format!(
+                                "PostgreSQL did not answer through the pooler within {:?}",
+                                config.connect_timeout
+                            ),
+                            None,
+                        )
+                    })?
+                    .map_err(|e| from_pg(e, &config.table))?;
+            if let Some(server_us) = clock_reading(&messages) {
+                config.server_clock().observe(Instant::now(), server_us);
+            }
+        }
+        drop(conn);
         let connect_timeout = config.connect_timeout;
         let (backend, ready) = Self::assemble(pool, config)?;
         if let Some(ready) = ready {
@@ -249,6 +277,17 @@ impl PostgresBackend {
             listener = Some(handle);
             ready = Some(ready_rx);
         }
+        let (begin, create_table) = match config.pooler() {
+            Pooler::Session => (None, sql.create_table_locked.clone()),
+            Pooler::Transaction => (
+                Some(config.begin_sql()),
+                format!(
+                    "{}; {}",
+                    config.local_settings_sql(),
+                    sql.create_table_locked
+                ),
+            ),
+        };
         let backend = Self {
             inner: Arc::new(Inner {
                 pool,
@@ -257,6 +296,8 @@ impl PostgresBackend {
                 notifier,
                 listener,
                 call_timeout: config.call_timeout(),
+                begin,
+                create_table,
                 config,
                 in_flight: Mutex::new(HashMap::new()),
             }),
@@ -389,9 +430,14 @@ impl PostgresBackend {
         from_pg(error, &self.inner.table)
     }
 
-    /// Runs one prepared statement on a pooled connection, once more on another
+    /// Runs one statement on a pooled connection, once more on another
     /// connection if the session died under it (see the type's docs for why that
     /// is safe for every statement here), all within the call timeout.
+    ///
+    /// On a direct connection (or behind a session pooler) the statement is
+    /// prepared once per connection and runs under the session's settings;
+    /// behind a transaction pooler it runs unnamed in a transaction of its own
+    /// (see [`in_own_transaction`]).
     ///
     /// With `not_after`, the statement is one of the lock statements: its bound on
     /// the server's clock is appended to `params` (see [`bound_for`](Self::bound_for)),
@@ -425,17 +471,30 @@ impl PostgresBackend {
                         Some(not_after) => Some(self.bound_for(client, not_after).await?),
                         None => None,
                     };
-                    let statement = conn
-                        .get()
-                        .prepare_typed_cached(sql, types)
-                        .await
-                        .map_err(Failure::Pg)?;
-                    if let Some(not_after) = not_after {
-                        check_not_passed(not_after)?;
-                    }
-                    let mut all = params.to_vec();
-                    all.extend(bound.as_ref().map(|b| b as &(dyn ToSql + Sync)));
-                    let rows = client.query(&statement, &all).await.map_err(Failure::Pg)?;
+                    let rows = match &self.inner.begin {
+                        None => {
+                            let statement = conn
+                                .get()
+                                .prepare_typed_cached(sql, types)
+                                .await
+                                .map_err(Failure::Pg)?;
+                            if let Some(not_after) = not_after {
+                                check_not_passed(not_after)?;
+                            }
+                            let mut all = params.to_vec();
+                            all.extend(bound.as_ref().map(|b| b as &(dyn ToSql + Sync)));
+                            client.query(&statement, &all).await.map_err(Failure::Pg)?
+                        }
+                        Some(begin) => {
+                            if let Some(not_after) = not_after {
+                                check_not_passed(not_after)?;
+                            }
+                            let typed = with_types(params, types, bound.as_ref());
+                            in_own_transaction(client, begin, sql, &typed)
+                                .await
+                                .map_err(Failure::Pg)?
+                        }
+                    };
                     Ok((rows, bound))
                 }
                 .await;
@@ -492,12 +551,7 @@ impl PostgresBackend {
         let mut reran = false;
         loop {
             let bound = self.bound_for(client, not_after).await?;
-            let mut typed: Vec<(&(dyn ToSql + Sync), Type)> = params
-                .iter()
-                .zip(types)
-                .map(|(param, ty)| (*param, ty.clone()))
-                .collect();
-            typed.push((&bound, Type::INT8));
+            let typed = with_types(params, types, Some(&bound));
             check_not_passed(not_after)?;
             let rows = client.query_typed(sql, &typed).await.map_err(Failure::Pg)?;
             let answer = self.answer(rows, false, Some(bound))?;
@@ -798,6 +852,60 @@ impl Failure {
     }
 }
 
+/// `params` paired with their `types`, and the not-after `bound` (an int8) last
+/// if there is one: the parameters of an unnamed statement.
+fn with_types<'a>(
+    params: &[&'a (dyn ToSql + Sync)],
+    types: &[Type],
+    bound: Option<&'a i64>,
+) -> Vec<(&'a (dyn ToSql + Sync), Type)> {
+    params
+        .iter()
+        .zip(types)
+        .map(|(param, ty)| (*param, ty.clone()))
+        .chain(bound.map(|b| (b as &(dyn ToSql + Sync), Type::INT8)))
+        .collect()
+}
+
+/// Runs one statement in a transaction of its own, for a session that a
+/// transaction pooler lends us for that transaction only: `begin` (`BEGIN; SET
+/// LOCAL …`, one simple query), the statement unnamed (Parse, Bind, Describe,
+/// Execute, Sync: nothing named outlives it), and `COMMIT`, **all sent before
+/// the first answer**, so the call still costs one round trip. The settings end
+/// with the transaction, so no other client of the pooled session sees them,
+/// yet they bound the statement: `statement_timeout` is armed when a statement
+/// starts, and it starts after the `SET LOCAL`.
+///
+/// tokio-postgres pipelines the requests of one client: each of these futures
+/// hands its messages to the connection when first polled, and
+/// `join!(biased; …)` polls them first in this order, in one poll, so they
+/// leave in this order (the connection task writes all it has queued, then
+/// flushes). The pooler keeps the three on one server session: the session
+/// leaves the transaction (ReadyForQuery idle) only after `COMMIT`.
+///
+/// A statement that fails (a row-lock wait past `lock_timeout`, say) aborts the
+/// transaction; `COMMIT` then rolls it back without an error, and the
+/// statement's error is returned. A failed `COMMIT` after a statement that
+/// succeeded is returned too: the statement's effect is then unknown, as with a
+/// lost answer.
+async fn in_own_transaction(
+    client: &tokio_postgres::Client,
+    begin: &str,
+    sql: &str,
+    params: &[(&(dyn ToSql + Sync), Type)],
+) -> std::result::Result<Vec<Row>, tokio_postgres::Error> {
+    let (begun, rows, committed) = tokio::join!(
+        biased;
+        client.batch_execute(begin),
+        client.query_typed(sql, params),
+        client.batch_execute(COMMIT),
+    );
+    begun?;
+    let rows = rows?;
+    committed?;
+    Ok(rows)
+}
+
 /// Refuses to send a lock statement once its `not_after` has passed: the server
 /// would refuse it (or, were the bound wrong, let it act late), and the caller
 /// has stopped waiting. Checked when the call starts and again just before the
@@ -1087,7 +1195,7 @@ impl LockBackend for PostgresBackend {
     }
 
     async fn create_table(&self) -> Result<()> {
-        let ddl = &self.inner.sql.create_table_locked;
+        let ddl = &self.inner.create_table;
         let call = async {
             let conn = self
                 .inner
@@ -1129,6 +1237,7 @@ impl fmt::Debug for PostgresBackend {
             .field("pool_size", &status.max_size)
             .field("pool_open", &status.size)
             .field("listening", &self.inner.listener.is_some())
+            .field("pooler", &self.inner.config.pooler())
             .finish()
     }
 }

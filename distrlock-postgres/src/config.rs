@@ -158,8 +158,35 @@ impl PostgresConfig {
     /// which drops these settings (calls would then wait on row locks without
     /// bound). Alternatively put them in the connection's startup options
     /// (`options=-c lock_timeout=…`), which survive `RESET ALL`.
+    ///
+    /// Behind a transaction pooler ([`Pooler::Transaction`]) the backend never
+    /// sends them: each call sets the same bounds with `SET LOCAL` in its own
+    /// transaction instead. An operator may still give the pooler's login role the
+    /// same defaults (`ALTER ROLE … SET lock_timeout = …`), for the pooler's
+    /// other clients and as a second line.
     pub fn session_settings_sql(&self) -> String {
         sql::session_settings(
+            millis_ceil(self.lock_timeout),
+            millis_ceil(self.statement_timeout),
+        )
+    }
+
+    /// How each call opens its own transaction behind a transaction pooler:
+    /// `BEGIN; SET LOCAL lock_timeout = …; SET LOCAL statement_timeout = …; SET
+    /// LOCAL transaction_isolation = 'read committed'; SET LOCAL
+    /// idle_in_transaction_session_timeout = …`.
+    pub(crate) fn begin_sql(&self) -> String {
+        sql::begin_with_settings(
+            millis_ceil(self.lock_timeout),
+            millis_ceil(self.statement_timeout),
+        )
+    }
+
+    /// The `SET LOCAL` commands of [`begin_sql`](Self::begin_sql) without the
+    /// `BEGIN`, to put first in a simple-query message that runs as one implicit
+    /// transaction.
+    pub(crate) fn local_settings_sql(&self) -> String {
+        sql::transaction_settings(
             millis_ceil(self.lock_timeout),
             millis_ceil(self.statement_timeout),
         )
@@ -176,12 +203,21 @@ impl PostgresConfig {
     /// it on the server's clock (see [`PostgresBackend`](crate::PostgresBackend)).
     /// Without the hook the backend reads the clock itself once, with one more
     /// round trip before its first statement.
+    ///
+    /// Behind a transaction pooler ([`Pooler::Transaction`]) the hook sends
+    /// nothing: a pooled connection is no session of ours to set up, and every
+    /// call brings its settings along. The backend then reads the server's clock
+    /// once, before its first lock statement, and from every answer after that.
     pub fn post_create_hook(&self) -> deadpool_postgres::Hook {
         let setup = format!("{}; {}", self.session_settings_sql(), sql::CLOCK_READING);
         let clock = self.server_clock.clone();
+        let pooler = self.pooler;
         deadpool_postgres::Hook::async_fn(move |client, _metrics| {
             let (setup, clock) = (setup.clone(), clock.clone());
             Box::pin(async move {
+                if pooler == Pooler::Transaction {
+                    return Ok(());
+                }
                 let messages = client
                     .simple_query(&setup)
                     .await
