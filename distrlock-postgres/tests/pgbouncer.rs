@@ -11,12 +11,18 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{bouncer_or_skip, soon, through_port, unique};
-use distrlock_core::{LockBackend, LockKey, Token, Ttl};
-use distrlock_postgres::{Pooler, PostgresBackend, PostgresConfig, tokio_postgres};
+use distrlock_core::{
+    AcquireOutcome, Error, LockBackend, LockKey, LockManager, RetryPolicy, Token, Ttl,
+};
+use distrlock_postgres::{
+    Pooler, PostgresBackend, PostgresConfig, PostgresConfigBuilder, tokio_postgres,
+};
 use distrlock_testkit::PoolMode;
+use tokio::time::Instant;
 
 fn key(name: &str) -> LockKey {
     LockKey::new(name).unwrap()
@@ -41,7 +47,7 @@ impl Tally {
         if let Err(error) = result {
             let text = error.to_string();
             let kind = match (&error, text.find("SQLSTATE ")) {
-                (distrlock_core::Error::NotHeld { .. }, _) => "NotHeld".to_owned(),
+                (Error::NotHeld { .. }, _) => "NotHeld".to_owned(),
                 (_, Some(at)) => text[at + 9..].chars().take(5).collect(),
                 (_, None) => text.chars().take(40).collect(),
             };
@@ -301,22 +307,11 @@ async fn a_pooled_backend_leaves_no_session_state_to_the_pools_other_clients() {
     }
     drop(backend);
 
-    // Two plain clients, each inside a transaction at the same time: PgBouncer
-    // must lend them its two server sessions, one each.
-    let first = common::connect_with(through_port(bouncer.port()))
-        .await
-        .unwrap();
-    let second = common::connect_with(through_port(bouncer.port()))
-        .await
-        .unwrap();
-    first.batch_execute("BEGIN").await.unwrap();
-    second.batch_execute("BEGIN").await.unwrap();
-    let mut seen = Vec::new();
-    for client in [&first, &second] {
-        let mut state = session_state(client).await;
+    // Both server sessions, as the pool's next clients get them.
+    let seen = lend_both_sessions(&bouncer).await.map(|mut state| {
         let pid = state.pop().unwrap();
-        seen.push((pid, state));
-    }
+        (pid, state)
+    });
     assert_ne!(seen[0].0, seen[1].0, "two server sessions");
     for (pid, state) in &seen {
         assert_eq!(
@@ -326,10 +321,252 @@ async fn a_pooled_backend_leaves_no_session_state_to_the_pools_other_clients() {
              prepared statements, channels listened on)"
         );
     }
-    first.batch_execute("COMMIT").await.unwrap();
-    second.batch_execute("COMMIT").await.unwrap();
     admin
         .batch_execute(&format!("DROP TABLE IF EXISTS \"{table}\""))
+        .await
+        .unwrap();
+}
+
+/// A backend on `table` behind `bouncer` in transaction-pooler mode, configured
+/// further by `configure`.
+async fn pooled(
+    bouncer: &distrlock_testkit::PgBouncer,
+    table: &str,
+    configure: impl FnOnce(PostgresConfigBuilder) -> PostgresConfigBuilder,
+) -> PostgresBackend {
+    let config = configure(
+        PostgresConfig::builder()
+            .pg_config(through_port(bouncer.port()))
+            .table(table)
+            .pool_size(4)
+            .pooler(Pooler::Transaction),
+    )
+    .build()
+    .unwrap();
+    PostgresBackend::from_config(config)
+        .await
+        .expect("the backend connects through pgbouncer")
+}
+
+fn fence_of(outcome: AcquireOutcome) -> i64 {
+    match outcome {
+        AcquireOutcome::Acquired { fence, .. } => fence.get(),
+        other => panic!("expected Acquired, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_transaction_pooler_lock_timeout_bounds_a_try_on_a_row_another_transaction_locked()
+{
+    let name =
+        "behind_a_transaction_pooler_lock_timeout_bounds_a_try_on_a_row_another_transaction_locked";
+    let Some(admin) = common::admin_or_skip(name).await else {
+        return;
+    };
+    let Some(bouncer) = bouncer_or_skip(name, PoolMode::Transaction, 2).await else {
+        return;
+    };
+    let table = unique("dl_bouncer");
+    let bound = Duration::from_millis(800);
+    // The server's default lock_timeout and statement_timeout are 0 (none): only
+    // the call's own SET LOCAL can bound its wait.
+    let backend = pooled(&bouncer, &table, |b| {
+        b.lock_timeout(bound)
+            .statement_timeout(Duration::from_secs(4))
+    })
+    .await;
+    backend.create_table().await.unwrap();
+    let (free, held) = (key("free"), key("held"));
+    let (old, holder) = (Token::new(), Token::new());
+    let lease = ttl(Duration::from_secs(30));
+    fence_of(
+        backend
+            .try_acquire(&free, &old, lease, "o", soon())
+            .await
+            .unwrap(),
+    );
+    backend.release(&free, &old, soon()).await.unwrap();
+    fence_of(
+        backend
+            .try_acquire(&held, &holder, lease, "o", soon())
+            .await
+            .unwrap(),
+    );
+
+    // Someone else's open transaction, straight on the server, locks both rows.
+    let mut foreign = common::admin().await.unwrap();
+    let tx = foreign.transaction().await.unwrap();
+    tx.execute(
+        &format!("SELECT 1 FROM \"{table}\" WHERE lock_key IN ($1, $2) FOR UPDATE"),
+        &[&free.as_str(), &held.as_str()],
+    )
+    .await
+    .unwrap();
+
+    // A free row, locked: the try waits for the bound, then reports the key busy.
+    for _ in 0..2 {
+        let started = Instant::now();
+        let outcome = backend
+            .try_acquire(&free, &Token::new(), lease, "me", soon())
+            .await
+            .unwrap();
+        let took = started.elapsed();
+        assert_eq!(outcome, AcquireOutcome::Held { remaining: None });
+        assert!(
+            took >= bound - Duration::from_millis(100)
+                && took < bound + Duration::from_millis(1500),
+            "try_acquire took {took:?} with a {bound:?} row-lock bound"
+        );
+    }
+    // A held row is refused from what the statement sees, without waiting.
+    let started = Instant::now();
+    assert!(matches!(
+        backend
+            .try_acquire(&held, &Token::new(), lease, "me", soon())
+            .await
+            .unwrap(),
+        AcquireOutcome::Held { remaining: Some(_) }
+    ));
+    assert!(
+        started.elapsed() < bound - Duration::from_millis(100),
+        "waited for no reason"
+    );
+    // The holder's extend must lock the row: bounded, and a transient error.
+    let started = Instant::now();
+    let error = backend
+        .extend(&held, &holder, lease, soon())
+        .await
+        .expect_err("extend cannot lock the row");
+    assert!(error.is_transient(), "{error}");
+    assert!(started.elapsed() < bound + Duration::from_millis(1500));
+
+    // The refused statements' transactions were rolled back: both pooled
+    // sessions are idle, so two plain clients get one each at once (a session
+    // stuck in an aborted transaction would not be lent to anyone).
+    let states = lend_both_sessions(&bouncer).await;
+    assert_ne!(states[0].last(), states[1].last(), "two server sessions");
+
+    tx.rollback().await.unwrap();
+    fence_of(
+        backend
+            .try_acquire(&free, &Token::new(), lease, "me", soon())
+            .await
+            .unwrap(),
+    );
+    backend.extend(&held, &holder, lease, soon()).await.unwrap();
+    drop(backend);
+    admin
+        .batch_execute(&format!("DROP TABLE \"{table}\""))
+        .await
+        .unwrap();
+}
+
+/// Two plain clients through `bouncer`, each inside a transaction at the same
+/// time, so that PgBouncer must lend them its two server sessions, one each;
+/// what [`SESSION_STATE`] says in each. Fails if a session is not lent within
+/// 5 s (one stuck in a transaction would never be).
+async fn lend_both_sessions(bouncer: &distrlock_testkit::PgBouncer) -> [Vec<String>; 2] {
+    let lend = async {
+        let first = common::connect_with(through_port(bouncer.port()))
+            .await
+            .unwrap();
+        let second = common::connect_with(through_port(bouncer.port()))
+            .await
+            .unwrap();
+        first.batch_execute("BEGIN").await.unwrap();
+        second.batch_execute("BEGIN").await.unwrap();
+        let states = [session_state(&first).await, session_state(&second).await];
+        first.batch_execute("COMMIT").await.unwrap();
+        second.batch_execute("COMMIT").await.unwrap();
+        states
+    };
+    tokio::time::timeout(Duration::from_secs(5), lend)
+        .await
+        .expect("PgBouncer lends both server sessions within 5 s")
+}
+
+/// A manager on `backend` whose waiters poll every 20 to `max_poll`.
+fn manager(backend: &PostgresBackend, max_poll: Duration) -> LockManager {
+    LockManager::builder(Arc::new(backend.clone()))
+        .ttl(Duration::from_secs(30))
+        .retry_policy(
+            RetryPolicy::default()
+                .with_initial_delay(Duration::from_millis(20).min(max_poll))
+                .with_max_delay(max_poll),
+        )
+        .build()
+        .unwrap()
+}
+
+/// A waiter in one backend takes the lock after `holder` (another backend)
+/// releases it: how long after the release.
+async fn handoff(
+    holder: &PostgresBackend,
+    waiter: &PostgresBackend,
+    max_poll: Duration,
+) -> Duration {
+    let k = format!("handoff-{:x}", fastrand::u64(..));
+    let guard = manager(holder, max_poll)
+        .lock(&k)
+        .unwrap()
+        .try_acquire()
+        .await
+        .unwrap();
+    let waiting = {
+        let lock = manager(waiter, max_poll).lock(&k).unwrap();
+        tokio::spawn(async move {
+            let guard = lock.acquire_timeout(Duration::from_secs(20)).await?;
+            let took = Instant::now();
+            guard.release().await?;
+            Ok::<_, Error>(took)
+        })
+    };
+    // Let the waiter try and go to sleep.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let released = Instant::now();
+    guard.release().await.unwrap();
+    waiting.await.unwrap().expect("the waiter takes the lock") - released
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_transaction_pooler_waiters_poll_or_listen_on_a_direct_url() {
+    let name = "behind_a_transaction_pooler_waiters_poll_or_listen_on_a_direct_url";
+    let Some(admin) = common::admin_or_skip(name).await else {
+        return;
+    };
+    let Some(bouncer) = bouncer_or_skip(name, PoolMode::Transaction, 2).await else {
+        return;
+    };
+    let table = unique("dl_bouncer");
+    let holder = pooled(&bouncer, &table, |b| b).await;
+    holder.create_table().await.unwrap();
+    assert!(
+        !holder.config().listens(),
+        "no LISTEN through a transaction pooler"
+    );
+
+    // Without a listen URL: the waiter polls, so it takes the lock within about
+    // one poll interval of the release.
+    let polling = pooled(&bouncer, &table, |b| b).await;
+    assert!(!polling.config().listens());
+    let took = handoff(&holder, &polling, Duration::from_millis(100)).await;
+    assert!(
+        took < Duration::from_secs(2),
+        "a polling waiter took {took:?}"
+    );
+
+    // With a direct listen URL: woken by the release's notification, long before
+    // its 60 s poll.
+    let listening = pooled(&bouncer, &table, |b| b.listen_url(common::url())).await;
+    assert!(listening.config().listens());
+    let took = handoff(&holder, &listening, Duration::from_secs(60)).await;
+    assert!(
+        took < Duration::from_secs(2),
+        "a notified waiter took {took:?}"
+    );
+    drop((holder, polling, listening));
+    admin
+        .batch_execute(&format!("DROP TABLE \"{table}\""))
         .await
         .unwrap();
 }
