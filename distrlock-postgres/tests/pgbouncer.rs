@@ -3,17 +3,22 @@
 //! with a `default_pool_size` of 2, so that clients really share its server
 //! sessions: with [`Pooler::Transaction`] no call fails for a prepared statement
 //! another client made or lost, no setting leaks to the pool's other clients,
-//! row-lock waits stay bounded, and waiters poll.
+//! row-lock waits stay bounded, and waiters poll. The whole conformance suite
+//! runs through such a PgBouncer too (module `conformance`), each case with a
+//! PgBouncer of its own.
 //!
 //! Without the `pgbouncer` binary (Debian's `pgbouncer` package) or the server,
 //! the tests print `SKIPPED`, and fail under `DISTRLOCK_REQUIRE_DB=1`.
 
 mod common;
 
+distrlock_testkit::conformance_tests!(PgBouncerHarness);
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use common::{bouncer_or_skip, soon, through_port, unique};
 use distrlock_core::{
     AcquireOutcome, Error, LockBackend, LockKey, LockManager, RetryPolicy, Token, Ttl,
@@ -21,7 +26,9 @@ use distrlock_core::{
 use distrlock_postgres::{
     Pooler, PostgresBackend, PostgresConfig, PostgresConfigBuilder, tokio_postgres,
 };
-use distrlock_testkit::PoolMode;
+use distrlock_testkit::{
+    FaultProxy, Faults, Harness, PgBouncer, PoolMode, Setup, Skip, Unsupported,
+};
 use tokio::time::Instant;
 
 fn key(name: &str) -> LockKey {
@@ -569,4 +576,86 @@ async fn behind_a_transaction_pooler_waiters_poll_or_listen_on_a_direct_url() {
         .batch_execute(&format!("DROP TABLE \"{table}\""))
         .await
         .unwrap();
+}
+
+/// The conformance harness behind a transaction pooler: each setup starts a
+/// PgBouncer of its own in transaction mode with 2 server connections, in
+/// front of the test server, and a backend in [`Pooler::Transaction`] mode
+/// with 8 connections to it, so its calls (and its managers' waiters and
+/// heartbeats) share 2 server sessions. The backend reaches PgBouncer through
+/// a `FaultProxy`, which `make_unreachable` freezes; `kill_sessions` kills the
+/// server sessions PgBouncer holds for it (PgBouncer passes the client's
+/// `application_name` on to them).
+#[derive(Debug, Clone, Copy, Default)]
+struct PgBouncerHarness;
+
+#[async_trait]
+impl Harness for PgBouncerHarness {
+    async fn setup(&self) -> Result<Setup, Skip> {
+        let admin = common::admin().await.map_err(Skip)?;
+        let bouncer = common::bouncer(PoolMode::Transaction, 2)
+            .await
+            .map_err(Skip)?;
+        let upstream = std::net::SocketAddr::from(([127, 0, 0, 1], bouncer.port()));
+        let proxy = FaultProxy::start(upstream)
+            .await
+            .map_err(|e| Skip(format!("cannot start a fault proxy: {e}")))?;
+        let application_name = unique("distrlock-conformance-bouncer");
+        let config = PostgresConfig::builder()
+            .pg_config(common::through(&proxy))
+            .table("distrlock_conformance")
+            .pool_size(8)
+            .application_name(&application_name)
+            .pooler(Pooler::Transaction)
+            .build()
+            .map_err(|e| Skip(format!("DISTRLOCK_TEST_POSTGRES_URL is not usable: {e}")))?;
+        let backend = PostgresBackend::from_config(config)
+            .await
+            .map_err(|e| Skip(format!("the backend cannot connect through PgBouncer: {e}")))?;
+        backend
+            .create_table()
+            .await
+            .expect("create_table on the conformance table, through PgBouncer");
+        let backend: Arc<dyn LockBackend> = Arc::new(backend);
+        Ok(Setup::with_faults(
+            backend,
+            Arc::new(BouncerFaults {
+                admin,
+                application_name,
+                proxy,
+                _bouncer: bouncer,
+            }),
+        ))
+    }
+}
+
+/// The fault hooks of [`PgBouncerHarness`]; it owns the setup's PgBouncer,
+/// killed when the case drops its setup.
+struct BouncerFaults {
+    admin: tokio_postgres::Client,
+    application_name: String,
+    proxy: FaultProxy,
+    _bouncer: PgBouncer,
+}
+
+#[async_trait]
+impl Faults for BouncerFaults {
+    async fn make_unreachable(&self) -> Result<(), Unsupported> {
+        self.proxy.set_stalled(true);
+        Ok(())
+    }
+
+    async fn restore(&self) -> Result<(), Unsupported> {
+        self.proxy.heal();
+        Ok(())
+    }
+
+    async fn kill_sessions(&self) -> Result<(), Unsupported> {
+        let killed = common::kill_sessions(&self.admin, &self.application_name).await;
+        assert!(
+            killed > 0,
+            "PgBouncer held no server session for the backend"
+        );
+        Ok(())
+    }
 }
