@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use common::counting_proxy::{CountingProxy, Counts};
 use common::{bouncer_or_skip, soon, through_port, unique};
 use distrlock_core::{
     AcquireOutcome, Error, LockBackend, LockKey, LockManager, RetryPolicy, Token, Ttl,
@@ -658,4 +659,137 @@ impl Faults for BouncerFaults {
         );
         Ok(())
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_transaction_pooler_each_call_is_one_round_trip() {
+    let name = "behind_a_transaction_pooler_each_call_is_one_round_trip";
+    let Some(admin) = common::admin_or_skip(name).await else {
+        return;
+    };
+    let Some(bouncer) = bouncer_or_skip(name, PoolMode::Transaction, 2).await else {
+        return;
+    };
+    // The backend → counting proxy → PgBouncer → server. The proxy adds 50 ms
+    // each way, as a network between the application and its pooler would: a
+    // round trip is then 100 ms, far longer than the microseconds by which the
+    // pipelined requests of one call may leave apart (when the connection task
+    // runs on another thread between them, it writes what it has, then the
+    // rest), so a call that does not wait for an answer before sending the rest
+    // is counted as one round trip.
+    let upstream = std::net::SocketAddr::from(([127, 0, 0, 1], bouncer.port()));
+    let proxy = CountingProxy::start_with_latency(upstream, Duration::from_millis(50))
+        .await
+        .unwrap();
+    let table = unique("dl_bouncer_counted");
+    let backend = PostgresBackend::from_config(
+        PostgresConfig::builder()
+            .pg_config(through_port(proxy.addr.port()))
+            .table(&table)
+            .pool_size(1)
+            .pooler(Pooler::Transaction)
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    backend.create_table().await.unwrap();
+    assert!(
+        backend.server_clock().is_known(),
+        "connecting read the server's clock through the pooler"
+    );
+
+    let mut report = Vec::new();
+    // Each call: BEGIN and its SET LOCALs (one simple query), the statement
+    // unnamed (Parse, Bind, Describe, Execute, Sync: parsed every time), COMMIT
+    // (a simple query): three sync points, all sent before the first answer.
+    let mut expect_one = |what: &str, before: &(Counts, Instant)| {
+        let delta = proxy.counts().since(&before.0);
+        report.push(format!(
+            "{what}: {} round trip(s) in {:?}, {} sync point(s), {:?}",
+            delta.round_trips(),
+            before.1.elapsed(),
+            delta.sync_points(),
+            delta.messages
+        ));
+        assert_eq!(delta.round_trips(), 1, "{what}: {delta:?}");
+        assert_eq!(
+            (
+                delta.get('Q'),
+                delta.get('P'),
+                delta.get('E'),
+                delta.get('S')
+            ),
+            (2, 1, 1, 1),
+            "{what}: {delta:?}"
+        );
+    };
+    let (k, absent, a, b) = (key("counted"), key("absent"), Token::new(), Token::new());
+    let lease = ttl(Duration::from_secs(30));
+    // No warm-up: nothing is prepared, so the first call costs what every call does.
+    let c = (proxy.counts(), Instant::now());
+    fence_of(
+        backend
+            .try_acquire(&k, &a, lease, "o", soon())
+            .await
+            .unwrap(),
+    );
+    expect_one("acquire (row absent)", &c);
+    let c = (proxy.counts(), Instant::now());
+    fence_of(
+        backend
+            .try_acquire(&k, &a, lease, "o", soon())
+            .await
+            .unwrap(),
+    );
+    expect_one("acquire (same token)", &c);
+    let c = (proxy.counts(), Instant::now());
+    assert!(matches!(
+        backend
+            .try_acquire(&k, &b, lease, "o", soon())
+            .await
+            .unwrap(),
+        AcquireOutcome::Held { .. }
+    ));
+    expect_one("acquire (refused)", &c);
+    let c = (proxy.counts(), Instant::now());
+    backend.extend(&k, &a, lease, soon()).await.unwrap();
+    expect_one("extend", &c);
+    let c = (proxy.counts(), Instant::now());
+    backend
+        .extend_many(&[(k.clone(), a), (absent.clone(), b)], lease, soon())
+        .await
+        .unwrap();
+    expect_one("extend_many", &c);
+    let c = (proxy.counts(), Instant::now());
+    backend.release(&k, &a, soon()).await.unwrap();
+    expect_one("release", &c);
+    let c = (proxy.counts(), Instant::now());
+    fence_of(
+        backend
+            .try_acquire(&k, &b, lease, "o", soon())
+            .await
+            .unwrap(),
+    );
+    expect_one("acquire (row present, free)", &c);
+    let c = (proxy.counts(), Instant::now());
+    assert!(backend.release(&k, &a, soon()).await.is_err());
+    expect_one("release (not held)", &c);
+    let c = (proxy.counts(), Instant::now());
+    backend.inspect(&k).await.unwrap();
+    expect_one("inspect", &c);
+    let c = (proxy.counts(), Instant::now());
+    backend.list().await.unwrap();
+    expect_one("list", &c);
+    backend.release(&k, &b, soon()).await.unwrap();
+
+    eprintln!(
+        "measured through the counting proxy, in front of PgBouncer:\n  {}",
+        report.join("\n  ")
+    );
+    drop(backend);
+    admin
+        .batch_execute(&format!("DROP TABLE \"{table}\""))
+        .await
+        .unwrap();
 }
