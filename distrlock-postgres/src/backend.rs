@@ -37,6 +37,20 @@ use crate::sql::{
 /// - `try_acquire`, `extend` and `release` each run **one statement in one round
 ///   trip**, prepared once per pooled connection (deadpool's statement cache).
 ///   Expiry is computed on the server with `clock_timestamp()`.
+/// - **Behind a transaction pooler** (PgBouncer's `pool_mode = transaction`),
+///   set [`Pooler::Transaction`](crate::Pooler::Transaction) (or
+///   `?distrlock_pooler=transaction` in the URL): each call then runs
+///   `BEGIN; SET LOCAL lock_timeout …, statement_timeout …, transaction_isolation
+///   …, idle_in_transaction_session_timeout …`, its statement unnamed (parsed
+///   every time), and `COMMIT`, all pipelined in **one round trip**, and leaves
+///   nothing on the pooled session: no `SET`, no prepared statement, no
+///   `LISTEN`. Waiters in other processes poll, unless a direct
+///   [`listen_url`](crate::PostgresConfigBuilder::listen_url) is given. The
+///   server's clock is read once when connecting, then from every answer.
+///   Without the setting, a transaction pooler hands a named statement to
+///   another client's session, or runs another client's statement of the same
+///   name, and passes the backend's session settings on to the pool's other
+///   clients.
 /// - **No late effects.** Each of these statements carries the caller's
 ///   `not_after` mapped onto the server's clock (contract item 8): from the
 ///   latest clock reading any session reported (every answer carries one; a new
@@ -48,7 +62,8 @@ use crate::sql::{
 ///   passed, whether before the call or while it waited for a connection or for
 ///   the statement's first preparation on it.
 /// - **Bounded.** Each pooled session runs with `lock_timeout` and
-///   `statement_timeout` from the [`PostgresConfig`], and each call as a whole is
+///   `statement_timeout` from the [`PostgresConfig`] (behind a transaction
+///   pooler, each call's own transaction does), and each call as a whole is
 ///   bounded by [`PostgresConfig::call_timeout`]. A try-acquire that waits past
 ///   `lock_timeout` for a row locked by another transaction (an uncommitted
 ///   [`try_acquire_in`](Self::try_acquire_in), a hand-written `SELECT … FOR UPDATE`)
@@ -241,6 +256,12 @@ impl PostgresBackend {
     /// [`listen_url`](crate::PostgresConfigBuilder::listen_url)) and listening is
     /// on (see [`PostgresConfig::listens`]).
     ///
+    /// With a config for a transaction pooler
+    /// ([`Pooler::Transaction`](crate::Pooler::Transaction)) the pool's sessions
+    /// need no setup (the hook sends nothing then): every call brings its own
+    /// settings, and the backend reads the server's clock once, with one more
+    /// round trip before its first lock statement.
+    ///
     /// Must be called within a tokio runtime when it starts a listener; returns
     /// [`Error::InvalidConfig`] otherwise.
     pub fn from_pool(pool: Pool, config: PostgresConfig) -> Result<Self> {
@@ -334,7 +355,9 @@ impl PostgresBackend {
     /// `clock_timestamp()`), not when the transaction began, and the row stays
     /// locked by your transaction until it ends, so keep it short.
     ///
-    /// One round trip (an unnamed statement, parsed each time). Your session's own
+    /// One round trip (an unnamed statement, parsed each time), so it works
+    /// through a transaction pooler too: your transaction holds its server
+    /// session until it ends. Your session's own
     /// settings apply: a row-lock wait past your `lock_timeout` is an error here
     /// (your transaction is aborted), not [`AcquireOutcome::Held`].
     ///
