@@ -793,3 +793,58 @@ async fn behind_a_transaction_pooler_each_call_is_one_round_trip() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_transaction_pooler_a_missing_table_is_schema_missing_and_the_sessions_stay_idle()
+{
+    let name =
+        "behind_a_transaction_pooler_a_missing_table_is_schema_missing_and_the_sessions_stay_idle";
+    let Some(admin) = common::admin_or_skip(name).await else {
+        return;
+    };
+    let Some(bouncer) = bouncer_or_skip(name, PoolMode::Transaction, 2).await else {
+        return;
+    };
+    let table = unique("dl_bouncer_missing");
+    let backend = pooled(&bouncer, &table, |b| b).await;
+    let (k, token) = (key("k"), Token::new());
+    let lease = ttl(Duration::from_secs(5));
+    // The statement fails inside the call's transaction; COMMIT rolls it back.
+    let results = [
+        backend
+            .try_acquire(&k, &token, lease, "o", soon())
+            .await
+            .map(|_| ()),
+        backend.extend(&k, &token, lease, soon()).await.map(|_| ()),
+        backend
+            .extend_many(&[(k.clone(), token)], lease, soon())
+            .await
+            .map(|_| ()),
+        backend.release(&k, &token, soon()).await,
+        backend.inspect(&k).await.map(|_| ()),
+        backend.list().await.map(|_| ()),
+    ];
+    for result in results {
+        match result {
+            Err(error @ Error::SchemaMissing { .. }) => {
+                assert!(error.to_string().contains(&table), "{error}");
+            }
+            other => panic!("expected SchemaMissing, got {other:?}"),
+        }
+    }
+    let states = lend_both_sessions(&bouncer).await;
+    assert_ne!(states[0].last(), states[1].last(), "two server sessions");
+    backend.create_table().await.unwrap();
+    fence_of(
+        backend
+            .try_acquire(&k, &token, lease, "o", soon())
+            .await
+            .unwrap(),
+    );
+    backend.release(&k, &token, soon()).await.unwrap();
+    drop(backend);
+    admin
+        .batch_execute(&format!("DROP TABLE \"{table}\""))
+        .await
+        .unwrap();
+}
