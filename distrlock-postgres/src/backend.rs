@@ -18,12 +18,12 @@ use tokio::time::Instant;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{GenericClient, Row};
 
-use crate::config::{PostgresConfig, Redacted, clock_reading};
+use crate::config::{Pooler, PostgresConfig, Redacted, clock_reading};
 use crate::error::{from_pg, from_pool, is_lock_not_available, is_session_lost};
 use crate::listener::Listener;
 use crate::sql::{
-    ACQUIRE_TYPES, CLOCK_READING, EXTEND_MANY_TYPES, EXTEND_TYPES, INSPECT_TYPES, RELEASE_TYPES,
-    Statements,
+    ACQUIRE_TYPES, CLOCK_READING, COMMIT, EXTEND_MANY_TYPES, EXTEND_TYPES, INSPECT_TYPES,
+    RELEASE_TYPES, Statements,
 };
 
 /// Locks stored as rows of one PostgreSQL table, reached through a deadpool of
@@ -37,6 +37,20 @@ use crate::sql::{
 /// - `try_acquire`, `extend` and `release` each run **one statement in one round
 ///   trip**, prepared once per pooled connection (deadpool's statement cache).
 ///   Expiry is computed on the server with `clock_timestamp()`.
+/// - **Behind a transaction pooler** (PgBouncer's `pool_mode = transaction`),
+///   set [`Pooler::Transaction`](crate::Pooler::Transaction) (or
+///   `?distrlock_pooler=transaction` in the URL): each call then runs
+///   `BEGIN; SET LOCAL lock_timeout …, statement_timeout …, transaction_isolation
+///   …, idle_in_transaction_session_timeout …`, its statement unnamed (parsed
+///   every time), and `COMMIT`, all pipelined in **one round trip**, and leaves
+///   nothing on the pooled session: no `SET`, no prepared statement, no
+///   `LISTEN`. Waiters in other processes poll, unless a direct
+///   [`listen_url`](crate::PostgresConfigBuilder::listen_url) is given. The
+///   server's clock is read once when connecting, then from every answer.
+///   Without the setting, a transaction pooler hands a named statement to
+///   another client's session, or runs another client's statement of the same
+///   name, and passes the backend's session settings on to the pool's other
+///   clients.
 /// - **No late effects.** Each of these statements carries the caller's
 ///   `not_after` mapped onto the server's clock (contract item 8): from the
 ///   latest clock reading any session reported (every answer carries one; a new
@@ -48,7 +62,8 @@ use crate::sql::{
 ///   passed, whether before the call or while it waited for a connection or for
 ///   the statement's first preparation on it.
 /// - **Bounded.** Each pooled session runs with `lock_timeout` and
-///   `statement_timeout` from the [`PostgresConfig`], and each call as a whole is
+///   `statement_timeout` from the [`PostgresConfig`] (behind a transaction
+///   pooler, each call's own transaction does), and each call as a whole is
 ///   bounded by [`PostgresConfig::call_timeout`]. A try-acquire that waits past
 ///   `lock_timeout` for a row locked by another transaction (an uncommitted
 ///   [`try_acquire_in`](Self::try_acquire_in), a hand-written `SELECT … FOR UPDATE`)
@@ -88,6 +103,12 @@ struct Inner {
     notifier: ReleaseNotifier,
     listener: Option<tokio::task::AbortHandle>,
     call_timeout: Duration,
+    /// Behind a transaction pooler, what opens each call's own transaction
+    /// (`BEGIN; SET LOCAL …`); `None` otherwise.
+    begin: Option<String>,
+    /// What `create_table` sends: the DDL under its advisory lock, behind a
+    /// transaction pooler after the `SET LOCAL`s.
+    create_table: String,
     config: PostgresConfig,
     /// Acquires still running, by key and token (see [`InFlight`]).
     in_flight: Mutex<HashMap<(LockKey, Token), watch::Sender<usize>>>,
@@ -110,23 +131,20 @@ pub(crate) enum Connector {
 }
 
 impl Connector {
-    fn for_config(config: &PostgresConfig) -> Result<Self> {
+    /// The connector for `pg`, one of `config`'s connections.
+    fn for_config(config: &PostgresConfig, pg: &tokio_postgres::Config) -> Result<Self> {
         #[cfg(feature = "tls")]
         {
             if let Some(tls) = &config.tls {
                 return Ok(Connector::Rustls(tls.connector()?));
             }
-            let require = config
-                .pg
-                .as_ref()
-                .is_some_and(|pg| pg.get_ssl_mode() == tokio_postgres::config::SslMode::Require);
-            if require {
+            if pg.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
                 return Ok(Connector::Rustls(
                     crate::tls::TlsConfig::webpki_roots().connector()?,
                 ));
             }
         }
-        let _ = config;
+        let _ = (config, pg);
         Ok(Connector::Plain)
     }
 }
@@ -161,7 +179,7 @@ impl PostgresBackend {
         let pg = config.pg.clone().ok_or_else(|| Error::InvalidConfig {
             reason: "no connection given: set a URL or a tokio_postgres::Config".into(),
         })?;
-        let connector = Connector::for_config(&config)?;
+        let connector = Connector::for_config(&config, &pg)?;
         let manager_config = ManagerConfig {
             // Fast: only checks that the connection is open. Verified or Clean would
             // add a round trip to every call; a session that died unnoticed is
@@ -185,9 +203,31 @@ impl PostgresBackend {
                 reason: format!("building the connection pool failed: {e}"),
             })?;
         // Fail now, not at the first lock, when the server or the login is wrong.
-        drop(pool.get().await.map_err(|e| from_pool(e, &config.table))?);
+        let conn = pool.get().await.map_err(|e| from_pool(e, &config.table))?;
+        if config.pooler() == Pooler::Transaction {
+            // A pooler may let us in before it has reached the server: ask the
+            // database itself, and read its clock while at it (behind a
+            // transaction pooler the session setup does not).
+            let messages =
+                tokio::time::timeout(config.connect_timeout, conn.simple_query(CLOCK_READING))
+                    .await
+                    .map_err(|_| {
+                        Error::unavailable(
+                            format!(
+                                "PostgreSQL did not answer through the pooler within {:?}",
+                                config.connect_timeout
+                            ),
+                            None,
+                        )
+                    })?
+                    .map_err(|e| from_pg(e, &config.table))?;
+            if let Some(server_us) = clock_reading(&messages) {
+                config.server_clock().observe(Instant::now(), server_us);
+            }
+        }
+        drop(conn);
         let connect_timeout = config.connect_timeout;
-        let (backend, ready) = Self::assemble(pool, config, Some(connector))?;
+        let (backend, ready) = Self::assemble(pool, config)?;
         if let Some(ready) = ready {
             // Waiters that start right away should already be woken by releases
             // elsewhere; if listening takes longer, it keeps trying in the background.
@@ -210,31 +250,36 @@ impl PostgresBackend {
     /// it the backend reads the clock itself once, with one more round trip before
     /// its first lock statement. Release notifications from other processes need a
     /// connection of their own outside the pool; the backend opens
-    /// one only if the config names a connection
+    /// one only if the config names a connection to listen on
     /// ([`url`](crate::PostgresConfigBuilder::url) or
-    /// [`pg_config`](crate::PostgresConfigBuilder::pg_config)) and listening is on.
+    /// [`pg_config`](crate::PostgresConfigBuilder::pg_config), or a
+    /// [`listen_url`](crate::PostgresConfigBuilder::listen_url)) and listening is
+    /// on (see [`PostgresConfig::listens`]).
+    ///
+    /// With a config for a transaction pooler
+    /// ([`Pooler::Transaction`](crate::Pooler::Transaction)) the pool's sessions
+    /// need no setup (the hook sends nothing then): every call brings its own
+    /// settings, and the backend reads the server's clock once, with one more
+    /// round trip before its first lock statement.
     ///
     /// Must be called within a tokio runtime when it starts a listener; returns
     /// [`Error::InvalidConfig`] otherwise.
     pub fn from_pool(pool: Pool, config: PostgresConfig) -> Result<Self> {
-        let connector = match config.pg.is_some() && config.listen {
-            true => Some(Connector::for_config(&config)?),
-            false => None,
-        };
-        Ok(Self::assemble(pool, config, connector)?.0)
+        Ok(Self::assemble(pool, config)?.0)
     }
 
     /// The backend, and a receiver that fires once its listener is `LISTEN`ing.
     fn assemble(
         pool: Pool,
         config: PostgresConfig,
-        connector: Option<Connector>,
     ) -> Result<(Self, Option<tokio::sync::oneshot::Receiver<()>>)> {
         let sql = Statements::new(&config.table);
         let notifier = ReleaseNotifier::new();
         let mut listener = None;
         let mut ready = None;
-        if let (true, Some(pg), Some(connector)) = (config.listen, config.pg.clone(), connector) {
+        let listen_pg = config.listen_pg_config().filter(|_| config.listen).cloned();
+        if let Some(pg) = listen_pg {
+            let connector = Connector::for_config(&config, &pg)?;
             if tokio::runtime::Handle::try_current().is_err() {
                 return Err(Error::InvalidConfig {
                     reason: "the release listener needs a tokio runtime: create the backend \
@@ -253,6 +298,17 @@ impl PostgresBackend {
             listener = Some(handle);
             ready = Some(ready_rx);
         }
+        let (begin, create_table) = match config.pooler() {
+            Pooler::Session => (None, sql.create_table_locked.clone()),
+            Pooler::Transaction => (
+                Some(config.begin_sql()),
+                format!(
+                    "{}; {}",
+                    config.local_settings_sql(),
+                    sql.create_table_locked
+                ),
+            ),
+        };
         let backend = Self {
             inner: Arc::new(Inner {
                 pool,
@@ -261,6 +317,8 @@ impl PostgresBackend {
                 notifier,
                 listener,
                 call_timeout: config.call_timeout(),
+                begin,
+                create_table,
                 config,
                 in_flight: Mutex::new(HashMap::new()),
             }),
@@ -305,7 +363,9 @@ impl PostgresBackend {
     /// unknown (the connection broke during `COMMIT`),
     /// [`inspect`](LockBackend::inspect) the key first.
     ///
-    /// One round trip (an unnamed statement, parsed each time). Your session's own
+    /// One round trip (an unnamed statement, parsed each time), so it works
+    /// through a transaction pooler too: your transaction holds its server
+    /// session until it ends. Your session's own
     /// settings apply: a row-lock wait past your `lock_timeout` is an error here
     /// (your transaction is aborted), not [`AcquireOutcome::Held`].
     ///
@@ -401,9 +461,14 @@ impl PostgresBackend {
         from_pg(error, &self.inner.table)
     }
 
-    /// Runs one prepared statement on a pooled connection, once more on another
+    /// Runs one statement on a pooled connection, once more on another
     /// connection if the session died under it (see the type's docs for why that
     /// is safe for every statement here), all within the call timeout.
+    ///
+    /// On a direct connection (or behind a session pooler) the statement is
+    /// prepared once per connection and runs under the session's settings;
+    /// behind a transaction pooler it runs unnamed in a transaction of its own
+    /// (see [`in_own_transaction`]).
     ///
     /// With `not_after`, the statement is one of the lock statements: its bound on
     /// the server's clock is appended to `params` (see [`bound_for`](Self::bound_for)),
@@ -437,17 +502,30 @@ impl PostgresBackend {
                         Some(not_after) => Some(self.bound_for(client, not_after).await?),
                         None => None,
                     };
-                    let statement = conn
-                        .get()
-                        .prepare_typed_cached(sql, types)
-                        .await
-                        .map_err(Failure::Pg)?;
-                    if let Some(not_after) = not_after {
-                        check_not_passed(not_after)?;
-                    }
-                    let mut all = params.to_vec();
-                    all.extend(bound.as_ref().map(|b| b as &(dyn ToSql + Sync)));
-                    let rows = client.query(&statement, &all).await.map_err(Failure::Pg)?;
+                    let rows = match &self.inner.begin {
+                        None => {
+                            let statement = conn
+                                .get()
+                                .prepare_typed_cached(sql, types)
+                                .await
+                                .map_err(Failure::Pg)?;
+                            if let Some(not_after) = not_after {
+                                check_not_passed(not_after)?;
+                            }
+                            let mut all = params.to_vec();
+                            all.extend(bound.as_ref().map(|b| b as &(dyn ToSql + Sync)));
+                            client.query(&statement, &all).await.map_err(Failure::Pg)?
+                        }
+                        Some(begin) => {
+                            if let Some(not_after) = not_after {
+                                check_not_passed(not_after)?;
+                            }
+                            let typed = with_types(params, types, bound.as_ref());
+                            in_own_transaction(client, begin, sql, &typed)
+                                .await
+                                .map_err(Failure::Pg)?
+                        }
+                    };
                     Ok((rows, bound))
                 }
                 .await;
@@ -504,12 +582,7 @@ impl PostgresBackend {
         let mut reran = false;
         loop {
             let bound = self.bound_for(client, not_after).await?;
-            let mut typed: Vec<(&(dyn ToSql + Sync), Type)> = params
-                .iter()
-                .zip(types)
-                .map(|(param, ty)| (*param, ty.clone()))
-                .collect();
-            typed.push((&bound, Type::INT8));
+            let typed = with_types(params, types, Some(&bound));
             check_not_passed(not_after)?;
             let rows = client.query_typed(sql, &typed).await.map_err(Failure::Pg)?;
             let answer = self.answer(rows, false, Some(bound))?;
@@ -808,6 +881,60 @@ impl Failure {
             ),
         }
     }
+}
+
+/// `params` paired with their `types`, and the not-after `bound` (an int8) last
+/// if there is one: the parameters of an unnamed statement.
+fn with_types<'a>(
+    params: &[&'a (dyn ToSql + Sync)],
+    types: &[Type],
+    bound: Option<&'a i64>,
+) -> Vec<(&'a (dyn ToSql + Sync), Type)> {
+    params
+        .iter()
+        .zip(types)
+        .map(|(param, ty)| (*param, ty.clone()))
+        .chain(bound.map(|b| (b as &(dyn ToSql + Sync), Type::INT8)))
+        .collect()
+}
+
+/// Runs one statement in a transaction of its own, for a session that a
+/// transaction pooler lends us for that transaction only: `begin` (`BEGIN; SET
+/// LOCAL …`, one simple query), the statement unnamed (Parse, Bind, Describe,
+/// Execute, Sync: nothing named outlives it), and `COMMIT`, **all sent before
+/// the first answer**, so the call still costs one round trip. The settings end
+/// with the transaction, so no other client of the pooled session sees them,
+/// yet they bound the statement: `statement_timeout` is armed when a statement
+/// starts, and it starts after the `SET LOCAL`.
+///
+/// tokio-postgres pipelines the requests of one client: each of these futures
+/// hands its messages to the connection when first polled, and
+/// `join!(biased; …)` polls them first in this order, in one poll, so they
+/// leave in this order (the connection task writes all it has queued, then
+/// flushes). The pooler keeps the three on one server session: the session
+/// leaves the transaction (ReadyForQuery idle) only after `COMMIT`.
+///
+/// A statement that fails (a row-lock wait past `lock_timeout`, say) aborts the
+/// transaction; `COMMIT` then rolls it back without an error, and the
+/// statement's error is returned. A failed `COMMIT` after a statement that
+/// succeeded is returned too: the statement's effect is then unknown, as with a
+/// lost answer.
+async fn in_own_transaction(
+    client: &tokio_postgres::Client,
+    begin: &str,
+    sql: &str,
+    params: &[(&(dyn ToSql + Sync), Type)],
+) -> std::result::Result<Vec<Row>, tokio_postgres::Error> {
+    let (begun, rows, committed) = tokio::join!(
+        biased;
+        client.batch_execute(begin),
+        client.query_typed(sql, params),
+        client.batch_execute(COMMIT),
+    );
+    begun?;
+    let rows = rows?;
+    committed?;
+    Ok(rows)
 }
 
 /// Refuses to send a lock statement once its `not_after` has passed: the server
@@ -1112,7 +1239,7 @@ impl LockBackend for PostgresBackend {
     }
 
     async fn create_table(&self) -> Result<()> {
-        let ddl = &self.inner.sql.create_table_locked;
+        let ddl = &self.inner.create_table;
         let call = async {
             let conn = self
                 .inner
@@ -1154,6 +1281,7 @@ impl fmt::Debug for PostgresBackend {
             .field("pool_size", &status.max_size)
             .field("pool_open", &status.size)
             .field("listening", &self.inner.listener.is_some())
+            .field("pooler", &self.inner.config.pooler())
             .finish()
     }
 }

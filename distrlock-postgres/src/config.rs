@@ -42,6 +42,9 @@ pub struct PostgresConfig {
     pub(crate) lock_timeout: Duration,
     pub(crate) application_name: String,
     pub(crate) listen: bool,
+    /// The listening connection's own settings, if it does not use `pg`.
+    pub(crate) listen_pg: Option<tokio_postgres::Config>,
+    pub(crate) pooler: Pooler,
     #[cfg(feature = "tls")]
     pub(crate) tls: Option<crate::tls::TlsConfig>,
     /// What the sessions have told of the server's clock: shared by the
@@ -109,9 +112,31 @@ impl PostgresConfig {
         &self.application_name
     }
 
-    /// Whether the backend keeps a `LISTEN` connection for release notifications.
+    /// Whether the backend keeps a `LISTEN` connection for release notifications:
+    /// when [`listen`](PostgresConfigBuilder::listen) is on and there is a
+    /// connection to listen on: the [`listen_url`](PostgresConfigBuilder::listen_url),
+    /// or else the main connection, except behind a transaction pooler (a
+    /// `LISTEN` needs a session of its own).
     pub fn listens(&self) -> bool {
-        self.listen
+        self.listen && self.listen_pg_config().is_some()
+    }
+
+    /// The connection the release listener uses: the
+    /// [`listen_url`](PostgresConfigBuilder::listen_url) if one was given, else
+    /// the main connection unless [`pooler`](Self::pooler) is
+    /// [`Pooler::Transaction`]; `None` if there is none.
+    pub fn listen_pg_config(&self) -> Option<&tokio_postgres::Config> {
+        match (&self.listen_pg, self.pooler) {
+            (Some(listen), _) => Some(listen),
+            (None, Pooler::Session) => self.pg.as_ref(),
+            (None, Pooler::Transaction) => None,
+        }
+    }
+
+    /// What sits between the backend and PostgreSQL, as far as sessions go
+    /// (see [`Pooler`]).
+    pub fn pooler(&self) -> Pooler {
+        self.pooler
     }
 
     /// The longest a single backend call may take, client side: waiting for a
@@ -133,8 +158,35 @@ impl PostgresConfig {
     /// which drops these settings (calls would then wait on row locks without
     /// bound). Alternatively put them in the connection's startup options
     /// (`options=-c lock_timeout=…`), which survive `RESET ALL`.
+    ///
+    /// Behind a transaction pooler ([`Pooler::Transaction`]) the backend never
+    /// sends them: each call sets the same bounds with `SET LOCAL` in its own
+    /// transaction instead. An operator may still give the pooler's login role the
+    /// same defaults (`ALTER ROLE … SET lock_timeout = …`), for the pooler's
+    /// other clients and as a second line.
     pub fn session_settings_sql(&self) -> String {
         sql::session_settings(
+            millis_ceil(self.lock_timeout),
+            millis_ceil(self.statement_timeout),
+        )
+    }
+
+    /// How each call opens its own transaction behind a transaction pooler:
+    /// `BEGIN; SET LOCAL lock_timeout = …; SET LOCAL statement_timeout = …; SET
+    /// LOCAL transaction_isolation = 'read committed'; SET LOCAL
+    /// idle_in_transaction_session_timeout = …`.
+    pub(crate) fn begin_sql(&self) -> String {
+        sql::begin_with_settings(
+            millis_ceil(self.lock_timeout),
+            millis_ceil(self.statement_timeout),
+        )
+    }
+
+    /// The `SET LOCAL` commands of [`begin_sql`](Self::begin_sql) without the
+    /// `BEGIN`, to put first in a simple-query message that runs as one implicit
+    /// transaction.
+    pub(crate) fn local_settings_sql(&self) -> String {
+        sql::transaction_settings(
             millis_ceil(self.lock_timeout),
             millis_ceil(self.statement_timeout),
         )
@@ -151,12 +203,21 @@ impl PostgresConfig {
     /// it on the server's clock (see [`PostgresBackend`](crate::PostgresBackend)).
     /// Without the hook the backend reads the clock itself once, with one more
     /// round trip before its first statement.
+    ///
+    /// Behind a transaction pooler ([`Pooler::Transaction`]) the hook sends
+    /// nothing: a pooled connection is no session of ours to set up, and every
+    /// call brings its settings along. The backend then reads the server's clock
+    /// once, before its first lock statement, and from every answer after that.
     pub fn post_create_hook(&self) -> deadpool_postgres::Hook {
         let setup = format!("{}; {}", self.session_settings_sql(), sql::CLOCK_READING);
         let clock = self.server_clock.clone();
+        let pooler = self.pooler;
         deadpool_postgres::Hook::async_fn(move |client, _metrics| {
             let (setup, clock) = (setup.clone(), clock.clone());
             Box::pin(async move {
+                if pooler == Pooler::Transaction {
+                    return Ok(());
+                }
                 let messages = client
                     .simple_query(&setup)
                     .await
@@ -173,6 +234,195 @@ impl PostgresConfig {
     pub(crate) fn server_clock(&self) -> &Arc<ServerClock> {
         &self.server_clock
     }
+}
+
+/// What sits between the backend and PostgreSQL, as far as sessions go: set it
+/// with [`PostgresConfigBuilder::pooler`] or the URL parameter
+/// `distrlock_pooler=transaction`. The backend cannot tell reliably, so it never
+/// guesses.
+///
+/// ```
+/// use distrlock_postgres::{PostgresConfig, Pooler};
+///
+/// let config = PostgresConfig::builder()
+///     .url("postgres://app@pgbouncer.internal:6432/app?distrlock_pooler=transaction")
+///     .build()
+///     .unwrap();
+/// assert_eq!(config.pooler(), Pooler::Transaction);
+/// assert!(!config.listens(), "no LISTEN through a transaction pooler");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Pooler {
+    /// Each connection is one server session for its whole life: a direct
+    /// connection, or a pooler in session mode (PgBouncer's `pool_mode =
+    /// session`). Sessions are set up once (`SET lock_timeout`, …), statements
+    /// are prepared once per connection, and one connection `LISTEN`s. The
+    /// default.
+    #[default]
+    Session,
+    /// A transaction pooler (PgBouncer's `pool_mode = transaction`, and poolers
+    /// like it): each transaction of a connection may run on another server
+    /// session, one that other clients use too. So the backend leaves no session
+    /// state behind: no named prepared statements (each statement is sent
+    /// unnamed, parsed every time), no `SET` (every call runs `BEGIN; SET LOCAL
+    /// …; statement; COMMIT`, pipelined in one round trip), no `LISTEN` (waiters
+    /// poll, unless a direct [`listen_url`](PostgresConfigBuilder::listen_url)
+    /// is given). PgBouncer's statement mode, which refuses transactions, is not
+    /// supported.
+    Transaction,
+}
+
+impl Pooler {
+    /// The value of the URL parameter: `session` or `transaction`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Pooler::Session => "session",
+            Pooler::Transaction => "transaction",
+        }
+    }
+}
+
+impl fmt::Display for Pooler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Pooler {
+    type Err = Error;
+
+    /// `session` or `transaction`, in any case.
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "session" => Ok(Pooler::Session),
+            "transaction" => Ok(Pooler::Transaction),
+            _ => Err(invalid(format!(
+                "{POOLER_PARAM} must be `session` or `transaction`, got {s:?}"
+            ))),
+        }
+    }
+}
+
+/// distrlock's own connection-string parameter, taken out before the driver
+/// sees the rest (it refuses parameters it does not know).
+const POOLER_PARAM: &str = "distrlock_pooler";
+
+/// `conn` without its [`POOLER_PARAM`] parameters, and the last one's value, for
+/// both forms of connection string tokio-postgres reads: a `postgres://…?a=b&…`
+/// URL (split as the driver splits it: the parameters start at the first `?`
+/// after the credentials' `@`) and a `key=value …` string (values bare or
+/// single-quoted, with backslash escapes). A string the driver would not parse
+/// comes back unchanged, for the driver to report.
+fn split_pooler_param(conn: &str) -> (String, Option<String>) {
+    let url_body = ["postgres://", "postgresql://"]
+        .iter()
+        .find_map(|prefix| conn.strip_prefix(prefix).map(|body| (prefix.len(), body)));
+    match url_body {
+        Some((prefix_len, body)) => {
+            let after_credentials = body.find('@').map_or(0, |at| at + 1);
+            let Some(question) = body[after_credentials..].find('?') else {
+                return (conn.to_owned(), None);
+            };
+            let params_at = prefix_len + after_credentials + question;
+            let mut value = None;
+            let kept: Vec<&str> = conn[params_at + 1..]
+                .split('&')
+                .filter(|param| {
+                    let (key, v) = param.split_once('=').unwrap_or((param, ""));
+                    if percent_decode(key) == POOLER_PARAM {
+                        value = Some(percent_decode(v));
+                        false
+                    } else {
+                        true
+                    }
+                })
+                .collect();
+            let mut rest = conn[..params_at].to_owned();
+            if !kept.is_empty() {
+                rest.push('?');
+                rest.push_str(&kept.join("&"));
+            }
+            (rest, value)
+        }
+        None => split_key_value(conn).unwrap_or_else(|| (conn.to_owned(), None)),
+    }
+}
+
+/// [`split_pooler_param`] for a `key=value …` string; `None` if it does not parse.
+fn split_key_value(conn: &str) -> Option<(String, Option<String>)> {
+    let mut chars = conn.char_indices().peekable();
+    let mut rest = String::with_capacity(conn.len());
+    let mut value_found = None;
+    let mut kept_from = 0;
+    loop {
+        while chars.next_if(|(_, c)| c.is_whitespace()).is_some() {}
+        let Some(&(start, _)) = chars.peek() else {
+            break;
+        };
+        let mut key_end = start;
+        while let Some((i, c)) = chars.next_if(|(_, c)| !c.is_whitespace() && *c != '=') {
+            key_end = i + c.len_utf8();
+        }
+        let key = &conn[start..key_end];
+        while chars.next_if(|(_, c)| c.is_whitespace()).is_some() {}
+        chars.next_if(|(_, c)| *c == '=')?;
+        while chars.next_if(|(_, c)| c.is_whitespace()).is_some() {}
+        let mut value = String::new();
+        let end = if chars.next_if(|(_, c)| *c == '\'').is_some() {
+            loop {
+                match chars.next()? {
+                    (i, '\'') => break i + 1,
+                    (_, '\\') => value.push(chars.next()?.1),
+                    (_, c) => value.push(c),
+                }
+            }
+        } else {
+            let mut end = None;
+            while let Some((i, c)) = chars.next_if(|(_, c)| !c.is_whitespace()) {
+                end = Some(i + c.len_utf8());
+                if c == '\\' {
+                    let (j, escaped) = chars.next()?;
+                    end = Some(j + escaped.len_utf8());
+                    value.push(escaped);
+                } else {
+                    value.push(c);
+                }
+            }
+            end?
+        };
+        if key == POOLER_PARAM {
+            rest.push_str(&conn[kept_from..start]);
+            kept_from = end;
+            value_found = Some(value);
+        }
+    }
+    rest.push_str(&conn[kept_from..]);
+    Some((rest, value_found))
+}
+
+/// `%XX` escapes decoded (anything malformed kept as it is).
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(hi), Some(lo)) => {
+                out.push((hi * 16 + lo) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The µs reading in the answer of a simple query ending with
@@ -195,6 +445,8 @@ impl Default for PostgresConfig {
             lock_timeout: Self::DEFAULT_LOCK_TIMEOUT,
             application_name: Self::DEFAULT_APPLICATION_NAME.to_owned(),
             listen: true,
+            listen_pg: None,
+            pooler: Pooler::Session,
             #[cfg(feature = "tls")]
             tls: None,
             server_clock: Arc::new(ServerClock::new()),
@@ -212,7 +464,9 @@ impl fmt::Debug for PostgresConfig {
             .field("statement_timeout", &self.statement_timeout)
             .field("lock_timeout", &self.lock_timeout)
             .field("application_name", &self.application_name)
-            .field("listen", &self.listen);
+            .field("listen", &self.listen)
+            .field("listen_connection", &self.listen_pg.as_ref().map(Redacted))
+            .field("pooler", &self.pooler);
         #[cfg(feature = "tls")]
         d.field("tls", &self.tls);
         d.finish()
@@ -260,6 +514,9 @@ pub struct PostgresConfigBuilder {
     lock_timeout: Option<Duration>,
     application_name: Option<String>,
     listen: Option<bool>,
+    listen_url: Option<String>,
+    listen_pg: Option<tokio_postgres::Config>,
+    pooler: Option<Pooler>,
     #[cfg(feature = "tls")]
     tls: Option<crate::tls::TlsConfig>,
 }
@@ -267,6 +524,12 @@ pub struct PostgresConfigBuilder {
 impl PostgresConfigBuilder {
     /// Connects with a `postgres://user:password@host:port/dbname?…` URL or a
     /// `host=… user=…` key-value string. Replaces [`pg_config`](Self::pg_config).
+    ///
+    /// Besides the driver's parameters it takes distrlock's own
+    /// `distrlock_pooler=transaction` (or `=session`, the default), which sets
+    /// [`pooler`](Self::pooler) unless that is called too, and is taken out
+    /// before the rest goes to tokio-postgres:
+    /// `postgres://app@pgbouncer.internal:6432/app?distrlock_pooler=transaction`.
     pub fn url(mut self, url: impl Into<String>) -> Self {
         self.url = Some(url.into());
         self.pg = None;
@@ -323,9 +586,36 @@ impl PostgresConfigBuilder {
 
     /// Whether to keep one `LISTEN` connection for release notifications. Default
     /// on. Off, waiters in other processes poll (releases in this process still
-    /// wake this process's waiters).
+    /// wake this process's waiters). Behind a transaction pooler it listens only
+    /// on a [`listen_url`](Self::listen_url).
     pub fn listen(mut self, on: bool) -> Self {
         self.listen = Some(on);
+        self
+    }
+
+    /// Listens for release notifications on this connection instead of the main
+    /// one: a direct (unpooled) URL to the same database, for a backend behind a
+    /// transaction pooler, whose pooled sessions cannot `LISTEN`. One connection,
+    /// outside the pool. Replaces [`listen_pg_config`](Self::listen_pg_config).
+    pub fn listen_url(mut self, url: impl Into<String>) -> Self {
+        self.listen_url = Some(url.into());
+        self.listen_pg = None;
+        self
+    }
+
+    /// Like [`listen_url`](Self::listen_url), with a driver config. Replaces
+    /// [`listen_url`](Self::listen_url).
+    pub fn listen_pg_config(mut self, pg: tokio_postgres::Config) -> Self {
+        self.listen_pg = Some(pg);
+        self.listen_url = None;
+        self
+    }
+
+    /// What sits between the backend and PostgreSQL (see [`Pooler`]). Default
+    /// [`Pooler::Session`], or what the URL's `distrlock_pooler` says; this call
+    /// wins over the URL.
+    pub fn pooler(mut self, pooler: Pooler) -> Self {
+        self.pooler = Some(pooler);
         self
     }
 
@@ -345,8 +635,25 @@ impl PostgresConfigBuilder {
     /// connection string (its message never contains the password).
     pub fn build(self) -> Result<PostgresConfig> {
         let defaults = PostgresConfig::default();
-        let mut pg = match (self.url, self.pg) {
-            (Some(url), _) => Some(parse_url(&url)?),
+        let (mut pg, url_pooler) = match (self.url, self.pg) {
+            (Some(url), _) => {
+                let (pg, pooler) = parse_url(&url)?;
+                (Some(pg), pooler)
+            }
+            (None, pg) => (pg, None),
+        };
+        let pooler = self.pooler.or(url_pooler).unwrap_or(defaults.pooler);
+        let mut listen_pg = match (self.listen_url, self.listen_pg) {
+            (Some(url), _) => match parse_url(&url)? {
+                (_, Some(Pooler::Transaction)) => {
+                    return Err(invalid(
+                        "the listen URL must reach PostgreSQL directly (a LISTEN needs a \
+                         session): it cannot say distrlock_pooler=transaction"
+                            .into(),
+                    ));
+                }
+                (pg, _) => Some(pg),
+            },
             (None, pg) => pg,
         };
         let table = match self.table {
@@ -396,7 +703,7 @@ impl PostgresConfigBuilder {
                 "application name must be printable ASCII of at most 63 bytes".into(),
             ));
         }
-        if let Some(pg) = pg.as_mut() {
+        for pg in pg.iter_mut().chain(listen_pg.iter_mut()) {
             pg.application_name(&application_name);
             if pg.get_connect_timeout().is_none() {
                 pg.connect_timeout(connect_timeout);
@@ -417,6 +724,8 @@ impl PostgresConfigBuilder {
             lock_timeout,
             application_name,
             listen: self.listen.unwrap_or(defaults.listen),
+            listen_pg,
+            pooler,
             #[cfg(feature = "tls")]
             tls: self.tls,
             server_clock: defaults.server_clock,
@@ -434,7 +743,14 @@ impl fmt::Debug for PostgresConfigBuilder {
     }
 }
 
-fn parse_url(url: &str) -> Result<tokio_postgres::Config> {
+/// A connection string's driver config, and what its `distrlock_pooler` says.
+fn parse_url(url: &str) -> Result<(tokio_postgres::Config, Option<Pooler>)> {
+    let (rest, pooler) = split_pooler_param(url);
+    let pooler = pooler.map(|value| value.parse::<Pooler>()).transpose()?;
+    Ok((parse_driver_url(&rest)?, pooler))
+}
+
+fn parse_driver_url(url: &str) -> Result<tokio_postgres::Config> {
     url.parse::<tokio_postgres::Config>().map_err(|e| {
         // The driver names the offending option, never its value; the URL itself
         // is not repeated because it may hold a password.
@@ -512,6 +828,126 @@ mod tests {
                 "should be refused"
             );
         }
+    }
+
+    #[test]
+    fn the_pooler_parameter_is_taken_out_of_both_forms_of_connection_string() {
+        let split = |conn: &str| split_pooler_param(conn);
+        let t = Some("transaction".to_owned());
+        assert_eq!(
+            split("postgres://u:p@h:6432/db?distrlock_pooler=transaction"),
+            ("postgres://u:p@h:6432/db".to_owned(), t.clone())
+        );
+        assert_eq!(
+            split(
+                "postgresql://u@h/db?sslmode=disable&distrlock_pooler=transaction&connect_timeout=3"
+            ),
+            (
+                "postgresql://u@h/db?sslmode=disable&connect_timeout=3".to_owned(),
+                t.clone()
+            )
+        );
+        // A `?` in the password is not where the parameters start.
+        assert_eq!(
+            split("postgres://u:pa?ss@h/db?distrlock%5Fpooler=session"),
+            (
+                "postgres://u:pa?ss@h/db".to_owned(),
+                Some("session".to_owned())
+            )
+        );
+        assert_eq!(
+            split("postgres://u:pa?ss@h/db"),
+            ("postgres://u:pa?ss@h/db".to_owned(), None)
+        );
+        assert_eq!(
+            split("host=h user=u distrlock_pooler=transaction dbname=db"),
+            ("host=h user=u  dbname=db".to_owned(), t.clone())
+        );
+        assert_eq!(
+            split("distrlock_pooler = 'transaction' password='a b\\' distrlock_pooler=x c'"),
+            (
+                " password='a b\\' distrlock_pooler=x c'".to_owned(),
+                t.clone()
+            )
+        );
+        assert_eq!(split("host=h"), ("host=h".to_owned(), None));
+        // Unparsable: left for the driver to report.
+        assert_eq!(
+            split("host=h distrlock_pooler"),
+            ("host=h distrlock_pooler".to_owned(), None)
+        );
+
+        for (conn, pooler) in [
+            ("postgres://u@localhost/db", Pooler::Session),
+            (
+                "postgres://u@localhost/db?distrlock_pooler=transaction",
+                Pooler::Transaction,
+            ),
+            (
+                "postgres://u@localhost/db?distrlock_pooler=Session",
+                Pooler::Session,
+            ),
+            (
+                "host=localhost user=u distrlock_pooler=transaction",
+                Pooler::Transaction,
+            ),
+        ] {
+            let config = PostgresConfig::builder().url(conn).build().unwrap();
+            assert_eq!(config.pooler(), pooler, "{conn}");
+            assert_eq!(config.pg_config().unwrap().get_hosts().len(), 1);
+            assert_eq!(config.listens(), pooler == Pooler::Session, "{conn}");
+        }
+        // The builder wins over the URL.
+        let config = PostgresConfig::builder()
+            .url("postgres://u@localhost/db?distrlock_pooler=transaction")
+            .pooler(Pooler::Session)
+            .build()
+            .unwrap();
+        assert_eq!(config.pooler(), Pooler::Session);
+        match PostgresConfig::builder()
+            .url("postgres://u:hunter2-pw@localhost/db?distrlock_pooler=statement")
+            .build()
+        {
+            Err(Error::InvalidConfig { reason }) => {
+                assert!(reason.contains("distrlock_pooler"), "{reason}");
+                assert!(!reason.contains("hunter2"), "{reason}");
+            }
+            other => panic!("expected InvalidConfig, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn behind_a_transaction_pooler_it_listens_only_on_a_listen_url() {
+        let pooled = "postgres://app@pgbouncer:6432/db?distrlock_pooler=transaction";
+        let config = PostgresConfig::builder().url(pooled).build().unwrap();
+        assert!(!config.listens());
+        assert!(config.listen_pg_config().is_none());
+        let config = PostgresConfig::builder()
+            .url(pooled)
+            .listen_url("postgres://app:s3cret@db:5432/db")
+            .application_name("billing")
+            .build()
+            .unwrap();
+        assert!(config.listens());
+        let listen = config.listen_pg_config().unwrap();
+        assert_eq!(listen.get_ports(), [5432]);
+        assert_eq!(listen.get_application_name(), Some("billing"));
+        assert!(listen.get_connect_timeout().is_some());
+        assert!(!format!("{config:?}").contains("s3cret"));
+        let off = PostgresConfig::builder()
+            .url(pooled)
+            .listen_url("postgres://app@db/db")
+            .listen(false)
+            .build()
+            .unwrap();
+        assert!(!off.listens());
+        assert!(matches!(
+            PostgresConfig::builder()
+                .url("postgres://app@db/db")
+                .listen_url("postgres://app@pgbouncer/db?distrlock_pooler=transaction")
+                .build(),
+            Err(Error::InvalidConfig { .. })
+        ));
     }
 
     #[test]

@@ -9,7 +9,7 @@ mod sql;
 mod tls;
 
 pub use backend::PostgresBackend;
-pub use config::{PostgresConfig, PostgresConfigBuilder};
+pub use config::{Pooler, PostgresConfig, PostgresConfigBuilder};
 #[doc(hidden)]
 pub use sql::LockSql;
 #[cfg(feature = "tls")]

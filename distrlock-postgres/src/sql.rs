@@ -36,7 +36,11 @@
 //!   with explicit casts so every session prepares the same statement.
 //! - **One statement, one round trip.** Acquire, extend and release are each a single
 //!   statement (CTEs where needed), so a pooled connection runs each with one
-//!   Bind/Execute/Sync exchange once it has prepared it.
+//!   Bind/Execute/Sync exchange once it has prepared it. The one allowance: a
+//!   transaction-pooler mode may pipeline `BEGIN; SET LOCAL …`, the statement
+//!   (unnamed: Parse/Bind/Describe/Execute/Sync) and `COMMIT` in one round trip,
+//!   all sent before the first answer, since a pooled session may carry neither
+//!   the settings nor a prepared statement from one transaction to the next.
 
 use distrlock_core::TableName;
 use tokio_postgres::types::Type;
@@ -406,18 +410,105 @@ impl LockSql {
     }
 }
 
-/// The `SET` commands that bound every call of a session: how long a statement may
-/// wait on another transaction's row lock, and how long any statement may run;
-/// and READ COMMITTED for the one-statement transactions, so that a server whose
-/// default isolation is REPEATABLE READ or SERIALIZABLE does not turn the loser of
-/// a takeover race into a serialization failure instead of a plain refusal.
+/// One setting every backend statement runs under: set once per session (`SET`)
+/// on a direct connection or behind a session pooler, or in each call's own
+/// transaction (`SET LOCAL`) behind a transaction pooler, whose sessions are not
+/// ours to change. [`settings`] is the one list both forms come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Setting {
+    /// The parameter a session sets (`SET name = value`).
+    pub(crate) name: &'static str,
+    /// The parameter that has the same effect on the current transaction
+    /// (`SET LOCAL local_name = value`): the same one, except where the session
+    /// form only acts on later transactions.
+    pub(crate) local_name: &'static str,
+    /// The value, as SQL: an integer or a quoted literal made here, never user
+    /// text.
+    pub(crate) value: String,
+}
+
+impl Setting {
+    fn same(name: &'static str, value: String) -> Self {
+        Self {
+            name,
+            local_name: name,
+            value,
+        }
+    }
+}
+
+/// The settings that bound every call: how long a statement may wait on another
+/// transaction's row lock (`lock_timeout`), and how long any statement may run
+/// (`statement_timeout`; plain integers are milliseconds for both); and READ
+/// COMMITTED for the one-statement transactions, so that a server whose default
+/// isolation is REPEATABLE READ or SERIALIZABLE does not turn the loser of a
+/// takeover race into a serialization failure instead of a plain refusal.
+/// `default_transaction_isolation` applies to a session's later transactions
+/// only, so its per-transaction form is `transaction_isolation`, which must be
+/// set before the transaction's first query, as [`transaction_settings`] does.
+pub(crate) fn settings(lock_timeout_ms: u64, statement_timeout_ms: u64) -> Vec<Setting> {
+    vec![
+        Setting::same("lock_timeout", lock_timeout_ms.to_string()),
+        Setting::same("statement_timeout", statement_timeout_ms.to_string()),
+        Setting {
+            name: "default_transaction_isolation",
+            local_name: "transaction_isolation",
+            value: "'read committed'".to_owned(),
+        },
+    ]
+}
+
+/// The `SET` commands that give a session [`settings`], in one simple-query
+/// message.
 pub(crate) fn session_settings(lock_timeout_ms: u64, statement_timeout_ms: u64) -> String {
-    // Plain integers are milliseconds for both timeouts.
+    settings(lock_timeout_ms, statement_timeout_ms)
+        .iter()
+        .map(|s| format!("SET {} = {}", s.name, s.value))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The `SET LOCAL` commands that give the current transaction [`settings`],
+/// behind a transaction pooler; they end with it, so no other client of the
+/// pooled session sees them. Placed first in the transaction, before any query:
+/// `statement_timeout` is armed when a statement starts, so it bounds the
+/// statements after it (set inside the lock statement itself, with
+/// `set_config(…, true)`, it would not bound that statement), and
+/// `transaction_isolation` cannot change once the transaction has run a query.
+///
+/// One more, for the pooler only: `idle_in_transaction_session_timeout`, at the
+/// statement timeout. A call's transaction is sent in one piece (`BEGIN …` and
+/// `COMMIT` pipelined with the statement), so it never waits for the client
+/// between its statements, unless the network held back the rest of it: then
+/// the server ends the session (rolling the transaction back, and releasing the
+/// row locks it took) instead of keeping them until the `COMMIT` turns up, late.
+pub(crate) fn transaction_settings(lock_timeout_ms: u64, statement_timeout_ms: u64) -> String {
+    let mut all = settings(lock_timeout_ms, statement_timeout_ms);
+    all.push(Setting::same(
+        "idle_in_transaction_session_timeout",
+        statement_timeout_ms.to_string(),
+    ));
+    all.iter()
+        .map(|s| format!("SET LOCAL {} = {}", s.local_name, s.value))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// How a call opens its own transaction behind a transaction pooler: `BEGIN`
+/// and the [`transaction_settings`], one simple-query message. `BEGIN` opens an
+/// explicit block, which outlives the message, so the lock statement sent next
+/// runs in it, and [`COMMIT`] ends it.
+pub(crate) fn begin_with_settings(lock_timeout_ms: u64, statement_timeout_ms: u64) -> String {
     format!(
-        "SET lock_timeout = {lock_timeout_ms}; SET statement_timeout = {statement_timeout_ms}; \
-         SET default_transaction_isolation = 'read committed'"
+        "BEGIN; {}",
+        transaction_settings(lock_timeout_ms, statement_timeout_ms)
     )
 }
+
+/// Ends a call's own transaction. After a failed statement the transaction is
+/// aborted, and `COMMIT` rolls it back without an error, so the session is left
+/// idle either way.
+pub(crate) const COMMIT: &str = "COMMIT";
 
 /// The `NOTIFY` channel of a table: `distrlock:<table>`, or a stable hash of it when
 /// that would pass PostgreSQL's 63-byte identifier limit.
@@ -587,6 +678,33 @@ mod tests {
             channel_name(&TableName::default()),
             "distrlock:distributed_locks"
         );
+    }
+
+    #[test]
+    fn session_and_transaction_settings_come_from_one_list() {
+        assert_eq!(
+            session_settings(2, 5000),
+            "SET lock_timeout = 2; SET statement_timeout = 5000; \
+             SET default_transaction_isolation = 'read committed'"
+        );
+        assert_eq!(
+            begin_with_settings(2, 5000),
+            "BEGIN; SET LOCAL lock_timeout = 2; SET LOCAL statement_timeout = 5000; \
+             SET LOCAL transaction_isolation = 'read committed'; \
+             SET LOCAL idle_in_transaction_session_timeout = 5000"
+        );
+        // Every session setting has its SET LOCAL form.
+        let local = transaction_settings(2, 5000);
+        for setting in settings(2, 5000) {
+            assert!(
+                local.contains(&format!(
+                    "SET LOCAL {} = {}",
+                    setting.local_name, setting.value
+                )),
+                "{setting:?} in {local}"
+            );
+        }
+        assert!(!local.contains("BEGIN"));
     }
 
     #[test]

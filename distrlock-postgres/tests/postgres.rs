@@ -1230,7 +1230,7 @@ async fn one_statement_and_one_round_trip_per_operation() {
             "{what}: {} statement(s), {} round trip(s), {:?}",
             delta.statements(),
             delta.round_trips(),
-            delta.0
+            delta.messages
         ));
         delta
     };

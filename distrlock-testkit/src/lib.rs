@@ -4,6 +4,7 @@ pub mod cases;
 mod delayed;
 mod harness;
 mod memory;
+mod pgbouncer;
 mod proxy;
 mod throwaway;
 mod watch;
@@ -21,6 +22,7 @@ pub use harness::{
     NoFaults, Setup, Skip, TIME_TOLERANCE, Unsupported, require_db, skip,
 };
 pub use memory::MemoryHarness;
+pub use pgbouncer::{PgBouncer, PgBouncerBuilder, PoolMode};
 pub use proxy::FaultProxy;
 pub use throwaway::{ServerError, ServerKind, ThrowawayServer};
 

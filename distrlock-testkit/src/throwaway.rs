@@ -27,7 +27,8 @@ impl ServerKind {
     }
 }
 
-/// Why a throwaway server could not be started or controlled.
+/// Why a throwaway server, or a [`PgBouncer`](crate::PgBouncer), could not be started
+/// or controlled.
 #[derive(Debug)]
 pub enum ServerError {
     /// A server binary is not installed.
@@ -538,12 +539,12 @@ fn find_binary(kind: ServerKind, name: &'static str) -> Result<PathBuf> {
         })
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
 
 /// The uid and gid of `user`, from `/etc/passwd`.
-fn user_ids(user: &str) -> Option<(u32, u32)> {
+pub(crate) fn user_ids(user: &str) -> Option<(u32, u32)> {
     let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
     passwd.lines().find_map(|line| {
         let fields: Vec<&str> = line.split(':').collect();
@@ -553,7 +554,7 @@ fn user_ids(user: &str) -> Option<(u32, u32)> {
     })
 }
 
-fn chown_recursive(dir: &Path, (uid, gid): (u32, u32)) -> Result<()> {
+pub(crate) fn chown_recursive(dir: &Path, (uid, gid): (u32, u32)) -> Result<()> {
     let status = Command::new("chown")
         .arg("-R")
         .arg(format!("{uid}:{gid}"))
@@ -582,7 +583,7 @@ fn percent_encode(text: &str) -> String {
         .collect()
 }
 
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     TcpListener::bind(("127.0.0.1", 0))
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

@@ -12,7 +12,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use distrlock_core::LockBackend;
 use distrlock_postgres::{PostgresBackend, PostgresConfig, PostgresConfigBuilder, tokio_postgres};
-use distrlock_testkit::{FaultProxy, Faults, Harness, Setup, Skip, Unsupported};
+use distrlock_testkit::{
+    FaultProxy, Faults, Harness, PgBouncer, PoolMode, Setup, Skip, Unsupported,
+};
 
 /// The test server, from `DISTRLOCK_TEST_POSTGRES_URL`.
 pub(crate) fn url() -> String {
@@ -230,6 +232,43 @@ pub(crate) async fn proxy_to_server() -> Result<FaultProxy, Skip> {
     FaultProxy::start(upstream)
         .await
         .map_err(|e| Skip(format!("cannot start a fault proxy: {e}")))
+}
+
+/// A private PgBouncer in front of the test server, lending at most `pool`
+/// server connections in `mode`, or why there is none (no TCP server, no
+/// `pgbouncer` binary).
+pub(crate) async fn bouncer(mode: PoolMode, pool: u32) -> Result<PgBouncer, String> {
+    let server = pg_config();
+    let Some(tokio_postgres::config::Host::Tcp(host)) = server.get_hosts().first().cloned() else {
+        return Err("the test server is not reached over TCP, as PgBouncer needs".into());
+    };
+    let port = server.get_ports().first().copied().unwrap_or(5432);
+    let user = server.get_user().unwrap_or("postgres").to_owned();
+    let password = server
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned());
+    tokio::task::spawn_blocking(move || {
+        PgBouncer::builder(host, port)
+            .pool_mode(mode)
+            .default_pool_size(pool)
+            .user(user, password.as_deref())
+            .start()
+            .map_err(|e| format!("cannot start a private PgBouncer: {e}"))
+    })
+    .await
+    .expect("starting PgBouncer does not panic")
+}
+
+/// [`bouncer`], or `None` after reporting the test as skipped (a failure under
+/// `DISTRLOCK_REQUIRE_DB=1`).
+pub(crate) async fn bouncer_or_skip(test: &str, mode: PoolMode, pool: u32) -> Option<PgBouncer> {
+    match bouncer(mode, pool).await {
+        Ok(bouncer) => Some(bouncer),
+        Err(reason) => {
+            distrlock_testkit::skip(test, &reason);
+            None
+        }
+    }
 }
 
 /// The test server's driver config, pointed at `proxy` instead.
