@@ -5,4 +5,12 @@ mod common;
 
 use common::MySqlHarness;
 
-distrlock_testkit::conformance_tests!(MySqlHarness);
+distrlock_testkit::conformance_tests!(
+    MySqlHarness,
+    supports = [
+        unreachable,
+        kill_sessions,
+        release_notifications,
+        schema_missing
+    ]
+);

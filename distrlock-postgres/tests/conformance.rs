@@ -7,4 +7,12 @@
 
 mod common;
 
-distrlock_testkit::conformance_tests!(common::PostgresHarness);
+distrlock_testkit::conformance_tests!(
+    common::PostgresHarness,
+    supports = [
+        unreachable,
+        kill_sessions,
+        release_notifications,
+        schema_missing
+    ]
+);

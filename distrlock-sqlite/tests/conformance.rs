@@ -24,7 +24,9 @@ impl Harness for SqliteHarness {
             holder: Mutex::new(None),
             _dir: dir,
         };
-        Ok(Setup::with_faults(Arc::new(backend), Arc::new(faults)))
+        Ok(Setup::with_faults(Arc::new(backend), Arc::new(faults))
+            // A real server on a shared CI machine: a correct call may take this long.
+            .with_latency_budget(std::time::Duration::from_secs(1)))
     }
 }
 
@@ -62,6 +64,18 @@ impl Faults for WriteLockFaults {
         }
         Ok(())
     }
+
+    async fn missing_table(&self) -> Result<Arc<dyn LockBackend>, Unsupported> {
+        // A fresh database file in the same directory, without the table.
+        let path = self.path.with_file_name("missing.db");
+        let backend = SqliteBackend::open(&path)
+            .await
+            .expect("open a second database file");
+        Ok(Arc::new(backend))
+    }
 }
 
-distrlock_testkit::conformance_tests!(SqliteHarness);
+distrlock_testkit::conformance_tests!(
+    SqliteHarness,
+    supports = [unreachable, release_notifications, schema_missing]
+);

@@ -163,10 +163,11 @@ impl Harness for MySqlHarness {
         create_or_skip(&backend).await?;
         warm_up(&backend).await;
         let backend: Arc<dyn LockBackend> = Arc::new(backend);
-        Ok(Setup::with_faults(
-            backend,
-            Arc::new(MySqlFaults { ids, proxy }),
-        ))
+        Ok(
+            Setup::with_faults(backend, Arc::new(MySqlFaults { ids, proxy }))
+                // A real server on a shared CI machine: a correct call may take this long.
+                .with_latency_budget(std::time::Duration::from_secs(1)),
+        )
     }
 }
 
@@ -213,6 +214,15 @@ impl Faults for MySqlFaults {
         let ids = self.ids.lock().unwrap().clone();
         kill(&ids).await;
         Ok(())
+    }
+
+    async fn missing_table(&self) -> Result<Arc<dyn LockBackend>, Unsupported> {
+        // A table of its own that nobody created (the case creates it).
+        let (opts, _ids) = recording_opts().expect("the test URL parsed before");
+        let backend = config(&unique("dl_missing"))
+            .build(opts)
+            .expect("test configs are valid");
+        Ok(Arc::new(backend))
     }
 }
 
