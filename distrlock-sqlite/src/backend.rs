@@ -15,6 +15,7 @@ use tokio::time::Instant;
 
 use crate::clock::{HostClock, Now};
 use crate::driver_error::{Doing, from_sqlite};
+use crate::file::FileIdentity;
 use crate::sql::{self, MAX_FENCE, Statements};
 use crate::worker::Worker;
 
@@ -35,6 +36,7 @@ pub struct SqliteBackend {
     table: TableName,
     statements: Arc<Statements>,
     clock: Arc<HostClock>,
+    file: Arc<FileIdentity>,
     notifier: ReleaseNotifier,
 }
 
@@ -85,6 +87,7 @@ impl SqliteBackendBuilder {
         .await
         .map_err(|error| name_the_file(error, &path))?;
         Ok(SqliteBackend {
+            file: Arc::new(FileIdentity::record(&path)),
             worker,
             statements: Arc::new(Statements::new(&table)),
             path,
@@ -243,6 +246,9 @@ impl SqliteBackend {
     /// queue behind slow ones, or for another process's write lock, past the
     /// moment its caller stopped waiting, rolls back without running anything
     /// and fails with a transient [`Error::Unavailable`]. See [`LocalBound`].
+    ///
+    /// Before anything else, with the write lock held, it checks that the path
+    /// still names the file that was opened (see [`FileIdentity`]).
     async fn write<T, F>(&self, not_after: Option<Instant>, job: F) -> Result<T>
     where
         T: Send + 'static,
@@ -253,6 +259,7 @@ impl SqliteBackend {
         let statements = self.statements.clone();
         let clock = self.clock.clone();
         let table = self.table.clone();
+        let file = self.file.clone();
         let bound = not_after.map(LocalBound::new);
         self.worker
             .run(move |conn| {
@@ -260,6 +267,7 @@ impl SqliteBackend {
                 let tx = conn
                     .transaction_with_behavior(TransactionBehavior::Immediate)
                     .map_err(map)?;
+                file.check()?;
                 let now = clock.now();
                 // Checked after the clock reading, so the reading is never later
                 // than the instant compared; the transaction rolls back on drop.
@@ -273,7 +281,8 @@ impl SqliteBackend {
             .await
     }
 
-    /// Runs a read on the connection thread with a clock reading.
+    /// Runs a read on the connection thread with a clock reading, once it has
+    /// checked that the path still names the file that was opened.
     async fn read<T, F>(&self, job: F) -> Result<T>
     where
         T: Send + 'static,
@@ -281,8 +290,12 @@ impl SqliteBackend {
     {
         let statements = self.statements.clone();
         let clock = self.clock.clone();
+        let file = self.file.clone();
         self.worker
-            .run(move |conn| job(conn, &statements, &clock))
+            .run(move |conn| {
+                file.check()?;
+                job(conn, &statements, &clock)
+            })
             .await
     }
 

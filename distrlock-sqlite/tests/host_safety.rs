@@ -71,14 +71,20 @@ async fn a_deleted_database_file_fails_the_holders_next_extend() {
     let key = LockKey::new("deleted").unwrap();
     let token = hold(&backend, &key).await;
     delete_database(&path);
-    // The next process creates a new file and is granted the key at once.
+    let error = backend
+        .extend(&key, &token, ttl(LONG), soon())
+        .await
+        .expect_err("an extend in the unlinked file must not succeed");
+    assert_replaced_error(&error, "deleted");
+    // The next process creates a new file and is granted the key at once; the
+    // path now names another file.
     let (_, next) = fresh(dir.path()).await;
     hold(&next, &key).await;
     let error = backend
         .extend(&key, &token, ttl(LONG), soon())
         .await
         .expect_err("an extend in the unlinked file must not succeed");
-    assert_replaced_error(&error, "deleted");
+    assert_replaced_error(&error, "replaced");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
