@@ -130,3 +130,118 @@ async fn a_guard_on_a_deleted_file_is_lost_by_its_deadline() {
         .expect("the guard is lost by its deadline");
     assert_eq!(guard.loss_reason(), Some(LossReason::Unreachable));
 }
+
+/// The environment variable that turns [`time_namespace_child`] on, naming the
+/// database file.
+const CHILD_DB: &str = "DISTRLOCK_TEST_TIMENS_DB";
+
+/// Half of [`a_process_in_another_time_namespace_sees_leases_as_they_are`], run
+/// by that test in this same binary under `unshare --time`: tries `busy` (held
+/// by the parent), acquires `mine` for 30 s and leaves it held, and prints what
+/// it saw. Does nothing when run on its own.
+#[tokio::test(flavor = "current_thread")]
+#[ignore = "run by a_process_in_another_time_namespace_sees_leases_as_they_are"]
+async fn time_namespace_child() {
+    let Ok(path) = std::env::var(CHILD_DB) else {
+        return;
+    };
+    let backend = SqliteBackend::open(&path).await.unwrap();
+    let busy = backend
+        .try_acquire(
+            &LockKey::new("busy").unwrap(),
+            &Token::new(),
+            ttl(LONG),
+            "child",
+            soon(),
+        )
+        .await
+        .unwrap();
+    let mine = backend
+        .try_acquire(
+            &LockKey::new("mine").unwrap(),
+            &Token::new(),
+            ttl(LONG),
+            "child",
+            soon(),
+        )
+        .await
+        .unwrap();
+    let show = |outcome: &AcquireOutcome| match outcome {
+        AcquireOutcome::Acquired { .. } => "acquired".to_owned(),
+        AcquireOutcome::Held { .. } => "held".to_owned(),
+        other => format!("{other:?}"),
+    };
+    println!("CHILD busy={} mine={}", show(&busy), show(&mine));
+}
+
+/// `unshare --time --monotonic 3600`: a process whose `CLOCK_MONOTONIC` reads an
+/// hour ahead, with the same boot id. It must see the parent's live lease as
+/// live (not as ended an hour ago), and the lease it takes must last its 30 s
+/// for everyone else (not an hour and 30 s).
+#[test]
+fn a_process_in_another_time_namespace_sees_leases_as_they_are() {
+    let test = "a_process_in_another_time_namespace_sees_leases_as_they_are";
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (path, backend) = runtime.block_on(fresh(dir.path()));
+    runtime.block_on(hold(&backend, &LockKey::new("busy").unwrap()));
+    let exe = std::env::current_exe().unwrap();
+    let output = std::process::Command::new("unshare")
+        .args(["--time", "--monotonic", "3600", "--"])
+        .arg(&exe)
+        .args([
+            "--exact",
+            "time_namespace_child",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env(CHILD_DB, &path)
+        .output();
+    let output = match output {
+        Ok(output) => output,
+        Err(error) => {
+            distrlock_testkit::skip(test, &format!("cannot run unshare(1): {error}"));
+            return;
+        }
+    };
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if !output.status.success() && stderr.contains("unshare failed") {
+        distrlock_testkit::skip(
+            test,
+            &format!("time namespaces are not available here: {}", stderr.trim()),
+        );
+        return;
+    }
+    assert!(
+        output.status.success(),
+        "the child failed: {stdout}\n{stderr}"
+    );
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("CHILD "))
+        .unwrap_or_else(|| panic!("no report from the child: {stdout}\n{stderr}"));
+    assert_eq!(
+        line, "CHILD busy=held mine=acquired",
+        "the child must not be granted the live lease"
+    );
+    // The child's lease, seen from here: held, for at most its 30 s.
+    let outcome = runtime
+        .block_on(backend.try_acquire(
+            &LockKey::new("mine").unwrap(),
+            &Token::new(),
+            ttl(LONG),
+            "parent",
+            soon(),
+        ))
+        .unwrap();
+    match outcome {
+        AcquireOutcome::Held {
+            remaining: Some(left),
+        } => assert!(
+            left <= LONG,
+            "the child's 30 s lease has {left:?} left here"
+        ),
+        other => panic!("the child's lease must be held for at most 30 s, got {other:?}"),
+    }
+}
