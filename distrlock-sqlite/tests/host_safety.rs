@@ -169,7 +169,6 @@ async fn time_namespace_child() {
     let show = |outcome: &AcquireOutcome| match outcome {
         AcquireOutcome::Acquired { .. } => "acquired".to_owned(),
         AcquireOutcome::Held { .. } => "held".to_owned(),
-        other => format!("{other:?}"),
     };
     println!("CHILD busy={} mine={}", show(&busy), show(&mine));
 }
