@@ -76,6 +76,74 @@ impl FileIdentity {
     }
 }
 
+/// Fails with [`Error::InvalidConfig`] if the database at `path` (or, while it
+/// does not exist yet, the directory it will be created in) is on a network or
+/// cluster filesystem, or on FUSE: SQLite's file locks and WAL shared memory are
+/// not reliable there, and processes on different hosts would not share a
+/// clock. Nothing is refused where the filesystem cannot be told (not Linux, or
+/// `statfs` fails: then opening the file reports the problem).
+pub(crate) fn check_local_filesystem(path: &Path) -> Result<()> {
+    let Some(magic) = filesystem_magic(path) else {
+        return Ok(());
+    };
+    match network_filesystem(magic) {
+        None => Ok(()),
+        Some(name) => Err(Error::InvalidConfig {
+            reason: format!(
+                "the SQLite database {} is on a {name} filesystem (statfs type {magic:#x}):                  SQLite's file locking is not reliable there and hosts do not share a clock, so                  two holders could hold the same lock; put the file on a local filesystem, use                  PostgreSQL or MySQL to coordinate hosts, or, if only processes of this host                  use the file and the filesystem's locks are known to work, allow it                  explicitly (allow_network_filesystem(true), or                  ?allow_network_filesystem=true in the URL)",
+                path.display()
+            ),
+        }),
+    }
+}
+
+/// The `statfs` filesystem type of `path`, or of its nearest existing ancestor
+/// directory while the file does not exist yet.
+#[cfg(target_os = "linux")]
+// `f_type`'s C type differs between targets: the casts are not useless on all.
+#[allow(clippy::unnecessary_cast)]
+fn filesystem_magic(path: &Path) -> Option<u32> {
+    let path = std::path::absolute(path).ok()?;
+    let existing = path.ancestors().find(|p| p.exists())?;
+    let stat = nix::sys::statfs::statfs(existing).ok()?;
+    // The magic numbers are 32 bits; on 32-bit targets `f_type` is signed, so
+    // CIFS's 0xFF534D42 reads as negative: compare the low 32 bits.
+    Some(stat.filesystem_type().0 as i64 as u32)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn filesystem_magic(_path: &Path) -> Option<u32> {
+    None
+}
+
+/// The name of the network, cluster or FUSE filesystem with `statfs` type
+/// `magic` (from `linux/magic.h` and the filesystems' sources), or `None` for
+/// any other, local, filesystem.
+pub(crate) fn network_filesystem(magic: u32) -> Option<&'static str> {
+    Some(match magic {
+        0x6969 => "NFS",
+        0x517B => "SMB",
+        0xFF53_4D42 => "CIFS/SMB",
+        0xFE53_4D42 => "SMB2/SMB3",
+        // sshfs, s3fs, rclone, GlusterFS, virtiofs and every other FUSE mount:
+        // most are remote, and none promises working POSIX locks.
+        0x6573_5546 => "FUSE",
+        0x00C3_6400 => "Ceph",
+        0x5346_414F | 0x6B41_4653 => "AFS",
+        0x7375_7245 => "Coda",
+        0x564C => "NetWare (NCP)",
+        0x0102_1997 => "9P",
+        0x7461_636F => "OCFS2",
+        0x0116_1970 => "GFS2",
+        0x0BD0_0BD0 => "Lustre",
+        0x4750_4653 => "GPFS",
+        0x2003_0528 => "OrangeFS",
+        0x1983_0326 => "BeeGFS",
+        0x786F_4256 => "VirtualBox shared folder",
+        _ => return None,
+    })
+}
+
 #[cfg(unix)]
 fn file_id(path: &Path) -> std::io::Result<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
@@ -110,6 +178,42 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         let deleted = identity.check().unwrap_err().to_string();
         assert!(deleted.contains("deleted"), "{deleted}");
+    }
+
+    #[test]
+    fn classifies_filesystems_by_statfs_magic() {
+        for (magic, name) in [
+            (0x6969, "NFS"),
+            (0x517B, "SMB"),
+            (0xFF53_4D42, "CIFS/SMB"),
+            (0xFE53_4D42, "SMB2/SMB3"),
+            (0x6573_5546, "FUSE"),
+            (0x00C3_6400, "Ceph"),
+            (0x0102_1997, "9P"),
+        ] {
+            assert_eq!(network_filesystem(magic), Some(name), "{magic:#x}");
+        }
+        // ext4, xfs, btrfs, tmpfs, overlayfs, zfs, f2fs: local.
+        for magic in [
+            0xEF53,
+            0x5846_5342,
+            0x9123_683E,
+            0x0102_1994,
+            0x794C_7630,
+            0x2FC1_2FC1,
+            0xF2F5_2010,
+        ] {
+            assert_eq!(network_filesystem(magic), None, "{magic:#x}");
+        }
+    }
+
+    #[test]
+    fn local_filesystems_are_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        check_local_filesystem(&dir.path().join("not-yet/created/locks.db")).unwrap();
+        check_local_filesystem(dir.path()).unwrap();
+        // /dev/shm is tmpfs wherever it exists.
+        check_local_filesystem(Path::new("/dev/shm/locks.db")).unwrap();
     }
 
     #[test]

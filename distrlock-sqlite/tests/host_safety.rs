@@ -244,3 +244,36 @@ fn a_process_in_another_time_namespace_sees_leases_as_they_are() {
         other => panic!("the child's lease must be held for at most 30 s, got {other:?}"),
     }
 }
+
+/// The refusal of network filesystems lets local ones through: the temporary
+/// directory (overlay or ext4 here), and tmpfs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_filesystems_open() {
+    let dir = tempfile::tempdir().unwrap();
+    fresh(dir.path()).await;
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        let dir = tempfile::tempdir_in(shm).unwrap();
+        let url = format!("sqlite://{}/locks.db", dir.path().display());
+        SqliteBackend::connect(&url).await.unwrap();
+        SqliteBackend::connect(&format!("{url}?allow_network_filesystem=false"))
+            .await
+            .unwrap();
+    }
+    let url = format!(
+        "sqlite://{}/other.db?allow_network_filesystem=true",
+        dir.path().display()
+    );
+    let backend = SqliteBackend::connect(&url).await.unwrap();
+    assert_eq!(backend.path(), dir.path().join("other.db"));
+    for bad in ["?allow_network_filesystem=maybe", "?journal_mode=off"] {
+        let url = format!("sqlite://{}/x.db{bad}", dir.path().display());
+        assert!(
+            matches!(
+                SqliteBackend::connect(&url).await,
+                Err(Error::InvalidConfig { .. })
+            ),
+            "{bad}"
+        );
+    }
+}
