@@ -14,7 +14,7 @@ pub use delayed::DelayedBackend;
 pub use harness::{Faults, Harness, NoFaults, Setup, Skip, Unsupported, require_db, skip};
 pub use memory::MemoryHarness;
 pub use proxy::FaultProxy;
-pub use throwaway::{ServerError, ServerKind, ThrowawayServer};
+pub use throwaway::{ServerError, ServerKind, ThrowawayServer, TlsFiles};
 
 /// Runs one conformance case: makes a setup with `harness` on a fresh multi-thread
 /// runtime, then runs `case` on it. A [`Skip`] is reported with [`skip`] (a failure
