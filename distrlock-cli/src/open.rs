@@ -217,17 +217,28 @@ fn offers_no_tls(error: &Error) -> bool {
 fn with_tls_hint(mut error: CliError, server: &ServerUrl) -> CliError {
     let text = error.message.to_ascii_lowercase();
     let mode = server.tls.name();
-    if text.contains("certificate") || text.contains("unknownissuer") {
-        error.message.push_str(&format!(
-            "; the server's certificate is not trusted (TLS mode {mode}): name the CA that              signed it with --ca-file (or sslrootcert= / ssl-ca= in the URL), or use              sslmode=require to encrypt without verifying"
-        ));
+    let hint = if text.contains("certificate") || text.contains("unknownissuer") {
+        format!(
+            "the server's certificate is not trusted (TLS mode {mode}): name the CA that signed \
+             it with --ca-file (or sslrootcert= / ssl-ca= in the URL), or use sslmode=require to \
+             encrypt without verifying"
+        )
     } else if text.contains("does not support tls")
         || text.contains("server does not have this capability")
     {
-        error.message.push_str(&format!(
-            "; the server offers no TLS, and TLS mode {mode} requires it: turn TLS on in the              server, or use sslmode=prefer"
-        ));
+        format!(
+            "the server offers no TLS, and TLS mode {mode} requires it: turn TLS on in the \
+             server, or use sslmode=prefer"
+        )
+    } else {
+        return error;
+    };
+    // The server is running and reachable: the generic advice does not apply.
+    let generic = "; check --url (or DISTRLOCK_URL) and that the database is running";
+    if let Some(at) = error.message.find(generic) {
+        error.message.truncate(at);
     }
+    error.message = format!("{}; {hint}", error.message);
     error
 }
 

@@ -75,6 +75,7 @@ pub(crate) struct ServerUrl {
     /// How the connection uses TLS.
     pub(crate) tls: TlsMode,
     /// The roots a verifying connection trusts.
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
     pub(crate) roots: Roots,
 }
 
