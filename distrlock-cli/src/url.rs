@@ -37,16 +37,34 @@ pub(crate) enum DbUrl {
 }
 
 impl DbUrl {
-    /// The database the command line names: `--url-file`'s URL, else `--url`
-    /// (or `DISTRLOCK_URL`), else the per-user SQLite file; `ca_file` is
-    /// `--ca-file`, for server URLs.
+    /// The database the command line names: `--url` or `--url-file`'s URL
+    /// (the command line's over the environment's `DISTRLOCK_URL` or
+    /// `DISTRLOCK_URL_FILE`; both given the same way is a usage error), else the
+    /// per-user SQLite file; `ca_file` is `--ca-file`, for server URLs.
     pub(crate) fn from_args(
         url: Option<&str>,
         url_file: Option<&Path>,
         ca_file: Option<&Path>,
     ) -> Result<Self, CliError> {
+        let from_env = |name: &str, given: Option<&std::ffi::OsStr>| {
+            given.is_some() && std::env::var_os(name).as_deref() == given
+        };
+        let url_in_env = from_env("DISTRLOCK_URL", url.map(std::ffi::OsStr::new));
+        let file_in_env = from_env("DISTRLOCK_URL_FILE", url_file.map(Path::as_os_str));
+        let use_file = match (url, url_file) {
+            (Some(_), Some(_)) if url_in_env == file_in_env => {
+                return Err(CliError::usage(if url_in_env {
+                    "DISTRLOCK_URL and DISTRLOCK_URL_FILE are both set: unset one".to_owned()
+                } else {
+                    "--url and --url-file name the database twice: give one".to_owned()
+                }));
+            }
+            // The command line's choice wins over the environment's.
+            (Some(_), Some(_)) => url_in_env,
+            (_, file) => file.is_some(),
+        };
         let from_file;
-        let url = match url_file {
+        let url = match url_file.filter(|_| use_file) {
             Some(file) => {
                 from_file = read_url_file(file)?;
                 Some(from_file.as_str())
@@ -301,8 +319,10 @@ mod tests {
 ",
         )
         .unwrap();
-        let url = DbUrl::from_args(Some("mysql://ignored@h/x"), Some(&file), None).unwrap();
+        let url = DbUrl::from_args(None, Some(&file), None).unwrap();
         assert_eq!(url.to_string(), "postgres://app:***@db/prod");
+        let twice = DbUrl::from_args(Some("mysql://u@h/x"), Some(&file), None).unwrap_err();
+        assert_eq!(twice.code, 2, "{}", twice.message);
         std::fs::write(
             &file,
             "# nothing
