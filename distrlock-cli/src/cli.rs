@@ -20,7 +20,7 @@ Exit codes:
   0    success (for `run`: the command's own exit code is passed through)
   1    extend/release: the token does not hold the lock (expired, released or taken over)
   2    usage error: bad option, duration, key, token, table name or URL
-  69   the database cannot be reached or has no lock table
+  69   the database cannot be reached (or TLS failed) or has no lock table
   70   run: the lock was lost while the command ran (the command was stopped); internal errors
   75   run/acquire: the lock was not acquired in time (see --conflict-exit-code)
   126  run: the command could not be started; 127: the command was not found
