@@ -328,7 +328,8 @@ mod tls {
         match server.tls {
             TlsMode::Disable | TlsMode::Prefer => Ok(()),
             mode => Err(CliError::usage(format!(
-                "--url {}: TLS mode {} needs TLS, and this distrlock was built without it                  (the `tls` feature)",
+                "--url {}: TLS mode {} needs TLS, and this distrlock was built without it \
+                 (the `tls` feature)",
                 redact(raw),
                 mode.name()
             ))),
