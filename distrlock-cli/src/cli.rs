@@ -20,7 +20,7 @@ Exit codes:
   0    success (for `run`: the command's own exit code is passed through)
   1    extend/release: the token does not hold the lock (expired, released or taken over)
   2    usage error: bad option, duration, key, token, table name or URL
-  69   the database cannot be reached or has no lock table
+  69   the database cannot be reached (or TLS failed) or has no lock table
   70   run: the lock was lost while the command ran (the command was stopped); internal errors
   75   run/acquire: the lock was not acquired in time (see --conflict-exit-code)
   126  run: the command could not be started; 127: the command was not found
@@ -33,7 +33,14 @@ The database that stores the locks:
   sqlite://PATH                           a SQLite file on this host (sqlite:///abs/path.db)
 Without a URL, a per-user SQLite file in the state directory is used
 ($XDG_STATE_HOME/distrlock/locks.db, by default ~/.local/state/distrlock/locks.db), so two
-shells of the same user contend for the same locks. `distrlock status` shows which file.";
+shells of the same user contend for the same locks. `distrlock status` shows which file.
+
+Keep passwords out of the command line: set DISTRLOCK_URL, use --url-file, or leave the
+password out of the URL and set PGPASSWORD / PGPASSFILE (~/.pgpass) or MYSQL_PWD.
+TLS: ?sslmode=disable|prefer|require|verify-ca|verify-full (or ssl-mode=DISABLED|PREFERRED|
+REQUIRED|VERIFY_CA|VERIFY_IDENTITY); the default, prefer, encrypts when the server offers TLS
+without verifying its certificate. Verifying modes trust the bundled and system roots, or
+the CA file of sslrootcert= / ssl-ca= / --ca-file.";
 
 /// Distributed locks for shell scripts, cron jobs and deploy steps, stored as rows in
 /// the SQL database you already run.
@@ -60,6 +67,14 @@ pub(crate) struct Cli {
         long_help = URL_HELP
     )]
     pub(crate) url: Option<String>,
+
+    /// Read the database URL from the first line of this file (keeps the password out of argv)
+    #[arg(long, env = "DISTRLOCK_URL_FILE", global = true, value_name = "PATH")]
+    pub(crate) url_file: Option<std::path::PathBuf>,
+
+    /// PEM file of the CA that signed the server's certificate (like sslrootcert=)
+    #[arg(long, env = "DISTRLOCK_CA_FILE", global = true, value_name = "PATH")]
+    pub(crate) ca_file: Option<std::path::PathBuf>,
 
     /// Table that holds the locks: a plain name, or schema.table on PostgreSQL/MySQL
     #[arg(

@@ -32,6 +32,7 @@ mod output;
 mod owner;
 mod progress;
 mod run;
+mod server;
 mod status;
 mod tokens;
 mod url;
@@ -80,7 +81,11 @@ fn main() -> ExitCode {
 }
 
 async fn dispatch(cli: Cli) -> Result<u8, CliError> {
-    let url = DbUrl::from_arg(cli.url.as_deref())?;
+    let url = DbUrl::from_args(
+        cli.url.as_deref(),
+        cli.url_file.as_deref(),
+        cli.ca_file.as_deref(),
+    )?;
     if let Command::Schema = cli.command {
         return status::schema(&url, &cli.table);
     }

@@ -9,11 +9,14 @@ use std::time::Duration;
 
 use distrlock_core::{Error, LockBackend, LockManager, TableName};
 use distrlock_mysql::MySqlBackend;
-use distrlock_postgres::{PostgresBackend, PostgresConfig};
+use distrlock_mysql::mysql_async::{self, Opts, OptsBuilder};
+use distrlock_postgres::tokio_postgres::config::{Host, SslMode};
+use distrlock_postgres::{PostgresBackend, PostgresConfig, tokio_postgres};
 use distrlock_sqlite::SqliteBackend;
 
 use crate::exit::CliError;
-use crate::url::DbUrl;
+use crate::server::{self, ServerUrl, TlsMode};
+use crate::url::{DbUrl, redact};
 
 /// The longest any one backend call may take before distrlock stops waiting for
 /// it. Calls that change a lock carry `now + CALL_TIMEOUT` as their `not_after`,
@@ -78,7 +81,11 @@ pub(crate) async fn open_backend(
 ) -> Result<Arc<dyn LockBackend>, CliError> {
     let error = |e: Error| CliError::from_lock(e, url, &table.to_string());
     match url {
-        DbUrl::Sqlite { path, default } => {
+        DbUrl::Sqlite {
+            path,
+            default,
+            allow_network_filesystem,
+        } => {
             if *default {
                 if let Some(dir) = path.parent() {
                     std::fs::create_dir_all(dir).map_err(|e| {
@@ -92,34 +99,253 @@ pub(crate) async fn open_backend(
             }
             let backend = SqliteBackend::builder(path)
                 .table(table.to_string())
+                .allow_network_filesystem(*allow_network_filesystem)
                 .open()
                 .await
                 .map_err(error)?;
             backend.create_table().await.map_err(error)?;
             Ok(Arc::new(backend))
         }
-        DbUrl::Postgres(url) => {
-            let config = PostgresConfig::builder()
-                .url(url.as_str())
+        DbUrl::Postgres { url: raw, ca_file } => {
+            let server = ServerUrl::parse(raw, ca_file.as_deref())?;
+            let pg = postgres_connection(raw, &server)?;
+            let builder = PostgresConfig::builder()
+                .pg_config(pg)
                 .table(table.to_string())
                 // One command holds one lock: a small pool is plenty.
                 .pool_size(2)
-                .application_name("distrlock-cli")
-                .build()
-                .map_err(error)?;
+                .application_name("distrlock-cli");
+            let builder = tls::postgres(builder, raw, &server)?;
+            let config = builder.build().map_err(error)?;
+            let backend = PostgresBackend::from_config(config)
+                .await
+                .map_err(|e| with_tls_hint(error(e), &server))?;
+            Ok(Arc::new(backend))
+        }
+        DbUrl::MySql { url: raw, ca_file } => {
+            let server = ServerUrl::parse(raw, ca_file.as_deref())?;
+            let opts = Opts::from_url(&server.url).map_err(|e| {
+                CliError::usage(format!("--url {}: invalid MySQL URL: {e}", redact(raw)))
+            })?;
+            let mut builder = OptsBuilder::from_opts(opts.clone());
+            if opts.pass().is_none() {
+                if let Some(password) = server::mysql_password() {
+                    builder = builder.pass(Some(password));
+                }
+            }
+            let config = || {
+                MySqlBackend::builder()
+                    .table(table.to_string())
+                    // One command holds one lock: a small pool is plenty.
+                    .max_connections(2)
+            };
+            let backend = match tls::mysql(raw, &server)? {
+                None => config().connect_opts(builder).await,
+                Some(ssl) => match config().connect_opts(builder.clone().ssl_opts(ssl)).await {
+                    // `prefer`: a server without TLS is used without it.
+                    Err(e) if server.tls == TlsMode::Prefer && offers_no_tls(&e) => {
+                        config().connect_opts(builder).await
+                    }
+                    other => other,
+                },
+            };
             Ok(Arc::new(
-                PostgresBackend::from_config(config).await.map_err(error)?,
+                backend.map_err(|e| with_tls_hint(error(e), &server))?,
             ))
         }
-        DbUrl::MySql(url) => Ok(Arc::new(
-            MySqlBackend::builder()
-                .table(table.to_string())
-                // One command holds one lock: a small pool is plenty.
-                .max_connections(2)
-                .connect(url)
-                .await
-                .map_err(error)?,
-        )),
+    }
+}
+
+/// The driver's connection settings for a PostgreSQL URL: the URL less its TLS
+/// parameters, the TLS mode, and the password from `PGPASSWORD` or the
+/// password file when the URL has none.
+fn postgres_connection(raw: &str, server: &ServerUrl) -> Result<tokio_postgres::Config, CliError> {
+    let mut pg: tokio_postgres::Config =
+        server.url.parse().map_err(|e: tokio_postgres::Error| {
+            // The driver names the offending option, never its value.
+            let detail = match std::error::Error::source(&e) {
+                Some(source) => format!("{e}: {source}"),
+                None => e.to_string(),
+            };
+            CliError::usage(format!(
+                "--url {}: invalid PostgreSQL connection string ({detail})",
+                redact(raw)
+            ))
+        })?;
+    pg.ssl_mode(match server.tls {
+        TlsMode::Disable => SslMode::Disable,
+        TlsMode::Prefer => SslMode::Prefer,
+        TlsMode::Require | TlsMode::VerifyCa | TlsMode::VerifyFull => SslMode::Require,
+    });
+    if pg.get_password().is_none() {
+        if let Some(user) = pg.get_user().map(|user| user.to_owned()) {
+            let host = match pg.get_hosts().first() {
+                Some(Host::Tcp(host)) => host.clone(),
+                // libpq matches a socket connection as `localhost`.
+                _ => "localhost".to_owned(),
+            };
+            let port = pg.get_ports().first().copied().unwrap_or(5432);
+            let database = pg.get_dbname().unwrap_or(&user).to_owned();
+            let mut warn = |warning: String| say!("distrlock: warning: {warning}");
+            if let Some(password) =
+                server::postgres_password(&host, port, &database, &user, &mut warn)
+            {
+                pg.password(password);
+            }
+        }
+    }
+    Ok(pg)
+}
+
+/// Whether a MySQL connection failed because the server offers no TLS.
+fn offers_no_tls(error: &Error) -> bool {
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(mysql_async::Error::Driver(
+            mysql_async::DriverError::NoClientSslFlagFromServer,
+        )) = cause.downcast_ref::<mysql_async::Error>()
+        {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
+}
+
+/// Says what to do when the connection failed over TLS: the certificate was
+/// not trusted, or the server offers no TLS.
+fn with_tls_hint(mut error: CliError, server: &ServerUrl) -> CliError {
+    let text = error.message.to_ascii_lowercase();
+    let mode = server.tls.name();
+    let hint = if text.contains("certificate") || text.contains("unknownissuer") {
+        format!(
+            "the server's certificate is not trusted (TLS mode {mode}): name the CA that signed \
+             it with --ca-file (or sslrootcert= / ssl-ca= in the URL), or use sslmode=require to \
+             encrypt without verifying"
+        )
+    } else if text.contains("does not support tls")
+        || text.contains("server does not have this capability")
+    {
+        format!(
+            "the server offers no TLS, and TLS mode {mode} requires it: turn TLS on in the \
+             server, or use sslmode=prefer"
+        )
+    } else {
+        return error;
+    };
+    // The server is running and reachable: the generic advice does not apply.
+    let generic = "; check --url (or DISTRLOCK_URL) and that the database is running";
+    if let Some(at) = error.message.find(generic) {
+        error.message.truncate(at);
+    }
+    error.message = format!("{}; {hint}", error.message);
+    error
+}
+
+/// Turning the TLS mode into the drivers' settings, with TLS built in.
+#[cfg(feature = "tls")]
+mod tls {
+    use distrlock_mysql::mysql_async::SslOpts;
+    use distrlock_postgres::{PostgresConfigBuilder, TlsConfig, TlsVerify};
+
+    use crate::exit::CliError;
+    use crate::server::{Roots, ServerUrl, TlsMode};
+    use crate::url::redact;
+
+    /// Adds the TLS settings of `server` to a PostgreSQL config. Root
+    /// certificates are loaded only for a mode that verifies.
+    pub(super) fn postgres(
+        builder: PostgresConfigBuilder,
+        raw: &str,
+        server: &ServerUrl,
+    ) -> Result<PostgresConfigBuilder, CliError> {
+        let verify = match server.tls {
+            TlsMode::Disable => return Ok(builder),
+            TlsMode::Prefer | TlsMode::Require => return Ok(builder.tls(TlsConfig::unverified())),
+            TlsMode::VerifyCa => TlsVerify::Chain,
+            TlsMode::VerifyFull => TlsVerify::Full,
+        };
+        let roots = match &server.roots {
+            Roots::Default => TlsConfig::webpki_roots().with_system_roots(),
+            Roots::File(path, pem) => TlsConfig::from_pem(pem).map_err(|e| {
+                CliError::usage(format!(
+                    "--url {}: the CA file {}: {e}",
+                    redact(raw),
+                    path.display()
+                ))
+            })?,
+        };
+        Ok(builder.tls(roots.verify(verify)))
+    }
+
+    /// The mysql_async TLS settings of `server`, or `None` without TLS. Root
+    /// certificates are loaded only for a mode that verifies.
+    pub(super) fn mysql(_raw: &str, server: &ServerUrl) -> Result<Option<SslOpts>, CliError> {
+        let ssl = SslOpts::default();
+        let ssl = match server.tls {
+            TlsMode::Disable => return Ok(None),
+            TlsMode::Prefer | TlsMode::Require => ssl.with_danger_accept_invalid_certs(true),
+            mode => {
+                let ssl = match &server.roots {
+                    Roots::File(_, pem) => ssl
+                        .with_root_certs(vec![pem.clone().into()])
+                        .with_disable_built_in_roots(true),
+                    // The bundled roots stay on; the system's are added.
+                    Roots::Default => {
+                        ssl.with_root_certs(system_roots().into_iter().map(Into::into).collect())
+                    }
+                };
+                ssl.with_danger_skip_domain_validation(mode == TlsMode::VerifyCa)
+            }
+        };
+        Ok(Some(ssl))
+    }
+
+    /// The system's root certificates that rustls can use (the driver refuses
+    /// the whole set for one it cannot parse).
+    fn system_roots() -> Vec<Vec<u8>> {
+        rustls_native_certs::load_native_certs()
+            .certs
+            .into_iter()
+            .filter(|cert| rustls::RootCertStore::empty().add(cert.clone()).is_ok())
+            .map(|cert| cert.to_vec())
+            .collect()
+    }
+}
+
+/// Without TLS built in: only `disable` and `prefer` (which then never uses
+/// TLS) can be honoured.
+#[cfg(not(feature = "tls"))]
+mod tls {
+    use distrlock_mysql::mysql_async::SslOpts;
+    use distrlock_postgres::PostgresConfigBuilder;
+
+    use crate::exit::CliError;
+    use crate::server::{ServerUrl, TlsMode};
+    use crate::url::redact;
+
+    fn refuse(raw: &str, server: &ServerUrl) -> Result<(), CliError> {
+        match server.tls {
+            TlsMode::Disable | TlsMode::Prefer => Ok(()),
+            mode => Err(CliError::usage(format!(
+                "--url {}: TLS mode {} needs TLS, and this distrlock was built without it \
+                 (the `tls` feature)",
+                redact(raw),
+                mode.name()
+            ))),
+        }
+    }
+
+    pub(super) fn postgres(
+        builder: PostgresConfigBuilder,
+        raw: &str,
+        server: &ServerUrl,
+    ) -> Result<PostgresConfigBuilder, CliError> {
+        refuse(raw, server).map(|()| builder)
+    }
+
+    pub(super) fn mysql(raw: &str, server: &ServerUrl) -> Result<Option<SslOpts>, CliError> {
+        refuse(raw, server).map(|()| None)
     }
 }
 
@@ -129,8 +355,8 @@ pub(crate) fn schema_sql(url: &DbUrl, table: &TableName) -> Result<String, CliEr
     match url {
         DbUrl::Sqlite { .. } => SqliteBackend::schema_sql_for(&table.to_string())
             .map_err(|e| CliError::from_lock(e, url, &table.to_string())),
-        DbUrl::Postgres(_) => Ok(PostgresBackend::schema_sql_for(table)),
-        DbUrl::MySql(_) => Ok(MySqlBackend::schema_sql_for(table)),
+        DbUrl::Postgres { .. } => Ok(PostgresBackend::schema_sql_for(table)),
+        DbUrl::MySql { .. } => Ok(MySqlBackend::schema_sql_for(table)),
     }
 }
 

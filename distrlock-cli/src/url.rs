@@ -2,7 +2,7 @@
 //! messages.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use distrlock_sqlite::SqliteBackend;
 
@@ -12,25 +12,82 @@ use crate::exit::CliError;
 #[derive(Clone, PartialEq, Eq)]
 pub(crate) enum DbUrl {
     /// `postgres://…` or `postgresql://…`, as given.
-    Postgres(String),
+    Postgres {
+        /// The URL, with its TLS parameters (see `server.rs`).
+        url: String,
+        /// `--ca-file`.
+        ca_file: Option<PathBuf>,
+    },
     /// `mysql://…`, as given.
-    MySql(String),
+    MySql {
+        /// The URL, with its TLS parameters (see `server.rs`).
+        url: String,
+        /// `--ca-file`.
+        ca_file: Option<PathBuf>,
+    },
     /// `sqlite://PATH`, or the per-user default file when `default` is set.
     Sqlite {
         /// The database file.
         path: PathBuf,
         /// Whether this is the default file (its directory is created).
         default: bool,
+        /// `?allow_network_filesystem=true`.
+        allow_network_filesystem: bool,
     },
 }
 
 impl DbUrl {
+    /// The database the command line names: `--url` or `--url-file`'s URL
+    /// (the command line's over the environment's `DISTRLOCK_URL` or
+    /// `DISTRLOCK_URL_FILE`; both given the same way is a usage error), else the
+    /// per-user SQLite file; `ca_file` is `--ca-file`, for server URLs.
+    pub(crate) fn from_args(
+        url: Option<&str>,
+        url_file: Option<&Path>,
+        ca_file: Option<&Path>,
+    ) -> Result<Self, CliError> {
+        let from_env = |name: &str, given: Option<&std::ffi::OsStr>| {
+            given.is_some() && std::env::var_os(name).as_deref() == given
+        };
+        let url_in_env = from_env("DISTRLOCK_URL", url.map(std::ffi::OsStr::new));
+        let file_in_env = from_env("DISTRLOCK_URL_FILE", url_file.map(Path::as_os_str));
+        let use_file = match (url, url_file) {
+            (Some(_), Some(_)) if url_in_env == file_in_env => {
+                return Err(CliError::usage(if url_in_env {
+                    "DISTRLOCK_URL and DISTRLOCK_URL_FILE are both set: unset one".to_owned()
+                } else {
+                    "--url and --url-file name the database twice: give one".to_owned()
+                }));
+            }
+            // The command line's choice wins over the environment's.
+            (Some(_), Some(_)) => url_in_env,
+            (_, file) => file.is_some(),
+        };
+        let from_file;
+        let url = match url_file.filter(|_| use_file) {
+            Some(file) => {
+                from_file = read_url_file(file)?;
+                Some(from_file.as_str())
+            }
+            None => url,
+        };
+        let mut parsed = Self::from_arg(url)?;
+        match &mut parsed {
+            DbUrl::Postgres { ca_file: ca, .. } | DbUrl::MySql { ca_file: ca, .. } => {
+                *ca = ca_file.map(Path::to_owned);
+            }
+            DbUrl::Sqlite { .. } => {}
+        }
+        Ok(parsed)
+    }
+
     /// Parses `--url`, or picks the per-user SQLite file when there is none.
     pub(crate) fn from_arg(url: Option<&str>) -> Result<Self, CliError> {
         match url {
             None => Ok(DbUrl::Sqlite {
                 path: default_sqlite_path()?,
                 default: true,
+                allow_network_filesystem: false,
             }),
             Some(url) => Self::parse(url),
         }
@@ -47,14 +104,27 @@ impl DbUrl {
             }
         };
         match scheme.as_str() {
-            "postgres" | "postgresql" => Ok(DbUrl::Postgres(url.to_owned())),
-            "mysql" => Ok(DbUrl::MySql(url.to_owned())),
-            "sqlite" => SqliteBackend::path_from_url(url)
-                .map(|path| DbUrl::Sqlite {
+            "postgres" | "postgresql" => Ok(DbUrl::Postgres {
+                url: url.to_owned(),
+                ca_file: None,
+            }),
+            "mysql" => Ok(DbUrl::MySql {
+                url: url.to_owned(),
+                ca_file: None,
+            }),
+            "sqlite" => {
+                let usage = |e: distrlock_core::Error| {
+                    CliError::usage(format!("--url {}: {e}", redact(url)))
+                };
+                let path = SqliteBackend::path_from_url(url).map_err(usage)?;
+                // Checks the parameters; the builder is made again at open.
+                SqliteBackend::builder_from_url(url).map_err(usage)?;
+                Ok(DbUrl::Sqlite {
                     path,
                     default: false,
+                    allow_network_filesystem: allows_network_filesystem(url),
                 })
-                .map_err(|e| CliError::usage(format!("--url {}: {e}", redact(url)))),
+            }
             other => Err(CliError::usage(format!(
                 "--url {}: unsupported scheme {other:?}; use postgres://, mysql:// or sqlite://PATH",
                 redact(url)
@@ -67,9 +137,16 @@ impl DbUrl {
 impl fmt::Display for DbUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            DbUrl::Postgres(url) | DbUrl::MySql(url) => f.write_str(&redact(url)),
-            DbUrl::Sqlite { path, default } => {
+            DbUrl::Postgres { url, .. } | DbUrl::MySql { url, .. } => f.write_str(&redact(url)),
+            DbUrl::Sqlite {
+                path,
+                default,
+                allow_network_filesystem,
+            } => {
                 write!(f, "sqlite://{}", path.display())?;
+                if *allow_network_filesystem {
+                    f.write_str("?allow_network_filesystem=true")?;
+                }
                 if *default {
                     f.write_str(" (the default per-user file)")?;
                 }
@@ -84,6 +161,37 @@ impl fmt::Debug for DbUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "DbUrl({self})")
     }
+}
+
+/// Whether a `sqlite://` URL (already checked by the SQLite backend) says
+/// `allow_network_filesystem=true` (or `1`, `yes`, `on`, or no value).
+fn allows_network_filesystem(url: &str) -> bool {
+    let query = url.split_once('?').map_or("", |(_, q)| q);
+    query.split('&').any(|pair| {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, "true"));
+        name == "allow_network_filesystem"
+            && matches!(
+                value.to_ascii_lowercase().as_str(),
+                "1" | "true" | "yes" | "on"
+            )
+    })
+}
+
+/// The URL in a `--url-file`: its first line that is neither empty nor a `#`
+/// comment, without surrounding whitespace.
+fn read_url_file(file: &Path) -> Result<String, CliError> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| CliError::usage(format!("cannot read --url-file {}: {e}", file.display())))?;
+    text.lines()
+        .map(str::trim)
+        .find(|line| !line.is_empty() && !line.starts_with('#'))
+        .map(str::to_owned)
+        .ok_or_else(|| {
+            CliError::usage(format!(
+                "--url-file {} holds no URL (one line: postgres://…, mysql://… or sqlite://PATH)",
+                file.display()
+            ))
+        })
 }
 
 /// `$XDG_STATE_HOME/distrlock/locks.db`, or the platform's equivalent: one file
@@ -164,24 +272,74 @@ mod tests {
     fn picks_the_backend_by_scheme() {
         assert!(matches!(
             DbUrl::parse("postgresql://u@h/db"),
-            Ok(DbUrl::Postgres(_))
+            Ok(DbUrl::Postgres { .. })
         ));
         assert!(matches!(
             DbUrl::parse("mysql://u@h/db"),
-            Ok(DbUrl::MySql(_))
+            Ok(DbUrl::MySql { .. })
         ));
         assert_eq!(
             DbUrl::parse("sqlite:///tmp/a.db"),
             Ok(DbUrl::Sqlite {
                 path: "/tmp/a.db".into(),
-                default: false
+                default: false,
+                allow_network_filesystem: false,
             })
         );
+        let nfs = DbUrl::parse("sqlite:///mnt/nfs/a.db?allow_network_filesystem=true").unwrap();
+        assert_eq!(
+            nfs,
+            DbUrl::Sqlite {
+                path: "/mnt/nfs/a.db".into(),
+                default: false,
+                allow_network_filesystem: true,
+            }
+        );
+        assert_eq!(
+            nfs.to_string(),
+            "sqlite:///mnt/nfs/a.db?allow_network_filesystem=true"
+        );
+        assert_eq!(DbUrl::parse("sqlite:///a.db?bogus=1").unwrap_err().code, 2);
         let err = DbUrl::parse("redis://:pw@host").unwrap_err();
         assert_eq!(err.code, 2);
         assert!(!err.message.contains("pw"), "{}", err.message);
         assert_eq!(DbUrl::parse("sqlite://").unwrap_err().code, 2);
         assert_eq!(DbUrl::parse("locks.db").unwrap_err().code, 2);
+    }
+
+    #[test]
+    fn url_files_hold_one_url() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("url");
+        std::fs::write(
+            &file,
+            "# the lock database
+
+  postgres://app:hunter2@db/prod  
+",
+        )
+        .unwrap();
+        let url = DbUrl::from_args(None, Some(&file), None).unwrap();
+        assert_eq!(url.to_string(), "postgres://app:***@db/prod");
+        let twice = DbUrl::from_args(Some("mysql://u@h/x"), Some(&file), None).unwrap_err();
+        assert_eq!(twice.code, 2, "{}", twice.message);
+        std::fs::write(
+            &file,
+            "# nothing
+",
+        )
+        .unwrap();
+        assert_eq!(
+            DbUrl::from_args(None, Some(&file), None).unwrap_err().code,
+            2
+        );
+        let missing = DbUrl::from_args(None, Some(&dir.path().join("nope")), None).unwrap_err();
+        assert_eq!(missing.code, 2);
+        let ca = dir.path().join("ca.pem");
+        match DbUrl::from_args(Some("postgres://u@h/d"), None, Some(&ca)).unwrap() {
+            DbUrl::Postgres { ca_file, .. } => assert_eq!(ca_file.as_deref(), Some(ca.as_path())),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

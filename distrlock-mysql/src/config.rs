@@ -195,6 +195,18 @@ impl MySqlConfig {
         Ok(backend)
     }
 
+    /// [`build`](Self::build)s a backend on a new pool from `opts` (a URL's
+    /// options changed in code: a password from elsewhere, TLS settings) and
+    /// checks that a connection can be opened within the connect timeout, as
+    /// [`connect`](Self::connect) does.
+    ///
+    /// Errors: as [`connect`](Self::connect)'s.
+    pub async fn connect_opts(self, opts: impl Into<Opts>) -> Result<MySqlBackend> {
+        let backend = self.build(opts)?;
+        backend.check_connection().await?;
+        Ok(backend)
+    }
+
     /// Builds a backend on a new pool from `opts`, without connecting yet.
     ///
     /// The backend's pool takes everything from `opts` except: the pool limits

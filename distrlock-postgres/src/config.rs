@@ -619,9 +619,14 @@ impl PostgresConfigBuilder {
         self
     }
 
-    /// Connects over TLS with these root certificates, verifying the server's
-    /// certificate and name. Without it, TLS is used only when the connection
-    /// string says `sslmode=require`, with the Mozilla roots.
+    /// Connects over TLS with these root certificates and this verification
+    /// ([`TlsVerify::Full`](crate::TlsVerify::Full), the certificate and the host
+    /// name, unless [`TlsConfig::verify`](crate::TlsConfig::verify) says
+    /// otherwise), as the connection string's `sslmode` asks: `prefer` (the
+    /// driver's default) uses TLS when the server offers it, `require` insists
+    /// on it, `disable` never uses it. Without it, TLS is used only when the
+    /// connection string says `sslmode=require`, with the Mozilla roots and full
+    /// verification.
     #[cfg(feature = "tls")]
     pub fn tls(mut self, tls: crate::tls::TlsConfig) -> Self {
         self.tls = Some(tls);

@@ -13,7 +13,7 @@ pub use config::{Pooler, PostgresConfig, PostgresConfigBuilder};
 #[doc(hidden)]
 pub use sql::LockSql;
 #[cfg(feature = "tls")]
-pub use tls::TlsConfig;
+pub use tls::{TlsConfig, TlsVerify};
 
 /// Re-exported so users name the same driver version as the backend.
 pub use deadpool_postgres;

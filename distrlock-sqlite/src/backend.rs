@@ -15,6 +15,7 @@ use tokio::time::Instant;
 
 use crate::clock::{HostClock, Now};
 use crate::driver_error::{Doing, from_sqlite};
+use crate::file::FileIdentity;
 use crate::sql::{self, MAX_FENCE, Statements};
 use crate::worker::Worker;
 
@@ -35,6 +36,7 @@ pub struct SqliteBackend {
     table: TableName,
     statements: Arc<Statements>,
     clock: Arc<HostClock>,
+    file: Arc<FileIdentity>,
     notifier: ReleaseNotifier,
 }
 
@@ -44,6 +46,7 @@ pub struct SqliteBackendBuilder {
     path: PathBuf,
     table: String,
     busy_timeout: Duration,
+    allow_network_filesystem: bool,
 }
 
 impl SqliteBackendBuilder {
@@ -65,16 +68,33 @@ impl SqliteBackendBuilder {
         self
     }
 
+    /// Whether to open a file on a network, cluster or FUSE filesystem (NFS,
+    /// SMB/CIFS, Ceph, 9P, sshfs, …), which [`open`](Self::open) refuses by
+    /// default (on Linux, where `statfs` tells). SQLite's locking is not
+    /// reliable on most of them, and processes on different hosts do not share
+    /// a clock: allow it only for a filesystem whose POSIX locks are known to
+    /// work, used by processes of this one host. Default `false`; the URL
+    /// parameter `allow_network_filesystem=true` sets it too.
+    pub fn allow_network_filesystem(mut self, allow: bool) -> Self {
+        self.allow_network_filesystem = allow;
+        self
+    }
+
     /// Opens (creating if needed) the database file and sets the connection up.
     /// The lock table is not created: call [`SqliteBackend::create_table`].
     ///
     /// Returns [`Error::InvalidTableName`] for a bad or qualified table name,
+    /// [`Error::InvalidConfig`] for a file on a network filesystem (see
+    /// [`allow_network_filesystem`](Self::allow_network_filesystem)),
     /// [`Error::Unavailable`] if the file cannot be opened (its directory is
     /// missing, or permissions), and a permanent [`Error::Backend`] if the file is
     /// not a SQLite database.
     pub async fn open(self) -> Result<SqliteBackend> {
         let table = sqlite_table_name(&self.table)?;
         let path = self.path;
+        if !self.allow_network_filesystem {
+            crate::file::check_local_filesystem(&path)?;
+        }
         let busy_ms = u64::try_from(self.busy_timeout.as_millis()).unwrap_or(u64::MAX);
         let open_path = path.clone();
         let open_table = table.clone();
@@ -85,6 +105,7 @@ impl SqliteBackendBuilder {
         .await
         .map_err(|error| name_the_file(error, &path))?;
         Ok(SqliteBackend {
+            file: Arc::new(FileIdentity::record(&path)),
             worker,
             statements: Arc::new(Statements::new(&table)),
             path,
@@ -92,6 +113,17 @@ impl SqliteBackendBuilder {
             clock: Arc::new(HostClock::detect()),
             notifier: ReleaseNotifier::new(),
         })
+    }
+}
+
+/// A URL parameter's boolean value.
+fn parse_flag(name: &str, value: &str) -> Result<bool> {
+    match value.to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(Error::InvalidConfig {
+            reason: format!("{name} takes true or false"),
+        }),
     }
 }
 
@@ -165,7 +197,47 @@ impl SqliteBackend {
             path: path.into(),
             table: TableName::DEFAULT.to_owned(),
             busy_timeout: Duration::from_secs(5),
+            allow_network_filesystem: false,
         }
+    }
+
+    /// A builder for `sqlite://PATH` (or `sqlite:PATH`), with the settings its
+    /// query sets: `?allow_network_filesystem=true` (see
+    /// [`allow_network_filesystem`](SqliteBackendBuilder::allow_network_filesystem)).
+    ///
+    /// Returns [`Error::InvalidConfig`] for another scheme, an empty path, or an
+    /// unknown or malformed parameter.
+    ///
+    /// ```
+    /// use distrlock_sqlite::SqliteBackend;
+    ///
+    /// let builder =
+    ///     SqliteBackend::builder_from_url("sqlite:///mnt/nfs/locks.db?allow_network_filesystem=1")
+    ///         .unwrap();
+    /// # let _ = builder;
+    /// assert!(SqliteBackend::builder_from_url("sqlite:///x.db?journal=off").is_err());
+    /// ```
+    pub fn builder_from_url(url: &str) -> Result<SqliteBackendBuilder> {
+        let mut builder = Self::builder(Self::path_from_url(url)?);
+        let query = url.split_once('?').map_or("", |(_, query)| query);
+        for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, "true"));
+            match name {
+                "allow_network_filesystem" => {
+                    builder.allow_network_filesystem = parse_flag(name, value)?;
+                }
+                other => {
+                    return Err(Error::InvalidConfig {
+                        reason: format!(
+                            "unknown SQLite URL parameter {:?}; the one parameter is \
+                             allow_network_filesystem=true",
+                            other.chars().take(40).collect::<String>()
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(builder)
     }
 
     /// Opens the database file at `path` with the default table and settings.
@@ -174,15 +246,20 @@ impl SqliteBackend {
     }
 
     /// Opens `sqlite://PATH` (or `sqlite:PATH`) with the default table and
-    /// settings. `sqlite:///var/lib/app/locks.db` is an absolute path,
-    /// `sqlite://locks.db` a relative one.
+    /// settings, and those its query sets (see
+    /// [`builder_from_url`](Self::builder_from_url)).
+    /// `sqlite:///var/lib/app/locks.db` is an absolute path, `sqlite://locks.db`
+    /// a relative one.
     ///
-    /// Returns [`Error::InvalidConfig`] for another scheme or an empty path.
+    /// Returns [`Error::InvalidConfig`] for another scheme, an empty path or a
+    /// bad parameter.
     pub async fn connect(url: &str) -> Result<Self> {
-        Self::open(Self::path_from_url(url)?).await
+        Self::builder_from_url(url)?.open().await
     }
 
-    /// The file path in a `sqlite://PATH` or `sqlite:PATH` URL.
+    /// The file path in a `sqlite://PATH` or `sqlite:PATH` URL: everything up to
+    /// a `?`, which starts the parameters (a path with a `?` in it can be
+    /// opened with [`builder`](Self::builder), not by URL).
     ///
     /// ```
     /// use distrlock_sqlite::SqliteBackend;
@@ -199,6 +276,7 @@ impl SqliteBackend {
             .ok_or_else(|| Error::InvalidConfig {
                 reason: "a SQLite URL looks like sqlite:///path/to/locks.db".into(),
             })?;
+        let rest = rest.split_once('?').map_or(rest, |(path, _)| path);
         if rest.is_empty() {
             return Err(Error::InvalidConfig {
                 reason: "the SQLite URL has no file path (sqlite:///path/to/locks.db)".into(),
@@ -243,6 +321,9 @@ impl SqliteBackend {
     /// queue behind slow ones, or for another process's write lock, past the
     /// moment its caller stopped waiting, rolls back without running anything
     /// and fails with a transient [`Error::Unavailable`]. See [`LocalBound`].
+    ///
+    /// Before anything else, with the write lock held, it checks that the path
+    /// still names the file that was opened (see [`FileIdentity`]).
     async fn write<T, F>(&self, not_after: Option<Instant>, job: F) -> Result<T>
     where
         T: Send + 'static,
@@ -253,6 +334,7 @@ impl SqliteBackend {
         let statements = self.statements.clone();
         let clock = self.clock.clone();
         let table = self.table.clone();
+        let file = self.file.clone();
         let bound = not_after.map(LocalBound::new);
         self.worker
             .run(move |conn| {
@@ -260,6 +342,7 @@ impl SqliteBackend {
                 let tx = conn
                     .transaction_with_behavior(TransactionBehavior::Immediate)
                     .map_err(map)?;
+                file.check()?;
                 let now = clock.now();
                 // Checked after the clock reading, so the reading is never later
                 // than the instant compared; the transaction rolls back on drop.
@@ -273,7 +356,8 @@ impl SqliteBackend {
             .await
     }
 
-    /// Runs a read on the connection thread with a clock reading.
+    /// Runs a read on the connection thread with a clock reading, once it has
+    /// checked that the path still names the file that was opened.
     async fn read<T, F>(&self, job: F) -> Result<T>
     where
         T: Send + 'static,
@@ -281,8 +365,12 @@ impl SqliteBackend {
     {
         let statements = self.statements.clone();
         let clock = self.clock.clone();
+        let file = self.file.clone();
         self.worker
-            .run(move |conn| job(conn, &statements, &clock))
+            .run(move |conn| {
+                file.check()?;
+                job(conn, &statements, &clock)
+            })
             .await
     }
 

@@ -13,6 +13,11 @@
 //!   judged by its wall-clock expiry, since instants of two clocks cannot be
 //!   compared: a live lease is respected, and after a reboot a dead holder's lease
 //!   lasts at most until its wall-clock end.
+//!   A process in a time namespace (`unshare --time`) reads `CLOCK_MONOTONIC`
+//!   shifted by its namespace's offset, with the same boot id: its readings are
+//!   corrected by the offset in `/proc/self/timens_offsets`, so that all of
+//!   them are the host's clock. Where the offset cannot be read, the clock id
+//!   also names the namespace, so rows written outside it count by wall clock.
 //! - Elsewhere (or if the boot id cannot be read), leases are measured on the wall
 //!   clock, tagged `wall`. Then a step of the wall clock moves every lease's end
 //!   by the same amount: forward ends leases early, backward keeps them longer.
@@ -40,6 +45,10 @@ pub struct Now {
 pub struct HostClock {
     id: String,
     monotonic: bool,
+    /// Microseconds this process's time namespace adds to `CLOCK_MONOTONIC`,
+    /// subtracted from every reading so that it is the host's clock (zero
+    /// outside a time namespace, and when the lease clock is the wall clock).
+    namespace_offset: i64,
     /// Wall-clock minus lease-clock microseconds, measured once in `detect`
     /// (zero when the lease clock is the wall clock).
     offset: i64,
@@ -47,16 +56,37 @@ pub struct HostClock {
 
 impl HostClock {
     /// The monotonic clock of this boot where it can be named, else the wall clock.
+    ///
+    /// A process in a Linux time namespace (`unshare --time`) has the boot id of
+    /// every other process but reads `CLOCK_MONOTONIC` shifted by its
+    /// namespace's offset: its readings are corrected by that offset (from
+    /// `/proc/self/timens_offsets`), so that every process of the boot measures
+    /// leases on the same clock. Where the offset cannot be read, the clock is
+    /// named after the namespace too, and rows written by processes outside it
+    /// are judged by their wall-clock expiry.
     pub fn detect() -> Self {
-        match (boot_id(), monotonic_micros()) {
-            (Some(boot), Some(monotonic)) => Self {
-                id: format!("boot:{boot}"),
-                monotonic: true,
-                offset: wall_micros().saturating_sub(monotonic),
-            },
+        Self::detect_with(boot_id(), monotonic_micros(), time_namespace())
+    }
+
+    fn detect_with(boot: Option<String>, monotonic: Option<i64>, namespace: TimeNamespace) -> Self {
+        match (boot, monotonic) {
+            (Some(boot), Some(monotonic)) => {
+                let (id, namespace_offset) = match namespace {
+                    TimeNamespace::Offset(offset) => (format!("boot:{boot}"), offset),
+                    TimeNamespace::Unknown(name) => (format!("boot:{boot}/timens:{name}"), 0),
+                };
+                let lease = monotonic.saturating_sub(namespace_offset);
+                Self {
+                    id,
+                    monotonic: true,
+                    namespace_offset,
+                    offset: wall_micros().saturating_sub(lease),
+                }
+            }
             _ => Self {
                 id: "wall".to_owned(),
                 monotonic: false,
+                namespace_offset: 0,
                 offset: 0,
             },
         }
@@ -72,7 +102,7 @@ impl HostClock {
         let wall = wall_micros();
         let lease = if self.monotonic {
             // `detect` checked that the clock can be read; it cannot start failing.
-            monotonic_micros().unwrap_or(wall)
+            monotonic_micros().map_or(wall, |us| us.saturating_sub(self.namespace_offset))
         } else {
             wall
         };
@@ -114,6 +144,69 @@ fn boot_id() -> Option<String> {
 #[cfg(not(target_os = "linux"))]
 fn boot_id() -> Option<String> {
     None
+}
+
+/// What this process's time namespace does to `CLOCK_MONOTONIC`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum TimeNamespace {
+    /// It adds this many microseconds (zero in the host's namespace, or on a
+    /// kernel without time namespaces).
+    Offset(i64),
+    /// Unknown: the offsets could not be read. The namespace's name (its
+    /// inode), or `unknown`.
+    Unknown(String),
+}
+
+#[cfg(target_os = "linux")]
+fn time_namespace() -> TimeNamespace {
+    match std::fs::read_to_string("/proc/self/timens_offsets") {
+        Ok(text) => match monotonic_offset(&text) {
+            Some(offset) => TimeNamespace::Offset(offset),
+            None => TimeNamespace::Unknown(namespace_name()),
+        },
+        // Before Linux 5.6, or without CONFIG_TIME_NS, there are no time
+        // namespaces, unless /proc is not there at all.
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound
+                && std::fs::metadata("/proc/self/ns/time").is_err()
+                && std::fs::metadata("/proc/self/stat").is_ok() =>
+        {
+            TimeNamespace::Offset(0)
+        }
+        Err(_) => TimeNamespace::Unknown(namespace_name()),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn time_namespace() -> TimeNamespace {
+    TimeNamespace::Offset(0)
+}
+
+#[cfg(target_os = "linux")]
+fn namespace_name() -> String {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/ns/time")
+        .map_or_else(|_| "unknown".to_owned(), |m| m.ino().to_string())
+}
+
+/// The `monotonic` line of `/proc/self/timens_offsets` (`monotonic SECS NSECS`,
+/// Linux 5.6+) in microseconds; `None` if there is no such line or it is
+/// malformed. The file's offsets are relative to the host's clocks.
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+fn monotonic_offset(text: &str) -> Option<i64> {
+    let line = text.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let name = fields.next()?;
+        // Linux prints the clock's name; the id 1 is CLOCK_MONOTONIC.
+        (name == "monotonic" || name == "1").then_some(fields)
+    })?;
+    let mut fields = line;
+    let secs: i64 = fields.next()?.parse().ok()?;
+    let nanos: i64 = fields.next()?.parse().ok()?;
+    if fields.next().is_some() || !(0..1_000_000_000).contains(&nanos) {
+        return None;
+    }
+    secs.checked_mul(1_000_000)?.checked_add(nanos / 1_000)
 }
 
 #[cfg(target_os = "linux")]
@@ -172,6 +265,50 @@ mod tests {
             apart < Duration::from_secs(1),
             "{apart:?} from the wall clock"
         );
+    }
+
+    #[test]
+    fn reads_the_monotonic_offset_of_a_time_namespace() {
+        let host = "monotonic           0         0\nboottime            0         0\n";
+        assert_eq!(monotonic_offset(host), Some(0));
+        let shifted = "monotonic        3600         0\nboottime            0         0\n";
+        assert_eq!(monotonic_offset(shifted), Some(3_600_000_000));
+        let back = "boottime 0 0\nmonotonic -5 250000000\n";
+        assert_eq!(monotonic_offset(back), Some(-4_750_000));
+        assert_eq!(monotonic_offset("1 7 1000\n"), Some(7_000_001));
+        for bad in [
+            "",
+            "boottime 0 0",
+            "monotonic x 0",
+            "monotonic 1",
+            "monotonic 1 2 3",
+        ] {
+            assert_eq!(monotonic_offset(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_time_namespace_offset_is_taken_off_every_reading() {
+        let boot = Some("b".to_owned());
+        let reading = monotonic_micros().unwrap_or_else(wall_micros);
+        let host = HostClock::detect_with(boot.clone(), Some(reading), TimeNamespace::Offset(0));
+        // Detected inside a namespace an hour ahead, whose readings are an hour
+        // ahead too: the same clock, and the same id.
+        let hour = 3_600_000_000;
+        let shifted = HostClock::detect_with(
+            boot.clone(),
+            Some(reading + hour),
+            TimeNamespace::Offset(hour),
+        );
+        assert_eq!(host.id(), shifted.id());
+        assert_eq!(host.offset / 1_000_000, shifted.offset / 1_000_000);
+        let unknown = HostClock::detect_with(
+            boot,
+            Some(reading),
+            TimeNamespace::Unknown("4026532177".into()),
+        );
+        assert_eq!(unknown.id(), "boot:b/timens:4026532177");
+        assert_ne!(unknown.id(), host.id(), "an unknown shift is another clock");
     }
 
     #[cfg(target_os = "linux")]

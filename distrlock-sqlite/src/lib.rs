@@ -3,6 +3,7 @@
 mod backend;
 mod clock;
 mod driver_error;
+mod file;
 mod sql;
 mod worker;
 

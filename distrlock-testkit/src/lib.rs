@@ -24,7 +24,7 @@ pub use harness::{
 pub use memory::MemoryHarness;
 pub use pgbouncer::{PgBouncer, PgBouncerBuilder, PoolMode};
 pub use proxy::FaultProxy;
-pub use throwaway::{ServerError, ServerKind, ThrowawayServer};
+pub use throwaway::{ServerError, ServerKind, ThrowawayServer, TlsFiles};
 
 /// The future of one conformance case running on a [`Setup`].
 pub type CaseFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;

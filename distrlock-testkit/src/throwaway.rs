@@ -80,12 +80,37 @@ pub struct ThrowawayServer {
     run_as: Option<(u32, u32)>,
     /// The superuser's password, if it has one.
     password: Option<String>,
+    /// The certificates, when TLS is on.
+    tls: Option<TlsFiles>,
+}
+
+/// The certificates of a throwaway server with TLS on, made with the `openssl`
+/// command in the server's directory: a test CA, the server's certificate from
+/// it (valid for `localhost` and `127.0.0.1`), and another CA that did not sign
+/// it.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The PEM certificate of the CA that signed the server's certificate.
+    pub ca: PathBuf,
+    /// The PEM certificate of a CA that has nothing to do with the server.
+    pub other_ca: PathBuf,
+    /// The server's PEM certificate.
+    pub server_cert: PathBuf,
+    /// The server's PEM private key.
+    pub server_key: PathBuf,
 }
 
 impl ThrowawayServer {
     /// Starts a private PostgreSQL.
     pub fn postgres() -> Result<Self> {
-        Self::start_postgres(None)
+        Self::start_postgres(None, false)
+    }
+
+    /// Starts a private PostgreSQL with TLS on (`ssl = on`, a certificate from a
+    /// test CA: see [`tls`](Self::tls)). Clients may still connect without TLS.
+    /// Needs the `openssl` command.
+    pub fn postgres_with_tls() -> Result<Self> {
+        Self::start_postgres(None, true)
     }
 
     /// Starts a private PostgreSQL whose `postgres` user needs `password`
@@ -94,11 +119,14 @@ impl ThrowawayServer {
     /// [`url`](Self::url) carries the password; [`sql`](Self::sql) passes it to
     /// `psql`.
     pub fn postgres_with_password(password: &str) -> Result<Self> {
-        Self::start_postgres(Some(password))
+        Self::start_postgres(Some(password), false)
     }
 
-    fn start_postgres(password: Option<&str>) -> Result<Self> {
+    fn start_postgres(password: Option<&str>, tls: bool) -> Result<Self> {
         let mut server = Self::prepare(ServerKind::Postgres)?;
+        if tls {
+            server.make_certificates()?;
+        }
         let initdb = find_binary(ServerKind::Postgres, "initdb")?;
         let mut cmd = Command::new(initdb);
         cmd.arg("-D")
@@ -126,7 +154,21 @@ impl ThrowawayServer {
 
     /// Starts a private MariaDB.
     pub fn mariadb() -> Result<Self> {
+        Self::start_mariadb(false)
+    }
+
+    /// Starts a private MariaDB with TLS on (`ssl_cert`, `ssl_key` and `ssl_ca`
+    /// from a test CA: see [`tls`](Self::tls)). Clients may still connect
+    /// without TLS. Needs the `openssl` command.
+    pub fn mariadb_with_tls() -> Result<Self> {
+        Self::start_mariadb(true)
+    }
+
+    fn start_mariadb(tls: bool) -> Result<Self> {
         let mut server = Self::prepare(ServerKind::MariaDb)?;
+        if tls {
+            server.make_certificates()?;
+        }
         let install = find_binary(ServerKind::MariaDb, "mariadb-install-db")?;
         let mut cmd = Command::new(install);
         cmd.arg("--no-defaults")
@@ -158,6 +200,11 @@ impl ThrowawayServer {
     /// Which database this is.
     pub fn kind(&self) -> ServerKind {
         self.kind
+    }
+
+    /// The certificates, if TLS is on.
+    pub fn tls(&self) -> Option<&TlsFiles> {
+        self.tls.as_ref()
     }
 
     /// The loopback port it listens on (kept across restarts).
@@ -311,7 +358,134 @@ impl ThrowawayServer {
             child: None,
             run_as,
             password: None,
+            tls: None,
         })
+    }
+
+    /// Makes a CA, a server certificate signed by it, and an unrelated CA, in
+    /// the server's directory, readable by the server's user only.
+    fn make_certificates(&mut self) -> Result<()> {
+        let openssl = Path::new("/usr/bin/openssl");
+        let openssl = if openssl.is_file() {
+            openssl.to_owned()
+        } else {
+            std::env::var("PATH")
+                .unwrap_or_default()
+                .split(':')
+                .map(|dir| Path::new(dir).join("openssl"))
+                .find(|p| p.is_file())
+                .ok_or(ServerError::MissingBinary {
+                    binary: "openssl",
+                    package: "openssl",
+                })?
+        };
+        let dir = self.dir.join("tls");
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| ServerError::Failed(format!("creating {}: {e}", dir.display())))?;
+        let file = |name: &str| dir.join(name);
+        let run = |args: &[&std::ffi::OsStr], what: &str| -> Result<()> {
+            let output = Command::new(&openssl)
+                .args(args)
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|e| ServerError::Failed(format!("openssl ({what}): {e}")))?;
+            if output.status.success() {
+                Ok(())
+            } else {
+                Err(ServerError::Failed(format!(
+                    "openssl ({what}) failed: {}",
+                    String::from_utf8_lossy(&output.stderr).trim()
+                )))
+            }
+        };
+        let os = |s: &'static str| std::ffi::OsStr::new(s);
+        for (name, subject) in [
+            ("ca", "/CN=distrlock throwaway test CA"),
+            ("other-ca", "/CN=distrlock unrelated test CA"),
+        ] {
+            let (key, cert) = (file(&format!("{name}.key")), file(&format!("{name}.crt")));
+            run(
+                &[
+                    os("req"),
+                    os("-x509"),
+                    os("-newkey"),
+                    os("rsa:2048"),
+                    os("-nodes"),
+                    os("-days"),
+                    os("3"),
+                    os("-subj"),
+                    os(subject),
+                    os("-addext"),
+                    os("basicConstraints=critical,CA:TRUE"),
+                    os("-addext"),
+                    os("keyUsage=critical,keyCertSign,cRLSign"),
+                    os("-keyout"),
+                    key.as_os_str(),
+                    os("-out"),
+                    cert.as_os_str(),
+                ],
+                "a CA",
+            )?;
+        }
+        let extensions = file("server.ext");
+        std::fs::write(
+            &extensions,
+            "basicConstraints=CA:FALSE\n\
+             keyUsage=critical,digitalSignature,keyEncipherment\n\
+             extendedKeyUsage=serverAuth\n\
+             subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+        )
+        .map_err(|e| ServerError::Failed(format!("writing {}: {e}", extensions.display())))?;
+        let (key, csr, cert) = (file("server.key"), file("server.csr"), file("server.crt"));
+        run(
+            &[
+                os("req"),
+                os("-newkey"),
+                os("rsa:2048"),
+                os("-nodes"),
+                os("-subj"),
+                os("/CN=localhost"),
+                os("-keyout"),
+                key.as_os_str(),
+                os("-out"),
+                csr.as_os_str(),
+            ],
+            "the server's key",
+        )?;
+        run(
+            &[
+                os("x509"),
+                os("-req"),
+                os("-in"),
+                csr.as_os_str(),
+                os("-CA"),
+                file("ca.crt").as_os_str(),
+                os("-CAkey"),
+                file("ca.key").as_os_str(),
+                os("-CAcreateserial"),
+                os("-days"),
+                os("3"),
+                os("-extfile"),
+                extensions.as_os_str(),
+                os("-out"),
+                cert.as_os_str(),
+            ],
+            "the server's certificate",
+        )?;
+        // PostgreSQL refuses a key that others may read.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| ServerError::Failed(format!("chmod {}: {e}", key.display())))?;
+        if let Some(ids) = self.run_as {
+            chown_recursive(&dir, ids)?;
+        }
+        self.tls = Some(TlsFiles {
+            ca: file("ca.crt"),
+            other_ca: file("other-ca.crt"),
+            server_cert: cert,
+            server_key: key,
+        });
+        Ok(())
     }
 
     fn data_dir(&self) -> PathBuf {
@@ -365,6 +539,12 @@ impl ThrowawayServer {
                         "-c",
                         "max_connections=200",
                     ]);
+                if let Some(tls) = &self.tls {
+                    cmd.args(["-c", "ssl=on", "-c"])
+                        .arg(format!("ssl_cert_file={}", tls.server_cert.display()))
+                        .arg("-c")
+                        .arg(format!("ssl_key_file={}", tls.server_key.display()));
+                }
                 cmd
             }
             ServerKind::MariaDb => {
@@ -389,6 +569,11 @@ impl ThrowawayServer {
                     ]);
                 if self.run_as.is_some() {
                     cmd.arg("--user=mysql");
+                }
+                if let Some(tls) = &self.tls {
+                    cmd.arg(format!("--ssl-cert={}", tls.server_cert.display()))
+                        .arg(format!("--ssl-key={}", tls.server_key.display()))
+                        .arg(format!("--ssl-ca={}", tls.ca.display()));
                 }
                 cmd
             }

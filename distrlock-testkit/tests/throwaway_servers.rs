@@ -98,3 +98,48 @@ fn postgres_throwaway_server_with_password_refuses_a_wrong_one() {
     );
     assert!(psql("s3cr et/pw").status.success(), "the right one works");
 }
+
+/// Whether `openssl verify` accepts the server's certificate under `ca`.
+fn verifies(ca: &std::path::Path, cert: &std::path::Path) -> bool {
+    std::process::Command::new("openssl")
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(ca)
+        .arg(cert)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn postgres_throwaway_server_with_tls_encrypts() {
+    let test = "postgres_throwaway_server_with_tls_encrypts";
+    let Some(server) = started(test, ThrowawayServer::postgres_with_tls()) else {
+        return;
+    };
+    assert_eq!(server.sql("SHOW ssl").unwrap(), "on");
+    let tls = server.tls().expect("TLS files");
+    assert!(verifies(&tls.ca, &tls.server_cert), "signed by its CA");
+    assert!(
+        !verifies(&tls.other_ca, &tls.server_cert),
+        "not by the other"
+    );
+    // psql prefers TLS: its own session is encrypted.
+    assert_eq!(
+        server
+            .sql("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+            .unwrap(),
+        "t"
+    );
+    assert!(ThrowawayServer::postgres().unwrap().tls().is_none());
+}
+
+#[test]
+fn mariadb_throwaway_server_with_tls_encrypts() {
+    let test = "mariadb_throwaway_server_with_tls_encrypts";
+    let Some(server) = started(test, ThrowawayServer::mariadb_with_tls()) else {
+        return;
+    };
+    assert_eq!(server.sql("SELECT @@have_ssl").unwrap(), "YES", "TLS is on");
+    let tls = server.tls().expect("TLS files");
+    assert!(verifies(&tls.ca, &tls.server_cert));
+}
