@@ -628,7 +628,7 @@ impl Harness for PgBouncerHarness {
             }),
         )
         // A real server on a shared CI machine: a correct call may take this long.
-        .with_latency_budget(std::time::Duration::from_secs(1)))
+        .with_latency_budget(std::time::Duration::from_millis(1500)))
     }
 }
 

@@ -26,7 +26,7 @@ impl Harness for SqliteHarness {
         };
         Ok(Setup::with_faults(Arc::new(backend), Arc::new(faults))
             // A real server on a shared CI machine: a correct call may take this long.
-            .with_latency_budget(std::time::Duration::from_secs(1)))
+            .with_latency_budget(std::time::Duration::from_millis(1500)))
     }
 }
 

@@ -166,7 +166,7 @@ impl Harness for MySqlHarness {
         Ok(
             Setup::with_faults(backend, Arc::new(MySqlFaults { ids, proxy }))
                 // A real server on a shared CI machine: a correct call may take this long.
-                .with_latency_budget(std::time::Duration::from_secs(1)),
+                .with_latency_budget(std::time::Duration::from_millis(1500)),
         )
     }
 }

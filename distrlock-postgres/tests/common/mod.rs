@@ -214,7 +214,7 @@ impl Harness for PostgresHarness {
             }),
         )
         // A real server on a shared CI machine: a correct call may take this long.
-        .with_latency_budget(std::time::Duration::from_secs(1)))
+        .with_latency_budget(std::time::Duration::from_millis(1500)))
     }
 }
 
