@@ -218,6 +218,25 @@ fn read_pid(path: &Path) -> Option<Pid> {
     text.trim().parse().ok().map(Pid::from_raw)
 }
 
+/// Whether `pid` is a running process: neither gone nor a zombie (a zombie
+/// whose parent died waits for init, which may be slow to reap it).
+fn alive(pid: Pid) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state is the first field after the command name's closing ')'.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    !matches!(state, None | Some("Z" | "X" | "x"))
+}
+
+/// Waits until `path` holds a pid, and returns it.
+fn wait_pid(path: &Path) -> Pid {
+    wait_until(Duration::from_secs(10), || read_pid(path).is_some());
+    read_pid(path).unwrap()
+}
+
 /// `distrlock run ARGS -- sh -c SCRIPT` in the background; the script's pid is
 /// written to `pidfile` first.
 fn spawn_run(t: &Target, args: &[&str], script: &str) -> Background {
@@ -514,6 +533,66 @@ fn signals_are_forwarded(t: &Target) {
         kill(holder.pid(), signal).unwrap();
         assert_eq!(wait_exit(&mut holder.child, Duration::from_secs(10)), exit);
         assert_eq!(std::fs::read_to_string(&log).unwrap().trim(), name);
+        assert_eq!(t.state(&key).as_deref(), Some("released"));
+    }
+}
+
+/// SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2 and SIGALRM to distrlock reach the
+/// command too (a closed terminal sends SIGHUP to `distrlock run … &`), and
+/// distrlock keeps the lock until the command has exited: no other run gets it
+/// meanwhile.
+fn other_signals_are_forwarded_and_the_lock_kept(t: &Target) {
+    for (signal, name) in [
+        (Signal::SIGHUP, "HUP"),
+        (Signal::SIGQUIT, "QUIT"),
+        (Signal::SIGUSR1, "USR1"),
+        (Signal::SIGUSR2, "USR2"),
+        (Signal::SIGALRM, "ALRM"),
+    ] {
+        let key = t.key(&format!("signal-{name}"));
+        let log = t.file(&format!("{name}.log"));
+        // On the signal: note it, go on for a while (finishing its work), exit 5.
+        let script = format!(
+            "trap 'echo {name} >> \"{log}\"; sleep 1.5; echo done >> \"{log}\"; exit 5' {name}; \
+             while :; do sleep 0.05; done",
+            log = log.display()
+        );
+        let mut holder = spawn_run(t, &["--key", &key], &script);
+        t.wait_held(&key);
+        let pid = wait_pid(holder.pidfile.as_ref().unwrap());
+        kill(holder.pid(), signal).unwrap();
+        wait_until(Duration::from_secs(5), || {
+            std::fs::read_to_string(&log).is_ok_and(|l| l.starts_with(name))
+        });
+        assert!(alive(pid), "{name}: the command is still finishing");
+        let out = t.output(["run", "--key", &key, "--", "true"]);
+        assert_eq!(
+            code(&out),
+            75,
+            "{name}: the lock must stay held while the command runs: {}",
+            stderr(&out)
+        );
+        let status = {
+            let start = Instant::now();
+            loop {
+                if let Some(status) = holder.child.try_wait().unwrap() {
+                    break status;
+                }
+                assert!(start.elapsed() < Duration::from_secs(10), "{name}: no exit");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        assert_eq!(
+            status.code(),
+            Some(5),
+            "{name}: distrlock exits with the command's code, not killed by the signal"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&log).unwrap(),
+            format!("{name}\ndone\n"),
+            "{name}: the command got the signal once and finished"
+        );
+        assert!(!alive(pid));
         assert_eq!(t.state(&key).as_deref(), Some("released"));
     }
 }
@@ -852,6 +931,7 @@ cli_tests!(
         killed_holder_is_taken_over_after_the_ttl,
         stalled_holder_stops_its_command_when_it_resumes,
         signals_are_forwarded,
+        other_signals_are_forwarded_and_the_lock_kept,
         a_signal_while_waiting_gives_up,
         acquire_extend_release_across_processes,
         status_shows_owner_fence_state_and_time_left,
