@@ -87,7 +87,7 @@ pub(crate) enum Command {
         long_about = "Acquire KEY (waiting up to --wait), run CMD with DISTRLOCK_KEY, \
                       DISTRLOCK_TOKEN and DISTRLOCK_FENCE in its environment while the lease is \
                       extended in the background, then release and exit with CMD's exit code \
-                      (128+N if signal N killed it). SIGINT and SIGTERM are forwarded to CMD. If \
+                      (128+N if signal N killed it). SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2 and SIGALRM are forwarded to CMD. If \
                       the lock is lost (the lease could not be extended in time, or another \
                       holder took over), CMD gets SIGTERM, then SIGKILL after --kill-grace, and \
                       distrlock exits 70. If the lock is not acquired in time, CMD is not run \

@@ -5,7 +5,7 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use tokio::process::Command;
 
-use crate::child::{Signals, Target, exit_code, interactive, signal_exit_code};
+use crate::child::{Signals, Target, exit_code, from_keyboard, interactive, signal_exit_code};
 use crate::cli::{RunArgs, Wait};
 use crate::exit::{self, CliError, show_key};
 use crate::open::{Db, settle};
@@ -187,7 +187,7 @@ async fn supervise(guard: LockGuard, args: &RunArgs, mut signals: Signals) -> Re
                 return Ok(exit::LOCK_LOST);
             }
             signal = signals.recv() => {
-                let already_delivered = interactive && signal == Signal::SIGINT;
+                let already_delivered = interactive && from_keyboard(signal);
                 if let (Some(target), false) = (target, already_delivered) {
                     target.send(signal);
                 }
