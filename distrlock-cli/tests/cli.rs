@@ -597,6 +597,58 @@ fn other_signals_are_forwarded_and_the_lock_kept(t: &Target) {
     }
 }
 
+/// Steps that the command leaves running in the background (`x &`, `nohup`)
+/// keep the lock: distrlock releases only once they have ended too, and says
+/// so. With --kill-leftovers it stops them instead (SIGTERM), then releases.
+fn background_steps_keep_the_lock(t: &Target) {
+    let key = t.key("leftovers");
+    let bg = t.file("bg-pid");
+    let script = format!("sleep 2 & echo $! > '{}'; exit 0", bg.display());
+    let started = Instant::now();
+    let mut holder = spawn_run(t, &["--key", &key], &script);
+    let cmd = wait_pid(holder.pidfile.as_ref().unwrap());
+    let bg_pid = wait_pid(&bg);
+    let _cleanup = KillOnDrop(vec![bg_pid]);
+    wait_until(Duration::from_secs(5), || !alive(cmd));
+    assert!(alive(bg_pid), "the background step still runs");
+    let out = t.output(["run", "--key", &key, "--", "true"]);
+    assert_eq!(
+        code(&out),
+        75,
+        "the lock stays held while the command's background step runs: {}",
+        stderr(&out)
+    );
+    assert_eq!(wait_exit(&mut holder.child, Duration::from_secs(10)), 0);
+    assert!(!alive(bg_pid));
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "released only after the background step ended"
+    );
+    let mut err = String::new();
+    use std::io::Read as _;
+    holder
+        .child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(err.contains("left running"), "a note says why: {err}");
+    assert_eq!(t.state(&key).as_deref(), Some("released"));
+
+    // --kill-leftovers: the background step is stopped, the lock released.
+    let script = format!("sleep 60 & echo $! > '{}'; exit 3", bg.display());
+    let _ = std::fs::remove_file(&bg);
+    let started = Instant::now();
+    let mut holder = spawn_run(t, &["--key", &key, "--kill-leftovers"], &script);
+    let bg_pid = wait_pid(&bg);
+    let _cleanup = KillOnDrop(vec![bg_pid]);
+    assert_eq!(wait_exit(&mut holder.child, Duration::from_secs(15)), 3);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    wait_until(Duration::from_secs(2), || !alive(bg_pid));
+    assert_eq!(t.state(&key).as_deref(), Some("released"));
+}
+
 /// A signal while waiting ends the wait (128+N) without running the command.
 fn a_signal_while_waiting_gives_up(t: &Target) {
     let key = t.key("wait-signal");
@@ -932,6 +984,7 @@ cli_tests!(
         stalled_holder_stops_its_command_when_it_resumes,
         signals_are_forwarded,
         other_signals_are_forwarded_and_the_lock_kept,
+        background_steps_keep_the_lock,
         a_signal_while_waiting_gives_up,
         acquire_extend_release_across_processes,
         status_shows_owner_fence_state_and_time_left,
@@ -985,6 +1038,50 @@ fn sqlite_taken_over_lock_kills_a_stubborn_command() {
         kill(pid, None).is_err(),
         "the command that ignored SIGTERM was killed"
     );
+}
+
+/// SIGKILL of distrlock (which it cannot catch) kills the command, the
+/// command's children, and a child that left the process group with setsid:
+/// none of them goes on without the lock.
+#[test]
+fn sqlite_sigkill_of_distrlock_kills_the_command_and_its_children() {
+    let t = Target::sqlite();
+    let key = t.key("sigkill");
+    let child_file = t.file("child-pid");
+    let setsid_file = t.file("setsid-pid");
+    let script = format!(
+        "sleep 300 & echo $! > '{}'; setsid sleep 300 & echo $! > '{}'; wait",
+        child_file.display(),
+        setsid_file.display()
+    );
+    let mut holder = spawn_run(&t, &["--key", &key], &script);
+    t.wait_held(&key);
+    let pids = [
+        wait_pid(holder.pidfile.as_ref().unwrap()),
+        wait_pid(&child_file),
+        wait_pid(&setsid_file),
+    ];
+    let _cleanup = KillOnDrop(pids.to_vec());
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(pids.iter().all(|&p| alive(p)), "all three run: {pids:?}");
+    holder.child.kill().unwrap();
+    holder.child.wait().unwrap();
+    let killed = Instant::now();
+    wait_until(Duration::from_secs(3), || !pids.iter().any(|&p| alive(p)));
+    assert!(killed.elapsed() < Duration::from_secs(3));
+}
+
+/// SIGKILLs its processes when dropped: a failed test leaves none behind.
+struct KillOnDrop(Vec<Pid>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            if alive(pid) {
+                let _ = kill(pid, Signal::SIGKILL);
+            }
+        }
+    }
 }
 
 /// SIGTERM while `run` waits behind another process's lock: distrlock exits
