@@ -156,6 +156,12 @@ pub(crate) struct RunArgs {
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub(crate) kill_grace: Duration,
 
+    /// When the command exits but left processes running (`x &`, nohup, a
+    /// daemon), stop them (SIGTERM, then SIGKILL after --kill-grace) instead of
+    /// holding the lock until they end
+    #[arg(long)]
+    pub(crate) kill_leftovers: bool,
+
     /// The command to run, and its arguments (put them after --)
     #[arg(
         value_name = "CMD",

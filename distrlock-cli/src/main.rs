@@ -33,6 +33,7 @@ mod owner;
 mod progress;
 mod run;
 mod status;
+mod supervise;
 mod tokens;
 mod url;
 
@@ -54,6 +55,12 @@ fn main() -> ExitCode {
             info.to_string().replace('\n', " ")
         );
     }));
+    // `distrlock run`'s supervisor, answered before clap: it takes no options
+    // from the environment, and starts fast.
+    let mut args = std::env::args_os();
+    if args.nth(1).as_deref() == Some(std::ffi::OsStr::new(supervise::SUBCOMMAND)) {
+        return supervise::main(args);
+    }
     // Clap prints usage errors itself and exits 2 (0 for --help and --version).
     let cli = Cli::parse();
     let code = match tokio::runtime::Builder::new_current_thread()

@@ -1,5 +1,7 @@
 //! `distrlock run`: hold a lock while a command runs.
 
+use std::time::Duration;
+
 use distrlock_core::{Error, LockGuard, LockManager};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
@@ -11,6 +13,7 @@ use crate::exit::{self, CliError, show_key};
 use crate::open::{Db, settle};
 use crate::owner::default_owner;
 use crate::progress::Progress;
+use crate::supervise::{STOP_ALL, SuperviseArgs};
 
 /// Runs `args.command` under the lock and returns distrlock's exit code.
 ///
@@ -93,35 +96,48 @@ async fn acquire_and_supervise(
         }
         Err(error) => return Err(db.error(error)),
     };
-    supervise(guard, args, signals).await
+    supervise(guard, args, signals, quiet).await
 }
 
 /// Starts the command under `guard` and waits for it, forwarding signals and
 /// stopping it if the lock is lost.
-async fn supervise(guard: LockGuard, args: &RunArgs, mut signals: Signals) -> Result<u8, CliError> {
+async fn supervise(
+    guard: LockGuard,
+    args: &RunArgs,
+    mut signals: Signals,
+    quiet: bool,
+) -> Result<u8, CliError> {
     let interactive = interactive();
-    let mut command = Command::new(&args.command[0]);
+    // The supervisor starts CMD, kills it and everything it started if we die,
+    // and exits once they all have (see `supervise.rs`).
+    let supervisor = SuperviseArgs {
+        parent: i32::try_from(std::process::id()).unwrap_or(i32::MAX),
+        interactive,
+        kill_leftovers: args.kill_leftovers,
+        grace: args.kill_grace,
+        quiet,
+        command: args.command.clone(),
+    };
+    let mut command = Command::new(own_executable());
     command
-        .args(&args.command[1..])
+        .arg0("distrlock")
+        .args(supervisor.to_args())
         .env("DISTRLOCK_KEY", guard.key().as_str())
         .env("DISTRLOCK_TOKEN", guard.token().to_string())
         .env("DISTRLOCK_FENCE", guard.fence().to_string());
     if !interactive {
         command.process_group(0);
     }
+    // Spawned from this thread, the main one (the runtime is current-thread):
+    // the supervisor's parent-death signal fires when the thread that forked
+    // it ends.
     let mut child = match command.spawn() {
         Ok(child) => child,
         Err(error) => {
             let _ = guard.release().await;
-            let program = args.command[0].to_string_lossy();
-            let code = if error.kind() == std::io::ErrorKind::NotFound {
-                exit::NOT_FOUND
-            } else {
-                exit::CANNOT_EXECUTE
-            };
             return Err(CliError::new(
-                code,
-                format!("cannot run {program:?}: {error}"),
+                exit::CANNOT_EXECUTE,
+                format!("cannot start distrlock's supervisor for the command: {error}"),
             ));
         }
     };
@@ -129,6 +145,8 @@ async fn supervise(guard: LockGuard, args: &RunArgs, mut signals: Signals) -> Re
         .id()
         .and_then(|id| i32::try_from(id).ok())
         .map(Pid::from_raw);
+    // Outside a terminal: the group the supervisor leads, CMD and its children
+    // in it. In a terminal: the supervisor, which passes signals on to CMD.
     let target = pid.map(|pid| {
         if interactive {
             Target::Process(pid)
@@ -148,6 +166,9 @@ async fn supervise(guard: LockGuard, args: &RunArgs, mut signals: Signals) -> Re
                         exit::LOCK_LOST
                     }
                 };
+                if let Some(Target::Group(pgid)) = target {
+                    stop_stray_group(pgid).await;
+                }
                 let key = guard.key().clone();
                 return match guard.release().await {
                     Ok(()) => Ok(code),
@@ -178,7 +199,7 @@ async fn supervise(guard: LockGuard, args: &RunArgs, mut signals: Signals) -> Re
                 if let Some(target) = target {
                     target.send(Signal::SIGTERM);
                     if tokio::time::timeout(args.kill_grace, child.wait()).await.is_err() {
-                        target.send(Signal::SIGKILL);
+                        kill_all(target, &mut child).await;
                     }
                 }
                 let _ = child.wait().await;
@@ -193,5 +214,49 @@ async fn supervise(guard: LockGuard, args: &RunArgs, mut signals: Signals) -> Re
                 }
             }
         }
+    }
+}
+
+/// This program, to start the supervisor: `/proc/self/exe` on Linux, which
+/// stays valid when the file is replaced or removed while distrlock runs.
+fn own_executable() -> std::path::PathBuf {
+    if cfg!(any(target_os = "linux", target_os = "android")) {
+        return "/proc/self/exe".into();
+    }
+    std::env::current_exe().unwrap_or_else(|_| "distrlock".into())
+}
+
+/// SIGKILLs CMD and everything it started: the supervisor does it on
+/// [`STOP_ALL`] and exits; if it has not within a second, the supervisor's
+/// group (or, in a terminal, the supervisor) gets SIGKILL.
+async fn kill_all(target: Target, supervisor: &mut tokio::process::Child) {
+    let pid = match target {
+        Target::Process(pid) | Target::Group(pid) => pid,
+    };
+    Target::Process(pid).send(STOP_ALL);
+    if tokio::time::timeout(Duration::from_secs(1), supervisor.wait())
+        .await
+        .is_err()
+    {
+        target.send(Signal::SIGKILL);
+    }
+}
+
+/// After the supervisor exited: if anything is left in the group it led, the
+/// supervisor did not end normally (it was killed), and the group must not run
+/// on without the lock: SIGKILL it, and wait (at most a second) until it is
+/// empty.
+async fn stop_stray_group(pgid: Pid) {
+    let alive = || nix::sys::signal::killpg(pgid, None).is_ok();
+    if !alive() {
+        return;
+    }
+    say!(
+        "distrlock: the command's supervisor ended before the command's process group; killing the group"
+    );
+    Target::Group(pgid).send(Signal::SIGKILL);
+    let until = tokio::time::Instant::now() + Duration::from_secs(1);
+    while alive() && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
