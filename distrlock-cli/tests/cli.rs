@@ -1084,6 +1084,96 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// `url` with its `host:port` replaced by `127.0.0.1:port`, and the address it
+/// named: to put a [`FaultProxy`](distrlock_testkit::FaultProxy) in between.
+fn through_proxy(url: &str, port: u16) -> (std::net::SocketAddr, String) {
+    let start = url
+        .find('@')
+        .map_or_else(|| url.find("://").unwrap() + 3, |at| at + 1);
+    let end = url[start..].find('/').map_or(url.len(), |i| start + i);
+    let upstream = url[start..end]
+        .replace("localhost", "127.0.0.1")
+        .parse()
+        .expect("a URL with an IP address and a port");
+    let proxied = format!("{}127.0.0.1:{port}{}", &url[..start], &url[end..]);
+    (upstream, proxied)
+}
+
+/// Renewals that keep failing (the path to PostgreSQL freezes) start the stop
+/// sequence early: SIGTERM --kill-grace before the local deadline, SIGKILL at
+/// it, so that a command that ignores SIGTERM is dead before the lease ends on
+/// the server, when another host may take the lock. distrlock exits 70.
+#[test]
+fn postgres_failing_renewals_kill_a_stubborn_command_before_the_lease_ends() {
+    let name = "postgres_failing_renewals_kill_a_stubborn_command_before_the_lease_ends";
+    let Some(direct) = Target::server(
+        "postgres",
+        "DISTRLOCK_TEST_POSTGRES_URL",
+        "postgres://postgres@127.0.0.1:5432/test",
+        name,
+    ) else {
+        return;
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (upstream, _) = through_proxy(&direct.url, 0);
+    let proxy = runtime
+        .block_on(distrlock_testkit::FaultProxy::start(upstream))
+        .unwrap();
+    let (_, url) = through_proxy(&direct.url, proxy.port());
+    let t = Target {
+        url,
+        table: direct.table.clone(),
+        prefix: direct.prefix.clone(),
+        sqlite_path: None,
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let key = t.key("frozen");
+    let log = t.file("term.log");
+    // Notes SIGTERM and goes on: only SIGKILL ends it.
+    let script = format!(
+        "trap 'echo term >> \"{}\"' TERM; while :; do sleep 0.02; done",
+        log.display()
+    );
+    let mut holder = spawn_run(
+        &t,
+        &["--key", &key, "--ttl", "3s", "--kill-grace", "1s"],
+        &script,
+    );
+    direct.wait_held(&key);
+    let cmd = wait_pid(holder.pidfile.as_ref().unwrap());
+    let _cleanup = KillOnDrop(vec![cmd]);
+    std::thread::sleep(Duration::from_millis(1200));
+    proxy.freeze();
+    let frozen = Instant::now();
+    let died_at = loop {
+        if !alive(cmd) {
+            break std::time::SystemTime::now();
+        }
+        assert!(
+            frozen.elapsed() < Duration::from_secs(8),
+            "the command still runs {:?} after the freeze",
+            frozen.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    // Nothing reaches the server through the frozen path: this is the expiry
+    // of the last renewal that landed.
+    let lock = direct.lock(&key).unwrap();
+    let expires =
+        std::time::UNIX_EPOCH + Duration::from_millis(lock["expires_at_unix_ms"].as_u64().unwrap());
+    assert!(
+        died_at < expires,
+        "the command died {:?} after the lease ended on the server",
+        died_at.duration_since(expires).unwrap_or_default()
+    );
+    assert!(
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("term")),
+        "SIGTERM came first"
+    );
+    drop(proxy);
+    assert_eq!(wait_exit(&mut holder.child, Duration::from_secs(30)), 70);
+}
+
 /// SIGTERM while `run` waits behind another process's lock: distrlock exits
 /// 143 and leaves no lease of its own; the holder's lock is untouched, and once
 /// the holder releases, the key is free at once.
