@@ -152,9 +152,13 @@ pub(crate) struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 75)]
     pub(crate) conflict_exit_code: u8,
 
-    /// After the lock is lost, how long CMD has between SIGTERM and SIGKILL
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
-    pub(crate) kill_grace: Duration,
+    /// How long CMD has between SIGTERM and SIGKILL when distrlock stops it:
+    /// while renewals fail, SIGTERM comes this long before the lease's local
+    /// deadline and SIGKILL at it. It must be shorter than the ttl minus the
+    /// safety margin and the heartbeat (ttl/3) [default: 10s, or half that
+    /// window when it is shorter]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub(crate) kill_grace: Option<Duration>,
 
     /// When the command exits but left processes running (`x &`, nohup, a
     /// daemon), stop them (SIGTERM, then SIGKILL after --kill-grace) instead of

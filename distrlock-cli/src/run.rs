@@ -6,11 +6,12 @@ use distrlock_core::{Error, LockGuard, LockManager};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use tokio::process::Command;
+use tokio::time::Instant;
 
 use crate::child::{Signals, Target, exit_code, from_keyboard, interactive, signal_exit_code};
 use crate::cli::{RunArgs, Wait};
 use crate::exit::{self, CliError, show_key};
-use crate::open::{Db, settle};
+use crate::open::{CALL_TIMEOUT, Db, settle};
 use crate::owner::default_owner;
 use crate::progress::Progress;
 use crate::supervise::{STOP_ALL, SuperviseArgs};
@@ -32,8 +33,16 @@ pub(crate) async fn run(db: Db, args: RunArgs, quiet: bool) -> Result<u8, CliErr
         .owner
         .clone()
         .unwrap_or_else(|| default_owner(std::process::id(), &program));
-    let manager = db.manager(args.ttl, owner, true)?;
-    let result = acquire_and_supervise(&db, &manager, &args, signals, quiet).await;
+    let timing = Timing::new(args.ttl, args.kill_grace)?;
+    let manager = LockManager::builder(db.backend.clone())
+        .ttl(args.ttl)
+        .owner(owner)
+        .safety_margin(timing.margin)
+        .heartbeat_interval(timing.heartbeat)
+        .call_timeout(CALL_TIMEOUT)
+        .build()
+        .map_err(|e| db.error(e))?;
+    let result = acquire_and_supervise(&db, &manager, &args, &timing, signals, quiet).await;
     settle(&manager).await;
     result
 }
@@ -42,6 +51,7 @@ async fn acquire_and_supervise(
     db: &Db,
     manager: &LockManager,
     args: &RunArgs,
+    timing: &Timing,
     mut signals: Signals,
     quiet: bool,
 ) -> Result<u8, CliError> {
@@ -96,7 +106,7 @@ async fn acquire_and_supervise(
         }
         Err(error) => return Err(db.error(error)),
     };
-    supervise(guard, args, signals, quiet).await
+    supervise(guard, args, timing, signals, quiet).await
 }
 
 /// Starts the command under `guard` and waits for it, forwarding signals and
@@ -104,6 +114,7 @@ async fn acquire_and_supervise(
 async fn supervise(
     guard: LockGuard,
     args: &RunArgs,
+    timing: &Timing,
     mut signals: Signals,
     quiet: bool,
 ) -> Result<u8, CliError> {
@@ -114,7 +125,7 @@ async fn supervise(
         parent: i32::try_from(std::process::id()).unwrap_or(i32::MAX),
         interactive,
         kill_leftovers: args.kill_leftovers,
-        grace: args.kill_grace,
+        grace: timing.kill_grace,
         quiet,
         command: args.command.clone(),
     };
@@ -156,7 +167,17 @@ async fn supervise(
     });
     let lost = guard.lost();
     tokio::pin!(lost);
+    let grace = timing.kill_grace;
+    // Set once renewals failed for so long that the stop sequence began: SIGTERM
+    // `grace` before the local deadline, SIGKILL at it.
+    let mut stopping = false;
     loop {
+        // Renewals keep the deadline more than `grace` ahead (see `Timing`):
+        // this only fires once they have failed for a while.
+        let at_risk = guard
+            .deadline()
+            .checked_sub(grace)
+            .unwrap_or_else(Instant::now);
         tokio::select! {
             status = child.wait() => {
                 let code = match status {
@@ -170,6 +191,17 @@ async fn supervise(
                     stop_stray_group(pgid).await;
                 }
                 let key = guard.key().clone();
+                if stopping {
+                    let _ = guard.release().await;
+                    return Err(CliError::new(
+                        exit::LOCK_LOST,
+                        format!(
+                            "the command was stopped (it exited with {code}) because the lease \
+                             of lock {} could not be renewed",
+                            show_key(&key)
+                        ),
+                    ));
+                }
                 return match guard.release().await {
                     Ok(()) => Ok(code),
                     Err(Error::LockLost { .. }) => Err(CliError::new(
@@ -190,15 +222,22 @@ async fn supervise(
                 };
             }
             () = &mut lost => {
-                say!(
-                    "distrlock: lock {} was lost; stopping the command (SIGTERM, then SIGKILL \
-                     after {})",
-                    show_key(guard.key()),
-                    crate::output::short_duration(args.kill_grace)
-                );
                 if let Some(target) = target {
-                    target.send(Signal::SIGTERM);
-                    if tokio::time::timeout(args.kill_grace, child.wait()).await.is_err() {
+                    if stopping {
+                        say!(
+                            "distrlock: lock {} was lost; killing the command (SIGKILL)",
+                            show_key(guard.key())
+                        );
+                    } else {
+                        say!(
+                            "distrlock: lock {} was lost; stopping the command (SIGTERM, then \
+                             SIGKILL after {})",
+                            show_key(guard.key()),
+                            crate::output::short_duration(grace)
+                        );
+                        target.send(Signal::SIGTERM);
+                    }
+                    if stopping || tokio::time::timeout(grace, child.wait()).await.is_err() {
                         kill_all(target, &mut child).await;
                     }
                 }
@@ -206,6 +245,23 @@ async fn supervise(
                 // Frees the lease if, against the odds, it is still ours.
                 let _ = guard.release().await;
                 return Ok(exit::LOCK_LOST);
+            }
+            () = tokio::time::sleep_until(at_risk), if !stopping => {
+                // A renewal may have moved the deadline meanwhile: look again.
+                if guard.deadline().saturating_duration_since(Instant::now()) <= grace
+                    && !guard.is_lost()
+                {
+                    stopping = true;
+                    say!(
+                        "distrlock: the lease of lock {} could not be renewed; stopping the \
+                         command before it runs out (SIGTERM now, SIGKILL in {})",
+                        show_key(guard.key()),
+                        crate::output::short_duration(guard.time_left())
+                    );
+                    if let Some(target) = target {
+                        target.send(Signal::SIGTERM);
+                    }
+                }
             }
             signal = signals.recv() => {
                 let already_delivered = interactive && from_keyboard(signal);
@@ -258,5 +314,79 @@ async fn stop_stray_group(pgid: Pid) {
     let until = tokio::time::Instant::now() + Duration::from_secs(1);
     while alive() && tokio::time::Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The lease's timing for `run`: what the lock manager is given, and the kill
+/// grace that fits in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Timing {
+    /// The local deadline comes this long before the lease ends on the server.
+    pub(crate) margin: Duration,
+    /// How often the lease is renewed.
+    pub(crate) heartbeat: Duration,
+    /// Between SIGTERM and SIGKILL.
+    pub(crate) kill_grace: Duration,
+}
+
+/// The kill grace when none is given, unless the ttl leaves less room.
+const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(10);
+
+impl Timing {
+    /// Core's defaults for a lease of `ttl` (margin ttl/10, at most
+    /// 1 s + ttl/500; heartbeat ttl/3), made explicit, and the kill grace.
+    ///
+    /// While renewals succeed, the local deadline stays at least
+    /// `ttl − margin − heartbeat` ahead. A kill grace shorter than that starts
+    /// the stop sequence (SIGTERM at deadline − grace) only once a renewal is
+    /// overdue, and lands SIGKILL at the deadline, `margin` before the server
+    /// can hand the lock to anyone else. A longer one is a usage error; the
+    /// default is 10 s, or half of that window when it is shorter.
+    pub(crate) fn new(ttl: Duration, kill_grace: Option<Duration>) -> Result<Self, CliError> {
+        let margin = (ttl / 10).min(Duration::from_secs(1) + ttl / 500);
+        let heartbeat = ttl / 3;
+        let window = ttl.saturating_sub(margin).saturating_sub(heartbeat);
+        let kill_grace = match kill_grace {
+            Some(grace) if grace >= window => {
+                return Err(CliError::usage(format!(
+                    "--kill-grace {} is too long for --ttl {}: it must be shorter than {} (the \
+                     ttl less the safety margin of {} and the heartbeat of {}), so that when \
+                     renewals fail, SIGKILL lands before the lease can end on the server",
+                    crate::output::short_duration(grace),
+                    crate::output::short_duration(ttl),
+                    crate::output::short_duration(window),
+                    crate::output::short_duration(margin),
+                    crate::output::short_duration(heartbeat),
+                )));
+            }
+            Some(grace) => grace,
+            None if DEFAULT_KILL_GRACE < window => DEFAULT_KILL_GRACE,
+            None => window / 2,
+        };
+        Ok(Self {
+            margin,
+            heartbeat,
+            kill_grace,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kill_grace_fits_between_the_heartbeat_and_the_deadline() {
+        let t = Timing::new(Duration::from_secs(30), None).unwrap();
+        assert_eq!(t.margin, Duration::from_millis(1060));
+        assert_eq!(t.heartbeat, Duration::from_secs(10));
+        assert_eq!(t.kill_grace, DEFAULT_KILL_GRACE);
+        let short = Timing::new(Duration::from_secs(3), None).unwrap();
+        assert_eq!(short.kill_grace, Duration::from_millis(850));
+        assert!(Timing::new(Duration::from_secs(3), Some(Duration::from_secs(1))).is_ok());
+        let error =
+            Timing::new(Duration::from_secs(30), Some(Duration::from_secs(19))).unwrap_err();
+        assert_eq!(error.code, exit::USAGE);
+        assert!(error.message.contains("--kill-grace"), "{}", error.message);
     }
 }

@@ -479,7 +479,7 @@ fn stalled_holder_stops_its_command_when_it_resumes(t: &Target) {
     );
     let mut holder = spawn_run(
         t,
-        &["--key", &key, "--ttl", "1500ms", "--kill-grace", "5s"],
+        &["--key", &key, "--ttl", "1500ms", "--kill-grace", "500ms"],
         &holder_script,
     );
     t.wait_held(&key);
@@ -902,6 +902,20 @@ fn bad_input_exits_2(t: &Target) {
                 "true".into(),
             ],
             "ttl",
+        ),
+        (
+            vec![
+                "run".into(),
+                "--key".into(),
+                key.clone(),
+                "--ttl".into(),
+                "30s".into(),
+                "--kill-grace".into(),
+                "19s".into(),
+                "--".into(),
+                "true".into(),
+            ],
+            "--kill-grace 19s is too long",
         ),
         (
             vec![
@@ -1405,7 +1419,7 @@ fn help_is_complete() {
         "DISTRLOCK_FENCE",
         "SIGTERM",
         "[default: 30s]",
-        "[default: 10s]",
+        "[default: 10s",
     ] {
         assert!(run.contains(word), "run --help lacks {word:?}:\n{run}");
     }
