@@ -816,6 +816,92 @@ fn status_shows_owner_fence_state_and_time_left(t: &Target) {
     );
 }
 
+/// A refusal without --wait names the holder: owner, fence and time left.
+fn a_refusal_names_the_holder(t: &Target) {
+    let key = t.key("refusal");
+    let out = t.output([
+        "acquire",
+        "--key",
+        &key,
+        "--ttl",
+        "60s",
+        "--owner",
+        "nightly@web1",
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let lease: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let fence = lease["fence"].as_i64().unwrap();
+    for args in [
+        vec!["run", "--key", &key, "--", "true"],
+        vec!["acquire", "--key", &key],
+    ] {
+        let out = t.output(&args);
+        let err = stderr(&out);
+        assert_eq!(code(&out), 75, "{args:?}: {err}");
+        assert!(err.contains("nightly@web1"), "{args:?}: the owner: {err}");
+        assert!(err.contains(&format!("fence {fence}")), "{args:?}: {err}");
+        assert!(err.contains("left"), "{args:?}: the time left: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+}
+
+/// `status` quotes keys, so that `k` and `k ` are told apart.
+fn status_quotes_keys(t: &Target) {
+    let key = t.key("quoted");
+    let spaced = format!("{key} ");
+    for k in [&key, &spaced] {
+        assert_eq!(code(&t.output(["acquire", "--key", k.as_str()])), 0);
+    }
+    let text = stdout(&t.output(["status"]));
+    assert!(text.contains(&format!("{key:?}")), "{text}");
+    assert!(text.contains(&format!("{spaced:?}")), "{text}");
+}
+
+/// The habits of flock(1) users work: `-c 'shell string'`, `-E` for the
+/// conflict exit code, and bare seconds in --wait and --ttl.
+fn flock_habits_work(t: &Target) {
+    let key = t.key("flock");
+    let out = t.output([
+        "run",
+        "--key",
+        &key,
+        "--ttl",
+        "30",
+        "-c",
+        "echo \"$DISTRLOCK_KEY\" && exit 4",
+    ]);
+    assert_eq!(code(&out), 4, "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), key);
+    let _holder = spawn_run(t, &["--key", &key], "sleep 20");
+    t.wait_held(&key);
+    let out = t.output(["run", "--key", &key, "-E", "9", "--", "true"]);
+    assert_eq!(code(&out), 9, "{}", stderr(&out));
+    let started = Instant::now();
+    let out = t.output(["run", "--key", &key, "--wait", "1", "-E", "0", "-c", "true"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "waited a second"
+    );
+}
+
+/// `-v` (and RUST_LOG) shows the library's tracing events on stderr.
+fn verbose_shows_the_library_events(t: &Target) {
+    let key = t.key("verbose");
+    let out = t.output(["-v", "run", "--key", &key, "--", "true"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(stderr(&out).contains("lock released"), "{}", stderr(&out));
+    let out = t
+        .cmd(["run", "--key", &key, "--", "true"])
+        .env("RUST_LOG", "distrlock_core=debug")
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(stderr(&out).contains("lock released"), "{}", stderr(&out));
+    let quiet = t.output(["run", "--key", &key, "--", "true"]);
+    assert!(stderr(&quiet).is_empty(), "{}", stderr(&quiet));
+}
+
 /// Bad input exits 2 with one clear line and touches nothing.
 fn bad_input_exits_2(t: &Target) {
     let key = t.key("bad");
@@ -902,6 +988,28 @@ fn bad_input_exits_2(t: &Target) {
                 "true".into(),
             ],
             "ttl",
+        ),
+        (
+            vec![
+                "run".into(),
+                "--key".into(),
+                key.clone(),
+                "--ttl".into(),
+                "3ms".into(),
+                "--".into(),
+                "true".into(),
+            ],
+            "--ttl 3ms is too short",
+        ),
+        (
+            vec![
+                "acquire".into(),
+                "--key".into(),
+                key.clone(),
+                "--ttl".into(),
+                "3ms".into(),
+            ],
+            "--ttl 3ms is too short",
         ),
         (
             vec![
@@ -1003,6 +1111,10 @@ cli_tests!(
         acquire_extend_release_across_processes,
         status_shows_owner_fence_state_and_time_left,
         bad_input_exits_2,
+        a_refusal_names_the_holder,
+        status_quotes_keys,
+        flock_habits_work,
+        verbose_shows_the_library_events,
     ],
     servers: [missing_table_exits_69]
 );
@@ -1186,6 +1298,141 @@ fn postgres_failing_renewals_kill_a_stubborn_command_before_the_lease_ends() {
     );
     drop(proxy);
     assert_eq!(wait_exit(&mut holder.child, Duration::from_secs(30)), 70);
+}
+
+/// `status` (of every lock and of one) never panics on a row whose times
+/// are before 1970 or after 9999: written directly with SQL.
+#[test]
+fn sqlite_status_survives_times_out_of_range() {
+    let t = Target::sqlite();
+    let key = t.key("anchor");
+    assert_eq!(code(&t.output(["acquire", "--key", &key])), 0);
+    let conn = rusqlite::Connection::open(t.sqlite_path.as_ref().unwrap()).unwrap();
+    for (name, at) in [
+        ("old", -100_000_000_000_000i64),
+        ("far", 300_000_000_000_000_000),
+    ] {
+        conn.execute(
+            "INSERT INTO distributed_locks \
+             SELECT ?1, token, fence, owner, ?2, ?2 + 1000, clock, NULL \
+             FROM distributed_locks WHERE lock_key = ?3",
+            rusqlite::params![t.key(name), at, key],
+        )
+        .unwrap();
+    }
+    check_status_of_odd_rows(&t, &[t.key("old"), t.key("far")]);
+}
+
+/// The same on PostgreSQL: timestamptz reaches from 4713 BC to 294276 AD.
+#[test]
+fn postgres_status_survives_times_out_of_range() {
+    let name = "postgres_status_survives_times_out_of_range";
+    let Some(t) = Target::server(
+        "postgres",
+        "DISTRLOCK_TEST_POSTGRES_URL",
+        "postgres://postgres@127.0.0.1:5432/test",
+        name,
+    ) else {
+        return;
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let keys = [t.key("old"), t.key("far")];
+    runtime.block_on(async {
+        let (client, conn) = tokio_postgres::connect(&t.url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        for (key, at) in keys
+            .iter()
+            .zip(["1900-01-01 00:00:00+00", "12000-01-01 00:00:00+00"])
+        {
+            client
+                .execute(
+                    &format!(
+                        "INSERT INTO {} (lock_key, token, fence, owner, acquired_at, expires_at) \
+                         VALUES ($1, gen_random_uuid(), 1, 'odd', $2::text::timestamptz, \
+                         $2::text::timestamptz + interval '1 day')",
+                        t.table
+                    ),
+                    &[key, &at],
+                )
+                .await
+                .unwrap();
+        }
+    });
+    check_status_of_odd_rows(&t, &keys);
+}
+
+fn check_status_of_odd_rows(t: &Target, keys: &[String]) {
+    for args in [vec!["status"], vec!["status", "--json"]] {
+        let out = t.output(&args);
+        assert_eq!(code(&out), 0, "{args:?}: {}", stderr(&out));
+        assert!(!stderr(&out).contains("internal error"), "{}", stderr(&out));
+        for key in keys {
+            assert!(
+                stdout(&out).contains(key.as_str()),
+                "{args:?}: {key} in {}",
+                stdout(&out)
+            );
+        }
+    }
+    for key in keys {
+        let out = t.output(["status", "--key", key]);
+        assert_eq!(code(&out), 0, "{key}: {}", stderr(&out));
+        let lock = t.lock(key).unwrap();
+        assert_eq!(lock["state"], "expired", "{lock}");
+    }
+}
+
+/// `init` on a table that exists but is not a lock table says so, and fails.
+#[test]
+fn sqlite_init_on_a_foreign_table_fails_clearly() {
+    let t = Target::sqlite();
+    let conn = rusqlite::Connection::open(t.sqlite_path.as_ref().unwrap()).unwrap();
+    conn.execute_batch("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")
+        .unwrap();
+    check_init_on_foreign_table(&t, "users");
+}
+
+/// The same on PostgreSQL.
+#[test]
+fn postgres_init_on_a_foreign_table_fails_clearly() {
+    let name = "postgres_init_on_a_foreign_table_fails_clearly";
+    let Some(t) = Target::server(
+        "postgres",
+        "DISTRLOCK_TEST_POSTGRES_URL",
+        "postgres://postgres@127.0.0.1:5432/test",
+        name,
+    ) else {
+        return;
+    };
+    let table = format!("dl_foreign_{}", unique());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let (client, conn) = tokio_postgres::connect(&t.url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE {table} (id int PRIMARY KEY, name text)"
+            ))
+            .await
+            .unwrap();
+    });
+    check_init_on_foreign_table(&t, &table);
+}
+
+fn check_init_on_foreign_table(t: &Target, table: &str) {
+    let out = t
+        .cmd(["init"])
+        .env("DISTRLOCK_TABLE", table)
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_ne!(code(&out), 0, "{err}");
+    assert!(err.contains("not a distrlock lock table"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
 }
 
 /// SIGTERM while `run` waits behind another process's lock: distrlock exits
