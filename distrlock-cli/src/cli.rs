@@ -76,6 +76,11 @@ pub(crate) struct Cli {
     #[arg(short, long, global = true)]
     pub(crate) quiet: bool,
 
+    /// Show the lock library's events on stderr (-vv for more); RUST_LOG also
+    /// works, e.g. RUST_LOG=distrlock_core=debug
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub(crate) verbose: u8,
+
     #[command(subcommand)]
     pub(crate) command: Command,
 }
@@ -137,7 +142,7 @@ pub(crate) struct RunArgs {
     pub(crate) key: LockKey,
 
     /// Lease length; the lease is extended every ttl/3 while CMD runs
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_ttl)]
     pub(crate) ttl: Duration,
 
     /// How long to wait for the lock, like 10s, 5m, 1h30m or forever [default: do not wait]
@@ -149,7 +154,7 @@ pub(crate) struct RunArgs {
     pub(crate) owner: Option<String>,
 
     /// Exit code when the lock is not acquired in time
-    #[arg(long, value_name = "N", default_value_t = 75)]
+    #[arg(short = 'E', long, value_name = "N", default_value_t = 75)]
     pub(crate) conflict_exit_code: u8,
 
     /// How long CMD has between SIGTERM and SIGKILL when distrlock stops it:
@@ -166,14 +171,34 @@ pub(crate) struct RunArgs {
     #[arg(long)]
     pub(crate) kill_leftovers: bool,
 
+    /// Run this shell command line with `sh -c` instead of CMD, as flock -c does
+    #[arg(
+        short = 'c',
+        long = "command",
+        id = "shell",
+        value_name = "SHELL_COMMAND",
+        conflicts_with = "command"
+    )]
+    pub(crate) shell: Option<OsString>,
+
     /// The command to run, and its arguments (put them after --)
     #[arg(
         value_name = "CMD",
-        required = true,
+        required_unless_present = "shell",
         trailing_var_arg = true,
         allow_hyphen_values = true
     )]
     pub(crate) command: Vec<OsString>,
+}
+
+impl RunArgs {
+    /// The program and its arguments: CMD, or `sh -c SHELL_COMMAND`.
+    pub(crate) fn command_line(&self) -> Vec<OsString> {
+        match &self.shell {
+            Some(line) => vec!["sh".into(), "-c".into(), line.clone()],
+            None => self.command.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -183,7 +208,7 @@ pub(crate) struct AcquireArgs {
     pub(crate) key: LockKey,
 
     /// Lease length: the lock is free again this long after acquiring unless extended
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_ttl)]
     pub(crate) ttl: Duration,
 
     /// How long to wait for the lock, like 10s, 5m, 1h30m or forever [default: do not wait]
@@ -195,7 +220,7 @@ pub(crate) struct AcquireArgs {
     pub(crate) owner: Option<String>,
 
     /// Exit code when the lock is not acquired in time
-    #[arg(long, value_name = "N", default_value_t = 75)]
+    #[arg(short = 'E', long, value_name = "N", default_value_t = 75)]
     pub(crate) conflict_exit_code: u8,
 }
 
@@ -210,7 +235,7 @@ pub(crate) struct ExtendArgs {
     pub(crate) token: Token,
 
     /// New lease length, counted from now
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_ttl)]
     pub(crate) ttl: Duration,
 }
 
@@ -248,10 +273,37 @@ fn parse_table(s: &str) -> Result<TableName, String> {
     TableName::new(s).map_err(|e| e.to_string())
 }
 
-/// Parses `30s`, `5m`, `1h30m`, `250ms`, … (humantime's syntax).
+/// Parses `30s`, `5m`, `1h30m`, `250ms`, … (humantime's syntax), or bare
+/// seconds as flock(1) takes them: `5`, `0.5`.
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim())
-        .map_err(|e| format!("{e}; write a duration like 30s, 5m or 1h30m"))
+    let s = s.trim();
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        return s
+            .parse::<f64>()
+            .ok()
+            .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+            .ok_or_else(|| format!("{s:?} is not a number of seconds"));
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{e}; write a duration like 30s, 5m or 1h30m (or seconds: 30)"))
+}
+
+/// The shortest ttl the commands accept: a lease must outlast several round
+/// trips to the database (the acquire itself, and each renewal at ttl/3).
+pub(crate) const MIN_TTL: Duration = Duration::from_millis(250);
+
+/// Parses a ttl: a duration of at least [`MIN_TTL`].
+pub(crate) fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let ttl = parse_duration(s)?;
+    if ttl < MIN_TTL {
+        return Err(format!(
+            "--ttl {} is too short: a lease must last at least {}ms, to outlast several round \
+             trips to the database",
+            s.trim(),
+            MIN_TTL.as_millis()
+        ));
+    }
+    Ok(ttl)
 }
 
 /// Parses a duration or `forever`.
@@ -284,5 +336,10 @@ mod tests {
         assert!(parse_duration("-5s").is_err());
         assert_eq!(parse_wait("forever"), Ok(Wait::Forever));
         assert_eq!(parse_wait("0s"), Ok(Wait::For(Duration::ZERO)));
+        assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("0.5"), Ok(Duration::from_millis(500)));
+        assert!(parse_duration("1.2.3").is_err());
+        assert!(parse_ttl("3ms").unwrap_err().contains("too short"));
+        assert_eq!(parse_ttl("30"), Ok(Duration::from_secs(30)));
     }
 }

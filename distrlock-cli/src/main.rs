@@ -63,6 +63,7 @@ fn main() -> ExitCode {
     }
     // Clap prints usage errors itself and exits 2 (0 for --help and --version).
     let cli = Cli::parse();
+    init_tracing(cli.verbose);
     let code = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -102,4 +103,35 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
         // Answered above without opening the database.
         Command::Schema => status::schema(&db.url, &db.table),
     }
+}
+
+/// Shows the lock library's tracing events on stderr with `-v` (debug; `-vv`:
+/// trace) or when `RUST_LOG` is set (its filter then decides). Without either,
+/// nothing is installed: distrlock's own messages say what matters.
+fn init_tracing(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) if !spec.trim().is_empty() => EnvFilter::new(spec),
+        _ if verbose > 0 => {
+            let level = if verbose > 1 { "trace" } else { "debug" };
+            EnvFilter::new(
+                [
+                    "distrlock",
+                    "distrlock_core",
+                    "distrlock_postgres",
+                    "distrlock_mysql",
+                    "distrlock_sqlite",
+                ]
+                .map(|target| format!("{target}={level}"))
+                .join(","),
+            )
+        }
+        _ => return,
+    };
+    use std::io::IsTerminal as _;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
 }

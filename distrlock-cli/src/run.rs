@@ -28,7 +28,8 @@ pub(crate) async fn run(db: Db, args: RunArgs, quiet: bool) -> Result<u8, CliErr
     // Caught before anything is acquired, so a signal never kills distrlock while
     // it holds the lock (the command would lose its protection unnoticed).
     let signals = Signals::catch()?;
-    let program = args.command[0].to_string_lossy().into_owned();
+    let command = args.command_line();
+    let program = command[0].to_string_lossy().into_owned();
     let owner = args
         .owner
         .clone()
@@ -83,13 +84,11 @@ async fn acquire_and_supervise(
         Ok(guard) => guard,
         Err(Error::HeldByOther { remaining, .. }) => {
             if !quiet {
-                let left = remaining
-                    .map(|r| format!(" for another {}", crate::output::short_duration(r)))
-                    .unwrap_or_default();
                 say!(
-                    "distrlock: lock {} is held by another owner{left}; not running the command \
-                     (use --wait to wait for it)",
-                    show_key(&args.key)
+                    "distrlock: lock {} is held by {}; not running the command (use --wait to \
+                     wait for it)",
+                    show_key(&args.key),
+                    crate::progress::holder(db, &args.key, remaining).await
                 );
             }
             return Ok(args.conflict_exit_code);
@@ -127,7 +126,7 @@ async fn supervise(
         kill_leftovers: args.kill_leftovers,
         grace: timing.kill_grace,
         quiet,
-        command: args.command.clone(),
+        command: args.command_line(),
     };
     let mut command = Command::new(own_executable());
     command
