@@ -133,6 +133,18 @@ pub(crate) enum Command {
 
     /// Print the DDL of the lock table for the URL's backend, for your migration tool
     Schema,
+
+    /// Print a shell completion script: `distrlock completions bash > /etc/bash_completion.d/distrlock`
+    #[command(hide = true)]
+    Completions {
+        /// The shell to complete for
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+
+    /// Print the man page (roff): `distrlock man > /usr/local/share/man/man1/distrlock.1`
+    #[command(hide = true)]
+    Man,
 }
 
 #[derive(Debug, Args)]

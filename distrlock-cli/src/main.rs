@@ -88,6 +88,11 @@ fn main() -> ExitCode {
 }
 
 async fn dispatch(cli: Cli) -> Result<u8, CliError> {
+    match cli.command {
+        Command::Completions { shell } => return Ok(completions(shell)),
+        Command::Man => return man(),
+        _ => {}
+    }
     let url = DbUrl::from_arg(cli.url.as_deref())?;
     if let Command::Schema = cli.command {
         return status::schema(&url, &cli.table);
@@ -102,6 +107,7 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
         Command::Init => status::init(db, cli.quiet).await,
         // Answered above without opening the database.
         Command::Schema => status::schema(&db.url, &db.table),
+        Command::Completions { .. } | Command::Man => Ok(0),
     }
 }
 
@@ -134,4 +140,25 @@ fn init_tracing(verbose: u8) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .try_init();
+}
+
+/// `distrlock completions SHELL`: the completion script, from the same clap
+/// definition as the parser.
+fn completions(shell: clap_complete::Shell) -> u8 {
+    use clap::CommandFactory as _;
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "distrlock", &mut out);
+    out_raw!("{}", String::from_utf8_lossy(&out));
+    0
+}
+
+/// `distrlock man`: the man page, in roff.
+fn man() -> Result<u8, CliError> {
+    use clap::CommandFactory as _;
+    let mut out = Vec::new();
+    clap_mangen::Man::new(Cli::command())
+        .render(&mut out)
+        .map_err(|e| CliError::new(exit::LOCK_LOST, format!("cannot write the man page: {e}")))?;
+    out_raw!("{}", String::from_utf8_lossy(&out));
+    Ok(0)
 }

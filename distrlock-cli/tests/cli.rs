@@ -369,11 +369,7 @@ fn wait_timing_and_conflict_codes(t: &Target) {
         started.elapsed() < Duration::from_secs(3),
         "no wait by default"
     );
-    assert!(
-        stderr(&out).contains("held by "),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("held by "), "{}", stderr(&out));
 
     let out = t.output([
         "run",
@@ -1400,7 +1396,10 @@ fn check_status_of_odd_rows(t: &Target, keys: &[String]) {
         let out = t.output(["status", "--key", key]);
         assert_eq!(code(&out), 0, "{key}: {}", stderr(&out));
         let lock = t.lock(key).unwrap();
-        assert!(lock["acquired_at"].as_str().unwrap().starts_with("unix:"), "{lock}");
+        assert!(
+            lock["acquired_at"].as_str().unwrap().starts_with("unix:"),
+            "{lock}"
+        );
     }
 }
 
@@ -1713,4 +1712,41 @@ fn help_is_complete() {
             assert!(text.contains(word), "{cmd} --help lacks {word:?}:\n{text}");
         }
     }
+}
+
+/// `distrlock completions SHELL` and `distrlock man` print what packagers
+/// install, generated from the same definition as the parser.
+#[test]
+fn completions_and_man_page_are_generated() {
+    for (shell, expect) in [
+        ("bash", "_distrlock()"),
+        ("zsh", "#compdef distrlock"),
+        ("fish", "complete -c distrlock"),
+        ("elvish", "distrlock"),
+        ("powershell", "distrlock"),
+    ] {
+        let out = Command::new(BIN)
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert_eq!(code(&out), 0, "{shell}: {}", stderr(&out));
+        let text = stdout(&out);
+        assert!(text.contains(expect), "{shell}: {expect:?} not in {text}");
+        assert!(
+            text.contains("kill-leftovers"),
+            "{shell}: run's options too"
+        );
+    }
+    let out = Command::new(BIN).arg("man").output().unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let page = stdout(&out);
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH distrlock"),
+        "{page}"
+    );
+    for word in ["distrlock", "run", "acquire", "status", "Exit codes"] {
+        assert!(page.contains(word), "the man page lacks {word:?}");
+    }
+    let help = stdout(&Command::new(BIN).arg("--help").output().unwrap());
+    assert!(!help.contains("completions"), "hidden from --help: {help}");
 }
