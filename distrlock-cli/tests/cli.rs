@@ -17,6 +17,10 @@ use nix::unistd::Pid;
 use serde_json::Value;
 use tempfile::TempDir;
 
+#[path = "common/counting_proxy.rs"]
+#[allow(dead_code)]
+mod counting_proxy;
+
 const BIN: &str = env!("CARGO_BIN_EXE_distrlock");
 
 /// Where one test keeps its locks.
@@ -1749,4 +1753,94 @@ fn completions_and_man_page_are_generated() {
     }
     let help = stdout(&Command::new(BIN).arg("--help").output().unwrap());
     assert!(!help.contains("completions"), "hidden from --help: {help}");
+}
+
+/// `distrlock run -- true` on PostgreSQL costs one connection and, on it,
+/// the session setup, the acquire and the release: no listening connection
+/// for a try without --wait, no second pooled connection, no extra read.
+#[test]
+fn postgres_run_true_uses_one_connection_and_three_statements() {
+    let name = "postgres_run_true_uses_one_connection_and_three_statements";
+    let Some(direct) = Target::server(
+        "postgres",
+        "DISTRLOCK_TEST_POSTGRES_URL",
+        "postgres://postgres@127.0.0.1:5432/test",
+        name,
+    ) else {
+        return;
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (upstream, _) = through_proxy(&direct.url, 0);
+    let proxy = runtime
+        .block_on(counting_proxy::CountingProxy::start(upstream))
+        .unwrap();
+    let (_, url) = through_proxy(&direct.url, proxy.addr.port());
+    let key = direct.key("cheap");
+    let out = direct
+        .cmd(["run", "--key", &key, "--", "true"])
+        .env("DISTRLOCK_URL", &url)
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let counts = proxy.counts();
+    eprintln!(
+        "run -- true: {} connections, {counts:?}",
+        proxy.connections()
+    );
+    assert_eq!(proxy.connections(), 1, "{counts:?}");
+    // The setup (session settings and a clock reading, one simple query), the
+    // acquire and the release; each of these is prepared first (a Parse and
+    // Describe answered before the Bind and Execute).
+    assert_eq!(counts.get('Q'), 1, "{counts:?}");
+    assert_eq!(counts.get('E'), 2, "{counts:?}");
+    assert!(counts.round_trips() <= 5, "{counts:?}");
+}
+
+/// The same on MariaDB, counted as connections.
+#[test]
+fn mysql_run_true_and_release_use_one_connection() {
+    let name = "mysql_run_true_and_release_use_one_connection";
+    let Some(direct) = Target::server(
+        "mysql",
+        "DISTRLOCK_TEST_MYSQL_URL",
+        "mysql://root@127.0.0.1:3306/test",
+        name,
+    ) else {
+        return;
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (upstream, _) = through_proxy(&direct.url, 0);
+    let key = direct.key("cheap");
+    for args in [
+        vec!["run", "--key", &key, "--", "true"],
+        vec!["acquire", "--key", &key],
+        vec!["status", "--key", &key],
+    ] {
+        let proxy = runtime
+            .block_on(distrlock_testkit::FaultProxy::start(upstream))
+            .unwrap();
+        let (_, url) = through_proxy(&direct.url, proxy.port());
+        let out = direct
+            .cmd(&args)
+            .env("DISTRLOCK_URL", &url)
+            .output()
+            .unwrap();
+        assert_eq!(code(&out), 0, "{args:?}: {}", stderr(&out));
+        assert_eq!(proxy.accepted_connections(), 1, "{args:?}");
+        if args[0] == "acquire" {
+            let lease: Value = serde_json::from_slice(&out.stdout).unwrap();
+            let token = lease["token"].as_str().unwrap().to_owned();
+            let proxy = runtime
+                .block_on(distrlock_testkit::FaultProxy::start(upstream))
+                .unwrap();
+            let (_, url) = through_proxy(&direct.url, proxy.port());
+            let out = direct
+                .cmd(["release", "--key", &key, "--token", &token])
+                .env("DISTRLOCK_URL", &url)
+                .output()
+                .unwrap();
+            assert_eq!(code(&out), 0, "{}", stderr(&out));
+            assert_eq!(proxy.accepted_connections(), 1, "release");
+        }
+    }
 }
