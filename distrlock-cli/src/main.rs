@@ -97,7 +97,13 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
     if let Command::Schema = cli.command {
         return status::schema(&url, &cli.table);
     }
-    let db = Db::open(url, cli.table).await?;
+    // Only a command that waits for a lock wants release notifications.
+    let listen = match &cli.command {
+        Command::Run(args) => args.wait.is_some(),
+        Command::Acquire(args) => args.wait.is_some(),
+        _ => false,
+    };
+    let db = Db::open(url, cli.table, listen).await?;
     match cli.command {
         Command::Run(args) => run::run(db, args, cli.quiet).await,
         Command::Acquire(args) => tokens::acquire(db, args, cli.quiet).await,

@@ -1794,6 +1794,21 @@ fn postgres_run_true_uses_one_connection_and_three_statements() {
     assert_eq!(counts.get('Q'), 1, "{counts:?}");
     assert_eq!(counts.get('E'), 2, "{counts:?}");
     assert!(counts.round_trips() <= 5, "{counts:?}");
+
+    // A refusal: the try and the one read that names the holder, no release.
+    assert_eq!(code(&direct.output(["acquire", "--key", &key])), 0);
+    let before = proxy.counts();
+    let connections = proxy.connections();
+    let out = direct
+        .cmd(["run", "--key", &key, "--", "true"])
+        .env("DISTRLOCK_URL", &url)
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 75, "{}", stderr(&out));
+    let counts = proxy.counts().since(&before);
+    assert_eq!(proxy.connections() - connections, 1, "{counts:?}");
+    assert_eq!(counts.get('Q'), 1, "{counts:?}");
+    assert_eq!(counts.get('E'), 2, "the try and the inspect: {counts:?}");
 }
 
 /// The same on MariaDB, counted as connections.
