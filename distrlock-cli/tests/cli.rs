@@ -1859,3 +1859,54 @@ fn mysql_run_true_and_release_use_one_connection() {
         }
     }
 }
+
+/// A wait longer than any clock can count (`--wait 500000000000y`) waits like
+/// `forever`, without a panic, and a signal ends it as usual.
+#[test]
+fn sqlite_an_enormous_wait_waits_without_panicking() {
+    let t = Target::sqlite();
+    let key = t.key("enormous");
+    assert_eq!(
+        code(&t.output(["acquire", "--key", &key, "--ttl", "60s"])),
+        0
+    );
+    for args in [
+        vec!["acquire", "--key", &key, "--wait", "500000000000y"],
+        vec![
+            "run",
+            "--key",
+            &key,
+            "--wait",
+            "500000000000y",
+            "--",
+            "true",
+        ],
+    ] {
+        let mut waiter = t
+            .cmd(&args)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(
+            waiter.try_wait().unwrap().is_none(),
+            "{args:?}: still waiting"
+        );
+        kill(Pid::from_raw(waiter.id() as i32), Signal::SIGTERM).unwrap();
+        assert_eq!(
+            wait_exit(&mut waiter, Duration::from_secs(10)),
+            143,
+            "{args:?}"
+        );
+        let mut err = String::new();
+        use std::io::Read as _;
+        waiter
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert!(!err.contains("internal error"), "{args:?}: {err}");
+    }
+}
