@@ -92,11 +92,15 @@ pub(crate) enum Command {
         long_about = "Acquire KEY (waiting up to --wait), run CMD with DISTRLOCK_KEY, \
                       DISTRLOCK_TOKEN and DISTRLOCK_FENCE in its environment while the lease is \
                       extended in the background, then release and exit with CMD's exit code \
-                      (128+N if signal N killed it). SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2 and SIGALRM are forwarded to CMD. If \
-                      the lock is lost (the lease could not be extended in time, or another \
-                      holder took over), CMD gets SIGTERM, then SIGKILL after --kill-grace, and \
-                      distrlock exits 70. If the lock is not acquired in time, CMD is not run \
-                      and distrlock exits 75 (or --conflict-exit-code).",
+                      (128+N if signal N killed it). SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, \
+                      SIGUSR2 and SIGALRM are forwarded to CMD. Processes CMD leaves running \
+                      keep the lock until they end (or --kill-leftovers stops them). If \
+                      distrlock dies, even of SIGKILL, CMD and everything it started are killed \
+                      (on Linux). If renewals keep failing, CMD gets SIGTERM --kill-grace \
+                      before the lease's local deadline and SIGKILL at it; if the lock is lost \
+                      otherwise (another holder took over), SIGTERM, then SIGKILL after \
+                      --kill-grace; either way distrlock exits 70. If the lock is not acquired \
+                      in time, CMD is not run and distrlock exits 75 (or --conflict-exit-code).",
         after_help = "Examples:\n  \
                       distrlock run --key demo -- echo hello\n  \
                       distrlock run --key nightly-report --wait 5m --ttl 1m -- ./report.sh --full\n  \
@@ -302,17 +306,17 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// The shortest ttl the commands accept: a lease must outlast several round
 /// trips to the database (the acquire itself, and each renewal at ttl/3).
-pub(crate) const MIN_TTL: Duration = Duration::from_millis(250);
+pub(crate) const MIN_TTL: Duration = Duration::from_secs(1);
 
 /// Parses a ttl: a duration of at least [`MIN_TTL`].
 pub(crate) fn parse_ttl(s: &str) -> Result<Duration, String> {
     let ttl = parse_duration(s)?;
     if ttl < MIN_TTL {
         return Err(format!(
-            "--ttl {} is too short: a lease must last at least {}ms, to outlast several round \
+            "--ttl {} is too short: a lease must last at least {}, to outlast several round \
              trips to the database",
             s.trim(),
-            MIN_TTL.as_millis()
+            humantime::format_duration(MIN_TTL)
         ));
     }
     Ok(ttl)

@@ -797,9 +797,9 @@ fn status_shows_owner_fence_state_and_time_left(t: &Target) {
     assert_eq!(holder.stop(), 143);
     assert_eq!(t.state(&key).as_deref(), Some("released"));
 
-    let out = t.output(["acquire", "--key", &key, "--ttl", "300ms"]);
+    let out = t.output(["acquire", "--key", &key, "--ttl", "1s"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
-    std::thread::sleep(Duration::from_millis(600));
+    std::thread::sleep(Duration::from_millis(1300));
     let lock = t.lock(&key).unwrap();
     assert_eq!(lock["state"], "expired");
     assert!(lock["remaining_ms"].is_null());
