@@ -4,9 +4,9 @@
 //!
 //! - **Interactive** (stdin is a terminal whose foreground process group is
 //!   ours): the command stays in our process group, so it can read the terminal
-//!   and the terminal's Ctrl-C reaches it directly. We therefore forward SIGTERM
-//!   but not SIGINT (it would arrive twice). Signals go to the command's process
-//!   only.
+//!   and the terminal's Ctrl-C reaches it directly. We therefore forward
+//!   SIGTERM, SIGHUP, SIGUSR1, SIGUSR2 and SIGALRM but not SIGINT or SIGQUIT
+//!   (they would arrive twice). Signals go to the command's process only.
 //! - **Otherwise** (cron, CI, scripts, services): the command gets a process
 //!   group of its own, and every signal we send, forwarded or on lock loss, goes
 //!   to that whole group, so a shell script's children stop with it.
@@ -50,35 +50,61 @@ impl Target {
     }
 }
 
-/// SIGINT and SIGTERM, caught from the start so that neither kills distrlock
-/// while it holds a lock.
+/// The signals `distrlock run` forwards to the command, each as itself: a
+/// signal whose default action would kill distrlock and leave the command
+/// running without the lock.
+pub(crate) const FORWARDED: [Signal; 7] = [
+    Signal::SIGINT,
+    Signal::SIGTERM,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGALRM,
+];
+
+/// Whether a terminal delivers `signal` to its whole foreground process group
+/// itself (Ctrl-C, Ctrl-\), so that an interactive command already has it.
+pub(crate) fn from_keyboard(signal: Signal) -> bool {
+    matches!(signal, Signal::SIGINT | Signal::SIGQUIT)
+}
+
+/// The [`FORWARDED`] signals, caught from the start so that none of them kills
+/// distrlock while it holds a lock.
 pub(crate) struct Signals {
-    interrupt: tokio::signal::unix::Signal,
-    terminate: tokio::signal::unix::Signal,
+    streams: Vec<(Signal, tokio::signal::unix::Signal)>,
 }
 
 impl Signals {
+    /// Installs the handlers.
     pub(crate) fn catch() -> Result<Self, CliError> {
-        let catch = |kind| {
-            signal(kind).map_err(|e| {
-                CliError::new(
-                    crate::exit::LOCK_LOST,
-                    format!("cannot install signal handlers: {e}"),
-                )
+        let streams = FORWARDED
+            .iter()
+            .map(|&sig| {
+                signal(SignalKind::from_raw(sig as i32))
+                    .map(|stream| (sig, stream))
+                    .map_err(|e| {
+                        CliError::new(
+                            crate::exit::LOCK_LOST,
+                            format!("cannot install signal handlers: {e}"),
+                        )
+                    })
             })
-        };
-        Ok(Self {
-            interrupt: catch(SignalKind::interrupt())?,
-            terminate: catch(SignalKind::terminate())?,
-        })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { streams })
     }
 
-    /// The next SIGINT or SIGTERM.
+    /// The next of the caught signals.
     pub(crate) async fn recv(&mut self) -> Signal {
-        tokio::select! {
-            _ = self.interrupt.recv() => Signal::SIGINT,
-            _ = self.terminate.recv() => Signal::SIGTERM,
-        }
+        std::future::poll_fn(|cx| {
+            for (sig, stream) in &mut self.streams {
+                if stream.poll_recv(cx).is_ready() {
+                    return std::task::Poll::Ready(*sig);
+                }
+            }
+            std::task::Poll::Pending
+        })
+        .await
     }
 }
 

@@ -91,6 +91,11 @@ pub(crate) struct Cli {
     #[arg(short, long, global = true)]
     pub(crate) quiet: bool,
 
+    /// Show the lock library's events on stderr (-vv for more); RUST_LOG also
+    /// works, e.g. RUST_LOG=distrlock_core=debug
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub(crate) verbose: u8,
+
     #[command(subcommand)]
     pub(crate) command: Command,
 }
@@ -102,11 +107,15 @@ pub(crate) enum Command {
         long_about = "Acquire KEY (waiting up to --wait), run CMD with DISTRLOCK_KEY, \
                       DISTRLOCK_TOKEN and DISTRLOCK_FENCE in its environment while the lease is \
                       extended in the background, then release and exit with CMD's exit code \
-                      (128+N if signal N killed it). SIGINT and SIGTERM are forwarded to CMD. If \
-                      the lock is lost (the lease could not be extended in time, or another \
-                      holder took over), CMD gets SIGTERM, then SIGKILL after --kill-grace, and \
-                      distrlock exits 70. If the lock is not acquired in time, CMD is not run \
-                      and distrlock exits 75 (or --conflict-exit-code).",
+                      (128+N if signal N killed it). SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, \
+                      SIGUSR2 and SIGALRM are forwarded to CMD. Processes CMD leaves running \
+                      keep the lock until they end (or --kill-leftovers stops them). If \
+                      distrlock dies, even of SIGKILL, CMD and everything it started are killed \
+                      (on Linux). If renewals keep failing, CMD gets SIGTERM --kill-grace \
+                      before the lease's local deadline and SIGKILL at it; if the lock is lost \
+                      otherwise (another holder took over), SIGTERM, then SIGKILL after \
+                      --kill-grace; either way distrlock exits 70. If the lock is not acquired \
+                      in time, CMD is not run and distrlock exits 75 (or --conflict-exit-code).",
         after_help = "Examples:\n  \
                       distrlock run --key demo -- echo hello\n  \
                       distrlock run --key nightly-report --wait 5m --ttl 1m -- ./report.sh --full\n  \
@@ -143,6 +152,18 @@ pub(crate) enum Command {
 
     /// Print the DDL of the lock table for the URL's backend, for your migration tool
     Schema,
+
+    /// Print a shell completion script: `distrlock completions bash > /etc/bash_completion.d/distrlock`
+    #[command(hide = true)]
+    Completions {
+        /// The shell to complete for
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+
+    /// Print the man page (roff): `distrlock man > /usr/local/share/man/man1/distrlock.1`
+    #[command(hide = true)]
+    Man,
 }
 
 #[derive(Debug, Args)]
@@ -152,7 +173,7 @@ pub(crate) struct RunArgs {
     pub(crate) key: LockKey,
 
     /// Lease length; the lease is extended every ttl/3 while CMD runs
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_ttl)]
     pub(crate) ttl: Duration,
 
     /// How long to wait for the lock, like 10s, 5m, 1h30m or forever [default: do not wait]
@@ -164,21 +185,51 @@ pub(crate) struct RunArgs {
     pub(crate) owner: Option<String>,
 
     /// Exit code when the lock is not acquired in time
-    #[arg(long, value_name = "N", default_value_t = 75)]
+    #[arg(short = 'E', long, value_name = "N", default_value_t = 75)]
     pub(crate) conflict_exit_code: u8,
 
-    /// After the lock is lost, how long CMD has between SIGTERM and SIGKILL
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
-    pub(crate) kill_grace: Duration,
+    /// How long CMD has between SIGTERM and SIGKILL when distrlock stops it:
+    /// while renewals fail, SIGTERM comes this long before the lease's local
+    /// deadline and SIGKILL at it. It must be shorter than the ttl minus the
+    /// safety margin and the heartbeat (ttl/3) [default: 10s, or half that
+    /// window when it is shorter]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub(crate) kill_grace: Option<Duration>,
+
+    /// When the command exits but left processes running (`x &`, nohup, a
+    /// daemon), stop them (SIGTERM, then SIGKILL after --kill-grace) instead of
+    /// holding the lock until they end
+    #[arg(long)]
+    pub(crate) kill_leftovers: bool,
+
+    /// Run this shell command line with `sh -c` instead of CMD, as flock -c does
+    #[arg(
+        short = 'c',
+        long = "command",
+        id = "shell",
+        value_name = "SHELL_COMMAND",
+        conflicts_with = "command"
+    )]
+    pub(crate) shell: Option<OsString>,
 
     /// The command to run, and its arguments (put them after --)
     #[arg(
         value_name = "CMD",
-        required = true,
+        required_unless_present = "shell",
         trailing_var_arg = true,
         allow_hyphen_values = true
     )]
     pub(crate) command: Vec<OsString>,
+}
+
+impl RunArgs {
+    /// The program and its arguments: CMD, or `sh -c SHELL_COMMAND`.
+    pub(crate) fn command_line(&self) -> Vec<OsString> {
+        match &self.shell {
+            Some(line) => vec!["sh".into(), "-c".into(), line.clone()],
+            None => self.command.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -188,7 +239,7 @@ pub(crate) struct AcquireArgs {
     pub(crate) key: LockKey,
 
     /// Lease length: the lock is free again this long after acquiring unless extended
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_ttl)]
     pub(crate) ttl: Duration,
 
     /// How long to wait for the lock, like 10s, 5m, 1h30m or forever [default: do not wait]
@@ -200,7 +251,7 @@ pub(crate) struct AcquireArgs {
     pub(crate) owner: Option<String>,
 
     /// Exit code when the lock is not acquired in time
-    #[arg(long, value_name = "N", default_value_t = 75)]
+    #[arg(short = 'E', long, value_name = "N", default_value_t = 75)]
     pub(crate) conflict_exit_code: u8,
 }
 
@@ -215,7 +266,7 @@ pub(crate) struct ExtendArgs {
     pub(crate) token: Token,
 
     /// New lease length, counted from now
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_ttl)]
     pub(crate) ttl: Duration,
 }
 
@@ -253,10 +304,37 @@ fn parse_table(s: &str) -> Result<TableName, String> {
     TableName::new(s).map_err(|e| e.to_string())
 }
 
-/// Parses `30s`, `5m`, `1h30m`, `250ms`, … (humantime's syntax).
+/// Parses `30s`, `5m`, `1h30m`, `250ms`, … (humantime's syntax), or bare
+/// seconds as flock(1) takes them: `5`, `0.5`.
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim())
-        .map_err(|e| format!("{e}; write a duration like 30s, 5m or 1h30m"))
+    let s = s.trim();
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        return s
+            .parse::<f64>()
+            .ok()
+            .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+            .ok_or_else(|| format!("{s:?} is not a number of seconds"));
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{e}; write a duration like 30s, 5m or 1h30m (or seconds: 30)"))
+}
+
+/// The shortest ttl the commands accept: a lease must outlast several round
+/// trips to the database (the acquire itself, and each renewal at ttl/3).
+pub(crate) const MIN_TTL: Duration = Duration::from_secs(1);
+
+/// Parses a ttl: a duration of at least [`MIN_TTL`].
+pub(crate) fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let ttl = parse_duration(s)?;
+    if ttl < MIN_TTL {
+        return Err(format!(
+            "--ttl {} is too short: a lease must last at least {}, to outlast several round \
+             trips to the database",
+            s.trim(),
+            humantime::format_duration(MIN_TTL)
+        ));
+    }
+    Ok(ttl)
 }
 
 /// Parses a duration or `forever`.
@@ -289,5 +367,10 @@ mod tests {
         assert!(parse_duration("-5s").is_err());
         assert_eq!(parse_wait("forever"), Ok(Wait::Forever));
         assert_eq!(parse_wait("0s"), Ok(Wait::For(Duration::ZERO)));
+        assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("0.5"), Ok(Duration::from_millis(500)));
+        assert!(parse_duration("1.2.3").is_err());
+        assert!(parse_ttl("3ms").unwrap_err().contains("too short"));
+        assert_eq!(parse_ttl("30"), Ok(Duration::from_secs(30)));
     }
 }

@@ -34,6 +34,7 @@ mod progress;
 mod run;
 mod server;
 mod status;
+mod supervise;
 mod tokens;
 mod url;
 
@@ -55,8 +56,15 @@ fn main() -> ExitCode {
             info.to_string().replace('\n', " ")
         );
     }));
+    // `distrlock run`'s supervisor, answered before clap: it takes no options
+    // from the environment, and starts fast.
+    let mut args = std::env::args_os();
+    if args.nth(1).as_deref() == Some(std::ffi::OsStr::new(supervise::SUBCOMMAND)) {
+        return supervise::main(args);
+    }
     // Clap prints usage errors itself and exits 2 (0 for --help and --version).
     let cli = Cli::parse();
+    init_tracing(cli.verbose);
     let code = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -81,6 +89,11 @@ fn main() -> ExitCode {
 }
 
 async fn dispatch(cli: Cli) -> Result<u8, CliError> {
+    match cli.command {
+        Command::Completions { shell } => return Ok(completions(shell)),
+        Command::Man => return man(),
+        _ => {}
+    }
     let url = DbUrl::from_args(
         cli.url.as_deref(),
         cli.url_file.as_deref(),
@@ -89,7 +102,13 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
     if let Command::Schema = cli.command {
         return status::schema(&url, &cli.table);
     }
-    let db = Db::open(url, cli.table).await?;
+    // Only a command that waits for a lock wants release notifications.
+    let listen = match &cli.command {
+        Command::Run(args) => args.wait.is_some(),
+        Command::Acquire(args) => args.wait.is_some(),
+        _ => false,
+    };
+    let db = Db::open(url, cli.table, listen).await?;
     match cli.command {
         Command::Run(args) => run::run(db, args, cli.quiet).await,
         Command::Acquire(args) => tokens::acquire(db, args, cli.quiet).await,
@@ -99,5 +118,58 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
         Command::Init => status::init(db, cli.quiet).await,
         // Answered above without opening the database.
         Command::Schema => status::schema(&db.url, &db.table),
+        Command::Completions { .. } | Command::Man => Ok(0),
     }
+}
+
+/// Shows the lock library's tracing events on stderr with `-v` (debug; `-vv`:
+/// trace) or when `RUST_LOG` is set (its filter then decides). Without either,
+/// nothing is installed: distrlock's own messages say what matters.
+fn init_tracing(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) if !spec.trim().is_empty() => EnvFilter::new(spec),
+        _ if verbose > 0 => {
+            let level = if verbose > 1 { "trace" } else { "debug" };
+            EnvFilter::new(
+                [
+                    "distrlock",
+                    "distrlock_core",
+                    "distrlock_postgres",
+                    "distrlock_mysql",
+                    "distrlock_sqlite",
+                ]
+                .map(|target| format!("{target}={level}"))
+                .join(","),
+            )
+        }
+        _ => return,
+    };
+    use std::io::IsTerminal as _;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}
+
+/// `distrlock completions SHELL`: the completion script, from the same clap
+/// definition as the parser.
+fn completions(shell: clap_complete::Shell) -> u8 {
+    use clap::CommandFactory as _;
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "distrlock", &mut out);
+    out_raw!("{}", String::from_utf8_lossy(&out));
+    0
+}
+
+/// `distrlock man`: the man page, in roff.
+fn man() -> Result<u8, CliError> {
+    use clap::CommandFactory as _;
+    let mut out = Vec::new();
+    clap_mangen::Man::new(Cli::command())
+        .render(&mut out)
+        .map_err(|e| CliError::new(exit::LOCK_LOST, format!("cannot write the man page: {e}")))?;
+    out_raw!("{}", String::from_utf8_lossy(&out));
+    Ok(0)
 }

@@ -37,8 +37,8 @@ pub(crate) struct Db {
 
 impl Db {
     /// Opens the backend for `url` (see [`open_backend`]).
-    pub(crate) async fn open(url: DbUrl, table: TableName) -> Result<Self, CliError> {
-        let backend = open_backend(&url, &table).await?;
+    pub(crate) async fn open(url: DbUrl, table: TableName, listen: bool) -> Result<Self, CliError> {
+        let backend = open_backend(&url, &table, listen).await?;
         Ok(Self {
             url,
             table,
@@ -75,9 +75,14 @@ impl Db {
 /// on first use: `distrlock run` works from a clean checkout with no setup. A
 /// server database needs `distrlock init` (or the DDL from `distrlock schema`)
 /// once, by someone allowed to create tables.
+///
+/// One pooled connection is enough for one command holding one lock, and costs
+/// one connection setup; PostgreSQL's release listener (a second connection)
+/// is opened only when `listen`, for a command that waits.
 pub(crate) async fn open_backend(
     url: &DbUrl,
     table: &TableName,
+    listen: bool,
 ) -> Result<Arc<dyn LockBackend>, CliError> {
     let error = |e: Error| CliError::from_lock(e, url, &table.to_string());
     match url {
@@ -112,8 +117,8 @@ pub(crate) async fn open_backend(
             let builder = PostgresConfig::builder()
                 .pg_config(pg)
                 .table(table.to_string())
-                // One command holds one lock: a small pool is plenty.
-                .pool_size(2)
+                .pool_size(1)
+                .listen(listen)
                 .application_name("distrlock-cli");
             let builder = tls::postgres(builder, raw, &server)?;
             let config = builder.build().map_err(error)?;
@@ -136,8 +141,7 @@ pub(crate) async fn open_backend(
             let config = || {
                 MySqlBackend::builder()
                     .table(table.to_string())
-                    // One command holds one lock: a small pool is plenty.
-                    .max_connections(2)
+                    .max_connections(1)
             };
             let backend = match tls::mysql(raw, &server)? {
                 None => config().connect_opts(builder).await,

@@ -122,11 +122,7 @@ fn describe(
     let Some(info) = holder else {
         return format!("{head}: it looks free, trying again");
     };
-    let owner = if info.owner.is_empty() {
-        "an unnamed owner".to_owned()
-    } else {
-        info.owner.escape_debug().to_string()
-    };
+    let owner = owner_text(info);
     match info.state {
         LockState::Held => {
             let left = info
@@ -143,5 +139,39 @@ fn describe(
             "{head}: {owner} (fence {}) has let it go, trying again",
             info.fence
         ),
+    }
+}
+
+/// Who holds `key` after a refusal, for the one-line message: `OWNER (fence N)
+/// for another 12s`, from one `inspect`; `another owner for another 12s` (as
+/// the refusal said) when that read fails or finds the lock free by now.
+pub(crate) async fn holder(
+    db: &crate::open::Db,
+    key: &LockKey,
+    remaining: Option<Duration>,
+) -> String {
+    let info = tokio::time::timeout(crate::open::CALL_TIMEOUT, db.backend.inspect(key))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .flatten()
+        .filter(LockInfo::is_live);
+    let left = info
+        .as_ref()
+        .and_then(|i| i.remaining)
+        .or(remaining)
+        .map(|r| format!(", {} left", short_duration(r)))
+        .unwrap_or_default();
+    match info {
+        Some(info) => format!("{} (fence {}){left}", owner_text(&info), info.fence),
+        None => format!("another owner{left}"),
+    }
+}
+
+fn owner_text(info: &LockInfo) -> String {
+    if info.owner.is_empty() {
+        "an unnamed owner".to_owned()
+    } else {
+        info.owner.escape_debug().to_string()
     }
 }

@@ -1,7 +1,5 @@
 //! `distrlock status`, `init` and `schema`.
 
-use std::time::SystemTime;
-
 use serde_json::json;
 
 use crate::cli::StatusArgs;
@@ -39,13 +37,26 @@ pub(crate) async fn status(db: Db, args: StatusArgs) -> Result<u8, CliError> {
         }
     } else {
         out!();
-        out_raw!("{}", lock_table(&locks, SystemTime::now()));
+        out_raw!("{}", lock_table(&locks));
     }
     Ok(0)
 }
 
 pub(crate) async fn init(db: Db, quiet: bool) -> Result<u8, CliError> {
     db.backend.create_table().await.map_err(|e| db.error(e))?;
+    // CREATE TABLE IF NOT EXISTS leaves a table of that name alone, whatever
+    // it holds: read a row the way every command does, to be sure it is ours.
+    let probe = distrlock_core::LockKey::new("distrlock init check").map_err(|e| db.error(e))?;
+    if let Err(error) = db.backend.inspect(&probe).await {
+        return Err(match error {
+            distrlock_core::Error::Backend { message, .. } => CliError::unavailable(format!(
+                "the table {} in {} exists but is not a distrlock lock table ({message}); pick \
+                 another --table, or compare it with `distrlock schema`",
+                db.table, db.url
+            )),
+            other => db.error(other),
+        });
+    }
     if !quiet {
         say!("distrlock: lock table {} is ready in {}", db.table, db.url);
     }

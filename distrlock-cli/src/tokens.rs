@@ -85,15 +85,18 @@ async fn acquire_and_detach(
         Err(error) => return Err(db.error(error)),
     };
     if !quiet {
-        let left = remaining
-            .map(|r| format!(" for another {}", short_duration(r)))
-            .unwrap_or_default();
-        let waited = match waited {
-            None => " (use --wait to wait for it)".to_owned(),
-            Some(waited) => format!(" after waiting {}", short_duration(waited)),
+        let (holder, waited) = match waited {
+            None => (
+                crate::progress::holder(db, &args.key, remaining).await,
+                " (use --wait to wait for it)".to_owned(),
+            ),
+            Some(waited) => (
+                "another owner".to_owned(),
+                format!(" after waiting {}", short_duration(waited)),
+            ),
         };
         say!(
-            "distrlock: lock {} is held by another owner{left}{waited}",
+            "distrlock: lock {} is held by {holder}{waited}",
             show_key(&args.key)
         );
     }

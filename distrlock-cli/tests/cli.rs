@@ -17,6 +17,10 @@ use nix::unistd::Pid;
 use serde_json::Value;
 use tempfile::TempDir;
 
+#[path = "common/counting_proxy.rs"]
+#[allow(dead_code)]
+mod counting_proxy;
+
 const BIN: &str = env!("CARGO_BIN_EXE_distrlock");
 
 /// Where one test keeps its locks.
@@ -218,6 +222,25 @@ fn read_pid(path: &Path) -> Option<Pid> {
     text.trim().parse().ok().map(Pid::from_raw)
 }
 
+/// Whether `pid` is a running process: neither gone nor a zombie (a zombie
+/// whose parent died waits for init, which may be slow to reap it).
+fn alive(pid: Pid) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state is the first field after the command name's closing ')'.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    !matches!(state, None | Some("Z" | "X" | "x"))
+}
+
+/// Waits until `path` holds a pid, and returns it.
+fn wait_pid(path: &Path) -> Pid {
+    wait_until(Duration::from_secs(10), || read_pid(path).is_some());
+    read_pid(path).unwrap()
+}
+
 /// `distrlock run ARGS -- sh -c SCRIPT` in the background; the script's pid is
 /// written to `pidfile` first.
 fn spawn_run(t: &Target, args: &[&str], script: &str) -> Background {
@@ -350,11 +373,7 @@ fn wait_timing_and_conflict_codes(t: &Target) {
         started.elapsed() < Duration::from_secs(3),
         "no wait by default"
     );
-    assert!(
-        stderr(&out).contains("held by another owner"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("held by "), "{}", stderr(&out));
 
     let out = t.output([
         "run",
@@ -460,7 +479,7 @@ fn stalled_holder_stops_its_command_when_it_resumes(t: &Target) {
     );
     let mut holder = spawn_run(
         t,
-        &["--key", &key, "--ttl", "1500ms", "--kill-grace", "5s"],
+        &["--key", &key, "--ttl", "1500ms", "--kill-grace", "500ms"],
         &holder_script,
     );
     t.wait_held(&key);
@@ -516,6 +535,118 @@ fn signals_are_forwarded(t: &Target) {
         assert_eq!(std::fs::read_to_string(&log).unwrap().trim(), name);
         assert_eq!(t.state(&key).as_deref(), Some("released"));
     }
+}
+
+/// SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2 and SIGALRM to distrlock reach the
+/// command too (a closed terminal sends SIGHUP to `distrlock run … &`), and
+/// distrlock keeps the lock until the command has exited: no other run gets it
+/// meanwhile.
+fn other_signals_are_forwarded_and_the_lock_kept(t: &Target) {
+    for (signal, name) in [
+        (Signal::SIGHUP, "HUP"),
+        (Signal::SIGQUIT, "QUIT"),
+        (Signal::SIGUSR1, "USR1"),
+        (Signal::SIGUSR2, "USR2"),
+        (Signal::SIGALRM, "ALRM"),
+    ] {
+        let key = t.key(&format!("signal-{name}"));
+        let log = t.file(&format!("{name}.log"));
+        // On the signal: note it, go on for a while (finishing its work), exit 5.
+        let script = format!(
+            "trap 'echo {name} >> \"{log}\"; sleep 1.5; echo done >> \"{log}\"; exit 5' {name}; \
+             while :; do sleep 0.05; done",
+            log = log.display()
+        );
+        let mut holder = spawn_run(t, &["--key", &key], &script);
+        t.wait_held(&key);
+        let pid = wait_pid(holder.pidfile.as_ref().unwrap());
+        kill(holder.pid(), signal).unwrap();
+        wait_until(Duration::from_secs(5), || {
+            std::fs::read_to_string(&log).is_ok_and(|l| l.starts_with(name))
+        });
+        assert!(alive(pid), "{name}: the command is still finishing");
+        let out = t.output(["run", "--key", &key, "--", "true"]);
+        assert_eq!(
+            code(&out),
+            75,
+            "{name}: the lock must stay held while the command runs: {}",
+            stderr(&out)
+        );
+        let status = {
+            let start = Instant::now();
+            loop {
+                if let Some(status) = holder.child.try_wait().unwrap() {
+                    break status;
+                }
+                assert!(start.elapsed() < Duration::from_secs(10), "{name}: no exit");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        assert_eq!(
+            status.code(),
+            Some(5),
+            "{name}: distrlock exits with the command's code, not killed by the signal"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&log).unwrap(),
+            format!("{name}\ndone\n"),
+            "{name}: the command got the signal once and finished"
+        );
+        assert!(!alive(pid));
+        assert_eq!(t.state(&key).as_deref(), Some("released"));
+    }
+}
+
+/// Steps that the command leaves running in the background (`x &`, `nohup`)
+/// keep the lock: distrlock releases only once they have ended too, and says
+/// so. With --kill-leftovers it stops them instead (SIGTERM), then releases.
+fn background_steps_keep_the_lock(t: &Target) {
+    let key = t.key("leftovers");
+    let bg = t.file("bg-pid");
+    let script = format!("sleep 2 & echo $! > '{}'; exit 0", bg.display());
+    let started = Instant::now();
+    let mut holder = spawn_run(t, &["--key", &key], &script);
+    let cmd = wait_pid(holder.pidfile.as_ref().unwrap());
+    let bg_pid = wait_pid(&bg);
+    let _cleanup = KillOnDrop(vec![bg_pid]);
+    wait_until(Duration::from_secs(5), || !alive(cmd));
+    assert!(alive(bg_pid), "the background step still runs");
+    let out = t.output(["run", "--key", &key, "--", "true"]);
+    assert_eq!(
+        code(&out),
+        75,
+        "the lock stays held while the command's background step runs: {}",
+        stderr(&out)
+    );
+    assert_eq!(wait_exit(&mut holder.child, Duration::from_secs(10)), 0);
+    assert!(!alive(bg_pid));
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "released only after the background step ended"
+    );
+    let mut err = String::new();
+    use std::io::Read as _;
+    holder
+        .child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(err.contains("left running"), "a note says why: {err}");
+    assert_eq!(t.state(&key).as_deref(), Some("released"));
+
+    // --kill-leftovers: the background step is stopped, the lock released.
+    let script = format!("sleep 60 & echo $! > '{}'; exit 3", bg.display());
+    let _ = std::fs::remove_file(&bg);
+    let started = Instant::now();
+    let mut holder = spawn_run(t, &["--key", &key, "--kill-leftovers"], &script);
+    let bg_pid = wait_pid(&bg);
+    let _cleanup = KillOnDrop(vec![bg_pid]);
+    assert_eq!(wait_exit(&mut holder.child, Duration::from_secs(15)), 3);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    wait_until(Duration::from_secs(2), || !alive(bg_pid));
+    assert_eq!(t.state(&key).as_deref(), Some("released"));
 }
 
 /// A signal while waiting ends the wait (128+N) without running the command.
@@ -652,7 +783,7 @@ fn status_shows_owner_fence_state_and_time_left(t: &Target) {
     assert!(text.contains("database:"), "{text}");
     let row = text
         .lines()
-        .find(|l| l.starts_with(&key))
+        .find(|l| l.starts_with(&format!("{key:?}")))
         .expect("a row for the key");
     for column in ["held", "nightly@web1", " left"] {
         assert!(row.contains(column), "{column:?} missing from {row:?}");
@@ -685,6 +816,92 @@ fn status_shows_owner_fence_state_and_time_left(t: &Target) {
         "{}",
         stdout(&out)
     );
+}
+
+/// A refusal without --wait names the holder: owner, fence and time left.
+fn a_refusal_names_the_holder(t: &Target) {
+    let key = t.key("refusal");
+    let out = t.output([
+        "acquire",
+        "--key",
+        &key,
+        "--ttl",
+        "60s",
+        "--owner",
+        "nightly@web1",
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let lease: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let fence = lease["fence"].as_i64().unwrap();
+    for args in [
+        vec!["run", "--key", &key, "--", "true"],
+        vec!["acquire", "--key", &key],
+    ] {
+        let out = t.output(&args);
+        let err = stderr(&out);
+        assert_eq!(code(&out), 75, "{args:?}: {err}");
+        assert!(err.contains("nightly@web1"), "{args:?}: the owner: {err}");
+        assert!(err.contains(&format!("fence {fence}")), "{args:?}: {err}");
+        assert!(err.contains("left"), "{args:?}: the time left: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+}
+
+/// `status` quotes keys, so that `k` and `k ` are told apart.
+fn status_quotes_keys(t: &Target) {
+    let key = t.key("quoted");
+    let spaced = format!("{key} ");
+    for k in [&key, &spaced] {
+        assert_eq!(code(&t.output(["acquire", "--key", k.as_str()])), 0);
+    }
+    let text = stdout(&t.output(["status"]));
+    assert!(text.contains(&format!("{key:?}")), "{text}");
+    assert!(text.contains(&format!("{spaced:?}")), "{text}");
+}
+
+/// The habits of flock(1) users work: `-c 'shell string'`, `-E` for the
+/// conflict exit code, and bare seconds in --wait and --ttl.
+fn flock_habits_work(t: &Target) {
+    let key = t.key("flock");
+    let out = t.output([
+        "run",
+        "--key",
+        &key,
+        "--ttl",
+        "30",
+        "-c",
+        "echo \"$DISTRLOCK_KEY\" && exit 4",
+    ]);
+    assert_eq!(code(&out), 4, "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), key);
+    let _holder = spawn_run(t, &["--key", &key], "sleep 20");
+    t.wait_held(&key);
+    let out = t.output(["run", "--key", &key, "-E", "9", "--", "true"]);
+    assert_eq!(code(&out), 9, "{}", stderr(&out));
+    let started = Instant::now();
+    let out = t.output(["run", "--key", &key, "--wait", "1", "-E", "0", "-c", "true"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "waited a second"
+    );
+}
+
+/// `-v` (and RUST_LOG) shows the library's tracing events on stderr.
+fn verbose_shows_the_library_events(t: &Target) {
+    let key = t.key("verbose");
+    let out = t.output(["-v", "run", "--key", &key, "--", "true"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(stderr(&out).contains("lock released"), "{}", stderr(&out));
+    let out = t
+        .cmd(["run", "--key", &key, "--", "true"])
+        .env("RUST_LOG", "distrlock_core=debug")
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(stderr(&out).contains("lock released"), "{}", stderr(&out));
+    let quiet = t.output(["run", "--key", &key, "--", "true"]);
+    assert!(stderr(&quiet).is_empty(), "{}", stderr(&quiet));
 }
 
 /// Bad input exits 2 with one clear line and touches nothing.
@@ -779,6 +996,42 @@ fn bad_input_exits_2(t: &Target) {
                 "run".into(),
                 "--key".into(),
                 key.clone(),
+                "--ttl".into(),
+                "3ms".into(),
+                "--".into(),
+                "true".into(),
+            ],
+            "--ttl 3ms is too short",
+        ),
+        (
+            vec![
+                "acquire".into(),
+                "--key".into(),
+                key.clone(),
+                "--ttl".into(),
+                "3ms".into(),
+            ],
+            "--ttl 3ms is too short",
+        ),
+        (
+            vec![
+                "run".into(),
+                "--key".into(),
+                key.clone(),
+                "--ttl".into(),
+                "30s".into(),
+                "--kill-grace".into(),
+                "19s".into(),
+                "--".into(),
+                "true".into(),
+            ],
+            "--kill-grace 19s is too long",
+        ),
+        (
+            vec![
+                "run".into(),
+                "--key".into(),
+                key.clone(),
                 "--owner".into(),
                 "x".repeat(300),
                 "--".into(),
@@ -854,10 +1107,16 @@ cli_tests!(
         killed_holder_is_taken_over_after_the_ttl,
         stalled_holder_stops_its_command_when_it_resumes,
         signals_are_forwarded,
+        other_signals_are_forwarded_and_the_lock_kept,
+        background_steps_keep_the_lock,
         a_signal_while_waiting_gives_up,
         acquire_extend_release_across_processes,
         status_shows_owner_fence_state_and_time_left,
         bad_input_exits_2,
+        a_refusal_names_the_holder,
+        status_quotes_keys,
+        flock_habits_work,
+        verbose_shows_the_library_events,
     ],
     servers: [missing_table_exits_69]
 );
@@ -907,6 +1166,305 @@ fn sqlite_taken_over_lock_kills_a_stubborn_command() {
         kill(pid, None).is_err(),
         "the command that ignored SIGTERM was killed"
     );
+}
+
+/// SIGKILL of distrlock (which it cannot catch) kills the command, the
+/// command's children, and a child that left the process group with setsid:
+/// none of them goes on without the lock.
+#[test]
+fn sqlite_sigkill_of_distrlock_kills_the_command_and_its_children() {
+    let t = Target::sqlite();
+    let key = t.key("sigkill");
+    let child_file = t.file("child-pid");
+    let setsid_file = t.file("setsid-pid");
+    let script = format!(
+        "sleep 300 & echo $! > '{}'; setsid sleep 300 & echo $! > '{}'; wait",
+        child_file.display(),
+        setsid_file.display()
+    );
+    let mut holder = spawn_run(&t, &["--key", &key], &script);
+    t.wait_held(&key);
+    let pids = [
+        wait_pid(holder.pidfile.as_ref().unwrap()),
+        wait_pid(&child_file),
+        wait_pid(&setsid_file),
+    ];
+    let _cleanup = KillOnDrop(pids.to_vec());
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(pids.iter().all(|&p| alive(p)), "all three run: {pids:?}");
+    holder.child.kill().unwrap();
+    holder.child.wait().unwrap();
+    let killed = Instant::now();
+    wait_until(Duration::from_secs(3), || !pids.iter().any(|&p| alive(p)));
+    assert!(killed.elapsed() < Duration::from_secs(3));
+}
+
+/// SIGKILLs its processes when dropped: a failed test leaves none behind.
+struct KillOnDrop(Vec<Pid>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            if alive(pid) {
+                let _ = kill(pid, Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+/// `url` with its `host:port` replaced by `127.0.0.1:port`, and the address it
+/// named: to put a [`FaultProxy`](distrlock_testkit::FaultProxy) in between.
+fn through_proxy(url: &str, port: u16) -> (std::net::SocketAddr, String) {
+    let start = url
+        .find('@')
+        .map_or_else(|| url.find("://").unwrap() + 3, |at| at + 1);
+    let end = url[start..].find('/').map_or(url.len(), |i| start + i);
+    let upstream = url[start..end]
+        .replace("localhost", "127.0.0.1")
+        .parse()
+        .expect("a URL with an IP address and a port");
+    let proxied = format!("{}127.0.0.1:{port}{}", &url[..start], &url[end..]);
+    (upstream, proxied)
+}
+
+/// Renewals that keep failing (the path to PostgreSQL freezes) start the stop
+/// sequence early: SIGTERM --kill-grace before the local deadline, SIGKILL at
+/// it, so that a command that ignores SIGTERM is dead before the lease ends on
+/// the server, when another host may take the lock. distrlock exits 70.
+#[test]
+fn postgres_failing_renewals_kill_a_stubborn_command_before_the_lease_ends() {
+    let name = "postgres_failing_renewals_kill_a_stubborn_command_before_the_lease_ends";
+    let Some(direct) = Target::server(
+        "postgres",
+        "DISTRLOCK_TEST_POSTGRES_URL",
+        "postgres://postgres@127.0.0.1:5432/test",
+        name,
+    ) else {
+        return;
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (upstream, _) = through_proxy(&direct.url, 0);
+    let proxy = runtime
+        .block_on(distrlock_testkit::FaultProxy::start(upstream))
+        .unwrap();
+    let (_, url) = through_proxy(&direct.url, proxy.port());
+    let t = Target {
+        url,
+        table: direct.table.clone(),
+        prefix: direct.prefix.clone(),
+        sqlite_path: None,
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let key = t.key("frozen");
+    let log = t.file("term.log");
+    // Notes SIGTERM and goes on: only SIGKILL ends it.
+    let script = format!(
+        "trap 'echo term >> \"{}\"' TERM; while :; do sleep 0.02; done",
+        log.display()
+    );
+    let mut holder = spawn_run(
+        &t,
+        &["--key", &key, "--ttl", "3s", "--kill-grace", "1s"],
+        &script,
+    );
+    direct.wait_held(&key);
+    let cmd = wait_pid(holder.pidfile.as_ref().unwrap());
+    let _cleanup = KillOnDrop(vec![cmd]);
+    std::thread::sleep(Duration::from_millis(1200));
+    proxy.freeze();
+    let frozen = Instant::now();
+    let died_at = loop {
+        if !alive(cmd) {
+            break std::time::SystemTime::now();
+        }
+        assert!(
+            frozen.elapsed() < Duration::from_secs(8),
+            "the command still runs {:?} after the freeze",
+            frozen.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    // Nothing reaches the server through the frozen path: this is the expiry
+    // of the last renewal that landed.
+    let lock = direct.lock(&key).unwrap();
+    let expires =
+        std::time::UNIX_EPOCH + Duration::from_millis(lock["expires_at_unix_ms"].as_u64().unwrap());
+    assert!(
+        died_at < expires,
+        "the command died {:?} after the lease ended on the server",
+        died_at.duration_since(expires).unwrap_or_default()
+    );
+    assert!(
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("term")),
+        "SIGTERM came first"
+    );
+    drop(proxy);
+    assert_eq!(wait_exit(&mut holder.child, Duration::from_secs(30)), 70);
+}
+
+/// `status` (of every lock and of one) never panics on a row whose times
+/// are before 1970 or after 9999: written directly with SQL.
+#[test]
+fn sqlite_status_survives_times_out_of_range() {
+    let t = Target::sqlite();
+    let key = t.key("anchor");
+    assert_eq!(code(&t.output(["acquire", "--key", &key])), 0);
+    let conn = rusqlite::Connection::open(t.sqlite_path.as_ref().unwrap()).unwrap();
+    for (name, at) in [
+        ("old", -100_000_000_000_000i64),
+        ("far", 300_000_000_000_000_000),
+    ] {
+        conn.execute(
+            "INSERT INTO distributed_locks \
+             SELECT ?1, token, fence, owner, ?2, ?2 + 1000, clock, NULL \
+             FROM distributed_locks WHERE lock_key = ?3",
+            rusqlite::params![t.key(name), at, key],
+        )
+        .unwrap();
+    }
+    check_status_of_odd_rows(&t, &[t.key("old"), t.key("far")]);
+}
+
+/// The same on PostgreSQL: timestamptz reaches from 4713 BC to 294276 AD.
+#[test]
+fn postgres_status_survives_times_out_of_range() {
+    let name = "postgres_status_survives_times_out_of_range";
+    let Some(t) = Target::server(
+        "postgres",
+        "DISTRLOCK_TEST_POSTGRES_URL",
+        "postgres://postgres@127.0.0.1:5432/test",
+        name,
+    ) else {
+        return;
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let keys = [t.key("old"), t.key("far")];
+    let client = runtime.block_on(async {
+        let (client, conn) = tokio_postgres::connect(&t.url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        client
+    });
+    // Other tests (and other checkouts) list this shared table: the odd rows
+    // go again, pass or fail.
+    struct Cleanup<'a>(
+        &'a tokio::runtime::Runtime,
+        &'a tokio_postgres::Client,
+        String,
+    );
+    impl Drop for Cleanup<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.block_on(self.1.execute(&self.2, &[]));
+        }
+    }
+    let _cleanup = Cleanup(
+        &runtime,
+        &client,
+        format!("DELETE FROM {} WHERE owner = 'odd'", t.table),
+    );
+    runtime.block_on(async {
+        for (key, at) in keys
+            .iter()
+            .zip(["1900-01-01 00:00:00+00", "12000-01-01 00:00:00+00"])
+        {
+            client
+                .execute(
+                    &format!(
+                        "INSERT INTO {} (lock_key, token, fence, owner, acquired_at, expires_at) \
+                         VALUES ($1, gen_random_uuid(), 1, 'odd', $2::text::timestamptz, \
+                         $2::text::timestamptz + interval '1 day')",
+                        t.table
+                    ),
+                    &[key, &at],
+                )
+                .await
+                .unwrap();
+        }
+    });
+    check_status_of_odd_rows(&t, &keys);
+}
+
+fn check_status_of_odd_rows(t: &Target, keys: &[String]) {
+    for args in [vec!["status"], vec!["status", "--json"]] {
+        let out = t.output(&args);
+        assert_eq!(code(&out), 0, "{args:?}: {}", stderr(&out));
+        assert!(!stderr(&out).contains("internal error"), "{}", stderr(&out));
+        for key in keys {
+            assert!(
+                stdout(&out).contains(key.as_str()),
+                "{args:?}: {key} in {}",
+                stdout(&out)
+            );
+        }
+    }
+    for key in keys {
+        let out = t.output(["status", "--key", key]);
+        assert_eq!(code(&out), 0, "{key}: {}", stderr(&out));
+        let lock = t.lock(key).unwrap();
+        assert!(
+            lock["acquired_at"].as_str().unwrap().starts_with("unix:"),
+            "{lock}"
+        );
+    }
+}
+
+/// `init` on a table that exists but is not a lock table says so, and fails.
+#[test]
+fn sqlite_init_on_a_foreign_table_fails_clearly() {
+    let t = Target::sqlite();
+    let conn = rusqlite::Connection::open(t.sqlite_path.as_ref().unwrap()).unwrap();
+    conn.execute_batch("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")
+        .unwrap();
+    assert_init_refused(&init_with_table(&t, "users"));
+}
+
+/// The same on PostgreSQL.
+#[test]
+fn postgres_init_on_a_foreign_table_fails_clearly() {
+    let name = "postgres_init_on_a_foreign_table_fails_clearly";
+    let Some(t) = Target::server(
+        "postgres",
+        "DISTRLOCK_TEST_POSTGRES_URL",
+        "postgres://postgres@127.0.0.1:5432/test",
+        name,
+    ) else {
+        return;
+    };
+    let table = format!("dl_foreign_{}", unique());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let (client, conn) = tokio_postgres::connect(&t.url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE {table} (id int PRIMARY KEY, name text)"
+            ))
+            .await
+            .unwrap();
+        let out = init_with_table(&t, &table);
+        client
+            .batch_execute(&format!("DROP TABLE {table}"))
+            .await
+            .unwrap();
+        assert_init_refused(&out);
+    });
+}
+
+fn init_with_table(t: &Target, table: &str) -> Output {
+    t.cmd(["init"])
+        .env("DISTRLOCK_TABLE", table)
+        .output()
+        .unwrap()
+}
+
+fn assert_init_refused(out: &Output) {
+    let err = stderr(out);
+    assert_ne!(code(out), 0, "{err}");
+    assert!(err.contains("not a distrlock lock table"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
 }
 
 /// SIGTERM while `run` waits behind another process's lock: distrlock exits
@@ -1140,7 +1698,7 @@ fn help_is_complete() {
         "DISTRLOCK_FENCE",
         "SIGTERM",
         "[default: 30s]",
-        "[default: 10s]",
+        "[default: 10s",
     ] {
         assert!(run.contains(word), "run --help lacks {word:?}:\n{run}");
     }
@@ -1159,5 +1717,198 @@ fn help_is_complete() {
         for word in words {
             assert!(text.contains(word), "{cmd} --help lacks {word:?}:\n{text}");
         }
+    }
+}
+
+/// `distrlock completions SHELL` and `distrlock man` print what packagers
+/// install, generated from the same definition as the parser.
+#[test]
+fn completions_and_man_page_are_generated() {
+    for (shell, expect) in [
+        ("bash", "_distrlock()"),
+        ("zsh", "#compdef distrlock"),
+        ("fish", "complete -c distrlock"),
+        ("elvish", "distrlock"),
+        ("powershell", "distrlock"),
+    ] {
+        let out = Command::new(BIN)
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert_eq!(code(&out), 0, "{shell}: {}", stderr(&out));
+        let text = stdout(&out);
+        assert!(text.contains(expect), "{shell}: {expect:?} not in {text}");
+        assert!(
+            text.contains("kill-leftovers"),
+            "{shell}: run's options too"
+        );
+    }
+    let out = Command::new(BIN).arg("man").output().unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let page = stdout(&out);
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH distrlock"),
+        "{page}"
+    );
+    for word in ["distrlock", "run", "acquire", "status", "Exit codes"] {
+        assert!(page.contains(word), "the man page lacks {word:?}");
+    }
+    let help = stdout(&Command::new(BIN).arg("--help").output().unwrap());
+    assert!(!help.contains("completions"), "hidden from --help: {help}");
+}
+
+/// `distrlock run -- true` on PostgreSQL costs one connection and, on it,
+/// the session setup, the acquire and the release: no listening connection
+/// for a try without --wait, no second pooled connection, no extra read.
+#[test]
+fn postgres_run_true_uses_one_connection_and_three_statements() {
+    let name = "postgres_run_true_uses_one_connection_and_three_statements";
+    let Some(direct) = Target::server(
+        "postgres",
+        "DISTRLOCK_TEST_POSTGRES_URL",
+        "postgres://postgres@127.0.0.1:5432/test",
+        name,
+    ) else {
+        return;
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (upstream, _) = through_proxy(&direct.url, 0);
+    let proxy = runtime
+        .block_on(counting_proxy::CountingProxy::start(upstream))
+        .unwrap();
+    let (_, url) = through_proxy(&direct.url, proxy.addr.port());
+    let key = direct.key("cheap");
+    let out = direct
+        .cmd(["run", "--key", &key, "--", "true"])
+        .env("DISTRLOCK_URL", &url)
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let counts = proxy.counts();
+    eprintln!(
+        "run -- true: {} connections, {counts:?}",
+        proxy.connections()
+    );
+    assert_eq!(proxy.connections(), 1, "{counts:?}");
+    // The setup (session settings and a clock reading, one simple query), the
+    // acquire and the release; each of these is prepared first (a Parse and
+    // Describe answered before the Bind and Execute).
+    assert_eq!(counts.get('Q'), 1, "{counts:?}");
+    assert_eq!(counts.get('E'), 2, "{counts:?}");
+    assert!(counts.round_trips() <= 5, "{counts:?}");
+
+    // A refusal: the try and the one read that names the holder, no release.
+    assert_eq!(code(&direct.output(["acquire", "--key", &key])), 0);
+    let before = proxy.counts();
+    let connections = proxy.connections();
+    let out = direct
+        .cmd(["run", "--key", &key, "--", "true"])
+        .env("DISTRLOCK_URL", &url)
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 75, "{}", stderr(&out));
+    let counts = proxy.counts().since(&before);
+    assert_eq!(proxy.connections() - connections, 1, "{counts:?}");
+    assert_eq!(counts.get('Q'), 1, "{counts:?}");
+    assert_eq!(counts.get('E'), 2, "the try and the inspect: {counts:?}");
+}
+
+/// The same on MariaDB, counted as connections.
+#[test]
+fn mysql_run_true_and_release_use_one_connection() {
+    let name = "mysql_run_true_and_release_use_one_connection";
+    let Some(direct) = Target::server(
+        "mysql",
+        "DISTRLOCK_TEST_MYSQL_URL",
+        "mysql://root@127.0.0.1:3306/test",
+        name,
+    ) else {
+        return;
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (upstream, _) = through_proxy(&direct.url, 0);
+    let key = direct.key("cheap");
+    for args in [
+        vec!["run", "--key", &key, "--", "true"],
+        vec!["acquire", "--key", &key],
+        vec!["status", "--key", &key],
+    ] {
+        let proxy = runtime
+            .block_on(distrlock_testkit::FaultProxy::start(upstream))
+            .unwrap();
+        let (_, url) = through_proxy(&direct.url, proxy.port());
+        let out = direct
+            .cmd(&args)
+            .env("DISTRLOCK_URL", &url)
+            .output()
+            .unwrap();
+        assert_eq!(code(&out), 0, "{args:?}: {}", stderr(&out));
+        assert_eq!(proxy.accepted_connections(), 1, "{args:?}");
+        if args[0] == "acquire" {
+            let lease: Value = serde_json::from_slice(&out.stdout).unwrap();
+            let token = lease["token"].as_str().unwrap().to_owned();
+            let proxy = runtime
+                .block_on(distrlock_testkit::FaultProxy::start(upstream))
+                .unwrap();
+            let (_, url) = through_proxy(&direct.url, proxy.port());
+            let out = direct
+                .cmd(["release", "--key", &key, "--token", &token])
+                .env("DISTRLOCK_URL", &url)
+                .output()
+                .unwrap();
+            assert_eq!(code(&out), 0, "{}", stderr(&out));
+            assert_eq!(proxy.accepted_connections(), 1, "release");
+        }
+    }
+}
+
+/// A wait longer than any clock can count (`--wait 500000000000y`) waits like
+/// `forever`, without a panic, and a signal ends it as usual.
+#[test]
+fn sqlite_an_enormous_wait_waits_without_panicking() {
+    let t = Target::sqlite();
+    let key = t.key("enormous");
+    assert_eq!(
+        code(&t.output(["acquire", "--key", &key, "--ttl", "60s"])),
+        0
+    );
+    for args in [
+        vec!["acquire", "--key", &key, "--wait", "500000000000y"],
+        vec![
+            "run",
+            "--key",
+            &key,
+            "--wait",
+            "500000000000y",
+            "--",
+            "true",
+        ],
+    ] {
+        let mut waiter = t
+            .cmd(&args)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(
+            waiter.try_wait().unwrap().is_none(),
+            "{args:?}: still waiting"
+        );
+        kill(Pid::from_raw(waiter.id() as i32), Signal::SIGTERM).unwrap();
+        assert_eq!(
+            wait_exit(&mut waiter, Duration::from_secs(10)),
+            143,
+            "{args:?}"
+        );
+        let mut err = String::new();
+        use std::io::Read as _;
+        waiter
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert!(!err.contains("internal error"), "{args:?}: {err}");
     }
 }
