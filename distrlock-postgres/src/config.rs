@@ -628,6 +628,7 @@ impl PostgresConfigBuilder {
     /// connection string says `sslmode=require`, with the Mozilla roots and full
     /// verification.
     #[cfg(feature = "tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
     pub fn tls(mut self, tls: crate::tls::TlsConfig) -> Self {
         self.tls = Some(tls);
         self

@@ -1,4 +1,5 @@
 #![doc = include_str!("../README.md")]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod backend;
 mod config;
@@ -13,6 +14,7 @@ pub use config::{Pooler, PostgresConfig, PostgresConfigBuilder};
 #[doc(hidden)]
 pub use sql::LockSql;
 #[cfg(feature = "tls")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
 pub use tls::{TlsConfig, TlsVerify};
 
 /// Re-exported so users name the same driver version as the backend.
