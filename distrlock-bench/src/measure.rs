@@ -177,10 +177,10 @@ async fn contention_phase(
                         break;
                     }
                     waits.push(got - asked);
-                    if let Some((holder, at)) = last {
-                        if holder != me {
-                            handoffs.push(got - at);
-                        }
+                    if let Some((holder, at)) = last
+                        && holder != me
+                    {
+                        handoffs.push(got - at);
                     }
                     if !hold.is_zero() {
                         tokio::time::sleep(hold).await;

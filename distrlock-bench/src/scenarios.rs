@@ -132,21 +132,21 @@ fn machine() -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     out.insert("nproc".into(), cpus.to_string());
-    if let Ok(info) = std::fs::read_to_string("/proc/meminfo") {
-        if let Some(total) = info.lines().find(|l| l.starts_with("MemTotal:")) {
-            out.insert(
-                "memory".into(),
-                total.trim_start_matches("MemTotal:").trim().into(),
-            );
-        }
+    if let Ok(info) = std::fs::read_to_string("/proc/meminfo")
+        && let Some(total) = info.lines().find(|l| l.starts_with("MemTotal:"))
+    {
+        out.insert(
+            "memory".into(),
+            total.trim_start_matches("MemTotal:").trim().into(),
+        );
     }
-    if let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") {
-        if let Some(model) = info.lines().find(|l| l.starts_with("model name")) {
-            out.insert(
-                "cpu".into(),
-                model.split(':').nth(1).unwrap_or("").trim().into(),
-            );
-        }
+    if let Ok(info) = std::fs::read_to_string("/proc/cpuinfo")
+        && let Some(model) = info.lines().find(|l| l.starts_with("model name"))
+    {
+        out.insert(
+            "cpu".into(),
+            model.split(':').nth(1).unwrap_or("").trim().into(),
+        );
     }
     if let Ok(load) = std::fs::read_to_string("/proc/loadavg") {
         out.insert(

@@ -91,16 +91,14 @@ pub(crate) async fn open_backend(
             default,
             allow_network_filesystem,
         } => {
-            if *default {
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir).map_err(|e| {
-                        CliError::unavailable(format!(
-                            "cannot create {} for the default SQLite file: {e}; pass --url \
+            if *default && let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    CliError::unavailable(format!(
+                        "cannot create {} for the default SQLite file: {e}; pass --url \
                              sqlite:///path/to/locks.db",
-                            dir.display()
-                        ))
-                    })?;
-                }
+                        dir.display()
+                    ))
+                })?;
             }
             let backend = SqliteBackend::builder(path)
                 .table(table.to_string())
@@ -133,10 +131,10 @@ pub(crate) async fn open_backend(
                 CliError::usage(format!("--url {}: invalid MySQL URL: {e}", redact(raw)))
             })?;
             let mut builder = OptsBuilder::from_opts(opts.clone());
-            if opts.pass().is_none() {
-                if let Some(password) = server::mysql_password() {
-                    builder = builder.pass(Some(password));
-                }
+            if opts.pass().is_none()
+                && let Some(password) = server::mysql_password()
+            {
+                builder = builder.pass(Some(password));
             }
             let config = || {
                 MySqlBackend::builder()
@@ -181,21 +179,20 @@ fn postgres_connection(raw: &str, server: &ServerUrl) -> Result<tokio_postgres::
         TlsMode::Prefer => SslMode::Prefer,
         TlsMode::Require | TlsMode::VerifyCa | TlsMode::VerifyFull => SslMode::Require,
     });
-    if pg.get_password().is_none() {
-        if let Some(user) = pg.get_user().map(|user| user.to_owned()) {
-            let host = match pg.get_hosts().first() {
-                Some(Host::Tcp(host)) => host.clone(),
-                // libpq matches a socket connection as `localhost`.
-                _ => "localhost".to_owned(),
-            };
-            let port = pg.get_ports().first().copied().unwrap_or(5432);
-            let database = pg.get_dbname().unwrap_or(&user).to_owned();
-            let mut warn = |warning: String| say!("distrlock: warning: {warning}");
-            if let Some(password) =
-                server::postgres_password(&host, port, &database, &user, &mut warn)
-            {
-                pg.password(password);
-            }
+    if pg.get_password().is_none()
+        && let Some(user) = pg.get_user().map(|user| user.to_owned())
+    {
+        let host = match pg.get_hosts().first() {
+            Some(Host::Tcp(host)) => host.clone(),
+            // libpq matches a socket connection as `localhost`.
+            _ => "localhost".to_owned(),
+        };
+        let port = pg.get_ports().first().copied().unwrap_or(5432);
+        let database = pg.get_dbname().unwrap_or(&user).to_owned();
+        let mut warn = |warning: String| say!("distrlock: warning: {warning}");
+        if let Some(password) = server::postgres_password(&host, port, &database, &user, &mut warn)
+        {
+            pg.password(password);
         }
     }
     Ok(pg)

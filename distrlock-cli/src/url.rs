@@ -221,10 +221,10 @@ pub(crate) fn redact(url: &str) -> String {
             .find(['/', '?', '#'])
             .map_or(out.len(), |i| start + i);
         // The last '@' of the authority ends the user info (a password may contain '@').
-        if let Some(at) = out[start..authority_end].rfind('@').map(|i| start + i) {
-            if let Some(colon) = out[start..at].find(':').map(|i| start + i) {
-                out.replace_range(colon + 1..at, "***");
-            }
+        if let Some(at) = out[start..authority_end].rfind('@').map(|i| start + i)
+            && let Some(colon) = out[start..at].find(':').map(|i| start + i)
+        {
+            out.replace_range(colon + 1..at, "***");
         }
     }
     if let Some(query) = out.find('?') {

@@ -193,7 +193,7 @@ impl Lock {
                 }
                 Err(error) if error.is_transient() => {
                     failures = failures.saturating_add(1);
-                    if failures % 10 == 0 {
+                    if failures.is_multiple_of(10) {
                         tracing::warn!(key = %self.key, %error, failures, "acquire keeps failing; still retrying");
                     } else {
                         tracing::debug!(key = %self.key, %error, "acquire failed transiently; retrying");

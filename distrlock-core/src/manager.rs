@@ -179,16 +179,16 @@ impl ManagerConfig {
                 ),
             });
         }
-        if let Some(interval) = self.heartbeat_for(ttl) {
-            if interval < Duration::from_millis(1) || interval >= ttl.get() - margin {
-                return Err(Error::InvalidConfig {
-                    reason: format!(
-                        "heartbeat interval {interval:?} must be at least 1ms and shorter than \
+        if let Some(interval) = self.heartbeat_for(ttl)
+            && (interval < Duration::from_millis(1) || interval >= ttl.get() - margin)
+        {
+            return Err(Error::InvalidConfig {
+                reason: format!(
+                    "heartbeat interval {interval:?} must be at least 1ms and shorter than \
                          the ttl minus the safety margin ({:?})",
-                        ttl.get() - margin
-                    ),
-                });
-            }
+                    ttl.get() - margin
+                ),
+            });
         }
         Ok(())
     }
@@ -356,10 +356,9 @@ fn shared<B: LockBackend + 'static>(backend: B) -> Arc<dyn LockBackend> {
     let mut slot = Some(backend);
     if let Some(already) =
         (&mut slot as &mut dyn std::any::Any).downcast_mut::<Option<Arc<dyn LockBackend>>>()
+        && let Some(already) = already.take()
     {
-        if let Some(already) = already.take() {
-            return already;
-        }
+        return already;
     }
     match slot {
         Some(backend) => Arc::new(backend),

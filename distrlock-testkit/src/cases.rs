@@ -1970,18 +1970,18 @@ async fn drop_round(
         },
     );
     let info = row(setup, &key).await;
-    if let Some(before) = before {
-        if kind != Dropped::Release {
-            assert!(
-                token_holds,
-                "{what}: a dropped renewal must not end the lease (contract item 10)"
-            );
-            assert_eq!(
-                (info.fence, info.owner.as_str(), info.acquired_at),
-                (before.fence, before.owner.as_str(), before.acquired_at),
-                "{what}: a dropped renewal must not change fence, owner or acquired_at"
-            );
-        }
+    if let Some(before) = before
+        && kind != Dropped::Release
+    {
+        assert!(
+            token_holds,
+            "{what}: a dropped renewal must not end the lease (contract item 10)"
+        );
+        assert_eq!(
+            (info.fence, info.owner.as_str(), info.acquired_at),
+            (before.fence, before.owner.as_str(), before.acquired_at),
+            "{what}: a dropped renewal must not change fence, owner or acquired_at"
+        );
     }
     let holder = if token_holds { token } else { other };
     release(setup, &key, &holder)

@@ -140,10 +140,10 @@ pub fn check(runs: &[WorkerRun]) -> Report {
             }
         }
         for (i, h) in holdings.iter().enumerate() {
-            if let Some(f) = furthest {
-                if h.start < f.end {
-                    overlaps.push((f.clone(), h.clone()));
-                }
+            if let Some(f) = furthest
+                && h.start < f.end
+            {
+                overlaps.push((f.clone(), h.clone()));
             }
             if furthest.is_none_or(|f| h.end > f.end) {
                 furthest = Some(h);

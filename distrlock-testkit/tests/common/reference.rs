@@ -344,29 +344,27 @@ impl LockBackend for RefBackend {
         let d = ttl.get();
         let mut rows = self.rows();
         let old = rows.get(key).cloned();
-        if let Some(row) = rows.get_mut(key) {
-            if self.live_for_acquire(row, now) {
-                if row.token == *token && !self.is(Mutant::ReacquireBumpsFence) {
-                    row.expires = Some(now + self.lease(d));
-                    row.ttl = d;
-                    row.owner = owner.to_owned();
-                    return Ok(AcquireOutcome::Acquired {
-                        fence: row.fence,
-                        server_time: reading,
-                    });
+        if let Some(row) = rows.get_mut(key)
+            && self.live_for_acquire(row, now)
+        {
+            if row.token == *token && !self.is(Mutant::ReacquireBumpsFence) {
+                row.expires = Some(now + self.lease(d));
+                row.ttl = d;
+                row.owner = owner.to_owned();
+                return Ok(AcquireOutcome::Acquired {
+                    fence: row.fence,
+                    server_time: reading,
+                });
+            }
+            if row.token != *token {
+                let remaining = row.expires.map(|at| at.saturating_duration_since(now));
+                match self.mutant {
+                    Mutant::RefusalOverwritesOwner => row.owner = owner.to_owned(),
+                    Mutant::RefusalBumpsFence => row.fence = Fence::new(row.fence.get() + 1),
+                    Mutant::RefusalRenewsHolder => row.expires = Some(now + self.lease(row.ttl)),
+                    _ => {}
                 }
-                if row.token != *token {
-                    let remaining = row.expires.map(|at| at.saturating_duration_since(now));
-                    match self.mutant {
-                        Mutant::RefusalOverwritesOwner => row.owner = owner.to_owned(),
-                        Mutant::RefusalBumpsFence => row.fence = Fence::new(row.fence.get() + 1),
-                        Mutant::RefusalRenewsHolder => {
-                            row.expires = Some(now + self.lease(row.ttl))
-                        }
-                        _ => {}
-                    }
-                    return Ok(AcquireOutcome::Held { remaining });
-                }
+                return Ok(AcquireOutcome::Held { remaining });
             }
         }
         let fence = Fence::new(old.as_ref().map_or(1, |row| row.fence.get() + 1));
@@ -416,10 +414,11 @@ impl LockBackend for RefBackend {
         }
         impl Drop for Leaky<'_> {
             fn drop(&mut self) {
-                if !self.done && self.backend.is(Mutant::DroppedExtendKeepsRowLock) {
-                    if let Some(guard) = self.guard.take() {
-                        self.backend.leaked.lock().unwrap().push(guard);
-                    }
+                if !self.done
+                    && self.backend.is(Mutant::DroppedExtendKeepsRowLock)
+                    && let Some(guard) = self.guard.take()
+                {
+                    self.backend.leaked.lock().unwrap().push(guard);
                 }
             }
         }
