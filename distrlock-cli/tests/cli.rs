@@ -1757,6 +1757,12 @@ fn completions_and_man_page_are_generated() {
     assert!(!help.contains("completions"), "hidden from --help: {help}");
 }
 
+/// `url` with one more query parameter.
+fn with_param(url: &str, param: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}{param}")
+}
+
 /// `distrlock run -- true` on PostgreSQL costs one connection and, on it,
 /// the session setup, the acquire and the release: no listening connection
 /// for a try without --wait, no second pooled connection, no extra read.
@@ -1777,6 +1783,9 @@ fn postgres_run_true_uses_one_connection_and_three_statements() {
         .block_on(counting_proxy::CountingProxy::start(upstream))
         .unwrap();
     let (_, url) = through_proxy(&direct.url, proxy.addr.port());
+    // Counted in plain text: the proxy reads the protocol (`prefer`, the
+    // default, would encrypt it against a server that offers TLS).
+    let url = with_param(&url, "sslmode=disable");
     let key = direct.key("cheap");
     let out = direct
         .cmd(["run", "--key", &key, "--", "true"])
@@ -1837,6 +1846,9 @@ fn mysql_run_true_and_release_use_one_connection() {
             .block_on(distrlock_testkit::FaultProxy::start(upstream))
             .unwrap();
         let (_, url) = through_proxy(&direct.url, proxy.port());
+        // Without TLS: `prefer` against a server that offers none costs a
+        // second connection (mysql_async cannot fall back on the first).
+        let url = with_param(&url, "ssl-mode=DISABLED");
         let out = direct
             .cmd(&args)
             .env("DISTRLOCK_URL", &url)
@@ -1851,6 +1863,7 @@ fn mysql_run_true_and_release_use_one_connection() {
                 .block_on(distrlock_testkit::FaultProxy::start(upstream))
                 .unwrap();
             let (_, url) = through_proxy(&direct.url, proxy.port());
+            let url = with_param(&url, "ssl-mode=DISABLED");
             let out = direct
                 .cmd(["release", "--key", &key, "--token", &token])
                 .env("DISTRLOCK_URL", &url)
