@@ -2,6 +2,7 @@
 
 pub mod cases;
 mod delayed;
+mod galera;
 mod harness;
 mod memory;
 mod proxy;
@@ -11,10 +12,13 @@ use std::future::Future;
 use std::pin::Pin;
 
 pub use delayed::DelayedBackend;
+pub use galera::{GALERA_PROVIDER, GaleraCluster};
 pub use harness::{Faults, Harness, NoFaults, Setup, Skip, Unsupported, require_db, skip};
 pub use memory::MemoryHarness;
 pub use proxy::FaultProxy;
-pub use throwaway::{ServerError, ServerKind, ThrowawayServer};
+pub use throwaway::{
+    LIBFAKETIME, ServerError, ServerKind, ServerOptions, ThrowawayServer, write_faketime_offset,
+};
 
 /// Runs one conformance case: makes a setup with `harness` on a fresh multi-thread
 /// runtime, then runs `case` on it. A [`Skip`] is reported with [`skip`] (a failure
