@@ -16,7 +16,7 @@ use mysql_async::{Conn, Error as MyError, Opts, Pool, Row, Value};
 use tokio::time::Instant;
 
 use crate::config::{MySqlConfig, Settings};
-use crate::error::{self, is_connection_error, is_deadlock, is_lock_wait_timeout};
+use crate::error::{self, is_busy_for_try, is_connection_error, is_deadlock, is_lock_wait_timeout};
 use crate::sql::{
     self, AcquireAnswer, BatchAnswer, GuardedAnswer, LockWait, Refusal, Stamp, Statements, Verdict,
 };
@@ -1185,7 +1185,7 @@ impl LockBackend for MySqlBackend {
                 // was rolled back, so nothing changed, and someone else is busy
                 // with the key. The same answer as PostgreSQL's for its
                 // `lock_timeout`.
-                Err(Failed::Statement(e)) if is_lock_wait_timeout(&e) => {
+                Err(Failed::Statement(e)) if is_busy_for_try(&e) => {
                     return Ok(AcquireOutcome::Held { remaining: None });
                 }
                 Err(failed) => return Err(failed.into_error(self, "acquire")),

@@ -123,6 +123,14 @@ pub(crate) fn is_deadlock(error: &MyError) -> bool {
     matches!(error, MyError::Server(s) if s.code == code::DEADLOCK)
 }
 
+/// Whether `error`, from a single try-acquire, means "someone else is busy with
+/// the key": the statement was rolled back and changed nothing, so the honest
+/// answer is [`AcquireOutcome::Held`](distrlock_core::AcquireOutcome::Held)
+/// with no remaining lease, not an error.
+pub(crate) fn is_busy_for_try(error: &MyError) -> bool {
+    is_lock_wait_timeout(error)
+}
+
 /// Whether `error` is a row-lock (or metadata-lock) wait that ran out its
 /// bound (`innodb_lock_wait_timeout`, `lock_wait_timeout`): the statement was
 /// rolled back and changed nothing, because another transaction holds a lock
@@ -235,7 +243,9 @@ mod tests {
             map(server(1146), &table, "acquire"),
             Error::SchemaMissing { .. }
         ));
-        for transient in [1213, 1205, 1290, 1792, 1836, 1317, 1969, 3024] {
+        // 1047 and 1180: a Galera node outside the primary component (quorum
+        // lost, or still joining); it answers again once it rejoins.
+        for transient in [1213, 1205, 1290, 1792, 1836, 1317, 1969, 3024, 1047, 1180] {
             let e = map(server(transient), &table, "acquire");
             assert!(
                 matches!(
@@ -275,6 +285,19 @@ mod tests {
         );
         assert!(!refused.is_transient());
         assert!(!is_lock_wait_timeout(&server(1213)));
+    }
+
+    #[test]
+    fn a_try_that_meets_a_conflict_is_busy() {
+        // A row-lock wait that ran out, and a deadlock victim or a Galera
+        // certification conflict (both 1213) that stayed one after the retry:
+        // rolled back, nothing changed, another transaction was busy with the
+        // key.
+        assert!(is_busy_for_try(&server(1205)));
+        assert!(is_busy_for_try(&server(1213)));
+        for other in [1047, 1180, 1290, 1146, 1927, 2013] {
+            assert!(!is_busy_for_try(&server(other)), "{other}");
+        }
     }
 
     #[test]
