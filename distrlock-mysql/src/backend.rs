@@ -78,6 +78,9 @@ use crate::sql::{
 /// [`try_acquire`](LockBackend::try_acquire) answers that with
 /// [`AcquireOutcome::Held`] and no remaining lease: someone else is busy with
 /// the key, as on PostgreSQL, and a waiting acquire backs off and tries again.
+/// A deadlock (1213) that is still one after the backend's retry gets the
+/// same answer: on Galera that is a certification conflict, another node
+/// having committed a write to the same row first.
 /// For [`extend`](LockBackend::extend) and [`release`](LockBackend::release)
 /// it is a transient [`Error::Backend`]: the lease is as it was, and the
 /// caller learns nothing about it, so neither "held" nor [`Error::NotHeld`]

@@ -56,6 +56,14 @@ pub(crate) mod code {
     pub(crate) const NET_WRITE_INTERRUPTED: u16 = 1161;
     /// `ER_NEW_ABORTING_CONNECTION`.
     pub(crate) const NEW_ABORTING_CONNECTION: u16 = 1184;
+    /// `ER_UNKNOWN_COM_ERROR`, which Galera sends as "WSREP has not yet
+    /// prepared node for application use": the node is not in the primary
+    /// component (quorum lost, or still joining).
+    pub(crate) const WSREP_NOT_PREPARED: u16 = 1047;
+    /// `ER_ERROR_DURING_COMMIT`, which Galera sends as "Got error 6 \"No such
+    /// device or address\" during COMMIT" (and similar) when the node lost
+    /// the primary component while committing: the transaction was rolled back.
+    pub(crate) const ERROR_DURING_COMMIT: u16 = 1180;
 }
 
 /// Server errors that mean the connection itself is gone or unusable.
@@ -93,6 +101,18 @@ fn transient_server(code: u16) -> bool {
             | QUERY_INTERRUPTED
             | STATEMENT_TIMEOUT
             | QUERY_TIMEOUT
+            | WSREP_NOT_PREPARED
+            | ERROR_DURING_COMMIT
+    )
+}
+
+/// Whether `error` says that this node cannot serve now but another node of
+/// a Galera cluster might: it is not in the primary component. A backend
+/// given several hosts moves to the next one.
+pub(crate) fn is_node_not_ready(error: &MyError) -> bool {
+    matches!(
+        error,
+        MyError::Server(s) if s.code == code::WSREP_NOT_PREPARED || s.code == code::ERROR_DURING_COMMIT
     )
 }
 
@@ -127,8 +147,15 @@ pub(crate) fn is_deadlock(error: &MyError) -> bool {
 /// the key": the statement was rolled back and changed nothing, so the honest
 /// answer is [`AcquireOutcome::Held`](distrlock_core::AcquireOutcome::Held)
 /// with no remaining lease, not an error.
+///
+/// - 1205: it waited out the row-lock bound on a row another transaction
+///   holds.
+/// - 1213: chosen as a deadlock victim, or, on Galera, a certification
+///   conflict (another node committed a write to the same row first; the
+///   server reports it as a deadlock), and still so after the backend's one
+///   retry.
 pub(crate) fn is_busy_for_try(error: &MyError) -> bool {
-    is_lock_wait_timeout(error)
+    is_lock_wait_timeout(error) || is_deadlock(error)
 }
 
 /// Whether `error` is a row-lock (or metadata-lock) wait that ran out its
