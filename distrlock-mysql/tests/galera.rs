@@ -168,6 +168,7 @@ fn galera_skewed_node_with_max_clock_skew_never_overlaps() {
             .map(|i| tcp(&cluster.url(i), "&max_clock_skew=2s"))
             .collect();
         let backend = config().connect(&urls[0]).await.expect("connect");
+        assert_eq!(backend.config().clock_skew(), Duration::from_secs(2));
         backend.create_table().await.unwrap();
         let claims = handovers(&urls, Duration::from_secs(2), Duration::from_secs(25)).await;
         let (overlaps, worst) = claims.overlaps();
@@ -183,7 +184,7 @@ fn galera_skewed_node_with_max_clock_skew_never_overlaps() {
             "{test}: {count} claims ({by_node2} on the skewed node), {overlaps} overlaps, worst {worst:?}"
         );
         assert!(
-            count >= 20 && by_node2 >= 5,
+            count >= 20 && by_node2 >= 3,
             "enough handovers: {count}, {by_node2} on node 2"
         );
         assert_eq!(overlaps, 0, "overlapping claims, worst {worst:?}");
@@ -275,7 +276,9 @@ fn galera_other_node_sees_fresh_writes_and_clients_fail_over() {
             "{got:?}"
         );
     });
-    cluster.kill(0);
+    // A clean shutdown: node 2 alone keeps the primary component (a killed
+    // node 1 would take the quorum of two with it).
+    cluster.node_mut(0).stop().expect("stop node 1");
     rt.block_on(async {
         // The first calls may fail (their connections die with the node);
         // within a few seconds the client works on node 2.
@@ -293,6 +296,7 @@ fn galera_other_node_sees_fresh_writes_and_clients_fail_over() {
             }
         }
         println!("{test}: failover after {errors} failed calls");
+        assert_eq!(backend.current_host(), 1);
         backend.release(&key, &token, soon()).await.unwrap();
     });
 }

@@ -262,16 +262,33 @@ impl ThrowawayServer {
             cmd.arg("--user=mysql");
         }
         cmd.args(&server.options.install_args);
-        // mariadb-install-db switches user itself; run it as we are.
-        let output = cmd
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| ServerError::Failed(format!("mariadb-install-db: {e}")))?;
-        if !output.status.success() {
-            return Err(ServerError::Failed(format!(
-                "mariadb-install-db failed: {}",
-                String::from_utf8_lossy(&output.stderr)
-            )));
+        // mariadb-install-db switches user itself; run it as we are. Its
+        // bootstrap server has been seen to crash (signal 11 in Aria's
+        // temporary tables) when several run at once: try again on a clean
+        // directory.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let output = cmd
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|e| ServerError::Failed(format!("mariadb-install-db: {e}")))?;
+            if output.status.success() {
+                break;
+            }
+            if attempts == 3 {
+                return Err(ServerError::Failed(format!(
+                    "mariadb-install-db failed {attempts} times: {}",
+                    String::from_utf8_lossy(&output.stderr)
+                )));
+            }
+            let data = server.data_dir();
+            let _ = std::fs::remove_dir_all(&data);
+            std::fs::create_dir_all(&data)
+                .map_err(|e| ServerError::Failed(format!("creating {}: {e}", data.display())))?;
+            if let Some(ids) = server.run_as {
+                chown_recursive(&server.dir, ids)?;
+            }
         }
         server.start()?;
         server.client(&["-e", "CREATE DATABASE IF NOT EXISTS test"], "")?;
