@@ -93,7 +93,8 @@ use crate::sql::{
 ///
 /// [`extend_many`](LockBackend::extend_many) renews the leases of a whole
 /// manager at once, so one locked row must not cost the others: when a batch
-/// waits out one second on a lock, the backend renews it again in quarters,
+/// meets a lock (at once on MariaDB for a ttl under 10 s; after waiting up to
+/// one second for longer ones), the backend renews it again in quarters,
 /// each without waiting on MariaDB (`SET STATEMENT innodb_lock_wait_timeout =
 /// 0`), splitting only the quarters that hit a lock, down to the leases whose
 /// rows are locked; those get the transient error, all others their answer.
@@ -808,7 +809,11 @@ impl MySqlBackend {
             .rev()
             .map(|chunk| Part {
                 leases: chunk.to_vec(),
-                wait: LockWait::Short,
+                wait: if ttl.get() >= sql::FIRST_BATCH_WAIT_MIN_TTL {
+                    LockWait::Short
+                } else {
+                    LockWait::None
+                },
                 clock_retried: false,
             })
             .collect();
