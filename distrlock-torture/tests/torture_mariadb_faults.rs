@@ -255,7 +255,7 @@ async fn galera(cluster: GaleraCluster) {
         .status(0, "wsrep_cluster_size")
         .unwrap_or_default();
     println!(
-        "torture[galera]: {secs}s, 3 nodes (node 3 +1.5 s, max_clock_skew 2 s), 6 workers on {KEYS} keys, ttl {TTL:?}: acquisitions={} (while node 1 was down: {while_down}, after it rejoined: {after}) lost_by_guard={} node_kills=1 rejoin={} cluster_size_after={size} | overlaps={} fence_regressions={} hung={} failed={}",
+        "torture[galera]: {secs}s, 3 nodes (node 3 +1.5 s, max_clock_skew 2 s), 6 workers on {KEYS} keys, ttl {TTL:?}: acquisitions={} (while node 1 was down: {while_down}, after it rejoined: {after}) lost_by_guard={} node_kills=1 rejoin_ist_or_sst={} cluster_size_after={size} | overlaps={} fence_regressions={} hung={} failed={}",
         report.acquisitions(),
         report.lost,
         ms(rejoin),
