@@ -135,7 +135,12 @@ use crate::sql::{
 /// has to reach a particular node. On a Galera cluster set
 /// [`MySqlConfig::max_clock_skew`]: the hosts have clocks of their own, and a
 /// client that moves to another node sees its clock readings jump by their
-/// difference (the manager's step detection notices a large one).
+/// difference (the manager's step detection notices a large one). Until the
+/// new node's first answer brings its reading, the backend's estimate of the
+/// server clock is the old node's: on a node whose clock trails it, a write
+/// can take effect up to the difference after its `not_after` (contract item
+/// 8 holds to within the nodes' clock difference); the lease it writes is
+/// still bounded by its ttl, so at worst a key stays blocked that long.
 ///
 /// # Release notifications
 ///

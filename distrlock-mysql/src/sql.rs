@@ -4,8 +4,25 @@
 //! One text serves MySQL 5.7, MySQL 8.x and MariaDB ≥ 10.5: no `RETURNING`, no
 //! `INSERT … AS alias`, no `VALUES()` in `ON DUPLICATE KEY UPDATE` (deprecated in
 //! MySQL 8.0.20; parameters are bound twice instead), no CTEs, no `SKIP LOCKED`
-//! or `NOWAIT` (MariaDB 10.5 and MySQL 5.7 lack them); the one MariaDB-only
-//! clause sits in a `/*M! … */` comment that MySQL skips.
+//! or `NOWAIT` (MariaDB 10.5 and MySQL 5.7 lack them); the MariaDB-only
+//! clauses (statement timeout, per-statement lock waits, Galera's causality
+//! wait) sit in `/*M! … */` comments that MySQL skips.
+//!
+//! # Galera: several clocks, causal reads
+//!
+//! On a MariaDB Galera cluster every node runs these statements on its own
+//! clock and its own copy of the table. Two clauses are there for that:
+//!
+//! - the session setup's `wsrep_sync_wait = 7` ([`session_setup`]): every
+//!   statement first waits until its node has applied what the cluster had
+//!   committed, so no node answers from a stale copy (the clock read
+//!   [`CLOCK`] alone skips it);
+//! - the acquire's takeover test ([`acquire`]): a lease counts as expired for
+//!   another token only `max_clock_skew` after its end, so a node whose clock
+//!   runs ahead of the one that wrote the lease cannot hand it over early.
+//!
+//! Row values (`UTC_TIMESTAMP(6)` included) replicate as the writing node
+//! computed them: Galera replicates rows, never statements.
 //!
 //! # Time
 //!
