@@ -51,6 +51,18 @@ use crate::ttl::Ttl;
 ///    its ttl by the step. [`LockManager`](crate::LockManager) notices a step
 ///    from the readings of item 9, shortens its deadlines by the excess and logs
 ///    a warning.
+///
+///    Liveness rests on the same clock: a holder that dies without releasing
+///    blocks the key until its lease ends, `ttl` after its last successful
+///    extend, and then the next try-acquire takes over. A backend whose
+///    storage has several clocks (a Galera cluster: every node judges expiry
+///    by its own) may be configured with a maximum clock skew (the MySQL
+///    backend's `max_clock_skew`): a try-acquire by another token then counts
+///    a lease as expired only that long after its end, so mutual exclusion
+///    holds while the clocks disagree by less than it, and a takeover after a
+///    holder's death comes `ttl + max_clock_skew` after its last extend
+///    instead of `ttl`. The holder's own extend and release judge its lease as
+///    before.
 /// 5. **Refusal is cheap and harmless.** A refused try-acquire changes nothing and
 ///    reports the holder's remaining lease when the backend knows it.
 /// 6. **Bounded calls.** Every call returns, with a result or an error, within the

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -16,7 +17,10 @@ use mysql_async::{Conn, Error as MyError, Opts, Pool, Row, Value};
 use tokio::time::Instant;
 
 use crate::config::{MySqlConfig, Settings};
-use crate::error::{self, is_connection_error, is_deadlock, is_lock_wait_timeout};
+use crate::error::{
+    self, is_busy_for_try, is_connection_error, is_deadlock, is_lock_wait_timeout,
+    is_node_not_ready,
+};
 use crate::sql::{
     self, AcquireAnswer, BatchAnswer, GuardedAnswer, LockWait, Refusal, Stamp, Statements, Verdict,
 };
@@ -78,6 +82,9 @@ use crate::sql::{
 /// [`try_acquire`](LockBackend::try_acquire) answers that with
 /// [`AcquireOutcome::Held`] and no remaining lease: someone else is busy with
 /// the key, as on PostgreSQL, and a waiting acquire backs off and tries again.
+/// A deadlock (1213) that is still one after the backend's retry gets the
+/// same answer: on Galera that is a certification conflict, another node
+/// having committed a write to the same row first.
 /// For [`extend`](LockBackend::extend) and [`release`](LockBackend::release)
 /// it is a transient [`Error::Backend`]: the lease is as it was, and the
 /// caller learns nothing about it, so neither "held" nor [`Error::NotHeld`]
@@ -86,7 +93,8 @@ use crate::sql::{
 ///
 /// [`extend_many`](LockBackend::extend_many) renews the leases of a whole
 /// manager at once, so one locked row must not cost the others: when a batch
-/// waits out one second on a lock, the backend renews it again in quarters,
+/// meets a lock (at once on MariaDB for a ttl under 10 s; after waiting up to
+/// one second for longer ones), the backend renews it again in quarters,
 /// each without waiting on MariaDB (`SET STATEMENT innodb_lock_wait_timeout =
 /// 0`), splitting only the quarters that hit a lock, down to the leases whose
 /// rows are locked; those get the transient error, all others their answer.
@@ -112,6 +120,28 @@ use crate::sql::{
 /// the source of `sql.rs` for how, and for what it cannot detect (a clock
 /// pinned within the tolerance, servers started with `--sysdate-is-now`).
 ///
+/// # Several hosts
+///
+/// A backend built from a URL with several hosts
+/// ([`MySqlConfig::connect`]) or from [`MySqlConfig::build_hosts`] keeps one
+/// pool per host and uses one host at a time, the first that accepts
+/// connections. When getting a connection from it fails with a transient
+/// error (refused, timed out, too many connections), the next hosts are tried
+/// in turn, each within an equal share of the connect timeout left, and the
+/// first that answers becomes the host in use. A statement that fails because
+/// its node is not in the primary component (Galera's 1047/1180) moves the
+/// backend to the next host too, and is retried there once, like a statement
+/// whose connection broke. The backend never kills sessions by id, so no call
+/// has to reach a particular node. On a Galera cluster set
+/// [`MySqlConfig::max_clock_skew`]: the hosts have clocks of their own, and a
+/// client that moves to another node sees its clock readings jump by their
+/// difference (the manager's step detection notices a large one). Until the
+/// new node's first answer brings its reading, the backend's estimate of the
+/// server clock is the old node's: on a node whose clock trails it, a write
+/// can take effect up to the difference after its `not_after` (contract item
+/// 8 holds to within the nodes' clock difference); the lease it writes is
+/// still bounded by its ttl, so at worst a key stays blocked that long.
+///
 /// # Release notifications
 ///
 /// [`release_notifier`](LockBackend::release_notifier) announces the releases
@@ -125,7 +155,10 @@ pub struct MySqlBackend {
 }
 
 struct Inner {
-    pool: Pool,
+    /// One pool per host, in the order given; one for a single server.
+    pools: Vec<Pool>,
+    /// The index of the host in use (see "Several hosts").
+    current: AtomicUsize,
     owns_pool: bool,
     server: Option<String>,
     settings: Settings,
@@ -165,7 +198,8 @@ impl MySqlBackend {
     pub fn schema_sql_for(table: &TableName) -> String {
         format!(
             "{};\n",
-            Statements::new(table, MySqlConfig::new().clock_tolerance()).create_table
+            Statements::new(table, MySqlConfig::new().clock_tolerance(), Duration::ZERO)
+                .create_table
         )
     }
 
@@ -175,15 +209,21 @@ impl MySqlBackend {
     }
 
     pub(crate) fn new(
-        pool: Pool,
+        pools: Vec<Pool>,
         owns_pool: bool,
         server: Option<String>,
         settings: Settings,
     ) -> Self {
-        let sql = Statements::new(&settings.table, settings.clock_tolerance);
+        assert!(!pools.is_empty(), "a backend has at least one pool");
+        let sql = Statements::new(
+            &settings.table,
+            settings.clock_tolerance,
+            settings.config.max_clock_skew,
+        );
         Self {
             inner: Arc::new(Inner {
-                pool,
+                pools,
+                current: AtomicUsize::new(0),
                 owns_pool,
                 server,
                 settings,
@@ -194,9 +234,34 @@ impl MySqlBackend {
         }
     }
 
-    /// The pool the backend takes its connections from.
+    /// The pool the backend takes its connections from: with several hosts,
+    /// the one of the host in use now.
     pub fn pool(&self) -> &Pool {
-        &self.inner.pool
+        &self.inner.pools[self.current_host()]
+    }
+
+    /// With several hosts, the index (from 0, in the order given) of the host
+    /// the backend uses now; 0 for a single server.
+    pub fn current_host(&self) -> usize {
+        self.inner.current.load(Ordering::Relaxed) % self.inner.pools.len()
+    }
+
+    /// Moves from host `from` to host `to`, unless another call moved already.
+    fn switch_host(&self, from: usize, to: usize, why: &dyn fmt::Display) {
+        if from != to
+            && self
+                .inner
+                .current
+                .compare_exchange(from, to, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                table = %self.table(),
+                from = from,
+                to = to,
+                "moving to another MySQL host: {why}"
+            );
+        }
     }
 
     /// The lock table.
@@ -221,12 +286,12 @@ impl MySqlBackend {
     /// a pool passed to [`from_pool`](Self::from_pool): that one is yours to close.
     pub async fn disconnect(&self) -> Result<()> {
         if self.inner.owns_pool {
-            self.inner
-                .pool
-                .clone()
-                .disconnect()
-                .await
-                .map_err(|e| self.map(e, "disconnect"))?;
+            for pool in &self.inner.pools {
+                pool.clone()
+                    .disconnect()
+                    .await
+                    .map_err(|e| self.map(e, "disconnect"))?;
+            }
         }
         Ok(())
     }
@@ -335,7 +400,7 @@ impl MySqlBackend {
     /// that the server can be reached.
     pub(crate) async fn check_connection(&self) -> Result<()> {
         let deadline = Instant::now() + self.inner.settings.connect_timeout;
-        let conn = self.checkout(false, deadline).await?;
+        let (conn, _) = self.checkout(false, deadline).await?;
         drop(conn);
         Ok(())
     }
@@ -550,7 +615,11 @@ impl MySqlBackend {
                 reply,
                 retried_after: None,
             }),
-            Err(Failed::Statement(e)) if is_connection_error(&e) || is_deadlock(&e) => {
+            Err(Failed::Statement(e))
+                if is_connection_error(&e)
+                    || is_deadlock(&e)
+                    || (self.inner.pools.len() > 1 && is_node_not_ready(&e)) =>
+            {
                 let first = self.map(e, what);
                 tracing::debug!(table = %self.table(), %first, "{what} failed; retrying once on a verified connection");
                 self.attempt(call, true, not_after).await.map(|reply| Ran {
@@ -577,7 +646,7 @@ impl MySqlBackend {
         // waiting then still gets this answer rather than dropping the call.
         let stop = not_after.checked_sub(ANSWER_RESERVE).unwrap_or(not_after);
         let started = Instant::now();
-        let mut conn = self
+        let (mut conn, host) = self
             .checkout(verify, stop.min(started + settings.connect_timeout))
             .await
             .map_err(Failed::Checkout)?;
@@ -593,10 +662,21 @@ impl MySqlBackend {
         match tokio::time::timeout_at(deadline, work).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(e)) => {
+                let e = if is_lock_wait_timeout(&e) {
+                    node_not_ready_instead(&mut conn, e, deadline).await
+                } else {
+                    e
+                };
                 // The driver already drops connections after I/O errors; a server
                 // that reports the session gone needs the same.
                 if is_connection_error(&e) {
                     discard(conn);
+                }
+                // A Galera node outside the primary component: with several
+                // hosts, the next calls go to the next one.
+                if self.inner.pools.len() > 1 && is_node_not_ready(&e) {
+                    let next = (host + 1) % self.inner.pools.len();
+                    self.switch_host(host, next, &e);
                 }
                 Err(Failed::Statement(e))
             }
@@ -608,10 +688,42 @@ impl MySqlBackend {
         }
     }
 
-    /// A connection from the pool by `deadline`. With `verify`, each one must
+    /// A connection by `deadline`, and the index of the host it is to: from
+    /// the host in use, or, when that one fails with a transient error, from
+    /// the next ones in turn, each given an equal share of the time left (see
+    /// "Several hosts"). The first host that gives one becomes the host in use.
+    async fn checkout(&self, verify: bool, deadline: Instant) -> Result<(Conn, usize)> {
+        let pools = &self.inner.pools;
+        let first = self.current_host();
+        let mut failed = None;
+        for step in 0..pools.len() {
+            let host = (first + step) % pools.len();
+            let now = Instant::now();
+            if step > 0 && now >= deadline {
+                break;
+            }
+            let share = deadline.saturating_duration_since(now) / (pools.len() - step) as u32;
+            match self.checkout_from(&pools[host], verify, now + share).await {
+                Ok(conn) => {
+                    if let Some(error) = &failed {
+                        self.switch_host(first, host, error);
+                    }
+                    return Ok((conn, host));
+                }
+                Err(error) if pools.len() > 1 && error.is_transient() => {
+                    tracing::debug!(table = %self.table(), host, %error, "MySQL host failed");
+                    failed = Some(error);
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Err(failed.expect("at least one host was tried"))
+    }
+
+    /// A connection from `pool` by `deadline`. With `verify`, each one must
     /// answer a ping first; dead ones (as after the server killed the pool's
     /// sessions) are discarded, at most the pool's size of them.
-    async fn checkout(&self, verify: bool, deadline: Instant) -> Result<Conn> {
+    async fn checkout_from(&self, pool: &Pool, verify: bool, deadline: Instant) -> Result<Conn> {
         let started = Instant::now();
         let timed_out = || {
             Error::unavailable(
@@ -625,8 +737,7 @@ impl MySqlBackend {
         };
         let mut discarded = 0;
         loop {
-            let mut conn = match tokio::time::timeout_at(deadline, self.inner.pool.get_conn()).await
-            {
+            let mut conn = match tokio::time::timeout_at(deadline, pool.get_conn()).await {
                 Ok(Ok(conn)) => conn,
                 Ok(Err(e)) => return Err(error::map_connect(e)),
                 Err(_) => return Err(timed_out()),
@@ -703,7 +814,11 @@ impl MySqlBackend {
             .rev()
             .map(|chunk| Part {
                 leases: chunk.to_vec(),
-                wait: LockWait::Short,
+                wait: if ttl.get() >= sql::FIRST_BATCH_WAIT_MIN_TTL {
+                    LockWait::Short
+                } else {
+                    LockWait::None
+                },
                 clock_retried: false,
             })
             .collect();
@@ -899,6 +1014,50 @@ impl MySqlBackend {
                 },
             );
         }
+    }
+}
+
+/// A lock-wait timeout (1205) as Galera's "not ready" (1047) when the node
+/// that sent it is a Galera node (a provider is loaded) that is not ready
+/// (`wsrep_ready = OFF`), read on the same connection before `deadline`;
+/// otherwise `error` as it is.
+///
+/// A Galera node outside the primary component answers a prepared statement
+/// whose causality wait (`wsrep_sync_wait`) cannot complete with 1205, the
+/// code of a row-lock wait, which would make a try-acquire answer "busy" and
+/// keep a client with several hosts on a node that cannot serve. The extra
+/// round trip is spent only on a 1205, and `SHOW` is outside the causality
+/// wait. A server without Galera reports `wsrep_ready = OFF` too, but no
+/// provider.
+async fn node_not_ready_instead(conn: &mut Conn, error: MyError, deadline: Instant) -> MyError {
+    let status = tokio::time::timeout_at(
+        deadline,
+        conn.query::<(String, String), _>(
+            "SHOW GLOBAL STATUS WHERE Variable_name IN ('wsrep_ready', 'wsrep_provider_name')",
+        ),
+    )
+    .await;
+    let Ok(Ok(rows)) = status else {
+        return error;
+    };
+    let value = |name: &str| {
+        rows.iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    };
+    let galera = value("wsrep_provider_name").is_some_and(|v| !v.is_empty());
+    match value("wsrep_ready") {
+        Some(ready) if galera && ready.eq_ignore_ascii_case("OFF") => {
+            MyError::Server(mysql_async::ServerError {
+                code: error::code::WSREP_NOT_PREPARED,
+                message: format!(
+                    "WSREP has not yet prepared node for application use (wsrep_ready = OFF; \
+                     the statement answered: {error})"
+                ),
+                state: "08S01".into(),
+            })
+        }
+        _ => error,
     }
 }
 
@@ -1185,7 +1344,7 @@ impl LockBackend for MySqlBackend {
                 // was rolled back, so nothing changed, and someone else is busy
                 // with the key. The same answer as PostgreSQL's for its
                 // `lock_timeout`.
-                Err(Failed::Statement(e)) if is_lock_wait_timeout(&e) => {
+                Err(Failed::Statement(e)) if is_busy_for_try(&e) => {
                     return Ok(AcquireOutcome::Held { remaining: None });
                 }
                 Err(failed) => return Err(failed.into_error(self, "acquire")),

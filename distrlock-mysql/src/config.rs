@@ -28,7 +28,7 @@ use crate::sql;
 /// assert_eq!(
 ///     config.session_setup_sql(),
 ///     "SET SESSION autocommit = 1, innodb_lock_wait_timeout = 1, lock_wait_timeout = 1 \
-///      /*M! , max_statement_time = 5.000 */"
+///      /*M! , max_statement_time = 5.000, wsrep_sync_wait = 7 */"
 /// );
 ///
 /// // Bad settings are refused when the backend is built, with a typed error.
@@ -44,6 +44,7 @@ pub struct MySqlConfig {
     pub(crate) connect_timeout: Duration,
     pub(crate) statement_timeout: Duration,
     pub(crate) lock_wait_timeout: Duration,
+    pub(crate) max_clock_skew: Duration,
 }
 
 impl MySqlConfig {
@@ -57,6 +58,15 @@ impl MySqlConfig {
     pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
     /// The default row-lock wait bound: 1 second.
     pub const DEFAULT_LOCK_WAIT_TIMEOUT: Duration = Duration::from_secs(1);
+    /// The default [`max_clock_skew`](Self::max_clock_skew): none, right for a
+    /// single server (one clock).
+    pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::ZERO;
+    /// The longest [`max_clock_skew`](Self::max_clock_skew) accepted: one hour.
+    pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(60 * 60);
+    /// The URL parameter that sets [`max_clock_skew`](Self::max_clock_skew) in
+    /// [`connect`](Self::connect): `?max_clock_skew=2s` (also `500ms`, `1.5s`,
+    /// `0`).
+    pub const MAX_CLOCK_SKEW_PARAM: &'static str = "max_clock_skew";
     /// The longest timeout any setting accepts: one day.
     pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
     /// How much longer than the statement timeout the client waits for an answer
@@ -74,6 +84,7 @@ impl MySqlConfig {
             connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,
             statement_timeout: Self::DEFAULT_STATEMENT_TIMEOUT,
             lock_wait_timeout: Self::DEFAULT_LOCK_WAIT_TIMEOUT,
+            max_clock_skew: Self::DEFAULT_MAX_CLOCK_SKEW,
         }
     }
 
@@ -134,6 +145,47 @@ impl MySqlConfig {
         self
     }
 
+    /// How far apart the clocks of the servers behind this backend may be
+    /// (default 0): a lease counts as expired for a *takeover* only this long
+    /// after its end, in the manner of CockroachDB's maximum clock offset.
+    ///
+    /// Every statement judges expiry on the clock of the server that runs it.
+    /// On one server that is one clock, and 0 is right. On a Galera cluster
+    /// every node has its own: a node whose clock runs 1.5 s ahead sees a
+    /// lease written on another node end 1.5 s early, and lets a second
+    /// client in while the holder still holds (measured in `tests/galera.rs`
+    /// with a 2 s ttl: 9 overlaps of up to 327 ms in 41 handovers). With `max_clock_skew` at least the largest
+    /// difference between node clocks, a try-acquire by another token is
+    /// refused until the lease's end plus this bound, so it can never begin
+    /// before the holder's lease ended on the holder's own clock.
+    ///
+    /// - The holder's own extend and release are unchanged: they need the lease
+    ///   live by their node's clock, as before.
+    /// - A takeover waits longer: the lease of a holder that died blocks the key
+    ///   for `ttl + max_clock_skew` (contract item 4 of
+    ///   [`LockBackend`](distrlock_core::LockBackend)); a refused try reports
+    ///   the remaining lease including this bound. The same token acquiring
+    ///   again after its own lease ran out waits out the bound too.
+    /// - [`inspect`](distrlock_core::LockBackend::inspect) and `list` still
+    ///   report the lease as expired from its end on.
+    ///
+    /// A safe value for a cluster: the largest clock difference NTP lets your
+    /// nodes reach, with a margin — 500 ms for nodes kept in sync by NTP or
+    /// chrony on one network (they normally agree within a few milliseconds),
+    /// and more across regions or where NTP may be down for a while. Nodes whose
+    /// clocks differ by more than this can still overlap by the excess. At most
+    /// [`MAX_CLOCK_SKEW`](Self::MAX_CLOCK_SKEW); also settable in the URL
+    /// given to [`connect`](Self::connect) as `?max_clock_skew=500ms`.
+    pub fn max_clock_skew(mut self, skew: Duration) -> Self {
+        self.max_clock_skew = skew;
+        self
+    }
+
+    /// The configured [`max_clock_skew`](Self::max_clock_skew).
+    pub fn clock_skew(&self) -> Duration {
+        self.max_clock_skew
+    }
+
     /// The row-lock wait bound in the whole seconds the server uses.
     pub fn lock_wait_timeout_secs(&self) -> u64 {
         let d = self.lock_wait_timeout;
@@ -163,7 +215,9 @@ impl MySqlConfig {
     }
 
     /// The statement that applies this config's row-lock wait bound and (on
-    /// MariaDB) statement timeout to a session.
+    /// MariaDB) statement timeout and Galera causal reads (`wsrep_sync_wait =
+    /// 7`: a node first catches up with what the cluster has committed) to a
+    /// session.
     ///
     /// Backends built by [`connect`](Self::connect) and [`build`](Self::build) run
     /// it on every new connection. For a pool of your own
@@ -182,15 +236,26 @@ impl MySqlConfig {
     /// [`mysql_async::Opts`] for the parameters) and checks that a connection can
     /// be opened within the connect timeout.
     ///
+    /// The URL may name several hosts, comma-separated:
+    /// `mysql://app:secret@db1:3306,db2:3306,db3:3306/app`. The backend then
+    /// keeps a pool per host, uses the first one that accepts connections, and
+    /// moves to the next (in order, wrapping around) when getting a connection
+    /// from the current one fails, or when its node reports that it is not
+    /// part of the cluster's primary component (Galera's 1047/1180); see
+    /// "Several hosts" on [`MySqlBackend`]. The other parts of the URL (user,
+    /// password, database, parameters) apply to every host.
+    ///
+    /// Besides mysql_async's parameters, `max_clock_skew=2s` sets
+    /// [`max_clock_skew`](Self::max_clock_skew) (the URL's value wins over the
+    /// config's).
+    ///
     /// Errors: [`Error::InvalidConfig`] for a bad URL or setting,
-    /// [`Error::InvalidTableName`], [`Error::Unavailable`] when the server cannot
+    /// [`Error::InvalidTableName`], [`Error::Unavailable`] when no host can
     /// be reached, [`Error::Backend`] when it refuses (for example wrong
     /// credentials). No error text contains the password.
     pub async fn connect(self, url: &str) -> Result<MySqlBackend> {
-        let opts = Opts::from_url(url).map_err(|e| Error::InvalidConfig {
-            reason: format!("invalid MySQL URL: {e}"),
-        })?;
-        let backend = self.build(opts)?;
+        let (config, hosts) = self.parse_url(url)?;
+        let backend = config.build_hosts(hosts)?;
         backend.check_connection().await?;
         Ok(backend)
     }
@@ -205,6 +270,26 @@ impl MySqlConfig {
         let backend = self.build(opts)?;
         backend.check_connection().await?;
         Ok(backend)
+    /// Splits `url` into one [`Opts`] per host, taking out (and applying) the
+    /// parameters of this crate.
+    fn parse_url(mut self, url: &str) -> Result<(Self, Vec<Opts>)> {
+        let bad = |e: &dyn std::fmt::Display| Error::InvalidConfig {
+            reason: format!("invalid MySQL URL: {e}"),
+        };
+        let (url, skew) = take_param(url, Self::MAX_CLOCK_SKEW_PARAM);
+        if let Some(skew) = skew {
+            self.max_clock_skew = parse_duration(&skew).ok_or_else(|| {
+                bad(&format!(
+                    "{}={skew:?} is not a duration such as 2s, 500ms or 1.5s",
+                    Self::MAX_CLOCK_SKEW_PARAM
+                ))
+            })?;
+        }
+        let hosts = split_hosts(&url)
+            .iter()
+            .map(|url| Opts::from_url(url).map_err(|e| bad(&e)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((self, hosts))
     }
 
     /// Builds a backend on a new pool from `opts`, without connecting yet.
@@ -217,9 +302,33 @@ impl MySqlConfig {
     /// connection), and [`session_setup_sql`](Self::session_setup_sql) added to
     /// the setup statements.
     pub fn build(self, opts: impl Into<Opts>) -> Result<MySqlBackend> {
+        self.build_hosts(vec![opts.into()])
+    }
+
+    /// Builds a backend on several hosts (say, the nodes of a Galera
+    /// cluster), one pool per entry of `hosts`, without connecting yet: it
+    /// uses the first host that accepts connections and moves to the next on
+    /// failure, as for a URL with several hosts ([`connect`](Self::connect)).
+    /// Each pool is built from its `Opts` as in [`build`](Self::build).
+    pub fn build_hosts(self, hosts: Vec<Opts>) -> Result<MySqlBackend> {
         let settings = self.validate()?;
-        let opts: Opts = opts.into();
-        let server = describe_server(&opts);
+        if hosts.is_empty() {
+            return Err(invalid("at least one host is needed"));
+        }
+        let servers: Vec<String> = hosts.iter().map(describe_server).collect();
+        let pools = hosts
+            .into_iter()
+            .map(|opts| self.pool(opts, &settings))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(MySqlBackend::new(
+            pools,
+            true,
+            Some(servers.join(",")),
+            settings,
+        ))
+    }
+
+    fn pool(&self, opts: Opts, settings: &Settings) -> Result<Pool> {
         let constraints = PoolConstraints::new(self.min_connections, self.max_connections)
             .ok_or_else(|| Error::InvalidConfig {
                 reason: "min_connections must not exceed max_connections".into(),
@@ -248,12 +357,7 @@ impl MySqlConfig {
             .pool_opts(pool_opts)
             .setup(setup)
             .stmt_cache_size(stmt_cache);
-        Ok(MySqlBackend::new(
-            Pool::new(builder),
-            true,
-            Some(server),
-            settings,
-        ))
+        Ok(Pool::new(builder))
     }
 
     /// Builds a backend on `pool`, a pool of your own, without connecting yet.
@@ -265,7 +369,7 @@ impl MySqlConfig {
     /// call timeouts of this config apply either way.
     pub fn build_with_pool(self, pool: Pool) -> Result<MySqlBackend> {
         let settings = self.validate()?;
-        Ok(MySqlBackend::new(pool, false, None, settings))
+        Ok(MySqlBackend::new(vec![pool], false, None, settings))
     }
 
     fn validate(&self) -> Result<Settings> {
@@ -275,6 +379,12 @@ impl MySqlConfig {
         }
         if self.min_connections > self.max_connections {
             return Err(invalid("min_connections must not exceed max_connections"));
+        }
+        if self.max_clock_skew > Self::MAX_CLOCK_SKEW {
+            return Err(invalid(&format!(
+                "max_clock_skew must be at most one hour, got {:?}",
+                self.max_clock_skew
+            )));
         }
         for (name, value) in [
             ("connect_timeout", self.connect_timeout),
@@ -324,6 +434,77 @@ fn invalid(reason: &str) -> Error {
     Error::InvalidConfig {
         reason: reason.to_owned(),
     }
+}
+
+/// `url` without its parameter `name`, and that parameter's value (the last
+/// one, if it appears several times).
+fn take_param(url: &str, name: &str) -> (String, Option<String>) {
+    let Some((base, query)) = url.split_once('?') else {
+        return (url.to_owned(), None);
+    };
+    let mut value = None;
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            if k == name {
+                value = Some(v.to_owned());
+                false
+            } else {
+                true
+            }
+        })
+        .collect();
+    if kept.is_empty() {
+        (base.to_owned(), value)
+    } else {
+        (format!("{base}?{}", kept.join("&")), value)
+    }
+}
+
+/// `2s`, `500ms`, `1.5s`, `250us`, `0`: a duration of at most a day.
+fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    if text == "0" {
+        return Some(Duration::ZERO);
+    }
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    let secs = match unit {
+        "s" => number,
+        "ms" => number / 1e3,
+        "us" | "µs" => number / 1e6,
+        "m" | "min" => number * 60.0,
+        _ => return None,
+    };
+    (secs.is_finite() && (0.0..=86_400.0).contains(&secs)).then(|| Duration::from_secs_f64(secs))
+}
+
+/// One URL per host of a URL that names several, comma-separated, between the
+/// user information and the path: `mysql://u:p@h1:1,h2:2/db?x` gives
+/// `mysql://u:p@h1:1/db?x` and `mysql://u:p@h2:2/db?x`. A URL with one host
+/// comes back as it is.
+fn split_hosts(url: &str) -> Vec<String> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return vec![url.to_owned()];
+    };
+    // The host list ends at the path or the query; the user information ends at
+    // the last `@` before that (a password's own `@` must be percent-encoded,
+    // but the last one is the separator either way).
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let (userinfo, hosts) = match authority.rfind('@') {
+        Some(at) => (&authority[..=at], &authority[at + 1..]),
+        None => ("", authority),
+    };
+    if !hosts.contains(',') {
+        return vec![url.to_owned()];
+    }
+    hosts
+        .split(',')
+        .map(|host| format!("{scheme}://{userinfo}{}{tail}", host.trim()))
+        .collect()
 }
 
 /// `host:port/database` (or the socket path), for `Debug`: never the user or
@@ -422,6 +603,53 @@ mod tests {
                 .clock_tolerance(),
             Duration::from_millis(2500)
         );
+    }
+
+    #[test]
+    fn urls_with_several_hosts_and_our_parameters() {
+        assert_eq!(
+            split_hosts("mysql://u:p@h1:1,h2:2/db?x=1"),
+            ["mysql://u:p@h1:1/db?x=1", "mysql://u:p@h2:2/db?x=1"]
+        );
+        assert_eq!(split_hosts("mysql://u@h/db"), ["mysql://u@h/db"]);
+        assert_eq!(split_hosts("mysql://h1,h2"), ["mysql://h1", "mysql://h2"]);
+        assert_eq!(
+            take_param("mysql://h/db?a=1&max_clock_skew=2s&b=2", "max_clock_skew"),
+            ("mysql://h/db?a=1&b=2".to_owned(), Some("2s".to_owned()))
+        );
+        assert_eq!(
+            take_param("mysql://h/db?max_clock_skew=2s", "max_clock_skew"),
+            ("mysql://h/db".to_owned(), Some("2s".to_owned()))
+        );
+        for (text, ms) in [("2s", 2000), ("500ms", 500), ("1.5s", 1500), ("0", 0)] {
+            assert_eq!(
+                parse_duration(text),
+                Some(Duration::from_millis(ms)),
+                "{text}"
+            );
+        }
+        for bad in ["", "2", "x", "-1s", "2h", "1e9s"] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
+        let (config, hosts) = MySqlConfig::new()
+            .parse_url("mysql://u@a:3306,b:3307/db?max_clock_skew=1500ms&prefer_socket=false")
+            .unwrap();
+        assert_eq!(config.clock_skew(), Duration::from_millis(1500));
+        assert_eq!(hosts.len(), 2);
+        assert_eq!(
+            (hosts[1].ip_or_hostname(), hosts[1].tcp_port()),
+            ("b", 3307)
+        );
+        assert!(matches!(
+            MySqlConfig::new().parse_url("mysql://h/db?max_clock_skew=soon"),
+            Err(Error::InvalidConfig { reason }) if reason.contains("max_clock_skew")
+        ));
+        assert!(matches!(
+            MySqlConfig::new()
+                .max_clock_skew(Duration::from_secs(7200))
+                .build(opts()),
+            Err(Error::InvalidConfig { reason }) if reason.contains("max_clock_skew")
+        ));
     }
 
     #[tokio::test]

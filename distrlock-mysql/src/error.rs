@@ -56,6 +56,14 @@ pub(crate) mod code {
     pub(crate) const NET_WRITE_INTERRUPTED: u16 = 1161;
     /// `ER_NEW_ABORTING_CONNECTION`.
     pub(crate) const NEW_ABORTING_CONNECTION: u16 = 1184;
+    /// `ER_UNKNOWN_COM_ERROR`, which Galera sends as "WSREP has not yet
+    /// prepared node for application use": the node is not in the primary
+    /// component (quorum lost, or still joining).
+    pub(crate) const WSREP_NOT_PREPARED: u16 = 1047;
+    /// `ER_ERROR_DURING_COMMIT`, which Galera sends as "Got error 6 \"No such
+    /// device or address\" during COMMIT" (and similar) when the node lost
+    /// the primary component while committing: the transaction was rolled back.
+    pub(crate) const ERROR_DURING_COMMIT: u16 = 1180;
 }
 
 /// Server errors that mean the connection itself is gone or unusable.
@@ -93,6 +101,18 @@ fn transient_server(code: u16) -> bool {
             | QUERY_INTERRUPTED
             | STATEMENT_TIMEOUT
             | QUERY_TIMEOUT
+            | WSREP_NOT_PREPARED
+            | ERROR_DURING_COMMIT
+    )
+}
+
+/// Whether `error` says that this node cannot serve now but another node of
+/// a Galera cluster might: it is not in the primary component. A backend
+/// given several hosts moves to the next one.
+pub(crate) fn is_node_not_ready(error: &MyError) -> bool {
+    matches!(
+        error,
+        MyError::Server(s) if s.code == code::WSREP_NOT_PREPARED || s.code == code::ERROR_DURING_COMMIT
     )
 }
 
@@ -121,6 +141,21 @@ pub(crate) fn is_connection_error(error: &MyError) -> bool {
 /// autocommit statement may simply run again.
 pub(crate) fn is_deadlock(error: &MyError) -> bool {
     matches!(error, MyError::Server(s) if s.code == code::DEADLOCK)
+}
+
+/// Whether `error`, from a single try-acquire, means "someone else is busy with
+/// the key": the statement was rolled back and changed nothing, so the honest
+/// answer is [`AcquireOutcome::Held`](distrlock_core::AcquireOutcome::Held)
+/// with no remaining lease, not an error.
+///
+/// - 1205: it waited out the row-lock bound on a row another transaction
+///   holds.
+/// - 1213: chosen as a deadlock victim, or, on Galera, a certification
+///   conflict (another node committed a write to the same row first; the
+///   server reports it as a deadlock), and still so after the backend's one
+///   retry.
+pub(crate) fn is_busy_for_try(error: &MyError) -> bool {
+    is_lock_wait_timeout(error) || is_deadlock(error)
 }
 
 /// Whether `error` is a row-lock (or metadata-lock) wait that ran out its
@@ -235,7 +270,9 @@ mod tests {
             map(server(1146), &table, "acquire"),
             Error::SchemaMissing { .. }
         ));
-        for transient in [1213, 1205, 1290, 1792, 1836, 1317, 1969, 3024] {
+        // 1047 and 1180: a Galera node outside the primary component (quorum
+        // lost, or still joining); it answers again once it rejoins.
+        for transient in [1213, 1205, 1290, 1792, 1836, 1317, 1969, 3024, 1047, 1180] {
             let e = map(server(transient), &table, "acquire");
             assert!(
                 matches!(
@@ -275,6 +312,19 @@ mod tests {
         );
         assert!(!refused.is_transient());
         assert!(!is_lock_wait_timeout(&server(1213)));
+    }
+
+    #[test]
+    fn a_try_that_meets_a_conflict_is_busy() {
+        // A row-lock wait that ran out, and a deadlock victim or a Galera
+        // certification conflict (both 1213) that stayed one after the retry:
+        // rolled back, nothing changed, another transaction was busy with the
+        // key.
+        assert!(is_busy_for_try(&server(1205)));
+        assert!(is_busy_for_try(&server(1213)));
+        for other in [1047, 1180, 1290, 1146, 1927, 2013] {
+            assert!(!is_busy_for_try(&server(other)), "{other}");
+        }
     }
 
     #[test]

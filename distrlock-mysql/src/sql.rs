@@ -4,8 +4,25 @@
 //! One text serves MySQL 5.7, MySQL 8.x and MariaDB ≥ 10.5: no `RETURNING`, no
 //! `INSERT … AS alias`, no `VALUES()` in `ON DUPLICATE KEY UPDATE` (deprecated in
 //! MySQL 8.0.20; parameters are bound twice instead), no CTEs, no `SKIP LOCKED`
-//! or `NOWAIT` (MariaDB 10.5 and MySQL 5.7 lack them); the one MariaDB-only
-//! clause sits in a `/*M! … */` comment that MySQL skips.
+//! or `NOWAIT` (MariaDB 10.5 and MySQL 5.7 lack them); the MariaDB-only
+//! clauses (statement timeout, per-statement lock waits, Galera's causality
+//! wait) sit in `/*M! … */` comments that MySQL skips.
+//!
+//! # Galera: several clocks, causal reads
+//!
+//! On a MariaDB Galera cluster every node runs these statements on its own
+//! clock and its own copy of the table. Two clauses are there for that:
+//!
+//! - the session setup's `wsrep_sync_wait = 7` ([`session_setup`]): every
+//!   statement first waits until its node has applied what the cluster had
+//!   committed, so no node answers from a stale copy (the clock read
+//!   [`CLOCK`] alone skips it);
+//! - the acquire's takeover test ([`acquire`]): a lease counts as expired for
+//!   another token only `max_clock_skew` after its end, so a node whose clock
+//!   runs ahead of the one that wrote the lease cannot hand it over early.
+//!
+//! Row values (`UTC_TIMESTAMP(6)` included) replicate as the writing node
+//! computed them: Galera replicates rows, never statements.
 //!
 //! # Time
 //!
@@ -159,10 +176,16 @@
 //! in at most two round trips.
 //!
 //! A row that another transaction has locked makes the whole `UPDATE` wait and
-//! fail with error 1205; nothing is renewed. The first batch waits at most one
-//! second; the backend then renews the batch in quarters, each without waiting
-//! on MariaDB (`SET STATEMENT innodb_lock_wait_timeout = 0 FOR`, [`NO_WAIT`]),
-//! and splits again only the quarters that hit a lock, so one locked row among
+//! fail with error 1205; nothing is renewed. On MariaDB the first batch does
+//! not wait at all ([`NO_WAIT`], `SET STATEMENT innodb_lock_wait_timeout = 0
+//! FOR`) unless the ttl is at least [`FIRST_BATCH_WAIT_MIN_TTL`] (then it waits
+//! at most one second, which rides out a competitor's brief lock on one of the
+//! rows): a manager renews every third of its ttl and counts its deadline from
+//! the call's start, so with a 2 s ttl a renewal that first waits a second ends
+//! after the previous deadline, and every guard of the batch is lost (measured:
+//! all 7 others around one locked row). The backend then renews the batch in
+//! quarters, each without waiting, and splits again only the quarters that hit
+//! a lock, so one locked row among
 //! 1,000 costs about 20 statements and ends as a transient error of that one
 //! lease. MySQL has no per-statement bound below one second (`SKIP LOCKED` and
 //! `NOWAIT` exist only for locking reads, and only from 8.0): there each quarter
@@ -188,8 +211,14 @@ pub(crate) const SYS_US: &str = "(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:0
      + TIMESTAMPDIFF(MICROSECOND, NOW(6), SYSDATE(6)))";
 
 /// Reads the server's clock, for the first reading of a backend.
-pub(crate) const CLOCK: &str =
-    "SELECT TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6))";
+///
+/// Without Galera's causality wait (`wsrep_sync_wait = 0` for this statement,
+/// MariaDB only): a clock needs no replicated state, and on a node outside the
+/// primary component a causal read of no table fails with error 1205, which a
+/// try-acquire would take for a row lock ("busy"), where the statements on the
+/// table fail with the transient 1047 that says what is wrong.
+pub(crate) const CLOCK: &str = "/*M! SET STATEMENT wsrep_sync_wait = 0 FOR */ \
+    SELECT TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6))";
 
 /// How many low bits of a grant's (or refusal's) insert id carry the reading's
 /// offset from the reference: the window is `2^24` µs, 16.8 s.
@@ -279,14 +308,18 @@ pub(crate) struct Statements {
 impl Statements {
     /// The statements for `table`, refusing sessions whose clock is off the
     /// real one by more than `clock_tolerance` (see "A pinned session clock").
-    pub(crate) fn new(table: &TableName, clock_tolerance: Duration) -> Self {
+    pub(crate) fn new(
+        table: &TableName,
+        clock_tolerance: Duration,
+        max_clock_skew: Duration,
+    ) -> Self {
         // Safe to splice: TableName admits only [A-Za-z0-9_] parts, and each part
         // is backquoted, so the name can neither break out nor hit a keyword.
         let t = table.quoted('`');
         let real = real_clock(clock_tolerance);
         Self {
             create_table: create_table(&t),
-            acquire: acquire(&t, &real),
+            acquire: acquire(&t, &real, max_clock_skew),
             extend: extend(&t, &real),
             release: release(&t, &real),
             inspect: format!("{SELECT_INFO} FROM {t} WHERE lock_key = ?"),
@@ -321,7 +354,11 @@ impl LockSql {
     /// The statements for `table`, with the clock tolerance of the default
     /// [`MySqlConfig`](crate::MySqlConfig).
     pub fn for_table(table: &TableName) -> Self {
-        let s = Statements::new(table, crate::MySqlConfig::new().clock_tolerance());
+        let s = Statements::new(
+            table,
+            crate::MySqlConfig::new().clock_tolerance(),
+            Duration::ZERO,
+        );
         Self {
             acquire: s.acquire,
             extend: s.extend,
@@ -475,17 +512,24 @@ fn create_table(t: &str) -> String {
 ///   assignment sees the old row) gives the same result.
 ///   1. `fence`: `SYS_US > ?` (the bound, read again now that the row lock is
 ///      granted, after any wait for it): late, keep everything (tag 1). Else,
-///      live and ours: keep the fence and report it (a renewal). Live and not
-///      ours: keep it and report the holder's remaining lease (tag 0). Not live
-///      (released: NULL, or expired): a new holding, `fence + 1`. A fence past
-///      [`MAX_FENCE`] is refused with tag 3 instead.
+///      live and ours: keep the fence and report it (a renewal). Else, not yet
+///      *taken over* — `expires_at` later than `max_clock_skew` ago (spliced
+///      as an integer literal of µs, 0 by default; see
+///      [`MySqlConfig::max_clock_skew`](crate::MySqlConfig::max_clock_skew)):
+///      a live lease of another token, or one that ended less than the skew
+///      ago (by the clock of this server, which may run ahead of the one that
+///      wrote the lease): keep it and report the remaining lease plus the
+///      skew (tag 0). Else (released: NULL, or expired more than the skew
+///      ago): a new holding, `fence + 1`. A fence past [`MAX_FENCE`] is
+///      refused with tag 3 instead.
 ///   2. `acquired_at` is reset only when a grant starts a new holding (the old
 ///      lease was not live).
 ///   3. `owner`, 4. `token` and 5. `expires_at` take the caller's values on a
 ///      grant and keep the old ones otherwise.
 /// - `expires_at > UTC_TIMESTAMP(6)` is false for NULL, so a released row is
 ///   never live; the comparison is on the server clock at microsecond precision.
-fn acquire(t: &str, real_clock: &str) -> String {
+fn acquire(t: &str, real_clock: &str, max_clock_skew: Duration) -> String {
+    let skew_us = max_clock_skew.as_micros();
     // In parentheses: the reading alone would overflow `fence * 2^24 + …`.
     let offset = format!("({UTC_US} - ?)");
     let grant_new = report(&format!("{WINDOW_US} + {offset}"), "1");
@@ -496,8 +540,8 @@ fn acquire(t: &str, real_clock: &str) -> String {
     let renew = report(&format!("fence * {WINDOW_US} + {offset}"), "fence");
     let held = report(
         &format!(
-            "-1 - {TAG_HELD} - 4 * (LEAST(TIMESTAMPDIFF(MICROSECOND, UTC_TIMESTAMP(6), expires_at), \
-             {MAX_REMAINING_US}) * {WINDOW_US} + {offset})"
+            "-1 - {TAG_HELD} - 4 * (LEAST(TIMESTAMPDIFF(MICROSECOND, UTC_TIMESTAMP(6), expires_at) \
+             + {skew_us}, {MAX_REMAINING_US}) * {WINDOW_US} + {offset})"
         ),
         "fence",
     );
@@ -512,9 +556,10 @@ fn acquire(t: &str, real_clock: &str) -> String {
         WHERE IF({real_clock}, IF({UTC_US} >= ? AND {SYS_US} <= ?, TRUE, {late}), {pinned}) \
         ON DUPLICATE KEY UPDATE \
         fence = IF({SYS_US} > ?, {late_now}, \
-            IF(expires_at > UTC_TIMESTAMP(6), \
-                IF(token = ?, IF(fence > {MAX_FENCE}, {exhausted}, {renew}), {held}), \
-                IF(fence >= {MAX_FENCE}, {exhausted}, {take_over}))), \
+            IF(expires_at > UTC_TIMESTAMP(6) AND token = ?, \
+                IF(fence > {MAX_FENCE}, {exhausted}, {renew}), \
+                IF(expires_at > UTC_TIMESTAMP(6) - INTERVAL {skew_us} MICROSECOND, {held}, \
+                    IF(fence >= {MAX_FENCE}, {exhausted}, {take_over})))), \
         acquired_at = IF({GRANTED}, \
             IF(expires_at > UTC_TIMESTAMP(6), acquired_at, UTC_TIMESTAMP(6)), acquired_at), \
         owner = IF({GRANTED}, ?, owner), \
@@ -617,6 +662,11 @@ pub(crate) enum LockWait {
 /// another transaction has locked, instead of waiting: MariaDB runs what is in
 /// a `/*M! … */` comment (10.3+ accept a lock-wait bound of 0), MySQL skips it.
 pub(crate) const NO_WAIT: &str = "/*M! SET STATEMENT innodb_lock_wait_timeout = 0 FOR */ ";
+
+/// The shortest ttl for which the first statement of a batch renewal may wait
+/// up to one second for a row lock ([`LockWait::Short`]); shorter leases
+/// start without waiting ([`LockWait::None`]), see "Batch renewal".
+pub(crate) const FIRST_BATCH_WAIT_MIN_TTL: Duration = Duration::from_secs(10);
 
 /// Bounds the statement after it to one second of waiting for a row lock, on
 /// MariaDB; MySQL skips it.
@@ -883,11 +933,22 @@ const SELECT_INFO: &str = "SELECT lock_key, owner, fence, \
 ///   MariaDB executes and MySQL skips: MySQL's own `max_execution_time` applies to
 ///   `SELECT` only, so it would not bound the writes anyway; there the row-lock
 ///   bound and the client-side call timeout bound every call.
+/// - `wsrep_sync_wait = 7` (MariaDB only, in the same comment): on a Galera
+///   node, every read (1), update and delete (2) and insert (4) first waits
+///   until the node has applied every write set the cluster had committed
+///   when the statement arrived (a causality check). Without it a node
+///   answers from its own state, which may lag: an inspect misses a lease
+///   just acquired on another node, a try is refused by a lease just
+///   released there. On a server without Galera (`wsrep_on = OFF`) it does
+///   nothing. Every MariaDB built with the wsrep patch (Debian's, the
+///   project's own packages and images) has the variable, Galera loaded or
+///   not; a MariaDB built without it (`WITH_WSREP=OFF`) would refuse the
+///   statement with error 1193, and then every connection fails to open.
 pub(crate) fn session_setup(lock_wait_secs: u64, statement_timeout_secs: f64) -> String {
     format!(
         "SET SESSION autocommit = 1, innodb_lock_wait_timeout = {lock_wait_secs}, \
         lock_wait_timeout = {lock_wait_secs} \
-        /*M! , max_statement_time = {statement_timeout_secs:.3} */"
+        /*M! , max_statement_time = {statement_timeout_secs:.3}, wsrep_sync_wait = 7 */"
     )
 }
 
@@ -898,7 +959,7 @@ mod tests {
     const TOLERANCE: Duration = Duration::from_millis(5500);
 
     fn statements(table: &TableName) -> Statements {
-        Statements::new(table, TOLERANCE)
+        Statements::new(table, TOLERANCE, Duration::ZERO)
     }
 
     fn stamp() -> Stamp {
@@ -1011,6 +1072,29 @@ mod tests {
         for sql in [&s.inspect, &s.list, &verify("`t`", 2)] {
             assert!(!sql.contains("SYSDATE"), "{sql}");
         }
+    }
+
+    #[test]
+    fn max_clock_skew_delays_only_the_takeover() {
+        let table = TableName::default();
+        let plain = Statements::new(&table, TOLERANCE, Duration::ZERO);
+        let skewed = Statements::new(&table, TOLERANCE, Duration::from_millis(2500));
+        // The takeover test and the reported remaining lease carry the skew.
+        assert!(plain.acquire.contains("- INTERVAL 0 MICROSECOND"));
+        assert!(skewed.acquire.contains("- INTERVAL 2500000 MICROSECOND"));
+        assert!(skewed.acquire.contains("expires_at) + 2500000,"));
+        // A renewal by the same token needs its lease live, as before, and the
+        // holder's own statements do not change.
+        assert!(
+            skewed
+                .acquire
+                .contains("IF(expires_at > UTC_TIMESTAMP(6) AND token = ?")
+        );
+        assert_eq!(
+            (&plain.extend, &plain.release),
+            (&skewed.extend, &skewed.release)
+        );
+        assert_eq!(skewed.acquire.matches('?').count(), 15);
     }
 
     #[test]
@@ -1158,7 +1242,7 @@ mod tests {
         assert_eq!(
             session_setup(2, 5.0),
             "SET SESSION autocommit = 1, innodb_lock_wait_timeout = 2, lock_wait_timeout = 2 \
-             /*M! , max_statement_time = 5.000 */"
+             /*M! , max_statement_time = 5.000, wsrep_sync_wait = 7 */"
         );
     }
 }

@@ -158,6 +158,43 @@ async fn guards_survive_another_keys_row_lock() {
     drop_table(&table).await;
 }
 
+/// The same with a 2 s ttl, as the torture run's managers use: the heartbeat
+/// comes every 667 ms, so a renewal that first waits a whole second on the
+/// locked row, and only then renews the others, renews them too late.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guards_with_a_short_ttl_survive_another_keys_row_lock() {
+    let test = "guards_with_a_short_ttl_survive_another_keys_row_lock";
+    let table = unique("dl_rowlock_short");
+    let (b, _) = require!(test, backend(config(&table)).await);
+    let manager = LockManager::builder(std::sync::Arc::new(b.clone()))
+        .ttl(Duration::from_secs(2))
+        .call_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let names: Vec<String> = (0..8).map(|i| format!("short-{i}")).collect();
+    let held = guards(&manager, &names).await;
+    let mut foreign = require!(test, raw_conn().await);
+    let tx = lock_rows(&mut foreign, &table, &["short-0"]).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let lost: Vec<String> = held
+        .iter()
+        .skip(1)
+        .filter(|g| g.is_lost())
+        .map(|g| format!("{} ({:?})", g.key(), g.loss_reason()))
+        .collect();
+    tx.rollback().await.unwrap();
+    assert!(
+        held[0].is_lost(),
+        "the locked guard could not renew for 6 s"
+    );
+    assert!(
+        lost.is_empty(),
+        "guards lost because of another key's row lock: {lost:?}"
+    );
+    drop(held);
+    drop_table(&table).await;
+}
+
 /// 150 leases over a 50 ms round trip, one of them released from another
 /// connection: `extend_many` renews the other 149 and reports the released one
 /// `NotHeld`, within a 3 s `not_after`.

@@ -3,6 +3,7 @@
 
 pub mod cases;
 mod delayed;
+mod galera;
 mod harness;
 mod memory;
 mod pgbouncer;
@@ -18,6 +19,7 @@ use std::time::Duration;
 use futures_util::FutureExt;
 
 pub use delayed::{DelayedBackend, DelayedHarness};
+pub use galera::{GALERA_PROVIDER, GaleraCluster};
 pub use harness::{
     Capabilities, Capability, DEFAULT_FAULT_TIMEOUT, DEFAULT_LATENCY_BUDGET, Faults, Harness,
     NoFaults, Setup, Skip, TIME_TOLERANCE, Unsupported, require_db, skip,
@@ -25,7 +27,10 @@ pub use harness::{
 pub use memory::MemoryHarness;
 pub use pgbouncer::{PgBouncer, PgBouncerBuilder, PoolMode};
 pub use proxy::FaultProxy;
-pub use throwaway::{ServerError, ServerKind, ThrowawayServer, TlsFiles};
+pub use throwaway::{
+    LIBFAKETIME, ServerError, ServerKind, ServerOptions, ThrowawayServer, TlsFiles,
+    write_faketime_offset,
+};
 
 /// The future of one conformance case running on a [`Setup`].
 pub type CaseFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;

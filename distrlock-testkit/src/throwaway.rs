@@ -1,6 +1,7 @@
 //! [`ThrowawayServer`]: a private PostgreSQL or MariaDB started from the installed
 //! binaries, for tests that stop, kill or restart a database.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::MetadataExt;
@@ -82,6 +83,8 @@ pub struct ThrowawayServer {
     password: Option<String>,
     /// The certificates, when TLS is on.
     tls: Option<TlsFiles>,
+    /// Environment and extra arguments of the server process.
+    options: ServerOptions,
 }
 
 /// The certificates of a throwaway server with TLS on, made with the `openssl`
@@ -98,6 +101,115 @@ pub struct TlsFiles {
     pub server_cert: PathBuf,
     /// The server's PEM private key.
     pub server_key: PathBuf,
+}
+
+/// The path of libfaketime on Debian (package `faketime`).
+pub const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+/// How a [`ThrowawayServer`]'s process is started: extra environment variables
+/// (say, libfaketime's), extra server arguments, and whether its data directory
+/// is initialised first.
+///
+/// ```no_run
+/// use distrlock_testkit::{ServerOptions, ThrowawayServer};
+///
+/// // A MariaDB whose clock runs 1.5 s ahead of the machine's.
+/// let server = ThrowawayServer::mariadb_with(ServerOptions::new().faketime("+1.5s")?)?;
+/// # Ok::<(), distrlock_testkit::ServerError>(())
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct ServerOptions {
+    env: BTreeMap<String, String>,
+    args: Vec<String>,
+    install_args: Vec<String>,
+    no_install: bool,
+}
+
+impl ServerOptions {
+    /// No extra environment or arguments: what [`ThrowawayServer::mariadb`] uses.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets an environment variable of the server process (and of the
+    /// processes it starts, such as a Galera state transfer script).
+    pub fn env(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.insert(name.into(), value.into());
+        self
+    }
+
+    /// Appends an argument to the server's command line.
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    /// Appends an argument to the data directory's initialisation
+    /// (`mariadb-install-db`).
+    pub fn install_arg(mut self, arg: impl Into<String>) -> Self {
+        self.install_args.push(arg.into());
+        self
+    }
+
+    /// Leaves the data directory empty, for a Galera node that receives its
+    /// data from the cluster (a state snapshot transfer); no `test` database is
+    /// created either.
+    pub fn empty_data_dir(mut self) -> Self {
+        self.no_install = true;
+        self
+    }
+
+    /// Runs the server under libfaketime with its wall clock `offset` from the
+    /// machine's (libfaketime's relative syntax: `"+1.5s"`, `"-30s"`), its
+    /// monotonic clock untouched (`FAKETIME_DONT_FAKE_MONOTONIC=1`, so that
+    /// timeouts and sleeps inside the server are real).
+    ///
+    /// [`ServerError::MissingBinary`] when libfaketime is not installed.
+    pub fn faketime(self, offset: &str) -> Result<Self> {
+        Ok(self.preload_faketime()?.env("FAKETIME", offset))
+    }
+
+    /// Runs the server under libfaketime with its wall-clock offset read from
+    /// `file` (`FAKETIME_TIMESTAMP_FILE`), at most once a second
+    /// (`FAKETIME_CACHE_DURATION=1`; `FAKETIME_NO_CACHE` would read it at every
+    /// clock call and slow the server down a lot). Write an offset such as
+    /// `"+3s"` into the file ([`write_faketime_offset`]) to step the server's
+    /// clock at run time; it takes effect within about a second. The monotonic
+    /// clock stays real.
+    pub fn faketime_file(self, file: &Path) -> Result<Self> {
+        if !file.exists() {
+            write_faketime_offset(file, "+0")?;
+        }
+        Ok(self
+            .preload_faketime()?
+            .env("FAKETIME_TIMESTAMP_FILE", file.display().to_string())
+            .env("FAKETIME_CACHE_DURATION", "1"))
+    }
+
+    fn preload_faketime(self) -> Result<Self> {
+        if !Path::new(LIBFAKETIME).is_file() {
+            return Err(ServerError::MissingBinary {
+                binary: "libfaketime.so.1",
+                package: "faketime",
+            });
+        }
+        Ok(self
+            .env("LD_PRELOAD", LIBFAKETIME)
+            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1"))
+    }
+}
+
+/// Writes `offset` (libfaketime's syntax, `"+3s"`, `"-3s"`, `"+0"`) into a
+/// faketime file (see [`ServerOptions::faketime_file`]), replacing it whole (a
+/// write to a temporary file, then a rename), readable by the server's user.
+pub fn write_faketime_offset(file: &Path, offset: &str) -> Result<()> {
+    let tmp = file.with_extension("tmp");
+    std::fs::write(&tmp, format!("{offset}\n"))
+        .and_then(|()| {
+            std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        })
+        .and_then(|()| std::fs::rename(&tmp, file))
+        .map_err(|e| ServerError::Failed(format!("writing {}: {e}", file.display())))
 }
 
 impl ThrowawayServer {
@@ -154,20 +266,31 @@ impl ThrowawayServer {
 
     /// Starts a private MariaDB.
     pub fn mariadb() -> Result<Self> {
-        Self::start_mariadb(false)
+        Self::mariadb_with(ServerOptions::new())
     }
 
     /// Starts a private MariaDB with TLS on (`ssl_cert`, `ssl_key` and `ssl_ca`
     /// from a test CA: see [`tls`](Self::tls)). Clients may still connect
     /// without TLS. Needs the `openssl` command.
     pub fn mariadb_with_tls() -> Result<Self> {
-        Self::start_mariadb(true)
+        Self::start_mariadb(true, ServerOptions::new())
     }
 
-    fn start_mariadb(tls: bool) -> Result<Self> {
+    /// Starts a private MariaDB with extra environment and arguments (under
+    /// libfaketime, as a Galera node, …), see [`ServerOptions`].
+    pub fn mariadb_with(options: ServerOptions) -> Result<Self> {
+        Self::start_mariadb(false, options)
+    }
+
+    fn start_mariadb(tls: bool, options: ServerOptions) -> Result<Self> {
         let mut server = Self::prepare(ServerKind::MariaDb)?;
+        server.options = options;
         if tls {
             server.make_certificates()?;
+        }
+        if server.options.no_install {
+            server.start()?;
+            return Ok(server);
         }
         let install = find_binary(ServerKind::MariaDb, "mariadb-install-db")?;
         let mut cmd = Command::new(install);
@@ -181,16 +304,34 @@ impl ThrowawayServer {
         if server.run_as.is_some() {
             cmd.arg("--user=mysql");
         }
-        // mariadb-install-db switches user itself; run it as we are.
-        let output = cmd
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| ServerError::Failed(format!("mariadb-install-db: {e}")))?;
-        if !output.status.success() {
-            return Err(ServerError::Failed(format!(
-                "mariadb-install-db failed: {}",
-                String::from_utf8_lossy(&output.stderr)
-            )));
+        cmd.args(&server.options.install_args);
+        // mariadb-install-db switches user itself; run it as we are. Its
+        // bootstrap server has been seen to crash (signal 11 in Aria's
+        // temporary tables) when several run at once: try again on a clean
+        // directory.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let output = cmd
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|e| ServerError::Failed(format!("mariadb-install-db: {e}")))?;
+            if output.status.success() {
+                break;
+            }
+            if attempts == 3 {
+                return Err(ServerError::Failed(format!(
+                    "mariadb-install-db failed {attempts} times: {}",
+                    String::from_utf8_lossy(&output.stderr)
+                )));
+            }
+            let data = server.data_dir();
+            let _ = std::fs::remove_dir_all(&data);
+            std::fs::create_dir_all(&data)
+                .map_err(|e| ServerError::Failed(format!("creating {}: {e}", data.display())))?;
+            if let Some(ids) = server.run_as {
+                chown_recursive(&server.dir, ids)?;
+            }
         }
         server.start()?;
         server.client(&["-e", "CREATE DATABASE IF NOT EXISTS test"], "")?;
@@ -226,6 +367,28 @@ impl ThrowawayServer {
             }
             ServerKind::MariaDb => format!("mysql://root{password}@127.0.0.1:{}/test", self.port),
         }
+    }
+
+    /// The server's own directory (data, log, socket), deleted on drop.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The process id of the running server.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The options the server runs with.
+    pub fn options(&self) -> &ServerOptions {
+        &self.options
+    }
+
+    /// Changes the options for the next [`start`](Self::start) (a running
+    /// server keeps its own until restarted): say, drop a Galera node's
+    /// `--wsrep-new-cluster` once the cluster exists.
+    pub fn set_options(&mut self, options: ServerOptions) {
+        self.options = options;
     }
 
     /// Whether the server process is running.
@@ -359,6 +522,7 @@ impl ThrowawayServer {
             run_as,
             password: None,
             tls: None,
+            options: ServerOptions::new(),
         })
     }
 
@@ -575,9 +739,11 @@ impl ThrowawayServer {
                         .arg(format!("--ssl-key={}", tls.server_key.display()))
                         .arg(format!("--ssl-ca={}", tls.ca.display()));
                 }
+                cmd.args(&self.options.args);
                 cmd
             }
         };
+        cmd.envs(&self.options.env);
         if self.kind == ServerKind::Postgres {
             self.as_server_user(&mut cmd);
         }

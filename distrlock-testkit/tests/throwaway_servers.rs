@@ -142,4 +142,75 @@ fn mariadb_throwaway_server_with_tls_encrypts() {
     assert_eq!(server.sql("SELECT @@have_ssl").unwrap(), "YES", "TLS is on");
     let tls = server.tls().expect("TLS files");
     assert!(verifies(&tls.ca, &tls.server_cert));
+#[test]
+fn mariadb_under_faketime_runs_its_clock_at_an_offset_that_can_step() {
+    use distrlock_testkit::{ServerOptions, write_faketime_offset};
+    let test = "mariadb_under_faketime_runs_its_clock_at_an_offset_that_can_step";
+    let file = std::env::temp_dir().join(format!("distrlock-faketime-{}", std::process::id()));
+    write_faketime_offset(&file, "+5s").unwrap();
+    let options = match ServerOptions::new().faketime_file(&file) {
+        Ok(options) => options,
+        Err(error) => return skip(test, &error.to_string()),
+    };
+    let Some(server) = started(test, ThrowawayServer::mariadb_with(options)) else {
+        return;
+    };
+    let ahead = |server: &ThrowawayServer| -> f64 {
+        let server_us: i64 = server
+            .sql("SELECT TIMESTAMPDIFF(MICROSECOND, '1970-01-01', UTC_TIMESTAMP(6))")
+            .unwrap()
+            .parse()
+            .unwrap();
+        let ours = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros() as i64;
+        (server_us - ours) as f64 / 1e6
+    };
+    let before = ahead(&server);
+    assert!((4.0..6.0).contains(&before), "5 s ahead: {before}");
+    write_faketime_offset(&file, "-3s").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let after = ahead(&server);
+    assert!(
+        (-4.0..-2.0).contains(&after),
+        "stepped to 3 s behind: {after}"
+    );
+    let _ = std::fs::remove_file(&file);
+}
+
+#[test]
+fn galera_cluster_of_three_replicates_and_a_killed_node_rejoins() {
+    use distrlock_testkit::GaleraCluster;
+    let test = "galera_cluster_of_three_replicates_and_a_killed_node_rejoins";
+    let mut cluster = match GaleraCluster::start_with_offsets(&[None, Some("+1.5s"), None]) {
+        Ok(cluster) => cluster,
+        Err(error) => return skip(test, &error.to_string()),
+    };
+    assert_eq!(cluster.status(2, "wsrep_cluster_size").unwrap(), "3");
+    cluster
+        .sql(
+            0,
+            "CREATE TABLE t (k INT PRIMARY KEY) ENGINE=InnoDB; INSERT INTO t VALUES (1)",
+        )
+        .unwrap();
+    // Without a causal wait a read on another node may not see the write yet.
+    let count = "SET SESSION wsrep_sync_wait = 7; SELECT COUNT(*) FROM t";
+    assert_eq!(cluster.sql(1, count).unwrap(), "1");
+    let skew: f64 = cluster
+        .sql(1, "SELECT UNIX_TIMESTAMP(SYSDATE(6))")
+        .unwrap()
+        .parse::<f64>()
+        .unwrap()
+        - cluster
+            .sql(0, "SELECT UNIX_TIMESTAMP(SYSDATE(6))")
+            .unwrap()
+            .parse::<f64>()
+            .unwrap();
+    assert!((1.2..1.9).contains(&skew), "node 2 is 1.5 s ahead: {skew}");
+    cluster.kill(2);
+    cluster.sql(0, "INSERT INTO t VALUES (2)").unwrap();
+    cluster.restart_node(2).expect("rejoin after kill -9");
+    assert_eq!(cluster.sql(2, count).unwrap(), "2");
+    assert_eq!(cluster.status(0, "wsrep_cluster_size").unwrap(), "3");
 }

@@ -51,6 +51,10 @@ pub enum Event {
         t: u64,
         /// Whether the guard had declared the lock lost.
         lost: bool,
+        /// Why, when it was lost (`LossReason::as_str`: `taken_over`,
+        /// `unreachable`, `clock_step`, …).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
     },
     /// The worker was granted `key` but found the guard already lost before it
     /// could use it (the grant came too late), so it never claimed the lock.

@@ -161,6 +161,7 @@ async fn work(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             fence,
             t: last_claimed,
             lost,
+            reason: guard.loss_reason().map(|r| r.as_str().to_owned()),
         })?;
         // A failed release (say, the database is away) leaves the lease to expire.
         let _ = guard.release().await;
