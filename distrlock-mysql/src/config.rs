@@ -270,6 +270,8 @@ impl MySqlConfig {
         let backend = self.build(opts)?;
         backend.check_connection().await?;
         Ok(backend)
+    }
+
     /// Splits `url` into one [`Opts`] per host, taking out (and applying) the
     /// parameters of this crate.
     fn parse_url(mut self, url: &str) -> Result<(Self, Vec<Opts>)> {

@@ -83,12 +83,11 @@ impl Claims {
         let mut worst = Duration::ZERO;
         let mut furthest: Option<Instant> = None;
         for &(start, end, _) in &intervals {
-            if let Some(f) = furthest {
-                if start < f {
+            if let Some(f) = furthest
+                && start < f {
                     count += 1;
                     worst = worst.max(f.min(end) - start);
                 }
-            }
             furthest = Some(furthest.map_or(end, |f| f.max(end)));
         }
         (count, worst)

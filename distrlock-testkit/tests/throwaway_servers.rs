@@ -142,6 +142,8 @@ fn mariadb_throwaway_server_with_tls_encrypts() {
     assert_eq!(server.sql("SELECT @@have_ssl").unwrap(), "YES", "TLS is on");
     let tls = server.tls().expect("TLS files");
     assert!(verifies(&tls.ca, &tls.server_cert));
+}
+
 #[test]
 fn mariadb_under_faketime_runs_its_clock_at_an_offset_that_can_step() {
     use distrlock_testkit::{ServerOptions, write_faketime_offset};

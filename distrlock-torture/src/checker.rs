@@ -180,8 +180,8 @@ pub fn check_with(runs: &[WorkerRun], options: &CheckOptions) -> Report {
             }
         }
         for (i, h) in holdings.iter().enumerate() {
-            if let Some(f) = furthest {
-                if h.start < f.end {
+            if let Some(f) = furthest
+                && h.start < f.end {
                     let overlap = f.end.min(h.end) - h.start;
                     if overlap <= allowance && allowance > 0 {
                         tolerated.push((f.clone(), h.clone(), Duration::from_nanos(overlap)));
@@ -189,7 +189,6 @@ pub fn check_with(runs: &[WorkerRun], options: &CheckOptions) -> Report {
                         overlaps.push((f.clone(), h.clone()));
                     }
                 }
-            }
             if furthest.is_none_or(|f| h.end > f.end) {
                 furthest = Some(h);
             }
