@@ -84,10 +84,11 @@ impl Claims {
         let mut furthest: Option<Instant> = None;
         for &(start, end, _) in &intervals {
             if let Some(f) = furthest
-                && start < f {
-                    count += 1;
-                    worst = worst.max(f.min(end) - start);
-                }
+                && start < f
+            {
+                count += 1;
+                worst = worst.max(f.min(end) - start);
+            }
             furthest = Some(furthest.map_or(end, |f| f.max(end)));
         }
         (count, worst)

@@ -181,14 +181,15 @@ pub fn check_with(runs: &[WorkerRun], options: &CheckOptions) -> Report {
         }
         for (i, h) in holdings.iter().enumerate() {
             if let Some(f) = furthest
-                && h.start < f.end {
-                    let overlap = f.end.min(h.end) - h.start;
-                    if overlap <= allowance && allowance > 0 {
-                        tolerated.push((f.clone(), h.clone(), Duration::from_nanos(overlap)));
-                    } else {
-                        overlaps.push((f.clone(), h.clone()));
-                    }
+                && h.start < f.end
+            {
+                let overlap = f.end.min(h.end) - h.start;
+                if overlap <= allowance && allowance > 0 {
+                    tolerated.push((f.clone(), h.clone(), Duration::from_nanos(overlap)));
+                } else {
+                    overlaps.push((f.clone(), h.clone()));
                 }
+            }
             if furthest.is_none_or(|f| h.end > f.end) {
                 furthest = Some(h);
             }
