@@ -30,6 +30,18 @@ const MAX_CALL_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
 ///
 /// Cheap to clone; clones share the backend.
 ///
+/// # What must keep running
+///
+/// A guard's lease is renewed by a background task on the tokio runtime the
+/// guard was acquired on (one task per runtime that holds guards of this
+/// manager), so keep that runtime driven while you hold the guard: a
+/// `current_thread` runtime whose `block_on` has returned renews nothing, and
+/// its guards are lost at their deadline (guards on other runtimes are not
+/// affected). The backend's connections are served by the runtime that opened
+/// them: create the backend on a runtime that outlives its use. Releases of
+/// dropped guards also run in the background; call [`settle`](Self::settle)
+/// before a short-lived process exits.
+///
 /// ```
 /// use std::sync::Arc;
 /// use std::time::Duration;
