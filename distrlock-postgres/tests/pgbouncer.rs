@@ -12,7 +12,12 @@
 
 mod common;
 
-distrlock_testkit::conformance_tests!(PgBouncerHarness);
+// Waiters poll behind a transaction pooler (a LISTEN needs a session), so
+// there are no release notifications.
+distrlock_testkit::conformance_tests!(
+    PgBouncerHarness,
+    supports = [unreachable, kill_sessions, schema_missing]
+);
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -660,6 +665,23 @@ impl Faults for BouncerFaults {
             "PgBouncer held no server session for the backend"
         );
         Ok(())
+    }
+
+    async fn missing_table(&self) -> Result<Arc<dyn LockBackend>, Unsupported> {
+        // A table of its own that nobody created, reached through the same
+        // PgBouncer; the case creates it.
+        let config = PostgresConfig::builder()
+            .pg_config(common::through(&self.proxy))
+            .table(unique("dl_missing_bouncer"))
+            .pool_size(2)
+            .application_name(&self.application_name)
+            .pooler(Pooler::Transaction)
+            .build()
+            .expect("a valid config");
+        let backend = PostgresBackend::from_config(config)
+            .await
+            .expect("PgBouncer accepts a second backend");
+        Ok(Arc::new(backend))
     }
 }
 
