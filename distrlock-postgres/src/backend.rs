@@ -23,7 +23,7 @@ use crate::error::{from_pg, from_pool, is_lock_not_available, is_session_lost};
 use crate::listener::Listener;
 use crate::sql::{
     ACQUIRE_TYPES, CLOCK_READING, COMMIT, EXTEND_MANY_TYPES, EXTEND_TYPES, Failover, INSPECT_TYPES,
-    RELEASE_TYPES, Statements,
+    RECORD_TIMELINE_TYPES, RELEASE_TYPES, Statements,
 };
 
 /// Locks stored as rows of one PostgreSQL table, reached through a deadpool of
@@ -491,6 +491,7 @@ impl PostgresBackend {
         let call = async {
             let mut retried = false;
             let mut reran = false;
+            let mut recorded = false;
             loop {
                 let conn = self
                     .inner
@@ -534,8 +535,20 @@ impl PostgresBackend {
                 .await;
                 match result {
                     Ok((rows, bound)) => {
-                        conn.done();
                         let answer = self.answer(rows, retried, bound)?;
+                        if let Some(bound) = bound
+                            && !recorded
+                            && answer.unrecorded()
+                        {
+                            // The first statement on a new timeline: record it
+                            // (which starts the failover quarantine), then ask
+                            // again. Once per call at most.
+                            recorded = true;
+                            self.record_timeline(conn.get(), bound).await?;
+                            conn.done();
+                            continue;
+                        }
+                        conn.done();
                         if answer.rerun(not_after, &mut reran) {
                             continue;
                         }
@@ -583,16 +596,60 @@ impl PostgresBackend {
     {
         let not_after = Instant::now() + self.inner.call_timeout;
         let mut reran = false;
+        let mut recorded = false;
         loop {
             let bound = self.bound_for(client, not_after).await?;
             let typed = with_types(params, types, Some(&bound));
             check_not_passed(not_after)?;
             let rows = client.query_typed(sql, &typed).await.map_err(Failure::Pg)?;
             let answer = self.answer(rows, false, Some(bound))?;
+            if !recorded && answer.unrecorded() {
+                recorded = true;
+                let typed = with_types(&[], &[], Some(&bound));
+                client
+                    .query_typed(&self.inner.sql.record_timeline, &typed)
+                    .await
+                    .map_err(Failure::Pg)?;
+                continue;
+            }
             if !answer.rerun(Some(not_after), &mut reran) {
                 return answer.in_time();
             }
         }
+    }
+
+    /// Runs [`Statements::record_timeline`] on `client`, as `run` runs a lock
+    /// statement, with the bound the statement that asked for it was sent with.
+    async fn record_timeline(
+        &self,
+        client: &Object,
+        bound: i64,
+    ) -> std::result::Result<(), Failure> {
+        let sql = &self.inner.sql.record_timeline;
+        tracing::info!(
+            table = %self.inner.table,
+            "recording PostgreSQL's timeline in the failover marker (a promotion, or a \
+             table without a marker)"
+        );
+        match &self.inner.begin {
+            None => {
+                let statement = client
+                    .prepare_typed_cached(sql, RECORD_TIMELINE_TYPES)
+                    .await
+                    .map_err(Failure::Pg)?;
+                client
+                    .execute(&statement, &[&bound])
+                    .await
+                    .map_err(Failure::Pg)?;
+            }
+            Some(begin) => {
+                let typed = with_types(&[], &[], Some(&bound));
+                in_own_transaction(client, begin, sql, &typed)
+                    .await
+                    .map_err(Failure::Pg)?;
+            }
+        }
+        Ok(())
     }
 
     /// `not_after` on the server's clock, in µs since the epoch, rounded toward
@@ -760,6 +817,12 @@ impl PostgresBackend {
                 ),
             });
         }
+        let unrecorded: Option<bool> = row.try_get("unrecorded").map_err(|e| self.error(e))?;
+        if quarantine_us.is_none() && unrecorded == Some(true) {
+            // Recorded and asked again, and still not: a concurrent promotion
+            // record, or the bound passed. Refused for now; nothing changed.
+            return Ok(Some(0));
+        }
         if let Some(left) = quarantine_us {
             tracing::warn!(
                 table = %self.inner.table,
@@ -841,6 +904,15 @@ impl Reading {
 }
 
 impl Answer {
+    /// Whether the statement was refused because the failover marker has not
+    /// recorded the server's timeline yet (see [`Statements::record_timeline`]).
+    fn unrecorded(&self) -> bool {
+        self.rows.first().is_some_and(|row| {
+            row.columns().iter().any(|c| c.name() == "unrecorded")
+                && row.try_get::<_, Option<bool>>("unrecorded").ok() == Some(Some(true))
+        })
+    }
+
     /// The one row every lock statement but `extend_many` returns.
     fn row(&self) -> Result<&Row> {
         self.rows.first().ok_or_else(|| Error::Backend {
@@ -1199,14 +1271,29 @@ impl LockBackend for PostgresBackend {
             )
             .await
             .map_err(|f| f.into_error(self))?;
-        // Every row carries the same gate; refused by it, no lease was renewed.
-        if let Some(row) = answer.rows.first()
-            && let Some(left) = self.gate(row, ttl)?
-        {
-            return Ok(leases
-                .iter()
-                .map(|(key, _)| Err(quarantined(key, left)))
-                .collect());
+        // Every row carries the same gate; refused by it, no lease was renewed:
+        // each entry gets the gate's answer.
+        if let Some(row) = answer.rows.first() {
+            match self.gate(row, ttl) {
+                Ok(None) => {}
+                Ok(Some(left)) => {
+                    return Ok(leases
+                        .iter()
+                        .map(|(key, _)| Err(quarantined(key, left)))
+                        .collect());
+                }
+                Err(Error::InvalidTtl { reason }) => {
+                    return Ok(leases
+                        .iter()
+                        .map(|_| {
+                            Err(Error::InvalidTtl {
+                                reason: reason.clone(),
+                            })
+                        })
+                        .collect());
+                }
+                Err(other) => return Err(other),
+            }
         }
         let mut renewed: HashSet<(&str, uuid::Uuid)> = HashSet::with_capacity(answer.rows.len());
         let mut busy: HashSet<(&str, uuid::Uuid)> = HashSet::new();

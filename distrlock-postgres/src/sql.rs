@@ -89,10 +89,8 @@ pub(crate) const DEFAULT_MAX_TTL: std::time::Duration = std::time::Duration::fro
 
 /// Raises `synchronous_commit` for the statement's own transaction, as a SQL
 /// expression (see [`failover_ctes`]).
-const DURABLE_COMMIT: &str = "set_config('synchronous_commit',
-               CASE WHEN current_setting('synchronous_commit') IN ('off', 'local')
-                    THEN 'on' ELSE current_setting('synchronous_commit') END,
-               true)";
+const DURABLE_COMMIT: &str = "CASE WHEN current_setting('synchronous_commit') IN ('off', 'local')
+                THEN set_config('synchronous_commit', 'on', true) END";
 
 /// This server's timeline, as a SQL `int8` expression: the first 8 hex digits of
 /// the current WAL file's name.
@@ -110,23 +108,27 @@ const QUARANTINE_MARGIN_US: i64 = 1_000_000;
 /// - `server`: raises `synchronous_commit` for this transaction and reads the
 ///   timeline.
 /// - `marker`: the table's failover marker, read without a lock.
-/// - `promoted`: the first statement on a new timeline records it in the marker
-///   and so starts the quarantine.
-/// - `gate`: whether this statement may grant time (`quarantine_us` NULL) and
-///   the table's `max_ttl_us`.
+/// - `gate`: whether this statement may grant time (`quarantine_us` NULL and
+///   not `unrecorded`) and the table's `max_ttl_us`.
 ///
-/// `bound` is the statement's not-after parameter.
-fn failover_ctes(t: &str, bound: &str, f: Failover) -> String {
+/// A statement that finds its timeline newer than the marker's (`unrecorded`:
+/// the first on a new timeline, or on a table without a marker) grants nothing;
+/// the backend then runs [`Statements::record_timeline`], which starts the
+/// quarantine, and the statement once more. That write stays out of the
+/// statements themselves, which would otherwise set up an `INSERT … ON
+/// CONFLICT` on every run for what happens once per promotion.
+fn failover_ctes(t: &str, f: Failover) -> String {
     let durable = DURABLE_COMMIT;
     let timeline = TIMELINE;
     let default_max_ttl_us = f.max_ttl_us;
     let margin = QUARANTINE_MARGIN_US;
+    let marker = marker_cte(t);
     let quarantine = if f.quarantine {
         format!(
             r#"CASE
-            -- Promoted: the first statement on a new timeline (or on a table
-            -- without a marker, past the first timeline). It starts the
-            -- quarantine now.
+            -- Promoted, and not yet recorded (`unrecorded`): the first statement
+            -- on a new timeline, or on a table without a marker past the first
+            -- timeline. Recording it starts the quarantine.
             WHEN server.timeline > COALESCE(marker.timeline, 1)
                 THEN COALESCE(marker.max_ttl_us, {default_max_ttl_us}) * 501 / 500 + {margin}
             -- Within the quarantine that began on this timeline.
@@ -150,7 +152,26 @@ server AS MATERIALIZED (
     SELECT {durable} AS synchronous_commit,
            {timeline} AS timeline
 ),
--- The failover marker: the row of the empty key, which no lock can have.
+{marker},
+-- Whether this statement may grant time: not while a quarantine runs
+-- (`quarantine_us`, the µs it has left: max_ttl, plus 0.2 % for the two
+-- servers' clock rates, plus a margin), not before the marker has recorded
+-- this timeline (`unrecorded`), and no ttl above the table's max_ttl.
+gate AS MATERIALIZED (
+    SELECT {quarantine} AS quarantine_us,
+        server.timeline > COALESCE(marker.timeline, 0) AS unrecorded,
+        COALESCE(marker.max_ttl_us, {default_max_ttl_us}) AS max_ttl_us
+    FROM clock
+    CROSS JOIN server
+    LEFT JOIN marker ON true
+)"#
+    )
+}
+
+/// The `marker` CTE: the table's failover marker, the row of the empty key.
+fn marker_cte(t: &str) -> String {
+    format!(
+        r#"-- The failover marker: the row of the empty key, which no lock can have.
 -- `fence` is the timeline it last saw; `expires_at - acquired_at` is the table's
 -- max_ttl (the longest ttl a lock may have); a quarantine that began at
 -- `acquired_at` ends at `expires_at` (plus margin). With no quarantine,
@@ -161,44 +182,6 @@ marker AS MATERIALIZED (
            (EXTRACT(EPOCH FROM (m.expires_at - m.acquired_at)) * 1000000)::int8 AS max_ttl_us
     FROM {t} AS m
     WHERE m.lock_key = ''
-),
--- The first statement on a new timeline records it, which starts the
--- quarantine: leases granted on the old timeline may have been lost with their
--- commits, and may still be live for up to max_ttl from the promotion. A table
--- without a marker gets one here (on the first timeline, with no quarantine).
--- The SELECT has no row otherwise, so ON CONFLICT never meets the marker and
--- takes no lock on it; two first statements both wait their turn on it, and
--- the second updates nothing.
-promoted AS (
-    INSERT INTO {t} AS m (lock_key, token, fence, owner, acquired_at, expires_at)
-    SELECT '', '00000000-0000-0000-0000-000000000000'::uuid, server.timeline,
-           'distrlock failover marker', start.at,
-           start.at + COALESCE(marker.max_ttl_us, {default_max_ttl_us}) * interval '1 microsecond'
-    FROM clock
-    CROSS JOIN server
-    LEFT JOIN marker ON true
-    CROSS JOIN LATERAL (
-        SELECT CASE WHEN marker.timeline IS NULL AND server.timeline = 1
-                    THEN timestamptz 'epoch' ELSE clock.at END AS at
-    ) AS start
-    WHERE server.timeline > COALESCE(marker.timeline, 0)
-      -- No late effects: only before the caller's bound on the server's clock.
-      AND clock.at_us < {bound}::int8
-    ON CONFLICT (lock_key) DO UPDATE
-        SET fence = EXCLUDED.fence,
-            acquired_at = EXCLUDED.acquired_at,
-            expires_at = EXCLUDED.expires_at
-        WHERE m.fence < EXCLUDED.fence
-),
--- Whether this statement may grant time: not while a quarantine runs
--- (`quarantine_us`, the µs it has left: max_ttl, plus 0.2 % for the two
--- servers' clock rates, plus a margin), and no ttl above the table's max_ttl.
-gate AS MATERIALIZED (
-    SELECT {quarantine} AS quarantine_us,
-        COALESCE(marker.max_ttl_us, {default_max_ttl_us}) AS max_ttl_us
-    FROM clock
-    CROSS JOIN server
-    LEFT JOIN marker ON true
 )"#
     )
 }
@@ -232,6 +215,12 @@ pub(crate) struct Statements {
     /// Release: params `$1` key, `$2` token, `$3` notification channel, `$4`
     /// not-after bound µs; one row `(released, server_us)`.
     pub(crate) release: String,
+    /// Records this server's timeline in the failover marker, when it is newer
+    /// than the marker's (a promotion), which starts the quarantine; on a table
+    /// without a marker, writes one (on the first timeline with no quarantine).
+    /// Param `$1` not-after bound µs; one row `(server_us)`. Run when a lock
+    /// statement answered `unrecorded`.
+    pub(crate) record_timeline: String,
     /// Inspect one key: param `$1` key.
     pub(crate) inspect: String,
     /// List every key.
@@ -252,6 +241,8 @@ pub(crate) const EXTEND_MANY_TYPES: &[Type] =
     &[Type::TEXT_ARRAY, Type::UUID_ARRAY, Type::INT8, Type::INT8];
 /// Parameter types of [`Statements::release`].
 pub(crate) const RELEASE_TYPES: &[Type] = &[Type::TEXT, Type::UUID, Type::TEXT, Type::INT8];
+/// Parameter types of [`Statements::record_timeline`].
+pub(crate) const RECORD_TIMELINE_TYPES: &[Type] = &[Type::INT8];
 /// Parameter types of [`Statements::inspect`].
 pub(crate) const INSPECT_TYPES: &[Type] = &[Type::TEXT];
 
@@ -306,7 +297,7 @@ ON CONFLICT (lock_key) DO UPDATE
             format!("SELECT pg_advisory_xact_lock({lock_id});\n{create_table}");
 
         let clock = CLOCK_CTE;
-        let acquire_failover = failover_ctes(&t, "$5", failover);
+        let acquire_failover = failover_ctes(&t, failover);
         let acquire = format!(
             r#"WITH
 {clock},
@@ -332,8 +323,10 @@ taken AS (
     FROM clock, server, gate
     WHERE l.lock_key = $1::text
       AND (l.expires_at IS NULL OR l.expires_at <= clock.at OR l.token = $2::uuid)
-      -- Not in a failover quarantine, and no longer than the table allows.
-      AND gate.quarantine_us IS NULL AND $3::int8 <= gate.max_ttl_us
+      -- Not in a failover quarantine (nor on a timeline the marker has not
+      -- recorded), and no longer than the table allows.
+      AND gate.quarantine_us IS NULL AND NOT gate.unrecorded
+      AND $3::int8 <= gate.max_ttl_us
       -- No late effects: only before the caller's bound on the server's clock.
       AND clock.at_us < $5::int8
     RETURNING l.fence
@@ -349,8 +342,10 @@ inserted AS (
            clock.at, clock.at + $3::int8 * interval '1 microsecond'
     FROM clock, server, gate
     WHERE NOT EXISTS (SELECT 1 FROM {t} WHERE lock_key = $1::text)
-      -- Not in a failover quarantine, and no longer than the table allows.
-      AND gate.quarantine_us IS NULL AND $3::int8 <= gate.max_ttl_us
+      -- Not in a failover quarantine (nor on a timeline the marker has not
+      -- recorded), and no longer than the table allows.
+      AND gate.quarantine_us IS NULL AND NOT gate.unrecorded
+      AND $3::int8 <= gate.max_ttl_us
       -- No late effects: only before the caller's bound on the server's clock.
       AND clock.at_us < $5::int8
     ON CONFLICT (lock_key) DO NOTHING
@@ -376,6 +371,8 @@ SELECT
     clock.at_us AS server_us,
     -- Refused for a failover quarantine: the µs it has left; else NULL.
     gate.quarantine_us,
+    -- Refused until the marker records this timeline (see record_timeline).
+    gate.unrecorded,
     -- The table's max_ttl: a ttl above it is refused.
     gate.max_ttl_us
 FROM clock
@@ -385,7 +382,7 @@ LEFT JOIN inserted ON true
 LEFT JOIN {t} AS l ON l.lock_key = $1::text"#
         );
 
-        let extend_failover = failover_ctes(&t, "$4", failover);
+        let extend_failover = failover_ctes(&t, failover);
         let extend = format!(
             r#"WITH
 {clock},
@@ -399,8 +396,10 @@ renewed AS (
     WHERE l.lock_key = $1::text
       AND l.token = $2::uuid
       AND l.expires_at > clock.at
-      -- Not in a failover quarantine, and no longer than the table allows.
-      AND gate.quarantine_us IS NULL AND $3::int8 <= gate.max_ttl_us
+      -- Not in a failover quarantine (nor on a timeline the marker has not
+      -- recorded), and no longer than the table allows.
+      AND gate.quarantine_us IS NULL AND NOT gate.unrecorded
+      AND $3::int8 <= gate.max_ttl_us
       -- No late effects: only before the caller's bound on the server's clock.
       AND clock.at_us < $4::int8
     RETURNING l.fence
@@ -412,6 +411,7 @@ SELECT renewed.fence IS NOT NULL AS renewed,
        clock.at_us AS server_us,
        -- Not renewed for a failover quarantine, or a ttl above max_ttl.
        gate.quarantine_us,
+       gate.unrecorded,
        gate.max_ttl_us
 FROM clock
 LEFT JOIN gate ON true
@@ -452,8 +452,10 @@ renewed AS (
       AND l.token = batch.token
       AND l.lock_key IN (SELECT lock_key FROM lockable)
       AND l.expires_at > clock.at
-      -- Not in a failover quarantine, and no longer than the table allows.
-      AND gate.quarantine_us IS NULL AND $3::int8 <= gate.max_ttl_us
+      -- Not in a failover quarantine (nor on a timeline the marker has not
+      -- recorded), and no longer than the table allows.
+      AND gate.quarantine_us IS NULL AND NOT gate.unrecorded
+      AND $3::int8 <= gate.max_ttl_us
       -- No late effects: only before the caller's bound on the server's clock.
       AND clock.at_us < $4::int8
     RETURNING l.lock_key, l.token
@@ -477,18 +479,57 @@ SELECT renewed.lock_key, renewed.token, false AS busy,
        clock.at_us AS server_us,
        -- None renewed for a failover quarantine, or a ttl above max_ttl.
        gate.quarantine_us,
+       gate.unrecorded,
        gate.max_ttl_us
 FROM clock
 LEFT JOIN gate ON true
 LEFT JOIN renewed ON true
 UNION ALL
-SELECT busy.lock_key, busy.token, true, clock.at_us, gate.quarantine_us, gate.max_ttl_us
+SELECT busy.lock_key, busy.token, true, clock.at_us, gate.quarantine_us, gate.unrecorded,
+       gate.max_ttl_us
 FROM clock
 LEFT JOIN gate ON true
 LEFT JOIN busy ON true"#
         );
 
+        let marker = marker_cte(&t);
+        let timeline = TIMELINE;
         let durable = DURABLE_COMMIT;
+        let default_max_ttl_us = failover.max_ttl_us;
+        let record_timeline = format!(
+            r#"WITH
+{clock},
+{marker}
+-- A promotion: the first statement on a new timeline records it, which starts
+-- the quarantine: leases granted on the old timeline may have been lost with
+-- their commits, and may still be live for up to max_ttl from the promotion
+-- (the old primary must have stopped writing by then). A table without a
+-- marker gets one here, with no quarantine on the first timeline (no promotion
+-- can have happened). The SELECT has no row when the marker is current, so ON
+-- CONFLICT never meets the marker then; two sessions that both record wait
+-- their turn on its row, and the second updates nothing.
+INSERT INTO {t} AS m (lock_key, token, fence, owner, acquired_at, expires_at)
+SELECT '', '00000000-0000-0000-0000-000000000000'::uuid, server.timeline,
+       'distrlock failover marker', start.at,
+       start.at + COALESCE(marker.max_ttl_us, {default_max_ttl_us}) * interval '1 microsecond'
+FROM clock
+-- Durable, as every lock write (see `server` in the lock statements).
+CROSS JOIN (SELECT {timeline} AS timeline, {durable} AS synchronous_commit) AS server
+LEFT JOIN marker ON true
+CROSS JOIN LATERAL (
+    SELECT CASE WHEN marker.timeline IS NULL AND server.timeline = 1
+                THEN timestamptz 'epoch' ELSE clock.at END AS at
+) AS start
+WHERE server.timeline > COALESCE(marker.timeline, 0)
+  -- No late effects: only before the caller's bound on the server's clock.
+  AND clock.at_us < $1::int8
+ON CONFLICT (lock_key) DO UPDATE
+    SET fence = EXCLUDED.fence,
+        acquired_at = EXCLUDED.acquired_at,
+        expires_at = EXCLUDED.expires_at
+    WHERE m.fence < EXCLUDED.fence"#
+        );
+
         let release = format!(
             r#"WITH
 {clock},
@@ -563,6 +604,7 @@ LEFT JOIN {t} AS l
             extend,
             extend_many,
             release,
+            record_timeline,
             inspect,
             list,
             listen,
@@ -912,10 +954,13 @@ mod tests {
         let s = Statements::new(&TableName::default(), Failover::DEFAULT);
         for sql in lock_statements(&s) {
             let code = without_comments(sql);
-            assert!(code.contains("set_config('synchronous_commit'"), "{sql}");
-            // 'off' and 'local' are raised to 'on'; the rest kept as they are.
+            // 'off' and 'local' are raised to 'on' for this transaction; the
+            // rest kept as they are.
             assert!(
-                code.contains("IN ('off', 'local')\n                    THEN 'on' ELSE current_setting('synchronous_commit') END"),
+                code.contains(
+                    "CASE WHEN current_setting('synchronous_commit') IN ('off', 'local')\n                \
+                     THEN set_config('synchronous_commit', 'on', true) END"
+                ),
                 "{sql}"
             );
         }
@@ -929,15 +974,16 @@ mod tests {
                 code.contains("pg_walfile_name(pg_current_wal_lsn())"),
                 "{sql}"
             );
-            let gate = format!("AND gate.quarantine_us IS NULL AND {ttl}::int8 <= gate.max_ttl_us");
-            // Every write but the marker's own passes the gate.
+            let gate = format!(
+                "AND gate.quarantine_us IS NULL AND NOT gate.unrecorded\n      AND {ttl}::int8 <= gate.max_ttl_us"
+            );
+            // Every write passes the gate.
             let grants = code
                 .split(" AS (")
                 .skip(1)
                 .filter(|cte| {
                     let head = cte.trim_start();
-                    (head.starts_with("UPDATE") || head.starts_with("INSERT"))
-                        && !head.contains("'distrlock failover marker'")
+                    head.starts_with("UPDATE") || head.starts_with("INSERT")
                 })
                 .collect::<Vec<_>>();
             assert!(!grants.is_empty());
@@ -945,7 +991,14 @@ mod tests {
                 assert!(grant.contains(&gate), "ungated grant in {sql}");
             }
             assert!(code.contains("gate.quarantine_us,"), "{sql}");
+            assert!(code.contains("gate.unrecorded,"), "{sql}");
+            // The marker is only read here; record_timeline writes it.
+            assert!(!code.contains("'distrlock failover marker'"), "{sql}");
         }
+        let record = without_comments(&s.record_timeline);
+        assert!(record.contains("'distrlock failover marker'"));
+        assert!(record.contains("AND clock.at_us < $1::int8"));
+        assert!(record.contains("THEN set_config('synchronous_commit', 'on', true) END"));
         // Fences start at (timeline - 1) * 2^40 on every path that sets one.
         assert_eq!(s.acquire.matches("(server.timeline - 1) << 40").count(), 2);
         // The marker is created with the table, in its transaction.
@@ -964,6 +1017,10 @@ mod tests {
         assert!(!s.acquire.contains("SELECT NULL::int8 AS quarantine_us"));
         // A table without a marker gets the config's max_ttl: 5 min by default.
         assert!(s.acquire.contains("COALESCE(marker.max_ttl_us, 300000000)"));
+        assert!(
+            s.record_timeline
+                .contains("COALESCE(marker.max_ttl_us, 300000000)")
+        );
     }
 
     #[test]
