@@ -22,7 +22,7 @@ use crate::config::{Pooler, PostgresConfig, Redacted, clock_reading};
 use crate::error::{from_pg, from_pool, is_lock_not_available, is_session_lost};
 use crate::listener::Listener;
 use crate::sql::{
-    ACQUIRE_TYPES, CLOCK_READING, COMMIT, EXTEND_MANY_TYPES, EXTEND_TYPES, INSPECT_TYPES,
+    ACQUIRE_TYPES, CLOCK_READING, COMMIT, EXTEND_MANY_TYPES, EXTEND_TYPES, Failover, INSPECT_TYPES,
     RELEASE_TYPES, Statements,
 };
 
@@ -153,7 +153,10 @@ impl PostgresBackend {
     /// The DDL that [`create_table`](LockBackend::create_table) runs for `table`,
     /// without connecting: for migration tools and `distrlock schema`.
     pub fn schema_sql_for(table: &TableName) -> String {
-        format!("{};\n", Statements::new(table).create_table)
+        format!(
+            "{};\n",
+            Statements::new(table, Failover::DEFAULT).create_table
+        )
     }
 
     /// Connects with a `postgres://…` URL (or a `host=… user=…` string) and every
@@ -273,7 +276,7 @@ impl PostgresBackend {
         pool: Pool,
         config: PostgresConfig,
     ) -> Result<(Self, Option<tokio::sync::oneshot::Receiver<()>>)> {
-        let sql = Statements::new(&config.table);
+        let sql = Statements::new(&config.table, config.failover());
         let notifier = ReleaseNotifier::new();
         let mut listener = None;
         let mut ready = None;
@@ -401,7 +404,7 @@ impl PostgresBackend {
             .run_in(client, &self.inner.sql.acquire, ACQUIRE_TYPES, &params)
             .await
             .map_err(|f| f.into_error(self))?;
-        self.acquire_outcome(&answer)
+        self.acquire_outcome(&answer, ttl)
     }
 
     /// Like [`extend`](LockBackend::extend), inside your own transaction, with the
@@ -425,7 +428,7 @@ impl PostgresBackend {
             .run_in(client, &self.inner.sql.extend, EXTEND_TYPES, &params)
             .await
             .map_err(|f| f.into_error(self))?;
-        self.extend_outcome(key, &answer)
+        self.extend_outcome(key, &answer, ttl)
     }
 
     /// Like [`release`](LockBackend::release), inside your own transaction, with
@@ -692,7 +695,7 @@ impl PostgresBackend {
             )
             .await
         {
-            Ok(answer) => self.acquire_outcome(&answer),
+            Ok(answer) => self.acquire_outcome(&answer, ttl),
             // Waited past lock_timeout on a row another transaction is writing: the
             // statement rolled back, nothing changed, and the key is busy.
             Err(Failure::Pg(e)) if is_lock_not_available(&e) => {
@@ -703,33 +706,69 @@ impl PostgresBackend {
     }
 
     /// The outcome of an acquire statement's one row.
-    fn acquire_outcome(&self, answer: &Answer) -> Result<AcquireOutcome> {
+    fn acquire_outcome(&self, answer: &Answer, ttl: Ttl) -> Result<AcquireOutcome> {
         let row = answer.row()?;
         let fence: Option<i64> = row.try_get("fence").map_err(|e| self.error(e))?;
         let remaining_us: Option<i64> = row.try_get("remaining_us").map_err(|e| self.error(e))?;
-        Ok(match fence {
-            Some(fence) => AcquireOutcome::Acquired {
-                fence: Fence::new(fence),
+        if fence.is_some() {
+            return Ok(AcquireOutcome::Acquired {
+                fence: Fence::new(fence.unwrap_or_default()),
                 server_time: answer.server_time(),
-            },
+            });
+        }
+        let gate = self.gate(row, ttl)?;
+        Ok(AcquireOutcome::Held {
             // Refused; no remaining lease when the row was free (or absent) and a
-            // concurrent acquirer took it first.
-            None => AcquireOutcome::Held {
-                remaining: remaining_us.map(micros),
+            // concurrent acquirer took it first. In a failover quarantine, the
+            // later of its end and the holder's.
+            remaining: match (remaining_us, gate) {
+                (Some(a), Some(b)) => Some(micros(a.max(b))),
+                (a, b) => a.or(b).map(micros),
             },
         })
     }
 
     /// The outcome of an extend statement's one row.
-    fn extend_outcome(&self, key: &LockKey, answer: &Answer) -> Result<SystemTime> {
-        let renewed: bool = answer
-            .row()?
-            .try_get("renewed")
-            .map_err(|e| self.error(e))?;
-        match renewed {
-            true => Ok(answer.server_time()),
-            false => Err(Error::NotHeld { key: key.clone() }),
+    fn extend_outcome(&self, key: &LockKey, answer: &Answer, ttl: Ttl) -> Result<SystemTime> {
+        let row = answer.row()?;
+        let renewed: bool = row.try_get("renewed").map_err(|e| self.error(e))?;
+        if renewed {
+            return Ok(answer.server_time());
         }
+        match self.gate(row, ttl)? {
+            Some(left) => Err(quarantined(key, left)),
+            None => Err(Error::NotHeld { key: key.clone() }),
+        }
+    }
+
+    /// Reads a refused statement's failover gate: the µs a failover quarantine
+    /// has left, if one runs; [`Error::InvalidTtl`] if `ttl` is above the
+    /// table's max_ttl.
+    fn gate(&self, row: &Row, ttl: Ttl) -> Result<Option<i64>> {
+        let quarantine_us: Option<i64> = row.try_get("quarantine_us").map_err(|e| self.error(e))?;
+        let max_ttl_us: Option<i64> = row.try_get("max_ttl_us").map_err(|e| self.error(e))?;
+        if let Some(max_ttl_us) = max_ttl_us
+            && ttl.as_micros() > max_ttl_us
+        {
+            return Err(Error::InvalidTtl {
+                reason: format!(
+                    "{:?} is longer than the max_ttl of table {} ({:?}); raise it with \
+                     PostgresConfig's max_ttl and create_table",
+                    ttl.get(),
+                    self.inner.table,
+                    micros(max_ttl_us),
+                ),
+            });
+        }
+        if let Some(left) = quarantine_us {
+            tracing::warn!(
+                table = %self.inner.table,
+                left_ms = left / 1000,
+                "PostgreSQL was promoted (a new timeline): no lock is granted or extended \
+                 until the failover quarantine ends"
+            );
+        }
+        Ok(quarantine_us)
     }
 
     /// The outcome of a release statement's one row.
@@ -1046,6 +1085,19 @@ fn check_owner(owner: &str) -> Result<()> {
     Ok(())
 }
 
+/// Extend refused in a failover quarantine: transient, since the quarantine
+/// ends, though not within the lease (a lease never outlives it).
+fn quarantined(key: &LockKey, left_us: i64) -> Error {
+    Error::backend(
+        format!(
+            "lock {key} not renewed: PostgreSQL was promoted, and the failover quarantine \
+             has {:?} left",
+            micros(left_us)
+        ),
+        true,
+    )
+}
+
 fn micros(us: i64) -> Duration {
     Duration::from_micros(u64::try_from(us).unwrap_or(0))
 }
@@ -1118,7 +1170,7 @@ impl LockBackend for PostgresBackend {
             )
             .await
         {
-            Ok(answer) => self.extend_outcome(key, &answer),
+            Ok(answer) => self.extend_outcome(key, &answer, ttl),
             Err(failure) => Err(failure.into_error(self)),
         }
     }
@@ -1147,6 +1199,15 @@ impl LockBackend for PostgresBackend {
             )
             .await
             .map_err(|f| f.into_error(self))?;
+        // Every row carries the same gate; refused by it, no lease was renewed.
+        if let Some(row) = answer.rows.first()
+            && let Some(left) = self.gate(row, ttl)?
+        {
+            return Ok(leases
+                .iter()
+                .map(|(key, _)| Err(quarantined(key, left)))
+                .collect());
+        }
         let mut renewed: HashSet<(&str, uuid::Uuid)> = HashSet::with_capacity(answer.rows.len());
         let mut busy: HashSet<(&str, uuid::Uuid)> = HashSet::new();
         for row in &answer.rows {

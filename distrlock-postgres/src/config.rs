@@ -45,6 +45,8 @@ pub struct PostgresConfig {
     /// The listening connection's own settings, if it does not use `pg`.
     pub(crate) listen_pg: Option<tokio_postgres::Config>,
     pub(crate) pooler: Pooler,
+    pub(crate) max_ttl: Duration,
+    pub(crate) failover_quarantine: bool,
     #[cfg(feature = "tls")]
     pub(crate) tls: Option<crate::tls::TlsConfig>,
     /// What the sessions have told of the server's clock: shared by the
@@ -66,6 +68,9 @@ impl PostgresConfig {
     pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(1);
     /// The default `application_name` of the backend's sessions.
     pub const DEFAULT_APPLICATION_NAME: &'static str = "distrlock";
+    /// The default [`max_ttl`](PostgresConfigBuilder::max_ttl) of a new table:
+    /// 5 minutes.
+    pub const DEFAULT_MAX_TTL: Duration = sql::DEFAULT_MAX_TTL;
 
     /// A builder with every default: table `distributed_locks`, 16 connections,
     /// 5 s connect and statement timeouts, 1 s row-lock wait, release notifications
@@ -137,6 +142,26 @@ impl PostgresConfig {
     /// (see [`Pooler`]).
     pub fn pooler(&self) -> Pooler {
         self.pooler
+    }
+
+    /// The max_ttl that [`create_table`](distrlock_core::LockBackend::create_table)
+    /// gives the table (see [`PostgresConfigBuilder::max_ttl`]).
+    pub fn max_ttl(&self) -> Duration {
+        self.max_ttl
+    }
+
+    /// Whether a server on a new timeline grants nothing for the table's
+    /// max_ttl (see [`PostgresConfigBuilder::failover_quarantine`]).
+    pub fn failover_quarantine(&self) -> bool {
+        self.failover_quarantine
+    }
+
+    /// What the statements are built with.
+    pub(crate) fn failover(&self) -> sql::Failover {
+        sql::Failover {
+            max_ttl_us: i64::try_from(self.max_ttl.as_micros()).unwrap_or(i64::MAX),
+            quarantine: self.failover_quarantine,
+        }
     }
 
     /// The longest a single backend call may take, client side: waiting for a
@@ -447,6 +472,8 @@ impl Default for PostgresConfig {
             listen: true,
             listen_pg: None,
             pooler: Pooler::Session,
+            max_ttl: Self::DEFAULT_MAX_TTL,
+            failover_quarantine: true,
             #[cfg(feature = "tls")]
             tls: None,
             server_clock: Arc::new(ServerClock::new()),
@@ -466,7 +493,9 @@ impl fmt::Debug for PostgresConfig {
             .field("application_name", &self.application_name)
             .field("listen", &self.listen)
             .field("listen_connection", &self.listen_pg.as_ref().map(Redacted))
-            .field("pooler", &self.pooler);
+            .field("pooler", &self.pooler)
+            .field("max_ttl", &self.max_ttl)
+            .field("failover_quarantine", &self.failover_quarantine);
         #[cfg(feature = "tls")]
         d.field("tls", &self.tls);
         d.finish()
@@ -517,6 +546,8 @@ pub struct PostgresConfigBuilder {
     listen_url: Option<String>,
     listen_pg: Option<tokio_postgres::Config>,
     pooler: Option<Pooler>,
+    max_ttl: Option<Duration>,
+    failover_quarantine: Option<bool>,
     #[cfg(feature = "tls")]
     tls: Option<crate::tls::TlsConfig>,
 }
@@ -616,6 +647,43 @@ impl PostgresConfigBuilder {
     /// wins over the URL.
     pub fn pooler(mut self, pooler: Pooler) -> Self {
         self.pooler = Some(pooler);
+        self
+    }
+
+    /// The table's max_ttl: the longest ttl any lock on it may have, and how long
+    /// a server grants and extends nothing after a promotion (the failover
+    /// quarantine). Default [`PostgresConfig::DEFAULT_MAX_TTL`], 5 minutes; at
+    /// most [`Ttl::MAX`](distrlock_core::Ttl::MAX).
+    ///
+    /// It is a setting of the table, not of one client, so that every client of
+    /// a table waits out the same quarantine: it lives in the table's failover
+    /// marker (the row of the empty key), which
+    /// [`create_table`](distrlock_core::LockBackend::create_table) writes with
+    /// this value, and raises to it on a table whose max_ttl is shorter. It never
+    /// lowers it (leases that long may be live); to lower it, run
+    /// `UPDATE <table> SET expires_at = acquired_at + interval '…' WHERE lock_key = ''`
+    /// when no longer lease is live. A lock statement on a table that has no
+    /// marker yet (made by hand from an older DDL) writes one with this value.
+    /// A ttl above the table's max_ttl fails with [`Error::InvalidTtl`].
+    pub fn max_ttl(mut self, max_ttl: Duration) -> Self {
+        self.max_ttl = Some(max_ttl);
+        self
+    }
+
+    /// Whether a server that was promoted (it is on a new timeline) grants and
+    /// extends nothing until the table's max_ttl has passed since the first lock
+    /// statement it ran on the new timeline. Default on.
+    ///
+    /// With asynchronous replication a promotion can lose the last commits, and
+    /// with them leases that the old primary granted and its clients still hold:
+    /// without the quarantine the new primary could grant those keys again at
+    /// once, and two holders would run. Turn it off only when no promotion can
+    /// lose a commit: synchronous replication (`synchronous_commit` `on` or
+    /// `remote_apply` with `synchronous_standby_names`) and a failover tool that
+    /// promotes only a synchronous standby (Patroni's `synchronous_mode: true`).
+    /// Fences grow across a promotion either way.
+    pub fn failover_quarantine(mut self, on: bool) -> Self {
+        self.failover_quarantine = Some(on);
         self
     }
 
@@ -721,6 +789,10 @@ impl PostgresConfigBuilder {
                 ));
             }
         }
+        let max_ttl = self.max_ttl.unwrap_or(defaults.max_ttl);
+        if let Err(e) = distrlock_core::Ttl::new(max_ttl) {
+            return Err(invalid(format!("max_ttl: {e}")));
+        }
         Ok(PostgresConfig {
             pg,
             table,
@@ -732,6 +804,10 @@ impl PostgresConfigBuilder {
             listen: self.listen.unwrap_or(defaults.listen),
             listen_pg,
             pooler,
+            max_ttl,
+            failover_quarantine: self
+                .failover_quarantine
+                .unwrap_or(defaults.failover_quarantine),
             #[cfg(feature = "tls")]
             tls: self.tls,
             server_clock: defaults.server_clock,

@@ -12,7 +12,15 @@ pub(crate) fn from_pg(error: tokio_postgres::Error, table: &TableName) -> Error 
     if let Some(db) = error.as_db_error() {
         let code = db.code().clone();
         let message = format!("{} (SQLSTATE {})", db.message(), code.code());
-        return match classify(&code) {
+        // object_not_in_prerequisite_state is mostly permanent, but "recovery is
+        // in progress" (pg_current_wal_lsn() on a standby) means this connection
+        // reached a standby: it may be promoted, or the address may move to the
+        // new primary, as with read_only_sql_transaction.
+        let class = match classify(&code) {
+            Class::Permanent if is_in_recovery(code.code(), db.message()) => Class::Transient,
+            class => class,
+        };
+        return match class {
             Class::TableMissing => Error::SchemaMissing {
                 table: table.to_string(),
                 hint: format!(
@@ -96,6 +104,11 @@ enum Class {
     Permanent,
 }
 
+/// A statement refused because the server is a standby (still in recovery).
+fn is_in_recovery(code: &str, message: &str) -> bool {
+    code == "55000" && message.contains("recovery is in progress")
+}
+
 fn classify(code: &SqlState) -> Class {
     let c = code.code();
     match c {
@@ -165,5 +178,9 @@ mod tests {
         assert_eq!(class("42601"), Class::Permanent);
         assert_eq!(class("23505"), Class::Permanent);
         assert_eq!(class("22003"), Class::Permanent);
+        assert_eq!(class("25006"), Class::Transient);
+        assert!(is_in_recovery("55000", "recovery is in progress"));
+        assert!(!is_in_recovery("55000", "something else"));
+        assert!(!is_in_recovery("XX000", "recovery is in progress"));
     }
 }

@@ -63,23 +63,168 @@ clock AS MATERIALIZED (
 pub(crate) const CLOCK_READING: &str =
     "SELECT (EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::int8 AS server_us";
 
+/// How the lock statements guard against a failover that lost commits: see
+/// [`failover_ctes`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Failover {
+    /// The max_ttl a new failover marker gets (whole µs): the longest ttl the
+    /// table allows and the length of its quarantine after a promotion.
+    pub(crate) max_ttl_us: i64,
+    /// Whether a server on a new timeline grants nothing until the quarantine
+    /// has passed.
+    pub(crate) quarantine: bool,
+}
+
+impl Failover {
+    /// What a config with every setting at its default uses.
+    pub(crate) const DEFAULT: Failover = Failover {
+        max_ttl_us: DEFAULT_MAX_TTL.as_micros() as i64,
+        quarantine: true,
+    };
+}
+
+/// The default max_ttl of a new table: the longest ttl it allows, and how long
+/// it grants nothing after a promotion.
+pub(crate) const DEFAULT_MAX_TTL: std::time::Duration = std::time::Duration::from_secs(5 * 60);
+
+/// Raises `synchronous_commit` for the statement's own transaction, as a SQL
+/// expression (see [`failover_ctes`]).
+const DURABLE_COMMIT: &str = "set_config('synchronous_commit',
+               CASE WHEN current_setting('synchronous_commit') IN ('off', 'local')
+                    THEN 'on' ELSE current_setting('synchronous_commit') END,
+               true)";
+
+/// This server's timeline, as a SQL `int8` expression: the first 8 hex digits of
+/// the current WAL file's name.
+const TIMELINE: &str =
+    "('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int8";
+
+/// The quarantine after a promotion lasts the table's max_ttl plus this margin
+/// (µs): the clock-rate allowance of 0.2 % (max_ttl / 500) is added to it, and
+/// this covers a statement's own time on both servers.
+const QUARANTINE_MARGIN_US: i64 = 1_000_000;
+
+/// The CTEs that every statement granting time (acquire, extend, extend_many)
+/// runs after `clock`, for durable commits and failover:
+///
+/// - `server`: raises `synchronous_commit` for this transaction and reads the
+///   timeline.
+/// - `marker`: the table's failover marker, read without a lock.
+/// - `promoted`: the first statement on a new timeline records it in the marker
+///   and so starts the quarantine.
+/// - `gate`: whether this statement may grant time (`quarantine_us` NULL) and
+///   the table's `max_ttl_us`.
+///
+/// `bound` is the statement's not-after parameter.
+fn failover_ctes(t: &str, bound: &str, f: Failover) -> String {
+    let durable = DURABLE_COMMIT;
+    let timeline = TIMELINE;
+    let default_max_ttl_us = f.max_ttl_us;
+    let margin = QUARANTINE_MARGIN_US;
+    let quarantine = if f.quarantine {
+        format!(
+            r#"CASE
+            -- Promoted: the first statement on a new timeline (or on a table
+            -- without a marker, past the first timeline). It starts the
+            -- quarantine now.
+            WHEN server.timeline > COALESCE(marker.timeline, 1)
+                THEN COALESCE(marker.max_ttl_us, {default_max_ttl_us}) * 501 / 500 + {margin}
+            -- Within the quarantine that began on this timeline.
+            WHEN marker.until_us + marker.max_ttl_us / 500 + {margin} > clock.at_us
+                THEN marker.until_us + marker.max_ttl_us / 500 + {margin} - clock.at_us
+        END"#
+        )
+    } else {
+        "NULL::int8".to_owned()
+    };
+    format!(
+        r#"-- Durable commits: synchronous_commit 'off' and 'local' become 'on' for this
+-- statement's transaction only (set_config(…, true)); it is read at commit, so
+-- setting it here is in time. 'on' flushes the commit before the lock is
+-- reported, and with synchronous_standby_names waits for the standby too;
+-- stronger levels ('remote_write', 'on', 'remote_apply') are kept, never
+-- lowered. The timeline: the first 8 hex digits of the current WAL file's
+-- name, which grow at every promotion and need no privilege
+-- (pg_current_wal_lsn() fails on a standby, where nothing can be written).
+server AS MATERIALIZED (
+    SELECT {durable} AS synchronous_commit,
+           {timeline} AS timeline
+),
+-- The failover marker: the row of the empty key, which no lock can have.
+-- `fence` is the timeline it last saw; `expires_at - acquired_at` is the table's
+-- max_ttl (the longest ttl a lock may have); a quarantine that began at
+-- `acquired_at` ends at `expires_at` (plus margin). With no quarantine,
+-- acquired_at is the epoch. A plain read: it takes no lock.
+marker AS MATERIALIZED (
+    SELECT m.fence AS timeline,
+           (EXTRACT(EPOCH FROM m.expires_at) * 1000000)::int8 AS until_us,
+           (EXTRACT(EPOCH FROM (m.expires_at - m.acquired_at)) * 1000000)::int8 AS max_ttl_us
+    FROM {t} AS m
+    WHERE m.lock_key = ''
+),
+-- The first statement on a new timeline records it, which starts the
+-- quarantine: leases granted on the old timeline may have been lost with their
+-- commits, and may still be live for up to max_ttl from the promotion. A table
+-- without a marker gets one here (on the first timeline, with no quarantine).
+-- The SELECT has no row otherwise, so ON CONFLICT never meets the marker and
+-- takes no lock on it; two first statements both wait their turn on it, and
+-- the second updates nothing.
+promoted AS (
+    INSERT INTO {t} AS m (lock_key, token, fence, owner, acquired_at, expires_at)
+    SELECT '', '00000000-0000-0000-0000-000000000000'::uuid, server.timeline,
+           'distrlock failover marker', start.at,
+           start.at + COALESCE(marker.max_ttl_us, {default_max_ttl_us}) * interval '1 microsecond'
+    FROM clock
+    CROSS JOIN server
+    LEFT JOIN marker ON true
+    CROSS JOIN LATERAL (
+        SELECT CASE WHEN marker.timeline IS NULL AND server.timeline = 1
+                    THEN timestamptz 'epoch' ELSE clock.at END AS at
+    ) AS start
+    WHERE server.timeline > COALESCE(marker.timeline, 0)
+      -- No late effects: only before the caller's bound on the server's clock.
+      AND clock.at_us < {bound}::int8
+    ON CONFLICT (lock_key) DO UPDATE
+        SET fence = EXCLUDED.fence,
+            acquired_at = EXCLUDED.acquired_at,
+            expires_at = EXCLUDED.expires_at
+        WHERE m.fence < EXCLUDED.fence
+),
+-- Whether this statement may grant time: not while a quarantine runs
+-- (`quarantine_us`, the µs it has left: max_ttl, plus 0.2 % for the two
+-- servers' clock rates, plus a margin), and no ttl above the table's max_ttl.
+gate AS MATERIALIZED (
+    SELECT {quarantine} AS quarantine_us,
+        COALESCE(marker.max_ttl_us, {default_max_ttl_us}) AS max_ttl_us
+    FROM clock
+    CROSS JOIN server
+    LEFT JOIN marker ON true
+)"#
+    )
+}
+
 /// The SQL of one lock table.
 #[derive(Debug, Clone)]
 pub(crate) struct Statements {
-    /// `CREATE TABLE IF NOT EXISTS …`, as [`schema_sql`](crate::PostgresBackend) returns it.
+    /// `CREATE TABLE IF NOT EXISTS …` and the failover marker's `INSERT`, as
+    /// [`schema_sql`](crate::PostgresBackend) returns them.
     pub(crate) create_table: String,
     /// Serialises concurrent `create_table` calls, then runs `create_table`; one
     /// simple-query message, so both run in one implicit transaction.
     pub(crate) create_table_locked: String,
     /// Try-acquire: params `$1` key, `$2` token, `$3` ttl µs, `$4` owner, `$5`
-    /// not-after bound µs; one row `(fence, remaining_us, server_us)`, a NULL fence
-    /// when refused (held, or late: `server_us >= $5`).
+    /// not-after bound µs; one row `(fence, remaining_us, server_us,
+    /// quarantine_us, max_ttl_us)`, a NULL fence when refused (held; late:
+    /// `server_us >= $5`; in a failover quarantine: `quarantine_us` not NULL; too
+    /// long: `$3 > max_ttl_us`).
     pub(crate) acquire: String,
     /// Extend: params `$1` key, `$2` token, `$3` ttl µs, `$4` not-after bound µs;
-    /// one row `(renewed, server_us)`.
+    /// one row `(renewed, server_us, quarantine_us, max_ttl_us)`, read as for
+    /// `acquire`.
     pub(crate) extend: String,
     /// Extend a batch: params `$1` keys, `$2` tokens (same length), `$3` ttl µs,
-    /// `$4` not-after bound µs; rows `(lock_key, token, busy, server_us)`: one per
+    /// `$4` not-after bound µs; rows `(lock_key, token, busy, server_us,
+    /// quarantine_us, max_ttl_us)`: one per
     /// lease it renewed (`busy` false) or one row with NULL key and token when it
     /// renewed none, then one per lease whose row another transaction held
     /// locked (`busy` true: not renewed, outcome unknown).
@@ -111,7 +256,7 @@ pub(crate) const RELEASE_TYPES: &[Type] = &[Type::TEXT, Type::UUID, Type::TEXT, 
 pub(crate) const INSPECT_TYPES: &[Type] = &[Type::TEXT];
 
 impl Statements {
-    pub(crate) fn new(table: &TableName) -> Self {
+    pub(crate) fn new(table: &TableName, failover: Failover) -> Self {
         let t = table.quoted('"');
         let channel = channel_name(table);
 
@@ -122,8 +267,9 @@ impl Statements {
     lock_key    text COLLATE "C" PRIMARY KEY,
     -- The current holding's secret; only it may extend or release.
     token       uuid        NOT NULL,
-    -- Raised by one on every change of holder; rows are never deleted, so it
-    -- never goes back.
+    -- Raised by one on every change of holder, and on timeline N (after N - 1
+    -- promotions) to at least (N - 1) * 2^40; rows are never deleted, so it
+    -- never goes back, even when a failover lost commits.
     fence       bigint      NOT NULL,
     -- Free text naming the holder (host:pid by default).
     owner       text        NOT NULL,
@@ -131,7 +277,23 @@ impl Statements {
     acquired_at timestamptz NOT NULL,
     -- NULL once released.
     expires_at  timestamptz NULL
-)"#
+);
+-- The failover marker (the empty key, which no lock can have): the timeline
+-- the table last saw (fence), and its max_ttl, the longest ttl a lock may have
+-- (expires_at - acquired_at). A promotion starts a quarantine of max_ttl in it,
+-- in which no lock is granted or extended. Created with the table, in the same
+-- transaction; on a table that has one, a longer max_ttl raises it (a shorter
+-- one is never set here: leases that long may be live).
+INSERT INTO {t} AS m (lock_key, token, fence, owner, acquired_at, expires_at)
+VALUES ('', '00000000-0000-0000-0000-000000000000'::uuid, {timeline},
+        'distrlock failover marker', timestamptz 'epoch',
+        timestamptz 'epoch' + {max_ttl_us}::int8 * interval '1 microsecond')
+ON CONFLICT (lock_key) DO UPDATE
+    SET expires_at = m.expires_at + ((EXCLUDED.expires_at - EXCLUDED.acquired_at)
+                                     - (m.expires_at - m.acquired_at))
+    WHERE m.expires_at - m.acquired_at < EXCLUDED.expires_at - EXCLUDED.acquired_at"#,
+            timeline = TIMELINE,
+            max_ttl_us = failover.max_ttl_us,
         );
 
         // pg_advisory_xact_lock makes concurrent CREATE TABLE IF NOT EXISTS safe: two
@@ -144,9 +306,11 @@ impl Statements {
             format!("SELECT pg_advisory_xact_lock({lock_id});\n{create_table}");
 
         let clock = CLOCK_CTE;
+        let acquire_failover = failover_ctes(&t, "$5", failover);
         let acquire = format!(
             r#"WITH
 {clock},
+{acquire_failover},
 -- Present and free (released or expired), or held by this same token: take it or
 -- renew it. A held row fails the WHERE clause before it is locked, so a refused
 -- try writes nothing and takes no row lock (unlike INSERT … ON CONFLICT DO UPDATE
@@ -154,32 +318,39 @@ impl Statements {
 taken AS (
     UPDATE {t} AS l SET
         -- Same token on a live lease keeps the fence (an idempotent retry); any
-        -- other takeover raises it by one, so fences only grow.
+        -- other takeover raises it by one, and to at least (timeline - 1) * 2^40,
+        -- so fences only grow, even past commits a failover lost.
         fence = CASE WHEN l.token = $2::uuid AND l.expires_at > clock.at
-                     THEN l.fence ELSE l.fence + 1 END,
+                     THEN l.fence
+                     ELSE GREATEST(l.fence + 1, (server.timeline - 1) << 40) END,
         acquired_at = CASE WHEN l.token = $2::uuid AND l.expires_at > clock.at
                            THEN l.acquired_at ELSE clock.at END,
         token = $2::uuid,
         owner = $4::text,
         -- Whole microseconds: no day part, so TimeZone cannot change the length.
         expires_at = clock.at + $3::int8 * interval '1 microsecond'
-    FROM clock
+    FROM clock, server, gate
     WHERE l.lock_key = $1::text
       AND (l.expires_at IS NULL OR l.expires_at <= clock.at OR l.token = $2::uuid)
+      -- Not in a failover quarantine, and no longer than the table allows.
+      AND gate.quarantine_us IS NULL AND $3::int8 <= gate.max_ttl_us
       -- No late effects: only before the caller's bound on the server's clock.
       AND clock.at_us < $5::int8
     RETURNING l.fence
 ),
--- Absent: insert the first holding with fence 1. The NOT EXISTS probe keeps the
+-- Absent: insert the first holding with fence 1 (on timeline N, (N - 1) * 2^40).
+-- The NOT EXISTS probe keeps the
 -- present-row paths from even attempting an insert; ON CONFLICT DO NOTHING settles
 -- a race with a concurrent first acquirer without an error (the loser gets no row
 -- and reports the lock as held).
 inserted AS (
     INSERT INTO {t} AS l (lock_key, token, fence, owner, acquired_at, expires_at)
-    SELECT $1::text, $2::uuid, 1, $4::text, clock.at,
-           clock.at + $3::int8 * interval '1 microsecond'
-    FROM clock
+    SELECT $1::text, $2::uuid, GREATEST(1, (server.timeline - 1) << 40), $4::text,
+           clock.at, clock.at + $3::int8 * interval '1 microsecond'
+    FROM clock, server, gate
     WHERE NOT EXISTS (SELECT 1 FROM {t} WHERE lock_key = $1::text)
+      -- Not in a failover quarantine, and no longer than the table allows.
+      AND gate.quarantine_us IS NULL AND $3::int8 <= gate.max_ttl_us
       -- No late effects: only before the caller's bound on the server's clock.
       AND clock.at_us < $5::int8
     ON CONFLICT (lock_key) DO NOTHING
@@ -202,25 +373,34 @@ SELECT
          THEN (EXTRACT(EPOCH FROM (l.expires_at - clock.at)) * 1000000)::int8
     END AS remaining_us,
     -- The statement's clock reading: when the lease was granted (it ends ttl later).
-    clock.at_us AS server_us
+    clock.at_us AS server_us,
+    -- Refused for a failover quarantine: the µs it has left; else NULL.
+    gate.quarantine_us,
+    -- The table's max_ttl: a ttl above it is refused.
+    gate.max_ttl_us
 FROM clock
+LEFT JOIN gate ON true
 LEFT JOIN taken ON true
 LEFT JOIN inserted ON true
 LEFT JOIN {t} AS l ON l.lock_key = $1::text"#
         );
 
+        let extend_failover = failover_ctes(&t, "$4", failover);
         let extend = format!(
             r#"WITH
 {clock},
+{extend_failover},
 -- Only the token of a live lease: a stale token updates nothing (NotHeld) and
 -- writes nothing. The new expiry counts from the server's clock now.
 renewed AS (
     UPDATE {t} AS l
     SET expires_at = clock.at + $3::int8 * interval '1 microsecond'
-    FROM clock
+    FROM clock, gate
     WHERE l.lock_key = $1::text
       AND l.token = $2::uuid
       AND l.expires_at > clock.at
+      -- Not in a failover quarantine, and no longer than the table allows.
+      AND gate.quarantine_us IS NULL AND $3::int8 <= gate.max_ttl_us
       -- No late effects: only before the caller's bound on the server's clock.
       AND clock.at_us < $4::int8
     RETURNING l.fence
@@ -229,14 +409,19 @@ renewed AS (
 -- at most the one row of the primary key).
 SELECT renewed.fence IS NOT NULL AS renewed,
        -- When the lease was renewed: it now ends ttl after this.
-       clock.at_us AS server_us
+       clock.at_us AS server_us,
+       -- Not renewed for a failover quarantine, or a ttl above max_ttl.
+       gate.quarantine_us,
+       gate.max_ttl_us
 FROM clock
+LEFT JOIN gate ON true
 LEFT JOIN renewed ON true"#
         );
 
         let extend_many = format!(
             r#"WITH
 {clock},
+{extend_failover},
 -- The same guard as the single extend, for every (key, token) pair of the two
 -- arrays at once: one statement, one round trip, one commit for the batch, and
 -- one clock reading for all of it. Each lease is renewed only if its token holds
@@ -262,11 +447,13 @@ lockable AS (
 renewed AS (
     UPDATE {t} AS l
     SET expires_at = clock.at + $3::int8 * interval '1 microsecond'
-    FROM clock, batch
+    FROM clock, gate, batch
     WHERE l.lock_key = batch.lock_key COLLATE "C"
       AND l.token = batch.token
       AND l.lock_key IN (SELECT lock_key FROM lockable)
       AND l.expires_at > clock.at
+      -- Not in a failover quarantine, and no longer than the table allows.
+      AND gate.quarantine_us IS NULL AND $3::int8 <= gate.max_ttl_us
       -- No late effects: only before the caller's bound on the server's clock.
       AND clock.at_us < $4::int8
     RETURNING l.lock_key, l.token
@@ -287,23 +474,34 @@ busy AS (
 -- row of NULLs when none was busy).
 SELECT renewed.lock_key, renewed.token, false AS busy,
        -- When the leases were renewed: each now ends ttl after this.
-       clock.at_us AS server_us
+       clock.at_us AS server_us,
+       -- None renewed for a failover quarantine, or a ttl above max_ttl.
+       gate.quarantine_us,
+       gate.max_ttl_us
 FROM clock
+LEFT JOIN gate ON true
 LEFT JOIN renewed ON true
 UNION ALL
-SELECT busy.lock_key, busy.token, true, clock.at_us
+SELECT busy.lock_key, busy.token, true, clock.at_us, gate.quarantine_us, gate.max_ttl_us
 FROM clock
+LEFT JOIN gate ON true
 LEFT JOIN busy ON true"#
         );
 
+        let durable = DURABLE_COMMIT;
         let release = format!(
             r#"WITH
 {clock},
+-- Durable commits, as for acquire: 'off' and 'local' become 'on' for this
+-- transaction only, stronger levels are kept.
+durable AS MATERIALIZED (
+    SELECT {durable} AS synchronous_commit
+),
 -- Only the token of a live lease. The row is kept (expires_at NULL) so the next
 -- holder's fence continues from this one.
 released AS (
     UPDATE {t} AS l SET expires_at = NULL
-    FROM clock
+    FROM clock, durable
     WHERE l.lock_key = $1::text
       AND l.token = $2::uuid
       AND l.expires_at > clock.at
@@ -348,8 +546,10 @@ LEFT JOIN {t} AS l
         );
         // COLLATE "C": byte order, as LockKey's Ord, even on a table created by
         // hand with another collation.
+        // The failover marker (the empty key) is no lock: never listed.
         let list = format!(
-            "WITH\n{clock}\nSELECT {columns}\nFROM {t} AS l, clock\nORDER BY l.lock_key COLLATE \"C\""
+            "WITH\n{clock}\nSELECT {columns}\nFROM {t} AS l, clock\nWHERE l.lock_key <> ''\n\
+             ORDER BY l.lock_key COLLATE \"C\""
         );
 
         // The channel holds only [A-Za-z0-9_.:], so quoting it is safe; quoted, its
@@ -379,15 +579,15 @@ LEFT JOIN {t} AS l
 pub struct LockSql {
     /// Try-acquire: `$1` key text, `$2` token uuid, `$3` ttl µs int8, `$4` owner
     /// text, `$5` not-after bound int8 (µs since the epoch on the server's clock;
-    /// `i64::MAX` for none); returns one row `(fence, remaining_us, server_us)`, a
-    /// NULL fence when refused.
+    /// `i64::MAX` for none); returns one row `(fence, remaining_us, server_us,
+    /// quarantine_us, max_ttl_us)`, a NULL fence when refused.
     pub acquire: String,
     /// Extend: `$1` key, `$2` token, `$3` ttl µs, `$4` bound; one row `(renewed,
-    /// server_us)`.
+    /// server_us, quarantine_us, max_ttl_us)`.
     pub extend: String,
     /// Batch extend: `$1` text[], `$2` uuid[], `$3` ttl µs, `$4` bound; the renewed
-    /// pairs
-    /// `(lock_key, token, server_us)`, or one row with NULL pair if none.
+    /// pairs `(lock_key, token, busy, server_us, quarantine_us, max_ttl_us)`, or
+    /// one row with NULL pair if none, then the busy ones.
     pub extend_many: String,
     /// Release: `$1` key, `$2` token, `$3` channel, `$4` bound; one row
     /// `(released, server_us)`, `released` true when released now.
@@ -399,7 +599,7 @@ pub struct LockSql {
 impl LockSql {
     /// The statements for `table`.
     pub fn for_table(table: &TableName) -> Self {
-        let s = Statements::new(table);
+        let s = Statements::new(table, Failover::DEFAULT);
         Self {
             acquire: s.acquire,
             extend: s.extend,
@@ -558,7 +758,7 @@ mod tests {
 
     #[test]
     fn uses_only_the_server_clock_and_timestamptz() {
-        let s = Statements::new(&TableName::default());
+        let s = Statements::new(&TableName::default(), Failover::DEFAULT);
         for sql in all(&s) {
             let lower = without_comments(sql).to_lowercase();
             assert!(!lower.contains("now()"), "now() in {sql}");
@@ -583,7 +783,7 @@ mod tests {
 
     #[test]
     fn every_lock_statement_answers_its_clock_reading_in_every_case() {
-        let s = Statements::new(&TableName::default());
+        let s = Statements::new(&TableName::default(), Failover::DEFAULT);
         for sql in lock_statements(&s) {
             let code = without_comments(sql);
             assert!(code.contains("clock.at_us AS server_us"), "{sql}");
@@ -600,7 +800,7 @@ mod tests {
 
     #[test]
     fn every_write_is_bounded_by_the_callers_not_after_in_integer_micros() {
-        let s = Statements::new(&TableName::default());
+        let s = Statements::new(&TableName::default(), Failover::DEFAULT);
         for (sql, types) in [
             (&s.acquire, ACQUIRE_TYPES),
             (&s.extend, EXTEND_TYPES),
@@ -656,7 +856,7 @@ mod tests {
     #[test]
     fn quotes_qualified_mixed_case_names_everywhere() {
         let table = TableName::new("Locks_Schema.My_Locks").unwrap();
-        let s = Statements::new(&table);
+        let s = Statements::new(&table, Failover::DEFAULT);
         for sql in all(&s) {
             assert!(sql.contains(r#""Locks_Schema"."My_Locks""#), "{sql}");
             assert!(!sql.contains(" Locks_Schema.My_Locks"), "{sql}");
@@ -705,6 +905,65 @@ mod tests {
             );
         }
         assert!(!local.contains("BEGIN"));
+    }
+
+    #[test]
+    fn every_write_commits_durably_and_every_grant_passes_the_failover_gate() {
+        let s = Statements::new(&TableName::default(), Failover::DEFAULT);
+        for sql in lock_statements(&s) {
+            let code = without_comments(sql);
+            assert!(code.contains("set_config('synchronous_commit'"), "{sql}");
+            // 'off' and 'local' are raised to 'on'; the rest kept as they are.
+            assert!(
+                code.contains("IN ('off', 'local')\n                    THEN 'on' ELSE current_setting('synchronous_commit') END"),
+                "{sql}"
+            );
+        }
+        for (sql, ttl) in [
+            (&s.acquire, "$3"),
+            (&s.extend, "$3"),
+            (&s.extend_many, "$3"),
+        ] {
+            let code = without_comments(sql);
+            assert!(
+                code.contains("pg_walfile_name(pg_current_wal_lsn())"),
+                "{sql}"
+            );
+            let gate = format!("AND gate.quarantine_us IS NULL AND {ttl}::int8 <= gate.max_ttl_us");
+            // Every write but the marker's own passes the gate.
+            let grants = code
+                .split(" AS (")
+                .skip(1)
+                .filter(|cte| {
+                    let head = cte.trim_start();
+                    (head.starts_with("UPDATE") || head.starts_with("INSERT"))
+                        && !head.contains("'distrlock failover marker'")
+                })
+                .collect::<Vec<_>>();
+            assert!(!grants.is_empty());
+            for grant in grants {
+                assert!(grant.contains(&gate), "ungated grant in {sql}");
+            }
+            assert!(code.contains("gate.quarantine_us,"), "{sql}");
+        }
+        // Fences start at (timeline - 1) * 2^40 on every path that sets one.
+        assert_eq!(s.acquire.matches("(server.timeline - 1) << 40").count(), 2);
+        // The marker is created with the table, in its transaction.
+        assert!(s.create_table.contains("'distrlock failover marker'"));
+        assert!(s.create_table_locked.ends_with(&s.create_table));
+        // Never listed; a quarantine that is off never refuses.
+        assert!(s.list.contains("WHERE l.lock_key <> ''"));
+        let off = Statements::new(
+            &TableName::default(),
+            Failover {
+                quarantine: false,
+                ..Failover::DEFAULT
+            },
+        );
+        assert!(off.acquire.contains("SELECT NULL::int8 AS quarantine_us"));
+        assert!(!s.acquire.contains("SELECT NULL::int8 AS quarantine_us"));
+        // A table without a marker gets the config's max_ttl: 5 min by default.
+        assert!(s.acquire.contains("COALESCE(marker.max_ttl_us, 300000000)"));
     }
 
     #[test]

@@ -1924,3 +1924,248 @@ async fn a_row_locked_by_another_transaction_does_not_stall_the_batch() {
     }
     t.drop_table().await;
 }
+
+/// Makes the table's failover marker say it last saw timeline 0: to the next lock
+/// statement this server looks promoted (it is on timeline 1 or later), as after a
+/// failover to a standby.
+async fn pretend_promoted(t: &TestBackend) {
+    let changed = t
+        .admin
+        .execute(
+            &format!("UPDATE \"{}\" SET fence = 0 WHERE lock_key = ''", t.table),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(changed, 1, "create_table wrote the failover marker");
+}
+
+/// The failover marker's (timeline, max_ttl µs, quarantine start µs).
+async fn marker(t: &TestBackend) -> Option<(i64, i64, i64)> {
+    t.admin
+        .query_opt(
+            &format!(
+                "SELECT fence, \
+                        (EXTRACT(EPOCH FROM (expires_at - acquired_at)) * 1000000)::int8, \
+                        (EXTRACT(EPOCH FROM acquired_at) * 1000000)::int8 \
+                 FROM \"{}\" WHERE lock_key = ''",
+                t.table
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_timeline_starts_a_failover_quarantine_of_max_ttl() {
+    let name = "a_new_timeline_starts_a_failover_quarantine_of_max_ttl";
+    let max_ttl = Duration::from_secs(3);
+    let Some(t) = TestBackend::new(name, |b| b.max_ttl(max_ttl)).await else {
+        return;
+    };
+    let (timeline, max_ttl_us, start_us) = marker(&t).await.expect("a marker");
+    assert!(timeline >= 1);
+    assert_eq!(max_ttl_us, 3_000_000);
+    assert_eq!(start_us, 0, "no quarantine: it starts at the epoch");
+    let held = key("held-across");
+    let held_token = Token::new();
+    fence_of(
+        t.backend
+            .try_acquire(&held, &held_token, ttl(Duration::from_secs(2)), "a", soon())
+            .await
+            .unwrap(),
+    );
+
+    pretend_promoted(&t).await;
+    let started = Instant::now();
+    let k = key("after-promotion");
+    let token = Token::new();
+    match t
+        .backend
+        .try_acquire(&k, &token, ttl(Duration::from_secs(1)), "b", soon())
+        .await
+        .unwrap()
+    {
+        AcquireOutcome::Held { remaining } => {
+            let remaining = remaining.expect("the quarantine's end");
+            assert!(
+                remaining >= max_ttl && remaining <= max_ttl + Duration::from_millis(1100),
+                "{remaining:?}"
+            );
+        }
+        other => panic!("granted in the quarantine: {other:?}"),
+    }
+    // The first statement recorded the new timeline and the quarantine's start.
+    let (seen, max_ttl_us, start_us) = marker(&t).await.unwrap();
+    assert_eq!(seen, timeline);
+    assert_eq!(max_ttl_us, 3_000_000, "the quarantine keeps the max_ttl");
+    assert!(start_us > 0);
+    // No extend either: the old timeline may have granted this key to another
+    // token in a commit the promotion lost.
+    match t
+        .backend
+        .extend(&held, &held_token, ttl(Duration::from_secs(2)), soon())
+        .await
+    {
+        Err(e) => {
+            assert!(e.is_transient(), "{e:?}");
+            assert!(e.to_string().contains("failover quarantine"), "{e}");
+        }
+        Ok(at) => panic!("extended in the quarantine at {at:?}"),
+    }
+    let batch = t
+        .backend
+        .extend_many(
+            &[(held.clone(), held_token)],
+            ttl(Duration::from_secs(2)),
+            soon(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(&batch[0], Err(e) if e.is_transient() && e.to_string().contains("failover quarantine")),
+        "{batch:?}"
+    );
+    // Nor does a second statement restart it, and the marker is never listed.
+    let listed = t.backend.list().await.unwrap();
+    assert!(listed.iter().all(|info| !info.key.as_str().is_empty()));
+    assert_eq!(listed.len(), 1, "{listed:?}");
+
+    // Granted once max_ttl (+ 0.2 % + 1 s) has passed since the first statement.
+    let fence = loop {
+        match t
+            .backend
+            .try_acquire(&k, &token, ttl(Duration::from_secs(1)), "b", soon())
+            .await
+            .unwrap()
+        {
+            AcquireOutcome::Acquired { fence, .. } => break fence.get(),
+            AcquireOutcome::Held { .. } => {
+                assert!(started.elapsed() < Duration::from_secs(6), "still refused");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert!(
+        started.elapsed() >= max_ttl,
+        "granted after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(fence, 1.max((timeline - 1) << 40));
+    assert_eq!(marker(&t).await.unwrap().2, start_us, "one quarantine");
+    t.drop_table().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_quarantine_a_new_timeline_grants_at_once() {
+    let name = "without_the_quarantine_a_new_timeline_grants_at_once";
+    let Some(t) = TestBackend::new(name, |b| b.failover_quarantine(false)).await else {
+        return;
+    };
+    pretend_promoted(&t).await;
+    fence_of(
+        t.backend
+            .try_acquire(
+                &key("k"),
+                &Token::new(),
+                ttl(Duration::from_secs(1)),
+                "a",
+                soon(),
+            )
+            .await
+            .unwrap(),
+    );
+    // The new timeline is recorded all the same.
+    assert!(marker(&t).await.unwrap().0 >= 1);
+    t.drop_table().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_ttl_is_the_tables_and_create_table_only_raises_it() {
+    let name = "max_ttl_is_the_tables_and_create_table_only_raises_it";
+    let Some(t) = TestBackend::new(name, |b| b.max_ttl(Duration::from_secs(10))).await else {
+        return;
+    };
+    let k = key("long");
+    let long = ttl(Duration::from_secs(11));
+    match t
+        .backend
+        .try_acquire(&k, &Token::new(), long, "a", soon())
+        .await
+    {
+        Err(Error::InvalidTtl { reason }) => assert!(reason.contains("max_ttl"), "{reason}"),
+        other => panic!("expected InvalidTtl, got {other:?}"),
+    }
+    // Held by another token, a too-long ttl is still the caller's error.
+    let holder = Token::new();
+    fence_of(
+        t.backend
+            .try_acquire(&k, &holder, ttl(Duration::from_secs(5)), "a", soon())
+            .await
+            .unwrap(),
+    );
+    assert!(matches!(
+        t.backend
+            .try_acquire(&k, &Token::new(), long, "b", soon())
+            .await,
+        Err(Error::InvalidTtl { .. })
+    ));
+    assert!(matches!(
+        t.backend.extend(&k, &holder, long, soon()).await,
+        Err(Error::InvalidTtl { .. })
+    ));
+    // Another client's longer max_ttl raises the table's; its shorter one does not
+    // lower it.
+    let raiser = t.sibling(|b| b.max_ttl(Duration::from_secs(20))).await;
+    raiser.create_table().await.unwrap();
+    assert_eq!(marker(&t).await.unwrap().1, 20_000_000);
+    let lowerer = t.sibling(|b| b.max_ttl(Duration::from_secs(5))).await;
+    lowerer.create_table().await.unwrap();
+    assert_eq!(marker(&t).await.unwrap().1, 20_000_000);
+    t.backend.extend(&k, &holder, long, soon()).await.unwrap();
+    // Every client reads the table's max_ttl, whatever its own config says.
+    let other = Token::new();
+    t.backend.release(&k, &holder, soon()).await.unwrap();
+    fence_of(
+        lowerer
+            .try_acquire(&k, &other, ttl(Duration::from_secs(15)), "c", soon())
+            .await
+            .unwrap(),
+    );
+    t.drop_table().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_without_a_failover_marker_gets_one_on_first_use() {
+    let name = "a_table_without_a_failover_marker_gets_one_on_first_use";
+    let Some(t) = TestBackend::new(name, |b| b.max_ttl(Duration::from_secs(42))).await else {
+        return;
+    };
+    // As a table made from an older DDL.
+    t.admin
+        .batch_execute(&format!("DELETE FROM \"{}\" WHERE lock_key = ''", t.table))
+        .await
+        .unwrap();
+    assert_eq!(marker(&t).await, None);
+    fence_of(
+        t.backend
+            .try_acquire(
+                &key("k"),
+                &Token::new(),
+                ttl(Duration::from_secs(1)),
+                "a",
+                soon(),
+            )
+            .await
+            .unwrap(),
+    );
+    let (timeline, max_ttl_us, start_us) = marker(&t).await.expect("written on first use");
+    assert_eq!(max_ttl_us, 42_000_000);
+    // On the first timeline there can have been no failover: no quarantine.
+    if timeline == 1 {
+        assert_eq!(start_us, 0);
+    }
+    t.drop_table().await;
+}
