@@ -14,7 +14,7 @@ mod common;
 use std::time::Duration;
 
 use common::{soon, unique};
-use distrlock_core::{AcquireOutcome, LockBackend, LockKey, Token, Ttl};
+use distrlock_core::{AcquireOutcome, Error, LockBackend, LockKey, LockState, Token, Ttl};
 use distrlock_postgres::{PostgresBackend, PostgresConfig};
 use distrlock_testkit::{PostgresPair, ThrowawayServer, skip};
 use tokio::time::Instant;
@@ -46,14 +46,24 @@ fn pair_or_skip(test: &str) -> Option<PostgresPair> {
     }
 }
 
-/// The settings every backend of these tests uses on `table` at `url`: short
-/// timeouts, no listener (a promoted standby has no notifications to give).
+/// The max_ttl of the failover tests' tables, and so the length of their
+/// quarantine after a promotion.
+const MAX_TTL: Duration = Duration::from_secs(3);
+
+/// What the quarantine adds to the table's max_ttl, at most: the clock-rate
+/// allowance (0.2 %) and the backend's margin of 1 s.
+const QUARANTINE_MARGIN: Duration = Duration::from_millis(1100);
+
+/// The settings every backend of these tests uses on `table` at `url`: a table
+/// of max_ttl [`MAX_TTL`] (when it creates it), short timeouts, no listener (a
+/// promoted standby has no notifications to give).
 fn config(url: &str, table: &str) -> distrlock_postgres::PostgresConfigBuilder {
     PostgresConfig::builder()
         .url(url)
         .table(table)
         .pool_size(2)
         .listen(false)
+        .max_ttl(MAX_TTL)
         .connect_timeout(Duration::from_secs(2))
         .statement_timeout(Duration::from_secs(2))
 }
@@ -85,7 +95,7 @@ async fn acquire_within(
     let mut last = None;
     while started.elapsed() < within {
         match backend
-            .try_acquire(k, token, ttl(Duration::from_secs(5)), "after", soon())
+            .try_acquire(k, token, ttl(MAX_TTL), "after", soon())
             .await
         {
             Ok(AcquireOutcome::Acquired { fence, .. }) => return (fence.get(), started.elapsed()),
@@ -99,8 +109,40 @@ async fn acquire_within(
 }
 
 /// How long a test waits for a key after a failover: the lost leases' ttls,
-/// and the quarantine if there is one.
+/// and the quarantine.
 const GRANT_WITHIN: Duration = Duration::from_secs(15);
+
+/// The fence of the first holding on timeline 2: (2 - 1) * 2^40.
+const TIMELINE_2: i64 = 1 << 40;
+
+/// On `pair`, a failover that loses a holding: `k` is taken by "first"
+/// (replicated), then, with replication frozen, released and taken by "lost"
+/// with fence `lost`, ttl [`MAX_TTL`]; then the primary dies and the standby is
+/// promoted. Returns the table and `(first, lost)` fences.
+async fn lose_a_holding(pair: &mut PostgresPair, k: &LockKey) -> (String, i64, i64) {
+    let (primary, table) = primary_backend(pair).await;
+    let first = Token::new();
+    let lease = ttl(Duration::from_secs(1));
+    let f1 = fence_of(
+        primary
+            .try_acquire(k, &first, lease, "first", soon())
+            .await
+            .unwrap(),
+    );
+    pair.wait_caught_up().unwrap();
+    pair.replication_proxy().freeze();
+    primary.release(k, &first, soon()).await.unwrap();
+    let lost = fence_of(
+        primary
+            .try_acquire(k, &Token::new(), ttl(MAX_TTL), "lost", soon())
+            .await
+            .unwrap(),
+    );
+    assert_eq!(lost, f1 + 1);
+    pair.kill_primary();
+    pair.promote().unwrap();
+    (table, f1, lost)
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fence_after_a_lossy_async_failover_is_greater_than_the_lost_one() {
@@ -161,14 +203,14 @@ async fn no_lease_is_granted_to_another_token_right_after_a_lossy_failover() {
 
     pair.replication_proxy().freeze();
     let k = key("failover-holder");
-    let lease = Duration::from_secs(30);
+    let lease = MAX_TTL;
     let fence = fence_of(
         primary
             .try_acquire(&k, &Token::new(), ttl(lease), "holder", soon())
             .await
             .unwrap(),
     );
-    // The holder was told it holds the key for 30 s, and goes on working.
+    // The holder was told it holds the key for its lease, and goes on working.
     pair.kill_primary();
     pair.promote().unwrap();
 
@@ -183,7 +225,7 @@ async fn no_lease_is_granted_to_another_token_right_after_a_lossy_failover() {
     assert!(
         matches!(answer, Ok(AcquireOutcome::Held { .. })),
         "right after the failover another token must be refused while the holder's \
-         lost lease (fence {fence}, 30 s) may still be running; got {answer:?}: two holders"
+         lost lease (fence {fence}, {lease:?}) may still be running; got {answer:?}: two holders"
     );
 }
 
@@ -283,7 +325,7 @@ async fn a_lock_write_waits_for_the_synchronous_standby_even_when_the_database_s
                 .try_acquire(
                     &key("sync-wait"),
                     &Token::new(),
-                    ttl(Duration::from_secs(30)),
+                    ttl(MAX_TTL),
                     "waits",
                     soon(),
                 )
@@ -313,5 +355,243 @@ async fn a_lock_write_waits_for_the_synchronous_standby_even_when_the_database_s
     assert!(
         sync_rep,
         "the acquire hung, but not in the commit's wait for the standby (no SyncRep wait)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quarantine_after_a_promotion_lasts_the_tables_max_ttl_then_grants() {
+    let name = "the_quarantine_after_a_promotion_lasts_the_tables_max_ttl_then_grants";
+    let Some(mut pair) = pair_or_skip(name) else {
+        return;
+    };
+    let k = key("quarantine");
+    let (table, _, lost) = lose_a_holding(&mut pair, &k).await;
+    let standby = backend(&pair.standby_url(), &table).await;
+    // Another key, which never had a row: the quarantine is the table's.
+    let fresh = key("quarantine-fresh");
+    let started = Instant::now();
+    for k in [&k, &fresh] {
+        match standby
+            .try_acquire(k, &Token::new(), ttl(MAX_TTL), "early", soon())
+            .await
+            .unwrap()
+        {
+            AcquireOutcome::Held {
+                remaining: Some(left),
+            } => assert!(
+                left > MAX_TTL - Duration::from_millis(500) && left <= MAX_TTL + QUARANTINE_MARGIN,
+                "{k}: the quarantine has {left:?} left right after the promotion; \
+                 expected the table's max_ttl {MAX_TTL:?} (+ at most {QUARANTINE_MARGIN:?})"
+            ),
+            other => panic!("{k}: right after the promotion: {other:?}"),
+        }
+    }
+    let (fence, _) = acquire_within(&standby, &k, &Token::new(), GRANT_WITHIN).await;
+    let waited = started.elapsed();
+    assert!(
+        waited >= MAX_TTL - Duration::from_millis(200)
+            && waited <= MAX_TTL + QUARANTINE_MARGIN + Duration::from_secs(1),
+        "granted {waited:?} after the first try; the quarantine is max_ttl {MAX_TTL:?} \
+         + at most {QUARANTINE_MARGIN:?}"
+    );
+    assert!(
+        fence >= TIMELINE_2 && fence > lost,
+        "fence {fence} on timeline 2"
+    );
+    let (fresh_fence, _) =
+        acquire_within(&standby, &fresh, &Token::new(), Duration::from_secs(1)).await;
+    assert_eq!(
+        fresh_fence, TIMELINE_2,
+        "a new key's first fence on timeline 2"
+    );
+    let listed: Vec<_> = standby.list().await.unwrap();
+    assert!(
+        listed.iter().all(|info| !info.key.as_str().is_empty()),
+        "the failover marker is not listed: {listed:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extend_during_the_quarantine_is_a_transient_error() {
+    let name = "extend_during_the_quarantine_is_a_transient_error";
+    let Some(mut pair) = pair_or_skip(name) else {
+        return;
+    };
+    let (primary, table) = primary_backend(&pair).await;
+    let (k, token) = (key("extend-quarantined"), Token::new());
+    fence_of(
+        primary
+            .try_acquire(&k, &token, ttl(MAX_TTL), "holder", soon())
+            .await
+            .unwrap(),
+    );
+    // The lease survives the failover: the standby has it.
+    pair.wait_caught_up().unwrap();
+    pair.kill_primary();
+    pair.promote().unwrap();
+
+    let standby = backend(&pair.standby_url(), &table).await;
+    let info = standby
+        .inspect(&k)
+        .await
+        .unwrap()
+        .expect("the replicated lease");
+    assert_eq!(info.state, LockState::Held);
+    let quarantined = |what: &str, answer: &distrlock_core::Result<_>| match answer {
+        Err(Error::Backend {
+            message, transient, ..
+        }) => assert!(
+            *transient && message.contains("failover quarantine"),
+            "{what}: a transient error that names the failover quarantine, got {message:?} \
+             (transient: {transient})"
+        ),
+        Err(other) => panic!("{what}: expected a transient Backend error, got {other:?}"),
+        Ok(_) => panic!("{what}: renewed during the failover quarantine"),
+    };
+    let answer = standby.extend(&k, &token, ttl(MAX_TTL), soon()).await;
+    quarantined("extend", &answer);
+    let many = standby
+        .extend_many(&[(k.clone(), token.clone())], ttl(MAX_TTL), soon())
+        .await
+        .unwrap();
+    assert_eq!(many.len(), 1);
+    quarantined("extend_many", &many[0]);
+    let after = standby.inspect(&k).await.unwrap().unwrap();
+    assert_eq!(
+        after.expires_at, info.expires_at,
+        "the refused extends changed nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ttl_above_the_tables_max_ttl_is_invalid() {
+    let name = "a_ttl_above_the_tables_max_ttl_is_invalid";
+    let Some(admin) = common::admin_or_skip(name).await else {
+        return;
+    };
+    let table = unique("dl_max_ttl");
+    let short = backend(&common::url(), &table).await;
+    short.create_table().await.unwrap();
+    // A client whose own max_ttl is longer: the table's counts.
+    let long = PostgresBackend::from_config(
+        config(&common::url(), &table)
+            .max_ttl(Duration::from_secs(60))
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let over = ttl(MAX_TTL + Duration::from_millis(1));
+    for (who, backend) in [("creator", &short), ("other client", &long)] {
+        let (k, token) = (key(&format!("max-ttl-{who}")), Token::new());
+        let answer = backend.try_acquire(&k, &token, over, who, soon()).await;
+        assert!(
+            matches!(answer, Err(Error::InvalidTtl { .. })),
+            "{who}: try_acquire with {over:?} on a table of max_ttl {MAX_TTL:?}: {answer:?}"
+        );
+        assert!(
+            backend.inspect(&k).await.unwrap().is_none(),
+            "nothing written"
+        );
+        fence_of(
+            backend
+                .try_acquire(&k, &token, ttl(MAX_TTL), who, soon())
+                .await
+                .unwrap(),
+        );
+        let answer = backend.extend(&k, &token, over, soon()).await;
+        assert!(
+            matches!(answer, Err(Error::InvalidTtl { .. })),
+            "{who}: extend with {over:?}: {answer:?}"
+        );
+        backend
+            .extend(&k, &token, ttl(MAX_TTL), soon())
+            .await
+            .unwrap();
+        backend.release(&k, &token, soon()).await.unwrap();
+    }
+    let _ = admin
+        .batch_execute(&format!("DROP TABLE IF EXISTS \"{table}\""))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_quarantine_a_promoted_standby_grants_at_once_with_a_greater_fence() {
+    let name = "without_the_quarantine_a_promoted_standby_grants_at_once_with_a_greater_fence";
+    let Some(mut pair) = pair_or_skip(name) else {
+        return;
+    };
+    // A key with no row on the standby, and one whose lost holding it never saw.
+    let k = key("no-quarantine");
+    let (table, _, lost) = lose_a_holding(&mut pair, &k).await;
+    let standby = PostgresBackend::from_config(
+        config(&pair.standby_url(), &table)
+            .failover_quarantine(false)
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let fresh = fence_of(
+        standby
+            .try_acquire(
+                &key("no-quarantine-fresh"),
+                &Token::new(),
+                ttl(MAX_TTL),
+                "at-once",
+                soon(),
+            )
+            .await
+            .unwrap(),
+    );
+    assert_eq!(fresh, TIMELINE_2, "granted at once, on timeline 2");
+    // The replicated "first" holding (1 s) must run out; nothing else waits.
+    let (fence, waited) = acquire_within(&standby, &k, &Token::new(), Duration::from_secs(3)).await;
+    assert!(
+        fence >= TIMELINE_2 && fence > lost,
+        "fence {fence} after the failover, lost {lost}"
+    );
+    assert!(
+        waited < Duration::from_secs(2),
+        "granted only after {waited:?}: no quarantine was asked for"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_synchronous_failover_loses_no_lease() {
+    let name = "a_synchronous_failover_loses_no_lease";
+    let Some(mut pair) = pair_or_skip(name) else {
+        return;
+    };
+    let (primary, table) = primary_backend(&pair).await;
+    pair.make_synchronous().unwrap();
+    let (k, token) = (key("sync-failover"), Token::new());
+    let fence = fence_of(
+        primary
+            .try_acquire(&k, &token, ttl(MAX_TTL), "holder", soon())
+            .await
+            .unwrap(),
+    );
+    // Nothing more reaches the standby once the acquire has returned.
+    pair.replication_proxy().freeze();
+    pair.kill_primary();
+    pair.promote().unwrap();
+
+    let standby = backend(&pair.standby_url(), &table).await;
+    let info = standby.inspect(&k).await.unwrap();
+    assert!(
+        matches!(&info, Some(info) if info.fence.get() == fence
+            && info.owner == "holder"
+            && info.state == LockState::Held),
+        "the lease granted before the crash (fence {fence}) must be on the promoted \
+         synchronous standby: {info:?}"
+    );
+    let answer = standby
+        .try_acquire(&k, &Token::new(), ttl(MAX_TTL), "other", soon())
+        .await
+        .unwrap();
+    assert!(
+        matches!(answer, AcquireOutcome::Held { remaining: Some(_) }),
+        "another token is refused: {answer:?}"
     );
 }
