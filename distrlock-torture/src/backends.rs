@@ -10,11 +10,12 @@ use distrlock_postgres::{PostgresBackend, PostgresConfig};
 /// What a torture run sets on top of [`open`]'s defaults (PostgreSQL only).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendOptions {
-    /// `PostgresConfigBuilder::failover_quarantine`: `false` to measure what
-    /// the quarantine after a failover prevents.
+    /// [`PostgresConfigBuilder::failover_quarantine`](distrlock_postgres::PostgresConfigBuilder::failover_quarantine):
+    /// `false` to measure what the quarantine after a failover prevents.
     pub failover_quarantine: bool,
-    /// `PostgresConfigBuilder::max_ttl`, the longest ttl of a table that
-    /// `create_table` creates; `None` for the default.
+    /// [`PostgresConfigBuilder::max_ttl`](distrlock_postgres::PostgresConfigBuilder::max_ttl),
+    /// the longest ttl of a table that `create_table` creates; `None` for the
+    /// default.
     pub max_ttl: Option<Duration>,
 }
 
@@ -84,10 +85,13 @@ pub async fn open_with(
             .application_name(application_name)
             .connect_timeout(Duration::from_secs(2))
             .statement_timeout(Duration::from_secs(2))
-            .lock_timeout(Duration::from_millis(500));
-        // Until the failover API is merged: the options are not applied.
-        let _ = options;
-        let config = config.build()?;
+            .lock_timeout(Duration::from_millis(500))
+            .failover_quarantine(options.failover_quarantine);
+        let config = match options.max_ttl {
+            Some(max_ttl) => config.max_ttl(max_ttl),
+            None => config,
+        }
+        .build()?;
         return Ok(Arc::new(PostgresBackend::from_config(config).await?));
     }
     if url.starts_with("mysql://") {
