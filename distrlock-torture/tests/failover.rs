@@ -47,14 +47,15 @@ const LAG: Duration = Duration::from_secs(1);
 const LAG_HOLDINGS: usize = 3;
 const LAG_MAX: Duration = Duration::from_secs(5);
 /// Allowed on top of `MAX_TTL` for every key to be granted again after the
-/// promotion: the quarantine's margin, the moving of the connections, the
-/// waiters' polling and a round trip.
-const KEY_RECOVERY_SLACK: Duration = Duration::from_secs(2);
+/// promotion: the quarantine's own margin (1 s and 0.2 %), the moving of the
+/// connections, a wait that timed out just then, the waiters' polling and a
+/// round trip.
+const KEY_RECOVERY_SLACK: Duration = Duration::from_secs(3);
 /// Allowed on top of `MAX_TTL` for every worker to hold a lock again after the
 /// promotion: [`KEY_RECOVERY_SLACK`], and a worker that lost the race for its
 /// key when the quarantine ended and waits behind the winner's hold (up to
 /// three ttls).
-const WORKER_RECOVERY_SLACK: Duration = Duration::from_secs(2 + 3 * 2);
+const WORKER_RECOVERY_SLACK: Duration = Duration::from_secs(3 + 3 * 2);
 
 const TABLE: &str = "torture_failover";
 
