@@ -451,7 +451,7 @@ async fn extend_during_the_quarantine_is_a_transient_error() {
     let answer = standby.extend(&k, &token, ttl(MAX_TTL), soon()).await;
     quarantined("extend", &answer);
     let many = standby
-        .extend_many(&[(k.clone(), token.clone())], ttl(MAX_TTL), soon())
+        .extend_many(&[(k.clone(), token)], ttl(MAX_TTL), soon())
         .await
         .unwrap();
     assert_eq!(many.len(), 1);
