@@ -148,7 +148,7 @@ pub(crate) enum Command {
     Status(StatusArgs),
 
     /// Create the lock table in the database (safe to repeat)
-    Init,
+    Init(InitArgs),
 
     /// Print the DDL of the lock table for the URL's backend, for your migration tool
     Schema,
@@ -164,6 +164,16 @@ pub(crate) enum Command {
     /// Print the man page (roff): `distrlock man > /usr/local/share/man/man1/distrlock.1`
     #[command(hide = true)]
     Man,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct InitArgs {
+    /// PostgreSQL: the table's longest ttl, which is also how long a promoted
+    /// standby grants no lock after a failover (the failover quarantine); a
+    /// table that has a shorter one is raised to it, never lowered. Other
+    /// databases have no such limit
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_ttl)]
+    pub(crate) max_ttl: Duration,
 }
 
 #[derive(Debug, Args)]

@@ -46,6 +46,11 @@ impl CliError {
     /// Maps a lock error to its exit code and a message that says what to do.
     pub(crate) fn from_lock(error: Error, url: &DbUrl, table: &str) -> Self {
         match error {
+            // PostgreSQL: longer than the table's max_ttl.
+            Error::InvalidTtl { ref reason } if reason.contains("max_ttl") => Self::usage(format!(
+                "{error}; raise the table's max_ttl with `distrlock init --max-ttl <DURATION>` \
+                 (it is also how long a promoted standby grants no lock)"
+            )),
             Error::InvalidKey { .. }
             | Error::InvalidTtl { .. }
             | Error::InvalidToken { .. }

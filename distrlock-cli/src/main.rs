@@ -108,14 +108,23 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
         Command::Acquire(args) => args.wait.is_some(),
         _ => false,
     };
-    let db = Db::open(url, cli.table, listen).await?;
+    // PostgreSQL's table-wide max_ttl, for `init`, and for a table that has
+    // none yet (made by an older version): long enough for this command's ttl.
+    let max_ttl = match &cli.command {
+        Command::Init(args) => args.max_ttl,
+        Command::Run(args) => args.ttl.max(open::DEFAULT_MAX_TTL),
+        Command::Acquire(args) => args.ttl.max(open::DEFAULT_MAX_TTL),
+        Command::Extend(args) => args.ttl.max(open::DEFAULT_MAX_TTL),
+        _ => open::DEFAULT_MAX_TTL,
+    };
+    let db = Db::open(url, cli.table, listen, max_ttl).await?;
     match cli.command {
         Command::Run(args) => run::run(db, args, cli.quiet).await,
         Command::Acquire(args) => tokens::acquire(db, args, cli.quiet).await,
         Command::Extend(args) => tokens::extend(db, args).await,
         Command::Release(args) => tokens::release(db, args).await,
         Command::Status(args) => status::status(db, args).await,
-        Command::Init => status::init(db, cli.quiet).await,
+        Command::Init(_) => status::init(db, cli.quiet).await,
         // Answered above without opening the database.
         Command::Schema => status::schema(&db.url, &db.table),
         Command::Completions { .. } | Command::Man => Ok(0),

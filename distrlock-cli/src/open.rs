@@ -28,6 +28,9 @@ pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// been granted. The manager bounds it by about two call timeouts.
 const SETTLE_LIMIT: Duration = Duration::from_secs(2 * CALL_TIMEOUT.as_secs() + 1);
 
+/// PostgreSQL's default table-wide max_ttl (see `distrlock init --max-ttl`).
+pub(crate) const DEFAULT_MAX_TTL: Duration = PostgresConfig::DEFAULT_MAX_TTL;
+
 /// An open backend, with what messages about it need.
 pub(crate) struct Db {
     pub(crate) url: DbUrl,
@@ -37,8 +40,13 @@ pub(crate) struct Db {
 
 impl Db {
     /// Opens the backend for `url` (see [`open_backend`]).
-    pub(crate) async fn open(url: DbUrl, table: TableName, listen: bool) -> Result<Self, CliError> {
-        let backend = open_backend(&url, &table, listen).await?;
+    pub(crate) async fn open(
+        url: DbUrl,
+        table: TableName,
+        listen: bool,
+        max_ttl: Duration,
+    ) -> Result<Self, CliError> {
+        let backend = open_backend(&url, &table, listen, max_ttl).await?;
         Ok(Self {
             url,
             table,
@@ -79,10 +87,14 @@ impl Db {
 /// One pooled connection is enough for one command holding one lock, and costs
 /// one connection setup; PostgreSQL's release listener (a second connection)
 /// is opened only when `listen`, for a command that waits.
+///
+/// `max_ttl` is PostgreSQL's table-wide longest ttl, which `init` writes (and
+/// raises), and which a table without one gets on first use.
 pub(crate) async fn open_backend(
     url: &DbUrl,
     table: &TableName,
     listen: bool,
+    max_ttl: Duration,
 ) -> Result<Arc<dyn LockBackend>, CliError> {
     let error = |e: Error| CliError::from_lock(e, url, &table.to_string());
     match url {
@@ -116,6 +128,7 @@ pub(crate) async fn open_backend(
                 .pg_config(pg)
                 .table(table.to_string())
                 .pool_size(1)
+                .max_ttl(max_ttl)
                 .listen(listen)
                 .application_name("distrlock-cli");
             let builder = tls::postgres(builder, raw, &server)?;

@@ -1925,3 +1925,48 @@ fn sqlite_an_enormous_wait_waits_without_panicking() {
         assert!(!err.contains("internal error"), "{args:?}: {err}");
     }
 }
+
+/// PostgreSQL's table-wide max_ttl: a longer --ttl is a usage error that says how
+/// to raise it, and `init --max-ttl` raises it.
+#[test]
+fn postgres_init_max_ttl_bounds_every_ttl() {
+    let name = "postgres_init_max_ttl_bounds_every_ttl";
+    let Some(mut t) = Target::server(
+        "postgres",
+        "DISTRLOCK_TEST_POSTGRES_URL",
+        "postgres://postgres@127.0.0.1:5432/test",
+        name,
+    ) else {
+        return;
+    };
+    t.table = format!("dl_cli_max_ttl_{}", unique());
+    let init = t.output(["init"]);
+    assert_eq!(code(&init), 0, "{}", stderr(&init));
+    let key = t.key("long");
+    let out = t.output(["acquire", "--key", &key, "--ttl", "10m"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(stderr(&out).contains("--max-ttl"), "{}", stderr(&out));
+
+    let init = t.output(["init", "--max-ttl", "15m"]);
+    assert_eq!(code(&init), 0, "{}", stderr(&init));
+    let out = t.output(["acquire", "--key", &key, "--ttl", "10m"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let lease: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let token = lease["token"].as_str().unwrap().to_owned();
+    let out = t.output(["extend", "--key", &key, "--token", &token, "--ttl", "16m"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    let out = t.output(["release", "--key", &key, "--token", &token]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let (client, conn) = tokio_postgres::connect(&t.url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        client
+            .batch_execute(&format!("DROP TABLE IF EXISTS \"{}\"", t.table))
+            .await
+            .unwrap();
+    });
+}

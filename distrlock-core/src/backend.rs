@@ -36,8 +36,12 @@ use crate::ttl::Ttl;
 ///    before for that key, for the life of the storage. Re-acquiring while the
 ///    same token's lease is still live is not a new holding: it succeeds, renews
 ///    the lease and returns the *same* fence, so a retried acquire is idempotent.
-///    (Fences live in the rows: deleting rows, restoring an older backup or
-///    failing over to a replica that lags can make them go back.)
+///    "For the life of the storage" includes a failover to a replica: a backend
+///    whose failover can lose commits must still never repeat a fence (the
+///    PostgreSQL backend puts the server's timeline, which grows at every
+///    promotion, into the fence's high bits: on timeline N fences are at least
+///    (N − 1)·2⁴⁰). Deleting rows or restoring an older backup can make fences
+///    go back; nothing here protects against that.
 /// 3. **Ownership.** Only the token of the live lease can extend or release it. Any
 ///    other token, or the right token after expiry or release, gets
 ///    [`Error::NotHeld`](crate::Error::NotHeld) and changes nothing.
@@ -121,7 +125,13 @@ use crate::ttl::Ttl;
 ///     died, was partitioned or had its session killed keeps the key no longer
 ///     than its ttl, and nothing it left behind (an open transaction, a dead
 ///     connection's row lock) holds up the next holder beyond the backend's
-///     configured timeouts. A lease neither ends before its ttl (item 1) nor
+///     configured timeouts. One exception keeps item 1 across a failover that
+///     loses commits: such a backend may grant and extend nothing, for a bounded
+///     and documented time after the failover, until every lease the old storage
+///     may have granted has ended. The PostgreSQL backend does so for the table's
+///     `max_ttl` (the longest ttl it allows) after a promotion; a try then
+///     reports the quarantine's end as the holder's remaining lease, and an
+///     extend fails with a transient error. A lease neither ends before its ttl (item 1) nor
 ///     outlives it, within the clock-rate allowance of item 4
 ///     ([`MAX_CLOCK_RATE_DIFFERENCE`](crate::server_clock::MAX_CLOCK_RATE_DIFFERENCE)).
 /// 12. **A conservative client view.** A statement runs after its request was
