@@ -6,6 +6,7 @@ mod delayed;
 mod galera;
 mod harness;
 mod memory;
+mod pg_pair;
 mod pgbouncer;
 mod proxy;
 mod throwaway;
@@ -25,6 +26,7 @@ pub use harness::{
     NoFaults, Setup, Skip, TIME_TOLERANCE, Unsupported, require_db, skip,
 };
 pub use memory::MemoryHarness;
+pub use pg_pair::PostgresPair;
 pub use pgbouncer::{PgBouncer, PgBouncerBuilder, PoolMode};
 pub use proxy::FaultProxy;
 pub use throwaway::{

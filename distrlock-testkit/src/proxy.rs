@@ -2,8 +2,8 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -46,7 +46,8 @@ pub struct FaultProxy {
 
 #[derive(Debug)]
 struct Shared {
-    upstream: SocketAddr,
+    /// Where new connections go (see [`FaultProxy::set_upstream`]).
+    upstream: Mutex<SocketAddr>,
     refuse: AtomicBool,
     /// Latency added to every chunk, in microseconds.
     latency_us: AtomicU64,
@@ -64,7 +65,7 @@ impl FaultProxy {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
-            upstream,
+            upstream: Mutex::new(upstream),
             refuse: AtomicBool::new(false),
             latency_us: AtomicU64::new(0),
             frozen: watch::channel(false).0,
@@ -88,6 +89,27 @@ impl FaultProxy {
     /// The port clients should connect to.
     pub fn port(&self) -> u16 {
         self.addr.port()
+    }
+
+    /// Sends new connections to `upstream` from now on, as a virtual IP or an
+    /// HAProxy moved to another server after a failover would. Current
+    /// connections stay with the old server; [`cut`](Self::cut) them to make
+    /// every client reconnect.
+    pub fn set_upstream(&self, upstream: SocketAddr) {
+        *self
+            .shared
+            .upstream
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = upstream;
+    }
+
+    /// Where new connections go.
+    pub fn upstream(&self) -> SocketAddr {
+        *self
+            .shared
+            .upstream
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Closes every current connection at once, as a crashed router or a failover
@@ -213,7 +235,11 @@ async fn relay(client: TcpStream, shared: Arc<Shared>) {
     // Subscribed first, so that a cut while connecting upstream counts.
     let mut cuts = shared.cuts.subscribe();
     cuts.borrow_and_update();
-    let Ok(server) = TcpStream::connect(shared.upstream).await else {
+    let upstream = *shared
+        .upstream
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    let Ok(server) = TcpStream::connect(upstream).await else {
         return;
     };
     let _ = client.set_nodelay(true);
@@ -403,5 +429,44 @@ mod tests {
         let started = std::time::Instant::now();
         round_trip(&mut s).await.unwrap();
         assert!(started.elapsed() >= Duration::from_millis(190));
+    }
+
+    /// A server on loopback that greets every connection with `greeting`.
+    async fn greeter(greeting: &'static [u8; 4]) -> SocketAddr {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let _ = s.write_all(greeting).await;
+                    // Held open until the client leaves.
+                    let _ = s.read(&mut [0u8; 1]).await;
+                });
+            }
+        });
+        addr
+    }
+
+    async fn greeting(s: &mut TcpStream) -> [u8; 4] {
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).await.unwrap();
+        buf
+    }
+
+    #[tokio::test]
+    async fn set_upstream_moves_new_connections_only() {
+        let (first, second) = (greeter(b"one!").await, greeter(b"two!").await);
+        let proxy = FaultProxy::start(first).await.unwrap();
+        let mut old = TcpStream::connect(proxy.addr()).await.unwrap();
+        assert_eq!(&greeting(&mut old).await, b"one!");
+        proxy.set_upstream(second);
+        assert_eq!(proxy.upstream(), second);
+        let mut new = TcpStream::connect(proxy.addr()).await.unwrap();
+        assert_eq!(&greeting(&mut new).await, b"two!");
+        // The old connection stays with the first server until a cut.
+        assert_eq!(proxy.open_connections(), 2);
+        proxy.cut();
+        let mut after_cut = TcpStream::connect(proxy.addr()).await.unwrap();
+        assert_eq!(&greeting(&mut after_cut).await, b"two!");
     }
 }

@@ -215,14 +215,14 @@ pub fn write_faketime_offset(file: &Path, offset: &str) -> Result<()> {
 impl ThrowawayServer {
     /// Starts a private PostgreSQL.
     pub fn postgres() -> Result<Self> {
-        Self::start_postgres(None, false)
+        Self::start_postgres(None, false, "")
     }
 
     /// Starts a private PostgreSQL with TLS on (`ssl = on`, a certificate from a
     /// test CA: see [`tls`](Self::tls)). Clients may still connect without TLS.
     /// Needs the `openssl` command.
     pub fn postgres_with_tls() -> Result<Self> {
-        Self::start_postgres(None, true)
+        Self::start_postgres(None, true, "")
     }
 
     /// Starts a private PostgreSQL whose `postgres` user needs `password`
@@ -231,10 +231,48 @@ impl ThrowawayServer {
     /// [`url`](Self::url) carries the password; [`sql`](Self::sql) passes it to
     /// `psql`.
     pub fn postgres_with_password(password: &str) -> Result<Self> {
-        Self::start_postgres(Some(password), false)
+        Self::start_postgres(Some(password), false, "")
     }
 
-    fn start_postgres(password: Option<&str>, tls: bool) -> Result<Self> {
+    /// Starts a private PostgreSQL with `conf` (lines of `postgresql.conf`, such
+    /// as `wal_level = replica`) appended to its configuration.
+    pub(crate) fn postgres_with_conf(conf: &str) -> Result<Self> {
+        Self::start_postgres(None, false, conf)
+    }
+
+    /// Starts a private PostgreSQL from a base backup of the server on
+    /// `127.0.0.1:source_port`, as a streaming standby of it: `pg_basebackup -R`
+    /// writes `standby.signal` and a `primary_conninfo` that names the source
+    /// (with `application_name`, the name `synchronous_standby_names` knows
+    /// it by), and `conf` is appended to the configuration copied from the
+    /// source.
+    ///
+    /// [`ServerError::MissingBinary`] when `pg_basebackup` is not installed.
+    pub(crate) fn postgres_standby(
+        source_port: u16,
+        application_name: &str,
+        conf: &str,
+    ) -> Result<Self> {
+        let basebackup = find_binary(ServerKind::Postgres, "pg_basebackup")?;
+        let server = Self::prepare(ServerKind::Postgres)?;
+        let mut cmd = Command::new(basebackup);
+        cmd.arg("-d")
+            .arg(format!(
+                "host=127.0.0.1 port={source_port} user=postgres application_name={application_name}"
+            ))
+            .arg("-D")
+            .arg(server.data_dir())
+            // -R: standby.signal and primary_conninfo; a fast checkpoint on the
+            // source instead of waiting for the next one.
+            .args(["-R", "-X", "stream", "-c", "fast", "--no-sync"]);
+        server.run_setup(&mut cmd, "pg_basebackup")?;
+        server.append_conf(conf)?;
+        let mut server = server;
+        server.start()?;
+        Ok(server)
+    }
+
+    fn start_postgres(password: Option<&str>, tls: bool, conf: &str) -> Result<Self> {
         let mut server = Self::prepare(ServerKind::Postgres)?;
         if tls {
             server.make_certificates()?;
@@ -259,6 +297,7 @@ impl ThrowawayServer {
         let initdb = server.run_setup(&mut cmd, "initdb");
         let _ = std::fs::remove_file(&pwfile);
         initdb?;
+        server.append_conf(conf)?;
         server.start()?;
         server.client(&["-c", "CREATE DATABASE test"], "postgres")?;
         Ok(server)
@@ -471,6 +510,25 @@ impl ThrowawayServer {
         }
     }
 
+    /// Kills the server and every process it started (PostgreSQL's backends,
+    /// WAL sender, checkpointer) with SIGKILL at once, as a crash of its
+    /// machine would, and reaps it. [`kill`](Self::kill) kills only the main
+    /// process, whose PostgreSQL children then take a moment to notice and
+    /// exit; until then a WAL sender may still send what it had.
+    pub fn crash(&mut self) {
+        let Some(pid) = self.pid() else {
+            return;
+        };
+        let mut pids = vec![pid.to_string()];
+        pids.extend(children_of(pid).into_iter().map(|p| p.to_string()));
+        let _ = Command::new("kill")
+            .arg("-KILL")
+            .args(&pids)
+            .stderr(Stdio::null())
+            .status();
+        self.kill();
+    }
+
     /// [`stop`](Self::stop), then [`start`](Self::start).
     pub fn restart(&mut self) -> Result<()> {
         self.stop()?;
@@ -654,6 +712,34 @@ impl ThrowawayServer {
 
     fn data_dir(&self) -> PathBuf {
         self.dir.join("data")
+    }
+
+    /// Puts `line` first in a PostgreSQL server's `pg_hba.conf` (the first
+    /// matching line decides); takes effect at the next reload or start.
+    pub(crate) fn prepend_hba(&self, line: &str) -> Result<()> {
+        let path = self.data_dir().join("pg_hba.conf");
+        std::fs::read_to_string(&path)
+            .and_then(|hba| std::fs::write(&path, format!("{line}\n{hba}")))
+            .map_err(|e| ServerError::Failed(format!("writing {}: {e}", path.display())))
+    }
+
+    /// Appends `conf` to a PostgreSQL data directory's `postgresql.conf` (later
+    /// lines win), and gives the directory the mode PostgreSQL insists on.
+    fn append_conf(&self, conf: &str) -> Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::PermissionsExt;
+        let data = self.data_dir();
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| ServerError::Failed(format!("chmod {}: {e}", data.display())))?;
+        if conf.is_empty() {
+            return Ok(());
+        }
+        let path = data.join("postgresql.conf");
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .and_then(|mut file| writeln!(file, "\n{conf}"))
+            .map_err(|e| ServerError::Failed(format!("writing {}: {e}", path.display())))
     }
 
     fn as_server_user<'c>(&self, cmd: &'c mut Command) -> &'c mut Command {
@@ -888,6 +974,29 @@ fn find_binary(kind: ServerKind, name: &'static str) -> Result<PathBuf> {
             binary: name,
             package: kind.package(),
         })
+}
+
+/// The processes whose parent is `pid`, from `/proc/*/stat`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let child: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            // `pid (comm) state ppid …`; comm may hold spaces and parentheses.
+            let ppid: u32 = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            (ppid == pid).then_some(child)
+        })
+        .collect()
 }
 
 pub(crate) fn is_root() -> bool {

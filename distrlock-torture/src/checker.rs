@@ -272,9 +272,32 @@ pub fn losses_during<'r>(
 /// lock, or looked at one after a failed acquire); `None` for a run that never
 /// did. Used to measure recovery after a server restart.
 pub fn first_acquisition_after(runs: &[WorkerRun], since: u64) -> Vec<(String, Option<Duration>)> {
+    first_after(runs, since, |e| match e {
+        Event::Acquired { t, .. } | Event::Contact { t } => Some(*t),
+        _ => None,
+    })
+}
+
+/// How long after `since` each run first held a lock again (its first
+/// [`Event::Acquired`] from `since` on); `None` for a run that never did.
+/// Unlike [`first_acquisition_after`], an answer that grants nothing does not
+/// count: after a failover the new primary answers long before it grants.
+pub fn first_holding_after(runs: &[WorkerRun], since: u64) -> Vec<(String, Option<Duration>)> {
+    first_after(runs, since, |e| match e {
+        Event::Acquired { t, .. } => Some(*t),
+        _ => None,
+    })
+}
+
+/// For each run alive across `since` (started before it, not killed before
+/// it), how long after `since` its first event that `at` gives a time for came.
+fn first_after(
+    runs: &[WorkerRun],
+    since: u64,
+    at: impl Fn(&Event) -> Option<u64>,
+) -> Vec<(String, Option<Duration>)> {
     runs.iter()
         .filter(|run| {
-            // Only runs alive across `since`: started before it and not killed before it.
             let started = run
                 .events
                 .iter()
@@ -282,12 +305,12 @@ pub fn first_acquisition_after(runs: &[WorkerRun], since: u64) -> Vec<(String, O
             started && run.killed_at.is_none_or(|k| k > since)
         })
         .map(|run| {
-            let first = run.events.iter().find_map(|e| match e {
-                Event::Acquired { t, .. } | Event::Contact { t } if *t >= since => {
-                    Some(Duration::from_nanos(t - since))
-                }
-                _ => None,
-            });
+            let first = run
+                .events
+                .iter()
+                .filter_map(&at)
+                .find(|t| *t >= since)
+                .map(|t| Duration::from_nanos(t - since));
             (run.name.clone(), first)
         })
         .collect()
@@ -698,6 +721,40 @@ mod tests {
             vec![
                 ("a".to_owned(), Some(Duration::from_nanos(50))),
                 ("c".to_owned(), None)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_holding_after_a_failover_needs_a_grant_not_just_an_answer() {
+        let runs = [
+            run(
+                "a",
+                vec![
+                    Event::Start { pid: 1, t: 0 },
+                    Event::Contact { t: 120 },
+                    acq("k", 1, 180),
+                ],
+                None,
+            ),
+            run(
+                "b",
+                vec![Event::Start { pid: 2, t: 0 }, Event::Contact { t: 110 }],
+                None,
+            ),
+        ];
+        assert_eq!(
+            first_acquisition_after(&runs, 100),
+            vec![
+                ("a".to_owned(), Some(Duration::from_nanos(20))),
+                ("b".to_owned(), Some(Duration::from_nanos(10)))
+            ]
+        );
+        assert_eq!(
+            first_holding_after(&runs, 100),
+            vec![
+                ("a".to_owned(), Some(Duration::from_nanos(80))),
+                ("b".to_owned(), None)
             ]
         );
     }

@@ -2,15 +2,17 @@
 //! records every holding in its history file, until its run time is up.
 //!
 //! ```text
-//! distrlock-torture-worker URL TABLE HISTORY KEYS TTL_MS HOLD_MAX_MS RUN_MS NAME
+//! distrlock-torture-worker URL TABLE HISTORY KEYS TTL_MS HOLD_MAX_MS RUN_MS NAME [OPTIONS]
 //! ```
+//!
+//! `OPTIONS` is [`BackendOptions::to_arg`]'s text (`quarantine=off,max_ttl_ms=3000`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use distrlock_core::{LockManager, RetryPolicy};
-use distrlock_torture::backends;
+use distrlock_torture::backends::{self, BackendOptions};
 use distrlock_torture::history::{Event, HistoryWriter, monotonic_ns};
 use tokio::time::Instant;
 
@@ -23,11 +25,16 @@ struct Args {
     hold_max: Duration,
     run_for: Duration,
     name: String,
+    options: BackendOptions,
 }
 
 fn parse() -> Option<Args> {
     let a: Vec<String> = std::env::args().skip(1).collect();
-    let [url, table, history, keys, ttl, hold, run, name] = a.as_slice() else {
+    let (options, a) = match a.as_slice() {
+        [rest @ .., options] if a.len() == 9 => (BackendOptions::from_arg(options)?, rest),
+        all => (BackendOptions::default(), all),
+    };
+    let [url, table, history, keys, ttl, hold, run, name] = a else {
         return None;
     };
     Some(Args {
@@ -39,6 +46,7 @@ fn parse() -> Option<Args> {
         hold_max: Duration::from_millis(hold.parse().ok()?),
         run_for: Duration::from_millis(run.parse().ok()?),
         name: name.clone(),
+        options,
     })
 }
 
@@ -46,7 +54,7 @@ fn parse() -> Option<Args> {
 async fn main() -> ExitCode {
     let Some(args) = parse() else {
         eprintln!(
-            "usage: distrlock-torture-worker URL TABLE HISTORY KEYS TTL_MS HOLD_MAX_MS RUN_MS NAME"
+            "usage: distrlock-torture-worker URL TABLE HISTORY KEYS TTL_MS HOLD_MAX_MS RUN_MS NAME [OPTIONS]"
         );
         return ExitCode::from(2);
     };
@@ -68,7 +76,7 @@ async fn work(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let end_at = Instant::now() + args.run_for;
     // The database may be down when we start (a restart under way): keep trying.
     let backend = loop {
-        match backends::open(&args.url, &args.table, &args.name).await {
+        match backends::open_with(&args.url, &args.table, &args.name, &args.options).await {
             Ok(backend) => break backend,
             Err(error) if Instant::now() < end_at => {
                 let t = monotonic_ns();
