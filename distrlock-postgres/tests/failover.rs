@@ -13,26 +13,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{soon, unique};
-use distrlock_core::{AcquireOutcome, Error, LockBackend, LockKey, LockState, Token, Ttl};
+use common::{fence_of, key, soon, ttl, unique};
+use distrlock_core::{AcquireOutcome, Error, LockBackend, LockKey, LockState, Token};
 use distrlock_postgres::{PostgresBackend, PostgresConfig};
 use distrlock_testkit::{PostgresPair, ThrowawayServer, skip};
 use tokio::time::Instant;
-
-fn key(name: &str) -> LockKey {
-    LockKey::new(name).unwrap()
-}
-
-fn ttl(d: Duration) -> Ttl {
-    Ttl::new(d).unwrap()
-}
-
-fn fence_of(outcome: AcquireOutcome) -> i64 {
-    match outcome {
-        AcquireOutcome::Acquired { fence, .. } => fence.get(),
-        other => panic!("expected Acquired, got {other:?}"),
-    }
-}
 
 /// A private pair, or `None` after reporting the test as skipped (a failure
 /// under `DISTRLOCK_REQUIRE_DB=1`).

@@ -15,22 +15,14 @@ mod common;
 
 use std::time::Duration;
 
-use common::{soon, unique, url};
-use distrlock_core::{AcquireOutcome, LockBackend, LockInfo, LockKey, LockState, Token, Ttl};
+use common::{key, soon, ttl, unique, url};
+use distrlock_core::{AcquireOutcome, LockBackend, LockInfo, LockKey, LockState, Token};
 use distrlock_postgres::{PostgresBackend, PostgresConfig};
 use distrlock_testkit::FaultProxy;
 use tokio::time::Instant;
 
 /// How long the caller waits for each frozen call.
 const GIVE_UP: Duration = Duration::from_millis(300);
-
-fn key(name: &str) -> LockKey {
-    LockKey::new(name).unwrap()
-}
-
-fn ttl(d: Duration) -> Ttl {
-    Ttl::new(d).unwrap()
-}
 
 /// A backend reaching the server through a fault proxy (one pooled connection,
 /// short timeouts, no listener), and one reaching it directly, on a fresh table.

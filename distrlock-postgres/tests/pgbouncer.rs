@@ -25,10 +25,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use common::counting_proxy::{CountingProxy, Counts};
-use common::{bouncer_or_skip, soon, through_port, unique};
-use distrlock_core::{
-    AcquireOutcome, Error, LockBackend, LockKey, LockManager, RetryPolicy, Token, Ttl,
-};
+use common::{bouncer_or_skip, fence_of, key, soon, through_port, ttl, unique};
+use distrlock_core::{AcquireOutcome, Error, LockBackend, LockManager, RetryPolicy, Token};
 use distrlock_postgres::{
     Pooler, PostgresBackend, PostgresConfig, PostgresConfigBuilder, tokio_postgres,
 };
@@ -36,14 +34,6 @@ use distrlock_testkit::{
     FaultProxy, Faults, Harness, PgBouncer, PoolMode, Setup, Skip, Unsupported,
 };
 use tokio::time::Instant;
-
-fn key(name: &str) -> LockKey {
-    LockKey::new(name).unwrap()
-}
-
-fn ttl(d: Duration) -> Ttl {
-    Ttl::new(d).unwrap()
-}
 
 /// The calls one process made, and its failures by SQLSTATE (or the error's
 /// first words when it has none).
@@ -361,13 +351,6 @@ async fn pooled(
         .expect("the backend connects through pgbouncer")
 }
 
-fn fence_of(outcome: AcquireOutcome) -> i64 {
-    match outcome {
-        AcquireOutcome::Acquired { fence, .. } => fence.get(),
-        other => panic!("expected Acquired, got {other:?}"),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn behind_a_transaction_pooler_lock_timeout_bounds_a_try_on_a_row_another_transaction_locked()
 {
@@ -668,20 +651,13 @@ impl Faults for BouncerFaults {
     }
 
     async fn missing_table(&self) -> Result<Arc<dyn LockBackend>, Unsupported> {
-        // A table of its own that nobody created, reached through the same
-        // PgBouncer; the case creates it.
-        let config = PostgresConfig::builder()
-            .pg_config(common::through(&self.proxy))
-            .table(unique("dl_missing_bouncer"))
-            .pool_size(2)
-            .application_name(&self.application_name)
-            .pooler(Pooler::Transaction)
-            .build()
-            .expect("a valid config");
-        let backend = PostgresBackend::from_config(config)
-            .await
-            .expect("PgBouncer accepts a second backend");
-        Ok(Arc::new(backend))
+        // Reached through the same PgBouncer.
+        Ok(common::missing_table_backend(
+            common::through(&self.proxy),
+            &self.application_name,
+            Pooler::Transaction,
+        )
+        .await)
     }
 }
 

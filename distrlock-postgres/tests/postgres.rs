@@ -5,25 +5,10 @@ mod common;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{TestBackend, counting_proxy::CountingProxy, soon, unique, url};
-use distrlock_core::{AcquireOutcome, Error, LockBackend, LockKey, LockState, Token, Ttl};
+use common::{TestBackend, counting_proxy::CountingProxy, fence_of, key, soon, ttl, unique, url};
+use distrlock_core::{AcquireOutcome, Error, LockBackend, LockKey, LockState, Token};
 use distrlock_postgres::{PostgresBackend, PostgresConfig, deadpool_postgres, tokio_postgres};
 use tokio::time::Instant;
-
-fn key(name: &str) -> LockKey {
-    LockKey::new(name).unwrap()
-}
-
-fn ttl(d: Duration) -> Ttl {
-    Ttl::new(d).unwrap()
-}
-
-fn fence_of(outcome: AcquireOutcome) -> i64 {
-    match outcome {
-        AcquireOutcome::Acquired { fence, .. } => fence.get(),
-        other => panic!("expected Acquired, got {other:?}"),
-    }
-}
 
 fn micros_since_epoch(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH).unwrap().as_micros() as i64

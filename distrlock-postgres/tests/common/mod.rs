@@ -11,10 +11,30 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use distrlock_core::LockBackend;
-use distrlock_postgres::{PostgresBackend, PostgresConfig, PostgresConfigBuilder, tokio_postgres};
+use distrlock_postgres::{
+    Pooler, PostgresBackend, PostgresConfig, PostgresConfigBuilder, tokio_postgres,
+};
 use distrlock_testkit::{
     FaultProxy, Faults, Harness, PgBouncer, PoolMode, Setup, Skip, Unsupported,
 };
+
+/// A key from a test's literal.
+pub(crate) fn key(name: &str) -> distrlock_core::LockKey {
+    distrlock_core::LockKey::new(name).unwrap()
+}
+
+/// A ttl from a test's literal.
+pub(crate) fn ttl(d: Duration) -> distrlock_core::Ttl {
+    distrlock_core::Ttl::new(d).unwrap()
+}
+
+/// The fence of a granted acquire; panics on a refusal.
+pub(crate) fn fence_of(outcome: distrlock_core::AcquireOutcome) -> i64 {
+    match outcome {
+        distrlock_core::AcquireOutcome::Acquired { fence, .. } => fence.get(),
+        other => panic!("expected Acquired, got {other:?}"),
+    }
+}
 
 /// The test server, from `DISTRLOCK_TEST_POSTGRES_URL`.
 pub(crate) fn url() -> String {
@@ -320,19 +340,29 @@ impl Faults for PostgresFaults {
     }
 
     async fn missing_table(&self) -> Result<Arc<dyn LockBackend>, Unsupported> {
-        // A table of its own that nobody created; the case creates it, and it
-        // stays behind like the other tests' tables (each has a unique name).
-        let config = PostgresConfig::builder()
-            .pg_config(pg_config())
-            .table(unique("dl_missing"))
-            .pool_size(2)
-            .application_name(&self.application_name)
-            .listen(false)
-            .build()
-            .expect("a valid config");
-        let backend = PostgresBackend::from_config(config)
-            .await
-            .expect("the test server accepts a second backend");
-        Ok(Arc::new(backend))
+        Ok(missing_table_backend(pg_config(), &self.application_name, Pooler::Session).await)
     }
+}
+
+/// A backend on a table of its own that nobody created, for the
+/// `schema_missing` cases: the case creates it, and it stays behind like the
+/// other tests' tables (each has a unique name).
+pub(crate) async fn missing_table_backend(
+    pg: tokio_postgres::Config,
+    application_name: &str,
+    pooler: Pooler,
+) -> Arc<dyn LockBackend> {
+    let config = PostgresConfig::builder()
+        .pg_config(pg)
+        .table(unique("dl_missing"))
+        .pool_size(2)
+        .application_name(application_name)
+        .pooler(pooler)
+        .listen(false)
+        .build()
+        .expect("a valid config");
+    let backend = PostgresBackend::from_config(config)
+        .await
+        .expect("the server accepts a second backend");
+    Arc::new(backend)
 }
