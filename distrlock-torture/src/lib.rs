@@ -3,3 +3,4 @@
 pub mod backends;
 pub mod checker;
 pub mod history;
+pub mod process;

@@ -32,6 +32,7 @@ use distrlock_testkit::{FaultProxy, PostgresPair, skip};
 use distrlock_torture::backends::{self, BackendOptions};
 use distrlock_torture::checker::{WorkerRun, check, first_holding_after};
 use distrlock_torture::history::{Event, monotonic_ns, read_history};
+use distrlock_torture::process::wait_or_kill;
 
 const WORKERS: usize = 6;
 const KEYS: usize = 4;
@@ -209,17 +210,7 @@ async fn run(mut pair: PostgresPair) {
     let mut failed = Vec::new();
     let mut runs = Vec::new();
     for (i, worker) in workers.iter_mut().enumerate() {
-        let status = loop {
-            if let Some(status) = worker.child.try_wait().unwrap() {
-                break Some(status);
-            }
-            if std::time::Instant::now() > grace {
-                let _ = worker.child.kill();
-                let _ = worker.child.wait();
-                break None;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
+        let status = wait_or_kill(&mut worker.child, grace).await;
         match status {
             None => hung.push(i),
             Some(status) if !status.success() => failed.push((i, status)),

@@ -29,6 +29,7 @@ use distrlock_torture::checker::{
     LeaseSample, WorkerRun, check, first_acquisition_after, orphaned_leases,
 };
 use distrlock_torture::history::{Event, monotonic_ns, read_history};
+use distrlock_torture::process::wait_or_kill;
 
 const WORKERS: usize = 6;
 const KEYS: usize = 5;
@@ -376,17 +377,7 @@ async fn run(name: &'static str, server: ThrowawayServer) {
     let mut failed = Vec::new();
     let mut runs = Vec::new();
     for (i, slot) in torture.slots.iter_mut().enumerate() {
-        let status = loop {
-            if let Some(status) = slot.child.try_wait().unwrap() {
-                break Some(status);
-            }
-            if std::time::Instant::now() > grace {
-                let _ = slot.child.kill();
-                let _ = slot.child.wait();
-                break None;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
+        let status = wait_or_kill(&mut slot.child, grace).await;
         match status {
             None => hung.push(i),
             Some(status) if !status.success() => failed.push((i, status)),

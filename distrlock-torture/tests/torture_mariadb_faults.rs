@@ -31,6 +31,7 @@ use distrlock_testkit::{
 use distrlock_torture::backends;
 use distrlock_torture::checker::{CheckOptions, Report, WorkerRun, check_with, losses_during};
 use distrlock_torture::history::{monotonic_ns, read_history};
+use distrlock_torture::process::wait_or_kill;
 
 const KEYS: usize = 5;
 const TTL: Duration = Duration::from_secs(2);
@@ -104,17 +105,7 @@ impl Workers {
         let grace = std::time::Instant::now().max(run_until) + TTL * 3 + Duration::from_secs(10);
         let mut finished = Finished::default();
         for (i, (child, history, owner)) in self.children.iter_mut().enumerate() {
-            let status = loop {
-                if let Some(status) = child.try_wait().unwrap() {
-                    break Some(status);
-                }
-                if std::time::Instant::now() > grace {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break None;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            };
+            let status = wait_or_kill(child, grace).await;
             match status {
                 None => finished.hung.push(i),
                 Some(status) if !status.success() => finished.failed.push(i),
