@@ -2,9 +2,12 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod backend;
+mod calls;
 mod config;
+mod connect;
 mod error;
 mod listener;
+mod lock_backend;
 mod sql;
 #[cfg(feature = "tls")]
 mod tls;

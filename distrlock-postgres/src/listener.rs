@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
 use tokio_postgres::{AsyncMessage, Client, Connection};
 
-use crate::backend::Connector;
+use crate::connect::Connector;
 
 /// How often an idle listening connection is checked, so a silently dead network
 /// is noticed within about this long plus the connect timeout.

@@ -1,0 +1,506 @@
+//! [`LockBackend`] for [`PostgresBackend`]: each call's statement, and what its
+//! answer means.
+
+use std::collections::HashSet;
+use std::sync::{Arc, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use distrlock_core::server_clock::from_unix_micros;
+use distrlock_core::{
+    AcquireOutcome, Error, Fence, LockBackend, LockInfo, LockKey, LockState, MAX_OWNER_LEN,
+    ReleaseNotifier, Result, Token, Ttl,
+};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
+
+use crate::backend::{Inner, PostgresBackend};
+use crate::calls::{Answer, Failure};
+use crate::error::{from_pool, is_lock_not_available};
+use crate::sql::{ACQUIRE_TYPES, EXTEND_MANY_TYPES, EXTEND_TYPES, INSPECT_TYPES, RELEASE_TYPES};
+
+impl PostgresBackend {
+    pub(crate) async fn acquire_once(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        ttl: Ttl,
+        owner: &str,
+        not_after: Instant,
+    ) -> Result<AcquireOutcome> {
+        let ttl_us = ttl.as_micros();
+        let params: [&(dyn ToSql + Sync); 4] = [&key.as_str(), token.as_uuid(), &ttl_us, &owner];
+        match self
+            .run(
+                &self.inner.sql.acquire,
+                ACQUIRE_TYPES,
+                &params,
+                Some(not_after),
+            )
+            .await
+        {
+            Ok(answer) => self.acquire_outcome(&answer, ttl),
+            // Waited past lock_timeout on a row another transaction is writing: the
+            // statement rolled back, nothing changed, and the key is busy.
+            Err(Failure::Pg(e)) if is_lock_not_available(&e) => {
+                Ok(AcquireOutcome::Held { remaining: None })
+            }
+            Err(failure) => Err(failure.into_error(self)),
+        }
+    }
+
+    /// The outcome of an acquire statement's one row.
+    pub(crate) fn acquire_outcome(&self, answer: &Answer, ttl: Ttl) -> Result<AcquireOutcome> {
+        let row = answer.row()?;
+        let fence: Option<i64> = row.try_get("fence").map_err(|e| self.error(e))?;
+        let remaining_us: Option<i64> = row.try_get("remaining_us").map_err(|e| self.error(e))?;
+        if fence.is_some() {
+            return Ok(AcquireOutcome::Acquired {
+                fence: Fence::new(fence.unwrap_or_default()),
+                server_time: answer.server_time(),
+            });
+        }
+        let gate = self.gate(row, ttl)?;
+        Ok(AcquireOutcome::Held {
+            // Refused; no remaining lease when the row was free (or absent) and a
+            // concurrent acquirer took it first. In a failover quarantine, the
+            // later of its end and the holder's.
+            remaining: match (remaining_us, gate) {
+                (Some(a), Some(b)) => Some(micros(a.max(b))),
+                (a, b) => a.or(b).map(micros),
+            },
+        })
+    }
+
+    /// The outcome of an extend statement's one row.
+    pub(crate) fn extend_outcome(
+        &self,
+        key: &LockKey,
+        answer: &Answer,
+        ttl: Ttl,
+    ) -> Result<SystemTime> {
+        let row = answer.row()?;
+        let renewed: bool = row.try_get("renewed").map_err(|e| self.error(e))?;
+        if renewed {
+            return Ok(answer.server_time());
+        }
+        match self.gate(row, ttl)? {
+            Some(left) => Err(quarantined(key, left)),
+            None => Err(Error::NotHeld { key: key.clone() }),
+        }
+    }
+
+    /// Reads a refused statement's failover gate: the µs a failover quarantine
+    /// has left, if one runs; [`Error::InvalidTtl`] if `ttl` is above the
+    /// table's max_ttl.
+    pub(crate) fn gate(&self, row: &Row, ttl: Ttl) -> Result<Option<i64>> {
+        let quarantine_us: Option<i64> = row.try_get("quarantine_us").map_err(|e| self.error(e))?;
+        let max_ttl_us: Option<i64> = row.try_get("max_ttl_us").map_err(|e| self.error(e))?;
+        if let Some(max_ttl_us) = max_ttl_us
+            && ttl.as_micros() > max_ttl_us
+        {
+            return Err(Error::InvalidTtl {
+                reason: format!(
+                    "{:?} is longer than the max_ttl of table {} ({:?}); raise it with \
+                     PostgresConfig's max_ttl and create_table",
+                    ttl.get(),
+                    self.inner.table,
+                    micros(max_ttl_us),
+                ),
+            });
+        }
+        let unrecorded: Option<bool> = row.try_get("unrecorded").map_err(|e| self.error(e))?;
+        if quarantine_us.is_none() && unrecorded == Some(true) {
+            // Recorded and asked again, and still not: a concurrent promotion
+            // record, or the bound passed. Refused for now; nothing changed.
+            return Ok(Some(0));
+        }
+        if let Some(left) = quarantine_us {
+            tracing::warn!(
+                table = %self.inner.table,
+                left_ms = left / 1000,
+                "PostgreSQL was promoted (a new timeline): no lock is granted or extended \
+                 until the failover quarantine ends"
+            );
+        }
+        Ok(quarantine_us)
+    }
+
+    /// The outcome of a release statement's one row.
+    pub(crate) fn release_outcome(&self, answer: &Answer) -> Result<Released> {
+        let released: Option<bool> = answer
+            .row()?
+            .try_get("released")
+            .map_err(|e| self.error(e))?;
+        Ok(match released {
+            Some(true) => Released::Now,
+            Some(false) => Released::Before,
+            None => Released::NotHeld,
+        })
+    }
+
+    pub(crate) fn lock_info(&self, row: &Row) -> Result<LockInfo> {
+        let key: String = row.try_get("lock_key").map_err(|e| self.error(e))?;
+        let key = LockKey::new(key).map_err(|e| Error::Backend {
+            message: format!("the lock table holds a key distrlock cannot use: {e}"),
+            transient: false,
+            source: None,
+        })?;
+        let owner: String = row.try_get("owner").map_err(|e| self.error(e))?;
+        let fence: i64 = row.try_get("fence").map_err(|e| self.error(e))?;
+        let acquired_us: i64 = row.try_get("acquired_us").map_err(|e| self.error(e))?;
+        let expires_us: Option<i64> = row.try_get("expires_us").map_err(|e| self.error(e))?;
+        let held: bool = row.try_get("held").map_err(|e| self.error(e))?;
+        let remaining_us: Option<i64> = row.try_get("remaining_us").map_err(|e| self.error(e))?;
+        let state = match (expires_us, held) {
+            (None, _) => LockState::Released,
+            (Some(_), true) => LockState::Held,
+            (Some(_), false) => LockState::Expired,
+        };
+        Ok(LockInfo {
+            key,
+            owner,
+            fence: Fence::new(fence),
+            acquired_at: from_unix_micros(acquired_us),
+            expires_at: expires_us.map(from_unix_micros),
+            state,
+            remaining: if held { remaining_us.map(micros) } else { None },
+        })
+    }
+}
+
+/// Marks one acquire of (key, token) as running until dropped, so a release of
+/// the same token can wait for it (see `try_acquire`).
+pub(crate) struct InFlight {
+    inner: Arc<Inner>,
+    slot: (LockKey, Token),
+}
+
+impl InFlight {
+    pub(crate) fn start(inner: &Arc<Inner>, key: &LockKey, token: Token) -> Self {
+        let slot = (key.clone(), token);
+        let mut map = inner
+            .in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        map.entry(slot.clone())
+            .or_insert_with(|| watch::channel(0).0)
+            .send_modify(|running| *running += 1);
+        Self {
+            inner: inner.clone(),
+            slot,
+        }
+    }
+
+    /// Waits (within the call timeout) until no acquire of (key, token) runs.
+    pub(crate) async fn wait(inner: &Inner, key: &LockKey, token: &Token) {
+        let running = {
+            let map = inner
+                .in_flight
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            map.get(&(key.clone(), *token))
+                .map(watch::Sender::subscribe)
+        };
+        if let Some(mut running) = running {
+            // An error means the count reached zero and the entry is gone.
+            let _ = tokio::time::timeout(inner.call_timeout, running.wait_for(|n| *n == 0)).await;
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut map = self
+            .inner
+            .in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(running) = map.get(&self.slot) {
+            running.send_modify(|n| *n = n.saturating_sub(1));
+            if *running.borrow() == 0 {
+                map.remove(&self.slot);
+            }
+        }
+    }
+}
+
+pub(crate) enum Released {
+    Now,
+    Before,
+    NotHeld,
+}
+
+pub(crate) fn check_owner(owner: &str) -> Result<()> {
+    if owner.len() > MAX_OWNER_LEN || owner.contains('\0') {
+        return Err(Error::InvalidConfig {
+            reason: format!("owner text must be at most {MAX_OWNER_LEN} bytes without NUL"),
+        });
+    }
+    Ok(())
+}
+
+/// Extend refused in a failover quarantine: transient, since the quarantine
+/// ends, though not within the lease (a lease never outlives it).
+pub(crate) fn quarantined(key: &LockKey, left_us: i64) -> Error {
+    Error::backend(
+        format!(
+            "lock {key} not renewed: PostgreSQL was promoted, and the failover quarantine \
+             has {:?} left",
+            micros(left_us)
+        ),
+        true,
+    )
+}
+
+pub(crate) fn micros(us: i64) -> Duration {
+    Duration::from_micros(u64::try_from(us).unwrap_or(0))
+}
+
+#[async_trait]
+impl LockBackend for PostgresBackend {
+    async fn try_acquire(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        ttl: Ttl,
+        owner: &str,
+        not_after: Instant,
+    ) -> Result<AcquireOutcome> {
+        check_owner(owner)?;
+        // The statement runs in a task of its own, so dropping this future does not
+        // abandon it half-way: it commits or fails, and a release of the same token
+        // (such as the background release of a cancelled acquire) waits for it
+        // first (`InFlight`). Otherwise that release could run on another
+        // connection before the abandoned acquire commits, find nothing to release,
+        // and leave the lock held until its ttl.
+        //
+        // The not_after bound does not make this unnecessary. It stops an acquire
+        // that reaches the server late, but not one that read its clock in time and
+        // is still waiting, for a row lock or for its commit (a slow disk, a
+        // synchronous standby), when the release runs: core's cleanup once the
+        // acquire's not_after has passed, or a caller who dropped this future. The
+        // server cannot order that release after it: the release's WHERE (this
+        // token, live) is false on the row version its snapshot sees (the previous
+        // holder's, or no row at all for a key's first acquisition; an UPDATE never
+        // waits for an uncommitted insert), so it answers NotHeld at once without
+        // waiting for the row lock, and the acquire then commits a lease nobody
+        // holds. Tests: release_waits_for_an_abandoned_acquire_of_the_same_token
+        // and release_after_the_bound_waits_for_an_abandoned_first_acquire_still_
+        // committing both fail without the wait. Only this backend's own acquires
+        // are ordered this way; another process's rely on the bound alone.
+        let pending = InFlight::start(&self.inner, key, *token);
+        let backend = self.clone();
+        let (key, token, owner) = (key.clone(), *token, owner.to_owned());
+        let task = tokio::spawn(async move {
+            let _pending = pending;
+            backend
+                .acquire_once(&key, &token, ttl, &owner, not_after)
+                .await
+        });
+        task.await.unwrap_or_else(|e| {
+            Err(Error::Backend {
+                message: format!("the acquire task failed: {e}"),
+                transient: false,
+                source: None,
+            })
+        })
+    }
+
+    async fn extend(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        ttl: Ttl,
+        not_after: Instant,
+    ) -> Result<SystemTime> {
+        let ttl_us = ttl.as_micros();
+        let params: [&(dyn ToSql + Sync); 3] = [&key.as_str(), token.as_uuid(), &ttl_us];
+        match self
+            .run(
+                &self.inner.sql.extend,
+                EXTEND_TYPES,
+                &params,
+                Some(not_after),
+            )
+            .await
+        {
+            Ok(answer) => self.extend_outcome(key, &answer, ttl),
+            Err(failure) => Err(failure.into_error(self)),
+        }
+    }
+
+    /// One statement for the whole batch (see the type's docs: safe to run twice,
+    /// like `extend`).
+    async fn extend_many(
+        &self,
+        leases: &[(LockKey, Token)],
+        ttl: Ttl,
+        not_after: Instant,
+    ) -> Result<Vec<Result<SystemTime>>> {
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<&str> = leases.iter().map(|(key, _)| key.as_str()).collect();
+        let tokens: Vec<uuid::Uuid> = leases.iter().map(|(_, token)| *token.as_uuid()).collect();
+        let ttl_us = ttl.as_micros();
+        let params: [&(dyn ToSql + Sync); 3] = [&keys, &tokens, &ttl_us];
+        let answer = self
+            .run(
+                &self.inner.sql.extend_many,
+                EXTEND_MANY_TYPES,
+                &params,
+                Some(not_after),
+            )
+            .await
+            .map_err(|f| f.into_error(self))?;
+        // Every row carries the same gate; refused by it, no lease was renewed:
+        // each entry gets the gate's answer.
+        if let Some(row) = answer.rows.first() {
+            match self.gate(row, ttl) {
+                Ok(None) => {}
+                Ok(Some(left)) => {
+                    return Ok(leases
+                        .iter()
+                        .map(|(key, _)| Err(quarantined(key, left)))
+                        .collect());
+                }
+                Err(Error::InvalidTtl { reason }) => {
+                    return Ok(leases
+                        .iter()
+                        .map(|_| {
+                            Err(Error::InvalidTtl {
+                                reason: reason.clone(),
+                            })
+                        })
+                        .collect());
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        let mut renewed: HashSet<(&str, uuid::Uuid)> = HashSet::with_capacity(answer.rows.len());
+        let mut busy: HashSet<(&str, uuid::Uuid)> = HashSet::new();
+        for row in &answer.rows {
+            let key: Option<&str> = row.try_get("lock_key").map_err(|e| self.error(e))?;
+            let token: Option<uuid::Uuid> = row.try_get("token").map_err(|e| self.error(e))?;
+            let locked: bool = row.try_get("busy").map_err(|e| self.error(e))?;
+            // One row of NULLs when nothing was renewed.
+            if let (Some(key), Some(token)) = (key, token) {
+                if locked {
+                    busy.insert((key, token));
+                } else {
+                    renewed.insert((key, token));
+                }
+            }
+        }
+        let server_time = answer.server_time();
+        Ok(leases
+            .iter()
+            .map(|(key, token)| {
+                let pair = (key.as_str(), *token.as_uuid());
+                if renewed.contains(&pair) {
+                    Ok(server_time)
+                } else if busy.contains(&pair) {
+                    // Neither renewed nor gone: the manager retries it alone.
+                    Err(Error::backend(
+                        format!("the row of {key} is locked by another transaction; not renewed"),
+                        true,
+                    ))
+                } else {
+                    Err(Error::NotHeld { key: key.clone() })
+                }
+            })
+            .collect())
+    }
+
+    async fn release(&self, key: &LockKey, token: &Token, not_after: Instant) -> Result<()> {
+        InFlight::wait(&self.inner, key, token).await;
+        let channel = self.inner.sql.channel.as_str();
+        let params: [&(dyn ToSql + Sync); 3] = [&key.as_str(), token.as_uuid(), &channel];
+        let answer = self
+            .run(
+                &self.inner.sql.release,
+                RELEASE_TYPES,
+                &params,
+                Some(not_after),
+            )
+            .await
+            .map_err(|f| f.into_error(self))?;
+        match self.release_outcome(&answer)? {
+            Released::Now => {}
+            // The first run's session was lost before it answered, so it may have
+            // released the lease and committed. Then the retry finds this token's
+            // row released (`Before`), or, once a waiter woken by that release's
+            // NOTIFY has taken the key, another token's lease (`NotHeld`): both
+            // are the first run's success, and NotHeld would tell the caller that
+            // it lost a lock it held to the end. If the first run did not go
+            // through, the retry's NotHeld means the lease had already run out;
+            // the retry cannot tell the two apart, and Ok still states what the
+            // caller needs: no live lease of this token is left. (Nor can the
+            // first run take effect later: its not_after bounds it.)
+            Released::Before | Released::NotHeld if answer.retried => {}
+            Released::Before | Released::NotHeld => {
+                return Err(Error::NotHeld { key: key.clone() });
+            }
+        }
+        // Waiters in this process need not wait for the LISTEN round trip.
+        self.inner.notifier.notify(key);
+        Ok(())
+    }
+
+    async fn inspect(&self, key: &LockKey) -> Result<Option<LockInfo>> {
+        let params: [&(dyn ToSql + Sync); 1] = [&key.as_str()];
+        let answer = self
+            .run(&self.inner.sql.inspect, INSPECT_TYPES, &params, None)
+            .await
+            .map_err(|f| f.into_error(self))?;
+        answer
+            .rows
+            .first()
+            .map(|row| self.lock_info(row))
+            .transpose()
+    }
+
+    async fn list(&self) -> Result<Vec<LockInfo>> {
+        let answer = self
+            .run(&self.inner.sql.list, &[], &[], None)
+            .await
+            .map_err(|f| f.into_error(self))?;
+        answer.rows.iter().map(|row| self.lock_info(row)).collect()
+    }
+
+    async fn create_table(&self) -> Result<()> {
+        let ddl = &self.inner.create_table;
+        let call = async {
+            let conn = self
+                .inner
+                .pool
+                .get()
+                .await
+                .map_err(|e| from_pool(e, &self.inner.table))?;
+            match conn.batch_execute(ddl).await {
+                Ok(()) => Ok(()),
+                // duplicate_table / unique_violation on the catalog: someone without
+                // our advisory lock (another tool) created it at the same moment. It
+                // exists now, so IF NOT EXISTS makes the second run a no-op.
+                Err(e) if matches!(e.code().map(|c| c.code()), Some("42P07" | "23505")) => {
+                    conn.batch_execute(ddl).await.map_err(|e| self.error(e))
+                }
+                Err(e) => Err(self.error(e)),
+            }
+        };
+        tokio::time::timeout(self.inner.call_timeout, call)
+            .await
+            .unwrap_or_else(|_| Err(self.timed_out()))
+    }
+
+    fn schema_sql(&self) -> String {
+        format!("{};\n", self.inner.sql.create_table)
+    }
+
+    fn release_notifier(&self) -> Option<&ReleaseNotifier> {
+        Some(&self.inner.notifier)
+    }
+}
