@@ -14,7 +14,7 @@ use tokio_postgres::{GenericClient, Row};
 use crate::backend::PostgresBackend;
 use crate::config::clock_reading;
 use crate::error::{from_pg, from_pool, is_session_lost};
-use crate::sql::{CLOCK_READING, COMMIT, RECORD_TIMELINE_TYPES};
+use crate::sql::{CLOCK_READING, COMMIT, RECORD_TIMELINE_TYPES, answer};
 
 impl PostgresBackend {
     pub(crate) fn error(&self, error: tokio_postgres::Error) -> Error {
@@ -258,7 +258,7 @@ impl PostgresBackend {
             Some(bound) => {
                 let server_us = rows
                     .first()
-                    .map(|row| row.try_get::<_, i64>("server_us"))
+                    .map(answer::server_us)
                     .transpose()
                     .map_err(Failure::Pg)?
                     .ok_or_else(|| {
@@ -321,10 +321,7 @@ impl Answer {
     /// Whether the statement was refused because the failover marker has not
     /// recorded the server's timeline yet (see [`Statements::record_timeline`](crate::sql::Statements::record_timeline)).
     pub(crate) fn unrecorded(&self) -> bool {
-        self.rows.first().is_some_and(|row| {
-            row.columns().iter().any(|c| c.name() == "unrecorded")
-                && row.try_get::<_, Option<bool>>("unrecorded").ok() == Some(Some(true))
-        })
+        self.rows.first().is_some_and(answer::Gate::says_unrecorded)
     }
 
     /// The one row every lock statement but `extend_many` returns.

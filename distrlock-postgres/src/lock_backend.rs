@@ -19,7 +19,9 @@ use tokio_postgres::types::ToSql;
 use crate::backend::{Inner, PostgresBackend};
 use crate::calls::{Answer, Failure};
 use crate::error::{from_pool, is_lock_not_available};
-use crate::sql::{ACQUIRE_TYPES, EXTEND_MANY_TYPES, EXTEND_TYPES, INSPECT_TYPES, RELEASE_TYPES};
+use crate::sql::{
+    ACQUIRE_TYPES, EXTEND_MANY_TYPES, EXTEND_TYPES, INSPECT_TYPES, RELEASE_TYPES, answer,
+};
 
 impl PostgresBackend {
     pub(crate) async fn acquire_once(
@@ -53,16 +55,15 @@ impl PostgresBackend {
 
     /// The outcome of an acquire statement's one row.
     pub(crate) fn acquire_outcome(&self, answer: &Answer, ttl: Ttl) -> Result<AcquireOutcome> {
-        let row = answer.row()?;
-        let fence: Option<i64> = row.try_get("fence").map_err(|e| self.error(e))?;
-        let remaining_us: Option<i64> = row.try_get("remaining_us").map_err(|e| self.error(e))?;
-        if fence.is_some() {
+        let row = answer::Acquire::decode(answer.row()?).map_err(|e| self.error(e))?;
+        if let Some(fence) = row.fence {
             return Ok(AcquireOutcome::Acquired {
-                fence: Fence::new(fence.unwrap_or_default()),
+                fence: Fence::new(fence),
                 server_time: answer.server_time(),
             });
         }
-        let gate = self.gate(row, ttl)?;
+        let remaining_us = row.remaining_us;
+        let gate = self.gate(row.gate, ttl)?;
         Ok(AcquireOutcome::Held {
             // Refused; no remaining lease when the row was free (or absent) and a
             // concurrent acquirer took it first. In a failover quarantine, the
@@ -81,12 +82,11 @@ impl PostgresBackend {
         answer: &Answer,
         ttl: Ttl,
     ) -> Result<SystemTime> {
-        let row = answer.row()?;
-        let renewed: bool = row.try_get("renewed").map_err(|e| self.error(e))?;
-        if renewed {
+        let row = answer::Extend::decode(answer.row()?).map_err(|e| self.error(e))?;
+        if row.renewed {
             return Ok(answer.server_time());
         }
-        match self.gate(row, ttl)? {
+        match self.gate(row.gate, ttl)? {
             Some(left) => Err(quarantined(key, left)),
             None => Err(Error::NotHeld { key: key.clone() }),
         }
@@ -95,10 +95,9 @@ impl PostgresBackend {
     /// Reads a refused statement's failover gate: the µs a failover quarantine
     /// has left, if one runs; [`Error::InvalidTtl`] if `ttl` is above the
     /// table's max_ttl.
-    pub(crate) fn gate(&self, row: &Row, ttl: Ttl) -> Result<Option<i64>> {
-        let quarantine_us: Option<i64> = row.try_get("quarantine_us").map_err(|e| self.error(e))?;
-        let max_ttl_us: Option<i64> = row.try_get("max_ttl_us").map_err(|e| self.error(e))?;
-        if let Some(max_ttl_us) = max_ttl_us
+    pub(crate) fn gate(&self, gate: answer::Gate, ttl: Ttl) -> Result<Option<i64>> {
+        let quarantine_us = gate.quarantine_us;
+        if let Some(max_ttl_us) = gate.max_ttl_us
             && ttl.as_micros() > max_ttl_us
         {
             return Err(Error::InvalidTtl {
@@ -111,8 +110,7 @@ impl PostgresBackend {
                 ),
             });
         }
-        let unrecorded: Option<bool> = row.try_get("unrecorded").map_err(|e| self.error(e))?;
-        if quarantine_us.is_none() && unrecorded == Some(true) {
+        if quarantine_us.is_none() && gate.unrecorded {
             // Recorded and asked again, and still not: a concurrent promotion
             // record, or the bound passed. Refused for now; nothing changed.
             return Ok(Some(0));
@@ -130,10 +128,7 @@ impl PostgresBackend {
 
     /// The outcome of a release statement's one row.
     pub(crate) fn release_outcome(&self, answer: &Answer) -> Result<Released> {
-        let released: Option<bool> = answer
-            .row()?
-            .try_get("released")
-            .map_err(|e| self.error(e))?;
+        let released = answer::released(answer.row()?).map_err(|e| self.error(e))?;
         Ok(match released {
             Some(true) => Released::Now,
             Some(false) => Released::Before,
@@ -142,18 +137,20 @@ impl PostgresBackend {
     }
 
     pub(crate) fn lock_info(&self, row: &Row) -> Result<LockInfo> {
-        let key: String = row.try_get("lock_key").map_err(|e| self.error(e))?;
+        let answer::Lock {
+            key,
+            owner,
+            fence,
+            acquired_us,
+            expires_us,
+            held,
+            remaining_us,
+        } = answer::Lock::decode(row).map_err(|e| self.error(e))?;
         let key = LockKey::new(key).map_err(|e| Error::Backend {
             message: format!("the lock table holds a key distrlock cannot use: {e}"),
             transient: false,
             source: None,
         })?;
-        let owner: String = row.try_get("owner").map_err(|e| self.error(e))?;
-        let fence: i64 = row.try_get("fence").map_err(|e| self.error(e))?;
-        let acquired_us: i64 = row.try_get("acquired_us").map_err(|e| self.error(e))?;
-        let expires_us: Option<i64> = row.try_get("expires_us").map_err(|e| self.error(e))?;
-        let held: bool = row.try_get("held").map_err(|e| self.error(e))?;
-        let remaining_us: Option<i64> = row.try_get("remaining_us").map_err(|e| self.error(e))?;
         let state = match (expires_us, held) {
             (None, _) => LockState::Released,
             (Some(_), true) => LockState::Held,
@@ -359,7 +356,8 @@ impl LockBackend for PostgresBackend {
         // Every row carries the same gate; refused by it, no lease was renewed:
         // each entry gets the gate's answer.
         if let Some(row) = answer.rows.first() {
-            match self.gate(row, ttl) {
+            let gate = answer::Gate::decode(row).map_err(|e| self.error(e))?;
+            match self.gate(gate, ttl) {
                 Ok(None) => {}
                 Ok(Some(left)) => {
                     return Ok(leases
@@ -383,15 +381,13 @@ impl LockBackend for PostgresBackend {
         let mut renewed: HashSet<(&str, uuid::Uuid)> = HashSet::with_capacity(answer.rows.len());
         let mut busy: HashSet<(&str, uuid::Uuid)> = HashSet::new();
         for row in &answer.rows {
-            let key: Option<&str> = row.try_get("lock_key").map_err(|e| self.error(e))?;
-            let token: Option<uuid::Uuid> = row.try_get("token").map_err(|e| self.error(e))?;
-            let locked: bool = row.try_get("busy").map_err(|e| self.error(e))?;
-            // One row of NULLs when nothing was renewed.
-            if let (Some(key), Some(token)) = (key, token) {
-                if locked {
-                    busy.insert((key, token));
+            let entry = answer::BatchEntry::decode(row).map_err(|e| self.error(e))?;
+            // One row of NULLs when nothing was renewed (or nothing was busy).
+            if let Some(lease) = entry.lease {
+                if entry.busy {
+                    busy.insert(lease);
                 } else {
-                    renewed.insert((key, token));
+                    renewed.insert(lease);
                 }
             }
         }

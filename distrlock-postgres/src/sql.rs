@@ -613,6 +613,137 @@ LEFT JOIN {t} AS l
     }
 }
 
+/// The answers of the statements above, decoded from their rows: the column
+/// names and types are read only here, next to the SQL that makes them.
+pub(crate) mod answer {
+    use tokio_postgres::{Error, Row};
+
+    /// Every lock statement's clock reading (`server_us`, µs since the epoch).
+    pub(crate) fn server_us(row: &Row) -> Result<i64, Error> {
+        row.try_get("server_us")
+    }
+
+    /// The failover gate of `acquire`, `extend` and `extend_many` (see
+    /// `failover_ctes`).
+    #[derive(Debug, Clone, Copy)]
+    pub(crate) struct Gate {
+        /// The µs a failover quarantine has left, if one runs.
+        pub(crate) quarantine_us: Option<i64>,
+        /// The marker has not recorded this server's timeline yet.
+        pub(crate) unrecorded: bool,
+        /// The table's max_ttl.
+        pub(crate) max_ttl_us: Option<i64>,
+    }
+
+    impl Gate {
+        pub(crate) fn decode(row: &Row) -> Result<Self, Error> {
+            Ok(Self {
+                quarantine_us: row.try_get("quarantine_us")?,
+                unrecorded: row.try_get::<_, Option<bool>>("unrecorded")? == Some(true),
+                max_ttl_us: row.try_get("max_ttl_us")?,
+            })
+        }
+
+        /// Whether a row (any statement's) says `unrecorded`: only the gated
+        /// statements have the column.
+        pub(crate) fn says_unrecorded(row: &Row) -> bool {
+            row.columns().iter().any(|c| c.name() == "unrecorded")
+                && row.try_get::<_, Option<bool>>("unrecorded").ok() == Some(Some(true))
+        }
+    }
+
+    /// The one row of `acquire`.
+    #[derive(Debug, Clone, Copy)]
+    pub(crate) struct Acquire {
+        /// The holding's fence; `None` when refused.
+        pub(crate) fence: Option<i64>,
+        /// Refused: the holder's remaining lease in µs, if there is one.
+        pub(crate) remaining_us: Option<i64>,
+        pub(crate) gate: Gate,
+    }
+
+    impl Acquire {
+        pub(crate) fn decode(row: &Row) -> Result<Self, Error> {
+            Ok(Self {
+                fence: row.try_get("fence")?,
+                remaining_us: row.try_get("remaining_us")?,
+                gate: Gate::decode(row)?,
+            })
+        }
+    }
+
+    /// The one row of `extend`.
+    #[derive(Debug, Clone, Copy)]
+    pub(crate) struct Extend {
+        pub(crate) renewed: bool,
+        pub(crate) gate: Gate,
+    }
+
+    impl Extend {
+        pub(crate) fn decode(row: &Row) -> Result<Self, Error> {
+            Ok(Self {
+                renewed: row.try_get("renewed")?,
+                gate: Gate::decode(row)?,
+            })
+        }
+    }
+
+    /// One row of `extend_many`: a renewed or a busy lease, or the row of
+    /// NULLs that says there was none.
+    #[derive(Debug, Clone)]
+    pub(crate) struct BatchEntry<'a> {
+        /// The lease; `None` in the row of NULLs.
+        pub(crate) lease: Option<(&'a str, uuid::Uuid)>,
+        /// Locked by another transaction: neither renewed nor gone.
+        pub(crate) busy: bool,
+    }
+
+    impl<'a> BatchEntry<'a> {
+        pub(crate) fn decode(row: &'a Row) -> Result<Self, Error> {
+            let key: Option<&str> = row.try_get("lock_key")?;
+            let token: Option<uuid::Uuid> = row.try_get("token")?;
+            Ok(Self {
+                lease: key.zip(token),
+                busy: row.try_get("busy")?,
+            })
+        }
+    }
+
+    /// The one row of `release`: `Some(true)` released now, `Some(false)`
+    /// released by an earlier statement of this token, `None` not held.
+    pub(crate) fn released(row: &Row) -> Result<Option<bool>, Error> {
+        row.try_get("released")
+    }
+
+    /// One row of `inspect` or `list`.
+    #[derive(Debug, Clone)]
+    pub(crate) struct Lock {
+        pub(crate) key: String,
+        pub(crate) owner: String,
+        pub(crate) fence: i64,
+        pub(crate) acquired_us: i64,
+        /// `None` once released.
+        pub(crate) expires_us: Option<i64>,
+        /// Live at the statement's clock reading.
+        pub(crate) held: bool,
+        pub(crate) remaining_us: Option<i64>,
+    }
+
+    impl Lock {
+        pub(crate) fn decode(row: &Row) -> Result<Self, Error> {
+            Ok(Self {
+                key: row.try_get("lock_key")?,
+                owner: row.try_get("owner")?,
+                fence: row.try_get("fence")?,
+                acquired_us: row.try_get("acquired_us")?,
+                expires_us: row.try_get("expires_us")?,
+                held: row.try_get("held")?,
+                remaining_us: row.try_get("remaining_us")?,
+            })
+        }
+    }
+}
+
 /// The SQL texts of one table's lock statements, exactly as the backend sends
 /// them, for tools that issue them without the backend (the benchmark's
 /// raw-driver baseline). Not a stable API.
