@@ -161,12 +161,20 @@ impl PostgresBackend {
             let rows = client.query_typed(sql, &typed).await.map_err(Failure::Pg)?;
             let answer = self.answer(rows, false, Some(bound))?;
             if !recorded && answer.unrecorded() {
+                // Recorded on a pooled connection, in a transaction of its own:
+                // in the caller's, the marker's row lock would be held until the
+                // caller commits, and every other client's first statement would
+                // wait for it.
                 recorded = true;
-                let typed = with_types(&[], &[], Some(&bound));
-                client
-                    .query_typed(&self.inner.sql.record_timeline, &typed)
+                let conn = self
+                    .inner
+                    .pool
+                    .get()
                     .await
-                    .map_err(Failure::Pg)?;
+                    .map_err(|e| Failure::Mapped(from_pool(e, &self.inner.table)))?;
+                let conn = DiscardUnlessDone(Some(conn));
+                self.record_timeline(conn.get(), bound).await?;
+                conn.done();
                 continue;
             }
             if !answer.rerun(Some(not_after), &mut reran) {

@@ -17,7 +17,9 @@ pub(crate) fn from_pg(error: tokio_postgres::Error, table: &TableName) -> Error 
         // reached a standby: it may be promoted, or the address may move to the
         // new primary, as with read_only_sql_transaction.
         let class = match classify(&code) {
-            Class::Permanent if is_in_recovery(code.code(), db.message()) => Class::Transient,
+            Class::Permanent if is_in_recovery(code.code(), db.message(), db.routine()) => {
+                Class::Transient
+            }
             class => class,
         };
         return match class {
@@ -104,9 +106,14 @@ enum Class {
     Permanent,
 }
 
-/// A statement refused because the server is a standby (still in recovery).
-fn is_in_recovery(code: &str, message: &str) -> bool {
-    code == "55000" && message.contains("recovery is in progress")
+/// A statement refused because the server is a standby (still in recovery):
+/// `pg_current_wal_lsn()` raising object_not_in_prerequisite_state. The C
+/// function that raised it (`routine`) says so whatever the server's
+/// `lc_messages`; the English message is the fallback for a server that does not
+/// send it.
+fn is_in_recovery(code: &str, message: &str, routine: Option<&str>) -> bool {
+    code == "55000"
+        && (routine == Some("pg_current_wal_lsn") || message.contains("recovery is in progress"))
 }
 
 fn classify(code: &SqlState) -> Class {
@@ -179,8 +186,13 @@ mod tests {
         assert_eq!(class("23505"), Class::Permanent);
         assert_eq!(class("22003"), Class::Permanent);
         assert_eq!(class("25006"), Class::Transient);
-        assert!(is_in_recovery("55000", "recovery is in progress"));
-        assert!(!is_in_recovery("55000", "something else"));
-        assert!(!is_in_recovery("XX000", "recovery is in progress"));
+        assert!(is_in_recovery("55000", "recovery is in progress", None));
+        assert!(is_in_recovery(
+            "55000",
+            "la recuperación está en proceso",
+            Some("pg_current_wal_lsn")
+        ));
+        assert!(!is_in_recovery("55000", "something else", Some("other")));
+        assert!(!is_in_recovery("XX000", "recovery is in progress", None));
     }
 }

@@ -123,17 +123,24 @@ fn failover_ctes(t: &str, f: Failover) -> String {
     let default_max_ttl_us = f.max_ttl_us;
     let margin = QUARANTINE_MARGIN_US;
     let marker = marker_cte(t);
+    let extra = format!(
+        "GREATEST(0, {default_max_ttl_us} - COALESCE(marker.max_ttl_us, 0)) * 501 / 500 \
+         + COALESCE(marker.max_ttl_us, 0) / 500 + {margin}"
+    );
     let quarantine = if f.quarantine {
         format!(
             r#"CASE
             -- Promoted, and not yet recorded (`unrecorded`): the first statement
             -- on a new timeline, or on a table without a marker past the first
             -- timeline. Recording it starts the quarantine.
-            WHEN server.timeline > COALESCE(marker.timeline, 1)
-                THEN COALESCE(marker.max_ttl_us, {default_max_ttl_us}) * 501 / 500 + {margin}
-            -- Within the quarantine that began on this timeline.
-            WHEN marker.until_us + marker.max_ttl_us / 500 + {margin} > clock.at_us
-                THEN marker.until_us + marker.max_ttl_us / 500 + {margin} - clock.at_us
+            WHEN server.timeline <> COALESCE(marker.timeline, 1)
+                THEN GREATEST(COALESCE(marker.max_ttl_us, 0), {default_max_ttl_us}) * 501 / 500
+                     + {margin}
+            -- Within the quarantine that began on this timeline. It lasts the
+            -- longer of the table's max_ttl and this client's: a raise of the
+            -- table's that a failover lost still counts.
+            WHEN marker.until_us + quarantine.extra_us > clock.at_us
+                THEN marker.until_us + quarantine.extra_us - clock.at_us
         END"#
         )
     } else {
@@ -155,15 +162,19 @@ server AS MATERIALIZED (
 {marker},
 -- Whether this statement may grant time: not while a quarantine runs
 -- (`quarantine_us`, the µs it has left: max_ttl, plus 0.2 % for the two
--- servers' clock rates, plus a margin), not before the marker has recorded
--- this timeline (`unrecorded`), and no ttl above the table's max_ttl.
+-- servers' clock rates, plus a margin), not on a timeline the marker has not
+-- recorded (`unrecorded`: a promotion, or a timeline that went back), and no
+-- ttl above the table's max_ttl.
 gate AS MATERIALIZED (
     SELECT {quarantine} AS quarantine_us,
-        server.timeline > COALESCE(marker.timeline, 0) AS unrecorded,
-        COALESCE(marker.max_ttl_us, {default_max_ttl_us}) AS max_ttl_us
+        server.timeline <> COALESCE(marker.timeline, 0) AS unrecorded,
+        COALESCE(marker.max_ttl_us, {default_max_ttl_us}) AS max_ttl_us,
+        -- Fences are at least this (see `marker`).
+        COALESCE(marker.epoch, 0) << 40 AS fence_floor
     FROM clock
     CROSS JOIN server
     LEFT JOIN marker ON true
+    CROSS JOIN LATERAL (SELECT {extra} AS extra_us) AS quarantine
 )"#
     )
 }
@@ -172,12 +183,18 @@ gate AS MATERIALIZED (
 fn marker_cte(t: &str) -> String {
     format!(
         r#"-- The failover marker: the row of the empty key, which no lock can have.
--- `fence` is the timeline it last saw; `expires_at - acquired_at` is the table's
--- max_ttl (the longest ttl a lock may have); a quarantine that began at
--- `acquired_at` ends at `expires_at` (plus margin). With no quarantine,
--- acquired_at is the epoch. A plain read: it takes no lock.
+-- `fence` packs two numbers: the server timeline it last saw (low 32 bits) and
+-- the fence epoch (the rest): fences are at least epoch * 2^40. The epoch grows
+-- at every change of timeline that the marker records, by as much as the
+-- timeline grew, and by one when the timeline went back (pg_upgrade and
+-- pg_resetwal start a cluster on timeline 1 again), so it never goes back.
+-- `expires_at - acquired_at` is the table's max_ttl (the longest ttl a lock may
+-- have); a quarantine that began at `acquired_at` ends at `expires_at` (plus
+-- margin). With no quarantine, acquired_at is the epoch. A plain read: it takes
+-- no lock.
 marker AS MATERIALIZED (
-    SELECT m.fence AS timeline,
+    SELECT m.fence & 4294967295 AS timeline,
+           m.fence >> 32 AS epoch,
            (EXTRACT(EPOCH FROM m.expires_at) * 1000000)::int8 AS until_us,
            (EXTRACT(EPOCH FROM (m.expires_at - m.acquired_at)) * 1000000)::int8 AS max_ttl_us
     FROM {t} AS m
@@ -270,19 +287,32 @@ impl Statements {
     expires_at  timestamptz NULL
 );
 -- The failover marker (the empty key, which no lock can have): the timeline
--- the table last saw (fence), and its max_ttl, the longest ttl a lock may have
--- (expires_at - acquired_at). A promotion starts a quarantine of max_ttl in it,
--- in which no lock is granted or extended. Created with the table, in the same
--- transaction; on a table that has one, a longer max_ttl raises it (a shorter
--- one is never set here: leases that long may be live).
+-- the table last saw and the fence epoch, packed in fence (epoch * 2^32 +
+-- timeline; the epoch starts at timeline - 1), and its max_ttl, the longest
+-- ttl a lock may have (expires_at - acquired_at). A promotion starts a
+-- quarantine of max_ttl in it, in which no lock is granted or extended.
+-- Created with the table, in the same transaction. On a table that has one, a
+-- longer max_ttl raises it (a shorter one is never set here: leases that long
+-- may be live): after a quarantine has ended, the marker starts again at the
+-- epoch; in one, the quarantine is made as long as the new max_ttl.
 INSERT INTO {t} AS m (lock_key, token, fence, owner, acquired_at, expires_at)
-VALUES ('', '00000000-0000-0000-0000-000000000000'::uuid, {timeline},
-        'distrlock failover marker', timestamptz 'epoch',
-        timestamptz 'epoch' + {max_ttl_us}::int8 * interval '1 microsecond')
+SELECT '', '00000000-0000-0000-0000-000000000000'::uuid,
+       ((server.timeline - 1) << 32) | server.timeline,
+       'distrlock failover marker', timestamptz 'epoch',
+       timestamptz 'epoch' + {max_ttl_us}::int8 * interval '1 microsecond'
+FROM (SELECT {timeline} AS timeline) AS server
 ON CONFLICT (lock_key) DO UPDATE
-    SET expires_at = m.expires_at + ((EXCLUDED.expires_at - EXCLUDED.acquired_at)
-                                     - (m.expires_at - m.acquired_at))
+    SET acquired_at = CASE WHEN clock_timestamp() > m.expires_at
+                                + (m.expires_at - m.acquired_at) / 500
+                                + interval '{margin_us} microseconds'
+                           THEN timestamptz 'epoch' ELSE m.acquired_at END,
+        expires_at = CASE WHEN clock_timestamp() > m.expires_at
+                               + (m.expires_at - m.acquired_at) / 500
+                               + interval '{margin_us} microseconds'
+                          THEN timestamptz 'epoch' ELSE m.acquired_at END
+                     + (EXCLUDED.expires_at - EXCLUDED.acquired_at)
     WHERE m.expires_at - m.acquired_at < EXCLUDED.expires_at - EXCLUDED.acquired_at"#,
+            margin_us = QUARANTINE_MARGIN_US,
             timeline = TIMELINE,
             max_ttl_us = failover.max_ttl_us,
         );
@@ -308,19 +338,22 @@ ON CONFLICT (lock_key) DO UPDATE
 -- … WHERE false, which locks the conflicting row and costs a WAL flush per try).
 taken AS (
     UPDATE {t} AS l SET
-        -- Same token on a live lease keeps the fence (an idempotent retry); any
-        -- other takeover raises it by one, and to at least (timeline - 1) * 2^40,
-        -- so fences only grow, even past commits a failover lost.
+        -- Same token on a live lease keeps the fence (an idempotent retry), if
+        -- it is of the current fence epoch; any other takeover raises it by one,
+        -- and to at least the epoch's floor, so fences only grow, even past
+        -- commits a failover lost.
         fence = CASE WHEN l.token = $2::uuid AND l.expires_at > clock.at
+                          AND l.fence >= gate.fence_floor
                      THEN l.fence
-                     ELSE GREATEST(l.fence + 1, (server.timeline - 1) << 40) END,
+                     ELSE GREATEST(l.fence + 1, gate.fence_floor) END,
         acquired_at = CASE WHEN l.token = $2::uuid AND l.expires_at > clock.at
+                                AND l.fence >= gate.fence_floor
                            THEN l.acquired_at ELSE clock.at END,
         token = $2::uuid,
         owner = $4::text,
         -- Whole microseconds: no day part, so TimeZone cannot change the length.
         expires_at = clock.at + $3::int8 * interval '1 microsecond'
-    FROM clock, server, gate
+    FROM clock, gate
     WHERE l.lock_key = $1::text
       AND (l.expires_at IS NULL OR l.expires_at <= clock.at OR l.token = $2::uuid)
       -- Not in a failover quarantine (nor on a timeline the marker has not
@@ -331,16 +364,16 @@ taken AS (
       AND clock.at_us < $5::int8
     RETURNING l.fence
 ),
--- Absent: insert the first holding with fence 1 (on timeline N, (N - 1) * 2^40).
+-- Absent: insert the first holding with fence 1 (or the epoch's floor).
 -- The NOT EXISTS probe keeps the
 -- present-row paths from even attempting an insert; ON CONFLICT DO NOTHING settles
 -- a race with a concurrent first acquirer without an error (the loser gets no row
 -- and reports the lock as held).
 inserted AS (
     INSERT INTO {t} AS l (lock_key, token, fence, owner, acquired_at, expires_at)
-    SELECT $1::text, $2::uuid, GREATEST(1, (server.timeline - 1) << 40), $4::text,
+    SELECT $1::text, $2::uuid, GREATEST(1, gate.fence_floor), $4::text,
            clock.at, clock.at + $3::int8 * interval '1 microsecond'
-    FROM clock, server, gate
+    FROM clock, gate
     WHERE NOT EXISTS (SELECT 1 FROM {t} WHERE lock_key = $1::text)
       -- Not in a failover quarantine (nor on a timeline the marker has not
       -- recorded), and no longer than the table allows.
@@ -500,16 +533,21 @@ LEFT JOIN busy ON true"#
             r#"WITH
 {clock},
 {marker}
--- A promotion: the first statement on a new timeline records it, which starts
--- the quarantine: leases granted on the old timeline may have been lost with
--- their commits, and may still be live for up to max_ttl from the promotion
--- (the old primary must have stopped writing by then). A table without a
+-- A promotion: the first statement on a new timeline (or one that went back)
+-- records it, which starts the quarantine: leases granted on the old timeline
+-- may have been lost with their commits, and may still be live for up to
+-- max_ttl from the promotion (the old primary must have stopped writing by
+-- then). It also raises the fence epoch (see `marker`). A table without a
 -- marker gets one here, with no quarantine on the first timeline (no promotion
 -- can have happened). The SELECT has no row when the marker is current, so ON
 -- CONFLICT never meets the marker then; two sessions that both record wait
 -- their turn on its row, and the second updates nothing.
 INSERT INTO {t} AS m (lock_key, token, fence, owner, acquired_at, expires_at)
-SELECT '', '00000000-0000-0000-0000-000000000000'::uuid, server.timeline,
+SELECT '', '00000000-0000-0000-0000-000000000000'::uuid,
+       (CASE WHEN marker.timeline IS NULL THEN server.timeline - 1
+             WHEN server.timeline > marker.timeline
+                 THEN marker.epoch + (server.timeline - marker.timeline)
+             ELSE marker.epoch + 1 END << 32) | server.timeline,
        'distrlock failover marker', start.at,
        start.at + COALESCE(marker.max_ttl_us, {default_max_ttl_us}) * interval '1 microsecond'
 FROM clock
@@ -520,14 +558,14 @@ CROSS JOIN LATERAL (
     SELECT CASE WHEN marker.timeline IS NULL AND server.timeline = 1
                 THEN timestamptz 'epoch' ELSE clock.at END AS at
 ) AS start
-WHERE server.timeline > COALESCE(marker.timeline, 0)
+WHERE server.timeline <> COALESCE(marker.timeline, 0)
   -- No late effects: only before the caller's bound on the server's clock.
   AND clock.at_us < $1::int8
 ON CONFLICT (lock_key) DO UPDATE
     SET fence = EXCLUDED.fence,
         acquired_at = EXCLUDED.acquired_at,
         expires_at = EXCLUDED.expires_at
-    WHERE m.fence < EXCLUDED.fence"#
+    WHERE m.fence <> EXCLUDED.fence"#
         );
 
         let release = format!(
@@ -1131,7 +1169,20 @@ mod tests {
         assert!(record.contains("AND clock.at_us < $1::int8"));
         assert!(record.contains("THEN set_config('synchronous_commit', 'on', true) END"));
         // Fences start at (timeline - 1) * 2^40 on every path that sets one.
-        assert_eq!(s.acquire.matches("(server.timeline - 1) << 40").count(), 2);
+        assert_eq!(
+            s.acquire
+                .matches("GREATEST(l.fence + 1, gate.fence_floor)")
+                .count(),
+            1
+        );
+        assert_eq!(
+            s.acquire.matches("GREATEST(1, gate.fence_floor)").count(),
+            1
+        );
+        assert_eq!(
+            s.acquire.matches("AND l.fence >= gate.fence_floor").count(),
+            2
+        );
         // The marker is created with the table, in its transaction.
         assert!(s.create_table.contains("'distrlock failover marker'"));
         assert!(s.create_table_locked.ends_with(&s.create_table));

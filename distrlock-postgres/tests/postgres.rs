@@ -1982,9 +1982,15 @@ async fn a_new_timeline_starts_a_failover_quarantine_of_max_ttl() {
         }
         other => panic!("granted in the quarantine: {other:?}"),
     }
-    // The first statement recorded the new timeline and the quarantine's start.
+    // The first statement recorded the new timeline, the next fence epoch and
+    // the quarantine's start.
     let (seen, max_ttl_us, start_us) = marker(&t).await.unwrap();
-    assert_eq!(seen, timeline);
+    assert_eq!(seen & 0xffff_ffff, timeline & 0xffff_ffff);
+    assert_eq!(
+        seen >> 32,
+        1,
+        "the epoch grew by the timeline's step, 0 to 1"
+    );
     assert_eq!(max_ttl_us, 3_000_000, "the quarantine keeps the max_ttl");
     assert!(start_us > 0);
     // No extend either: the old timeline may have granted this key to another
@@ -2038,7 +2044,7 @@ async fn a_new_timeline_starts_a_failover_quarantine_of_max_ttl() {
         "granted after {:?}",
         started.elapsed()
     );
-    assert_eq!(fence, 1.max((timeline - 1) << 40));
+    assert_eq!(fence, 1 << 40, "the new epoch's first fence");
     assert_eq!(marker(&t).await.unwrap().2, start_us, "one quarantine");
     t.drop_table().await;
 }
@@ -2149,8 +2155,204 @@ async fn a_table_without_a_failover_marker_gets_one_on_first_use() {
     let (timeline, max_ttl_us, start_us) = marker(&t).await.expect("written on first use");
     assert_eq!(max_ttl_us, 42_000_000);
     // On the first timeline there can have been no failover: no quarantine.
-    if timeline == 1 {
+    if timeline & 0xffff_ffff == 1 {
         assert_eq!(start_us, 0);
+        assert_eq!(timeline >> 32, 0, "epoch 0 on the first timeline");
+    }
+    t.drop_table().await;
+}
+
+/// Sets the table's failover marker to `fence` (epoch << 32 | timeline).
+async fn set_marker(t: &TestBackend, fence: i64) {
+    let changed = t
+        .admin
+        .execute(
+            &format!("UPDATE \"{}\" SET fence = $1 WHERE lock_key = ''", t.table),
+            &[&fence],
+        )
+        .await
+        .unwrap();
+    assert_eq!(changed, 1);
+}
+
+/// Waits out a quarantine: tries `k` until granted, within `limit`.
+async fn acquire_after_quarantine(t: &TestBackend, k: &LockKey, limit: Duration) -> i64 {
+    let started = Instant::now();
+    loop {
+        match t
+            .backend
+            .try_acquire(k, &Token::new(), ttl(Duration::from_secs(1)), "w", soon())
+            .await
+            .unwrap()
+        {
+            AcquireOutcome::Acquired { fence, .. } => return fence.get(),
+            AcquireOutcome::Held { .. } => {
+                assert!(started.elapsed() < limit, "still refused after {limit:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// pg_upgrade and pg_resetwal start a cluster on timeline 1 again: the marker
+/// (copied with the data) then names a later timeline than the server's. That
+/// is a change of timeline all the same: a quarantine, and a new fence epoch
+/// above every fence before, even those of the later timeline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeline_that_goes_back_starts_a_quarantine_and_a_new_fence_epoch() {
+    let name = "a_timeline_that_goes_back_starts_a_quarantine_and_a_new_fence_epoch";
+    let Some(t) = TestBackend::new(name, |b| b.max_ttl(Duration::from_secs(2))).await else {
+        return;
+    };
+    let (current, _, _) = marker(&t).await.unwrap();
+    if current & 0xffff_ffff != 1 {
+        eprintln!("{name}: the test server is not on timeline 1; nothing to go back from");
+        return;
+    }
+    let k = key("upgraded");
+    // As after a cluster on timeline 3 (epoch 2) whose fences reached 2^41 + 5.
+    fence_of(
+        t.backend
+            .try_acquire(
+                &k,
+                &Token::new(),
+                ttl(Duration::from_secs(1)),
+                "old",
+                soon(),
+            )
+            .await
+            .unwrap(),
+    );
+    t.admin
+        .execute(
+            &format!(
+                "UPDATE \"{}\" SET fence = $1, expires_at = NULL WHERE lock_key = $2",
+                t.table
+            ),
+            &[&((2_i64 << 40) + 5), &k.as_str()],
+        )
+        .await
+        .unwrap();
+    set_marker(&t, (2 << 32) | 3).await;
+    match t
+        .backend
+        .try_acquire(
+            &k,
+            &Token::new(),
+            ttl(Duration::from_secs(1)),
+            "new",
+            soon(),
+        )
+        .await
+        .unwrap()
+    {
+        AcquireOutcome::Held { remaining } => assert!(remaining.unwrap() >= Duration::from_secs(2)),
+        other => panic!("granted right after the timeline went back: {other:?}"),
+    }
+    let (recorded, _, _) = marker(&t).await.unwrap();
+    assert_eq!(recorded, (3 << 32) | 1, "epoch 3 on timeline 1");
+    let fence = acquire_after_quarantine(&t, &k, Duration::from_secs(5)).await;
+    assert_eq!(fence, 3 << 40);
+    assert!(fence > (2 << 40) + 5);
+    t.drop_table().await;
+}
+
+/// A token whose lease is still live after a change of timeline (its server's
+/// clock ran ahead) gets a fence of the new epoch when it acquires again, not
+/// its old one: every fence handed out on the new timeline is above the floor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_token_gets_a_fence_of_the_new_epoch() {
+    let name = "the_same_token_gets_a_fence_of_the_new_epoch";
+    let Some(t) = TestBackend::new(name, |b| b.failover_quarantine(false)).await else {
+        return;
+    };
+    let k = key("kept");
+    let token = Token::new();
+    let long = ttl(Duration::from_secs(30));
+    let old = fence_of(
+        t.backend
+            .try_acquire(&k, &token, long, "a", soon())
+            .await
+            .unwrap(),
+    );
+    assert!(old < 1 << 40);
+    pretend_promoted(&t).await;
+    let new = fence_of(
+        t.backend
+            .try_acquire(&k, &token, long, "a", soon())
+            .await
+            .unwrap(),
+    );
+    assert_eq!(new, 1 << 40);
+    // And the retry after that is idempotent again.
+    let again = fence_of(
+        t.backend
+            .try_acquire(&k, &token, long, "a", soon())
+            .await
+            .unwrap(),
+    );
+    assert_eq!(again, new);
+    t.drop_table().await;
+}
+
+/// Raising max_ttl after a quarantine has ended does not start another one;
+/// the quarantine itself lasts the longer of the table's max_ttl and the
+/// client's (a raise that a failover lost still counts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raising_max_ttl_after_a_quarantine_starts_none_and_a_longer_client_max_ttl_counts() {
+    let name = "raising_max_ttl_after_a_quarantine_starts_none_and_a_longer_client_max_ttl_counts";
+    let Some(t) = TestBackend::new(name, |b| b.max_ttl(Duration::from_secs(1))).await else {
+        return;
+    };
+    pretend_promoted(&t).await;
+    acquire_after_quarantine(&t, &key("a"), Duration::from_secs(4)).await;
+    let raiser = t.sibling(|b| b.max_ttl(Duration::from_secs(30))).await;
+    raiser.create_table().await.unwrap();
+    let (_, max_ttl_us, start_us) = marker(&t).await.unwrap();
+    assert_eq!(max_ttl_us, 30_000_000);
+    assert_eq!(start_us, 0, "no quarantine: back at the epoch");
+    fence_of(
+        raiser
+            .try_acquire(
+                &key("b"),
+                &Token::new(),
+                ttl(Duration::from_secs(20)),
+                "r",
+                soon(),
+            )
+            .await
+            .unwrap(),
+    );
+
+    // Table max_ttl 1 s again, but a client that allows 4 s quarantines 4 s.
+    t.admin
+        .batch_execute(&format!(
+            "UPDATE \"{}\" SET acquired_at = 'epoch', \
+             expires_at = timestamptz 'epoch' + interval '1 second' WHERE lock_key = ''",
+            t.table
+        ))
+        .await
+        .unwrap();
+    pretend_promoted(&t).await;
+    let longer = t.sibling(|b| b.max_ttl(Duration::from_secs(4))).await;
+    match longer
+        .try_acquire(
+            &key("c"),
+            &Token::new(),
+            ttl(Duration::from_secs(1)),
+            "l",
+            soon(),
+        )
+        .await
+        .unwrap()
+    {
+        AcquireOutcome::Held { remaining } => {
+            assert!(
+                remaining.unwrap() >= Duration::from_secs(4),
+                "{remaining:?}"
+            )
+        }
+        other => panic!("granted in the quarantine: {other:?}"),
     }
     t.drop_table().await;
 }
