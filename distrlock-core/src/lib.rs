@@ -41,6 +41,7 @@ pub use loss::LossReason;
 pub use manager::{LockManager, LockManagerBuilder};
 pub use memory::MemoryBackend;
 pub use notify::{ReleaseNotifier, ReleaseSubscription};
+pub use owner::Owner;
 pub use retry::RetryPolicy;
 pub use table::TableName;
 pub use token::Token;

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use distrlock_core::server_clock::{ServerClock, from_unix_micros};
 use distrlock_core::{
-    AcquireOutcome, Error, Fence, LockBackend, LockInfo, LockKey, LockState, MAX_OWNER_LEN,
+    AcquireOutcome, Error, Fence, LockBackend, LockInfo, LockKey, LockState, Owner,
     ReleaseNotifier, Result, TableName, Token, Ttl,
 };
 use mysql_async::prelude::Queryable;
@@ -501,18 +501,11 @@ impl MySqlBackend {
         ttl: Ttl,
         owner: &str,
     ) -> Result<Call<'_>> {
-        if owner.len() > MAX_OWNER_LEN || owner.contains('\0') {
-            return Err(Error::InvalidConfig {
-                reason: format!(
-                    "an owner text is at most {MAX_OWNER_LEN} bytes without NUL, this one has {} bytes",
-                    owner.len()
-                ),
-            });
-        }
+        let owner = Owner::new(owner)?;
         let (key, token, owner, ttl) = (
             key_value(key),
             token_value(token),
-            Value::from(owner),
+            Value::from(owner.into_string()),
             Value::from(ttl.as_micros()),
         );
         Ok(Call::Write {

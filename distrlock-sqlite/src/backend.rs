@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use distrlock_core::{
-    AcquireOutcome, Error, Fence, LockBackend, LockInfo, LockKey, LockState, ReleaseNotifier,
-    Result, TableName, Token, Ttl, server_clock::from_unix_micros,
+    AcquireOutcome, Error, Fence, LockBackend, LockInfo, LockKey, LockState, Owner,
+    ReleaseNotifier, Result, TableName, Token, Ttl, server_clock::from_unix_micros,
 };
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, named_params};
 use tokio::time::Instant;
@@ -494,7 +494,8 @@ impl LockBackend for SqliteBackend {
         not_after: Instant,
     ) -> Result<AcquireOutcome> {
         let map = self.map();
-        let (key, token, owner) = (key.clone(), token.to_string(), owner.to_owned());
+        let owner = Owner::new(owner)?.into_string();
+        let (key, token) = (key.clone(), token.to_string());
         self.write(Some(not_after), move |tx, sql, clock, now| {
             let fence: Option<i64> = tx
                 .prepare_cached(&sql.acquire)
