@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use distrlock_core::{Error, LockBackend, LockManager, TableName};
-use distrlock_mysql::MySqlBackend;
 use distrlock_mysql::mysql_async::{self, Opts, OptsBuilder};
+use distrlock_mysql::{MySqlBackend, MySqlConfig};
 use distrlock_postgres::tokio_postgres::config::{Host, SslMode};
 use distrlock_postgres::{PostgresBackend, PostgresConfig, tokio_postgres};
 use distrlock_sqlite::SqliteBackend;
@@ -136,17 +136,20 @@ pub(crate) async fn open_backend(
             {
                 builder = builder.pass(Some(password));
             }
-            let config = || {
-                MySqlBackend::builder()
+            let connect = |opts: OptsBuilder| {
+                let config = MySqlConfig::builder()
+                    .opts(opts)
                     .table(table.to_string())
-                    .max_connections(1)
+                    .pool_size(1)
+                    .build();
+                async move { MySqlBackend::from_config(config?).await }
             };
             let backend = match tls::mysql(raw, &server)? {
-                None => config().connect_opts(builder).await,
-                Some(ssl) => match config().connect_opts(builder.clone().ssl_opts(ssl)).await {
+                None => connect(builder).await,
+                Some(ssl) => match connect(builder.clone().ssl_opts(ssl)).await {
                     // `prefer`: a server without TLS is used without it.
                     Err(e) if server.tls == TlsMode::Prefer && offers_no_tls(&e) => {
-                        config().connect_opts(builder).await
+                        connect(builder).await
                     }
                     other => other,
                 },
