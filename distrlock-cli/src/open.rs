@@ -12,7 +12,7 @@ use distrlock_mysql::mysql_async::{self, Opts, OptsBuilder};
 use distrlock_mysql::{MySqlBackend, MySqlConfig};
 use distrlock_postgres::tokio_postgres::config::{Host, SslMode};
 use distrlock_postgres::{PostgresBackend, PostgresConfig, tokio_postgres};
-use distrlock_sqlite::SqliteBackend;
+use distrlock_sqlite::{SqliteBackend, SqliteConfig};
 
 use crate::exit::CliError;
 use crate::server::{self, ServerUrl, TlsMode};
@@ -100,12 +100,16 @@ pub(crate) async fn open_backend(
                     ))
                 })?;
             }
-            let backend = SqliteBackend::builder(path)
-                .table(table.to_string())
-                .allow_network_filesystem(*allow_network_filesystem)
-                .open()
-                .await
-                .map_err(error)?;
+            let backend = SqliteBackend::from_config(
+                SqliteConfig::builder()
+                    .path(path)
+                    .table(table.to_string())
+                    .allow_network_filesystem(*allow_network_filesystem)
+                    .build()
+                    .map_err(error)?,
+            )
+            .await
+            .map_err(error)?;
             backend.create_table().await.map_err(error)?;
             Ok(Arc::new(backend))
         }
@@ -357,8 +361,15 @@ mod tls {
 /// where the backend can say it offline.
 pub(crate) fn schema_sql(url: &DbUrl, table: &TableName) -> Result<String, CliError> {
     match url {
-        DbUrl::Sqlite { .. } => SqliteBackend::schema_sql_for(&table.to_string())
-            .map_err(|e| CliError::from_lock(e, url, &table.to_string())),
+        DbUrl::Sqlite { .. } => {
+            // SQLite has no schemas: the same check as at open.
+            SqliteConfig::builder()
+                .path("schema.db")
+                .table(table.to_string())
+                .build()
+                .map_err(|e| CliError::from_lock(e, url, &table.to_string()))?;
+            Ok(SqliteBackend::schema_sql_for(table))
+        }
         DbUrl::Postgres { .. } => Ok(PostgresBackend::schema_sql_for(table)),
         DbUrl::MySql { .. } => Ok(MySqlBackend::schema_sql_for(table)),
     }
