@@ -19,6 +19,13 @@ use crate::sql;
 /// or [`MySqlBackend::from_pool`](crate::MySqlBackend::from_pool) uses your
 /// own pool. `Debug` never shows the password.
 ///
+/// With the `serde` feature it is `Deserialize` (validated as
+/// [`build`](MySqlConfigBuilder::build) validates) and `Serialize` (never the
+/// password): the settings `url`, `password` (read only), `table`,
+/// `pool_size`, `min_pool_size`, `connect_timeout`, `statement_timeout`,
+/// `lock_timeout` and `max_clock_skew`, durations as humantime strings
+/// (`"5s"`) or whole seconds.
+///
 /// ```
 /// use std::time::Duration;
 /// use distrlock_mysql::MySqlConfig;
@@ -45,6 +52,14 @@ use crate::sql;
 /// assert!(matches!(bad, Err(distrlock_core::Error::InvalidTableName { .. })));
 /// ```
 #[derive(Clone, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(
+        try_from = "crate::settings::Settings",
+        into = "crate::settings::Settings"
+    )
+)]
 pub struct MySqlConfig {
     /// One entry per host, in the order given; none when no connection was given.
     pub(crate) hosts: Vec<Opts>,

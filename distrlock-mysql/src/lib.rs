@@ -6,6 +6,8 @@ mod config;
 mod connection;
 mod error;
 mod lock_backend;
+#[cfg(feature = "serde")]
+mod settings;
 mod sql;
 
 pub use backend::MySqlBackend;

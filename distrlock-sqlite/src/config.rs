@@ -14,6 +14,11 @@ use distrlock_core::{Error, Result, TableName};
 /// then [`SqliteBackend::from_config`](crate::SqliteBackend::from_config) opens
 /// the file.
 ///
+/// With the `serde` feature it is `Deserialize` (validated as
+/// [`build`](SqliteConfigBuilder::build) validates) and `Serialize`: the
+/// settings `path` or `url` (read only), `table`, `lock_timeout` (a humantime
+/// string such as `"5s"`, or whole seconds) and `allow_network_filesystem`.
+///
 /// ```
 /// use std::time::Duration;
 /// use distrlock_sqlite::SqliteConfig;
@@ -32,6 +37,14 @@ use distrlock_core::{Error, Result, TableName};
 /// assert!(SqliteConfig::builder().url("sqlite:///x.db?journal=off").build().is_err());
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(
+        try_from = "crate::settings::Settings",
+        into = "crate::settings::Settings"
+    )
+)]
 pub struct SqliteConfig {
     pub(crate) path: PathBuf,
     pub(crate) table: TableName,

@@ -7,6 +7,8 @@ mod config;
 mod driver_error;
 mod file;
 mod lock_backend;
+#[cfg(feature = "serde")]
+mod settings;
 mod sql;
 mod worker;
 
