@@ -69,7 +69,7 @@ use crate::sql::Statements;
 /// UPDATE`) at most [`MySqlConfig::lock_timeout`]; then the server rolls
 /// it back (error 1205) and nothing has changed. A
 /// [`try_acquire`](distrlock_core::LockBackend::try_acquire) answers that with
-/// [`AcquireOutcome::Held`] and no remaining lease: someone else is busy with
+/// [`AcquireOutcome::Held`](distrlock_core::AcquireOutcome::Held) and no remaining lease: someone else is busy with
 /// the key, as on PostgreSQL, and a waiting acquire backs off and tries again.
 /// A deadlock (1213) that is still one after the backend's retry gets the
 /// same answer: on Galera that is a certification conflict, another node

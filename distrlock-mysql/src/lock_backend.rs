@@ -28,7 +28,7 @@ impl MySqlBackend {
     /// It runs the same statement as [`LockBackend::try_acquire`], with the same
     /// outcomes, but without the backend's retries and client-side timeouts: the
     /// connection's own session settings bound it (see
-    /// [`MySqlConfig::session_settings_sql`]). A row-lock wait past your session's
+    /// [`MySqlConfig::session_settings_sql`](crate::MySqlConfig::session_settings_sql)). A row-lock wait past your session's
     /// `innodb_lock_wait_timeout` is an error here (1205, transient), not
     /// [`AcquireOutcome::Held`]: with `innodb_rollback_on_timeout` the server
     /// rolls back your whole transaction, which you need to know. Inside a
@@ -62,8 +62,8 @@ impl MySqlBackend {
     /// A session whose clock is pinned (`SET @@timestamp = …`) gets
     /// [`Error::InvalidConfig`] and nothing changes (see "A pinned session
     /// clock" on the type). So do sessions that wait longer than
-    /// [`MySqlConfig::clock_tolerance`] for the table's metadata lock: bound
-    /// `lock_wait_timeout` with [`MySqlConfig::session_settings_sql`].
+    /// [`MySqlConfig::clock_tolerance`](crate::MySqlConfig::clock_tolerance) for the table's metadata lock: bound
+    /// `lock_wait_timeout` with [`MySqlConfig::session_settings_sql`](crate::MySqlConfig::session_settings_sql).
     pub async fn try_acquire_in<Q: Queryable>(
         &self,
         conn: &mut Q,
@@ -135,8 +135,8 @@ impl MySqlBackend {
     /// A session whose clock is pinned (`SET @@timestamp = …`) gets
     /// [`Error::InvalidConfig`] and the lease stays as it is (see "A pinned
     /// session clock" on the type); so does a release that waited longer than
-    /// [`MySqlConfig::clock_tolerance`] for locks, which
-    /// [`MySqlConfig::session_settings_sql`] rules out.
+    /// [`MySqlConfig::clock_tolerance`](crate::MySqlConfig::clock_tolerance) for locks, which
+    /// [`MySqlConfig::session_settings_sql`](crate::MySqlConfig::session_settings_sql) rules out.
     pub async fn release_in<Q: Queryable>(
         &self,
         conn: &mut Q,
