@@ -131,29 +131,53 @@ pub(crate) async fn open_backend(
         }
         DbUrl::MySql { url: raw, ca_file } => {
             let server = ServerUrl::parse(raw, ca_file.as_deref())?;
-            let opts = Opts::from_url(&server.url).map_err(|e| {
-                CliError::usage(format!("--url {}: invalid MySQL URL: {e}", redact(raw)))
-            })?;
-            let mut builder = OptsBuilder::from_opts(opts.clone());
-            if opts.pass().is_none()
-                && let Some(password) = server::mysql_password()
-            {
-                builder = builder.pass(Some(password));
-            }
-            let connect = |opts: OptsBuilder| {
+            // The backend's own URL parsing: several hosts, `max_clock_skew`.
+            let parsed = MySqlConfig::builder()
+                .url(server.url.as_str())
+                .build()
+                .map_err(|e| match e {
+                    Error::InvalidConfig { reason } => {
+                        CliError::usage(format!("--url {}: {reason}", redact(raw)))
+                    }
+                    other => CliError::usage(format!("--url {}: {other}", redact(raw))),
+                })?;
+            let password = parsed
+                .hosts()
+                .iter()
+                .all(|opts| opts.pass().is_none())
+                .then(server::mysql_password)
+                .flatten();
+            let hosts = |ssl: Option<&mysql_async::SslOpts>| -> Vec<Opts> {
+                parsed
+                    .hosts()
+                    .iter()
+                    .map(|opts| {
+                        let mut host = OptsBuilder::from_opts(opts.clone());
+                        if let Some(password) = &password {
+                            host = host.pass(Some(password.clone()));
+                        }
+                        if let Some(ssl) = ssl {
+                            host = host.ssl_opts(ssl.clone());
+                        }
+                        host.into()
+                    })
+                    .collect()
+            };
+            let connect = |hosts: Vec<Opts>| {
                 let config = MySqlConfig::builder()
-                    .opts(opts)
+                    .hosts(hosts)
+                    .max_clock_skew(parsed.max_clock_skew())
                     .table(table.to_string())
                     .pool_size(1)
                     .build();
                 async move { MySqlBackend::from_config(config?).await }
             };
             let backend = match tls::mysql(raw, &server)? {
-                None => connect(builder).await,
-                Some(ssl) => match connect(builder.clone().ssl_opts(ssl)).await {
+                None => connect(hosts(None)).await,
+                Some(ssl) => match connect(hosts(Some(&ssl))).await {
                     // `prefer`: a server without TLS is used without it.
                     Err(e) if server.tls == TlsMode::Prefer && offers_no_tls(&e) => {
-                        connect(builder).await
+                        connect(hosts(None)).await
                     }
                     other => other,
                 },
