@@ -32,6 +32,7 @@ pub struct SqliteBackend {
     pub(crate) worker: Worker,
     pub(crate) path: PathBuf,
     pub(crate) table: TableName,
+    pub(crate) config: SqliteConfig,
     pub(crate) statements: Arc<Statements>,
     pub(crate) clock: Arc<HostClock>,
     pub(crate) file: Arc<FileIdentity>,
@@ -116,7 +117,7 @@ impl SqliteBackend {
             table,
             lock_timeout,
             allow_network_filesystem,
-        } = config;
+        } = config.clone();
         if !allow_network_filesystem {
             let checked = path.clone();
             tokio::task::spawn_blocking(move || crate::file::check_local_filesystem(&checked))
@@ -143,6 +144,7 @@ impl SqliteBackend {
             statements: Arc::new(Statements::new(&table)),
             path,
             table,
+            config,
             clock: Arc::new(HostClock::detect()),
             notifier: ReleaseNotifier::new(),
         })
@@ -172,6 +174,11 @@ impl SqliteBackend {
     /// The lock table.
     pub fn table(&self) -> &TableName {
         &self.table
+    }
+
+    /// The settings the backend was opened with.
+    pub fn config(&self) -> &SqliteConfig {
+        &self.config
     }
 
     /// Runs `job` on the connection thread in one `BEGIN IMMEDIATE` transaction,

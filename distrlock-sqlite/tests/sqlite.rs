@@ -163,7 +163,7 @@ async fn qualified_or_injected_table_names_are_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_write_lock_held_past_the_busy_timeout_is_transient() {
+async fn a_write_lock_held_past_the_lock_timeout_is_transient() {
     let (_dir, path, _) = fresh().await;
     let backend = SqliteBackend::from_config(
         SqliteConfig::builder()
@@ -174,6 +174,7 @@ async fn a_write_lock_held_past_the_busy_timeout_is_transient() {
     )
     .await
     .unwrap();
+    assert_eq!(backend.config().lock_timeout(), Duration::from_millis(100));
     let blocker = Connection::open(&path).unwrap();
     blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
     let key = LockKey::new("busy").unwrap();
