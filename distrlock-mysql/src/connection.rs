@@ -20,7 +20,7 @@ use crate::sql::{self, OkPacket, Stamp, WriteParams};
 
 impl MySqlBackend {
     /// Moves from host `from` to host `to`, unless another call moved already.
-    pub(crate) fn switch_host(&self, from: usize, to: usize, why: &dyn fmt::Display) {
+    fn switch_host(&self, from: usize, to: usize, why: &dyn fmt::Display) {
         if from != to
             && self
                 .inner
@@ -64,7 +64,7 @@ impl MySqlBackend {
     /// The clock parameters of a write sent now that may take effect until
     /// `deadline` (`None`: whenever), within the offset window when `window`
     /// (see `sql`); `None` before any reading of the server's clock.
-    pub(crate) fn stamp(&self, deadline: Option<Instant>, window: bool) -> Option<Stamp> {
+    fn stamp(&self, deadline: Option<Instant>, window: bool) -> Option<Stamp> {
         let clock = &self.inner.clock;
         let estimate = clock.bound_micros(Instant::now())?;
         let bound = match deadline {
@@ -76,7 +76,7 @@ impl MySqlBackend {
 
     /// Reads the server's clock on `conn` if the backend has no reading yet
     /// (once per backend: afterwards every write's answer carries one).
-    pub(crate) async fn ensure_clock<Q: Queryable>(&self, conn: &mut Q) -> mysql_async::Result<()> {
+    async fn ensure_clock<Q: Queryable>(&self, conn: &mut Q) -> mysql_async::Result<()> {
         if self.inner.clock.is_known() {
             return Ok(());
         }
@@ -147,7 +147,7 @@ impl MySqlBackend {
     /// statement within the call timeout, both ending before `not_after`. A
     /// write carries the bound of the instant this attempt stops waiting, so it
     /// can never take effect after it.
-    pub(crate) async fn attempt(
+    async fn attempt(
         &self,
         call: &Call<'_>,
         verify: bool,
@@ -204,7 +204,7 @@ impl MySqlBackend {
     /// the host in use, or, when that one fails with a transient error, from
     /// the next ones in turn, each given an equal share of the time left (see
     /// "Several hosts"). The first host that gives one becomes the host in use.
-    pub(crate) async fn checkout(&self, verify: bool, deadline: Instant) -> Result<(Conn, usize)> {
+    async fn checkout(&self, verify: bool, deadline: Instant) -> Result<(Conn, usize)> {
         let pools = &self.inner.pools;
         let first = self.current_host();
         let mut failed = None;
@@ -235,12 +235,7 @@ impl MySqlBackend {
     /// A connection from `pool` by `deadline`. With `verify`, each one must
     /// answer a ping first; dead ones (as after the server killed the pool's
     /// sessions) are discarded, at most the pool's size of them.
-    pub(crate) async fn checkout_from(
-        &self,
-        pool: &Pool,
-        verify: bool,
-        deadline: Instant,
-    ) -> Result<Conn> {
+    async fn checkout_from(&self, pool: &Pool, verify: bool, deadline: Instant) -> Result<Conn> {
         let started = Instant::now();
         let timed_out = || {
             Error::unavailable(
@@ -294,11 +289,7 @@ impl MySqlBackend {
 /// round trip is spent only on a 1205, and `SHOW` is outside the causality
 /// wait. A server without Galera reports `wsrep_ready = OFF` too, but no
 /// provider.
-pub(crate) async fn node_not_ready_instead(
-    conn: &mut Conn,
-    error: MyError,
-    deadline: Instant,
-) -> MyError {
+async fn node_not_ready_instead(conn: &mut Conn, error: MyError, deadline: Instant) -> MyError {
     let status = tokio::time::timeout_at(
         deadline,
         conn.query::<(String, String), _>(
@@ -390,7 +381,7 @@ impl Failed {
 /// Runs one call: prepared (cached per connection by the driver) for reads and
 /// writes, so each is one round trip once the connection has prepared it. A
 /// write needs its `stamp`.
-pub(crate) async fn execute<Q: Queryable>(
+async fn execute<Q: Queryable>(
     conn: &mut Q,
     call: &Call<'_>,
     stamp: Option<Stamp>,
@@ -422,7 +413,7 @@ pub(crate) async fn execute<Q: Queryable>(
 }
 
 /// Closes a connection that must not go back to the pool, in the background.
-pub(crate) fn discard(conn: Conn) {
+fn discard(conn: Conn) {
     tokio::spawn(async move {
         // `disconnect` marks the connection dead before writing, so even if this
         // times out the pool drops it instead of reusing it.
@@ -453,7 +444,7 @@ impl Reply {
     }
 }
 
-pub(crate) fn mismatched(what: &str) -> Error {
+fn mismatched(what: &str) -> Error {
     Error::permanent(
         format!("{what}: the statement answered in an unexpected form"),
         std::io::Error::other("unexpected reply"),
