@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::bail;
 use async_trait::async_trait;
 use distrlock_core::{LockBackend, TableName, Ttl};
-use distrlock_sqlite::{LeaseClock, LockSql, SqliteBackend};
+use distrlock_sqlite::{LeaseClock, LockSql, SqliteBackend, SqliteConfig};
 use rusqlite::{Connection, TransactionBehavior, named_params};
 
 use crate::env::{Connect, Env, Variant};
@@ -77,10 +77,13 @@ impl Env for Sqlite {
 
     async fn reset_table(&self, table: &str) -> anyhow::Result<()> {
         self.drop_table(table).await?;
-        let backend = SqliteBackend::builder(self.path(table))
-            .table(table)
-            .open()
-            .await?;
+        let backend = SqliteBackend::from_config(
+            SqliteConfig::builder()
+                .path(self.path(table))
+                .table(table)
+                .build()?,
+        )
+        .await?;
         backend.create_table().await?;
         Ok(())
     }
@@ -118,10 +121,13 @@ impl Env for Sqlite {
         _connect: Connect,
     ) -> anyhow::Result<Arc<dyn LockBackend>> {
         Ok(Arc::new(
-            SqliteBackend::builder(self.path(table))
-                .table(table)
-                .open()
-                .await?,
+            SqliteBackend::from_config(
+                SqliteConfig::builder()
+                    .path(self.path(table))
+                    .table(table)
+                    .build()?,
+            )
+            .await?,
         ))
     }
 

@@ -10,7 +10,7 @@ use anyhow::{Context, anyhow, bail};
 use async_trait::async_trait;
 use distrlock_core::server_clock::ServerClock;
 use distrlock_core::{LockBackend, TableName, Ttl};
-use distrlock_mysql::{LockSql, MySqlBackend};
+use distrlock_mysql::{LockSql, MySqlBackend, MySqlConfig};
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Opts, OptsBuilder, Statement, Value};
 use tokio::time::Instant;
@@ -163,10 +163,12 @@ impl Env for MariaDb {
         // The backend's own pool settings: since the benchmark found that
         // mysql_async closed every returned connection beyond `min_connections`,
         // the backend keeps idle connections for 60 s, so a pool of `max` stays open.
-        let backend = MySqlBackend::builder()
+        let config = MySqlConfig::builder()
+            .opts(self.opts(connect.via))
             .table(table)
-            .max_connections(connect.pool_size.max(1))
-            .build(self.opts(connect.via))?;
+            .pool_size(connect.pool_size.max(1))
+            .build()?;
+        let backend = MySqlBackend::from_config(config).await?;
         Ok(Arc::new(backend))
     }
 

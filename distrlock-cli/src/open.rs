@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use distrlock_core::{Error, LockBackend, LockManager, TableName};
-use distrlock_mysql::MySqlBackend;
 use distrlock_mysql::mysql_async::{self, Opts, OptsBuilder};
+use distrlock_mysql::{MySqlBackend, MySqlConfig};
 use distrlock_postgres::tokio_postgres::config::{Host, SslMode};
 use distrlock_postgres::{PostgresBackend, PostgresConfig, tokio_postgres};
-use distrlock_sqlite::SqliteBackend;
+use distrlock_sqlite::{SqliteBackend, SqliteConfig};
 
 use crate::exit::CliError;
 use crate::server::{self, ServerUrl, TlsMode};
@@ -112,12 +112,16 @@ pub(crate) async fn open_backend(
                     ))
                 })?;
             }
-            let backend = SqliteBackend::builder(path)
-                .table(table.to_string())
-                .allow_network_filesystem(*allow_network_filesystem)
-                .open()
-                .await
-                .map_err(error)?;
+            let backend = SqliteBackend::from_config(
+                SqliteConfig::builder()
+                    .path(path)
+                    .table(table.to_string())
+                    .allow_network_filesystem(*allow_network_filesystem)
+                    .build()
+                    .map_err(error)?,
+            )
+            .await
+            .map_err(error)?;
             backend.create_table().await.map_err(error)?;
             Ok(Arc::new(backend))
         }
@@ -140,26 +144,53 @@ pub(crate) async fn open_backend(
         }
         DbUrl::MySql { url: raw, ca_file } => {
             let server = ServerUrl::parse(raw, ca_file.as_deref())?;
-            let opts = Opts::from_url(&server.url).map_err(|e| {
-                CliError::usage(format!("--url {}: invalid MySQL URL: {e}", redact(raw)))
-            })?;
-            let mut builder = OptsBuilder::from_opts(opts.clone());
-            if opts.pass().is_none()
-                && let Some(password) = server::mysql_password()
-            {
-                builder = builder.pass(Some(password));
-            }
-            let config = || {
-                MySqlBackend::builder()
+            // The backend's own URL parsing: several hosts, `max_clock_skew`.
+            let parsed = MySqlConfig::builder()
+                .url(server.url.as_str())
+                .build()
+                .map_err(|e| match e {
+                    Error::InvalidConfig { reason } => {
+                        CliError::usage(format!("--url {}: {reason}", redact(raw)))
+                    }
+                    other => CliError::usage(format!("--url {}: {other}", redact(raw))),
+                })?;
+            let password = parsed
+                .hosts()
+                .iter()
+                .all(|opts| opts.pass().is_none())
+                .then(server::mysql_password)
+                .flatten();
+            let hosts = |ssl: Option<&mysql_async::SslOpts>| -> Vec<Opts> {
+                parsed
+                    .hosts()
+                    .iter()
+                    .map(|opts| {
+                        let mut host = OptsBuilder::from_opts(opts.clone());
+                        if let Some(password) = &password {
+                            host = host.pass(Some(password.clone()));
+                        }
+                        if let Some(ssl) = ssl {
+                            host = host.ssl_opts(ssl.clone());
+                        }
+                        host.into()
+                    })
+                    .collect()
+            };
+            let connect = |hosts: Vec<Opts>| {
+                let config = MySqlConfig::builder()
+                    .hosts(hosts)
+                    .max_clock_skew(parsed.max_clock_skew())
                     .table(table.to_string())
-                    .max_connections(1)
+                    .pool_size(1)
+                    .build();
+                async move { MySqlBackend::from_config(config?).await }
             };
             let backend = match tls::mysql(raw, &server)? {
-                None => config().connect_opts(builder).await,
-                Some(ssl) => match config().connect_opts(builder.clone().ssl_opts(ssl)).await {
+                None => connect(hosts(None)).await,
+                Some(ssl) => match connect(hosts(Some(&ssl))).await {
                     // `prefer`: a server without TLS is used without it.
                     Err(e) if server.tls == TlsMode::Prefer && offers_no_tls(&e) => {
-                        config().connect_opts(builder).await
+                        connect(hosts(None)).await
                     }
                     other => other,
                 },
@@ -367,8 +398,15 @@ mod tls {
 /// where the backend can say it offline.
 pub(crate) fn schema_sql(url: &DbUrl, table: &TableName) -> Result<String, CliError> {
     match url {
-        DbUrl::Sqlite { .. } => SqliteBackend::schema_sql_for(&table.to_string())
-            .map_err(|e| CliError::from_lock(e, url, &table.to_string())),
+        DbUrl::Sqlite { .. } => {
+            // SQLite has no schemas: the same check as at open.
+            SqliteConfig::builder()
+                .path("schema.db")
+                .table(table.to_string())
+                .build()
+                .map_err(|e| CliError::from_lock(e, url, &table.to_string()))?;
+            Ok(SqliteBackend::schema_sql_for(table))
+        }
         DbUrl::Postgres { .. } => Ok(PostgresBackend::schema_sql_for(table)),
         DbUrl::MySql { .. } => Ok(MySqlBackend::schema_sql_for(table)),
     }

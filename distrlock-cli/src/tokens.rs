@@ -11,7 +11,7 @@
 
 use std::time::SystemTime;
 
-use distrlock_core::{Error, LockManager, MAX_OWNER_LEN, Ttl};
+use distrlock_core::{Error, LockManager, Owner, Ttl};
 use serde_json::json;
 use tokio::time::Instant;
 
@@ -195,10 +195,9 @@ async fn bounded<T>(
 }
 
 fn check_owner(owner: &str) -> Result<(), CliError> {
-    if owner.len() > MAX_OWNER_LEN || owner.contains('\0') {
-        return Err(CliError::usage(format!(
-            "--owner must be at most {MAX_OWNER_LEN} bytes without NUL"
-        )));
+    match Owner::new(owner) {
+        Ok(_) => Ok(()),
+        Err(Error::InvalidConfig { reason }) => Err(CliError::usage(format!("--owner: {reason}"))),
+        Err(other) => Err(CliError::usage(format!("--owner: {other}"))),
     }
-    Ok(())
 }

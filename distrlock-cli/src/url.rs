@@ -4,7 +4,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use distrlock_sqlite::SqliteBackend;
+use distrlock_sqlite::SqliteConfig;
 
 use crate::exit::CliError;
 
@@ -116,9 +116,9 @@ impl DbUrl {
                 let usage = |e: distrlock_core::Error| {
                     CliError::usage(format!("--url {}: {e}", redact(url)))
                 };
-                let path = SqliteBackend::path_from_url(url).map_err(usage)?;
-                // Checks the parameters; the builder is made again at open.
-                SqliteBackend::builder_from_url(url).map_err(usage)?;
+                // Checks the parameters; the config is made again at open.
+                let config = SqliteConfig::builder().url(url).build().map_err(usage)?;
+                let path = config.path().to_owned();
                 Ok(DbUrl::Sqlite {
                     path,
                     default: false,

@@ -1822,6 +1822,43 @@ fn postgres_run_true_uses_one_connection_and_three_statements() {
     assert_eq!(counts.get('E'), 2, "the try and the inspect: {counts:?}");
 }
 
+/// A MariaDB URL of several hosts with `max_clock_skew`, as the README shows
+/// for a Galera cluster: the backend's own URL parsing takes it, skips the dead
+/// first host and runs the command on the next.
+#[test]
+fn mysql_several_hosts_and_max_clock_skew_in_the_url() {
+    let name = "mysql_several_hosts_and_max_clock_skew_in_the_url";
+    let Some(direct) = Target::server(
+        "mysql",
+        "DISTRLOCK_TEST_MYSQL_URL",
+        "mysql://root@127.0.0.1:3306/test",
+        name,
+    ) else {
+        return;
+    };
+    // A closed port first: refused at once, so the next host is used.
+    let (scheme, rest) = direct.url.split_once("://").unwrap();
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let at = rest[..end].rfind('@').map_or(0, |at| at + 1);
+    let mut url = format!("{scheme}://{}127.0.0.1:1,{}", &rest[..at], &rest[at..]);
+    url.push(if url.contains('?') { '&' } else { '?' });
+    url.push_str("max_clock_skew=500ms&prefer_socket=false");
+    let key = direct.key("several-hosts");
+    let out = direct
+        .cmd(["run", "--key", &key, "--", "true"])
+        .env("DISTRLOCK_URL", &url)
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{url}: {}", stderr(&out));
+    let bad = direct
+        .cmd(["status"])
+        .env("DISTRLOCK_URL", url.replace("500ms", "soon"))
+        .output()
+        .unwrap();
+    assert_eq!(code(&bad), 2, "{}", stderr(&bad));
+    assert!(stderr(&bad).contains("max_clock_skew"), "{}", stderr(&bad));
+}
+
 /// The same on MariaDB, counted as connections.
 #[test]
 fn mysql_run_true_and_release_use_one_connection() {

@@ -171,7 +171,9 @@ use crate::ttl::Ttl;
 ///
 /// Keys, tokens and ttls arrive validated ([`LockKey`], [`Token`], [`Ttl`]). The
 /// owner text is at most [`MAX_OWNER_LEN`] bytes without NUL when it comes from
-/// [`LockManager`](crate::LockManager).
+/// [`LockManager`](crate::LockManager); a backend checks a text from any other
+/// caller with [`Owner::new`](crate::Owner::new) and returns its
+/// [`Error::InvalidConfig`](crate::Error::InvalidConfig), changing nothing.
 #[async_trait]
 pub trait LockBackend: Send + Sync + fmt::Debug {
     /// Tries once to acquire `key` for `token` with a lease of `ttl`.

@@ -41,7 +41,14 @@ pub use loss::LossReason;
 pub use manager::{LockManager, LockManagerBuilder};
 pub use memory::MemoryBackend;
 pub use notify::{ReleaseNotifier, ReleaseSubscription};
+pub use owner::Owner;
 pub use retry::RetryPolicy;
+#[cfg(feature = "serde")]
+#[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
+pub use serde_impls::duration as serde_duration;
+#[cfg(feature = "serde")]
+#[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
+pub use serde_impls::option_duration as serde_option_duration;
 pub use table::TableName;
 pub use token::Token;
 pub use ttl::Ttl;

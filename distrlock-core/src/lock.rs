@@ -302,7 +302,7 @@ impl<'a> Attempt<'a> {
         let call = tokio::spawn(async move {
             config
                 .backend
-                .try_acquire(&key, &token, ttl, &config.owner, not_after)
+                .try_acquire(&key, &token, ttl, config.owner.as_str(), not_after)
                 .await
         });
         let index = self.in_flight.len();

@@ -16,7 +16,7 @@ use crate::key::LockKey;
 use crate::lease::Lease;
 use crate::lock::Lock;
 use crate::loss::LossReason;
-use crate::owner::{default_owner, validate_owner};
+use crate::owner::Owner;
 use crate::renewal::Renewer;
 use crate::retry::RetryPolicy;
 use crate::token::Token;
@@ -72,7 +72,7 @@ pub(crate) struct ManagerConfig {
     pub(crate) retry: RetryPolicy,
     pub(crate) heartbeat: Heartbeat,
     pub(crate) safety_margin: Option<Duration>,
-    pub(crate) owner: String,
+    pub(crate) owner: Owner,
     pub(crate) call_timeout: Duration,
     /// Keys held by a live guard with a static token, so that two guards never
     /// share one lease (see [`Lock::with_token`]).
@@ -215,7 +215,10 @@ impl LockManager {
     /// `Arc<dyn LockBackend>` (used as it is, not wrapped again).
     pub fn new(backend: impl LockBackend + 'static) -> Self {
         Self {
-            inner: Arc::new(LockManagerBuilder::new(shared(backend)).config(Ttl::DEFAULT)),
+            inner: Arc::new(
+                LockManagerBuilder::new(shared(backend))
+                    .config(Ttl::DEFAULT, Owner::this_process()),
+            ),
         }
     }
 
@@ -237,7 +240,7 @@ impl LockManager {
 
     /// The owner text written with every acquisition.
     pub fn owner(&self) -> &str {
-        &self.inner.owner
+        self.inner.owner.as_str()
     }
 
     /// The policy waiting acquires follow.
@@ -505,7 +508,7 @@ impl LockManagerBuilder {
     }
 
     /// The owner text stored with each acquisition (default `host:pid`); at most
-    /// 255 bytes, no NUL.
+    /// 255 bytes, no NUL (checked by [`build`](Self::build) with [`Owner::new`]).
     pub fn owner(mut self, owner: impl Into<String>) -> Self {
         self.owner = Some(owner.into());
         self
@@ -522,18 +525,19 @@ impl LockManagerBuilder {
     ///
     /// Returns [`Error::InvalidTtl`] or [`Error::InvalidConfig`] for settings out
     /// of range.
-    pub fn build(self) -> Result<LockManager> {
+    pub fn build(mut self) -> Result<LockManager> {
         let ttl = Ttl::new(self.ttl)?;
         self.retry.validate()?;
-        if let Some(owner) = &self.owner {
-            validate_owner(owner)?;
-        }
+        let owner = match self.owner.take() {
+            Some(owner) => Owner::new(owner)?,
+            None => Owner::this_process(),
+        };
         if self.call_timeout.is_zero() || self.call_timeout > MAX_CALL_TIMEOUT {
             return Err(Error::InvalidConfig {
                 reason: "call timeout must be non-zero and at most one day".into(),
             });
         }
-        let config = self.config(ttl);
+        let config = self.config(ttl, owner);
         config.check_ttl(ttl)?;
         Ok(LockManager {
             inner: Arc::new(config),
@@ -541,7 +545,7 @@ impl LockManagerBuilder {
     }
 
     /// The configuration as given, with the already validated `ttl`.
-    fn config(self, ttl: Ttl) -> ManagerConfig {
+    fn config(self, ttl: Ttl, owner: Owner) -> ManagerConfig {
         ManagerConfig {
             renewer: Arc::new(Renewer::new(self.backend.clone(), self.call_timeout)),
             backend: self.backend,
@@ -549,7 +553,7 @@ impl LockManagerBuilder {
             retry: self.retry,
             heartbeat: self.heartbeat,
             safety_margin: self.safety_margin,
-            owner: self.owner.unwrap_or_else(default_owner),
+            owner,
             call_timeout: self.call_timeout,
             static_guards: Mutex::new(HashSet::new()),
             background: Background::new(),

@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::fence::Fence;
 use crate::key::LockKey;
 use crate::notify::ReleaseNotifier;
+use crate::owner::Owner;
 use crate::token::Token;
 use crate::ttl::Ttl;
 
@@ -134,6 +135,7 @@ impl LockBackend for MemoryBackend {
         owner: &str,
         not_after: Instant,
     ) -> Result<AcquireOutcome> {
+        Owner::new(owner)?;
         let now = self.arrive(not_after, "acquire", key).await?;
         let server_time = self.clock(now);
         let expires = Some((now + ttl.get(), server_time + ttl.get()));

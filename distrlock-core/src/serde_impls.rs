@@ -16,19 +16,39 @@ use serde::{Deserialize, Serialize};
 use crate::backend::{LockInfo, LockState};
 use crate::fence::Fence;
 use crate::key::LockKey;
+use crate::owner::Owner;
 use crate::retry::RetryPolicy;
 use crate::token::Token;
 use crate::ttl::Ttl;
 
-/// A duration as a humantime string, or from a number of seconds.
-pub(crate) mod duration {
+/// A [`Duration`] in distrlock's format, for `#[serde(with = "…")]`: written
+/// as a humantime string (`"30s"`, `"1m 30s"`, `"250ms"`), read from such a
+/// string or from a whole number of seconds. The backends' configs use it, so
+/// every duration in a config file reads the same way.
+///
+/// ```
+/// use std::time::Duration;
+///
+/// #[derive(serde::Serialize, serde::Deserialize)]
+/// struct Settings {
+///     #[serde(with = "distrlock_core::serde_duration")]
+///     wait: Duration,
+/// }
+///
+/// let s: Settings = serde_json::from_str(r#"{"wait": "1m 30s"}"#).unwrap();
+/// assert_eq!(s.wait, Duration::from_secs(90));
+/// assert_eq!(serde_json::to_string(&s).unwrap(), r#"{"wait":"1m 30s"}"#);
+/// ```
+pub mod duration {
     use super::*;
 
-    pub(crate) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    /// Writes `d` as a humantime string.
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&humantime::format_duration(*d).to_string())
     }
 
-    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    /// Reads a humantime string or a whole number of seconds.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         #[derive(Deserialize)]
         #[serde(untagged)]
         enum Text {
@@ -43,20 +63,21 @@ pub(crate) mod duration {
     }
 }
 
-/// An optional duration, `null` for none.
-pub(crate) mod option_duration {
+/// An optional [`Duration`] in the format of [`serde_duration`](crate::serde_duration),
+/// `null` for none, for `#[serde(default, with = "…")]`.
+pub mod option_duration {
     use super::*;
 
-    pub(crate) fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    /// Writes `d` as a humantime string, or `null`.
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
         match d {
             Some(d) => duration::serialize(d, s),
             None => s.serialize_none(),
         }
     }
 
-    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<Option<Duration>, D::Error> {
+    /// Reads what [`serde_duration`](crate::serde_duration) reads, or `null`.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
         #[derive(Deserialize)]
         struct Wrapped(#[serde(with = "duration")] Duration);
         Ok(Option::<Wrapped>::deserialize(d)?.map(|Wrapped(d)| d))
@@ -96,6 +117,18 @@ mod option_instant {
         #[derive(Deserialize)]
         struct Wrapped(#[serde(with = "instant")] SystemTime);
         Ok(Option::<Wrapped>::deserialize(d)?.map(|Wrapped(at)| at))
+    }
+}
+
+impl Serialize for Owner {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Owner {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Owner::new(String::deserialize(d)?).map_err(de::Error::custom)
     }
 }
 

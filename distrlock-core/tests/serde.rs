@@ -73,3 +73,18 @@ async fn lock_info_round_trips_as_json() {
     assert!(delta(back.acquired_at, info.acquired_at) < Duration::from_micros(1));
     guard.release().await.unwrap();
 }
+
+#[test]
+fn an_owner_round_trips_and_a_bad_one_is_refused() {
+    use distrlock_core::Owner;
+    let owner: Owner = serde_json::from_str(r#""report-job@host-a""#).unwrap();
+    assert_eq!(owner.as_str(), "report-job@host-a");
+    assert_eq!(
+        serde_json::to_string(&owner).unwrap(),
+        r#""report-job@host-a""#
+    );
+    let error = serde_json::from_str::<Owner>(r#""a\u0000b""#).unwrap_err();
+    assert!(error.to_string().contains("NUL"), "{error}");
+    let long = format!("\"{}\"", "x".repeat(256));
+    assert!(serde_json::from_str::<Owner>(&long).is_err());
+}

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use distrlock_core::{Error, LockBackend, LockManager};
-use distrlock_mysql::MySqlBackend;
+use distrlock_mysql::{MySqlBackend, MySqlConfig};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Error> {
@@ -21,12 +21,13 @@ async fn main() -> Result<(), Error> {
         .or_else(|| std::env::var("DISTRLOCK_TEST_MYSQL_URL").ok())
         .unwrap_or_else(|| "mysql://root@127.0.0.1:3306/test".to_owned());
 
-    let backend = MySqlBackend::builder()
+    let config = MySqlConfig::builder()
+        .url(url)
         .table("distrlock_example")
-        .max_connections(4)
-        .lock_wait_timeout(Duration::from_secs(1))
-        .connect(&url)
-        .await?;
+        .pool_size(4)
+        .lock_timeout(Duration::from_secs(1))
+        .build()?;
+    let backend = MySqlBackend::from_config(config).await?;
     backend.create_table().await?;
     println!("using {backend:?}");
 

@@ -195,8 +195,11 @@
 
 use std::time::Duration;
 
-use distrlock_core::TableName;
-use mysql_async::Value;
+use distrlock_core::server_clock::from_unix_micros;
+use distrlock_core::{
+    Error, Fence, LockInfo, LockKey, LockState, Owner, Result, TableName, Token, Ttl,
+};
+use mysql_async::{Row, Value};
 
 /// The server clock's reading, in µs since 1970, by calendar arithmetic on
 /// `UTC_TIMESTAMP(6)` (the statement's clock, the same all through a statement).
@@ -356,7 +359,7 @@ impl LockSql {
     pub fn for_table(table: &TableName) -> Self {
         let s = Statements::new(
             table,
-            crate::MySqlConfig::new().clock_tolerance(),
+            crate::MySqlConfig::default().clock_tolerance(),
             Duration::ZERO,
         );
         Self {
@@ -644,6 +647,118 @@ fn release(t: &str, real_clock: &str) -> String {
 /// The parameters of [`release`].
 pub(crate) fn release_params(key: Value, token: Value, stamp: Stamp) -> Vec<Value> {
     vec![key, token, Value::from(stamp.bound)]
+}
+
+/// The parameters of one write, kept as values so that each attempt can bind
+/// them with its own [`Stamp`] (see "No late effects" on the backend); each
+/// variant lists them in the order of its statement's placeholders through
+/// [`values`](Self::values).
+pub(crate) enum WriteParams {
+    /// [`acquire`]'s: key, token, owner, ttl µs.
+    Acquire {
+        key: Value,
+        token: Value,
+        owner: Value,
+        ttl_us: Value,
+    },
+    /// [`extend`]'s: ttl µs, key, token.
+    Extend {
+        ttl_us: Value,
+        key: Value,
+        token: Value,
+    },
+    /// [`release`]'s: key, token.
+    Release { key: Value, token: Value },
+    /// [`extend_many`]'s: ttl µs and the leases, padded to `slots`.
+    ExtendMany {
+        ttl_us: Value,
+        leases: Vec<(Value, Value)>,
+        slots: usize,
+    },
+}
+
+impl WriteParams {
+    /// An acquire of `key` for `token` by `owner`, with a lease of `ttl`.
+    pub(crate) fn acquire(key: &LockKey, token: &Token, owner: Owner, ttl: Ttl) -> Self {
+        WriteParams::Acquire {
+            key: key_value(key),
+            token: token_value(token),
+            owner: Value::from(owner.into_string()),
+            ttl_us: Value::from(ttl.as_micros()),
+        }
+    }
+
+    /// An extend of `token`'s lease on `key` to `ttl` from now.
+    pub(crate) fn extend(key: &LockKey, token: &Token, ttl: Ttl) -> Self {
+        WriteParams::Extend {
+            ttl_us: Value::from(ttl.as_micros()),
+            key: key_value(key),
+            token: token_value(token),
+        }
+    }
+
+    /// A release of `token`'s lease on `key`.
+    pub(crate) fn release(key: &LockKey, token: &Token) -> Self {
+        WriteParams::Release {
+            key: key_value(key),
+            token: token_value(token),
+        }
+    }
+
+    /// The placeholders' values, with `stamp`'s clock parameters.
+    pub(crate) fn values(&self, stamp: Stamp) -> Vec<Value> {
+        match self {
+            WriteParams::Acquire {
+                key,
+                token,
+                owner,
+                ttl_us,
+            } => acquire_params(
+                key.clone(),
+                token.clone(),
+                owner.clone(),
+                ttl_us.clone(),
+                stamp,
+            ),
+            WriteParams::Extend { ttl_us, key, token } => {
+                extend_params(ttl_us.clone(), key.clone(), token.clone(), stamp)
+            }
+            WriteParams::Release { key, token } => {
+                release_params(key.clone(), token.clone(), stamp)
+            }
+            WriteParams::ExtendMany {
+                ttl_us,
+                leases,
+                slots,
+            } => extend_many_params(ttl_us.clone(), leases, *slots, stamp),
+        }
+    }
+}
+
+/// The OK packet of a write: the answer of every write statement here, which
+/// encodes it in the affected-rows count and the insert id (see the decoders
+/// below).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct OkPacket {
+    /// Rows changed, as the server counts them (`CLIENT_FOUND_ROWS` off: a row
+    /// updated to the values it had counts 0, inserted 1, updated 2 for
+    /// `INSERT … ON DUPLICATE KEY UPDATE`).
+    pub(crate) affected: u64,
+    /// The insert id that `LAST_INSERT_ID(expr)` set, read back as signed.
+    pub(crate) id: i64,
+}
+
+impl OkPacket {
+    /// From the driver's affected rows and insert id. The server sends the
+    /// insert id as an unsigned 64-bit number; our statements put signed values
+    /// in it (negative remaining leases, tagged refusals), so the bits are read
+    /// back as `i64`. No insert id (none set) reads as 0.
+    pub(crate) fn from_driver(affected: u64, last_insert_id: Option<u64>) -> Self {
+        Self {
+            affected,
+            id: last_insert_id.unwrap_or(0) as i64,
+        }
+    }
 }
 
 /// The most leases one [`extend_many`] statement renews.
@@ -950,6 +1065,56 @@ pub(crate) fn session_setup(lock_wait_secs: u64, statement_timeout_secs: f64) ->
         lock_wait_timeout = {lock_wait_secs} \
         /*M! , max_statement_time = {statement_timeout_secs:.3}, wsrep_sync_wait = 7 */"
     )
+}
+
+/// A key as the `lock_key` column's bytes.
+pub(crate) fn key_value(key: &LockKey) -> Value {
+    Value::Bytes(key.as_str().as_bytes().to_vec())
+}
+
+/// A token as the `token` column's 16 bytes.
+pub(crate) fn token_value(token: &Token) -> Value {
+    Value::Bytes(token.as_uuid().as_bytes().to_vec())
+}
+
+/// A row that [`decode_lock_info`] (or a batch's read-back) cannot read.
+pub(crate) fn corrupt(table: &TableName, reason: &str) -> Error {
+    Error::permanent(
+        format!("lock table {table} holds a row this backend cannot read: {reason}"),
+        std::io::Error::other("unreadable row"),
+    )
+}
+
+/// The columns of `inspect` and `list`, in order.
+type InfoRow = (Vec<u8>, String, i64, i64, Option<i64>, Option<i64>);
+
+/// One row of `inspect` or `list` (key, owner, fence, acquired µs, expiry µs
+/// or NULL once released, µs left by the statement's clock), as a
+/// [`LockInfo`]: held while time is left, released when the expiry is NULL,
+/// expired otherwise.
+pub(crate) fn decode_lock_info(row: Row, table: &TableName) -> Result<LockInfo> {
+    let corrupt = |reason: String| corrupt(table, &reason);
+    let (key, owner, fence, acquired, expires, remaining): InfoRow =
+        mysql_async::from_row_opt(row).map_err(|e| corrupt(e.to_string()))?;
+    let key = String::from_utf8(key).map_err(|_| corrupt("a key is not UTF-8".into()))?;
+    let key = LockKey::new(key).map_err(|e| corrupt(e.to_string()))?;
+    let (state, remaining) = match (expires, remaining) {
+        (None, _) => (LockState::Released, None),
+        (Some(_), Some(left)) if left > 0 => (
+            LockState::Held,
+            Some(Duration::from_micros(left.unsigned_abs())),
+        ),
+        (Some(_), _) => (LockState::Expired, None),
+    };
+    Ok(LockInfo {
+        key,
+        owner,
+        fence: Fence::new(fence),
+        acquired_at: from_unix_micros(acquired),
+        expires_at: expires.map(from_unix_micros),
+        state,
+        remaining,
+    })
 }
 
 #[cfg(test)]

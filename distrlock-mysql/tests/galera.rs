@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use distrlock_core::{AcquireOutcome, LockBackend, LockKey, LockManager, RetryPolicy, Token, Ttl};
-use distrlock_mysql::{MySqlBackend, MySqlConfig};
+use distrlock_mysql::{MySqlBackend, MySqlConfig, MySqlConfigBuilder};
 use distrlock_testkit::{GaleraCluster, skip};
 use tokio::time::Instant;
 
@@ -43,13 +43,13 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-fn config() -> MySqlConfig {
-    MySqlConfig::new()
+fn config() -> MySqlConfigBuilder {
+    MySqlConfig::builder()
         .table(TABLE)
-        .max_connections(4)
+        .pool_size(4)
         .connect_timeout(Duration::from_secs(2))
         .statement_timeout(Duration::from_secs(3))
-        .lock_wait_timeout(Duration::from_secs(1))
+        .lock_timeout(Duration::from_secs(1))
 }
 
 /// `url` with `?prefer_socket=false` (and `extra`), so that mysql_async stays
@@ -103,7 +103,9 @@ async fn handovers(urls: &[String], ttl: Duration, run_for: Duration) -> Arc<Cla
     let end = Instant::now() + run_for;
     let mut tasks = Vec::new();
     for (node, url) in urls.iter().enumerate() {
-        let backend = config().connect(url).await.expect("connect to a node");
+        let backend = MySqlBackend::from_config(config().url(url).build().unwrap())
+            .await
+            .expect("connect to a node");
         for client in 0..2 {
             let manager = LockManager::builder(backend.clone())
                 .ttl(ttl)
@@ -167,8 +169,8 @@ fn galera_skewed_node_with_max_clock_skew_never_overlaps() {
         let urls: Vec<String> = (0..2)
             .map(|i| tcp(&cluster.url(i), "&max_clock_skew=2s"))
             .collect();
-        let backend = config().connect(&urls[0]).await.expect("connect");
-        assert_eq!(backend.config().clock_skew(), Duration::from_secs(2));
+        let backend = MySqlBackend::from_config(config().url(&urls[0]).build().unwrap()).await.expect("connect");
+        assert_eq!(backend.config().max_clock_skew(), Duration::from_secs(2));
         backend.create_table().await.unwrap();
         let claims = handovers(&urls, Duration::from_secs(2), Duration::from_secs(25)).await;
         let (overlaps, worst) = claims.overlaps();
@@ -202,7 +204,9 @@ fn galera_skewed_node_without_max_clock_skew_overlaps() {
     };
     runtime().block_on(async {
         let urls: Vec<String> = (0..2).map(|i| tcp(&cluster.url(i), "")).collect();
-        let backend = config().connect(&urls[0]).await.expect("connect");
+        let backend = MySqlBackend::from_config(config().url(&urls[0]).build().unwrap())
+            .await
+            .expect("connect");
         backend.create_table().await.unwrap();
         let claims = handovers(&urls, Duration::from_secs(2), Duration::from_secs(25)).await;
         let (overlaps, worst) = claims.overlaps();
@@ -226,8 +230,14 @@ fn galera_other_node_sees_fresh_writes_and_clients_fail_over() {
     };
     let rt = runtime();
     rt.block_on(async {
-        let one = config().connect(&tcp(&cluster.url(0), "")).await.unwrap();
-        let two = config().connect(&tcp(&cluster.url(1), "")).await.unwrap();
+        let one =
+            MySqlBackend::from_config(config().url(tcp(&cluster.url(0), "")).build().unwrap())
+                .await
+                .unwrap();
+        let two =
+            MySqlBackend::from_config(config().url(tcp(&cluster.url(1), "")).build().unwrap())
+                .await
+                .unwrap();
         one.create_table().await.unwrap();
         let ttl = Ttl::new(Duration::from_secs(30)).unwrap();
         let (a, b) = (Token::new(), Token::new());
@@ -265,7 +275,11 @@ fn galera_other_node_sees_fresh_writes_and_clients_fail_over() {
     });
     // Failover: a client given node 1 then node 2.
     let url = tcp(&cluster.multi_host_url(&[0, 1]), "");
-    let backend = rt.block_on(config().connect(&url)).expect("connect");
+    let backend = rt
+        .block_on(MySqlBackend::from_config(
+            config().url(&url).build().unwrap(),
+        ))
+        .expect("connect");
     let key = key("failover");
     let ttl = Ttl::new(Duration::from_secs(5)).unwrap();
     let token = Token::new();
@@ -314,7 +328,9 @@ fn galera_node_without_quorum_is_transient() {
     let rt = runtime();
     let url = tcp(&cluster.url(0), "");
     let backend: MySqlBackend = rt.block_on(async {
-        let backend = config().connect(&url).await.unwrap();
+        let backend = MySqlBackend::from_config(config().url(&url).build().unwrap())
+            .await
+            .unwrap();
         backend.create_table().await.unwrap();
         backend
     });

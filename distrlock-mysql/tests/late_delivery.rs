@@ -51,11 +51,10 @@ impl Frozen {
         let table = unique("dl_late");
         let (opts, ids, proxy) = proxied_opts().await?;
         let via_proxy = config(&table)
-            .max_connections(1)
-            .min_connections(1)
-            .statement_timeout(STATEMENT_TIMEOUT)
-            .build(opts)
-            .expect("test configs are valid");
+            .pool_size(1)
+            .min_pool_size(1)
+            .statement_timeout(STATEMENT_TIMEOUT);
+        let via_proxy = common::lazy(via_proxy, opts).expect("test configs are valid");
         create_or_skip(&via_proxy).await?;
         // Prepare every lock statement on the one pooled connection: a first use
         // would wait for its prepare round trip and never send the statement.
@@ -300,7 +299,7 @@ async fn writes_that_wait_for_a_row_lock_past_their_bound_take_no_effect() {
     // A row-lock bound (2 s) longer than the wait the test makes (0.7 s).
     let (b, _) = require!(
         test,
-        backend(config(&table).lock_wait_timeout(Duration::from_secs(2))).await
+        backend(config(&table).lock_timeout(Duration::from_secs(2))).await
     );
     let lease = ttl(Duration::from_secs(30));
     let (free, held) = (key("wait-free"), key("wait-held"));

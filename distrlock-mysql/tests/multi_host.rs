@@ -28,7 +28,7 @@ fn with_host_before(url: &str, first: &str) -> String {
 async fn first_host_dead_connects_to_the_second() {
     let url = with_host_before(&common::url(), &format!("127.0.0.1:{}", dead_port()));
     let table = common::unique("multi_host");
-    let backend = match common::config(&table).connect(&url).await {
+    let backend = match common::connect_with(common::config(&table), &url).await {
         Ok(backend) => backend,
         Err(e) if e.is_transient() && !url.contains(",127.0.0.1") => {
             return skip("first_host_dead_connects_to_the_second", &e.to_string());

@@ -6,8 +6,8 @@ mod common;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::{
-    backend, config, drop_table, kill, raw_conn, recording_opts, server_now_secs, session_status,
-    soon, unique,
+    backend, config, drop_table, kill, lazy, raw_conn, recording_opts, server_now_secs,
+    session_status, soon, unique,
 };
 use distrlock_core::{AcquireOutcome, Error, Fence, LockBackend, LockKey, LockState, Token, Ttl};
 use distrlock_mysql::mysql_async::prelude::Queryable;
@@ -59,7 +59,7 @@ async fn backend_with_setup(
 ) -> Result<MySqlBackend, distrlock_testkit::Skip> {
     let (opts, _) = recording_opts()?;
     let opts = OptsBuilder::from_opts(opts).setup(vec![setup.to_owned()]);
-    let backend = config(table).build(opts).expect("valid config");
+    let backend = lazy(config(table), opts).expect("valid config");
     common::create_or_skip(&backend).await?;
     Ok(backend)
 }
@@ -309,7 +309,7 @@ async fn killed_sessions_case(test: &str, prefer_socket: bool) {
     let table = unique("dl_kill");
     let (opts, ids) = require!(test, recording_opts());
     let opts = OptsBuilder::from_opts(opts).prefer_socket(prefer_socket);
-    let b = config(&table).build(opts).unwrap();
+    let b = lazy(config(&table), opts).unwrap();
     require!(test, common::create_or_skip(&b).await);
     let mut probe = b.pool().get_conn().await.unwrap();
     let host: Option<String> = probe
@@ -440,7 +440,7 @@ async fn injection_in_table_names_is_refused() {
         "db.",
         "",
     ] {
-        match MySqlConfig::new().table(bad).build(opts.clone()) {
+        match MySqlConfig::builder().table(bad).opts(opts.clone()).build() {
             Err(Error::InvalidTableName { .. }) => {}
             other => panic!("{bad:?} must be refused, got {other:?}"),
         }
@@ -459,7 +459,7 @@ async fn double_extend_within_one_clock_tick_keeps_the_lock() {
     // One connection, so the pinned clock applies to every call.
     let (b, _) = require!(
         test,
-        backend(config(&table).max_connections(1).min_connections(1)).await
+        backend(config(&table).pool_size(1).min_pool_size(1)).await
     );
     let k = key("tick");
     let token = Token::new();
@@ -760,7 +760,7 @@ async fn each_operation_is_one_statement() {
     let table = unique("dl_count");
     let (b, _) = require!(
         test,
-        backend(config(&table).max_connections(1).min_connections(1)).await
+        backend(config(&table).pool_size(1).min_pool_size(1)).await
     );
     let k = key("counted");
     let token = Token::new();
@@ -940,6 +940,59 @@ async fn acquire_and_release_inside_the_callers_transaction() {
     drop_table(&table).await;
 }
 
+/// `extend_in` inside the caller's own transaction, on the real server: a
+/// committed extend moves the expiry on (same fence), a rolled-back one leaves
+/// it where it was, and another token's extend is `NotHeld` and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extend_in_the_callers_transaction_takes_effect_at_commit_only() {
+    let test = "extend_in_the_callers_transaction_takes_effect_at_commit_only";
+    let table = unique("dl_extend_in");
+    let (b, _) = require!(test, backend(config(&table)).await);
+    let mut own = require!(test, raw_conn().await);
+    let k = key("extend-in");
+    let token = Token::new();
+    let f = fence(acquire(&b, &k, &token, Duration::from_secs(5)).await);
+    let expiry = |info: Option<distrlock_core::LockInfo>| info.unwrap().expires_at.unwrap();
+    let first = expiry(b.inspect(&k).await.unwrap());
+
+    // Rolled back: the expiry stays.
+    let mut tx = own.start_transaction(TxOpts::default()).await.unwrap();
+    b.extend_in(&mut tx, &k, &token, ttl(LONG)).await.unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!(expiry(b.inspect(&k).await.unwrap()), first, "rolled back");
+
+    // Committed: the lease ends `ttl` after the reading the call returned.
+    let mut tx = own.start_transaction(TxOpts::default()).await.unwrap();
+    let at = b.extend_in(&mut tx, &k, &token, ttl(LONG)).await.unwrap();
+    tx.commit().await.unwrap();
+    let info = b.inspect(&k).await.unwrap().unwrap();
+    assert_eq!(info.fence, f, "an extend keeps the fence");
+    assert!(info.is_live());
+    let end = info.expires_at.unwrap();
+    assert!(end > first, "moved on: {end:?} after {first:?}");
+    let drift = end
+        .duration_since(at + LONG)
+        .unwrap_or_else(|e| e.duration());
+    assert!(
+        drift < Duration::from_millis(50),
+        "ends ttl after {at:?}: {end:?}"
+    );
+
+    // Another token holds nothing here.
+    assert!(matches!(
+        b.extend_in(&mut own, &k, &Token::new(), ttl(LONG)).await,
+        Err(Error::NotHeld { .. })
+    ));
+    assert_eq!(b.inspect(&k).await.unwrap().unwrap().expires_at, Some(end));
+    b.release(&k, &token, soon()).await.unwrap();
+    assert!(matches!(
+        b.extend_in(&mut own, &k, &token, ttl(LONG)).await,
+        Err(Error::NotHeld { .. })
+    ));
+    let _ = own.disconnect().await;
+    drop_table(&table).await;
+}
+
 /// The documented fence rule of `try_acquire_in`: the fence counts only once
 /// the transaction commits. A rolled-back acquire leaves no trace, so the next
 /// acquisition gets the same fence number, for a new key and for a takeover;
@@ -1010,7 +1063,7 @@ async fn found_rows_connections_read_outcomes_correctly() {
     let table = unique("dl_found");
     let (opts, _) = require!(test, recording_opts());
     let opts = OptsBuilder::from_opts(opts).client_found_rows(true);
-    let b = config(&table).build(opts).unwrap();
+    let b = lazy(config(&table), opts).unwrap();
     require!(test, common::create_or_skip(&b).await);
     let k = key("found");
     let (a, other) = (Token::new(), Token::new());
@@ -1039,7 +1092,7 @@ async fn missing_table_is_typed_and_create_table_is_idempotent() {
     let test = "missing_table_is_typed_and_create_table_is_idempotent";
     let table = unique("dl_missing");
     let (opts, _) = require!(test, recording_opts());
-    let b = config(&table).build(opts).unwrap();
+    let b = lazy(config(&table), opts).unwrap();
     let k = key("missing");
     let token = Token::new();
     let results = [
@@ -1096,7 +1149,7 @@ async fn sessions_carry_the_configured_bounds() {
         test,
         backend(
             config(&table)
-                .lock_wait_timeout(Duration::from_millis(2500))
+                .lock_timeout(Duration::from_millis(2500))
                 .statement_timeout(Duration::from_secs(7))
         )
         .await
@@ -1132,12 +1185,11 @@ async fn connect_timeout_bounds_a_silent_server() {
         }
     });
     let started = Instant::now();
-    let result = MySqlConfig::new()
-        .connect_timeout(Duration::from_millis(300))
-        .connect(&format!(
-            "mysql://root:pw-SECRET@127.0.0.1:{port}/test?prefer_socket=false"
-        ))
-        .await;
+    let result = common::connect_with(
+        MySqlConfig::builder().connect_timeout(Duration::from_millis(300)),
+        &format!("mysql://root:pw-SECRET@127.0.0.1:{port}/test?prefer_socket=false"),
+    )
+    .await;
     let took = started.elapsed();
     match result {
         Err(e @ Error::Unavailable { .. }) => {
@@ -1163,7 +1215,7 @@ async fn passwords_never_appear_in_errors_or_debug() {
     let error = result.expect_err("unknown user");
     let shown = format!("{error} {error:?}");
     assert!(!shown.contains("pw-SECRET-123"), "{shown}");
-    let backend = MySqlBackend::from_opts(Opts::from_url(&wrong).unwrap()).unwrap();
+    let backend = lazy(MySqlConfig::builder(), Opts::from_url(&wrong).unwrap()).unwrap();
     let shown = format!("{backend:?} {:?}", backend.config());
     assert!(!shown.contains("pw-SECRET-123"), "{shown}");
     assert!(!shown.contains("distrlock_nobody"), "{shown}");

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{backend, config, drop_table, proxied_opts, raw_conn, soon, unique};
+use common::{backend, config, drop_table, lazy, proxied_opts, raw_conn, soon, unique};
 use distrlock_core::{
     AcquireOutcome, Error, LockBackend, LockGuard, LockKey, LockManager, Token, Ttl,
 };
@@ -203,7 +203,7 @@ async fn extend_many_answers_per_lease_within_its_not_after() {
     let test = "extend_many_answers_per_lease_within_its_not_after";
     let table = unique("dl_one_gone");
     let (opts, _, proxy) = require!(test, proxied_opts().await);
-    let slow = config(&table).build(opts).unwrap();
+    let slow = lazy(config(&table), opts).unwrap();
     require!(test, common::create_or_skip(&slow).await);
     let (direct, _) = require!(test, backend(config(&table)).await);
     let keys: Vec<LockKey> = (0..150).map(|i| key(&format!("lease-{i:03}"))).collect();
@@ -243,7 +243,7 @@ async fn guards_survive_another_guards_lost_lease() {
     let test = "guards_survive_another_guards_lost_lease";
     let table = unique("dl_one_gone_guards");
     let (opts, _, proxy) = require!(test, proxied_opts().await);
-    let slow = config(&table).build(opts).unwrap();
+    let slow = lazy(config(&table), opts).unwrap();
     require!(test, common::create_or_skip(&slow).await);
     let (direct, _) = require!(test, backend(config(&table)).await);
     let manager = LockManager::builder(std::sync::Arc::new(slow.clone()))
@@ -283,7 +283,7 @@ async fn extend_many_costs_one_statement_per_batch() {
     let table = unique("dl_batch_count");
     let (b, _) = require!(
         test,
-        backend(config(&table).max_connections(1).min_connections(1)).await
+        backend(config(&table).pool_size(1).min_pool_size(1)).await
     );
     let mut leases = Vec::new();
     for i in 0..1500 {

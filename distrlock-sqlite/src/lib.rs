@@ -3,14 +3,19 @@
 
 mod backend;
 mod clock;
+mod config;
 mod driver_error;
 mod file;
+mod lock_backend;
+#[cfg(feature = "serde")]
+mod settings;
 mod sql;
 mod worker;
 
-pub use backend::{SqliteBackend, SqliteBackendBuilder};
+pub use backend::SqliteBackend;
 #[doc(hidden)]
 pub use clock::{HostClock as LeaseClock, Now as LeaseNow};
+pub use config::{SqliteConfig, SqliteConfigBuilder};
 #[doc(hidden)]
 pub use sql::LockSql;
 

@@ -4,8 +4,8 @@
 use std::sync::{Arc, Mutex, PoisonError};
 
 use distrlock_core::{LockBackend, async_trait};
-use distrlock_sqlite::SqliteBackend;
 use distrlock_sqlite::rusqlite::Connection;
+use distrlock_sqlite::{SqliteBackend, SqliteConfig};
 use distrlock_testkit::{Faults, Harness, Setup, Skip, Unsupported};
 use tempfile::TempDir;
 
@@ -17,7 +17,10 @@ impl Harness for SqliteHarness {
     async fn setup(&self) -> Result<Setup, Skip> {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let path = dir.path().join("locks.db");
-        let backend = SqliteBackend::open(&path).await.expect("open the database");
+        let backend =
+            SqliteBackend::from_config(SqliteConfig::builder().path(&path).build().unwrap())
+                .await
+                .expect("open the database");
         backend.create_table().await.expect("create the table");
         let faults = WriteLockFaults {
             path,
@@ -68,9 +71,10 @@ impl Faults for WriteLockFaults {
     async fn missing_table(&self) -> Result<Arc<dyn LockBackend>, Unsupported> {
         // A fresh database file in the same directory, without the table.
         let path = self.path.with_file_name("missing.db");
-        let backend = SqliteBackend::open(&path)
-            .await
-            .expect("open a second database file");
+        let backend =
+            SqliteBackend::from_config(SqliteConfig::builder().path(&path).build().unwrap())
+                .await
+                .expect("open a second database file");
         Ok(Arc::new(backend))
     }
 }

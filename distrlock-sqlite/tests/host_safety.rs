@@ -8,7 +8,7 @@ use std::time::Duration;
 use distrlock_core::{
     AcquireOutcome, Error, LockBackend, LockKey, LockManager, LossReason, Token, Ttl,
 };
-use distrlock_sqlite::SqliteBackend;
+use distrlock_sqlite::{SqliteBackend, SqliteConfig};
 use tokio::time::Instant;
 
 const LONG: Duration = Duration::from_secs(30);
@@ -24,7 +24,9 @@ fn ttl(d: Duration) -> Ttl {
 
 async fn fresh(dir: &Path) -> (PathBuf, SqliteBackend) {
     let path = dir.join("locks.db");
-    let backend = SqliteBackend::open(&path).await.unwrap();
+    let backend = SqliteBackend::from_config(SqliteConfig::builder().path(&path).build().unwrap())
+        .await
+        .unwrap();
     backend.create_table().await.unwrap();
     (path, backend)
 }
@@ -145,7 +147,9 @@ async fn time_namespace_child() {
     let Ok(path) = std::env::var(CHILD_DB) else {
         return;
     };
-    let backend = SqliteBackend::open(&path).await.unwrap();
+    let backend = SqliteBackend::from_config(SqliteConfig::builder().path(&path).build().unwrap())
+        .await
+        .unwrap();
     let busy = backend
         .try_acquire(
             &LockKey::new("busy").unwrap(),

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use distrlock_core::{AcquireOutcome, Error, LockBackend, LockKey, LockState, Token, Ttl};
-use distrlock_sqlite::SqliteBackend;
 use distrlock_sqlite::rusqlite::{Connection, params};
+use distrlock_sqlite::{SqliteBackend, SqliteConfig};
 use tokio::time::Instant;
 
 const LONG: Duration = Duration::from_secs(30);
@@ -24,7 +24,9 @@ fn ttl(d: Duration) -> Ttl {
 async fn fresh() -> (tempfile::TempDir, std::path::PathBuf, SqliteBackend) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("locks.db");
-    let backend = SqliteBackend::open(&path).await.unwrap();
+    let backend = SqliteBackend::from_config(SqliteConfig::builder().path(&path).build().unwrap())
+        .await
+        .unwrap();
     backend.create_table().await.unwrap();
     (dir, path, backend)
 }
@@ -35,7 +37,11 @@ async fn backends_on_one_file_exclude_each_other_and_share_fences() {
     // Eight independent connections, as eight processes would have.
     let mut backends = vec![Arc::new(first)];
     for _ in 0..7 {
-        backends.push(Arc::new(SqliteBackend::open(&path).await.unwrap()));
+        backends.push(Arc::new(
+            SqliteBackend::from_config(SqliteConfig::builder().path(&path).build().unwrap())
+                .await
+                .unwrap(),
+        ));
     }
     let key = LockKey::new("shared").unwrap();
     let mut tasks = Vec::new();
@@ -81,11 +87,15 @@ async fn backends_on_one_file_exclude_each_other_and_share_fences() {
 #[tokio::test]
 async fn missing_table_is_schema_missing() {
     let dir = tempfile::tempdir().unwrap();
-    let backend = SqliteBackend::builder(dir.path().join("locks.db"))
-        .table("no_such_locks")
-        .open()
-        .await
-        .unwrap();
+    let backend = SqliteBackend::from_config(
+        SqliteConfig::builder()
+            .path(dir.path().join("locks.db"))
+            .table("no_such_locks")
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
     let key = LockKey::new("k").unwrap();
     let result = backend
         .try_acquire(&key, &Token::new(), ttl(LONG), "o", soon())
@@ -110,7 +120,7 @@ async fn missing_table_is_schema_missing() {
 async fn unopenable_file_is_unavailable() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("missing-dir").join("locks.db");
-    match SqliteBackend::open(&path).await {
+    match SqliteBackend::from_config(SqliteConfig::builder().path(&path).build().unwrap()).await {
         Err(error @ Error::Unavailable { .. }) => {
             assert!(error.is_transient());
             assert!(
@@ -131,7 +141,7 @@ async fn a_file_that_is_not_a_database_is_a_permanent_error() {
         "this is not a database, just some text in a file\n".repeat(100),
     )
     .unwrap();
-    match SqliteBackend::open(&path).await {
+    match SqliteBackend::from_config(SqliteConfig::builder().path(&path).build().unwrap()).await {
         Err(error @ Error::Backend { .. }) => assert!(!error.is_transient(), "{error}"),
         other => panic!("expected a permanent backend error, got {other:?}"),
     }
@@ -141,10 +151,10 @@ async fn a_file_that_is_not_a_database_is_a_permanent_error() {
 async fn qualified_or_injected_table_names_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     for bad in ["main.locks", "locks; DROP TABLE x", "", "1locks"] {
-        let result = SqliteBackend::builder(dir.path().join("locks.db"))
+        let result = SqliteConfig::builder()
+            .path(dir.path().join("locks.db"))
             .table(bad)
-            .open()
-            .await;
+            .build();
         assert!(
             matches!(result, Err(Error::InvalidTableName { .. })),
             "{bad:?} must be refused, got {result:?}"
@@ -153,13 +163,18 @@ async fn qualified_or_injected_table_names_are_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_write_lock_held_past_the_busy_timeout_is_transient() {
+async fn a_write_lock_held_past_the_lock_timeout_is_transient() {
     let (_dir, path, _) = fresh().await;
-    let backend = SqliteBackend::builder(&path)
-        .busy_timeout(Duration::from_millis(100))
-        .open()
-        .await
-        .unwrap();
+    let backend = SqliteBackend::from_config(
+        SqliteConfig::builder()
+            .path(&path)
+            .lock_timeout(Duration::from_millis(100))
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(backend.config().lock_timeout(), Duration::from_millis(100));
     let blocker = Connection::open(&path).unwrap();
     blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
     let key = LockKey::new("busy").unwrap();

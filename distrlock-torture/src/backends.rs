@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use distrlock_core::{LockBackend, Result};
-use distrlock_mysql::MySqlBackend;
+use distrlock_mysql::{MySqlBackend, MySqlConfig};
 use distrlock_postgres::{PostgresBackend, PostgresConfig};
 
 /// What a torture run sets on top of [`open`]'s defaults (PostgreSQL only).
@@ -95,16 +95,15 @@ pub async fn open_with(
         return Ok(Arc::new(PostgresBackend::from_config(config).await?));
     }
     if url.starts_with("mysql://") {
-        return Ok(Arc::new(
-            MySqlBackend::builder()
-                .table(table)
-                .max_connections(4)
-                .connect_timeout(Duration::from_secs(2))
-                .statement_timeout(Duration::from_secs(2))
-                .lock_wait_timeout(Duration::from_secs(1))
-                .connect(url)
-                .await?,
-        ));
+        let config = MySqlConfig::builder()
+            .url(url)
+            .table(table)
+            .pool_size(4)
+            .connect_timeout(Duration::from_secs(2))
+            .statement_timeout(Duration::from_secs(2))
+            .lock_timeout(Duration::from_secs(1))
+            .build()?;
+        return Ok(Arc::new(MySqlBackend::from_config(config).await?));
     }
     Err(distrlock_core::Error::InvalidConfig {
         reason: format!("unsupported URL scheme in {url:?}"),

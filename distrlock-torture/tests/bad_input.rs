@@ -113,19 +113,20 @@ impl Db {
                 let config = self.postgres_config(url, table, bounds)?;
                 Ok(Arc::new(PostgresBackend::from_config(config).await?))
             }
-            Db::MariaDb => Ok(Arc::new(
-                MySqlBackend::builder()
+            Db::MariaDb => {
+                let config = MySqlConfig::builder()
+                    .url(url)
                     .table(table)
-                    .max_connections(4)
+                    .pool_size(4)
                     // Keep them, as the PostgreSQL pool does, so that calls
                     // stalled in the network stall on established sessions.
-                    .min_connections(4)
+                    .min_pool_size(4)
                     .connect_timeout(bounds.connect)
                     .statement_timeout(bounds.statement)
-                    .lock_wait_timeout(bounds.row_lock)
-                    .connect(url)
-                    .await?,
-            )),
+                    .lock_timeout(bounds.row_lock)
+                    .build()?;
+                Ok(Arc::new(MySqlBackend::from_config(config).await?))
+            }
         }
     }
 

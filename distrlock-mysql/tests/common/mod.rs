@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use distrlock_core::LockBackend;
 use distrlock_mysql::mysql_async::prelude::Queryable;
-use distrlock_mysql::mysql_async::{self, Conn, Opts, OptsBuilder};
-use distrlock_mysql::{MySqlBackend, MySqlConfig};
+use distrlock_mysql::mysql_async::{self, Conn, Opts, OptsBuilder, Pool};
+use distrlock_mysql::{MySqlBackend, MySqlConfig, MySqlConfigBuilder};
 use distrlock_testkit::{FaultProxy, Faults, Harness, Setup, Skip, Unsupported};
 
 /// The URL of the test server.
@@ -32,13 +32,33 @@ pub fn unique(prefix: &str) -> String {
 pub type SessionIds = Arc<Mutex<Vec<u32>>>;
 
 /// Test-friendly settings: a small pool and short bounds.
-pub fn config(table: &str) -> MySqlConfig {
-    MySqlConfig::new()
+pub fn config(table: &str) -> MySqlConfigBuilder {
+    MySqlConfig::builder()
         .table(table)
-        .max_connections(8)
+        .pool_size(8)
         .connect_timeout(Duration::from_secs(5))
         .statement_timeout(Duration::from_secs(5))
-        .lock_wait_timeout(Duration::from_secs(1))
+        .lock_timeout(Duration::from_secs(1))
+}
+
+/// A backend on `config` and `opts` that opens its first connection on first
+/// use (on a pool set up as the backend's own would be), so that a test can
+/// build one before the server, or the proxy to it, answers.
+pub fn lazy(
+    config: MySqlConfigBuilder,
+    opts: impl Into<Opts>,
+) -> distrlock_core::Result<MySqlBackend> {
+    let config = config.build()?;
+    let pool = Pool::new(config.pool_opts(opts.into()));
+    MySqlBackend::from_pool(pool, config)
+}
+
+/// [`MySqlBackend::from_config`] with `config` and `url`.
+pub async fn connect_with(
+    config: MySqlConfigBuilder,
+    url: &str,
+) -> distrlock_core::Result<MySqlBackend> {
+    MySqlBackend::from_config(config.url(url).build()?).await
 }
 
 /// Connection options for the test server, recording each new session's id.
@@ -55,9 +75,9 @@ pub fn recording_opts() -> Result<(Opts, SessionIds), Skip> {
 
 /// A backend on `config` whose table exists, with its session ids; `Skip` when
 /// the server cannot be reached.
-pub async fn backend(config: MySqlConfig) -> Result<(MySqlBackend, SessionIds), Skip> {
+pub async fn backend(config: MySqlConfigBuilder) -> Result<(MySqlBackend, SessionIds), Skip> {
     let (opts, ids) = recording_opts()?;
-    let backend = config.build(opts).expect("test configs are valid");
+    let backend = lazy(config, opts).expect("test configs are valid");
     create_or_skip(&backend).await?;
     Ok((backend, ids))
 }
@@ -157,9 +177,7 @@ pub fn soon() -> tokio::time::Instant {
 impl Harness for MySqlHarness {
     async fn setup(&self) -> Result<Setup, Skip> {
         let (opts, ids, proxy) = proxied_opts().await?;
-        let backend = config("distrlock_conformance")
-            .build(opts)
-            .expect("test configs are valid");
+        let backend = lazy(config("distrlock_conformance"), opts).expect("test configs are valid");
         create_or_skip(&backend).await?;
         warm_up(&backend).await;
         let backend: Arc<dyn LockBackend> = Arc::new(backend);
@@ -219,9 +237,7 @@ impl Faults for MySqlFaults {
     async fn missing_table(&self) -> Result<Arc<dyn LockBackend>, Unsupported> {
         // A table of its own that nobody created (the case creates it).
         let (opts, _ids) = recording_opts().expect("the test URL parsed before");
-        let backend = config(&unique("dl_missing"))
-            .build(opts)
-            .expect("test configs are valid");
+        let backend = lazy(config(&unique("dl_missing")), opts).expect("test configs are valid");
         Ok(Arc::new(backend))
     }
 }

@@ -1,0 +1,301 @@
+//! The [`LockBackend`] impl of [`SqliteBackend`]: each call one transaction
+//! (see `SqliteBackend::write`), and the rows it reads decoded into
+//! [`LockInfo`].
+
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use distrlock_core::{
+    AcquireOutcome, Error, Fence, LockBackend, LockInfo, LockKey, LockState, Owner,
+    ReleaseNotifier, Result, Token, Ttl, server_clock::from_unix_micros,
+};
+use rusqlite::{OptionalExtension, named_params};
+use tokio::time::Instant;
+
+use crate::backend::SqliteBackend;
+use crate::clock::{HostClock, Now};
+use crate::sql::MAX_FENCE;
+
+/// One row as the read statements return it.
+struct Row {
+    key: String,
+    owner: String,
+    fence: i64,
+    acquired_at: i64,
+    expires_at: Option<i64>,
+    clock: String,
+    lease_end: Option<i64>,
+}
+
+impl Row {
+    fn from_sql(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Ok(Self {
+            key: row.get(0)?,
+            owner: row.get(1)?,
+            fence: row.get(2)?,
+            acquired_at: row.get(3)?,
+            expires_at: row.get(4)?,
+            clock: row.get(5)?,
+            lease_end: row.get(6)?,
+        })
+    }
+
+    fn into_info(self, clock: &HostClock, now: Now) -> Result<LockInfo> {
+        let key = LockKey::new(self.key).map_err(|e| {
+            Error::permanent(
+                "the lock table holds a key distrlock cannot represent",
+                std::io::Error::other(e.to_string()),
+            )
+        })?;
+        let (state, remaining) = match self.lease_end {
+            None => (LockState::Released, None),
+            Some(end) => match remaining(&self.clock, end, self.expires_at, clock, now) {
+                Some(left) => (LockState::Held, Some(left)),
+                None => (LockState::Expired, None),
+            },
+        };
+        Ok(LockInfo {
+            key,
+            owner: self.owner,
+            fence: Fence::new(self.fence),
+            acquired_at: from_unix_micros(self.acquired_at),
+            expires_at: self.expires_at.map(from_unix_micros),
+            state,
+            remaining,
+        })
+    }
+}
+
+/// The lease left on a row whose lease ends at `end` on `row_clock` (and at
+/// `expires_at` on the wall clock), or `None` if it is not live: the same test as
+/// the SQL `LIVE` predicate.
+fn remaining(
+    row_clock: &str,
+    end: i64,
+    expires_at: Option<i64>,
+    clock: &HostClock,
+    now: Now,
+) -> Option<Duration> {
+    let left = if row_clock == clock.id() {
+        end - now.lease
+    } else {
+        expires_at? - now.wall
+    };
+    (left > 0).then(|| Duration::from_micros(u64::try_from(left).unwrap_or(0)))
+}
+
+#[async_trait]
+impl LockBackend for SqliteBackend {
+    async fn try_acquire(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        ttl: Ttl,
+        owner: &str,
+        not_after: Instant,
+    ) -> Result<AcquireOutcome> {
+        let map = self.map();
+        let owner = Owner::new(owner)?.into_string();
+        let (key, token) = (key.clone(), token.to_string());
+        self.write(Some(not_after), move |tx, sql, clock, now| {
+            let fence: Option<i64> = tx
+                .prepare_cached(&sql.acquire)
+                .and_then(|mut stmt| {
+                    stmt.query_row(
+                        named_params! {
+                            ":key": key.as_str(),
+                            ":token": token,
+                            ":owner": owner,
+                            ":wall_now": now.wall,
+                            ":ttl": ttl.as_micros(),
+                            ":clock": clock.id(),
+                            ":now": now.lease,
+                        },
+                        |row| row.get(0),
+                    )
+                    .optional()
+                })
+                .map_err(&map)?;
+            if let Some(fence) = fence {
+                return Ok(AcquireOutcome::Acquired {
+                    fence: Fence::new(fence),
+                    server_time: clock.as_system_time(now),
+                });
+            }
+            // Refused: nothing was written. Report the holder's remaining lease.
+            let (fence, row_clock, lease_end, expires_at): (i64, String, Option<i64>, Option<i64>) =
+                tx.prepare_cached(&sql.holder)
+                    .and_then(|mut stmt| {
+                        stmt.query_row(named_params! { ":key": key.as_str() }, |row| {
+                            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+                        })
+                    })
+                    .map_err(&map)?;
+            match lease_end.and_then(|end| remaining(&row_clock, end, expires_at, clock, now)) {
+                Some(left) => Ok(AcquireOutcome::Held {
+                    remaining: Some(left),
+                }),
+                None if fence == MAX_FENCE => Err(Error::permanent(
+                    format!("the fence of lock {key} is exhausted"),
+                    std::io::Error::other("fence at i64::MAX"),
+                )),
+                None => Err(Error::permanent(
+                    format!("acquire of {key} was refused although the lease is not live"),
+                    std::io::Error::other("inconsistent acquire result"),
+                )),
+            }
+        })
+        .await
+    }
+
+    async fn extend(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        ttl: Ttl,
+        not_after: Instant,
+    ) -> Result<SystemTime> {
+        let map = self.map();
+        let (key, token) = (key.clone(), token.to_string());
+        self.write(Some(not_after), move |tx, sql, clock, now| {
+            let changed = tx
+                .prepare_cached(&sql.extend)
+                .and_then(|mut stmt| {
+                    stmt.execute(named_params! {
+                        ":key": key.as_str(),
+                        ":token": token,
+                        ":wall_now": now.wall,
+                        ":ttl": ttl.as_micros(),
+                        ":clock": clock.id(),
+                        ":now": now.lease,
+                    })
+                })
+                .map_err(&map)?;
+            match changed {
+                1 => Ok(clock.as_system_time(now)),
+                _ => Err(Error::NotHeld { key }),
+            }
+        })
+        .await
+    }
+
+    /// One `BEGIN IMMEDIATE` transaction for the whole batch, with one clock
+    /// reading and one check of `not_after`: each lease gets the single
+    /// extend's statement and guard.
+    async fn extend_many(
+        &self,
+        leases: &[(LockKey, Token)],
+        ttl: Ttl,
+        not_after: Instant,
+    ) -> Result<Vec<Result<SystemTime>>> {
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let map = self.map();
+        let leases: Vec<(LockKey, String)> = leases
+            .iter()
+            .map(|(key, token)| (key.clone(), token.to_string()))
+            .collect();
+        self.write(Some(not_after), move |tx, sql, clock, now| {
+            let server_time = clock.as_system_time(now);
+            let mut stmt = tx.prepare_cached(&sql.extend).map_err(&map)?;
+            let mut results = Vec::with_capacity(leases.len());
+            for (key, token) in leases {
+                let changed = stmt
+                    .execute(named_params! {
+                        ":key": key.as_str(),
+                        ":token": token,
+                        ":wall_now": now.wall,
+                        ":ttl": ttl.as_micros(),
+                        ":clock": clock.id(),
+                        ":now": now.lease,
+                    })
+                    .map_err(&map)?;
+                results.push(match changed {
+                    1 => Ok(server_time),
+                    _ => Err(Error::NotHeld { key }),
+                });
+            }
+            Ok(results)
+        })
+        .await
+    }
+
+    async fn release(&self, key: &LockKey, token: &Token, not_after: Instant) -> Result<()> {
+        let map = self.map();
+        let (owned_key, token) = (key.clone(), token.to_string());
+        self.write(Some(not_after), move |tx, sql, clock, now| {
+            let changed = tx
+                .prepare_cached(&sql.release)
+                .and_then(|mut stmt| {
+                    stmt.execute(named_params! {
+                        ":key": owned_key.as_str(),
+                        ":token": token,
+                        ":clock": clock.id(),
+                        ":wall_now": now.wall,
+                        ":now": now.lease,
+                    })
+                })
+                .map_err(&map)?;
+            match changed {
+                1 => Ok(()),
+                _ => Err(Error::NotHeld { key: owned_key }),
+            }
+        })
+        .await?;
+        // Committed: wake this process's waiters now instead of at their next poll.
+        self.notifier.notify(key);
+        Ok(())
+    }
+
+    async fn inspect(&self, key: &LockKey) -> Result<Option<LockInfo>> {
+        let map = self.map();
+        let key = key.clone();
+        self.read(move |conn, sql, clock| {
+            let row = conn
+                .prepare_cached(&sql.inspect)
+                .and_then(|mut stmt| {
+                    stmt.query_row(named_params! { ":key": key.as_str() }, Row::from_sql)
+                        .optional()
+                })
+                .map_err(&map)?;
+            let now = clock.now();
+            row.map(|row| row.into_info(clock, now)).transpose()
+        })
+        .await
+    }
+
+    async fn list(&self) -> Result<Vec<LockInfo>> {
+        let map = self.map();
+        self.read(move |conn, sql, clock| {
+            let rows = conn
+                .prepare_cached(&sql.list)
+                .and_then(|mut stmt| {
+                    stmt.query_map([], Row::from_sql)?
+                        .collect::<rusqlite::Result<Vec<_>>>()
+                })
+                .map_err(&map)?;
+            let now = clock.now();
+            rows.into_iter()
+                .map(|row| row.into_info(clock, now))
+                .collect()
+        })
+        .await
+    }
+
+    async fn create_table(&self) -> Result<()> {
+        let map = self.map();
+        self.write(None, move |tx, sql, _, _| {
+            tx.execute_batch(&sql.create_table).map_err(&map)
+        })
+        .await
+    }
+
+    fn schema_sql(&self) -> String {
+        self.statements.create_table.clone()
+    }
+
+    fn release_notifier(&self) -> Option<&ReleaseNotifier> {
+        Some(&self.notifier)
+    }
+}
