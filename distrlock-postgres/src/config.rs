@@ -33,6 +33,14 @@ use crate::sql;
 /// assert!(!format!("{config:?}").contains("s3cret"));
 /// ```
 #[derive(Clone)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(
+        try_from = "crate::settings::Settings",
+        into = "crate::settings::Settings"
+    )
+)]
 pub struct PostgresConfig {
     pub(crate) pg: Option<tokio_postgres::Config>,
     pub(crate) table: TableName,
@@ -546,6 +554,7 @@ pub struct PostgresConfigBuilder {
     listen_url: Option<String>,
     listen_pg: Option<tokio_postgres::Config>,
     pooler: Option<Pooler>,
+    password: Option<String>,
     max_ttl: Option<Duration>,
     failover_quarantine: Option<bool>,
     #[cfg(feature = "tls")]
@@ -647,6 +656,15 @@ impl PostgresConfigBuilder {
     /// wins over the URL.
     pub fn pooler(mut self, pooler: Pooler) -> Self {
         self.pooler = Some(pooler);
+        self
+    }
+
+    /// The password, replacing the one of the [`url`](Self::url) and the
+    /// [`listen_url`](Self::listen_url) (or of a [`pg_config`](Self::pg_config)),
+    /// so that it can be kept apart from them (a secrets file, an environment
+    /// variable). Never shown by `Debug` or written by `Serialize`.
+    pub fn password(mut self, password: impl Into<String>) -> Self {
+        self.password = Some(password.into());
         self
     }
 
@@ -778,6 +796,9 @@ impl PostgresConfigBuilder {
             ));
         }
         for pg in pg.iter_mut().chain(listen_pg.iter_mut()) {
+            if let Some(password) = &self.password {
+                pg.password(password.as_bytes());
+            }
             pg.application_name(&application_name);
             if pg.get_connect_timeout().is_none() {
                 pg.connect_timeout(connect_timeout);
@@ -820,6 +841,7 @@ impl fmt::Debug for PostgresConfigBuilder {
         f.debug_struct("PostgresConfigBuilder")
             .field("url", &self.url.as_ref().map(|_| "<redacted>"))
             .field("connection", &self.pg.as_ref().map(Redacted))
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("table", &self.table)
             .finish_non_exhaustive()
     }

@@ -8,6 +8,8 @@ mod connect;
 mod error;
 mod listener;
 mod lock_backend;
+#[cfg(feature = "serde")]
+mod settings;
 mod sql;
 #[cfg(feature = "tls")]
 mod tls;

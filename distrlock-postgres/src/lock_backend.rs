@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use distrlock_core::server_clock::from_unix_micros;
 use distrlock_core::{
-    AcquireOutcome, Error, Fence, LockBackend, LockInfo, LockKey, LockState, MAX_OWNER_LEN,
+    AcquireOutcome, Error, Fence, LockBackend, LockInfo, LockKey, LockState, Owner,
     ReleaseNotifier, Result, Token, Ttl,
 };
 use tokio::sync::watch;
@@ -230,13 +230,9 @@ pub(crate) enum Released {
     NotHeld,
 }
 
+/// The owner rule is [`Owner::new`]'s (one place for every backend).
 pub(crate) fn check_owner(owner: &str) -> Result<()> {
-    if owner.len() > MAX_OWNER_LEN || owner.contains('\0') {
-        return Err(Error::InvalidConfig {
-            reason: format!("owner text must be at most {MAX_OWNER_LEN} bytes without NUL"),
-        });
-    }
-    Ok(())
+    Owner::new(owner).map(drop)
 }
 
 /// Extend refused in a failover quarantine: transient, since the quarantine
