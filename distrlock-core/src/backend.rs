@@ -1,4 +1,22 @@
-//! The [`LockBackend`] trait that every storage implements, and the values it returns.
+//! The [`LockBackend`] trait that every storage implements, the values it
+//! returns, and the toolkit a backend author needs, in one place:
+//!
+//! - time as integer microseconds since the Unix epoch, the form SQL backends
+//!   read and write: [`unix_micros`] and [`from_unix_micros`];
+//! - the server's clock as the backend has seen it, for the not-after bound
+//!   of contract item 8: [`ServerClock`];
+//! - owner texts checked once: [`Owner`];
+//! - an error for an answer the backend cannot use, with no made-up driver
+//!   error behind it: [`Error::backend`](crate::Error::backend); and
+//!   [`Error::transient`](crate::Error::transient),
+//!   [`Error::permanent`](crate::Error::permanent) and
+//!   [`Error::unavailable`](crate::Error::unavailable) for driver errors;
+//! - [`MAX_OWNER_LEN`] and [`MAX_EXTEND_BATCH`].
+//!
+//! Everything here is also exported at the crate's root.
+
+pub use crate::owner::Owner;
+pub use crate::server_clock::{ServerClock, from_unix_micros, unix_micros};
 
 use std::fmt;
 use std::sync::Arc;
@@ -87,7 +105,7 @@ use crate::ttl::Ttl;
 ///    and healed delivers everything it held back, long after the caller gave up
 ///    and closed the connection. An SQL backend maps `not_after` onto the server's
 ///    clock from an earlier reading, rounding toward earlier
-///    ([`ServerClock`](crate::server_clock::ServerClock)), and each statement
+///    ([`ServerClock`]), and each statement
 ///    compares its own clock reading with that bound. A call refused this way
 ///    returns a transient error ([`Error::Unavailable`](crate::Error::Unavailable)).
 ///    Once `not_after` has passed, the caller may rely on the call never taking

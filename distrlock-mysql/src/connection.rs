@@ -445,8 +445,8 @@ impl Reply {
 }
 
 fn mismatched(what: &str) -> Error {
-    Error::permanent(
+    Error::backend(
         format!("{what}: the statement answered in an unexpected form"),
-        std::io::Error::other("unexpected reply"),
+        false,
     )
 }

@@ -224,13 +224,13 @@ impl MySqlBackend {
             Refusal::Pinned { .. } => Err(self.pinned_clock(what)),
             Refusal::FenceExhausted { reading } => {
                 self.inner.clock.observe(arrived, reading);
-                Err(Error::permanent(
+                Err(Error::backend(
                     format!(
                         "{what} of {key} refused: its next fence would exceed {}, the largest \
                          this backend can report; nothing was changed",
                         sql::MAX_FENCE
                     ),
-                    std::io::Error::other("fence space exhausted"),
+                    false,
                 ))
             }
         }
@@ -585,12 +585,12 @@ struct Part {
 }
 
 fn unexpected(what: &str, key: &LockKey, affected: u64, id: i64) -> Error {
-    Error::permanent(
+    Error::backend(
         format!(
             "{what} of {key}: unexpected answer from the server (affected rows {affected}, insert id {id}); \
              is something between the client and the server rewriting OK packets?"
         ),
-        std::io::Error::other("unexpected OK packet"),
+        false,
     )
 }
 

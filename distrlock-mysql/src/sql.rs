@@ -1079,9 +1079,9 @@ pub(crate) fn token_value(token: &Token) -> Value {
 
 /// A row that [`decode_lock_info`] (or a batch's read-back) cannot read.
 pub(crate) fn corrupt(table: &TableName, reason: &str) -> Error {
-    Error::permanent(
+    Error::backend(
         format!("lock table {table} holds a row this backend cannot read: {reason}"),
-        std::io::Error::other("unreadable row"),
+        false,
     )
 }
 
