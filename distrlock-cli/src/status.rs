@@ -43,19 +43,29 @@ pub(crate) async fn status(db: Db, args: StatusArgs) -> Result<u8, CliError> {
 }
 
 pub(crate) async fn init(db: Db, quiet: bool) -> Result<u8, CliError> {
-    db.backend.create_table().await.map_err(|e| db.error(e))?;
+    let foreign = |error: distrlock_core::Error| match error {
+        distrlock_core::Error::Backend { message, .. } => CliError::unavailable(format!(
+            "the table {} in {} exists but is not a distrlock lock table ({message}); pick \
+             another --table, or compare it with `distrlock schema`",
+            db.table, db.url
+        )),
+        other => db.error(other),
+    };
+    // PostgreSQL finds a foreign table already here: its failover marker does
+    // not fit.
+    match db.backend.create_table().await {
+        Err(error @ distrlock_core::Error::Backend { .. })
+            if error.to_string().contains("is not a distrlock lock table") =>
+        {
+            return Err(foreign(error));
+        }
+        other => other.map_err(|e| db.error(e))?,
+    }
     // CREATE TABLE IF NOT EXISTS leaves a table of that name alone, whatever
     // it holds: read a row the way every command does, to be sure it is ours.
     let probe = distrlock_core::LockKey::new("distrlock init check").map_err(|e| db.error(e))?;
     if let Err(error) = db.backend.inspect(&probe).await {
-        return Err(match error {
-            distrlock_core::Error::Backend { message, .. } => CliError::unavailable(format!(
-                "the table {} in {} exists but is not a distrlock lock table ({message}); pick \
-                 another --table, or compare it with `distrlock schema`",
-                db.table, db.url
-            )),
-            other => db.error(other),
-        });
+        return Err(foreign(error));
     }
     if !quiet {
         say!("distrlock: lock table {} is ready in {}", db.table, db.url);

@@ -24,6 +24,27 @@ use crate::sql::{
 };
 
 impl PostgresBackend {
+    /// A `create_table` error. CREATE TABLE IF NOT EXISTS leaves a table of that
+    /// name alone whatever its columns; the failover marker's INSERT that follows
+    /// then fails with undefined_column or datatype_mismatch, which says the
+    /// table is not a lock table.
+    pub(crate) fn foreign_table(&self, error: tokio_postgres::Error) -> Error {
+        match error.code().map(|c| c.code()) {
+            Some("42703" | "42804") => Error::backend(
+                format!(
+                    "the table {} exists but is not a distrlock lock table: {}",
+                    self.inner.table,
+                    error
+                        .as_db_error()
+                        .map(|db| db.message().to_owned())
+                        .unwrap_or_else(|| error.to_string())
+                ),
+                false,
+            ),
+            _ => self.error(error),
+        }
+    }
+
     pub(crate) async fn acquire_once(
         &self,
         key: &LockKey,
@@ -477,10 +498,11 @@ impl LockBackend for PostgresBackend {
                 // duplicate_table / unique_violation on the catalog: someone without
                 // our advisory lock (another tool) created it at the same moment. It
                 // exists now, so IF NOT EXISTS makes the second run a no-op.
-                Err(e) if matches!(e.code().map(|c| c.code()), Some("42P07" | "23505")) => {
-                    conn.batch_execute(ddl).await.map_err(|e| self.error(e))
-                }
-                Err(e) => Err(self.error(e)),
+                Err(e) if matches!(e.code().map(|c| c.code()), Some("42P07" | "23505")) => conn
+                    .batch_execute(ddl)
+                    .await
+                    .map_err(|e| self.foreign_table(e)),
+                Err(e) => Err(self.foreign_table(e)),
             }
         };
         tokio::time::timeout(self.inner.call_timeout, call)
