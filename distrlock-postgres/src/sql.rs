@@ -34,6 +34,10 @@
 //! - **Values are bind parameters.** Only the validated, quoted table name and
 //!   numbers computed here are formatted into the text; parameter types are fixed
 //!   with explicit casts so every session prepares the same statement.
+//! - **Named first.** Each statement starts with a comment naming it and its
+//!   table (`/* distrlock acquire on "t" */`), so that `pg_stat_activity`, whose
+//!   `query` is cut at `track_activity_query_size` (1 kB by default), and the
+//!   server's logs show which lock statement a session runs, on which table.
 //! - **One statement, one round trip.** Acquire, extend and release are each a single
 //!   statement (CTEs where needed), so a pooled connection runs each with one
 //!   Bind/Execute/Sync exchange once it has prepared it. The one allowance: a
@@ -329,7 +333,8 @@ ON CONFLICT (lock_key) DO UPDATE
         let clock = CLOCK_CTE;
         let acquire_failover = failover_ctes(&t, failover);
         let acquire = format!(
-            r#"WITH
+            r#"/* distrlock acquire on {t} */
+WITH
 {clock},
 {acquire_failover},
 -- Present and free (released or expired), or held by this same token: take it or
@@ -417,7 +422,8 @@ LEFT JOIN {t} AS l ON l.lock_key = $1::text"#
 
         let extend_failover = failover_ctes(&t, failover);
         let extend = format!(
-            r#"WITH
+            r#"/* distrlock extend on {t} */
+WITH
 {clock},
 {extend_failover},
 -- Only the token of a live lease: a stale token updates nothing (NotHeld) and
@@ -452,7 +458,8 @@ LEFT JOIN renewed ON true"#
         );
 
         let extend_many = format!(
-            r#"WITH
+            r#"/* distrlock extend_many on {t} */
+WITH
 {clock},
 {extend_failover},
 -- The same guard as the single extend, for every (key, token) pair of the two
@@ -530,7 +537,8 @@ LEFT JOIN busy ON true"#
         let durable = DURABLE_COMMIT;
         let default_max_ttl_us = failover.max_ttl_us;
         let record_timeline = format!(
-            r#"WITH
+            r#"/* distrlock record_timeline on {t} */
+WITH
 {clock},
 {marker}
 -- A promotion: the first statement on a new timeline (or one that went back)
@@ -569,7 +577,8 @@ ON CONFLICT (lock_key) DO UPDATE
         );
 
         let release = format!(
-            r#"WITH
+            r#"/* distrlock release on {t} */
+WITH
 {clock},
 -- Durable commits, as for acquire: 'off' and 'local' become 'on' for this
 -- transaction only, stronger levels are kept.
@@ -621,13 +630,13 @@ LEFT JOIN {t} AS l
             THEN (EXTRACT(EPOCH FROM (l.expires_at - clock.at)) * 1000000)::int8
        END AS remaining_us"#;
         let inspect = format!(
-            "WITH\n{clock}\nSELECT {columns}\nFROM {t} AS l, clock\nWHERE l.lock_key = $1::text"
+            "/* distrlock inspect on {t} */\nWITH\n{clock}\nSELECT {columns}\nFROM {t} AS l, clock\nWHERE l.lock_key = $1::text"
         );
         // COLLATE "C": byte order, as LockKey's Ord, even on a table created by
         // hand with another collation.
         // The failover marker (the empty key) is no lock: never listed.
         let list = format!(
-            "WITH\n{clock}\nSELECT {columns}\nFROM {t} AS l, clock\nWHERE l.lock_key <> ''\n\
+            "/* distrlock list on {t} */\nWITH\n{clock}\nSELECT {columns}\nFROM {t} AS l, clock\nWHERE l.lock_key <> ''\n\
              ORDER BY l.lock_key COLLATE \"C\""
         );
 

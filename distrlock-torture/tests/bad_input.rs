@@ -139,6 +139,8 @@ impl Db {
             .connect_timeout(bounds.connect)
             .statement_timeout(bounds.statement)
             .lock_timeout(bounds.row_lock)
+            // The sweep takes leases of up to Ttl::MAX, so its tables allow them.
+            .max_ttl(Ttl::MAX)
             .build()
     }
 
@@ -316,9 +318,11 @@ impl Admin {
         }
     }
 
+    /// The lock rows of `table`: PostgreSQL's failover marker (the row of the
+    /// empty key) is no lock.
     async fn row_count(&self, table: &str) -> i64 {
         self.number(
-            &format!("SELECT count(*) FROM \"{table}\""),
+            &format!("SELECT count(*) FROM \"{table}\" WHERE lock_key <> ''"),
             &format!("SELECT count(*) FROM `{table}`"),
             &[],
         )
@@ -361,7 +365,11 @@ impl Admin {
             Db::Postgres => {
                 let client = self.postgres().await.expect("admin connection");
                 let rows = client
-                    .query(&format!("SELECT lock_key FROM \"{table}\""), &[])
+                    // The failover marker (the empty key) is no lock.
+                    .query(
+                        &format!("SELECT lock_key FROM \"{table}\" WHERE lock_key <> ''"),
+                        &[],
+                    )
                     .await
                     .expect("read the stored keys");
                 rows.iter().map(|row| row.get(0)).collect()
