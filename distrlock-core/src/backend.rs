@@ -18,6 +18,29 @@
 pub use crate::owner::Owner;
 pub use crate::server_clock::{ServerClock, from_unix_micros, unix_micros};
 
+/// Percent-encodes `text` for a URL's user, host or path part: every byte but
+/// the unreserved ones (`A–Z a–z 0–9 - _ . ~`) becomes `%XX`, so nothing in it
+/// can end the part early. For backends that write a connection URL back (a
+/// config's `Serialize`), never with its password.
+///
+/// ```
+/// use distrlock_core::backend::encode_url_part;
+/// assert_eq!(encode_url_part("app user/1"), "app%20user%2F1");
+/// assert_eq!(encode_url_part("café"), "caf%C3%A9");
+/// ```
+pub fn encode_url_part(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(char::from(byte));
+            }
+            other => out.push_str(&format!("%{other:02X}")),
+        }
+    }
+    out
+}
+
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};

@@ -17,6 +17,7 @@
 use std::time::Duration;
 
 use distrlock_core::Error;
+use distrlock_core::backend::encode_url_part;
 use mysql_async::Opts;
 use serde::{Deserialize, Serialize};
 
@@ -130,32 +131,15 @@ fn url_without_password(hosts: &[Opts]) -> Option<String> {
     let first = hosts.first()?;
     let user = first
         .user()
-        .map(|user| format!("{}@", encode(user)))
+        .map(|user| format!("{}@", encode_url_part(user)))
         .unwrap_or_default();
     let places = hosts
         .iter()
         .map(|o| format!("{}:{}", o.ip_or_hostname(), o.tcp_port()))
         .collect::<Vec<_>>()
         .join(",");
-    let db = first.db_name().map(encode).unwrap_or_default();
+    let db = first.db_name().map(encode_url_part).unwrap_or_default();
     Some(format!("mysql://{user}{places}/{db}"))
-}
-
-/// Percent-encodes what would end a URL's user or path part early.
-fn encode(text: &str) -> String {
-    text.chars()
-        .map(|c| match c {
-            'A'..='Z' | 'a'..='z' | '0'..='9' | '-' | '_' | '.' | '~' => c.to_string(),
-            other => {
-                let mut buf = [0u8; 4];
-                other
-                    .encode_utf8(&mut buf)
-                    .bytes()
-                    .map(|b| format!("%{b:02X}"))
-                    .collect()
-            }
-        })
-        .collect()
 }
 
 #[cfg(test)]

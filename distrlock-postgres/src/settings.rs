@@ -18,6 +18,7 @@
 use std::time::Duration;
 
 use distrlock_core::Error;
+use distrlock_core::backend::encode_url_part;
 use serde::{Deserialize, Serialize};
 use tokio_postgres::config::Host;
 
@@ -155,7 +156,7 @@ impl From<PostgresConfig> for Settings {
 fn url_without_password(pg: &tokio_postgres::Config) -> String {
     let user = pg
         .get_user()
-        .map(|user| format!("{}@", encode(user)))
+        .map(|user| format!("{}@", encode_url_part(user)))
         .unwrap_or_default();
     let ports = pg.get_ports();
     let places = pg
@@ -164,10 +165,10 @@ fn url_without_password(pg: &tokio_postgres::Config) -> String {
         .enumerate()
         .map(|(i, host)| {
             let host = match host {
-                Host::Tcp(name) => encode(name),
+                Host::Tcp(name) => encode_url_part(name),
                 // A socket directory: percent-encoded, as libpq reads it.
                 #[cfg(unix)]
-                Host::Unix(path) => encode(&path.to_string_lossy()),
+                Host::Unix(path) => encode_url_part(&path.to_string_lossy()),
             };
             let port = ports.get(i).or(ports.first());
             match port {
@@ -177,30 +178,13 @@ fn url_without_password(pg: &tokio_postgres::Config) -> String {
         })
         .collect::<Vec<_>>()
         .join(",");
-    let db = pg.get_dbname().map(encode).unwrap_or_default();
+    let db = pg.get_dbname().map(encode_url_part).unwrap_or_default();
     let ssl = match pg.get_ssl_mode() {
         tokio_postgres::config::SslMode::Disable => "?sslmode=disable",
         tokio_postgres::config::SslMode::Require => "?sslmode=require",
         _ => "",
     };
     format!("postgres://{user}{places}/{db}{ssl}")
-}
-
-/// Percent-encodes what would end a URL's user, host or path part early.
-fn encode(text: &str) -> String {
-    text.chars()
-        .map(|c| match c {
-            'A'..='Z' | 'a'..='z' | '0'..='9' | '-' | '_' | '.' | '~' => c.to_string(),
-            other => {
-                let mut buf = [0u8; 4];
-                other
-                    .encode_utf8(&mut buf)
-                    .bytes()
-                    .map(|b| format!("%{b:02X}"))
-                    .collect()
-            }
-        })
-        .collect()
 }
 
 #[cfg(test)]
