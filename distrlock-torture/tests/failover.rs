@@ -11,10 +11,11 @@
 //!   must not grant the key to anyone else meanwhile);
 //! - fences per key strictly increase in acquisition order, with no repeat of a
 //!   fence the old primary handed out and the new one never heard of;
-//! - every key is granted again within the table's `max_ttl` plus a stated
-//!   slack after the promotion (the quarantine ends), and every worker holds a
-//!   lock again within `max_ttl` plus a larger slack (it may lose the race for
-//!   its key and wait behind the winner's hold);
+//! - the quarantine ends: a key some worker waits for `max_ttl` plus a stated
+//!   slack after the promotion has been granted since the promotion, and every
+//!   worker holds a lock again before its run ends (how soon depends on the
+//!   keys it draws and how long their holders keep them, so it is reported,
+//!   not bounded);
 //! - no worker hangs or fails; at the end no lock is left held.
 //!
 //! Each run prints one summary line. `DISTRLOCK_TORTURE_SECS` sets the run time
@@ -30,7 +31,7 @@ use std::time::Duration;
 
 use distrlock_testkit::{FaultProxy, PostgresPair, skip};
 use distrlock_torture::backends::{self, BackendOptions};
-use distrlock_torture::checker::{WorkerRun, check, first_holding_after};
+use distrlock_torture::checker::{Report, WorkerRun, check, first_holding_after};
 use distrlock_torture::history::{Event, monotonic_ns, read_history};
 use distrlock_torture::process::wait_or_kill;
 
@@ -47,16 +48,11 @@ const HOLD_MAX_MS: u64 = 150;
 const LAG: Duration = Duration::from_secs(1);
 const LAG_HOLDINGS: usize = 3;
 const LAG_MAX: Duration = Duration::from_secs(5);
-/// Allowed on top of `MAX_TTL` for every key to be granted again after the
-/// promotion: the quarantine's own margin (1 s and 0.2 %), the moving of the
-/// connections, a wait that timed out just then, the waiters' polling and a
-/// round trip.
+/// Allowed on top of `MAX_TTL` after the promotion for the quarantine to be
+/// over and a waiting key granted: the quarantine's own margin (1 s and
+/// 0.2 %), the moving of the connections, the waiters' polling and a round
+/// trip.
 const KEY_RECOVERY_SLACK: Duration = Duration::from_secs(3);
-/// Allowed on top of `MAX_TTL` for every worker to hold a lock again after the
-/// promotion: [`KEY_RECOVERY_SLACK`], and a worker that lost the race for its
-/// key when the quarantine ended and waits behind the winner's hold (up to
-/// three ttls).
-const WORKER_RECOVERY_SLACK: Duration = Duration::from_secs(3 + 3 * 2);
 
 const TABLE: &str = "torture_failover";
 
@@ -113,6 +109,106 @@ fn holdings_since(workers: &[Worker], since: u64) -> usize {
         .flat_map(|w| read_history(&w.history).unwrap_or_default())
         .filter(|e| matches!(e, Event::Acquired { t, .. } if *t >= since))
         .count()
+}
+
+/// The first grant of `key` at or after `since`.
+fn first_grant(report: &Report, key: &str, since: u64) -> Option<u64> {
+    report
+        .holdings
+        .get(key)?
+        .iter()
+        .map(|h| h.start)
+        .filter(|&t| t >= since)
+        .min()
+}
+
+/// The keys some worker was waiting for at `at` that nobody was granted
+/// between `since` and `at`, each with that worker and when (ms after
+/// `since`) its wait began.
+fn starved_keys(
+    report: &Report,
+    runs: &[WorkerRun],
+    since: u64,
+    at: u64,
+) -> Vec<(String, String, i64)> {
+    let mut starved = Vec::new();
+    for run in runs {
+        for event in &run.events {
+            let (key, waited_from, ended) = match event {
+                Event::Acquired {
+                    key,
+                    waited_from,
+                    t,
+                    ..
+                }
+                | Event::Failed {
+                    key,
+                    waited_from,
+                    t,
+                    ..
+                } => (key, *waited_from, *t),
+                _ => continue,
+            };
+            if key.is_empty() || waited_from > at || ended <= at {
+                continue;
+            }
+            if first_grant(report, key, since).is_none_or(|t| t > at) {
+                let began = (waited_from as i64 - since as i64) / 1_000_000;
+                starved.push((key.clone(), run.name.clone(), began));
+            }
+        }
+    }
+    starved
+}
+
+/// What each worker did with `key` between `from` and `to` (monotonic
+/// nanoseconds), and which other keys it waited for meanwhile, as lines with
+/// times in milliseconds after `from`.
+fn key_story(runs: &[WorkerRun], key: &str, from: u64, to: u64) -> String {
+    let ms = |t: u64| (t as i64 - from as i64) / 1_000_000;
+    let mut lines = vec![format!("key {key}, from the promotion on (ms after it):")];
+    for run in runs {
+        for event in &run.events {
+            let line = match event {
+                Event::Acquired {
+                    key: k,
+                    fence,
+                    t,
+                    hold_ms,
+                    waited_from,
+                } if *t >= from && *t <= to => format!(
+                    "acquired {k} fence {fence} at {} (waited from {}), holds {hold_ms} ms",
+                    ms(*t),
+                    ms(*waited_from)
+                ),
+                Event::Ended {
+                    key: k,
+                    t,
+                    lost,
+                    reason,
+                    ..
+                } if *t >= from && *t <= to => {
+                    format!("ended {k} at {} lost={lost} {reason:?}", ms(*t))
+                }
+                Event::Unused { key: k, fence, t } if *t >= from && *t <= to => {
+                    format!("unused grant of {k} fence {fence} at {}", ms(*t))
+                }
+                Event::Failed {
+                    key: k,
+                    waited_from,
+                    error,
+                    t,
+                } if *t >= from && *waited_from <= to => format!(
+                    "failed {k} at {} (waited from {}): {error}",
+                    ms(*t),
+                    ms(*waited_from)
+                ),
+                _ => continue,
+            };
+            lines.push(format!("  {}: {line}", run.name));
+        }
+    }
+    lines.join("\n")
 }
 
 /// The fence of every key's row, from psql's output (`key|fence`
@@ -247,33 +343,40 @@ async fn run(mut pair: PostgresPair) {
         .flatten()
         .filter(|h| h.start >= lag_from && h.start < killed_at)
         .count();
+    // Each worker's first holding after the promotion: reported, and required
+    // before the run ends. No bound on it: a worker may lose the race for its
+    // key when the quarantine ends, time out behind a three-ttl hold, pick
+    // another key held as long, and so on; that is the workload, not the lock.
     let recovery = first_holding_after(&runs, promoted_at);
-    let bound = MAX_TTL + WORKER_RECOVERY_SLACK;
     let worst_recovery = recovery.iter().filter_map(|(_, d)| *d).max();
-    let unrecovered: Vec<_> = recovery
-        .iter()
-        .filter(|(_, d)| d.is_none_or(|d| d > bound))
-        .collect();
-    // Each key's first grant after the promotion.
-    let key_bound = MAX_TTL + KEY_RECOVERY_SLACK;
+    let unrecovered: Vec<_> = recovery.iter().filter(|(_, d)| d.is_none()).collect();
+    // Each key's first grant after the promotion, reported.
     let key_recovery: Vec<(String, Option<Duration>)> = (0..KEYS)
         .map(|i| {
             let key = format!("torture-{i}");
-            let first = report.holdings.get(&key).and_then(|holdings| {
-                holdings
-                    .iter()
-                    .map(|h| h.start)
-                    .find(|&t| t >= promoted_at)
-                    .map(|t| Duration::from_nanos(t - promoted_at))
-            });
+            let first = first_grant(&report, &key, promoted_at)
+                .map(|t| Duration::from_nanos(t - promoted_at));
             (key, first)
         })
         .collect();
     let worst_key_recovery = key_recovery.iter().filter_map(|(_, d)| *d).max();
-    let keys_unrecovered: Vec<_> = key_recovery
-        .iter()
-        .filter(|(_, d)| d.is_none_or(|d| d > key_bound))
-        .collect();
+    // What the lock controls: `key_bound` after the promotion, the quarantine
+    // is over, so a key that someone is waiting for then must have been
+    // granted since the promotion. (A key nobody asks for stays free, and
+    // proves nothing either way.)
+    let key_bound = MAX_TTL + KEY_RECOVERY_SLACK;
+    let starved = starved_keys(
+        &report,
+        &runs,
+        promoted_at,
+        promoted_at + key_bound.as_nanos() as u64,
+    );
+    for (key, _, _) in &starved {
+        eprintln!(
+            "{}",
+            key_story(&runs, key, promoted_at, promoted_at + 12_000_000_000)
+        );
+    }
     let worst_overlap = report
         .overlaps
         .iter()
@@ -301,7 +404,7 @@ async fn run(mut pair: PostgresPair) {
 
     let ms = |d: Option<Duration>| d.map_or("-".into(), |d| format!("{}ms", d.as_millis()));
     println!(
-        "torture[postgres-failover]: {}s, {} workers on {} keys, ttl {:?}, max_ttl {:?}, quarantine {}: acquisitions={} lost_by_guard={} during_lag={} lost_commits={} failover={}ms (kill to writable) moved={}ms | overlaps={} (across the failover {}, worst {}) fence_regressions={} worst_key_recovery={} (bound {:?}) worst_worker_recovery={} (bound {:?}) hung={} failed={} left_held={}",
+        "torture[postgres-failover]: {}s, {} workers on {} keys, ttl {:?}, max_ttl {:?}, quarantine {}: acquisitions={} lost_by_guard={} during_lag={} lost_commits={} failover={}ms (kill to writable) moved={}ms | overlaps={} (across the failover {}, worst {}) fence_regressions={} worst_key_recovery={} starved_at_{:?}={} worst_worker_recovery={} hung={} failed={} left_held={}",
         secs,
         WORKERS,
         KEYS,
@@ -320,8 +423,8 @@ async fn run(mut pair: PostgresPair) {
         report.fence_regressions.len(),
         ms(worst_key_recovery),
         key_bound,
+        starved.len(),
         ms(worst_recovery),
-        bound,
         hung.len(),
         failed.len(),
         still_held.len(),
@@ -344,12 +447,13 @@ async fn run(mut pair: PostgresPair) {
         );
     }
     assert!(
-        keys_unrecovered.is_empty(),
-        "keys not granted again within {key_bound:?} of the promotion: {keys_unrecovered:?}"
+        starved.is_empty(),
+        "keys waited for {key_bound:?} after the promotion and not granted since it \
+         (key, worker, waiting since ms after the promotion): {starved:?}"
     );
     assert!(
         unrecovered.is_empty(),
-        "workers that did not hold a lock within {bound:?} of the promotion: {unrecovered:?}"
+        "workers that never held a lock again after the promotion: {unrecovered:?}"
     );
     assert!(
         report.acquisitions() > 30,
