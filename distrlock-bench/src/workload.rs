@@ -119,6 +119,19 @@ impl LockBackend for CountingBackend {
             .try_acquire(key, token, ttl, owner, not_after)
             .await
     }
+    async fn try_acquire_as_waiter(
+        &self,
+        key: &distrlock_core::LockKey,
+        token: &distrlock_core::Token,
+        ttl: distrlock_core::Ttl,
+        owner: &str,
+        not_after: tokio::time::Instant,
+    ) -> distrlock_core::Result<distrlock_core::AcquireOutcome> {
+        self.count(1);
+        self.inner
+            .try_acquire_as_waiter(key, token, ttl, owner, not_after)
+            .await
+    }
     async fn extend(
         &self,
         key: &distrlock_core::LockKey,
@@ -161,6 +174,10 @@ impl LockBackend for CountingBackend {
     }
     fn schema_sql(&self) -> String {
         self.inner.schema_sql()
+    }
+    /// Counting adds nothing a dropped call could leave half done.
+    fn settles_dropped_acquires(&self) -> bool {
+        self.inner.settles_dropped_acquires()
     }
     fn release_notifier(&self) -> Option<&distrlock_core::ReleaseNotifier> {
         self.inner.release_notifier()

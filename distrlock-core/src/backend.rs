@@ -158,8 +158,9 @@ use crate::ttl::Ttl;
 ///     have acquired, renewed or released is in its old state or in its new one.
 ///     A dropped mutating call may still take effect until its `not_after`,
 ///     never after it (item 8). [`LockManager`](crate::LockManager) runs each
-///     try-acquire in a task of its own, but its heartbeat and releases drop
-///     backend calls that outlive their call timeout.
+///     try-acquire in a task of its own unless the backend
+///     [settles dropped acquires](Self::settles_dropped_acquires) itself, and its
+///     heartbeat and releases drop backend calls that outlive their call timeout.
 /// 11. **Liveness.** A lease that is not extended ends `ttl` after the clock
 ///     reading at which it was last granted or renewed (item 9), and from then on
 ///     any token can acquire the key, as a new holding (item 2): a holder that
@@ -203,7 +204,10 @@ use crate::ttl::Ttl;
 /// A backend that wraps another (to count calls, add latency, inject faults)
 /// must forward *every* method, the provided ones included: a wrapper that
 /// forgets [`release_notifier`](Self::release_notifier) silently turns
-/// notifications off, and one that forgets [`extend_many`](Self::extend_many)
+/// notifications off, one that forgets
+/// [`try_acquire_as_waiter`](Self::try_acquire_as_waiter) leaves waiters
+/// unannounced to a backend that wakes only marked waiters, so they poll, and one
+/// that forgets [`extend_many`](Self::extend_many)
 /// turns one batched statement into one statement per lease. Put
 /// `#[deny(clippy::missing_trait_methods)]` on the `impl` so that clippy catches
 /// a forgotten one, as distrlock's own forwarding impls for `Arc<T>` and `Box<T>`
@@ -233,6 +237,31 @@ pub trait LockBackend: Send + Sync + fmt::Debug {
         owner: &str,
         not_after: Instant,
     ) -> Result<AcquireOutcome>;
+
+    /// [`try_acquire`](Self::try_acquire) by a caller that waits for the key if
+    /// refused: [`LockManager`](crate::LockManager)'s waiting acquires call this
+    /// for every try, and only they do.
+    ///
+    /// It answers as `try_acquire` does and has the same contract. A backend
+    /// whose releases announce themselves ([`release_notifier`](Self::release_notifier))
+    /// may use it to announce only the releases that someone waits for: a
+    /// refusal here marks the holding as waited for, and the holder's release
+    /// announces itself only when its holding is marked; the next holding
+    /// starts unmarked. The mark must leave the lease as it was (expiry, token,
+    /// fence: contract item 12), must not wait for a row lock another
+    /// transaction holds (so it never holds up the holder's extend or release
+    /// for longer than its own commit), and is only a hint: waiters still poll.
+    /// The default is `try_acquire`.
+    async fn try_acquire_as_waiter(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        ttl: Ttl,
+        owner: &str,
+        not_after: Instant,
+    ) -> Result<AcquireOutcome> {
+        self.try_acquire(key, token, ttl, owner, not_after).await
+    }
 
     /// Renews the live lease of `token` on `key` to end `ttl` from now on the
     /// backend's clock.
@@ -305,6 +334,24 @@ pub trait LockBackend: Send + Sync + fmt::Debug {
     /// The DDL that [`create_table`](Self::create_table) runs, for users who manage
     /// their schema with their own migration tool.
     fn schema_sql(&self) -> String;
+
+    /// Whether a [`try_acquire`](Self::try_acquire) (or
+    /// [`try_acquire_as_waiter`](Self::try_acquire_as_waiter)) whose future is
+    /// dropped still runs to its end by itself, and this backend's
+    /// [`release`](Self::release) of the same token, called after the drop,
+    /// takes effect only after it: a backend that runs each acquire in a task
+    /// of its own and has releases wait for it (PostgreSQL), or one that runs
+    /// every call in order on one thread (SQLite).
+    ///
+    /// [`LockManager`](crate::LockManager) then calls `try_acquire` directly,
+    /// with no task of its own, and releases the lease of an acquire whose
+    /// caller gave up at once. With the default, `false`, it runs each try in a
+    /// task of its own and releases only after that task ends or the try's
+    /// `not_after` passes. A wrapper that delays or drops calls must keep the
+    /// default unless it keeps the promise itself.
+    fn settles_dropped_acquires(&self) -> bool {
+        false
+    }
 
     /// The backend's release notifications, if it has them.
     ///
@@ -413,6 +460,18 @@ macro_rules! forward_backend {
             ) -> Result<AcquireOutcome> {
                 (**self).try_acquire(key, token, ttl, owner, not_after).await
             }
+            async fn try_acquire_as_waiter(
+                &self,
+                key: &LockKey,
+                token: &Token,
+                ttl: Ttl,
+                owner: &str,
+                not_after: Instant,
+            ) -> Result<AcquireOutcome> {
+                (**self)
+                    .try_acquire_as_waiter(key, token, ttl, owner, not_after)
+                    .await
+            }
             async fn extend(
                 &self,
                 key: &LockKey,
@@ -444,6 +503,9 @@ macro_rules! forward_backend {
             }
             fn schema_sql(&self) -> String {
                 (**self).schema_sql()
+            }
+            fn settles_dropped_acquires(&self) -> bool {
+                (**self).settles_dropped_acquires()
             }
             fn release_notifier(&self) -> Option<&ReleaseNotifier> {
                 (**self).release_notifier()

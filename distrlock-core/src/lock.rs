@@ -89,7 +89,7 @@ impl Lock {
 
     async fn try_once_into_guard(&self) -> Result<LockGuard> {
         let mut attempt = Attempt::new(self);
-        match attempt.try_once().await? {
+        match attempt.try_once(false).await? {
             (AcquireOutcome::Acquired { fence, server_time }, sent) => {
                 match attempt.make_guard(fence, sent, server_time) {
                     Ok(guard) => Ok(guard),
@@ -171,6 +171,10 @@ impl Lock {
         // An unrepresentable deadline (say, Duration::MAX) means no deadline.
         let deadline = timeout.and_then(|t| started.checked_add(t));
         let mut attempt = Attempt::new(self);
+        // A caller that will wait if refused (any timeout but zero) says so to
+        // the backend, which may then mark the holding so that its release
+        // wakes us.
+        let waits = timeout != Some(Duration::ZERO);
         let mut tries: u32 = 0;
         let mut failures: u32 = 0;
         loop {
@@ -178,7 +182,7 @@ impl Lock {
             // still wakes us.
             let mut released = config.backend.release_notifier().map(|n| n.subscribe());
             // When the holder's lease ends, if the backend said.
-            let holder_expiry = match attempt.try_once().await {
+            let holder_expiry = match attempt.try_once(waits).await {
                 Ok((AcquireOutcome::Acquired { fence, server_time }, sent)) => {
                     match attempt.make_guard(fence, sent, server_time) {
                         Ok(guard) => return Ok(guard),
@@ -243,19 +247,28 @@ enum Unusable {
 
 /// One acquire call: its token, and what must be cleaned up if it is abandoned.
 ///
-/// Each try runs in a task of its own, so dropping the caller never cancels a
-/// statement half-way. Until the attempt turns into a guard, it remembers every
-/// try that may have granted a lease without us seeing it: tries still running
-/// (timed out here, or running when the caller gave up) and tries that failed
-/// transiently. Dropping the attempt then waits for those tries in the background
-/// and releases the token's lease after them, so a cancelled acquire never leaves
-/// a lock behind, and the release cannot overtake the statement it undoes.
+/// Dropping the caller never cancels a statement half-way. A backend whose
+/// dropped acquires run to their end by themselves, with its later release of
+/// the same token waiting for them ([`LockBackend::settles_dropped_acquires`]),
+/// is called directly; for any other, each try runs in a task of its own. Until
+/// the attempt turns into a guard, it remembers every try that may have granted
+/// a lease without us seeing it: tries still running (timed out here, or
+/// running when the caller gave up) and tries that failed transiently. Dropping
+/// the attempt then releases the token's lease in the background, after those
+/// tries, so a cancelled acquire never leaves a lock behind, and the release
+/// cannot overtake the statement it undoes.
+///
+/// [`LockBackend::settles_dropped_acquires`]: crate::LockBackend::settles_dropped_acquires
 struct Attempt<'a> {
     lock: &'a Lock,
     token: Token,
     /// Tries that may still take effect, each with its `not_after`: past that
     /// instant the backend guarantees it never will (contract item 8).
     in_flight: Vec<(JoinHandle<Result<AcquireOutcome>>, Instant)>,
+    /// A try called directly (not in a task) is running: if the attempt is
+    /// dropped now, the backend finishes it, and orders the cleanup's release
+    /// after it.
+    running_direct: bool,
     /// Whether a finished try may have granted a lease we did not see (it
     /// failed transiently, or its grant came too late to use).
     maybe_granted: bool,
@@ -272,6 +285,7 @@ impl<'a> Attempt<'a> {
             lock,
             token: lock.token.unwrap_or_default(),
             in_flight: Vec::new(),
+            running_direct: false,
             maybe_granted: false,
             settles_at: None,
             done: false,
@@ -284,8 +298,11 @@ impl<'a> Attempt<'a> {
 
     /// One try, and the instant its request was sent. It is bounded by the call
     /// timeout and by the lease's own length minus the margin, since an answer
-    /// that arrives later grants nothing usable.
-    async fn try_once(&mut self) -> Result<(AcquireOutcome, Sent)> {
+    /// that arrives later grants nothing usable. `waits`: the caller waits for
+    /// the key if refused ([`LockBackend::try_acquire_as_waiter`]).
+    ///
+    /// [`LockBackend::try_acquire_as_waiter`]: crate::LockBackend::try_acquire_as_waiter
+    async fn try_once(&mut self, waits: bool) -> Result<(AcquireOutcome, Sent)> {
         let config = self.config().clone();
         let lock = self.lock;
         if lock.token.is_some() && config.static_guard_live(&lock.key, &self.token) {
@@ -299,26 +316,67 @@ impl<'a> Attempt<'a> {
         // We stop waiting at `not_after`; the backend makes sure the statement
         // cannot take effect after it, however late it reaches the server.
         let not_after = sent.at + bound;
-        let call = tokio::spawn(async move {
-            config
-                .backend
-                .try_acquire(&key, &token, ttl, config.owner.as_str(), not_after)
-                .await
-        });
-        let index = self.in_flight.len();
-        self.in_flight.push((call, not_after));
-        let answer = tokio::time::timeout_at(not_after, &mut self.in_flight[index].0).await;
-        let answer = match answer {
-            Err(_elapsed) => {
-                // Leave it running in `in_flight`: it may still grant.
-                return Err(Error::unavailable(
-                    format!("acquire of {} did not answer within {bound:?}", lock.key),
-                    None,
-                ));
+        let timed_out = || {
+            Error::unavailable(
+                format!("acquire of {} did not answer within {bound:?}", lock.key),
+                None,
+            )
+        };
+        let answer = if config.backend.settles_dropped_acquires() {
+            // No task: if we are dropped meanwhile, the backend finishes the
+            // statement and orders our cleanup's release after it.
+            self.running_direct = true;
+            let call = async {
+                if waits {
+                    config
+                        .backend
+                        .try_acquire_as_waiter(&key, &token, ttl, config.owner.as_str(), not_after)
+                        .await
+                } else {
+                    config
+                        .backend
+                        .try_acquire(&key, &token, ttl, config.owner.as_str(), not_after)
+                        .await
+                }
+            };
+            let answer = tokio::time::timeout_at(not_after, call).await;
+            self.running_direct = false;
+            match answer {
+                Err(_elapsed) => {
+                    // The backend still runs it, and it may grant until
+                    // `not_after`, which has passed.
+                    self.may_have_granted(not_after);
+                    return Err(timed_out());
+                }
+                Ok(answer) => Ok(answer),
             }
-            Ok(joined) => {
-                self.in_flight.swap_remove(index);
-                joined
+        } else {
+            let task_config = config.clone();
+            let call = tokio::spawn(async move {
+                let backend = &task_config.backend;
+                let owner = task_config.owner.as_str();
+                if waits {
+                    backend
+                        .try_acquire_as_waiter(&key, &token, ttl, owner, not_after)
+                        .await
+                } else {
+                    backend
+                        .try_acquire(&key, &token, ttl, owner, not_after)
+                        .await
+                }
+            });
+            let index = self.in_flight.len();
+            self.in_flight.push((call, not_after));
+            let answer = tokio::time::timeout_at(not_after, &mut self.in_flight[index].0).await;
+            match answer {
+                Err(_elapsed) => {
+                    // Leave it running in `in_flight`: it may still grant.
+                    return Err(timed_out());
+                }
+                Ok(joined) => {
+                    self.in_flight.swap_remove(index);
+                    joined
+                }
             }
         };
         match answer {
@@ -398,7 +456,7 @@ impl Drop for Attempt<'_> {
         if self.done || self.lock.token.is_some() {
             return;
         }
-        if in_flight.is_empty() && !self.maybe_granted {
+        if in_flight.is_empty() && !self.maybe_granted && !self.running_direct {
             return;
         }
         let config = self.config().clone();
@@ -412,7 +470,9 @@ impl Drop for Attempt<'_> {
             // The release must come after every abandoned try: wait until each
             // has answered, or has passed its `not_after`, after which the backend
             // guarantees it can no longer take effect; and until the bound of
-            // every try that failed but may still land.
+            // every try that failed but may still land. A try called directly
+            // that was running when we were dropped needs no wait here: its
+            // backend orders this release after it.
             for (call, not_after) in in_flight {
                 let _ = tokio::time::timeout_at(not_after, call).await;
             }

@@ -295,6 +295,13 @@ impl LockBackend for SqliteBackend {
         self.statements.create_table.clone()
     }
 
+    /// Every call is a job on the one connection thread, run in the order
+    /// sent: a dropped acquire's job still runs, and a release sent after the
+    /// drop runs after it.
+    fn settles_dropped_acquires(&self) -> bool {
+        true
+    }
+
     fn release_notifier(&self) -> Option<&ReleaseNotifier> {
         Some(&self.notifier)
     }

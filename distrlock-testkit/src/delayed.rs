@@ -86,6 +86,21 @@ impl LockBackend for DelayedBackend {
             .await
     }
 
+    async fn try_acquire_as_waiter(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        ttl: Ttl,
+        owner: &str,
+        not_after: Instant,
+    ) -> Result<AcquireOutcome> {
+        self.mutating(
+            self.inner
+                .try_acquire_as_waiter(key, token, ttl, owner, not_after),
+        )
+        .await
+    }
+
     async fn extend(
         &self,
         key: &LockKey,

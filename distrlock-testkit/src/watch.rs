@@ -286,6 +286,25 @@ impl LockBackend for Watched {
         self.watch.run(what, call).await
     }
 
+    async fn try_acquire_as_waiter(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        ttl: Ttl,
+        owner: &str,
+        not_after: Instant,
+    ) -> Result<AcquireOutcome> {
+        let what = format!(
+            "try_acquire_as_waiter({}, ttl {:?})",
+            self.watch.key(key),
+            ttl.get()
+        );
+        let call = self
+            .inner
+            .try_acquire_as_waiter(key, token, ttl, owner, not_after);
+        self.watch.run(what, call).await
+    }
+
     async fn extend(
         &self,
         key: &LockKey,
@@ -350,6 +369,12 @@ impl LockBackend for Watched {
 
     fn schema_sql(&self) -> String {
         self.inner.schema_sql()
+    }
+
+    /// Watching adds nothing a dropped call could leave half done: the inner
+    /// backend's promise holds as it is.
+    fn settles_dropped_acquires(&self) -> bool {
+        self.inner.settles_dropped_acquires()
     }
 
     fn release_notifier(&self) -> Option<&ReleaseNotifier> {
