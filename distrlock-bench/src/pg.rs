@@ -304,7 +304,14 @@ impl Cycle for RawCycle {
             .query_one(
                 &self.acquire,
                 // No not-after bound: the same statement, the same work.
-                &[&key, &token, &self.ttl_us, &"distrlock-bench", &i64::MAX],
+                &[
+                    &key,
+                    &token,
+                    &self.ttl_us,
+                    &"distrlock-bench",
+                    &false,
+                    &i64::MAX,
+                ],
             )
             .await?;
         let fence: Option<i64> = row.get(0);

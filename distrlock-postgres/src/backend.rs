@@ -371,7 +371,11 @@ impl PostgresBackend {
     {
         check_owner(owner)?;
         let ttl_us = ttl.as_micros();
-        let params: [&(dyn ToSql + Sync); 4] = [&key.as_str(), token.as_uuid(), &ttl_us, &owner];
+        // Never marks the holding as waited for: the mark would hold its row's
+        // lock until your transaction ends, and the holder's extend with it.
+        let marks = false;
+        let params: [&(dyn ToSql + Sync); 5] =
+            [&key.as_str(), token.as_uuid(), &ttl_us, &owner, &marks];
         let answer = self
             .run_in(client, &self.inner.sql.acquire, ACQUIRE_TYPES, &params)
             .await

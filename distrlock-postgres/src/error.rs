@@ -44,6 +44,17 @@ pub(crate) fn from_pg(error: tokio_postgres::Error, table: &TableName) -> Error 
                     table.schema().unwrap_or("")
                 ),
             },
+            // undefined_column on `waiting`: a table made by an earlier
+            // version, before waiters marked their holdings.
+            Class::Permanent if code.code() == "42703" && db.message().contains("waiting") => {
+                Error::permanent(
+                    format!(
+                        "{message}: the table {table} predates the waiting column; run \
+                         PostgresBackend::create_table() (or `distrlock init`) once to add it"
+                    ),
+                    error,
+                )
+            }
             Class::Unavailable => Error::unavailable(message, Some(Box::new(error))),
             Class::Transient => Error::transient(message, error),
             Class::Permanent => Error::permanent(message, error),

@@ -51,10 +51,12 @@ impl PostgresBackend {
         token: &Token,
         ttl: Ttl,
         owner: &str,
+        marks: bool,
         not_after: Instant,
     ) -> Result<AcquireOutcome> {
         let ttl_us = ttl.as_micros();
-        let params: [&(dyn ToSql + Sync); 4] = [&key.as_str(), token.as_uuid(), &ttl_us, &owner];
+        let params: [&(dyn ToSql + Sync); 5] =
+            [&key.as_str(), token.as_uuid(), &ttl_us, &owner, &marks];
         match self
             .run(
                 &self.inner.sql.acquire,
@@ -273,14 +275,15 @@ pub(crate) fn micros(us: i64) -> Duration {
     Duration::from_micros(u64::try_from(us).unwrap_or(0))
 }
 
-#[async_trait]
-impl LockBackend for PostgresBackend {
-    async fn try_acquire(
+impl PostgresBackend {
+    /// A try-acquire, in a task of its own (see the comment inside).
+    async fn acquire_in_task(
         &self,
         key: &LockKey,
         token: &Token,
         ttl: Ttl,
         owner: &str,
+        marks: bool,
         not_after: Instant,
     ) -> Result<AcquireOutcome> {
         check_owner(owner)?;
@@ -311,7 +314,7 @@ impl LockBackend for PostgresBackend {
         let task = tokio::spawn(async move {
             let _pending = pending;
             backend
-                .acquire_once(&key, &token, ttl, &owner, not_after)
+                .acquire_once(&key, &token, ttl, &owner, marks, not_after)
                 .await
         });
         task.await.unwrap_or_else(|e| {
@@ -321,6 +324,37 @@ impl LockBackend for PostgresBackend {
                 source: None,
             })
         })
+    }
+}
+
+#[async_trait]
+impl LockBackend for PostgresBackend {
+    async fn try_acquire(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        ttl: Ttl,
+        owner: &str,
+        not_after: Instant,
+    ) -> Result<AcquireOutcome> {
+        self.acquire_in_task(key, token, ttl, owner, false, not_after)
+            .await
+    }
+
+    /// A refusal marks the holding as waited for, so that its release
+    /// notifies; only when this backend listens (otherwise the notification
+    /// could not wake this waiter, and the mark would be a write for nothing).
+    async fn try_acquire_as_waiter(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        ttl: Ttl,
+        owner: &str,
+        not_after: Instant,
+    ) -> Result<AcquireOutcome> {
+        let marks = self.inner.listener.is_some();
+        self.acquire_in_task(key, token, ttl, owner, marks, not_after)
+            .await
     }
 
     async fn extend(
@@ -512,6 +546,12 @@ impl LockBackend for PostgresBackend {
 
     fn schema_sql(&self) -> String {
         format!("{};\n", self.inner.sql.create_table)
+    }
+
+    /// Each acquire runs in a task of its own, and a release of the same token
+    /// waits for it (`InFlight`).
+    fn settles_dropped_acquires(&self) -> bool {
+        true
     }
 
     fn release_notifier(&self) -> Option<&ReleaseNotifier> {

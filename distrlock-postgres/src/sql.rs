@@ -217,9 +217,10 @@ pub(crate) struct Statements {
     /// simple-query message, so both run in one implicit transaction.
     pub(crate) create_table_locked: String,
     /// Try-acquire: params `$1` key, `$2` token, `$3` ttl µs, `$4` owner, `$5`
-    /// not-after bound µs; one row `(fence, remaining_us, server_us,
+    /// whether the caller waits if refused (then a refusal marks the holding),
+    /// `$6` not-after bound µs; one row `(fence, remaining_us, server_us,
     /// quarantine_us, max_ttl_us)`, a NULL fence when refused (held; late:
-    /// `server_us >= $5`; in a failover quarantine: `quarantine_us` not NULL; too
+    /// `server_us >= $6`; in a failover quarantine: `quarantine_us` not NULL; too
     /// long: `$3 > max_ttl_us`).
     pub(crate) acquire: String,
     /// Extend: params `$1` key, `$2` token, `$3` ttl µs, `$4` not-after bound µs;
@@ -253,8 +254,14 @@ pub(crate) struct Statements {
 }
 
 /// Parameter types of [`Statements::acquire`].
-pub(crate) const ACQUIRE_TYPES: &[Type] =
-    &[Type::TEXT, Type::UUID, Type::INT8, Type::TEXT, Type::INT8];
+pub(crate) const ACQUIRE_TYPES: &[Type] = &[
+    Type::TEXT,
+    Type::UUID,
+    Type::INT8,
+    Type::TEXT,
+    Type::BOOL,
+    Type::INT8,
+];
 /// Parameter types of [`Statements::extend`].
 pub(crate) const EXTEND_TYPES: &[Type] = &[Type::TEXT, Type::UUID, Type::INT8, Type::INT8];
 /// Parameter types of [`Statements::extend_many`].
@@ -288,8 +295,22 @@ impl Statements {
     -- timestamptz: an instant, not a wall-clock reading.
     acquired_at timestamptz NOT NULL,
     -- NULL once released.
-    expires_at  timestamptz NULL
+    expires_at  timestamptz NULL,
+    -- Someone was refused this holding and waits for it: its release announces
+    -- itself (pg_notify) only then. Reset by the next change of holder.
+    waiting     boolean     NOT NULL DEFAULT false
 );
+-- A table made by an earlier version has no waiting column: add it. Only when
+-- missing, since ALTER TABLE takes the table's strongest lock even when it
+-- changes nothing. (A constant default adds the column without rewriting
+-- the table.)
+DO $distrlock$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                   WHERE attrelid = '{t}'::regclass AND attname = 'waiting'
+                     AND NOT attisdropped) THEN
+        ALTER TABLE {t} ADD COLUMN waiting boolean NOT NULL DEFAULT false;
+    END IF;
+END $distrlock$;
 -- The failover marker (the empty key, which no lock can have): the timeline
 -- the table last saw and the fence epoch, packed in fence (epoch * 2^32 +
 -- timeline; the epoch starts at timeline - 1), and its max_ttl, the longest
@@ -357,7 +378,11 @@ taken AS (
         token = $2::uuid,
         owner = $4::text,
         -- Whole microseconds: no day part, so TimeZone cannot change the length.
-        expires_at = clock.at + $3::int8 * interval '1 microsecond'
+        expires_at = clock.at + $3::int8 * interval '1 microsecond',
+        -- A new holding starts with no waiter known: those still waiting mark
+        -- it again when next refused. A retry of the same live holding keeps
+        -- the mark.
+        waiting = l.waiting AND l.token = $2::uuid AND l.expires_at > clock.at
     FROM clock, gate
     WHERE l.lock_key = $1::text
       AND (l.expires_at IS NULL OR l.expires_at <= clock.at OR l.token = $2::uuid)
@@ -366,7 +391,7 @@ taken AS (
       AND gate.quarantine_us IS NULL AND NOT gate.unrecorded
       AND $3::int8 <= gate.max_ttl_us
       -- No late effects: only before the caller's bound on the server's clock.
-      AND clock.at_us < $5::int8
+      AND clock.at_us < $6::int8
     RETURNING l.fence
 ),
 -- Absent: insert the first holding with fence 1 (or the epoch's floor).
@@ -385,9 +410,33 @@ inserted AS (
       AND gate.quarantine_us IS NULL AND NOT gate.unrecorded
       AND $3::int8 <= gate.max_ttl_us
       -- No late effects: only before the caller's bound on the server's clock.
-      AND clock.at_us < $5::int8
+      AND clock.at_us < $6::int8
     ON CONFLICT (lock_key) DO NOTHING
     RETURNING l.fence
+),
+-- Refused by a live holding of another token, and the caller waits for the
+-- key ($5): mark the row, so that its release wakes us. Only once per holding
+-- (not already marked), and never waiting for the row's lock: a row another
+-- transaction has locked (the holder's extend or release under way) is left
+-- unmarked, and the waiter still polls. The mark changes no lease (expiry,
+-- token and fence are untouched). `taken` and this never both match: one
+-- needs a free row (or this token's), the other a live holding of another.
+marked AS (
+    UPDATE {t} AS l SET waiting = true
+    FROM clock, gate
+    WHERE $5::bool
+      AND l.lock_key = (SELECT w.lock_key FROM {t} AS w
+                        WHERE w.lock_key = $1::text AND NOT w.waiting
+                          AND w.token <> $2::uuid AND w.expires_at > clock.at
+                        FOR UPDATE SKIP LOCKED)
+      AND NOT l.waiting AND l.token <> $2::uuid AND l.expires_at > clock.at
+      -- Writes nothing in a failover quarantine either (the holding may be
+      -- one the old primary granted), nor for a ttl the table refuses.
+      AND gate.quarantine_us IS NULL AND NOT gate.unrecorded
+      AND $3::int8 <= gate.max_ttl_us
+      -- No late effects: only before the caller's bound on the server's clock.
+      AND clock.at_us < $6::int8
+    RETURNING l.lock_key
 )
 -- Exactly one row whatever happened (granted, refused, refused as late, key
 -- absent, insert race lost), so the clock reading always comes back: `clock` has one row and each join
@@ -599,7 +648,10 @@ released AS (
     -- Wakes waiters in every process LISTENing on the channel, in this same
     -- statement (no extra round trip); PostgreSQL delivers it at commit, so a
     -- release inside the caller's transaction announces only once committed.
-    RETURNING pg_notify($3::text, l.lock_key)
+    -- Only when a waiter marked the holding: a notifying transaction holds the
+    -- database's notification queue lock until its commit is flushed, so
+    -- notifying every release would make releases commit one at a time.
+    RETURNING CASE WHEN l.waiting THEN pg_notify($3::text, l.lock_key) END
 )
 -- One row whatever happened, so the clock reading always comes back. The table
 -- read here is the one before `released` (the main query does not see the CTE's
@@ -798,7 +850,8 @@ pub(crate) mod answer {
 #[derive(Debug, Clone)]
 pub struct LockSql {
     /// Try-acquire: `$1` key text, `$2` token uuid, `$3` ttl µs int8, `$4` owner
-    /// text, `$5` not-after bound int8 (µs since the epoch on the server's clock;
+    /// text, `$5` bool whether a refusal marks the holding as waited for, `$6`
+    /// not-after bound int8 (µs since the epoch on the server's clock;
     /// `i64::MAX` for none); returns one row `(fence, remaining_us, server_us,
     /// quarantine_us, max_ttl_us)`, a NULL fence when refused.
     pub acquire: String,

@@ -567,6 +567,15 @@ async fn listener_reconnects_after_its_session_is_killed_and_wakes_everyone() {
             .await
             .unwrap(),
     );
+    // This backend waits for it (its refusal marks the holding, so that its
+    // release notifies).
+    assert!(matches!(
+        t.backend
+            .try_acquire_as_waiter(&k, &Token::new(), ttl(Duration::from_secs(30)), "w", soon())
+            .await
+            .unwrap(),
+        AcquireOutcome::Held { .. }
+    ));
     let mut sub = notifier.subscribe();
     other.release(&k, &token, soon()).await.unwrap();
     tokio::time::timeout(Duration::from_secs(5), sub.released(&k))
@@ -596,6 +605,17 @@ async fn release_elsewhere_wakes_this_backend_only_for_its_key() {
             .await
             .unwrap(),
     );
+    // This backend waits for both (its refusals mark the holdings, so that
+    // their releases notify).
+    for k in [&a, &b] {
+        assert!(matches!(
+            t.backend
+                .try_acquire_as_waiter(k, &Token::new(), ttl(Duration::from_secs(30)), "w", soon())
+                .await
+                .unwrap(),
+            AcquireOutcome::Held { .. }
+        ));
+    }
     let mut sub = t.backend.release_notifier().unwrap().subscribe();
     other.release(&b, &tb, soon()).await.unwrap();
     assert!(
@@ -680,7 +700,15 @@ async fn release_in_a_transaction_takes_effect_and_notifies_at_commit() {
         LockState::Held
     );
 
-    // Committed: released, and announced only then.
+    // Committed: released, and announced only then (to a waiter, whose
+    // refusal marked the holding).
+    assert!(matches!(
+        other
+            .try_acquire_as_waiter(&k, &Token::new(), ttl(Duration::from_secs(30)), "w", soon())
+            .await
+            .unwrap(),
+        AcquireOutcome::Held { .. }
+    ));
     let mut sub = other.release_notifier().unwrap().subscribe();
     let tx = client.transaction().await.unwrap();
     t.backend.release_in(&tx, &k, &token).await.unwrap();
@@ -854,6 +882,14 @@ async fn schema_qualified_mixed_case_table_works() {
         .await
         .unwrap();
     assert_eq!(backend.list().await.unwrap().len(), 1);
+    // The waiter's refusal marks the holding, so that its release notifies.
+    assert!(matches!(
+        waiter
+            .try_acquire_as_waiter(&k, &Token::new(), ttl(Duration::from_secs(30)), "w", soon())
+            .await
+            .unwrap(),
+        AcquireOutcome::Held { .. }
+    ));
     let mut sub = waiter.release_notifier().unwrap().subscribe();
     backend.release(&k, &token, soon()).await.unwrap();
     tokio::time::timeout(Duration::from_secs(5), sub.released(&k))
@@ -1047,6 +1083,7 @@ async fn schema_sql_creates_the_documented_columns_with_timestamptz() {
         ("owner", "text", "NO"),
         ("acquired_at", "timestamp with time zone", "NO"),
         ("expires_at", "timestamp with time zone", "YES"),
+        ("waiting", "boolean", "NO"),
     ];
     let expected: Vec<(String, String, String)> = expected
         .iter()
