@@ -209,7 +209,14 @@ impl Env for Postgres {
                     acquire: client
                         .prepare_typed(
                             &sql.acquire,
-                            &[Type::TEXT, Type::UUID, Type::INT8, Type::TEXT, Type::INT8],
+                            &[
+                                Type::TEXT,
+                                Type::UUID,
+                                Type::INT8,
+                                Type::TEXT,
+                                Type::BOOL,
+                                Type::INT8,
+                            ],
                         )
                         .await?,
                     release: client
