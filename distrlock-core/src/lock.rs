@@ -237,6 +237,29 @@ impl Lock {
     }
 }
 
+/// The backend call of one try: [`LockBackend::try_acquire_as_waiter`] for a
+/// caller that waits if refused, else [`LockBackend::try_acquire`].
+///
+/// [`LockBackend::try_acquire_as_waiter`]: crate::LockBackend::try_acquire_as_waiter
+/// [`LockBackend::try_acquire`]: crate::LockBackend::try_acquire
+async fn backend_try(
+    config: &ManagerConfig,
+    key: &LockKey,
+    token: &Token,
+    ttl: Ttl,
+    waits: bool,
+    not_after: Instant,
+) -> Result<AcquireOutcome> {
+    let (backend, owner) = (&config.backend, config.owner.as_str());
+    if waits {
+        backend
+            .try_acquire_as_waiter(key, token, ttl, owner, not_after)
+            .await
+    } else {
+        backend.try_acquire(key, token, ttl, owner, not_after).await
+    }
+}
+
 /// Why a granted lease cannot be handed out as a guard.
 enum Unusable {
     /// The answer came after the lease's local deadline.
@@ -326,19 +349,7 @@ impl<'a> Attempt<'a> {
             // No task: if we are dropped meanwhile, the backend finishes the
             // statement and orders our cleanup's release after it.
             self.running_direct = true;
-            let call = async {
-                if waits {
-                    config
-                        .backend
-                        .try_acquire_as_waiter(&key, &token, ttl, config.owner.as_str(), not_after)
-                        .await
-                } else {
-                    config
-                        .backend
-                        .try_acquire(&key, &token, ttl, config.owner.as_str(), not_after)
-                        .await
-                }
-            };
+            let call = backend_try(&config, &key, &token, ttl, waits, not_after);
             let answer = tokio::time::timeout_at(not_after, call).await;
             self.running_direct = false;
             match answer {
@@ -353,17 +364,7 @@ impl<'a> Attempt<'a> {
         } else {
             let task_config = config.clone();
             let call = tokio::spawn(async move {
-                let backend = &task_config.backend;
-                let owner = task_config.owner.as_str();
-                if waits {
-                    backend
-                        .try_acquire_as_waiter(&key, &token, ttl, owner, not_after)
-                        .await
-                } else {
-                    backend
-                        .try_acquire(&key, &token, ttl, owner, not_after)
-                        .await
-                }
+                backend_try(&task_config, &key, &token, ttl, waits, not_after).await
             });
             let index = self.in_flight.len();
             self.in_flight.push((call, not_after));

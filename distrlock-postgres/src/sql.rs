@@ -429,6 +429,8 @@ marked AS (
                         WHERE w.lock_key = $1::text AND NOT w.waiting
                           AND w.token <> $2::uuid AND w.expires_at > clock.at
                         FOR UPDATE SKIP LOCKED)
+      -- The subquery's conditions again, on the row version this UPDATE
+      -- writes (the one the subquery locked and checked).
       AND NOT l.waiting AND l.token <> $2::uuid AND l.expires_at > clock.at
       -- Writes nothing in a failover quarantine either (the holding may be
       -- one the old primary granted), nor for a ttl the table refuses.
