@@ -214,7 +214,8 @@ impl Env for Postgres {
                                 Type::UUID,
                                 Type::INT8,
                                 Type::TEXT,
-                                Type::BOOL,
+                                Type::INT8,
+                                Type::INT8,
                                 Type::INT8,
                             ],
                         )
@@ -316,7 +317,9 @@ impl Cycle for RawCycle {
                     &token,
                     &self.ttl_us,
                     &"distrlock-bench",
-                    &false,
+                    // A plain try, with no ticket.
+                    &0i64,
+                    &None::<i64>,
                     &i64::MAX,
                 ],
             )

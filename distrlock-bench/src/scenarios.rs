@@ -371,17 +371,24 @@ const S2_HEADER: &str = "| backend | waiters | hold | client | acquisitions/s | 
 async fn contention(env: &dyn Env, opts: &Options, report: &mut Report) -> anyhow::Result<()> {
     let table = "distrlock_bench_s2";
     env.reset_table(table).await?;
-    let waiter_counts: &[usize] = if opts.smoke { &[2] } else { &[2, 8, 32] };
+    let waiter_counts: &[usize] = if opts.smoke { &[2] } else { &[2, 8, 32, 64] };
     let holds: &[u64] = &[0, 1];
     // Each waiter gets a backend of its own, as separate processes would: a
     // release then reaches the other waiters only through the database
-    // (notifications or polling), never through an in-process wake-up.
-    let mut kinds: Vec<(String, Option<bool>)> = Vec::new();
+    // (notifications or polling), never through an in-process wake-up. Fair
+    // waiters (the default) beside unfair ones, in the same run: the cost of
+    // the line.
+    let mut kinds: Vec<(String, Option<(bool, bool)>)> = Vec::new();
     if env.name() == "postgres" {
-        kinds.push(("distrlock, notifications on".into(), Some(true)));
-        kinds.push(("distrlock, notifications off".into(), Some(false)));
+        kinds.push(("distrlock, notifications on".into(), Some((true, true))));
+        kinds.push((
+            "distrlock, notifications on, unfair".into(),
+            Some((true, false)),
+        ));
+        kinds.push(("distrlock, notifications off".into(), Some((false, true))));
     } else {
-        kinds.push(("distrlock (polling)".into(), Some(false)));
+        kinds.push(("distrlock (polling)".into(), Some((false, true))));
+        kinds.push(("distrlock (polling), unfair".into(), Some((false, false))));
     }
     if let Some(native) = env.native_name() {
         kinds.push((native.to_owned(), None));
@@ -391,7 +398,7 @@ async fn contention(env: &dyn Env, opts: &Options, report: &mut Report) -> anyho
             for (label, listen) in &kinds {
                 let key = format!("contended-{n}-{hold_ms}");
                 let waiters: Vec<Box<dyn Waiter>> = match listen {
-                    Some(listen) => {
+                    Some((listen, fair)) => {
                         let mut out: Vec<Box<dyn Waiter>> = Vec::new();
                         for _ in 0..n {
                             let backend = env
@@ -404,7 +411,7 @@ async fn contention(env: &dyn Env, opts: &Options, report: &mut Report) -> anyho
                                     },
                                 )
                                 .await?;
-                            out.push(Box::new(LibraryWaiter::new(backend, &key)?));
+                            out.push(Box::new(LibraryWaiter::new(backend, &key, *fair)?));
                         }
                         out
                     }

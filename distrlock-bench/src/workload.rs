@@ -52,9 +52,15 @@ pub(crate) struct LibraryWaiter {
 }
 
 impl LibraryWaiter {
-    pub(crate) fn new(backend: Arc<dyn LockBackend>, key: &str) -> anyhow::Result<Self> {
+    /// A waiter on `key`, fair (served in the key's line) or not.
+    pub(crate) fn new(
+        backend: Arc<dyn LockBackend>,
+        key: &str,
+        fair: bool,
+    ) -> anyhow::Result<Self> {
         let manager = LockManager::builder(backend)
             .owner("distrlock-bench")
+            .fair(fair)
             .build()?;
         Ok(Self {
             lock: manager.lock(key)?,
@@ -125,11 +131,12 @@ impl LockBackend for CountingBackend {
         token: &distrlock_core::Token,
         ttl: distrlock_core::Ttl,
         owner: &str,
+        place: distrlock_core::Place,
         not_after: tokio::time::Instant,
-    ) -> distrlock_core::Result<distrlock_core::AcquireOutcome> {
+    ) -> distrlock_core::Result<distrlock_core::WaiterAnswer> {
         self.count(1);
         self.inner
-            .try_acquire_as_waiter(key, token, ttl, owner, not_after)
+            .try_acquire_as_waiter(key, token, ttl, owner, place, not_after)
             .await
     }
     async fn extend(

@@ -51,6 +51,7 @@ use tokio::time::Instant;
 use crate::error::Result;
 use crate::fence::Fence;
 use crate::key::LockKey;
+use crate::line::{Place, WaiterAnswer};
 use crate::notify::ReleaseNotifier;
 use crate::token::Token;
 use crate::ttl::Ttl;
@@ -109,7 +110,9 @@ use crate::ttl::Ttl;
 ///    instead of `ttl`. The holder's own extend and release judge its lease as
 ///    before.
 /// 5. **Refusal is cheap and harmless.** A refused try-acquire changes nothing and
-///    reports the holder's remaining lease when the backend knows it.
+///    reports the holder's remaining lease when the backend knows it. A refused
+///    [`try_acquire_as_waiter`](Self::try_acquire_as_waiter) may write one thing,
+///    the caller's ticket in the key's line (item 14), and never the lease.
 /// 6. **Bounded calls.** Every call returns, with a result or an error, within the
 ///    backend's configured timeouts; a call never waits indefinitely on another
 ///    transaction's row lock.
@@ -163,7 +166,9 @@ use crate::ttl::Ttl;
 ///     heartbeat and releases drop backend calls that outlive their call timeout.
 /// 11. **Liveness.** A lease that is not extended ends `ttl` after the clock
 ///     reading at which it was last granted or renewed (item 9), and from then on
-///     any token can acquire the key, as a new holding (item 2): a holder that
+///     any token can acquire the key, as a new holding (item 2), once the
+///     key's line (item 14) lets it — at most one [turn](crate::line::TURN)
+///     per ticket ahead of it: a holder that
 ///     died, was partitioned or had its session killed keeps the key no longer
 ///     than its ttl, and nothing it left behind (an open transaction, a dead
 ///     connection's row lock) holds up the next holder beyond the backend's
@@ -198,6 +203,20 @@ use crate::ttl::Ttl;
 ///     time, `expires_at` less the clock when read. `list` returns every row,
 ///     released and expired ones included, ordered by [`LockKey`]'s order (byte
 ///     for byte, case-sensitive).
+/// 14. **Fair order** (a backend that keeps a line; the conformance suite's
+///     harness declares it). Waiters on a key are served in the order of their
+///     tickets ([`crate::line`]): a refused
+///     [`try_acquire_as_waiter`](Self::try_acquire_as_waiter) without a valid
+///     ticket gets the next one, and while the key is free, ticket `head + i`
+///     alone may take it during the `i`-th [turn](crate::line::TURN) after the key became free (its release, or its lease's end), where
+///     `head` is the first ticket not served when it became free. A try
+///     without the served ticket — a plain [`try_acquire`](Self::try_acquire),
+///     a newcomer, the holder that released and asks again — is refused while
+///     a ticket's turn runs, with the turn's remaining time as `remaining`, so
+///     a waiter that died or gave up holds the line up for one turn at most.
+///     An unfair waiter ([`Place::fair`](crate::line::Place::fair) false) takes
+///     a free key whenever it finds it free. Fair order never overrides items 1
+///     to 13: a line only ever refuses more, never grants more.
 ///
 /// # Wrappers
 ///
@@ -239,28 +258,39 @@ pub trait LockBackend: Send + Sync + fmt::Debug {
     ) -> Result<AcquireOutcome>;
 
     /// [`try_acquire`](Self::try_acquire) by a caller that waits for the key if
-    /// refused: [`LockManager`](crate::LockManager)'s waiting acquires call this
-    /// for every try, and only they do.
+    /// refused, at `place` in the key's line: [`LockManager`](crate::LockManager)'s
+    /// waiting acquires call this for every try, and only they do.
     ///
-    /// It answers as `try_acquire` does and has the same contract. A backend
-    /// whose releases announce themselves ([`release_notifier`](Self::release_notifier))
-    /// may use it to announce only the releases that someone waits for: a
-    /// refusal here marks the holding as waited for, and the holder's release
-    /// announces itself only when its holding is marked; the next holding
-    /// starts unmarked. The mark must leave the lease as it was (expiry, token,
-    /// fence: contract item 12), must not wait for a row lock another
+    /// It answers as `try_acquire` does and has the same contract, and for a
+    /// backend that keeps a line (contract item 14) it also hands out and
+    /// honours tickets: a refused caller without a valid ticket gets one at
+    /// the back of the line, and a caller whose ticket's turn has come takes
+    /// the free key ahead of everyone else. Taking a ticket is the only write
+    /// a refusal may make: it leaves the lease as it was (expiry, token,
+    /// fence: contract item 12) and must not wait for a row lock another
     /// transaction holds (so it never holds up the holder's extend or release
-    /// for longer than its own commit), and is only a hint: waiters still poll.
-    /// The default is `try_acquire`.
+    /// for longer than its own commit; a caller refused a ticket for that
+    /// reason asks again at its next try). A backend whose releases announce
+    /// themselves ([`release_notifier`](Self::release_notifier)) may announce
+    /// only the releases of keys with someone in line.
+    ///
+    /// The default is `try_acquire`, with no line: waiters are then served in
+    /// no particular order.
     async fn try_acquire_as_waiter(
         &self,
         key: &LockKey,
         token: &Token,
         ttl: Ttl,
         owner: &str,
+        place: Place,
         not_after: Instant,
-    ) -> Result<AcquireOutcome> {
-        self.try_acquire(key, token, ttl, owner, not_after).await
+    ) -> Result<WaiterAnswer> {
+        let _ = place;
+        let outcome = self.try_acquire(key, token, ttl, owner, not_after).await?;
+        Ok(WaiterAnswer {
+            outcome,
+            ticket: None,
+        })
     }
 
     /// Renews the live lease of `token` on `key` to end `ttl` from now on the
@@ -466,10 +496,11 @@ macro_rules! forward_backend {
                 token: &Token,
                 ttl: Ttl,
                 owner: &str,
+                place: Place,
                 not_after: Instant,
-            ) -> Result<AcquireOutcome> {
+            ) -> Result<WaiterAnswer> {
                 (**self)
-                    .try_acquire_as_waiter(key, token, ttl, owner, not_after)
+                    .try_acquire_as_waiter(key, token, ttl, owner, place, not_after)
                     .await
             }
             async fn extend(

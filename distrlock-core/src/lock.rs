@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::fence::Fence;
 use crate::guard::{ClockMark, LockGuard, release_in_background};
 use crate::key::LockKey;
+use crate::line::{self, Place, Ticket, WaiterAnswer};
 use crate::manager::{LockManager, ManagerConfig};
 use crate::suspend::Sent;
 use crate::token::Token;
@@ -28,16 +29,24 @@ pub struct Lock {
     key: LockKey,
     ttl: Ttl,
     token: Option<Token>,
+    fair: bool,
 }
+
+/// How soon a waiter that polls (its backend announces no releases) asks
+/// again when its ticket is next in line; one more of this per ticket ahead
+/// of it, and at most a quarter turn, so that it never misses its turn.
+const HEAD_POLL: Duration = Duration::from_millis(3);
 
 impl Lock {
     pub(crate) fn new(manager: LockManager, key: LockKey) -> Self {
         let ttl = manager.inner.ttl;
+        let fair = manager.inner.fair;
         Self {
             manager,
             key,
             ttl,
             token: None,
+            fair,
         }
     }
 
@@ -81,6 +90,14 @@ impl Lock {
         self
     }
 
+    /// Whether waiting acquires of this lock keep their turn in the key's line
+    /// (`true`) or may take a free key ahead of earlier waiters; the default is
+    /// the manager's ([`LockManagerBuilder::fair`](crate::LockManagerBuilder::fair)).
+    pub fn fair(mut self, fair: bool) -> Self {
+        self.fair = fair;
+        self
+    }
+
     /// Tries once. Returns [`Error::HeldByOther`], with the holder's remaining lease
     /// when known, if another token holds the lock.
     pub async fn try_acquire(&self) -> Result<LockGuard> {
@@ -89,7 +106,8 @@ impl Lock {
 
     async fn try_once_into_guard(&self) -> Result<LockGuard> {
         let mut attempt = Attempt::new(self);
-        match attempt.try_once(false).await? {
+        let (answer, sent) = attempt.try_once(None).await?;
+        match (answer.outcome, sent) {
             (AcquireOutcome::Acquired { fence, server_time }, sent) => {
                 match attempt.make_guard(fence, sent, server_time) {
                     Ok(guard) => Ok(guard),
@@ -172,29 +190,42 @@ impl Lock {
         let deadline = timeout.and_then(|t| started.checked_add(t));
         let mut attempt = Attempt::new(self);
         // A caller that will wait if refused (any timeout but zero) says so to
-        // the backend, which may then mark the holding so that its release
-        // wakes us.
+        // the backend, which then hands it a ticket in the key's line (and may
+        // announce the release to it).
         let waits = timeout != Some(Duration::ZERO);
+        let notifier = config.backend.release_notifier();
+        let mut ticket: Option<Ticket> = None;
         let mut tries: u32 = 0;
         let mut failures: u32 = 0;
         loop {
             // Subscribe before trying, so a release between the try and the sleep
             // still wakes us.
-            let mut released = config.backend.release_notifier().map(|n| n.subscribe());
+            let mut released = notifier.map(|n| n.subscribe());
+            let place = waits.then_some(Place {
+                ticket: ticket.map(|t| t.number),
+                fair: self.fair,
+            });
             // When the holder's lease ends, if the backend said.
-            let holder_expiry = match attempt.try_once(waits).await {
-                Ok((AcquireOutcome::Acquired { fence, server_time }, sent)) => {
-                    match attempt.make_guard(fence, sent, server_time) {
-                        Ok(guard) => return Ok(guard),
-                        // A late grant is like a failed try: back off and mind the
-                        // deadline. The next try with the same token renews it.
-                        Err(Unusable::Late | Unusable::TokenInUse) => None,
+            let holder_expiry = match attempt.try_once(place).await {
+                Ok((answer, sent)) => match answer.outcome {
+                    AcquireOutcome::Acquired { fence, server_time } => {
+                        match attempt.make_guard(fence, sent, server_time) {
+                            Ok(guard) => return Ok(guard),
+                            // A late grant is like a failed try: back off and
+                            // mind the deadline. The next try with the same
+                            // token renews it.
+                            Err(Unusable::Late | Unusable::TokenInUse) => None,
+                        }
                     }
-                }
-                Ok((AcquireOutcome::Held { remaining }, sent)) => {
-                    failures = 0;
-                    remaining.and_then(|r| sent.at.checked_add(r))
-                }
+                    AcquireOutcome::Held { remaining } => {
+                        failures = 0;
+                        // A refusal without a ticket (the backend keeps no
+                        // line, or could not hand one out now) leaves us with
+                        // none: the next try asks again.
+                        ticket = answer.ticket;
+                        remaining.and_then(|r| sent.at.checked_add(r))
+                    }
+                },
                 Err(error) if error.is_transient() => {
                     failures = failures.saturating_add(1);
                     if failures.is_multiple_of(10) {
@@ -214,7 +245,22 @@ impl Lock {
                 });
             }
             let holder_left = holder_expiry.map(|at| at.saturating_duration_since(now));
-            let delay = config.retry.delay(tries, holder_left);
+            let mut delay = config.retry.delay(tries, holder_left);
+            if let Some(ticket) = ticket {
+                // In line: ask again often enough never to miss our turn,
+                // which lasts one TURN once it comes. Announced releases wake
+                // us; without them, the nearer the head of the line, the
+                // sooner (a long wait polls less often: 1/64 of it).
+                let poll = if released.is_some() {
+                    line::TURN / 2
+                } else {
+                    HEAD_POLL
+                        .saturating_mul(u32::try_from(ticket.ahead + 1).unwrap_or(u32::MAX))
+                        .max((now - started) / 64)
+                        .min(line::TURN / 4)
+                };
+                delay = delay.min(poll);
+            }
             let mut wake = now
                 .checked_add(delay)
                 .unwrap_or(now + config.retry.max_delay());
@@ -223,14 +269,22 @@ impl Lock {
             }
             tries = tries.saturating_add(1);
             match released.as_mut() {
-                Some(subscription) => {
+                Some(subscription) => loop {
                     tokio::select! {
-                        () = tokio::time::sleep_until(wake) => {}
+                        () = tokio::time::sleep_until(wake) => break,
                         () = subscription.released(&self.key) => {
                             tracing::trace!(key = %self.key, "woken by a release notification");
+                            // Each release serves one ticket: a fair waiter
+                            // with others ahead of it moves up and sleeps on,
+                            // and only the next in line asks. (A miscount is
+                            // corrected by the next poll, within our turn.)
+                            match ticket.as_mut() {
+                                Some(t) if self.fair && t.ahead > 0 => t.ahead -= 1,
+                                _ => break,
+                            }
                         }
                     }
-                }
+                },
                 None => tokio::time::sleep_until(wake).await,
             }
         }
@@ -238,7 +292,8 @@ impl Lock {
 }
 
 /// The backend call of one try: [`LockBackend::try_acquire_as_waiter`] for a
-/// caller that waits if refused, else [`LockBackend::try_acquire`].
+/// caller that waits if refused (at `place` in the line), else
+/// [`LockBackend::try_acquire`].
 ///
 /// [`LockBackend::try_acquire_as_waiter`]: crate::LockBackend::try_acquire_as_waiter
 /// [`LockBackend::try_acquire`]: crate::LockBackend::try_acquire
@@ -247,16 +302,25 @@ async fn backend_try(
     key: &LockKey,
     token: &Token,
     ttl: Ttl,
-    waits: bool,
+    place: Option<Place>,
     not_after: Instant,
-) -> Result<AcquireOutcome> {
+) -> Result<WaiterAnswer> {
     let (backend, owner) = (&config.backend, config.owner.as_str());
-    if waits {
-        backend
-            .try_acquire_as_waiter(key, token, ttl, owner, not_after)
-            .await
-    } else {
-        backend.try_acquire(key, token, ttl, owner, not_after).await
+    match place {
+        Some(place) => {
+            backend
+                .try_acquire_as_waiter(key, token, ttl, owner, place, not_after)
+                .await
+        }
+        None => {
+            let outcome = backend
+                .try_acquire(key, token, ttl, owner, not_after)
+                .await?;
+            Ok(WaiterAnswer {
+                outcome,
+                ticket: None,
+            })
+        }
     }
 }
 
@@ -287,7 +351,7 @@ struct Attempt<'a> {
     token: Token,
     /// Tries that may still take effect, each with its `not_after`: past that
     /// instant the backend guarantees it never will (contract item 8).
-    in_flight: Vec<(JoinHandle<Result<AcquireOutcome>>, Instant)>,
+    in_flight: Vec<(JoinHandle<Result<WaiterAnswer>>, Instant)>,
     /// A try called directly (not in a task) is running: if the attempt is
     /// dropped now, the backend finishes it, and orders the cleanup's release
     /// after it.
@@ -321,15 +385,20 @@ impl<'a> Attempt<'a> {
 
     /// One try, and the instant its request was sent. It is bounded by the call
     /// timeout and by the lease's own length minus the margin, since an answer
-    /// that arrives later grants nothing usable. `waits`: the caller waits for
-    /// the key if refused ([`LockBackend::try_acquire_as_waiter`]).
+    /// that arrives later grants nothing usable. `place`: the caller waits for
+    /// the key if refused, at this place in its line
+    /// ([`LockBackend::try_acquire_as_waiter`]).
     ///
     /// [`LockBackend::try_acquire_as_waiter`]: crate::LockBackend::try_acquire_as_waiter
-    async fn try_once(&mut self, waits: bool) -> Result<(AcquireOutcome, Sent)> {
+    async fn try_once(&mut self, place: Option<Place>) -> Result<(WaiterAnswer, Sent)> {
         let config = self.config().clone();
         let lock = self.lock;
         if lock.token.is_some() && config.static_guard_live(&lock.key, &self.token) {
-            return Ok((AcquireOutcome::Held { remaining: None }, Sent::now()));
+            let refused = WaiterAnswer {
+                outcome: AcquireOutcome::Held { remaining: None },
+                ticket: None,
+            };
+            return Ok((refused, Sent::now()));
         }
         let bound = config
             .call_timeout
@@ -349,7 +418,7 @@ impl<'a> Attempt<'a> {
             // No task: if we are dropped meanwhile, the backend finishes the
             // statement and orders our cleanup's release after it.
             self.running_direct = true;
-            let call = backend_try(&config, &key, &token, ttl, waits, not_after);
+            let call = backend_try(&config, &key, &token, ttl, place, not_after);
             let answer = tokio::time::timeout_at(not_after, call).await;
             self.running_direct = false;
             match answer {
@@ -364,7 +433,7 @@ impl<'a> Attempt<'a> {
         } else {
             let task_config = config.clone();
             let call = tokio::spawn(async move {
-                backend_try(&task_config, &key, &token, ttl, waits, not_after).await
+                backend_try(&task_config, &key, &token, ttl, place, not_after).await
             });
             let index = self.in_flight.len();
             self.in_flight.push((call, not_after));
@@ -381,11 +450,11 @@ impl<'a> Attempt<'a> {
             }
         };
         match answer {
-            Ok(Ok(outcome)) => {
-                if let AcquireOutcome::Held { .. } = outcome {
+            Ok(Ok(answer)) => {
+                if let AcquireOutcome::Held { .. } = answer.outcome {
                     crate::metrics::refused();
                 }
-                Ok((outcome, sent))
+                Ok((answer, sent))
             }
             Ok(Err(error)) => {
                 // A transient error (a broken connection, the backend's own

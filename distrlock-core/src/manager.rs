@@ -74,6 +74,9 @@ pub(crate) struct ManagerConfig {
     pub(crate) safety_margin: Option<Duration>,
     pub(crate) owner: Owner,
     pub(crate) call_timeout: Duration,
+    /// Whether waiting acquires keep their turn in the key's line (see
+    /// [`LockManagerBuilder::fair`]).
+    pub(crate) fair: bool,
     /// Keys held by a live guard with a static token, so that two guards never
     /// share one lease (see [`Lock::with_token`]).
     pub(crate) static_guards: Mutex<HashSet<(LockKey, Token)>>,
@@ -451,6 +454,7 @@ pub struct LockManagerBuilder {
     safety_margin: Option<Duration>,
     owner: Option<String>,
     call_timeout: Duration,
+    fair: bool,
 }
 
 impl LockManagerBuilder {
@@ -463,6 +467,7 @@ impl LockManagerBuilder {
             safety_margin: None,
             owner: None,
             call_timeout: Duration::from_secs(10),
+            fair: true,
         }
     }
 
@@ -521,6 +526,23 @@ impl LockManagerBuilder {
         self
     }
 
+    /// Whether waiting acquires are served in the order they started waiting
+    /// (`true`, the default) or may take a free key ahead of earlier waiters
+    /// (`false`); per lock, [`Lock::fair`] overrides it.
+    ///
+    /// On a backend that keeps a line of waiters (all of distrlock's), a fair
+    /// waiter takes a ticket when first refused and takes the key only in its
+    /// ticket's turn: a holder that releases and asks again at once gets in
+    /// line behind the waiters. An unfair waiter still takes a ticket (so that
+    /// a release that notifies wakes it) but takes a free key whenever it finds
+    /// it free, which hands over sooner under heavy contention and lets
+    /// waiters starve. Use one choice for all callers of a key: fair waiters
+    /// mixed with unfair ones are only as fair as the unfair ones let them.
+    pub fn fair(mut self, fair: bool) -> Self {
+        self.fair = fair;
+        self
+    }
+
     /// Checks every setting and builds the manager.
     ///
     /// Returns [`Error::InvalidTtl`] or [`Error::InvalidConfig`] for settings out
@@ -555,6 +577,7 @@ impl LockManagerBuilder {
             safety_margin: self.safety_margin,
             owner,
             call_timeout: self.call_timeout,
+            fair: self.fair,
             static_guards: Mutex::new(HashSet::new()),
             background: Background::new(),
         }

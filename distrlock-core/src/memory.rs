@@ -12,6 +12,7 @@ use crate::backend::{AcquireOutcome, LockBackend, LockInfo, LockState};
 use crate::error::{Error, Result};
 use crate::fence::Fence;
 use crate::key::LockKey;
+use crate::line::{self, Place, Ticket, WaiterAnswer};
 use crate::notify::ReleaseNotifier;
 use crate::owner::Owner;
 use crate::token::Token;
@@ -45,11 +46,56 @@ struct Row {
     acquired_at: SystemTime,
     /// `None` once released.
     expires: Option<(Instant, SystemTime)>,
+    /// When the last holding was released (`expires` is then `None`).
+    released: Option<Instant>,
+    /// The key's line (contract item 14): the next ticket to hand out, and the
+    /// first ticket not yet served when the key became free.
+    next: u64,
+    head: u64,
 }
 
 impl Row {
     fn live(&self, now: Instant) -> bool {
         self.expires.is_some_and(|(at, _)| at > now)
+    }
+
+    /// The instant the key became (or becomes) free: its release, or its
+    /// lease's end.
+    fn free_at(&self) -> Instant {
+        self.expires
+            .map(|(at, _)| at)
+            .or(self.released)
+            .unwrap_or_else(Instant::now)
+    }
+
+    /// The ticket whose turn it is at `now` (the line's head while held).
+    fn serving(&self, now: Instant) -> u64 {
+        if self.live(now) {
+            self.head
+        } else {
+            line::serving(
+                self.head,
+                now.saturating_duration_since(self.free_at()),
+                line::TURN,
+            )
+        }
+    }
+
+    /// The caller's ticket after a refusal at `now`: the one it brought if
+    /// still in line, else a new one at the back.
+    fn ticket(&mut self, now: Instant, brought: Option<u64>) -> Ticket {
+        let serving = self.serving(now);
+        let number = match brought {
+            Some(t) if t >= serving && t < self.next => t,
+            _ => {
+                self.next += 1;
+                self.next - 1
+            }
+        };
+        Ticket {
+            number,
+            ahead: number - serving.min(number),
+        }
     }
 
     fn info(&self, key: &LockKey, now: Instant) -> LockInfo {
@@ -114,6 +160,86 @@ impl MemoryBackend {
         let _ = rx.wait_for(|reachable| *reachable).await;
     }
 
+    /// A try-acquire, by a waiter at `place` or (`None`) a plain try.
+    async fn acquire(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        ttl: Ttl,
+        owner: &str,
+        place: Option<Place>,
+        not_after: Instant,
+    ) -> Result<WaiterAnswer> {
+        Owner::new(owner)?;
+        let now = self.arrive(not_after, "acquire", key).await?;
+        let server_time = self.clock(now);
+        let expires = Some((now + ttl.get(), server_time + ttl.get()));
+        let mut rows = self.rows();
+        let granted = |fence| WaiterAnswer {
+            outcome: AcquireOutcome::Acquired { fence, server_time },
+            ticket: None,
+        };
+        let Some(row) = rows.get_mut(key) else {
+            rows.insert(
+                key.clone(),
+                Row {
+                    token: *token,
+                    fence: Fence::new(1),
+                    owner: owner.to_owned(),
+                    acquired_at: server_time,
+                    expires,
+                    released: None,
+                    next: 0,
+                    head: 0,
+                },
+            );
+            return Ok(granted(Fence::new(1)));
+        };
+        if row.live(now) && row.token == *token {
+            // The same holding, retried: renew it, line untouched.
+            row.expires = expires;
+            row.owner = owner.to_owned();
+            return Ok(granted(row.fence));
+        }
+        let refuse = |row: &mut Row, remaining| WaiterAnswer {
+            outcome: AcquireOutcome::Held { remaining },
+            ticket: place.map(|p| row.ticket(now, p.ticket)),
+        };
+        if row.live(now) {
+            let remaining = row.expires.map(|(at, _)| at - now);
+            return Ok(refuse(row, remaining));
+        }
+        // Free: in turn, or the line is empty, or an unfair waiter.
+        let serving = row.serving(now);
+        let empty = serving >= row.next;
+        let in_turn = !empty && place.and_then(|p| p.ticket) == Some(serving);
+        let unfair = place.is_some_and(|p| !p.fair);
+        if !(empty || in_turn || unfair) {
+            // The turn of ticket `serving` ends (serving - head + 1) turns
+            // after the key became free.
+            let turns = u32::try_from(serving - row.head + 1).unwrap_or(u32::MAX);
+            let turn_ends = row.free_at() + line::TURN.saturating_mul(turns);
+            return Ok(refuse(row, Some(turn_ends.saturating_duration_since(now))));
+        }
+        let fence = Fence::new(row.fence.get().checked_add(1).ok_or_else(|| {
+            Error::backend(format!("fence of {key} is exhausted (at i64::MAX)"), false)
+        })?);
+        row.head = if empty {
+            row.next
+        } else if in_turn {
+            serving + 1
+        } else {
+            serving
+        };
+        row.token = *token;
+        row.fence = fence;
+        row.owner = owner.to_owned();
+        row.acquired_at = server_time;
+        row.expires = expires;
+        row.released = None;
+        Ok(granted(fence))
+    }
+
     fn rows(&self) -> std::sync::MutexGuard<'_, BTreeMap<LockKey, Row>> {
         self.rows.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -135,41 +261,23 @@ impl LockBackend for MemoryBackend {
         owner: &str,
         not_after: Instant,
     ) -> Result<AcquireOutcome> {
-        Owner::new(owner)?;
-        let now = self.arrive(not_after, "acquire", key).await?;
-        let server_time = self.clock(now);
-        let expires = Some((now + ttl.get(), server_time + ttl.get()));
-        let mut rows = self.rows();
-        let row = rows.get_mut(key);
-        let fence = match row {
-            Some(row) if row.live(now) && row.token == *token => {
-                row.expires = expires;
-                row.owner = owner.to_owned();
-                return Ok(AcquireOutcome::Acquired {
-                    fence: row.fence,
-                    server_time,
-                });
-            }
-            Some(row) if row.live(now) => {
-                let remaining = row.expires.map(|(at, _)| at - now);
-                return Ok(AcquireOutcome::Held { remaining });
-            }
-            Some(row) => Fence::new(row.fence.get().checked_add(1).ok_or_else(|| {
-                Error::backend(format!("fence of {key} is exhausted (at i64::MAX)"), false)
-            })?),
-            None => Fence::new(1),
-        };
-        rows.insert(
-            key.clone(),
-            Row {
-                token: *token,
-                fence,
-                owner: owner.to_owned(),
-                acquired_at: server_time,
-                expires,
-            },
-        );
-        Ok(AcquireOutcome::Acquired { fence, server_time })
+        let answer = self
+            .acquire(key, token, ttl, owner, None, not_after)
+            .await?;
+        Ok(answer.outcome)
+    }
+
+    async fn try_acquire_as_waiter(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        ttl: Ttl,
+        owner: &str,
+        place: Place,
+        not_after: Instant,
+    ) -> Result<WaiterAnswer> {
+        self.acquire(key, token, ttl, owner, Some(place), not_after)
+            .await
     }
 
     async fn extend(
@@ -193,7 +301,10 @@ impl LockBackend for MemoryBackend {
     async fn release(&self, key: &LockKey, token: &Token, not_after: Instant) -> Result<()> {
         let now = self.arrive(not_after, "release", key).await?;
         match self.rows().get_mut(key) {
-            Some(row) if row.live(now) && row.token == *token => row.expires = None,
+            Some(row) if row.live(now) && row.token == *token => {
+                row.expires = None;
+                row.released = Some(now);
+            }
             _ => return Err(Error::NotHeld { key: key.clone() }),
         }
         self.notifier.notify(key);

@@ -371,16 +371,23 @@ impl PostgresBackend {
     {
         check_owner(owner)?;
         let ttl_us = ttl.as_micros();
-        // Never marks the holding as waited for: the mark would hold its row's
-        // lock until your transaction ends, and the holder's extend with it.
-        let marks = false;
-        let params: [&(dyn ToSql + Sync); 5] =
-            [&key.as_str(), token.as_uuid(), &ttl_us, &owner, &marks];
+        // A plain try: it never takes a ticket, since the ticket's write would
+        // hold its row's lock until your transaction ends, and the holder's
+        // extend with it. It keeps to the line like any plain try.
+        let (mode, ticket) = crate::lock_backend::line_params(None);
+        let params: [&(dyn ToSql + Sync); 6] = [
+            &key.as_str(),
+            token.as_uuid(),
+            &ttl_us,
+            &owner,
+            &mode,
+            &ticket,
+        ];
         let answer = self
             .run_in(client, &self.inner.sql.acquire, ACQUIRE_TYPES, &params)
             .await
             .map_err(|f| f.into_error(self))?;
-        self.acquire_outcome(&answer, ttl)
+        Ok(self.acquire_outcome(&answer, ttl)?.outcome)
     }
 
     /// Like [`extend`](distrlock_core::LockBackend::extend), inside your own transaction, with the

@@ -44,13 +44,19 @@ pub(crate) fn from_pg(error: tokio_postgres::Error, table: &TableName) -> Error 
                     table.schema().unwrap_or("")
                 ),
             },
-            // undefined_column on `waiting`: a table made by an earlier
-            // version, before waiters marked their holdings.
-            Class::Permanent if code.code() == "42703" && db.message().contains("waiting") => {
+            // undefined_column on a line column: a table made by an earlier
+            // version, before waiters stood in line.
+            Class::Permanent
+                if code.code() == "42703"
+                    && ["line_next", "line_head", "released_at"]
+                        .iter()
+                        .any(|column| db.message().contains(column)) =>
+            {
                 Error::permanent(
                     format!(
-                        "{message}: the table {table} predates the waiting column; run \
-                         PostgresBackend::create_table() (or `distrlock init`) once to add it"
+                        "{message}: the table {table} predates the line of waiters; run \
+                         PostgresBackend::create_table() (or `distrlock init`) once to add \
+                         its columns"
                     ),
                     error,
                 )

@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use distrlock_core::server_clock::from_unix_micros;
 use distrlock_core::{
-    AcquireOutcome, Error, Fence, LockBackend, LockInfo, LockKey, LockState, Owner,
-    ReleaseNotifier, Result, Token, Ttl,
+    AcquireOutcome, Error, Fence, LockBackend, LockInfo, LockKey, LockState, Owner, Place,
+    ReleaseNotifier, Result, Ticket, Token, Ttl, WaiterAnswer,
 };
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -20,7 +20,8 @@ use crate::backend::{Inner, PostgresBackend};
 use crate::calls::{Answer, Failure};
 use crate::error::{from_pool, is_lock_not_available};
 use crate::sql::{
-    ACQUIRE_TYPES, EXTEND_MANY_TYPES, EXTEND_TYPES, INSPECT_TYPES, RELEASE_TYPES, answer,
+    ACQUIRE_TYPES, EXTEND_MANY_TYPES, EXTEND_TYPES, INSPECT_TYPES, MODE_FAIR, MODE_PLAIN,
+    MODE_UNFAIR, RELEASE_TYPES, answer,
 };
 
 impl PostgresBackend {
@@ -51,12 +52,19 @@ impl PostgresBackend {
         token: &Token,
         ttl: Ttl,
         owner: &str,
-        marks: bool,
+        place: Option<Place>,
         not_after: Instant,
-    ) -> Result<AcquireOutcome> {
+    ) -> Result<WaiterAnswer> {
         let ttl_us = ttl.as_micros();
-        let params: [&(dyn ToSql + Sync); 5] =
-            [&key.as_str(), token.as_uuid(), &ttl_us, &owner, &marks];
+        let (mode, ticket) = line_params(place);
+        let params: [&(dyn ToSql + Sync); 6] = [
+            &key.as_str(),
+            token.as_uuid(),
+            &ttl_us,
+            &owner,
+            &mode,
+            &ticket,
+        ];
         match self
             .run(
                 &self.inner.sql.acquire,
@@ -69,32 +77,48 @@ impl PostgresBackend {
             Ok(answer) => self.acquire_outcome(&answer, ttl),
             // Waited past lock_timeout on a row another transaction is writing: the
             // statement rolled back, nothing changed, and the key is busy.
-            Err(Failure::Pg(e)) if is_lock_not_available(&e) => {
-                Ok(AcquireOutcome::Held { remaining: None })
-            }
+            Err(Failure::Pg(e)) if is_lock_not_available(&e) => Ok(WaiterAnswer {
+                outcome: AcquireOutcome::Held { remaining: None },
+                ticket: None,
+            }),
             Err(failure) => Err(failure.into_error(self)),
         }
     }
 
-    /// The outcome of an acquire statement's one row.
-    pub(crate) fn acquire_outcome(&self, answer: &Answer, ttl: Ttl) -> Result<AcquireOutcome> {
+    /// The outcome of an acquire statement's one row, with the waiter's ticket
+    /// when refused.
+    pub(crate) fn acquire_outcome(&self, answer: &Answer, ttl: Ttl) -> Result<WaiterAnswer> {
         let row = answer::Acquire::decode(answer.row()?).map_err(|e| self.error(e))?;
         if let Some(fence) = row.fence {
-            return Ok(AcquireOutcome::Acquired {
-                fence: Fence::new(fence),
-                server_time: answer.server_time(),
+            return Ok(WaiterAnswer {
+                outcome: AcquireOutcome::Acquired {
+                    fence: Fence::new(fence),
+                    server_time: answer.server_time(),
+                },
+                ticket: None,
             });
         }
         let remaining_us = row.remaining_us;
         let gate = self.gate(row.gate, ttl)?;
-        Ok(AcquireOutcome::Held {
-            // Refused; no remaining lease when the row was free (or absent) and a
-            // concurrent acquirer took it first. In a failover quarantine, the
-            // later of its end and the holder's.
-            remaining: match (remaining_us, gate) {
-                (Some(a), Some(b)) => Some(micros(a.max(b))),
-                (a, b) => a.or(b).map(micros),
+        // Tickets are never negative: the line starts at 0 and only grows.
+        let ticket = match (row.ticket, row.ahead) {
+            (Some(number), Some(ahead)) => Some(Ticket {
+                number: u64::try_from(number).unwrap_or(0),
+                ahead: u64::try_from(ahead).unwrap_or(0),
+            }),
+            _ => None,
+        };
+        Ok(WaiterAnswer {
+            outcome: AcquireOutcome::Held {
+                // Refused; no remaining lease when the row was free (or absent)
+                // and a concurrent acquirer took it first. In a failover
+                // quarantine, the later of its end and the holder's.
+                remaining: match (remaining_us, gate) {
+                    (Some(a), Some(b)) => Some(micros(a.max(b))),
+                    (a, b) => a.or(b).map(micros),
+                },
             },
+            ticket,
         })
     }
 
@@ -271,6 +295,18 @@ pub(crate) fn quarantined(key: &LockKey, left_us: i64) -> Error {
     )
 }
 
+/// `$5` and `$6` of the acquire statement: the caller's mode, and its ticket.
+pub(crate) fn line_params(place: Option<Place>) -> (i64, Option<i64>) {
+    match place {
+        None => (MODE_PLAIN, None),
+        Some(place) => (
+            if place.fair { MODE_FAIR } else { MODE_UNFAIR },
+            // A ticket past i64::MAX was never handed out: ask for a new one.
+            place.ticket.and_then(|t| i64::try_from(t).ok()),
+        ),
+    }
+}
+
 pub(crate) fn micros(us: i64) -> Duration {
     Duration::from_micros(u64::try_from(us).unwrap_or(0))
 }
@@ -283,9 +319,9 @@ impl PostgresBackend {
         token: &Token,
         ttl: Ttl,
         owner: &str,
-        marks: bool,
+        place: Option<Place>,
         not_after: Instant,
-    ) -> Result<AcquireOutcome> {
+    ) -> Result<WaiterAnswer> {
         check_owner(owner)?;
         // The statement runs in a task of its own, so dropping this future does not
         // abandon it half-way: it commits or fails, and a release of the same token
@@ -314,7 +350,7 @@ impl PostgresBackend {
         let task = tokio::spawn(async move {
             let _pending = pending;
             backend
-                .acquire_once(&key, &token, ttl, &owner, marks, not_after)
+                .acquire_once(&key, &token, ttl, &owner, place, not_after)
                 .await
         });
         task.await.unwrap_or_else(|e| {
@@ -337,23 +373,24 @@ impl LockBackend for PostgresBackend {
         owner: &str,
         not_after: Instant,
     ) -> Result<AcquireOutcome> {
-        self.acquire_in_task(key, token, ttl, owner, false, not_after)
-            .await
+        let answer = self
+            .acquire_in_task(key, token, ttl, owner, None, not_after)
+            .await?;
+        Ok(answer.outcome)
     }
 
-    /// A refusal marks the holding as waited for, so that its release
-    /// notifies; only when this backend listens (otherwise the notification
-    /// could not wake this waiter, and the mark would be a write for nothing).
+    /// A refusal hands out a ticket in the key's line, which also makes the
+    /// holder's release notify.
     async fn try_acquire_as_waiter(
         &self,
         key: &LockKey,
         token: &Token,
         ttl: Ttl,
         owner: &str,
+        place: Place,
         not_after: Instant,
-    ) -> Result<AcquireOutcome> {
-        let marks = self.inner.listener.is_some();
-        self.acquire_in_task(key, token, ttl, owner, marks, not_after)
+    ) -> Result<WaiterAnswer> {
+        self.acquire_in_task(key, token, ttl, owner, Some(place), not_after)
             .await
     }
 

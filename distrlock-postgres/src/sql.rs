@@ -207,6 +207,42 @@ marker AS MATERIALIZED (
     )
 }
 
+/// One turn of the line of waiters, in µs ([`distrlock_core::line::TURN`]).
+const TURN_US: i64 = distrlock_core::line::TURN.as_micros() as i64;
+
+/// The ticket served at `clock.at` on the lock row `{l}`
+/// ([`distrlock_core::line::serving`]): while a lease is live, the line's head;
+/// once the key is free (released at `released_at`, or expired at
+/// `expires_at`), one more ticket per whole turn since. A row released before
+/// the line existed has neither instant: its line is empty (`line_next`).
+/// The line is empty when this is at or past `line_next`.
+fn serving(l: &str) -> String {
+    format!(
+        "CASE WHEN {l}.expires_at > clock.at THEN {l}.line_head
+              ELSE COALESCE({l}.line_head
+                            + (clock.at_us - (EXTRACT(EPOCH FROM COALESCE({l}.expires_at, {l}.released_at))
+                                              * 1000000)::int8) / {TURN_US},
+                            {l}.line_next) END"
+    )
+}
+
+/// Whether the acquire statement hands the caller a new ticket on the lock
+/// row `{l}`: a waiter (`$5` not plain) whose ticket `$6` is not in the line
+/// (none, one whose turn passed, one from before the row was re-created),
+/// refused: the key is live and another token's, or free in another ticket's
+/// turn and the caller is fair. `taken` needs the opposite, so the two never
+/// both match.
+fn needs_ticket(l: &str) -> String {
+    let serving = serving(l);
+    format!(
+        "($5::int8 <> {MODE_PLAIN}
+          AND ($6::int8 IS NULL OR $6::int8 < {serving} OR $6::int8 >= {l}.line_next)
+          AND (({l}.expires_at > clock.at AND {l}.token <> $2::uuid)
+               OR (({l}.expires_at IS NULL OR {l}.expires_at <= clock.at)
+                   AND {serving} < {l}.line_next AND $5::int8 = {MODE_FAIR})))"
+    )
+}
+
 /// The SQL of one lock table.
 #[derive(Debug, Clone)]
 pub(crate) struct Statements {
@@ -217,11 +253,12 @@ pub(crate) struct Statements {
     /// simple-query message, so both run in one implicit transaction.
     pub(crate) create_table_locked: String,
     /// Try-acquire: params `$1` key, `$2` token, `$3` ttl µs, `$4` owner, `$5`
-    /// whether the caller waits if refused (then a refusal marks the holding),
-    /// `$6` not-after bound µs; one row `(fence, remaining_us, server_us,
-    /// quarantine_us, max_ttl_us)`, a NULL fence when refused (held; late:
-    /// `server_us >= $6`; in a failover quarantine: `quarantine_us` not NULL; too
-    /// long: `$3 > max_ttl_us`).
+    /// the caller's mode ([`MODE_PLAIN`], [`MODE_FAIR`], [`MODE_UNFAIR`]), `$6`
+    /// its ticket (NULL for none), `$7` not-after bound µs; one row `(fence,
+    /// remaining_us, ticket, ahead, server_us, quarantine_us, max_ttl_us)`, a
+    /// NULL fence when refused (held, or not this caller's turn; late:
+    /// `server_us >= $7`; in a failover quarantine: `quarantine_us` not NULL;
+    /// too long: `$3 > max_ttl_us`).
     pub(crate) acquire: String,
     /// Extend: params `$1` key, `$2` token, `$3` ttl µs, `$4` not-after bound µs;
     /// one row `(renewed, server_us, quarantine_us, max_ttl_us)`, read as for
@@ -259,9 +296,19 @@ pub(crate) const ACQUIRE_TYPES: &[Type] = &[
     Type::UUID,
     Type::INT8,
     Type::TEXT,
-    Type::BOOL,
+    Type::INT8,
+    Type::INT8,
     Type::INT8,
 ];
+/// `$5` of [`Statements::acquire`]: a plain try, which waits for nothing; it
+/// takes no ticket and keeps to the line (refused in a waiter's turn).
+pub(crate) const MODE_PLAIN: i64 = 0;
+/// `$5` of [`Statements::acquire`]: a fair waiter; refused, it takes a ticket,
+/// and it takes a free key only in its ticket's turn (or with no line).
+pub(crate) const MODE_FAIR: i64 = 1;
+/// `$5` of [`Statements::acquire`]: an unfair waiter; refused, it takes a
+/// ticket (so that the release notifies), and it takes a free key whenever.
+pub(crate) const MODE_UNFAIR: i64 = 2;
 /// Parameter types of [`Statements::extend`].
 pub(crate) const EXTEND_TYPES: &[Type] = &[Type::TEXT, Type::UUID, Type::INT8, Type::INT8];
 /// Parameter types of [`Statements::extend_many`].
@@ -296,19 +343,27 @@ impl Statements {
     acquired_at timestamptz NOT NULL,
     -- NULL once released.
     expires_at  timestamptz NULL,
-    -- Someone was refused this holding and waits for it: its release announces
-    -- itself (pg_notify) only then. Reset by the next change of holder.
-    waiting     boolean     NOT NULL DEFAULT false
+    -- When the last holding was released (expires_at is then NULL): the line's
+    -- first turn starts then.
+    released_at timestamptz NULL,
+    -- The line of waiters: tickets below line_next have been handed out, and
+    -- line_head is the first one not yet served when the key last became
+    -- free. While free, ticket line_head + i alone may take the key in the
+    -- i-th turn ({turn_us} µs each) after it became free.
+    line_next   bigint      NOT NULL DEFAULT 0,
+    line_head   bigint      NOT NULL DEFAULT 0
 );
--- A table made by an earlier version has no waiting column: add it. Only when
+-- A table made by an earlier version has no line: add its columns. Only when
 -- missing, since ALTER TABLE takes the table's strongest lock even when it
--- changes nothing. (A constant default adds the column without rewriting
--- the table.)
+-- changes nothing. (Constant defaults add columns without rewriting the
+-- table.) A `waiting` column of the version before is left alone.
 DO $distrlock$ BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_attribute
-                   WHERE attrelid = '{t}'::regclass AND attname = 'waiting'
+                   WHERE attrelid = '{t}'::regclass AND attname = 'line_head'
                      AND NOT attisdropped) THEN
-        ALTER TABLE {t} ADD COLUMN waiting boolean NOT NULL DEFAULT false;
+        ALTER TABLE {t} ADD COLUMN IF NOT EXISTS released_at timestamptz NULL,
+                        ADD COLUMN IF NOT EXISTS line_next bigint NOT NULL DEFAULT 0,
+                        ADD COLUMN IF NOT EXISTS line_head bigint NOT NULL DEFAULT 0;
     END IF;
 END $distrlock$;
 -- The failover marker (the empty key, which no lock can have): the timeline
@@ -340,6 +395,7 @@ ON CONFLICT (lock_key) DO UPDATE
             margin_us = QUARANTINE_MARGIN_US,
             timeline = TIMELINE,
             max_ttl_us = failover.max_ttl_us,
+            turn_us = TURN_US,
         );
 
         // pg_advisory_xact_lock makes concurrent CREATE TABLE IF NOT EXISTS safe: two
@@ -353,6 +409,8 @@ ON CONFLICT (lock_key) DO UPDATE
 
         let clock = CLOCK_CTE;
         let acquire_failover = failover_ctes(&t, failover);
+        let serving_l = serving("l");
+        let (needs_ticket_l, needs_ticket_w) = (needs_ticket("l"), needs_ticket("w"));
         let acquire = format!(
             r#"/* distrlock acquire on {t} */
 WITH
@@ -379,26 +437,36 @@ taken AS (
         owner = $4::text,
         -- Whole microseconds: no day part, so TimeZone cannot change the length.
         expires_at = clock.at + $3::int8 * interval '1 microsecond',
-        -- A new holding starts with no waiter known: those still waiting mark
-        -- it again when next refused. A retry of the same live holding keeps
-        -- the mark.
-        waiting = l.waiting AND l.token = $2::uuid AND l.expires_at > clock.at
+        -- The line moves on: past every ticket if it was empty; past ours if
+        -- served in turn; else (an unfair waiter) up to the ticket served now,
+        -- which keeps its place for the next release. A retry of the same live
+        -- holding leaves it.
+        line_head = CASE WHEN l.token = $2::uuid AND l.expires_at > clock.at THEN l.line_head
+                         WHEN {serving_l} >= l.line_next THEN l.line_next
+                         WHEN {serving_l} = $6::int8 THEN $6::int8 + 1
+                         ELSE {serving_l} END
     FROM clock, gate
     WHERE l.lock_key = $1::text
       AND (l.expires_at IS NULL OR l.expires_at <= clock.at OR l.token = $2::uuid)
+      -- Fair order: the same live holding; else the line is empty, or this is
+      -- the turn of the caller's ticket, or the caller is an unfair waiter.
+      AND ((l.token = $2::uuid AND l.expires_at > clock.at)
+           OR {serving_l} >= l.line_next
+           OR {serving_l} = $6::int8
+           OR $5::int8 = {MODE_UNFAIR})
       -- Not in a failover quarantine (nor on a timeline the marker has not
       -- recorded), and no longer than the table allows.
       AND gate.quarantine_us IS NULL AND NOT gate.unrecorded
       AND $3::int8 <= gate.max_ttl_us
       -- No late effects: only before the caller's bound on the server's clock.
-      AND clock.at_us < $6::int8
+      AND clock.at_us < $7::int8
     RETURNING l.fence
 ),
--- Absent: insert the first holding with fence 1 (or the epoch's floor).
--- The NOT EXISTS probe keeps the
--- present-row paths from even attempting an insert; ON CONFLICT DO NOTHING settles
--- a race with a concurrent first acquirer without an error (the loser gets no row
--- and reports the lock as held).
+-- Absent: insert the first holding with fence 1 (or the epoch's floor), with
+-- an empty line. The NOT EXISTS probe keeps the present-row paths from even
+-- attempting an insert; ON CONFLICT DO NOTHING settles a race with a
+-- concurrent first acquirer without an error (the loser gets no row and
+-- reports the lock as held).
 inserted AS (
     INSERT INTO {t} AS l (lock_key, token, fence, owner, acquired_at, expires_at)
     SELECT $1::text, $2::uuid, GREATEST(1, gate.fence_floor), $4::text,
@@ -410,52 +478,69 @@ inserted AS (
       AND gate.quarantine_us IS NULL AND NOT gate.unrecorded
       AND $3::int8 <= gate.max_ttl_us
       -- No late effects: only before the caller's bound on the server's clock.
-      AND clock.at_us < $6::int8
+      AND clock.at_us < $7::int8
     ON CONFLICT (lock_key) DO NOTHING
     RETURNING l.fence
 ),
--- Refused by a live holding of another token, and the caller waits for the
--- key ($5): mark the row, so that its release wakes us. Only once per holding
--- (not already marked), and never waiting for the row's lock: a row another
--- transaction has locked (the holder's extend or release under way) is left
--- unmarked, and the waiter still polls. The mark changes no lease (expiry,
--- token and fence are untouched). `taken` and this never both match: one
--- needs a free row (or this token's), the other a live holding of another.
-marked AS (
-    UPDATE {t} AS l SET waiting = true
+-- A refused waiter whose ticket is not in the line gets the next ticket
+-- (see needs_ticket in the source). Never waiting for the row's lock: a row
+-- another transaction has locked (the holder's extend or release under way)
+-- gets no ticket now, and the waiter asks again at its next try. The ticket
+-- changes no lease (expiry, token and fence are untouched).
+ticketed AS (
+    UPDATE {t} AS l SET line_next = l.line_next + 1
     FROM clock, gate
-    WHERE $5::bool
-      AND l.lock_key = (SELECT w.lock_key FROM {t} AS w
-                        WHERE w.lock_key = $1::text AND NOT w.waiting
-                          AND w.token <> $2::uuid AND w.expires_at > clock.at
-                        FOR UPDATE SKIP LOCKED)
+    WHERE l.lock_key = (SELECT w.lock_key FROM {t} AS w
+                        WHERE w.lock_key = $1::text AND {needs_ticket_w}
+                        FOR UPDATE OF w SKIP LOCKED)
       -- The subquery's conditions again, on the row version this UPDATE
-      -- writes (the one the subquery locked and checked).
-      AND NOT l.waiting AND l.token <> $2::uuid AND l.expires_at > clock.at
+      -- writes (the one the subquery locked and checked). They are in the
+      -- subquery too so that a waiter that keeps its ticket does not even
+      -- lock the row (a row lock is a write, and would hold up the holder).
+      AND {needs_ticket_l}
       -- Writes nothing in a failover quarantine either (the holding may be
       -- one the old primary granted), nor for a ttl the table refuses.
       AND gate.quarantine_us IS NULL AND NOT gate.unrecorded
       AND $3::int8 <= gate.max_ttl_us
       -- No late effects: only before the caller's bound on the server's clock.
-      AND clock.at_us < $6::int8
-    RETURNING l.lock_key
+      AND clock.at_us < $7::int8
+    RETURNING l.line_next - 1 AS ticket
 )
 -- Exactly one row whatever happened (granted, refused, refused as late, key
 -- absent, insert race lost), so the clock reading always comes back: `clock` has one row and each join
--- adds at most one (taken and inserted touch at most the one row of the primary
--- key). The table read here is the one before `taken` and `inserted` (the main
--- query of a data-modifying CTE does not see its changes), which is what a refusal
--- reports.
+-- adds at most one (taken, inserted and ticketed touch at most the one row of
+-- the primary key). The table read here is the one before the CTEs' writes
+-- (the main query of a data-modifying CTE does not see its changes), which is
+-- what a refusal reports.
 SELECT
     -- Success: the fence of this holding; NULL when refused (held, or late: then
     -- server_us is at or past the bound).
     COALESCE(taken.fence, inserted.fence) AS fence,
-    -- Refused: the holder's remaining lease in µs, on the server's clock (NULL when
-    -- there is no live lease to report: the row was free but another acquirer took
-    -- it first, or the key had no row and another first acquirer inserted it).
-    CASE WHEN taken.fence IS NULL AND inserted.fence IS NULL AND l.expires_at > clock.at
+    -- Refused: the holder's remaining lease in µs, on the server's clock; or,
+    -- refused on a free key in another ticket's turn, what is left of that
+    -- turn. NULL when there is nothing to report: the row was free but another
+    -- acquirer took it first, or the key had no row and another first
+    -- acquirer inserted it.
+    CASE WHEN taken.fence IS NOT NULL OR inserted.fence IS NOT NULL THEN NULL
+         WHEN l.expires_at > clock.at
          THEN (EXTRACT(EPOCH FROM (l.expires_at - clock.at)) * 1000000)::int8
+         WHEN {serving_l} < l.line_next
+         THEN GREATEST(0, (EXTRACT(EPOCH FROM COALESCE(l.expires_at, l.released_at)) * 1000000)::int8
+                          + ({serving_l} - l.line_head + 1) * {TURN_US} - clock.at_us)
     END AS remaining_us,
+    -- Refused: the caller's ticket, new or the one it brought (if still in
+    -- line), and how many tickets come before it.
+    CASE WHEN taken.fence IS NULL AND inserted.fence IS NULL THEN
+         COALESCE(ticketed.ticket,
+                  CASE WHEN $5::int8 <> {MODE_PLAIN} AND $6::int8 >= {serving_l}
+                            AND $6::int8 < l.line_next THEN $6::int8 END)
+    END AS ticket,
+    CASE WHEN taken.fence IS NULL AND inserted.fence IS NULL THEN
+         COALESCE(ticketed.ticket,
+                  CASE WHEN $5::int8 <> {MODE_PLAIN} AND $6::int8 >= {serving_l}
+                            AND $6::int8 < l.line_next THEN $6::int8 END)
+         - {serving_l}
+    END AS ahead,
     -- The statement's clock reading: when the lease was granted (it ends ttl later).
     clock.at_us AS server_us,
     -- Refused for a failover quarantine: the µs it has left; else NULL.
@@ -468,6 +553,7 @@ FROM clock
 LEFT JOIN gate ON true
 LEFT JOIN taken ON true
 LEFT JOIN inserted ON true
+LEFT JOIN ticketed ON true
 LEFT JOIN {t} AS l ON l.lock_key = $1::text"#
         );
 
@@ -639,7 +725,9 @@ durable AS MATERIALIZED (
 -- Only the token of a live lease. The row is kept (expires_at NULL) so the next
 -- holder's fence continues from this one.
 released AS (
-    UPDATE {t} AS l SET expires_at = NULL
+    UPDATE {t} AS l SET expires_at = NULL,
+                        -- The first ticket's turn starts now.
+                        released_at = clock.at
     FROM clock, durable
     WHERE l.lock_key = $1::text
       AND l.token = $2::uuid
@@ -650,10 +738,11 @@ released AS (
     -- Wakes waiters in every process LISTENing on the channel, in this same
     -- statement (no extra round trip); PostgreSQL delivers it at commit, so a
     -- release inside the caller's transaction announces only once committed.
-    -- Only when a waiter marked the holding: a notifying transaction holds the
-    -- database's notification queue lock until its commit is flushed, so
-    -- notifying every release would make releases commit one at a time.
-    RETURNING CASE WHEN l.waiting THEN pg_notify($3::text, l.lock_key) END
+    -- Only when someone is in line (tickets handed out since the line's head):
+    -- a notifying transaction holds the database's notification queue lock
+    -- until its commit is flushed, so notifying every release would make
+    -- releases commit one at a time.
+    RETURNING CASE WHEN l.line_next > l.line_head THEN pg_notify($3::text, l.lock_key) END
 )
 -- One row whatever happened, so the clock reading always comes back. The table
 -- read here is the one before `released` (the main query does not see the CTE's
@@ -760,6 +849,10 @@ pub(crate) mod answer {
         pub(crate) fence: Option<i64>,
         /// Refused: the holder's remaining lease in µs, if there is one.
         pub(crate) remaining_us: Option<i64>,
+        /// Refused, for a waiter: its ticket in the key's line, and how many
+        /// tickets come before it.
+        pub(crate) ticket: Option<i64>,
+        pub(crate) ahead: Option<i64>,
         pub(crate) gate: Gate,
     }
 
@@ -768,6 +861,8 @@ pub(crate) mod answer {
             Ok(Self {
                 fence: row.try_get("fence")?,
                 remaining_us: row.try_get("remaining_us")?,
+                ticket: row.try_get("ticket")?,
+                ahead: row.try_get("ahead")?,
                 gate: Gate::decode(row)?,
             })
         }
@@ -852,10 +947,11 @@ pub(crate) mod answer {
 #[derive(Debug, Clone)]
 pub struct LockSql {
     /// Try-acquire: `$1` key text, `$2` token uuid, `$3` ttl µs int8, `$4` owner
-    /// text, `$5` bool whether a refusal marks the holding as waited for, `$6`
-    /// not-after bound int8 (µs since the epoch on the server's clock;
-    /// `i64::MAX` for none); returns one row `(fence, remaining_us, server_us,
-    /// quarantine_us, max_ttl_us)`, a NULL fence when refused.
+    /// text, `$5` int8 mode (0 a plain try, 1 a fair waiter, 2 an unfair one),
+    /// `$6` int8 ticket (NULL for none), `$7` not-after bound int8 (µs since
+    /// the epoch on the server's clock; `i64::MAX` for none); returns one row
+    /// `(fence, remaining_us, ticket, ahead, server_us, quarantine_us,
+    /// max_ttl_us)`, a NULL fence when refused.
     pub acquire: String,
     /// Extend: `$1` key, `$2` token, `$3` ttl µs, `$4` bound; one row `(renewed,
     /// server_us, quarantine_us, max_ttl_us)`.

@@ -16,7 +16,7 @@ mod common;
 // there are no release notifications.
 distrlock_testkit::conformance_tests!(
     PgBouncerHarness,
-    supports = [unreachable, kill_sessions, schema_missing]
+    supports = [unreachable, kill_sessions, schema_missing, fair_order]
 );
 
 use std::collections::BTreeMap;

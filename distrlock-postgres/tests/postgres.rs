@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::{TestBackend, counting_proxy::CountingProxy, fence_of, key, soon, ttl, unique, url};
-use distrlock_core::{AcquireOutcome, Error, LockBackend, LockKey, LockState, Token};
+use distrlock_core::{AcquireOutcome, Error, LockBackend, LockKey, LockState, Place, Token};
 use distrlock_postgres::{PostgresBackend, PostgresConfig, deadpool_postgres, tokio_postgres};
 use tokio::time::Instant;
 
@@ -571,9 +571,17 @@ async fn listener_reconnects_after_its_session_is_killed_and_wakes_everyone() {
     // release notifies).
     assert!(matches!(
         t.backend
-            .try_acquire_as_waiter(&k, &Token::new(), ttl(Duration::from_secs(30)), "w", soon())
+            .try_acquire_as_waiter(
+                &k,
+                &Token::new(),
+                ttl(Duration::from_secs(30)),
+                "w",
+                Place::first(),
+                soon()
+            )
             .await
-            .unwrap(),
+            .unwrap()
+            .outcome,
         AcquireOutcome::Held { .. }
     ));
     let mut sub = notifier.subscribe();
@@ -610,9 +618,17 @@ async fn release_elsewhere_wakes_this_backend_only_for_its_key() {
     for k in [&a, &b] {
         assert!(matches!(
             t.backend
-                .try_acquire_as_waiter(k, &Token::new(), ttl(Duration::from_secs(30)), "w", soon())
+                .try_acquire_as_waiter(
+                    k,
+                    &Token::new(),
+                    ttl(Duration::from_secs(30)),
+                    "w",
+                    Place::first(),
+                    soon()
+                )
                 .await
-                .unwrap(),
+                .unwrap()
+                .outcome,
             AcquireOutcome::Held { .. }
         ));
     }
@@ -704,9 +720,17 @@ async fn release_in_a_transaction_takes_effect_and_notifies_at_commit() {
     // refusal marked the holding).
     assert!(matches!(
         other
-            .try_acquire_as_waiter(&k, &Token::new(), ttl(Duration::from_secs(30)), "w", soon())
+            .try_acquire_as_waiter(
+                &k,
+                &Token::new(),
+                ttl(Duration::from_secs(30)),
+                "w",
+                Place::first(),
+                soon()
+            )
             .await
-            .unwrap(),
+            .unwrap()
+            .outcome,
         AcquireOutcome::Held { .. }
     ));
     let mut sub = other.release_notifier().unwrap().subscribe();
@@ -882,25 +906,45 @@ async fn schema_qualified_mixed_case_table_works() {
         .await
         .unwrap();
     assert_eq!(backend.list().await.unwrap().len(), 1);
-    // The waiter's refusal marks the holding, so that its release notifies.
-    assert!(matches!(
-        waiter
-            .try_acquire_as_waiter(&k, &Token::new(), ttl(Duration::from_secs(30)), "w", soon())
-            .await
-            .unwrap(),
-        AcquireOutcome::Held { .. }
-    ));
+    // The waiter's refusal gives it a ticket, so that the release notifies.
+    let waiting = Token::new();
+    let refused = waiter
+        .try_acquire_as_waiter(
+            &k,
+            &waiting,
+            ttl(Duration::from_secs(30)),
+            "w",
+            Place::first(),
+            soon(),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(refused.outcome, AcquireOutcome::Held { .. }));
+    let ticket = refused.ticket.expect("a refused waiter gets a ticket");
     let mut sub = waiter.release_notifier().unwrap().subscribe();
     backend.release(&k, &token, soon()).await.unwrap();
     tokio::time::timeout(Duration::from_secs(5), sub.released(&k))
         .await
         .expect("the qualified table's channel carries the release");
+    // The waiter takes its turn.
+    let place = Place {
+        ticket: Some(ticket.number),
+        fair: true,
+    };
     assert_eq!(
         fence_of(
             waiter
-                .try_acquire(&k, &Token::new(), ttl(Duration::from_secs(30)), "o", soon())
+                .try_acquire_as_waiter(
+                    &k,
+                    &waiting,
+                    ttl(Duration::from_secs(30)),
+                    "w",
+                    place,
+                    soon()
+                )
                 .await
                 .unwrap()
+                .outcome
         ),
         2
     );
@@ -1083,7 +1127,9 @@ async fn schema_sql_creates_the_documented_columns_with_timestamptz() {
         ("owner", "text", "NO"),
         ("acquired_at", "timestamp with time zone", "NO"),
         ("expires_at", "timestamp with time zone", "YES"),
-        ("waiting", "boolean", "NO"),
+        ("released_at", "timestamp with time zone", "YES"),
+        ("line_next", "bigint", "NO"),
+        ("line_head", "bigint", "NO"),
     ];
     let expected: Vec<(String, String, String)> = expected
         .iter()

@@ -26,7 +26,8 @@ use std::time::{Duration, SystemTime};
 
 use distrlock_core::server_clock::MAX_CLOCK_RATE_DIFFERENCE;
 use distrlock_core::{
-    AcquireOutcome, Error, Fence, LockBackend, LockInfo, LockKey, LockState, Result, Token, Ttl,
+    AcquireOutcome, Error, Fence, LockBackend, LockInfo, LockKey, LockState, Place, Result, Ticket,
+    Token, Ttl, WaiterAnswer,
 };
 use futures_util::future::join_all;
 use tokio::sync::Barrier;
@@ -2620,4 +2621,252 @@ pub async fn list_shows_every_row_in_key_order(setup: &Setup) {
             "list and inspect must report the same row for {key}"
         );
     }
+}
+
+// ---------------------------------------------------------------------------
+// 14. Fair order.
+
+/// A waiter's direct try, at `place`, failing the case on an error.
+async fn try_as_waiter(
+    setup: &Setup,
+    key: &LockKey,
+    token: &Token,
+    place: Place,
+) -> Timed<WaiterAnswer> {
+    let call = setup.backend.try_acquire_as_waiter(
+        key,
+        token,
+        ttl(setup.long_ttl()),
+        OWNER,
+        place,
+        soon(setup),
+    );
+    let answer = timed(bounded(setup, "try_acquire_as_waiter", call)).await;
+    match answer.value {
+        Ok(value) => Timed {
+            value,
+            sent: answer.sent,
+            answered: answer.answered,
+        },
+        Err(error) => panic!("try_acquire_as_waiter of {key} must not fail: {error}"),
+    }
+}
+
+/// The ticket a refusal handed out, failing the case if it was a grant or
+/// came without one.
+fn refused_ticket(answer: &WaiterAnswer, who: &str) -> Ticket {
+    assert!(
+        is_held(&answer.outcome),
+        "{who}: a waiter's try on a held key must be refused, got {:?}",
+        answer.outcome
+    );
+    answer.ticket.unwrap_or_else(|| {
+        panic!(
+            "{who}: a backend that keeps a line must hand a refused waiter a ticket (contract \
+             item 14); got none"
+        )
+    })
+}
+
+/// A fair waiter's place with `ticket`.
+fn in_line(ticket: Ticket) -> Place {
+    Place {
+        ticket: Some(ticket.number),
+        fair: true,
+    }
+}
+
+/// Contract item 14 (fair order). Refused waiters get tickets in the order
+/// they asked; once the key is released, only the first ticket may take it —
+/// not a newcomer, not the holder that released and asks again, not a later
+/// ticket — and each release then serves the next ticket, the released
+/// holder's new ticket last. Needs `fair_order`.
+pub async fn waiters_are_served_in_order(setup: &Setup) {
+    let key = setup.key("line");
+    let long = setup.long_ttl();
+    let holder = Token::new();
+    assert!(!is_held(
+        &try_acquire(setup, &key, &holder, long).await.value
+    ));
+    let waiters: Vec<Token> = (0..3).map(|_| Token::new()).collect();
+    let mut tickets = Vec::new();
+    for (i, waiter) in waiters.iter().enumerate() {
+        let answer = try_as_waiter(setup, &key, waiter, Place::first()).await;
+        let ticket = refused_ticket(&answer.value, &format!("waiter {i}"));
+        if let Some(previous) = tickets.last() {
+            let previous: &Ticket = previous;
+            assert!(
+                ticket.number > previous.number && ticket.ahead > previous.ahead,
+                "waiter {i} asked after waiter {}, so its ticket must come later: {ticket:?} \
+                 after {previous:?}",
+                i - 1
+            );
+        }
+        // Asking again with the ticket keeps it.
+        let again = try_as_waiter(setup, &key, waiter, in_line(ticket)).await;
+        let kept = refused_ticket(&again.value, &format!("waiter {i} again"));
+        assert_eq!(
+            kept.number, ticket.number,
+            "waiter {i} asked again with its ticket and must keep it"
+        );
+        tickets.push(ticket);
+    }
+    // The refusals changed no lease (contract item 12).
+    let info = row(setup, &key).await;
+    assert_eq!(
+        info.state,
+        LockState::Held,
+        "the waiters' tickets ended the lease"
+    );
+
+    let released_at = Instant::now();
+    release(setup, &key, &holder)
+        .await
+        .expect("the holder releases");
+    let turn = distrlock_core::line::TURN;
+    // Within the first turn, only ticket 0 may take the free key.
+    let newcomer = try_acquire(setup, &key, &Token::new(), long).await;
+    let returning = try_as_waiter(setup, &key, &holder, Place::first()).await;
+    let later = try_as_waiter(setup, &key, &waiters[1], in_line(tickets[1])).await;
+    if later.answered - released_at < turn {
+        assert!(
+            is_held(&newcomer.value),
+            "a newcomer took the key in the first waiter's turn (contract item 14)"
+        );
+        let back = refused_ticket(&returning.value, "the holder asking again");
+        assert!(
+            back.number > tickets[2].number,
+            "the holder that released and asks again must get in line behind the waiters: \
+             ticket {back:?} after {:?}",
+            tickets[2]
+        );
+        assert!(
+            is_held(&later.value.outcome),
+            "the second ticket took the key in the first one's turn (contract item 14)"
+        );
+    } else {
+        inconclusive(
+            setup,
+            "waiters_are_served_in_order",
+            format!(
+                "three tries took {:?} after the release, longer than a turn ({turn:?})",
+                later.answered - released_at
+            ),
+        );
+    }
+    let returning_ticket = returning.value.ticket.expect("checked above");
+    // Each release serves the next ticket.
+    let order = [
+        (&waiters[0], tickets[0]),
+        (&waiters[1], tickets[1]),
+        (&waiters[2], tickets[2]),
+        (&holder, returning_ticket),
+    ];
+    for (i, (token, ticket)) in order.iter().enumerate() {
+        let answer = try_as_waiter(setup, &key, token, in_line(*ticket)).await;
+        assert!(
+            !is_held(&answer.value.outcome),
+            "in turn {i}, ticket {ticket:?} was refused the key it was served: {:?} (contract \
+             item 14)",
+            answer.value.outcome
+        );
+        if let Some((next, next_ticket)) = order.get(i + 1) {
+            let early = try_as_waiter(setup, &key, next, in_line(*next_ticket)).await;
+            let kept = refused_ticket(&early.value, &format!("ticket {next_ticket:?} early"));
+            assert_eq!(kept.number, next_ticket.number, "a held key keeps the line");
+        }
+        release(setup, &key, token).await.expect("release in turn");
+    }
+    // The line is empty: anyone may take the key.
+    let last = try_acquire(setup, &key, &Token::new(), long).await;
+    assert!(
+        !is_held(&last.value),
+        "with every ticket served, the key must be free for anyone"
+    );
+}
+
+/// Contract item 14 (fair order). A waiter that took a ticket and never came
+/// back holds the line up for one turn only: the next ticket takes the key in
+/// the second turn after the release, and not before it. Needs `fair_order`.
+pub async fn a_gone_waiter_holds_the_line_one_turn(setup: &Setup) {
+    let key = setup.key("gone");
+    let long = setup.long_ttl();
+    let turn = distrlock_core::line::TURN;
+    let holder = Token::new();
+    assert!(!is_held(
+        &try_acquire(setup, &key, &holder, long).await.value
+    ));
+    let gone = try_as_waiter(setup, &key, &Token::new(), Place::first()).await;
+    refused_ticket(&gone.value, "the waiter that goes away");
+    let next = Token::new();
+    let answer = try_as_waiter(setup, &key, &next, Place::first()).await;
+    let ticket = refused_ticket(&answer.value, "the next waiter");
+    let released = timed(release(setup, &key, &holder)).await;
+    released.value.expect("the holder releases");
+    // In the gone waiter's turn: refused.
+    let early = try_as_waiter(setup, &key, &next, in_line(ticket)).await;
+    if early.answered - released.sent < turn {
+        refused_ticket(&early.value, "the next waiter in the gone one's turn");
+    }
+    // After it: granted, well before a lease would have run out.
+    tokio::time::sleep_until(released.answered + turn + setup.tolerance(turn)).await;
+    let granted = try_as_waiter(setup, &key, &next, in_line(ticket)).await;
+    assert!(
+        !is_held(&granted.value.outcome),
+        "the next waiter was still refused {:?} after the release: a gone waiter must hold the \
+         line up for one turn ({turn:?}) only (contract item 14): {:?}",
+        granted.answered - released.sent,
+        granted.value.outcome
+    );
+    release(setup, &key, &next).await.expect("release");
+}
+
+/// Contract item 14 (fair order), through the manager. Three waiting acquires
+/// that start one after another, and then the holder asking again right after
+/// its release, get the key in that order. Needs `fair_order`.
+pub async fn waiting_acquires_are_served_in_order(setup: &Setup) {
+    let budget = setup.latency_budget();
+    let manager = setup.manager(setup.long_ttl());
+    let key = setup.key("fifo");
+    let holder = manager
+        .lock(key.as_str())
+        .unwrap()
+        .try_acquire()
+        .await
+        .unwrap();
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let hold = Duration::from_millis(20);
+    let wait_for = Duration::from_secs(20).max(budget * 40);
+    let spawn_waiter = |name: &'static str| {
+        let lock = manager.lock(key.as_str()).unwrap();
+        let order = order.clone();
+        tokio::spawn(async move {
+            let guard = lock.acquire_timeout(wait_for).await?;
+            order.lock().unwrap().push(name);
+            tokio::time::sleep(hold).await;
+            guard.release().await
+        })
+    };
+    // Far enough apart that each has been refused (and taken its ticket)
+    // before the next starts.
+    let spacing = Duration::from_millis(100).max(budget * 3);
+    let mut waiting = Vec::new();
+    for name in ["first", "second", "third"] {
+        waiting.push(spawn_waiter(name));
+        tokio::time::sleep(spacing).await;
+    }
+    holder.release().await.unwrap();
+    waiting.push(spawn_waiter("holder again"));
+    for task in waiting {
+        task.await
+            .unwrap()
+            .expect("every waiter gets the key in time");
+    }
+    let order = order.lock().unwrap().clone();
+    assert_eq!(
+        order,
+        ["first", "second", "third", "holder again"],
+        "waiters must be served in the order they started waiting, and a holder that releases \
+         and asks again gets in line behind them (contract item 14)"
+    );
 }

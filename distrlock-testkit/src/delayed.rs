@@ -6,7 +6,8 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use distrlock_core::{
-    AcquireOutcome, LockBackend, LockInfo, LockKey, ReleaseNotifier, Result, Token, Ttl,
+    AcquireOutcome, LockBackend, LockInfo, LockKey, Place, ReleaseNotifier, Result, Token, Ttl,
+    WaiterAnswer,
 };
 use tokio::time::Instant;
 
@@ -92,11 +93,12 @@ impl LockBackend for DelayedBackend {
         token: &Token,
         ttl: Ttl,
         owner: &str,
+        place: Place,
         not_after: Instant,
-    ) -> Result<AcquireOutcome> {
+    ) -> Result<WaiterAnswer> {
         self.mutating(
             self.inner
-                .try_acquire_as_waiter(key, token, ttl, owner, not_after),
+                .try_acquire_as_waiter(key, token, ttl, owner, place, not_after),
         )
         .await
     }

@@ -328,15 +328,19 @@ pub enum Capability {
     /// [`Faults::missing_table`] gives a backend whose table does not exist.
     /// Token: `schema_missing`.
     SchemaMissing,
+    /// The backend keeps a line of waiters and serves it in order (contract
+    /// item 14). Token: `fair_order`.
+    FairOrder,
 }
 
 impl Capability {
     /// Every capability.
-    pub const ALL: [Capability; 4] = [
+    pub const ALL: [Capability; 5] = [
         Capability::Unreachable,
         Capability::KillSessions,
         Capability::ReleaseNotifications,
         Capability::SchemaMissing,
+        Capability::FairOrder,
     ];
 
     /// The token that names it in `conformance_tests!(H, supports = [...])`.
@@ -346,6 +350,7 @@ impl Capability {
             Capability::KillSessions => "kill_sessions",
             Capability::ReleaseNotifications => "release_notifications",
             Capability::SchemaMissing => "schema_missing",
+            Capability::FairOrder => "fair_order",
         }
     }
 
@@ -358,6 +363,9 @@ impl Capability {
                 "a backend whose release_notifier() announces releases"
             }
             Capability::SchemaMissing => "Faults::missing_table",
+            Capability::FairOrder => {
+                "a backend that serves waiters in ticket order (contract item 14)"
+            }
         }
     }
 
@@ -403,6 +411,8 @@ pub struct Capabilities {
     pub release_notifications: bool,
     /// [`Capability::SchemaMissing`].
     pub schema_missing: bool,
+    /// [`Capability::FairOrder`].
+    pub fair_order: bool,
 }
 
 impl Capabilities {
@@ -413,6 +423,7 @@ impl Capabilities {
             kill_sessions: false,
             release_notifications: false,
             schema_missing: false,
+            fair_order: false,
         }
     }
 
@@ -423,6 +434,7 @@ impl Capabilities {
             kill_sessions: true,
             release_notifications: true,
             schema_missing: true,
+            fair_order: true,
         }
     }
 
@@ -433,6 +445,7 @@ impl Capabilities {
             Capability::KillSessions => self.kill_sessions = true,
             Capability::ReleaseNotifications => self.release_notifications = true,
             Capability::SchemaMissing => self.schema_missing = true,
+            Capability::FairOrder => self.fair_order = true,
         }
         self
     }
@@ -444,6 +457,7 @@ impl Capabilities {
             Capability::KillSessions => self.kill_sessions,
             Capability::ReleaseNotifications => self.release_notifications,
             Capability::SchemaMissing => self.schema_missing,
+            Capability::FairOrder => self.fair_order,
         }
     }
 

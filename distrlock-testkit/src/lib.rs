@@ -178,12 +178,12 @@ enum Failure {
 /// // Declares what the harness and its backend offer (see `Capability`).
 /// distrlock_testkit::conformance_tests!(
 ///     MyHarness::new(),
-///     supports = [unreachable, kill_sessions, release_notifications, schema_missing]
+///     supports = [unreachable, kill_sessions, release_notifications, schema_missing, fair_order]
 /// );
 /// ```
 ///
 /// `supports` lists [`Capability`] tokens: `unreachable`, `kill_sessions`,
-/// `release_notifications`, `schema_missing` (an unknown token does not
+/// `release_notifications`, `schema_missing`, `fair_order` (an unknown token does not
 /// compile). A case that needs a capability not listed is still generated, as
 /// `#[ignore = "needs …"]`: `cargo test` reports it as ignored (and
 /// `cargo test -- --ignored` runs it, to see what fails). The one-argument form
@@ -260,6 +260,10 @@ macro_rules! __with_cases {
             13 inspect_and_list_show_holder [],
             13 inspect_reports_the_latest_holding [],
             13 list_shows_every_row_in_key_order [],
+            // 14. Fair order.
+            14 waiters_are_served_in_order [fair_order],
+            14 a_gone_waiter_holds_the_line_one_turn [fair_order],
+            14 waiting_acquires_are_served_in_order [fair_order],
         }
     };
 }
@@ -326,6 +330,7 @@ macro_rules! __if_declared {
     (kill_sessions [kill_sessions $($_rest:ident)*] {$($yes:tt)*} $no:tt) => { $($yes)* };
     (release_notifications [release_notifications $($_rest:ident)*] {$($yes:tt)*} $no:tt) => { $($yes)* };
     (schema_missing [schema_missing $($_rest:ident)*] {$($yes:tt)*} $no:tt) => { $($yes)* };
+    (fair_order [fair_order $($_rest:ident)*] {$($yes:tt)*} $no:tt) => { $($yes)* };
     ($need:ident [$_other:ident $($rest:ident)*] $yes:tt $no:tt) => {
         $crate::__if_declared! { $need [$($rest)*] $yes $no }
     };
@@ -356,6 +361,12 @@ macro_rules! __ignored_test {
     (schema_missing $($rest:tt)*) => {
         $crate::__test_fn! {
             (#[ignore = "needs the `schema_missing` capability (Faults::missing_table); declare it with conformance_tests!(H, supports = [schema_missing])"])
+            $($rest)*
+        }
+    };
+    (fair_order $($rest:tt)*) => {
+        $crate::__test_fn! {
+            (#[ignore = "needs the `fair_order` capability (a backend that keeps a line of waiters, contract item 14); declare it with conformance_tests!(H, supports = [fair_order])"])
             $($rest)*
         }
     };
@@ -403,12 +414,15 @@ macro_rules! __capability {
     (schema_missing) => {
         $crate::Capability::SchemaMissing
     };
+    (fair_order) => {
+        $crate::Capability::FairOrder
+    };
     ($other:ident) => {
         compile_error!(concat!(
             "unknown conformance capability `",
             stringify!($other),
-            "`; the capabilities are unreachable, kill_sessions, release_notifications and \
-             schema_missing"
+            "`; the capabilities are unreachable, kill_sessions, release_notifications, \
+             schema_missing and fair_order"
         ))
     };
 }

@@ -5,8 +5,8 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use distrlock_core::{
-    AcquireOutcome, Error, LockBackend, LockInfo, LockKey, MemoryBackend, ReleaseNotifier, Result,
-    Token, Ttl,
+    AcquireOutcome, Error, LockBackend, LockInfo, LockKey, MemoryBackend, Place, ReleaseNotifier,
+    Result, Token, Ttl, WaiterAnswer,
 };
 use futures_util::FutureExt;
 use tokio::time::Instant;
@@ -87,6 +87,7 @@ where
 }
 
 #[async_trait]
+#[deny(clippy::missing_trait_methods)]
 impl LockBackend for WithTimeout {
     async fn try_acquire(
         &self,
@@ -100,6 +101,24 @@ impl LockBackend for WithTimeout {
         bounded("try_acquire", async move {
             backend
                 .try_acquire(&key, &token, ttl, &owner, not_after)
+                .await
+        })
+        .await
+    }
+
+    async fn try_acquire_as_waiter(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        ttl: Ttl,
+        owner: &str,
+        place: Place,
+        not_after: Instant,
+    ) -> Result<WaiterAnswer> {
+        let (backend, key, token, owner) = (self.0.clone(), key.clone(), *token, owner.to_owned());
+        bounded("try_acquire_as_waiter", async move {
+            backend
+                .try_acquire_as_waiter(&key, &token, ttl, &owner, place, not_after)
                 .await
         })
         .await
@@ -156,6 +175,12 @@ impl LockBackend for WithTimeout {
 
     fn schema_sql(&self) -> String {
         self.0.schema_sql()
+    }
+
+    fn settles_dropped_acquires(&self) -> bool {
+        // A call held back here runs on in a task of its own, which a later
+        // release does not wait for.
+        false
     }
 
     fn release_notifier(&self) -> Option<&ReleaseNotifier> {

@@ -11,7 +11,8 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use distrlock_core::{
-    AcquireOutcome, Error, LockBackend, LockInfo, LockKey, ReleaseNotifier, Result, Token, Ttl,
+    AcquireOutcome, Error, LockBackend, LockInfo, LockKey, Place, ReleaseNotifier, Result, Token,
+    Ttl, WaiterAnswer,
 };
 use futures_util::FutureExt;
 use tokio::time::Instant;
@@ -292,8 +293,9 @@ impl LockBackend for Watched {
         token: &Token,
         ttl: Ttl,
         owner: &str,
+        place: Place,
         not_after: Instant,
-    ) -> Result<AcquireOutcome> {
+    ) -> Result<WaiterAnswer> {
         let what = format!(
             "try_acquire_as_waiter({}, ttl {:?})",
             self.watch.key(key),
@@ -301,7 +303,7 @@ impl LockBackend for Watched {
         );
         let call = self
             .inner
-            .try_acquire_as_waiter(key, token, ttl, owner, not_after);
+            .try_acquire_as_waiter(key, token, ttl, owner, place, not_after);
         self.watch.run(what, call).await
     }
 

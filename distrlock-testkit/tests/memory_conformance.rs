@@ -10,5 +10,5 @@ use distrlock_testkit::MemoryHarness;
 
 distrlock_testkit::conformance_tests!(
     MemoryHarness,
-    supports = [unreachable, release_notifications]
+    supports = [unreachable, release_notifications, fair_order]
 );
