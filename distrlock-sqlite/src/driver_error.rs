@@ -17,6 +17,8 @@ pub(crate) enum Doing {
 /// - `SQLITE_BUSY` / `SQLITE_LOCKED`: another process held the write lock past
 ///   the busy timeout: transient, a retry may succeed.
 /// - `no such table`: [`Error::SchemaMissing`].
+/// - `no such column` of the line: a table older than the line, permanent,
+///   with a hint to run `create_table`.
 /// - `SQLITE_CANTOPEN` (missing directory, permissions): [`Error::Unavailable`].
 /// - I/O errors and a full disk: transient, they can clear.
 /// - Anything else (not a database, corrupt file, read-only file): permanent.
@@ -28,6 +30,20 @@ pub(crate) fn from_sqlite(error: rusqlite::Error, table: &TableName, doing: Doin
             table: table.to_string(),
             hint: "create it with SqliteBackend::create_table() or `distrlock init`".into(),
         };
+    }
+    // A table made by an earlier version, before waiters stood in line.
+    if text.contains("no such column")
+        && ["freed_at", "line_next", "line_head"]
+            .iter()
+            .any(|column| text.contains(column))
+    {
+        return Error::permanent(
+            format!(
+                "the table {table} predates the line of waiters ({text}); run \
+                 SqliteBackend::create_table() (or `distrlock init`) once to add its columns"
+            ),
+            error,
+        );
     }
     let what = match doing {
         Doing::Opening => "opening the SQLite database",

@@ -6,15 +6,16 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use distrlock_core::{
-    AcquireOutcome, Error, Fence, LockBackend, LockInfo, LockKey, LockState, Owner,
-    ReleaseNotifier, Result, Token, Ttl, server_clock::from_unix_micros,
+    AcquireOutcome, Error, Fence, LockBackend, LockInfo, LockKey, LockState, Owner, Place,
+    ReleaseNotifier, Result, Ticket, Token, Ttl, WaiterAnswer, line,
+    server_clock::from_unix_micros,
 };
 use rusqlite::{OptionalExtension, named_params};
 use tokio::time::Instant;
 
 use crate::backend::SqliteBackend;
 use crate::clock::{HostClock, Now};
-use crate::sql::MAX_FENCE;
+use crate::sql::{MAX_FENCE, MODE_FAIR, MODE_PLAIN, MODE_UNFAIR, TURN_US};
 
 /// One row as the read statements return it.
 struct Row {
@@ -84,19 +85,35 @@ fn remaining(
     (left > 0).then(|| Duration::from_micros(u64::try_from(left).unwrap_or(0)))
 }
 
-#[async_trait]
-impl LockBackend for SqliteBackend {
-    async fn try_acquire(
+/// The holder statement's row: `(fence, clock, lease_end, expires_at,
+/// freed_at, line_next, line_head)`.
+type Holder = (i64, String, Option<i64>, Option<i64>, Option<i64>, i64, i64);
+
+impl SqliteBackend {
+    /// A try-acquire, by a waiter at `place` or (`None`) a plain try: the
+    /// acquire statement, and after a refusal the holder's row and, for a
+    /// waiter not in line, a ticket; one transaction.
+    async fn acquire(
         &self,
         key: &LockKey,
         token: &Token,
         ttl: Ttl,
         owner: &str,
+        place: Option<Place>,
         not_after: Instant,
-    ) -> Result<AcquireOutcome> {
+    ) -> Result<WaiterAnswer> {
         let map = self.map();
         let owner = Owner::new(owner)?.into_string();
         let (key, token) = (key.clone(), token.to_string());
+        let mode = match place {
+            None => MODE_PLAIN,
+            Some(p) if p.fair => MODE_FAIR,
+            Some(_) => MODE_UNFAIR,
+        };
+        // A ticket past i64::MAX was never handed out: none.
+        let brought = place
+            .and_then(|p| p.ticket)
+            .and_then(|t| i64::try_from(t).ok());
         self.write(Some(not_after), move |tx, sql, clock, now| {
             let fence: Option<i64> = tx
                 .prepare_cached(&sql.acquire)
@@ -110,6 +127,8 @@ impl LockBackend for SqliteBackend {
                             ":ttl": ttl.as_micros(),
                             ":clock": clock.id(),
                             ":now": now.lease,
+                            ":mode": mode,
+                            ":ticket": brought,
                         },
                         |row| row.get(0),
                     )
@@ -117,35 +136,121 @@ impl LockBackend for SqliteBackend {
                 })
                 .map_err(&map)?;
             if let Some(fence) = fence {
-                return Ok(AcquireOutcome::Acquired {
-                    fence: Fence::new(fence),
-                    server_time: clock.as_system_time(now),
+                return Ok(WaiterAnswer {
+                    outcome: AcquireOutcome::Acquired {
+                        fence: Fence::new(fence),
+                        server_time: clock.as_system_time(now),
+                    },
+                    ticket: None,
                 });
             }
-            // Refused: nothing was written. Report the holder's remaining lease.
-            let (fence, row_clock, lease_end, expires_at): (i64, String, Option<i64>, Option<i64>) =
-                tx.prepare_cached(&sql.holder)
-                    .and_then(|mut stmt| {
-                        stmt.query_row(named_params! { ":key": key.as_str() }, |row| {
-                            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
-                        })
+            // Refused: nothing was written. Report the holder's remaining lease,
+            // or what is left of another ticket's turn.
+            let (fence, row_clock, lease_end, expires_at, freed_at, next, head): Holder = tx
+                .prepare_cached(&sql.holder)
+                .and_then(|mut stmt| {
+                    stmt.query_row(named_params! { ":key": key.as_str() }, |row| {
+                        Ok((
+                            row.get(0)?,
+                            row.get(1)?,
+                            row.get(2)?,
+                            row.get(3)?,
+                            row.get(4)?,
+                            row.get(5)?,
+                            row.get(6)?,
+                        ))
                     })
-                    .map_err(&map)?;
-            match lease_end.and_then(|end| remaining(&row_clock, end, expires_at, clock, now)) {
-                Some(left) => Ok(AcquireOutcome::Held {
-                    remaining: Some(left),
+                })
+                .map_err(&map)?;
+            let live = lease_end.and_then(|end| remaining(&row_clock, end, expires_at, clock, now));
+            // The acquire statement's SERVING, for the row as it is.
+            let free_at = lease_end.or(freed_at).filter(|_| row_clock == clock.id());
+            let serving = match (live, free_at) {
+                (Some(_), _) => head,
+                (None, Some(at)) => {
+                    let since = u64::try_from(now.lease - at).unwrap_or(0);
+                    let served = line::serving(
+                        u64::try_from(head).unwrap_or(0),
+                        Duration::from_micros(since),
+                        line::TURN,
+                    );
+                    i64::try_from(served).unwrap_or(i64::MAX)
+                }
+                (None, None) => next,
+            };
+            let remaining = match (live, free_at) {
+                (Some(left), _) => Some(left),
+                (None, Some(at)) if serving < next => {
+                    let turn_ends = at + (serving - head + 1) * TURN_US;
+                    Some(Duration::from_micros(
+                        u64::try_from(turn_ends - now.lease).unwrap_or(0),
+                    ))
+                }
+                (None, _) if fence == MAX_FENCE => {
+                    return Err(Error::permanent(
+                        format!("the fence of lock {key} is exhausted"),
+                        std::io::Error::other("fence at i64::MAX"),
+                    ));
+                }
+                (None, _) => {
+                    return Err(Error::permanent(
+                        format!("acquire of {key} was refused although the lease is not live"),
+                        std::io::Error::other("inconsistent acquire result"),
+                    ));
+                }
+            };
+            let ticket = match brought {
+                _ if mode == MODE_PLAIN => None,
+                Some(t) if t >= serving && t < next => Some(t),
+                _ => Some(
+                    tx.prepare_cached(&sql.ticket)
+                        .and_then(|mut stmt| {
+                            stmt.query_row(named_params! { ":key": key.as_str() }, |row| {
+                                row.get::<_, i64>(0)
+                            })
+                        })
+                        .map_err(&map)?,
+                ),
+            };
+            Ok(WaiterAnswer {
+                outcome: AcquireOutcome::Held { remaining },
+                ticket: ticket.map(|number| Ticket {
+                    number: u64::try_from(number).unwrap_or(0),
+                    ahead: u64::try_from(number - serving).unwrap_or(0),
                 }),
-                None if fence == MAX_FENCE => Err(Error::permanent(
-                    format!("the fence of lock {key} is exhausted"),
-                    std::io::Error::other("fence at i64::MAX"),
-                )),
-                None => Err(Error::permanent(
-                    format!("acquire of {key} was refused although the lease is not live"),
-                    std::io::Error::other("inconsistent acquire result"),
-                )),
-            }
+            })
         })
         .await
+    }
+}
+
+#[async_trait]
+impl LockBackend for SqliteBackend {
+    async fn try_acquire(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        ttl: Ttl,
+        owner: &str,
+        not_after: Instant,
+    ) -> Result<AcquireOutcome> {
+        let answer = self
+            .acquire(key, token, ttl, owner, None, not_after)
+            .await?;
+        Ok(answer.outcome)
+    }
+
+    async fn try_acquire_as_waiter(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        ttl: Ttl,
+        owner: &str,
+        place: Place,
+        not_after: Instant,
+    ) -> Result<WaiterAnswer> {
+        self.acquire(key, token, ttl, owner, Some(place), not_after)
+            .await
     }
 
     async fn extend(
@@ -285,8 +390,28 @@ impl LockBackend for SqliteBackend {
 
     async fn create_table(&self) -> Result<()> {
         let map = self.map();
+        let (table, upgrades) = (
+            self.table.name().to_owned(),
+            self.statements.line_columns.clone(),
+        );
         self.write(None, move |tx, sql, _, _| {
-            tx.execute_batch(&sql.create_table).map_err(&map)
+            tx.execute_batch(&sql.create_table).map_err(&map)?;
+            // A table made by an earlier version: add the line's columns it
+            // lacks (in this same transaction, so concurrent callers add each
+            // once).
+            let present: Vec<String> = tx
+                .prepare(crate::sql::COLUMNS)
+                .and_then(|mut stmt| {
+                    stmt.query_map([&table], |row| row.get(0))?
+                        .collect::<rusqlite::Result<Vec<String>>>()
+                })
+                .map_err(&map)?;
+            for (column, alter) in &upgrades {
+                if !present.iter().any(|p| p == column) {
+                    tx.execute_batch(alter).map_err(&map)?;
+                }
+            }
+            Ok(())
         })
         .await
     }

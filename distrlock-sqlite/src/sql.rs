@@ -29,12 +29,34 @@ const LIVE: &str = "(lease_end IS NOT NULL AND CASE WHEN clock = :clock \
 /// The largest fence: a row at this fence can never be taken over again.
 pub(crate) const MAX_FENCE: i64 = i64::MAX;
 
+/// One turn of the line of waiters, in µs ([`distrlock_core::line::TURN`]).
+pub(crate) const TURN_US: i64 = distrlock_core::line::TURN.as_micros() as i64;
+
+/// `:mode` of the acquire statement: a plain try (no ticket; keeps to the line).
+pub(crate) const MODE_PLAIN: i64 = 0;
+/// `:mode`: a fair waiter (takes the free key only in its ticket's turn).
+pub(crate) const MODE_FAIR: i64 = 1;
+/// `:mode`: an unfair waiter (takes the free key whenever it is free).
+pub(crate) const MODE_UNFAIR: i64 = 2;
+
+/// The ticket served now on a row whose lease is not live
+/// ([`distrlock_core::line::serving`]): one more per whole turn since the key
+/// became free (its release at `freed_at`, or its lease's end). Instants of
+/// another clock (an earlier boot) cannot be compared: the line then counts
+/// as empty (`line_next`), as it does on a row released before the line
+/// existed.
+const SERVING: &str = "(CASE WHEN clock = :clock AND COALESCE(lease_end, freed_at) IS NOT NULL \
+     THEN line_head + (:now - COALESCE(lease_end, freed_at)) / {TURN} ELSE line_next END)";
+
 /// The statements for one table, with its name quoted in.
 #[derive(Debug, Clone)]
 pub(crate) struct Statements {
     pub(crate) create_table: String,
+    /// The line's columns and the ALTERs that add them to an older table.
+    pub(crate) line_columns: Vec<(&'static str, String)>,
     pub(crate) acquire: String,
     pub(crate) holder: String,
+    pub(crate) ticket: String,
     pub(crate) extend: String,
     pub(crate) release: String,
     pub(crate) inspect: String,
@@ -47,8 +69,10 @@ impl Statements {
     /// digits and `_`.
     pub(crate) fn new(table: &TableName) -> Self {
         let t = table.quoted('"');
+        let serving = SERVING.replace("{TURN}", &TURN_US.to_string());
         Self {
             create_table: create_table(table),
+            line_columns: line_columns(table),
             // Insert a first row, or take over / renew an existing one.
             //
             // - `ON CONFLICT (lock_key) DO UPDATE`: one statement decides and
@@ -66,6 +90,13 @@ impl Statements {
             //   lease: a live same-token re-acquire keeps fence and acquired_at;
             //   every other acquisition raises the fence by one, so fences only
             //   grow, also across release (rows are never deleted).
+            // - Fair order, on a free row: the line is empty, or it is the turn
+            //   of the caller's `:ticket`, or the caller is an unfair waiter
+            //   (`:mode`); otherwise refused, and the caller stays in line.
+            // - `line_head`: the line moves on past every ticket if it was
+            //   empty, past ours if served in turn, else (an unfair waiter) up
+            //   to the ticket served now, which keeps its place for the next
+            //   release; a retry of the same live holding leaves it.
             // - `RETURNING fence` hands back the fence of this holding.
             acquire: format!(
                 "INSERT INTO {t} \
@@ -76,19 +107,33 @@ impl Statements {
                                   THEN fence ELSE fence + 1 END, \
                      acquired_at = CASE WHEN {LIVE} AND token = excluded.token \
                                         THEN acquired_at ELSE excluded.acquired_at END, \
+                     line_head = CASE WHEN {LIVE} AND token = excluded.token THEN line_head \
+                                      WHEN {serving} >= line_next THEN line_next \
+                                      WHEN {serving} = :ticket THEN :ticket + 1 \
+                                      ELSE {serving} END, \
                      token = excluded.token, \
                      owner = excluded.owner, \
                      expires_at = excluded.expires_at, \
                      clock = excluded.clock, \
                      lease_end = excluded.lease_end \
                  WHERE CASE WHEN {LIVE} THEN token = excluded.token \
-                            ELSE fence < {MAX_FENCE} END \
+                            ELSE fence < {MAX_FENCE} \
+                                 AND ({serving} >= line_next OR {serving} = :ticket \
+                                      OR :mode = {MODE_UNFAIR}) END \
                  RETURNING fence"
             ),
             // After a refused acquire, in the same transaction: who holds the key
-            // and until when, so a waiter sleeps exactly as long as needed.
+            // and until when, so a waiter sleeps exactly as long as needed, and
+            // the key's line, to judge the caller's ticket.
             holder: format!(
-                "SELECT fence, clock, lease_end, expires_at FROM {t} WHERE lock_key = :key"
+                "SELECT fence, clock, lease_end, expires_at, freed_at, line_next, line_head \
+                 FROM {t} WHERE lock_key = :key"
+            ),
+            // A refused waiter whose ticket is not in the line takes the next
+            // one; the same transaction, so no other caller gets the same.
+            ticket: format!(
+                "UPDATE {t} SET line_next = line_next + 1 WHERE lock_key = :key \
+                 RETURNING line_next - 1"
             ),
             // Renew only our own live lease: token AND liveness in the WHERE, so a
             // stale token, an expired lease or a released row match nothing and
@@ -103,8 +148,11 @@ impl Statements {
             // End our own live lease by clearing its end; the row (and its fence)
             // stays for the next holder. Same WHERE as extend, for the same reason:
             // a second release, or one after expiry, changes nothing (NotHeld).
+            // `freed_at`, on this process's clock (which `clock` then names):
+            // the first ticket's turn starts now.
             release: format!(
-                "UPDATE {t} SET expires_at = NULL, lease_end = NULL \
+                "UPDATE {t} SET expires_at = NULL, lease_end = NULL, freed_at = :now, \
+                     clock = :clock \
                  WHERE lock_key = :key AND token = :token AND {LIVE}"
             ),
             // Read-only views; the state (held / expired / released) is decided in
@@ -171,6 +219,10 @@ impl LockSql {
 /// - `clock`, `lease_end`: the clock the lease is measured on (`boot:<boot id>`
 ///   for the monotonic clock of one boot of a Linux host, `wall` elsewhere) and
 ///   the lease's end on it, in microseconds; NULL once released.
+/// - `freed_at`: when the last holding was released, on `clock`, in
+///   microseconds; `line_next`, `line_head`: the line of waiters (tickets
+///   below `line_next` were handed out; `line_head` is the first not yet
+///   served when the key last became free).
 /// - `STRICT`: SQLite refuses values of the wrong type instead of storing them
 ///   (a REAL fence could never compare correctly again).
 /// - `WITHOUT ROWID`: the table is a B-tree on `lock_key`, so every statement
@@ -186,10 +238,31 @@ pub(crate) fn create_table(table: &TableName) -> String {
          \x20   acquired_at INTEGER NOT NULL,\n\
          \x20   expires_at  INTEGER,\n\
          \x20   clock       TEXT    NOT NULL,\n\
-         \x20   lease_end   INTEGER\n\
+         \x20   lease_end   INTEGER,\n\
+         \x20   freed_at    INTEGER,\n\
+         \x20   line_next   INTEGER NOT NULL DEFAULT 0,\n\
+         \x20   line_head   INTEGER NOT NULL DEFAULT 0\n\
          ) STRICT, WITHOUT ROWID;\n"
     )
 }
+
+/// The line's columns, each with the `ALTER TABLE` that adds it to a table
+/// made by an earlier version (`create_table` runs those whose column is
+/// missing; SQLite has no `ADD COLUMN IF NOT EXISTS`).
+pub(crate) fn line_columns(table: &TableName) -> Vec<(&'static str, String)> {
+    let t = table.quoted('"');
+    [
+        ("freed_at", "INTEGER"),
+        ("line_next", "INTEGER NOT NULL DEFAULT 0"),
+        ("line_head", "INTEGER NOT NULL DEFAULT 0"),
+    ]
+    .into_iter()
+    .map(|(name, ty)| (name, format!("ALTER TABLE {t} ADD COLUMN {name} {ty}")))
+    .collect()
+}
+
+/// The names of a table's columns: param 1 the table's name, unquoted.
+pub(crate) const COLUMNS: &str = "SELECT name FROM pragma_table_info(?1)";
 
 /// Connection settings, run once when the connection opens, in this order.
 ///

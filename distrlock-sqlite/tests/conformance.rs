@@ -81,5 +81,10 @@ impl Faults for WriteLockFaults {
 
 distrlock_testkit::conformance_tests!(
     SqliteHarness,
-    supports = [unreachable, release_notifications, schema_missing]
+    supports = [
+        unreachable,
+        release_notifications,
+        schema_missing,
+        fair_order
+    ]
 );

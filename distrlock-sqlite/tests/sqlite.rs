@@ -449,3 +449,67 @@ async fn grants_and_renewals_return_the_statements_clock_reading() {
         .unwrap();
     assert!(*batch[0].as_ref().unwrap() >= renewed);
 }
+
+/// A table made before the line of waiters: the lock statements fail with a
+/// hint, and `create_table` adds the line's columns, keeping the live lock.
+#[tokio::test]
+async fn create_table_adds_the_line_to_a_table_made_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.db");
+    let conn = Connection::open(&path).unwrap();
+    // The table as the earlier version made it, with a lock held for an hour
+    // on the wall clock (another clock's row: its wall-clock expiry decides).
+    conn.execute_batch(
+        "CREATE TABLE distributed_locks (
+            lock_key TEXT NOT NULL PRIMARY KEY, token TEXT NOT NULL,
+            fence INTEGER NOT NULL, owner TEXT NOT NULL, acquired_at INTEGER NOT NULL,
+            expires_at INTEGER, clock TEXT NOT NULL, lease_end INTEGER
+         ) STRICT, WITHOUT ROWID;",
+    )
+    .unwrap();
+    let wall_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64;
+    conn.execute(
+        "INSERT INTO distributed_locks VALUES ('held-before', 'x', 7, 'old', ?1, ?2, 'elsewhere', 1)",
+        params![wall_us, wall_us + 3_600_000_000],
+    )
+    .unwrap();
+    drop(conn);
+    let backend = SqliteBackend::from_config(SqliteConfig::builder().path(&path).build().unwrap())
+        .await
+        .unwrap();
+    let key = LockKey::new("after").unwrap();
+    let error = backend
+        .try_acquire(&key, &Token::new(), ttl(LONG), "o", soon())
+        .await
+        .expect_err("the lock statements need the line's columns");
+    assert!(
+        error.to_string().contains("create_table"),
+        "no hint in: {error}"
+    );
+    assert!(!error.is_transient(), "{error:?}");
+    backend.create_table().await.unwrap();
+    // Twice: the second finds the columns and changes nothing.
+    backend.create_table().await.unwrap();
+    let token = Token::new();
+    assert!(matches!(
+        backend
+            .try_acquire(&key, &token, ttl(LONG), "o", soon())
+            .await
+            .unwrap(),
+        AcquireOutcome::Acquired { .. }
+    ));
+    backend.release(&key, &token, soon()).await.unwrap();
+    let held = LockKey::new("held-before").unwrap();
+    assert!(matches!(
+        backend
+            .try_acquire(&held, &Token::new(), ttl(LONG), "o", soon())
+            .await
+            .unwrap(),
+        AcquireOutcome::Held { .. }
+    ));
+    let info = backend.inspect(&held).await.unwrap().unwrap();
+    assert_eq!((info.fence.get(), info.state), (7, LockState::Held));
+}
