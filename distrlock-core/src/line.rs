@@ -62,8 +62,10 @@ impl Default for Place {
 pub struct Ticket {
     /// The ticket's number; pass it back in [`Place::ticket`].
     pub number: u64,
-    /// How many tickets come before it, by the backend's reckoning when it
-    /// answered (0: the next turn is this ticket's).
+    /// How many releases of the key come before this ticket's turn, by the
+    /// backend's reckoning when it answered: the tickets before it, less one
+    /// whose turn is running on the free key (that one takes it without a
+    /// release). 0: the next release starts this ticket's turn.
     pub ahead: u64,
 }
 

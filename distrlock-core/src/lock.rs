@@ -248,10 +248,11 @@ impl Lock {
             let mut delay = config.retry.delay(tries, holder_left);
             if let Some(ticket) = ticket {
                 // In line: ask again often enough never to miss our turn,
-                // which lasts one TURN once it comes. Announced releases wake
-                // us; without them, the nearer the head of the line, the
-                // sooner (a long wait polls less often: 1/64 of it).
-                let poll = if released.is_some() {
+                // which lasts one TURN once it comes. When every release is
+                // announced, the announcements wake us; otherwise poll, the
+                // nearer the head of the line the sooner (a long wait polls
+                // less often: 1/64 of it).
+                let poll = if notifier.is_some_and(|n| n.is_complete()) {
                     line::TURN / 2
                 } else {
                     HEAD_POLL
@@ -274,10 +275,11 @@ impl Lock {
                         () = tokio::time::sleep_until(wake) => break,
                         () = subscription.released(&self.key) => {
                             tracing::trace!(key = %self.key, "woken by a release notification");
-                            // Each release serves one ticket: a fair waiter
-                            // with others ahead of it moves up and sleeps on,
-                            // and only the next in line asks. (A miscount is
-                            // corrected by the next poll, within our turn.)
+                            // Each release starts one ticket's turn: a fair
+                            // waiter with releases still ahead of it moves up
+                            // and sleeps on, and only the next in line asks.
+                            // (A miscount is corrected by the next poll,
+                            // within our turn.)
                             match ticket.as_mut() {
                                 Some(t) if self.fair && t.ahead > 0 => t.ahead -= 1,
                                 _ => break,

@@ -92,9 +92,12 @@ impl Row {
                 self.next - 1
             }
         };
+        // A ticket whose turn runs now takes the free key without a release:
+        // it is not one to wait out.
+        let running = u64::from(!self.live(now) && serving < self.next && serving < number);
         Ticket {
             number,
-            ahead: number - serving.min(number),
+            ahead: number.saturating_sub(serving).saturating_sub(running),
         }
     }
 
@@ -120,9 +123,12 @@ impl MemoryBackend {
     /// An empty backend.
     pub fn new() -> Self {
         let (reachable, _) = watch::channel(true);
+        // Every release happens in this process, and each is announced.
+        let notifier = ReleaseNotifier::new();
+        notifier.set_complete(true);
         Self {
             rows: Mutex::new(BTreeMap::new()),
-            notifier: ReleaseNotifier::new(),
+            notifier,
             reachable,
             epoch: (Instant::now(), SystemTime::now()),
         }

@@ -1,5 +1,8 @@
 //! [`ReleaseNotifier`]: how a backend wakes waiters when a lock is released.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use tokio::sync::broadcast;
 
 use crate::key::LockKey;
@@ -16,13 +19,39 @@ pub struct ReleaseNotifier {
     // `None` means "anything may have been released": sent after a listener
     // reconnects and may have missed announcements.
     tx: broadcast::Sender<Option<LockKey>>,
+    /// Whether every release, by any process, is announced here right now
+    /// (see [`set_complete`](Self::set_complete)).
+    complete: Arc<AtomicBool>,
 }
 
 impl ReleaseNotifier {
-    /// A notifier with room for 1,024 announcements per slow subscriber.
+    /// A notifier with room for 1,024 announcements per slow subscriber. It
+    /// starts incomplete: only some releases are announced.
     pub fn new() -> Self {
         let (tx, _) = broadcast::channel(1024);
-        Self { tx }
+        Self {
+            tx,
+            complete: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Says whether every release of every key, by any process, is announced
+    /// here (`true`: a PostgreSQL backend while its `LISTEN` connection is up,
+    /// the in-memory backend), or only this process's own (`false`, the
+    /// default).
+    ///
+    /// A waiter in line ([`crate::line`]) then relies on the announcements
+    /// and asks again only when its turn may have come; with an incomplete
+    /// notifier it also polls, more often the nearer it is to the head of the
+    /// line.
+    pub fn set_complete(&self, complete: bool) {
+        self.complete.store(complete, Ordering::Relaxed);
+    }
+
+    /// Whether every release is announced here (see
+    /// [`set_complete`](Self::set_complete)).
+    pub fn is_complete(&self) -> bool {
+        self.complete.load(Ordering::Relaxed)
     }
 
     /// Announces that `key` was released.

@@ -11,6 +11,8 @@ pub(crate) mod code {
     pub(crate) const NO_SUCH_TABLE: u16 = 1146;
     /// `ER_BAD_DB_ERROR`: unknown database (from `CREATE TABLE db.t`).
     pub(crate) const BAD_DB: u16 = 1049;
+    /// `ER_BAD_FIELD_ERROR`: unknown column (a table older than the line).
+    pub(crate) const BAD_FIELD: u16 = 1054;
     /// `ER_LOCK_DEADLOCK`: chosen as a deadlock victim; the statement was rolled back.
     pub(crate) const DEADLOCK: u16 = 1213;
     /// `ER_LOCK_WAIT_TIMEOUT`: waited `innodb_lock_wait_timeout` for a row lock.
@@ -206,6 +208,22 @@ pub(crate) fn map(error: MyError, table: &TableName, what: &str) -> Error {
                 server.message
             ),
         },
+        // A table made by an earlier version, before waiters stood in line.
+        MyError::Server(server)
+            if server.code == code::BAD_FIELD
+                && ["released_at", "line_next", "line_head"]
+                    .iter()
+                    .any(|column| server.message.contains(column)) =>
+        {
+            Error::permanent(
+                format!(
+                    "{what}: the table {table} predates the line of waiters ({}); run \
+                     MySqlBackend::create_table() (or `distrlock init`) once to add its columns",
+                    server.message
+                ),
+                error,
+            )
+        }
         MyError::Server(server) => {
             let message = format!("{what}: {error}");
             if connection_gone(server.code) {

@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use distrlock_core::server_clock::from_unix_micros;
 use distrlock_core::{
-    AcquireOutcome, Error, Fence, LockBackend, LockInfo, LockKey, Owner, ReleaseNotifier, Result,
-    Token, Ttl,
+    AcquireOutcome, Error, Fence, LockBackend, LockInfo, LockKey, Owner, Place, ReleaseNotifier,
+    Result, Ticket, Token, Ttl, WaiterAnswer,
 };
 use mysql_async::Value;
 use mysql_async::prelude::Queryable;
@@ -72,7 +72,7 @@ impl MySqlBackend {
         ttl: Ttl,
         owner: &str,
     ) -> Result<AcquireOutcome> {
-        let call = self.acquire_call(key, token, ttl, owner)?;
+        let call = self.acquire_call(key, token, ttl, owner, None)?;
         let mut refused = None;
         for _ in 0..2 {
             let reply = self
@@ -80,7 +80,7 @@ impl MySqlBackend {
                 .await
                 .map_err(|e| self.map(e, "acquire"))?;
             match self.acquire_answer(key, reply)? {
-                Answered::Done(outcome) => return Ok(outcome),
+                Answered::Done((outcome, _)) => return Ok(outcome),
                 Answered::Late(stamp, reading) => refused = Some((stamp, reading)),
             }
         }
@@ -156,27 +156,39 @@ impl MySqlBackend {
     }
 
     /// Reads the acquire statement's answer (see `sql` for the encoding), and
-    /// observes its clock reading.
-    fn acquire_answer(&self, key: &LockKey, reply: Reply) -> Result<Answered<AcquireOutcome>> {
+    /// observes its clock reading; a refusal comes with the caller's place in
+    /// the key's line (`sql::LINE_BITS`).
+    fn acquire_answer(
+        &self,
+        key: &LockKey,
+        reply: Reply,
+    ) -> Result<Answered<(AcquireOutcome, Option<i64>)>> {
         let (affected, id, stamp, arrived) = reply.written("acquire")?;
         let answer = sql::decode_acquire(affected, id, stamp.reference)
             .ok_or_else(|| unexpected("acquire", key, affected, id))?;
         match answer {
             AcquireAnswer::Granted { fence, reading } => {
                 self.inner.clock.observe(arrived, reading);
-                Ok(Answered::Done(AcquireOutcome::Acquired {
-                    fence: Fence::new(fence),
-                    server_time: from_unix_micros(reading),
-                }))
+                Ok(Answered::Done((
+                    AcquireOutcome::Acquired {
+                        fence: Fence::new(fence),
+                        server_time: from_unix_micros(reading),
+                    },
+                    None,
+                )))
             }
             AcquireAnswer::Held {
                 remaining_us,
+                line,
                 reading,
             } => {
                 self.inner.clock.observe(arrived, reading);
-                Ok(Answered::Done(AcquireOutcome::Held {
-                    remaining: Some(Duration::from_micros(remaining_us.unsigned_abs())),
-                }))
+                Ok(Answered::Done((
+                    AcquireOutcome::Held {
+                        remaining: Some(Duration::from_micros(remaining_us.unsigned_abs())),
+                    },
+                    Some(line),
+                )))
             }
             AcquireAnswer::Refused(refusal) => {
                 self.refused(key, refusal, stamp, arrived, "acquire")
@@ -242,13 +254,122 @@ impl MySqlBackend {
         token: &Token,
         ttl: Ttl,
         owner: &str,
+        place: Option<Place>,
     ) -> Result<Call<'_>> {
         let owner = Owner::new(owner)?;
         Ok(Call::Write {
             sql: &self.inner.sql.acquire,
-            params: WriteParams::acquire(key, token, owner, ttl),
+            params: WriteParams::acquire(key, token, owner, ttl, place),
             window: true,
         })
+    }
+
+    /// Whether the lock table has `column` (`create_table`'s upgrade).
+    async fn has_column(&self, column: &str) -> Result<bool> {
+        let table = self.table();
+        let call = Call::Read {
+            sql: sql::COLUMNS,
+            params: vec![
+                table.schema().map_or(Value::NULL, Value::from),
+                Value::from(table.name()),
+            ],
+        };
+        let rows = self
+            .run("create table", &call, self.read_deadline())
+            .await?
+            .reply
+            .rows("create table")?;
+        Ok(rows.into_iter().any(|row| {
+            row.get_opt::<String, _>(0)
+                .and_then(|name| name.ok())
+                .is_some_and(|name| name.eq_ignore_ascii_case(column))
+        }))
+    }
+
+    /// A try-acquire, by a waiter at `place` or (`None`) a plain try: the
+    /// acquire statement (see `try_acquire`), and after a refusal that says
+    /// the waiter's ticket is not in the line, the statement that takes one.
+    async fn acquire(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        ttl: Ttl,
+        owner: &str,
+        place: Option<Place>,
+        not_after: Instant,
+    ) -> Result<WaiterAnswer> {
+        let call = self.acquire_call(key, token, ttl, owner, place)?;
+        let mut refused = None;
+        for _ in 0..2 {
+            if refused.is_some() && Instant::now() >= not_after {
+                break;
+            }
+            match self.run_unmapped("acquire", &call, not_after).await {
+                Ok(ran) => match self.acquire_answer(key, ran.reply)? {
+                    Answered::Done((outcome, line)) => {
+                        let ticket = match (place, line) {
+                            (Some(place), Some(line)) => {
+                                self.place_in_line(key, place, line, not_after).await?
+                            }
+                            _ => None,
+                        };
+                        return Ok(WaiterAnswer { outcome, ticket });
+                    }
+                    Answered::Late(stamp, reading) => refused = Some((stamp, reading)),
+                },
+                // Waited out the row-lock bound on a row another transaction holds
+                // (an uncommitted acquire, a `SELECT … FOR UPDATE`): the statement
+                // was rolled back, so nothing changed, and someone else is busy
+                // with the key. The same answer as PostgreSQL's for its
+                // `lock_timeout`.
+                Err(Failed::Statement(e)) if is_busy_for_try(&e) => {
+                    return Ok(WaiterAnswer {
+                        outcome: AcquireOutcome::Held { remaining: None },
+                        ticket: None,
+                    });
+                }
+                Err(failed) => return Err(failed.into_error(self, "acquire")),
+            }
+        }
+        let (stamp, reading) = refused.expect("a refusal");
+        Err(late("acquire", key, stamp, reading))
+    }
+
+    /// A refused waiter's ticket: the one it brought, if the refusal's `line`
+    /// says it is in the line; else a new one from `take_ticket` (or none if
+    /// that found no row or ran past the bound: the waiter asks again).
+    async fn place_in_line(
+        &self,
+        key: &LockKey,
+        place: Place,
+        line: i64,
+        not_after: Instant,
+    ) -> Result<Option<Ticket>> {
+        if line & sql::LINE_IN != 0
+            && let Some(number) = place.ticket
+        {
+            return Ok(Some(Ticket {
+                number,
+                ahead: u64::try_from(line & sql::LINE_MAX_AHEAD).unwrap_or(0),
+            }));
+        }
+        let call = Call::Write {
+            sql: &self.inner.sql.take_ticket,
+            params: WriteParams::ticket(key),
+            window: false,
+        };
+        let ran = self.run("ticket", &call, not_after).await?;
+        let (_, id, _, _) = ran.reply.written("ticket")?;
+        // The new line_next; the ticket is one less. How many come before it
+        // is learnt at the next try: until then it counts as next in line, so
+        // that it asks again soon.
+        Ok(u64::try_from(id)
+            .ok()
+            .filter(|&next| next > 0)
+            .map(|next| Ticket {
+                number: next - 1,
+                ahead: 0,
+            }))
     }
 
     fn extend_call(&self, key: &LockKey, token: &Token, ttl: Ttl) -> Call<'_> {
@@ -608,30 +729,25 @@ impl LockBackend for MySqlBackend {
         owner: &str,
         not_after: Instant,
     ) -> Result<AcquireOutcome> {
-        let call = self.acquire_call(key, token, ttl, owner)?;
-        let mut refused = None;
-        for _ in 0..2 {
-            if refused.is_some() && Instant::now() >= not_after {
-                break;
-            }
-            match self.run_unmapped("acquire", &call, not_after).await {
-                Ok(ran) => match self.acquire_answer(key, ran.reply)? {
-                    Answered::Done(outcome) => return Ok(outcome),
-                    Answered::Late(stamp, reading) => refused = Some((stamp, reading)),
-                },
-                // Waited out the row-lock bound on a row another transaction holds
-                // (an uncommitted acquire, a `SELECT … FOR UPDATE`): the statement
-                // was rolled back, so nothing changed, and someone else is busy
-                // with the key. The same answer as PostgreSQL's for its
-                // `lock_timeout`.
-                Err(Failed::Statement(e)) if is_busy_for_try(&e) => {
-                    return Ok(AcquireOutcome::Held { remaining: None });
-                }
-                Err(failed) => return Err(failed.into_error(self, "acquire")),
-            }
-        }
-        let (stamp, reading) = refused.expect("a refusal");
-        Err(late("acquire", key, stamp, reading))
+        let answer = self
+            .acquire(key, token, ttl, owner, None, not_after)
+            .await?;
+        Ok(answer.outcome)
+    }
+
+    /// As `try_acquire`; a refusal that finds the caller's ticket out of the
+    /// line takes a new one, with a second statement.
+    async fn try_acquire_as_waiter(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        ttl: Ttl,
+        owner: &str,
+        place: Place,
+        not_after: Instant,
+    ) -> Result<WaiterAnswer> {
+        self.acquire(key, token, ttl, owner, Some(place), not_after)
+            .await
     }
 
     async fn extend(
@@ -752,6 +868,20 @@ impl LockBackend for MySqlBackend {
         };
         self.run("create table", &call, self.read_deadline())
             .await?;
+        // A table made by an earlier version: add the line's columns it lacks.
+        // Two processes may race here; an ALTER that fails because the other
+        // added the column first is fine.
+        for (column, alter) in &self.inner.sql.line_columns {
+            if self.has_column(column).await? {
+                continue;
+            }
+            let call = Call::Ddl { sql: alter };
+            if let Err(error) = self.run("create table", &call, self.read_deadline()).await
+                && !self.has_column(column).await?
+            {
+                return Err(error);
+            }
+        }
         Ok(())
     }
 

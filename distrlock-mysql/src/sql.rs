@@ -140,7 +140,7 @@
 //!
 //! | tag | payload | refusal |
 //! |---|---|---|
-//! | 0 | `min(remaining µs, 2^36 − 1) · 2^24 + (reading − reference)` | acquire only: another token holds a live lease |
+//! | 0 | `(min(remaining ms, 2^26 − 1) · 2^10 + line) · 2^24 + (reading − reference)` | acquire only: another token holds a live lease, or the key is free in another waiter's turn; `line` is the caller's place in the key's line ([`LINE_BITS`]) |
 //! | 1 | `reading` | the bound had passed, or the reading is outside the window: late, or the estimate was off |
 //! | 2 | `reading` (of the pinned clock) | the session's clock is pinned |
 //! | 3 | `reading` | acquire only: the next fence would not fit |
@@ -197,7 +197,7 @@ use std::time::Duration;
 
 use distrlock_core::server_clock::from_unix_micros;
 use distrlock_core::{
-    Error, Fence, LockInfo, LockKey, LockState, Owner, Result, TableName, Token, Ttl,
+    Error, Fence, LockInfo, LockKey, LockState, Owner, Place, Result, TableName, Token, Ttl,
 };
 use mysql_async::{Row, Value};
 
@@ -233,9 +233,23 @@ pub(crate) const WINDOW_US: i64 = 1 << OFFSET_BITS;
 /// The largest fence a grant can report: `2^39 − 1`.
 pub(crate) const MAX_FENCE: i64 = (1 << (63 - OFFSET_BITS)) - 1;
 
-/// The largest remaining lease a refusal reports, in µs (19 hours); longer
-/// ones are reported as this.
-pub(crate) const MAX_REMAINING_US: i64 = (1 << 36) - 1;
+/// How many bits of a held refusal's payload, above the offset, carry the
+/// caller's place in the key's line: 0 when its ticket is not in the line (or
+/// it brought none), else `LINE_IN | min(ahead, LINE_MAX_AHEAD)`.
+pub(crate) const LINE_BITS: u32 = 10;
+
+/// The line field's flag: the ticket the caller brought is in the line.
+pub(crate) const LINE_IN: i64 = 1 << (LINE_BITS - 1);
+
+/// The most tickets ahead a refusal reports; more are reported as this.
+pub(crate) const LINE_MAX_AHEAD: i64 = LINE_IN - 1;
+
+/// The largest remaining lease (or turn) a refusal reports, in milliseconds
+/// (18.6 hours); longer ones are reported as this.
+pub(crate) const MAX_REMAINING_MS: i64 = (1 << 26) - 1;
+
+/// One turn of the line of waiters, in µs ([`distrlock_core::line::TURN`]).
+pub(crate) const TURN_US: i64 = distrlock_core::line::TURN.as_micros() as i64;
 
 /// Refusal tags (see the table in the module docs).
 const TAG_HELD: i64 = 0;
@@ -302,6 +316,9 @@ pub(crate) struct Statements {
     pub(crate) acquire: String,
     pub(crate) extend: String,
     pub(crate) release: String,
+    pub(crate) take_ticket: String,
+    /// The line's columns and the ALTERs that add them to an older table.
+    pub(crate) line_columns: Vec<(&'static str, String)>,
     pub(crate) inspect: String,
     pub(crate) list: String,
     /// The clock guard, for the batch extends built per batch size.
@@ -325,6 +342,8 @@ impl Statements {
             acquire: acquire(&t, &real, max_clock_skew),
             extend: extend(&t, &real),
             release: release(&t, &real),
+            take_ticket: take_ticket(&t),
+            line_columns: line_columns(&t),
             inspect: format!("{SELECT_INFO} FROM {t} WHERE lock_key = ?"),
             list: format!("{SELECT_INFO} FROM {t} ORDER BY lock_key"),
             real_clock: real,
@@ -386,6 +405,9 @@ impl LockSql {
             Value::from(token),
             Value::from(owner),
             Value::from(ttl_us),
+            // A plain try: no ticket, fair.
+            Value::NULL,
+            Value::from(0),
             Stamp::new(reading, i64::MAX, true),
         )
     }
@@ -468,6 +490,10 @@ fn report_reading() -> String {
 /// - `owner VARCHAR(255)` in `utf8mb4` (at most 255 bytes are ever written).
 /// - `acquired_at`, `expires_at DATETIME(6)`: server UTC instants with
 ///   microseconds; `expires_at` is NULL once released.
+/// - `released_at`, `line_next`, `line_head`: the line of waiters (tickets
+///   below `line_next` were handed out; `line_head` is the first one not yet
+///   served when the key last became free, at `released_at` or at its lease's
+///   end). [`line_columns`] adds them to a table made before them.
 /// - InnoDB for row locks and crash safety; `utf8mb4_bin` as the table default so
 ///   that `owner` holds any Unicode text and compares exactly.
 fn create_table(t: &str) -> String {
@@ -479,9 +505,54 @@ fn create_table(t: &str) -> String {
         \x20   owner       VARCHAR(255)   NOT NULL,\n\
         \x20   acquired_at DATETIME(6)    NOT NULL,\n\
         \x20   expires_at  DATETIME(6)    NULL,\n\
+        \x20   released_at DATETIME(6)    NULL,\n\
+        \x20   line_next   BIGINT         NOT NULL DEFAULT 0,\n\
+        \x20   line_head   BIGINT         NOT NULL DEFAULT 0,\n\
         \x20   PRIMARY KEY (lock_key)\n\
         ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin \
         COMMENT='distrlock leases: one row per key, kept after release so fences never go back'"
+    )
+}
+
+/// The line's columns, each with the `ALTER TABLE` that adds it to a table
+/// made by an earlier version (`create_table` runs those whose column is
+/// missing; MySQL has no `ADD COLUMN IF NOT EXISTS`).
+pub(crate) fn line_columns(t: &str) -> Vec<(&'static str, String)> {
+    [
+        ("released_at", "DATETIME(6) NULL"),
+        ("line_next", "BIGINT NOT NULL DEFAULT 0"),
+        ("line_head", "BIGINT NOT NULL DEFAULT 0"),
+    ]
+    .into_iter()
+    .map(|(name, ty)| (name, format!("ALTER TABLE {t} ADD COLUMN {name} {ty}")))
+    .collect()
+}
+
+/// The names of a table's columns: params the table's schema (NULL for the
+/// connection's database) and name.
+pub(crate) const COLUMNS: &str = "SELECT column_name FROM information_schema.columns \
+    WHERE table_schema = COALESCE(?, DATABASE()) AND table_name = ?";
+
+/// The ticket served now on the row of an `ON DUPLICATE KEY UPDATE`
+/// ([`distrlock_core::line::serving`]): while the lease is not yet open to
+/// another token (live, or ended less than `max_clock_skew` ago), the line's
+/// head; after that one more per whole turn since the key became free (its
+/// release, or its lease's end plus the skew). A row released before the line
+/// existed has neither instant: its line is empty (`line_next`).
+fn serving(skew_us: u128) -> String {
+    format!(
+        "IF(expires_at > UTC_TIMESTAMP(6) - INTERVAL {skew_us} MICROSECOND, line_head, \
+            COALESCE(line_head + GREATEST(0, {UTC_US} - {free_us}) DIV {TURN_US}, line_next))",
+        free_us = free_us(skew_us),
+    )
+}
+
+/// When the key became free, µs since 1970 (NULL for a row released before
+/// the line existed).
+fn free_us(skew_us: u128) -> String {
+    format!(
+        "TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', \
+            COALESCE(expires_at + INTERVAL {skew_us} MICROSECOND, released_at))"
     )
 }
 
@@ -523,11 +594,21 @@ fn create_table(t: &str) -> String {
 ///      ago (by the clock of this server, which may run ahead of the one that
 ///      wrote the lease): keep it and report the remaining lease plus the
 ///      skew (tag 0). Else (released: NULL, or expired more than the skew
-///      ago): a new holding, `fence + 1`. A fence past [`MAX_FENCE`] is
-///      refused with tag 3 instead.
+///      ago): a new holding, `fence + 1`, if the line lets the caller in —
+///      it is empty, or it is the turn of the caller's ticket, or the caller
+///      is an unfair waiter; else refused like a held key (tag 0), reporting
+///      what is left of the served ticket's turn. A fence past [`MAX_FENCE`]
+///      is refused with tag 3 instead. Every tag 0 refusal reports, in
+///      [`LINE_BITS`] bits above the offset, whether the caller's ticket is
+///      in the line and how many come before it (the caller takes a ticket
+///      with [`take_ticket`] when it is not).
 ///   2. `acquired_at` is reset only when a grant starts a new holding (the old
 ///      lease was not live).
-///   3. `owner`, 4. `token` and 5. `expires_at` take the caller's values on a
+///   3. `line_head` moves on when a grant starts a new holding: past every
+///      ticket if the line was empty, past the caller's if served in turn,
+///      else (an unfair waiter) up to the ticket served now, which keeps its
+///      place for the next release.
+///   4. `owner`, 5. `token` and 6. `expires_at` take the caller's values on a
 ///      grant and keep the old ones otherwise.
 /// - `expires_at > UTC_TIMESTAMP(6)` is false for NULL, so a released row is
 ///   never live; the comparison is on the server clock at microsecond precision.
@@ -541,12 +622,49 @@ fn acquire(t: &str, real_clock: &str, max_clock_skew: Duration) -> String {
     let exhausted = report(&refusal(TAG_FENCE_EXHAUSTED, " + 0 * fence"), "fence");
     let late_now = report(&refusal(TAG_CLOCK, " + 0 * fence"), "fence");
     let renew = report(&format!("fence * {WINDOW_US} + {offset}"), "fence");
-    let held = report(
+    let serving = serving(skew_us);
+    // The caller's place (params: ticket ×3), see LINE_BITS: the releases
+    // before its turn, less `running` (1 when a ticket's turn runs now on the
+    // free key: that one takes it without a release).
+    let line = |running: u8| {
+        // CAST: a parameter of no declared type (NULL) would make the
+        // arithmetic DOUBLE, which cannot carry the payload's 60 bits.
+        format!(
+            "CAST(IF(CAST(? AS SIGNED) >= {serving} AND CAST(? AS SIGNED) < line_next, \
+                {LINE_IN} + LEAST(GREATEST(0, CAST(? AS SIGNED) - {serving} - {running}), \
+                {LINE_MAX_AHEAD}), 0) AS SIGNED)"
+        )
+    };
+    // A tag 0 refusal of `remaining_us`, with the caller's place.
+    let held_for = |remaining_us: &str, line: String| {
+        report(
+            &format!(
+                "-1 - {TAG_HELD} - 4 * ((LEAST(GREATEST(0, {remaining_us}) DIV 1000, \
+                 {MAX_REMAINING_MS}) * {line_span} + {line}) * {WINDOW_US} + {offset})",
+                line_span = 1i64 << LINE_BITS,
+            ),
+            "fence",
+        )
+    };
+    let held = held_for(
+        &format!("TIMESTAMPDIFF(MICROSECOND, UTC_TIMESTAMP(6), expires_at) + {skew_us}"),
+        line(0),
+    );
+    // Free, in another ticket's turn: what is left of that turn.
+    let held_by_line = held_for(
         &format!(
-            "-1 - {TAG_HELD} - 4 * (LEAST(TIMESTAMPDIFF(MICROSECOND, UTC_TIMESTAMP(6), expires_at) \
-             + {skew_us}, {MAX_REMAINING_US}) * {WINDOW_US} + {offset})"
+            "{free_us} + ({serving} - line_head + 1) * {TURN_US} - {UTC_US}",
+            free_us = free_us(skew_us),
         ),
-        "fence",
+        line(1),
+    );
+    // Params: ticket, unfair.
+    let line_lets_in =
+        format!("({serving} >= line_next OR {serving} = CAST(? AS SIGNED) OR ? = 1)");
+    // Params: ticket ×2.
+    let new_head = format!(
+        "IF({serving} >= line_next, line_next, \
+            IF({serving} = CAST(? AS SIGNED), CAST(? AS SIGNED) + 1, {serving}))"
     );
     let take_over = report(
         &format!("(fence + 1) * {WINDOW_US} + {offset}"),
@@ -562,25 +680,58 @@ fn acquire(t: &str, real_clock: &str, max_clock_skew: Duration) -> String {
             IF(expires_at > UTC_TIMESTAMP(6) AND token = ?, \
                 IF(fence > {MAX_FENCE}, {exhausted}, {renew}), \
                 IF(expires_at > UTC_TIMESTAMP(6) - INTERVAL {skew_us} MICROSECOND, {held}, \
-                    IF(fence >= {MAX_FENCE}, {exhausted}, {take_over})))), \
+                    IF({line_lets_in}, \
+                        IF(fence >= {MAX_FENCE}, {exhausted}, {take_over}), \
+                        {held_by_line})))), \
         acquired_at = IF({GRANTED}, \
             IF(expires_at > UTC_TIMESTAMP(6), acquired_at, UTC_TIMESTAMP(6)), acquired_at), \
+        line_head = IF({GRANTED}, \
+            IF(expires_at > UTC_TIMESTAMP(6) AND token = ?, line_head, {new_head}), line_head), \
         owner = IF({GRANTED}, ?, owner), \
         token = IF({GRANTED}, ?, token), \
         expires_at = IF({GRANTED}, UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND, expires_at)"
     )
 }
 
-/// The parameters of [`acquire`], in the order of its placeholders.
+/// A refused waiter takes the next ticket in the key's line: the new
+/// `line_next` is the insert id (the ticket is one less), 0 when the key has
+/// no row or the bound has passed (then nothing changed, and the waiter asks
+/// again at its next try). A second round trip, only for a waiter whose
+/// refusal said its ticket is not in the line. It changes no lease.
+///
+/// Parameters ([`take_ticket_params`]): key, bound.
+fn take_ticket(t: &str) -> String {
+    format!(
+        "UPDATE {t} SET line_next = LAST_INSERT_ID(line_next + 1) \
+        WHERE lock_key = ? AND {SYS_US} <= ?"
+    )
+}
+
+/// The parameters of [`take_ticket`].
+pub(crate) fn take_ticket_params(key: Value, stamp: Stamp) -> Vec<Value> {
+    vec![key, Value::from(stamp.bound)]
+}
+
+/// The parameters of [`acquire`], in the order of its placeholders. `ticket`
+/// is the caller's ticket (NULL for none), `unfair` 1 for an unfair waiter.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn acquire_params(
     key: Value,
     token: Value,
     owner: Value,
     ttl_us: Value,
+    ticket: Value,
+    unfair: Value,
     stamp: Stamp,
 ) -> Vec<Value> {
     let (reference, bound) = (Value::from(stamp.reference), Value::from(stamp.bound));
-    vec![
+    let line = [
+        ticket.clone(),
+        ticket.clone(),
+        ticket.clone(),
+        reference.clone(),
+    ];
+    let mut params = vec![
         // The new row.
         key,
         token.clone(),
@@ -590,17 +741,22 @@ pub(crate) fn acquire_params(
         // The WHERE.
         reference.clone(),
         bound.clone(),
-        // fence: late, ours, and the offsets of renew, held and take-over.
+        // fence: late, ours, and the offset of renew.
         bound,
         token.clone(),
         reference.clone(),
-        reference.clone(),
-        reference,
-        // owner, token, expires_at.
-        owner,
-        token,
-        ttl_us,
-    ]
+    ];
+    // held: the place in line and the offset.
+    params.extend(line.clone());
+    // Whether the line lets the caller in, and take-over's offset.
+    params.extend([ticket.clone(), unfair, reference]);
+    // held by the line: the place in line and the offset.
+    params.extend(line);
+    // line_head: ours, and the new head.
+    params.extend([token.clone(), ticket.clone(), ticket]);
+    // owner, token, expires_at.
+    params.extend([owner, token, ttl_us]);
+    params
 }
 
 /// Extend: a new expiry for this token's live lease. One statement.
@@ -633,11 +789,12 @@ pub(crate) fn extend_params(ttl_us: Value, key: Value, token: Value, stamp: Stam
 /// Parameters ([`release_params`]): key, token, bound.
 ///
 /// Same guards and same insert-id report as [`extend`]; `expires_at = NULL`
-/// marks the row released, so a second release matches nothing and reports 0.
+/// marks the row released, so a second release matches nothing and reports 0,
+/// and `released_at` starts the first turn of the key's line.
 fn release(t: &str, real_clock: &str) -> String {
     format!(
         "UPDATE {t} \
-        SET {}, expires_at = NULL \
+        SET {}, expires_at = NULL, released_at = UTC_TIMESTAMP(6) \
         WHERE lock_key = ? AND token = ? AND {}",
         report_reading(),
         live_in_time(real_clock)
@@ -654,13 +811,18 @@ pub(crate) fn release_params(key: Value, token: Value, stamp: Stamp) -> Vec<Valu
 /// variant lists them in the order of its statement's placeholders through
 /// [`values`](Self::values).
 pub(crate) enum WriteParams {
-    /// [`acquire`]'s: key, token, owner, ttl µs.
+    /// [`acquire`]'s: key, token, owner, ttl µs, the caller's ticket (NULL for
+    /// none) and whether it is an unfair waiter (1).
     Acquire {
         key: Value,
         token: Value,
         owner: Value,
         ttl_us: Value,
+        ticket: Value,
+        unfair: Value,
     },
+    /// [`take_ticket`]'s: key.
+    Ticket { key: Value },
     /// [`extend`]'s: ttl µs, key, token.
     Extend {
         ttl_us: Value,
@@ -678,13 +840,33 @@ pub(crate) enum WriteParams {
 }
 
 impl WriteParams {
-    /// An acquire of `key` for `token` by `owner`, with a lease of `ttl`.
-    pub(crate) fn acquire(key: &LockKey, token: &Token, owner: Owner, ttl: Ttl) -> Self {
+    /// An acquire of `key` for `token` by `owner`, with a lease of `ttl`, by a
+    /// waiter at `place` or (`None`) a plain try.
+    pub(crate) fn acquire(
+        key: &LockKey,
+        token: &Token,
+        owner: Owner,
+        ttl: Ttl,
+        place: Option<Place>,
+    ) -> Self {
+        // A ticket past i64::MAX was never handed out: none.
+        let ticket = place
+            .and_then(|p| p.ticket)
+            .and_then(|t| i64::try_from(t).ok());
         WriteParams::Acquire {
             key: key_value(key),
             token: token_value(token),
             owner: Value::from(owner.into_string()),
             ttl_us: Value::from(ttl.as_micros()),
+            ticket: ticket.map_or(Value::NULL, Value::from),
+            unfair: Value::from(i64::from(place.is_some_and(|p| !p.fair))),
+        }
+    }
+
+    /// A ticket in the line of `key`.
+    pub(crate) fn ticket(key: &LockKey) -> Self {
+        WriteParams::Ticket {
+            key: key_value(key),
         }
     }
 
@@ -713,13 +895,18 @@ impl WriteParams {
                 token,
                 owner,
                 ttl_us,
+                ticket,
+                unfair,
             } => acquire_params(
                 key.clone(),
                 token.clone(),
                 owner.clone(),
                 ttl_us.clone(),
+                ticket.clone(),
+                unfair.clone(),
                 stamp,
             ),
+            WriteParams::Ticket { key } => take_ticket_params(key.clone(), stamp),
             WriteParams::Extend { ttl_us, key, token } => {
                 extend_params(ttl_us.clone(), key.clone(), token.clone(), stamp)
             }
@@ -893,8 +1080,14 @@ fn refusal_of(tag: i64, reading: i64) -> Option<Refusal> {
 pub(crate) enum AcquireAnswer {
     /// Acquired with `fence`; the lease runs from `reading`.
     Granted { fence: i64, reading: i64 },
-    /// Another token holds a live lease with `remaining_us` left.
-    Held { remaining_us: i64, reading: i64 },
+    /// Another token holds a live lease with `remaining_us` left, or the key
+    /// is free in another ticket's turn with that much of the turn left;
+    /// `line` is the caller's place (see [`LINE_BITS`]).
+    Held {
+        remaining_us: i64,
+        line: i64,
+        reading: i64,
+    },
     /// Nothing changed.
     Refused(Refusal),
 }
@@ -918,7 +1111,8 @@ pub(crate) fn decode_acquire(affected: u64, id: i64, reference: i64) -> Option<A
     }
     if tag == TAG_HELD {
         return Some(AcquireAnswer::Held {
-            remaining_us: payload >> OFFSET_BITS,
+            remaining_us: (payload >> (OFFSET_BITS + LINE_BITS)) * 1000,
+            line: (payload >> OFFSET_BITS) & ((1 << LINE_BITS) - 1),
             reading: reference + (payload & offset_mask),
         });
     }
@@ -1158,8 +1352,13 @@ mod tests {
         let s = statements(&TableName::default());
         let count = |sql: &str| sql.matches('?').count();
         let v = || Value::from(1);
-        assert_eq!(count(&s.acquire), 15);
-        assert_eq!(acquire_params(v(), v(), v(), v(), stamp()).len(), 15);
+        assert_eq!(count(&s.acquire), 27);
+        assert_eq!(
+            acquire_params(v(), v(), v(), v(), v(), v(), stamp()).len(),
+            27
+        );
+        assert_eq!(count(&s.take_ticket), 2);
+        assert_eq!(take_ticket_params(v(), stamp()).len(), 2);
         assert_eq!(count(&s.extend), 4);
         assert_eq!(extend_params(v(), v(), v(), stamp()).len(), 4);
         assert_eq!(count(&s.release), 3);
@@ -1247,7 +1446,7 @@ mod tests {
         // The takeover test and the reported remaining lease carry the skew.
         assert!(plain.acquire.contains("- INTERVAL 0 MICROSECOND"));
         assert!(skewed.acquire.contains("- INTERVAL 2500000 MICROSECOND"));
-        assert!(skewed.acquire.contains("expires_at) + 2500000,"));
+        assert!(skewed.acquire.contains("expires_at) + 2500000) DIV 1000"));
         // A renewal by the same token needs its lease live, as before, and the
         // holder's own statements do not change.
         assert!(
@@ -1259,7 +1458,7 @@ mod tests {
             (&plain.extend, &plain.release),
             (&skewed.extend, &skewed.release)
         );
-        assert_eq!(skewed.acquire.matches('?').count(), 15);
+        assert_eq!(skewed.acquire.matches('?').count(), 27);
     }
 
     #[test]
@@ -1271,7 +1470,9 @@ mod tests {
             i128::from(MAX_FENCE) * i128::from(WINDOW_US) + i128::from(WINDOW_US - 1)
                 <= i128::from(i64::MAX)
         );
-        let held = i128::from(MAX_REMAINING_US) * i128::from(WINDOW_US) + i128::from(WINDOW_US - 1);
+        let held = (i128::from(MAX_REMAINING_MS) << LINE_BITS | ((1 << LINE_BITS) - 1))
+            * i128::from(WINDOW_US)
+            + i128::from(WINDOW_US - 1);
         assert!(1 + 3 + 4 * held <= -(i128::from(i64::MIN)));
         // Year 9999 fits a clock refusal's payload.
         let year_9999 = 253_402_300_799_999_999_i128;
@@ -1299,12 +1500,19 @@ mod tests {
                 reading: reference + WINDOW_US - 1
             })
         );
-        // Refused: the holder's remaining lease and the reading's offset.
+        // Refused: the holder's remaining lease (ms), the caller's place in
+        // line and the reading's offset.
         for affected in [0, 1] {
+            let line = LINE_IN + 3;
             assert_eq!(
-                decode_acquire(affected, refusal(0, 1_500_000 * WINDOW_US + 42), reference),
+                decode_acquire(
+                    affected,
+                    refusal(0, ((1_500 << LINE_BITS) + line) * WINDOW_US + 42),
+                    reference
+                ),
                 Some(AcquireAnswer::Held {
                     remaining_us: 1_500_000,
+                    line,
                     reading: reference + 42
                 })
             );

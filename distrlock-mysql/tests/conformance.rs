@@ -11,6 +11,7 @@ distrlock_testkit::conformance_tests!(
         unreachable,
         kill_sessions,
         release_notifications,
-        schema_missing
+        schema_missing,
+        fair_order
     ]
 );

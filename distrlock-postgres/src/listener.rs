@@ -74,6 +74,8 @@ impl Listener {
                     Err(e) => Err(e),
                 },
             };
+            // Until listening again, releases go unannounced: waiters poll.
+            self.notifier.set_complete(false);
             if listening {
                 listened_before = true;
                 backoff = FIRST_BACKOFF;
@@ -126,6 +128,8 @@ impl Listener {
                 .await
                 .map_err(|e| e.to_string())?;
             *listening = true;
+            // From now on every release of the table is announced here.
+            self.notifier.set_complete(true);
             if listened_before {
                 // Releases announced while we were away are lost: wake everyone.
                 self.notifier.notify_all();

@@ -529,17 +529,21 @@ SELECT
                           + ({serving_l} - l.line_head + 1) * {TURN_US} - clock.at_us)
     END AS remaining_us,
     -- Refused: the caller's ticket, new or the one it brought (if still in
-    -- line), and how many tickets come before it.
+    -- line).
     CASE WHEN taken.fence IS NULL AND inserted.fence IS NULL THEN
          COALESCE(ticketed.ticket,
                   CASE WHEN $5::int8 <> {MODE_PLAIN} AND $6::int8 >= {serving_l}
                             AND $6::int8 < l.line_next THEN $6::int8 END)
     END AS ticket,
+    -- Releases before its turn: the tickets before it, less one whose turn
+    -- runs now on the free key (that one takes it without a release).
     CASE WHEN taken.fence IS NULL AND inserted.fence IS NULL THEN
-         COALESCE(ticketed.ticket,
-                  CASE WHEN $5::int8 <> {MODE_PLAIN} AND $6::int8 >= {serving_l}
-                            AND $6::int8 < l.line_next THEN $6::int8 END)
-         - {serving_l}
+         GREATEST(0, COALESCE(ticketed.ticket,
+                              CASE WHEN $5::int8 <> {MODE_PLAIN} AND $6::int8 >= {serving_l}
+                                        AND $6::int8 < l.line_next THEN $6::int8 END)
+                     - {serving_l}
+                     - CASE WHEN COALESCE(l.expires_at <= clock.at, true)
+                                 AND {serving_l} < l.line_next THEN 1 ELSE 0 END)
     END AS ahead,
     -- The statement's clock reading: when the lease was granted (it ends ttl later).
     clock.at_us AS server_us,

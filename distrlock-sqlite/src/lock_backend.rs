@@ -199,6 +199,7 @@ impl SqliteBackend {
                     ));
                 }
             };
+            let running = live.is_none() && serving < next;
             let ticket = match brought {
                 _ if mode == MODE_PLAIN => None,
                 Some(t) if t >= serving && t < next => Some(t),
@@ -216,7 +217,9 @@ impl SqliteBackend {
                 outcome: AcquireOutcome::Held { remaining },
                 ticket: ticket.map(|number| Ticket {
                     number: u64::try_from(number).unwrap_or(0),
-                    ahead: u64::try_from(number - serving).unwrap_or(0),
+                    // Releases before its turn: less one whose turn runs now
+                    // on the free key (that one takes it without a release).
+                    ahead: u64::try_from(number - serving - i64::from(running)).unwrap_or(0),
                 }),
             })
         })
