@@ -75,6 +75,10 @@ pub(crate) trait Env: Send + Sync {
     async fn native_waiters(&self, key: &str, n: usize) -> anyhow::Result<Vec<Box<dyn Waiter>>>;
     /// The server's own statement counters (cumulative), where it has them.
     async fn server_counters(&self) -> anyhow::Result<BTreeMap<String, u64>>;
+    /// How many more connections the server accepts now, where it limits them.
+    async fn free_connections(&self) -> anyhow::Result<Option<usize>> {
+        Ok(None)
+    }
 }
 
 /// A stable 64-bit hash of a key, for native locks that take integers.

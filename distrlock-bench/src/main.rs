@@ -43,6 +43,9 @@ struct Args {
     /// Client counts for scenario 1 (default 1,4,16; smoke 1,4).
     #[arg(long, value_delimiter = ',')]
     concurrency: Vec<usize>,
+    /// Waiter counts for scenario 2 (default 2,8,32,64; smoke 2).
+    #[arg(long, value_delimiter = ',')]
+    waiters: Vec<usize>,
     /// Whether the library's PostgreSQL backend listens for release
     /// notifications in scenarios 1 and 4 (its default: true).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -146,6 +149,7 @@ impl From<Args> for scenarios::Options {
             scenarios: args.scenarios,
             clients: args.clients,
             concurrency: args.concurrency,
+            waiters: (!args.waiters.is_empty()).then_some(args.waiters),
             listen: args.listen,
             plan,
             postgres_url: args.postgres_url,

@@ -292,6 +292,20 @@ impl Env for Postgres {
         }
         Ok(out)
     }
+
+    async fn free_connections(&self) -> anyhow::Result<Option<usize>> {
+        let client = self.bench_client().await?;
+        // Less the connections reserved for superusers.
+        let row = client
+            .query_one(
+                "SELECT current_setting('max_connections')::int8 \
+                     - current_setting('superuser_reserved_connections')::int8 \
+                     - (SELECT count(*) FROM pg_stat_activity)",
+                &[],
+            )
+            .await?;
+        Ok(Some(usize::try_from(row.get::<_, i64>(0)).unwrap_or(0)))
+    }
 }
 
 /// The backend's acquire and release statements, prepared on one connection.

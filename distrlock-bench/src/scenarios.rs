@@ -28,6 +28,8 @@ pub(crate) struct Options {
     pub(crate) scenarios: Vec<u8>,
     pub(crate) clients: Vec<String>,
     pub(crate) concurrency: Vec<usize>,
+    /// Scenario 2's waiter counts, when given.
+    pub(crate) waiters: Option<Vec<usize>>,
     pub(crate) listen: bool,
     pub(crate) plan: Plan,
     pub(crate) postgres_url: String,
@@ -371,7 +373,11 @@ const S2_HEADER: &str = "| backend | waiters | hold | client | acquisitions/s | 
 async fn contention(env: &dyn Env, opts: &Options, report: &mut Report) -> anyhow::Result<()> {
     let table = "distrlock_bench_s2";
     env.reset_table(table).await?;
-    let waiter_counts: &[usize] = if opts.smoke { &[2] } else { &[2, 8, 32, 64] };
+    let waiter_counts: &[usize] = if opts.smoke {
+        &[2]
+    } else {
+        opts.waiters.as_deref().unwrap_or(&[2, 8, 32, 64])
+    };
     let holds: &[u64] = &[0, 1];
     // Each waiter gets a backend of its own, as separate processes would: a
     // release then reaches the other waiters only through the database
@@ -397,6 +403,21 @@ async fn contention(env: &dyn Env, opts: &Options, report: &mut Report) -> anyho
         for &hold_ms in holds {
             for (label, listen) in &kinds {
                 let key = format!("contended-{n}-{hold_ms}");
+                // A connection per waiter, and one more when it listens: skip
+                // what the server cannot accept, saying so.
+                let needs = match listen {
+                    Some((true, _)) => 2 * n,
+                    _ => n,
+                };
+                if let Some(free) = env.free_connections().await?
+                    && needs + 2 > free
+                {
+                    eprintln!(
+                        "   {label} waiters={n}: skipped, needs {needs} connections and the \
+                         server accepts {free} more (max_connections)"
+                    );
+                    continue;
+                }
                 let waiters: Vec<Box<dyn Waiter>> = match listen {
                     Some((listen, fair)) => {
                         let mut out: Vec<Box<dyn Waiter>> = Vec::new();

@@ -8,16 +8,54 @@
 
 mod common;
 
+use common::line::{LineBug, LineHarness};
 use common::reference::{Mutant, RefHarness};
 use common::{Limiter, run_cases};
-use distrlock_testkit::{CASES, Capabilities};
+use distrlock_testkit::{CASES, Capabilities, Capability};
+
+/// What the reference backend offers: everything but a line of waiters
+/// (contract item 14), which `LineHarness`'s mutants cover.
+fn reference_capabilities() -> Capabilities {
+    Capabilities::none()
+        .with(Capability::Unreachable)
+        .with(Capability::KillSessions)
+        .with(Capability::ReleaseNotifications)
+        .with(Capability::SchemaMissing)
+}
+
+/// Every case but those of the line, which the reference backend lacks.
+fn reference_cases() -> Vec<&'static str> {
+    CASES
+        .iter()
+        .filter(|case| !case.needs.contains(&Capability::FairOrder))
+        .map(|case| case.name)
+        .collect()
+}
+
+/// The cases of contract item 14.
+const LINE_CASES: &[&str] = &[
+    "waiters_are_served_in_order",
+    "a_gone_waiter_holds_the_line_one_turn",
+    "waiting_acquires_are_served_in_order",
+];
+
+/// The verdicts of the line cases on `bug`.
+fn line_verdicts(bug: LineBug) -> Vec<(String, Result<(), String>)> {
+    let caps = Capabilities::none().with(Capability::FairOrder);
+    run_cases(&LineHarness(bug), caps, LINE_CASES, &LIMITER)
+}
 
 /// At most 6 cases at once in this binary.
 static LIMITER: Limiter = Limiter::new(6);
 
 /// Asserts that every case in `cases` fails on `mutant`.
 fn caught_by(mutant: Mutant, cases: &[&str]) {
-    let verdicts = run_cases(&RefHarness(mutant), Capabilities::all(), cases, &LIMITER);
+    let verdicts = run_cases(
+        &RefHarness(mutant),
+        reference_capabilities(),
+        cases,
+        &LIMITER,
+    );
     let mut passed = Vec::new();
     for (name, verdict) in verdicts {
         match verdict {
@@ -36,10 +74,10 @@ fn caught_by(mutant: Mutant, cases: &[&str]) {
 
 #[test]
 fn the_reference_backend_passes_every_case() {
-    let names: Vec<&str> = CASES.iter().map(|case| case.name).collect();
+    let names = reference_cases();
     let verdicts = run_cases(
         &RefHarness(Mutant::None),
-        Capabilities::all(),
+        reference_capabilities(),
         &names,
         &LIMITER,
     );
@@ -57,10 +95,15 @@ fn the_reference_backend_passes_every_case() {
 #[test]
 #[ignore = "runs every case on every mutant (minutes); prints the catch matrix"]
 fn catch_matrix() {
-    let names: Vec<&str> = CASES.iter().map(|case| case.name).collect();
+    let names = reference_cases();
     let mut report = String::new();
     for mutant in Mutant::ALL {
-        let verdicts = run_cases(&RefHarness(mutant), Capabilities::all(), &names, &LIMITER);
+        let verdicts = run_cases(
+            &RefHarness(mutant),
+            reference_capabilities(),
+            &names,
+            &LIMITER,
+        );
         let catchers: Vec<String> = verdicts
             .into_iter()
             .filter(|(_, verdict)| verdict.is_err())
@@ -287,4 +330,41 @@ fn not_after_is_ignored() {
 #[test]
 fn releases_are_not_announced() {
     caught_by(Mutant::SilentReleases, &["release_wakes_waiter"]);
+}
+
+#[test]
+fn a_correct_line_passes_the_line_cases() {
+    for (name, verdict) in line_verdicts(LineBug::None) {
+        assert!(
+            verdict.is_ok(),
+            "the memory backend's line failed {name}: {verdict:?}"
+        );
+    }
+}
+
+#[test]
+fn a_backend_without_a_line_is_caught() {
+    for (name, verdict) in line_verdicts(LineBug::NoLine) {
+        assert!(verdict.is_err(), "a backend without a line passed {name}");
+    }
+}
+
+#[test]
+fn a_line_whose_turns_are_ignored_is_caught() {
+    let caught: Vec<String> = line_verdicts(LineBug::IgnoresTurns)
+        .into_iter()
+        .filter(|(_, verdict)| verdict.is_err())
+        .map(|(name, _)| name)
+        .collect();
+    // Through the manager, waiters that count releases may keep their order
+    // even when the backend does not enforce it; the direct cases see it.
+    for case in [
+        "waiters_are_served_in_order",
+        "a_gone_waiter_holds_the_line_one_turn",
+    ] {
+        assert!(
+            caught.iter().any(|name| name == case),
+            "{case} passed a line whose turns are ignored (caught by {caught:?})"
+        );
+    }
 }

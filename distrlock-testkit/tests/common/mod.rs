@@ -1,7 +1,9 @@
 //! Shared by the testkit's own tests: running cases by name on their own
-//! threads, and a small reference backend with one switchable bug at a time.
+//! threads, a small reference backend with one switchable bug at a time, and
+//! broken lines of waiters.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod line;
 pub mod reference;
 
 use std::sync::{Condvar, Mutex};
