@@ -35,7 +35,7 @@ pub struct Lock {
 /// How soon a waiter that polls (its backend announces no releases) asks
 /// again when its ticket is next in line; one more of this per ticket ahead
 /// of it, and at most a quarter turn, so that it never misses its turn.
-const HEAD_POLL: Duration = Duration::from_millis(3);
+const HEAD_POLL: Duration = Duration::from_millis(1);
 
 impl Lock {
     pub(crate) fn new(manager: LockManager, key: LockKey) -> Self {
