@@ -205,6 +205,8 @@ impl Lock {
                 ticket: ticket.map(|t| t.number),
                 fair: self.fair,
             });
+            // Whether this try was refused (not failed).
+            let mut refused = false;
             // When the holder's lease ends, if the backend said.
             let holder_expiry = match attempt.try_once(place).await {
                 Ok((answer, sent)) => match answer.outcome {
@@ -219,10 +221,12 @@ impl Lock {
                     }
                     AcquireOutcome::Held { remaining } => {
                         failures = 0;
+                        refused = true;
                         // A refusal without a ticket (the backend keeps no
-                        // line, or could not hand one out now) leaves us with
-                        // none: the next try asks again.
-                        ticket = answer.ticket;
+                        // line, or could not tell this time) keeps the one we
+                        // have, if any: the next try brings it again, and the
+                        // backend hands out a new one if it is out of line.
+                        ticket = answer.ticket.or(ticket);
                         remaining.and_then(|r| sent.at.checked_add(r))
                     }
                 },
@@ -245,23 +249,28 @@ impl Lock {
                 });
             }
             let holder_left = holder_expiry.map(|at| at.saturating_duration_since(now));
-            let mut delay = config.retry.delay(tries, holder_left);
-            if let Some(ticket) = ticket {
-                // In line: ask again often enough never to miss our turn,
-                // which lasts one TURN once it comes. When every release is
-                // announced, the announcements wake us; otherwise poll, the
-                // nearer the head of the line the sooner (a long wait polls
-                // less often: 1/64 of it).
-                let poll = if notifier.is_some_and(|n| n.is_complete()) {
-                    line::TURN / 2
-                } else {
-                    HEAD_POLL
-                        .saturating_mul(u32::try_from(ticket.ahead + 1).unwrap_or(u32::MAX))
-                        .max((now - started) / 64)
-                        .min(line::TURN / 4)
-                };
-                delay = delay.min(poll);
-            }
+            let delay = match ticket {
+                // In line, and just refused (after a failed try, back off as
+                // usual): ask again often enough never to miss our turn, which
+                // lasts one TURN once it comes, and when the holder's lease (or
+                // the running turn) ends. When every release is announced, the
+                // announcements wake us; otherwise poll, the nearer the head
+                // of the line the sooner (a long wait polls less often: 1/64
+                // of it).
+                Some(ticket) if refused => {
+                    let poll = if notifier.is_some_and(|n| n.is_complete()) {
+                        line::TURN / 2
+                    } else {
+                        HEAD_POLL
+                            .saturating_mul(u32::try_from(ticket.ahead + 1).unwrap_or(u32::MAX))
+                            .max((now - started) / 64)
+                            .min(line::TURN / 4)
+                    };
+                    poll.min(holder_left.unwrap_or(poll))
+                        .max(crate::RetryPolicy::MIN_DELAY)
+                }
+                _ => config.retry.delay(tries, holder_left),
+            };
             let mut wake = now
                 .checked_add(delay)
                 .unwrap_or(now + config.retry.max_delay());

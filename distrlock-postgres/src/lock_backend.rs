@@ -65,23 +65,43 @@ impl PostgresBackend {
             &mode,
             &ticket,
         ];
-        match self
-            .run(
-                &self.inner.sql.acquire,
-                ACQUIRE_TYPES,
-                &params,
-                Some(not_after),
-            )
-            .await
-        {
-            Ok(answer) => self.acquire_outcome(&answer, ttl),
-            // Waited past lock_timeout on a row another transaction is writing: the
-            // statement rolled back, nothing changed, and the key is busy.
-            Err(Failure::Pg(e)) if is_lock_not_available(&e) => Ok(WaiterAnswer {
-                outcome: AcquireOutcome::Held { remaining: None },
-                ticket: None,
-            }),
-            Err(failure) => Err(failure.into_error(self)),
+        // A waiter refused without the ticket it needed (the row was locked by
+        // the holder's extend or release, or another waiter's ticket) asks once
+        // more at once: without a ticket it would back off like a waiter with
+        // no line, and lose its place to those who came later.
+        let mut asked_again = false;
+        loop {
+            let answer = match self
+                .run(
+                    &self.inner.sql.acquire,
+                    ACQUIRE_TYPES,
+                    &params,
+                    Some(not_after),
+                )
+                .await
+            {
+                Ok(answer) => answer,
+                // Waited past lock_timeout on a row another transaction is
+                // writing: the statement rolled back, nothing changed, and the
+                // key is busy.
+                Err(Failure::Pg(e)) if is_lock_not_available(&e) => {
+                    return Ok(WaiterAnswer {
+                        outcome: AcquireOutcome::Held { remaining: None },
+                        ticket: None,
+                    });
+                }
+                Err(failure) => return Err(failure.into_error(self)),
+            };
+            let skipped = answer
+                .row()
+                .ok()
+                .and_then(|row| answer::Acquire::decode(row).ok())
+                .is_some_and(|row| row.ticket_skipped);
+            if skipped && !asked_again && Instant::now() < not_after {
+                asked_again = true;
+                continue;
+            }
+            return self.acquire_outcome(&answer, ttl);
         }
     }
 

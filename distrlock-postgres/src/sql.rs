@@ -255,7 +255,8 @@ pub(crate) struct Statements {
     /// Try-acquire: params `$1` key, `$2` token, `$3` ttl µs, `$4` owner, `$5`
     /// the caller's mode ([`MODE_PLAIN`], [`MODE_FAIR`], [`MODE_UNFAIR`]), `$6`
     /// its ticket (NULL for none), `$7` not-after bound µs; one row `(fence,
-    /// remaining_us, ticket, ahead, server_us, quarantine_us, max_ttl_us)`, a
+    /// remaining_us, ticket, ahead, ticket_skipped, server_us, quarantine_us,
+    /// max_ttl_us)`, a
     /// NULL fence when refused (held, or not this caller's turn; late:
     /// `server_us >= $7`; in a failover quarantine: `quarantine_us` not NULL;
     /// too long: `$3 > max_ttl_us`).
@@ -545,6 +546,10 @@ SELECT
                      - CASE WHEN COALESCE(l.expires_at <= clock.at, true)
                                  AND {serving_l} < l.line_next THEN 1 ELSE 0 END)
     END AS ahead,
+    -- Refused, needing a ticket, and none handed out: the row was locked by
+    -- another transaction (the caller asks again at once).
+    COALESCE(taken.fence IS NULL AND inserted.fence IS NULL AND ticketed.ticket IS NULL
+             AND {needs_ticket_l}, false) AS ticket_skipped,
     -- The statement's clock reading: when the lease was granted (it ends ttl later).
     clock.at_us AS server_us,
     -- Refused for a failover quarantine: the µs it has left; else NULL.
@@ -857,6 +862,8 @@ pub(crate) mod answer {
         /// tickets come before it.
         pub(crate) ticket: Option<i64>,
         pub(crate) ahead: Option<i64>,
+        /// Refused, needing a ticket, and none handed out (the row was busy).
+        pub(crate) ticket_skipped: bool,
         pub(crate) gate: Gate,
     }
 
@@ -867,6 +874,7 @@ pub(crate) mod answer {
                 remaining_us: row.try_get("remaining_us")?,
                 ticket: row.try_get("ticket")?,
                 ahead: row.try_get("ahead")?,
+                ticket_skipped: row.try_get("ticket_skipped")?,
                 gate: Gate::decode(row)?,
             })
         }
@@ -954,8 +962,8 @@ pub struct LockSql {
     /// text, `$5` int8 mode (0 a plain try, 1 a fair waiter, 2 an unfair one),
     /// `$6` int8 ticket (NULL for none), `$7` not-after bound int8 (µs since
     /// the epoch on the server's clock; `i64::MAX` for none); returns one row
-    /// `(fence, remaining_us, ticket, ahead, server_us, quarantine_us,
-    /// max_ttl_us)`, a NULL fence when refused.
+    /// `(fence, remaining_us, ticket, ahead, ticket_skipped, server_us,
+    /// quarantine_us, max_ttl_us)`, a NULL fence when refused.
     pub acquire: String,
     /// Extend: `$1` key, `$2` token, `$3` ttl µs, `$4` bound; one row `(renewed,
     /// server_us, quarantine_us, max_ttl_us)`.

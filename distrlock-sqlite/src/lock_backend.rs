@@ -86,8 +86,31 @@ fn remaining(
 }
 
 /// The holder statement's row: `(fence, clock, lease_end, expires_at,
-/// freed_at, line_next, line_head)`.
-type Holder = (i64, String, Option<i64>, Option<i64>, Option<i64>, i64, i64);
+/// freed_at, line_next, line_head, token)`.
+type Holder = (
+    i64,
+    String,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    i64,
+    i64,
+    String,
+);
+
+/// Reads the holder statement's row.
+fn holder_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Holder> {
+    Ok((
+        row.get(0)?,
+        row.get(1)?,
+        row.get(2)?,
+        row.get(3)?,
+        row.get(4)?,
+        row.get(5)?,
+        row.get(6)?,
+        row.get(7)?,
+    ))
+}
 
 impl SqliteBackend {
     /// A try-acquire, by a waiter at `place` or (`None`) a plain try: the
@@ -114,6 +137,49 @@ impl SqliteBackend {
         let brought = place
             .and_then(|p| p.ticket)
             .and_then(|t| i64::try_from(t).ok());
+        if let Some(ticket) = brought {
+            // A waiter in line asks often: when the key is plainly held by
+            // another token and its ticket is in line but not next, answer
+            // from a read, without taking the file's write lock (which the
+            // holder's release needs). The next in line asks in a write
+            // transaction, as a first try does, so that it takes the key as
+            // soon as it is free.
+            let (key, token) = (key.clone(), token.clone());
+            let map = self.map();
+            let refused = self
+                .read(move |conn, sql, clock| {
+                    let holder: Option<Holder> = conn
+                        .prepare_cached(&sql.holder)
+                        .and_then(|mut stmt| {
+                            stmt.query_row(named_params! { ":key": key.as_str() }, holder_row)
+                                .optional()
+                        })
+                        .map_err(&map)?;
+                    let now = clock.now();
+                    Ok(holder.and_then(
+                        |(_, row_clock, lease_end, expires_at, _, next, head, holder)| {
+                            let left = lease_end.and_then(|end| {
+                                remaining(&row_clock, end, expires_at, clock, now)
+                            })?;
+                            (holder != token && ticket > head && ticket < next).then(|| {
+                                WaiterAnswer {
+                                    outcome: AcquireOutcome::Held {
+                                        remaining: Some(left),
+                                    },
+                                    ticket: Some(Ticket {
+                                        number: u64::try_from(ticket).unwrap_or(0),
+                                        ahead: u64::try_from(ticket - head).unwrap_or(0),
+                                    }),
+                                }
+                            })
+                        },
+                    ))
+                })
+                .await?;
+            if let Some(refused) = refused {
+                return Ok(refused);
+            }
+        }
         self.write(Some(not_after), move |tx, sql, clock, now| {
             let fence: Option<i64> = tx
                 .prepare_cached(&sql.acquire)
@@ -146,20 +212,10 @@ impl SqliteBackend {
             }
             // Refused: nothing was written. Report the holder's remaining lease,
             // or what is left of another ticket's turn.
-            let (fence, row_clock, lease_end, expires_at, freed_at, next, head): Holder = tx
+            let (fence, row_clock, lease_end, expires_at, freed_at, next, head, _): Holder = tx
                 .prepare_cached(&sql.holder)
                 .and_then(|mut stmt| {
-                    stmt.query_row(named_params! { ":key": key.as_str() }, |row| {
-                        Ok((
-                            row.get(0)?,
-                            row.get(1)?,
-                            row.get(2)?,
-                            row.get(3)?,
-                            row.get(4)?,
-                            row.get(5)?,
-                            row.get(6)?,
-                        ))
-                    })
+                    stmt.query_row(named_params! { ":key": key.as_str() }, holder_row)
                 })
                 .map_err(&map)?;
             let live = lease_end.and_then(|end| remaining(&row_clock, end, expires_at, clock, now));

@@ -126,7 +126,8 @@ impl Statements {
             // and until when, so a waiter sleeps exactly as long as needed, and
             // the key's line, to judge the caller's ticket.
             holder: format!(
-                "SELECT fence, clock, lease_end, expires_at, freed_at, line_next, line_head \
+                "SELECT fence, clock, lease_end, expires_at, freed_at, line_next, line_head, \
+                     token \
                  FROM {t} WHERE lock_key = :key"
             ),
             // A refused waiter whose ticket is not in the line takes the next
@@ -181,7 +182,8 @@ impl Statements {
 pub struct LockSql {
     /// Try-acquire; returns the fence, or no row when refused.
     pub acquire: String,
-    /// After a refused acquire: the holder's fence, clock and lease end.
+    /// After a refused acquire: the holder's fence, clock and lease end (and
+    /// the key's line, and the holder's token).
     pub holder: String,
     /// Extend; one changed row when renewed.
     pub extend: String,
