@@ -215,7 +215,9 @@ use crate::ttl::Ttl;
 ///     a ticket's turn runs, with the turn's remaining time as `remaining`, so
 ///     a waiter that died or gave up holds the line up for one turn at most.
 ///     An unfair waiter ([`Place::fair`](crate::line::Place::fair) false) takes
-///     a free key whenever it finds it free. Fair order never overrides items 1
+///     a free key whenever it finds it free; a grant moves the line past the
+///     grantee's ticket (and every ticket before it), so unfair grants leave
+///     no turns behind. Fair order never overrides items 1
 ///     to 13: a line only ever refuses more, never grants more.
 ///
 /// # Wrappers

@@ -269,7 +269,11 @@ impl Lock {
                     poll.min(holder_left.unwrap_or(poll))
                         .max(crate::RetryPolicy::MIN_DELAY)
                 }
-                _ => config.retry.delay(tries, holder_left),
+                // After a failed try: the usual backoff, but within a quarter
+                // turn while we hold a ticket, so that a passing error does
+                // not cost us our place.
+                Some(_) => config.retry.delay(tries, holder_left).min(line::TURN / 4),
+                None => config.retry.delay(tries, holder_left),
             };
             let mut wake = now
                 .checked_add(delay)

@@ -230,12 +230,15 @@ impl MemoryBackend {
         let fence = Fence::new(row.fence.get().checked_add(1).ok_or_else(|| {
             Error::backend(format!("fence of {key} is exhausted (at i64::MAX)"), false)
         })?);
-        row.head = if empty {
-            row.next
-        } else if in_turn {
-            serving + 1
-        } else {
-            serving
+        // Past the caller's ticket if it is in line (in turn, or an unfair
+        // waiter out of turn, so that unfair grants leave no turns behind).
+        let brought = place
+            .and_then(|p| p.ticket)
+            .filter(|&t| t >= serving && t < row.next);
+        row.head = match brought {
+            _ if empty => row.next,
+            Some(t) => t + 1,
+            None => serving,
         };
         row.token = *token;
         row.fence = fence;

@@ -605,9 +605,10 @@ fn free_us(skew_us: u128) -> String {
 ///   2. `acquired_at` is reset only when a grant starts a new holding (the old
 ///      lease was not live).
 ///   3. `line_head` moves on when a grant starts a new holding: past every
-///      ticket if the line was empty, past the caller's if served in turn,
-///      else (an unfair waiter) up to the ticket served now, which keeps its
-///      place for the next release.
+///      ticket if the line was empty, past the caller's if it is in line
+///      (served in turn, or an unfair waiter out of turn, which leaves no
+///      turns behind), else (an unfair waiter without one) up to the ticket
+///      served now, which keeps its place for the next release.
 ///   4. `owner`, 5. `token` and 6. `expires_at` take the caller's values on a
 ///      grant and keep the old ones otherwise.
 /// - `expires_at > UTC_TIMESTAMP(6)` is false for NULL, so a released row is
@@ -661,10 +662,11 @@ fn acquire(t: &str, real_clock: &str, max_clock_skew: Duration) -> String {
     // Params: ticket, unfair.
     let line_lets_in =
         format!("({serving} >= line_next OR {serving} = CAST(? AS SIGNED) OR ? = 1)");
-    // Params: ticket ×2.
+    // Params: ticket ×3.
     let new_head = format!(
         "IF({serving} >= line_next, line_next, \
-            IF({serving} = CAST(? AS SIGNED), CAST(? AS SIGNED) + 1, {serving}))"
+            IF(CAST(? AS SIGNED) >= {serving} AND CAST(? AS SIGNED) < line_next, \
+               CAST(? AS SIGNED) + 1, {serving}))"
     );
     let take_over = report(
         &format!("(fence + 1) * {WINDOW_US} + {offset}"),
@@ -753,7 +755,7 @@ pub(crate) fn acquire_params(
     // held by the line: the place in line and the offset.
     params.extend(line);
     // line_head: ours, and the new head.
-    params.extend([token.clone(), ticket.clone(), ticket]);
+    params.extend([token.clone(), ticket.clone(), ticket.clone(), ticket]);
     // owner, token, expires_at.
     params.extend([owner, token, ttl_us]);
     params
@@ -1352,10 +1354,10 @@ mod tests {
         let s = statements(&TableName::default());
         let count = |sql: &str| sql.matches('?').count();
         let v = || Value::from(1);
-        assert_eq!(count(&s.acquire), 27);
+        assert_eq!(count(&s.acquire), 28);
         assert_eq!(
             acquire_params(v(), v(), v(), v(), v(), v(), stamp()).len(),
-            27
+            28
         );
         assert_eq!(count(&s.take_ticket), 2);
         assert_eq!(take_ticket_params(v(), stamp()).len(), 2);
@@ -1458,7 +1460,7 @@ mod tests {
             (&plain.extend, &plain.release),
             (&skewed.extend, &skewed.release)
         );
-        assert_eq!(skewed.acquire.matches('?').count(), 27);
+        assert_eq!(skewed.acquire.matches('?').count(), 28);
     }
 
     #[test]

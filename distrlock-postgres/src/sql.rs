@@ -215,13 +215,15 @@ const TURN_US: i64 = distrlock_core::line::TURN.as_micros() as i64;
 /// once the key is free (released at `released_at`, or expired at
 /// `expires_at`), one more ticket per whole turn since. A row released before
 /// the line existed has neither instant: its line is empty (`line_next`).
-/// The line is empty when this is at or past `line_next`.
+/// The line is empty when this is at or past `line_next`. A clock that went
+/// back counts as no time since (never a ticket before the head).
 fn serving(l: &str) -> String {
     format!(
         "CASE WHEN {l}.expires_at > clock.at THEN {l}.line_head
               ELSE COALESCE({l}.line_head
-                            + (clock.at_us - (EXTRACT(EPOCH FROM COALESCE({l}.expires_at, {l}.released_at))
-                                              * 1000000)::int8) / {TURN_US},
+                            + GREATEST(0, clock.at_us
+                                          - (EXTRACT(EPOCH FROM COALESCE({l}.expires_at, {l}.released_at))
+                                             * 1000000)::int8) / {TURN_US},
                             {l}.line_next) END"
     )
 }
@@ -438,13 +440,16 @@ taken AS (
         owner = $4::text,
         -- Whole microseconds: no day part, so TimeZone cannot change the length.
         expires_at = clock.at + $3::int8 * interval '1 microsecond',
-        -- The line moves on: past every ticket if it was empty; past ours if
-        -- served in turn; else (an unfair waiter) up to the ticket served now,
-        -- which keeps its place for the next release. A retry of the same live
-        -- holding leaves it.
+        -- The line moves on: past every ticket if it was empty; past the
+        -- caller's ticket if it is in line (served in turn, or an unfair waiter
+        -- out of turn: the tickets before it go too, so that unfair grants
+        -- leave no turns behind); else (an unfair waiter without one) up to the
+        -- ticket served now, which keeps its place for the next release. A
+        -- retry of the same live holding leaves it.
         line_head = CASE WHEN l.token = $2::uuid AND l.expires_at > clock.at THEN l.line_head
                          WHEN {serving_l} >= l.line_next THEN l.line_next
-                         WHEN {serving_l} = $6::int8 THEN $6::int8 + 1
+                         WHEN $6::int8 >= {serving_l} AND $6::int8 < l.line_next
+                         THEN $6::int8 + 1
                          ELSE {serving_l} END
     FROM clock, gate
     WHERE l.lock_key = $1::text

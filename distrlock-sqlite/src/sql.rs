@@ -44,9 +44,9 @@ pub(crate) const MODE_UNFAIR: i64 = 2;
 /// became free (its release at `freed_at`, or its lease's end). Instants of
 /// another clock (an earlier boot) cannot be compared: the line then counts
 /// as empty (`line_next`), as it does on a row released before the line
-/// existed.
+/// existed. A clock that went back counts as no time since.
 const SERVING: &str = "(CASE WHEN clock = :clock AND COALESCE(lease_end, freed_at) IS NOT NULL \
-     THEN line_head + (:now - COALESCE(lease_end, freed_at)) / {TURN} ELSE line_next END)";
+     THEN line_head + max(0, :now - COALESCE(lease_end, freed_at)) / {TURN} ELSE line_next END)";
 
 /// The statements for one table, with its name quoted in.
 #[derive(Debug, Clone)]
@@ -94,9 +94,11 @@ impl Statements {
             //   of the caller's `:ticket`, or the caller is an unfair waiter
             //   (`:mode`); otherwise refused, and the caller stays in line.
             // - `line_head`: the line moves on past every ticket if it was
-            //   empty, past ours if served in turn, else (an unfair waiter) up
-            //   to the ticket served now, which keeps its place for the next
-            //   release; a retry of the same live holding leaves it.
+            //   empty, past the caller's if it is in line (served in turn, or
+            //   an unfair waiter out of turn, which leaves no turns behind),
+            //   else (an unfair waiter without one) up to the ticket served
+            //   now, which keeps its place for the next release; a retry of
+            //   the same live holding leaves it.
             // - `RETURNING fence` hands back the fence of this holding.
             acquire: format!(
                 "INSERT INTO {t} \
@@ -109,7 +111,8 @@ impl Statements {
                                         THEN acquired_at ELSE excluded.acquired_at END, \
                      line_head = CASE WHEN {LIVE} AND token = excluded.token THEN line_head \
                                       WHEN {serving} >= line_next THEN line_next \
-                                      WHEN {serving} = :ticket THEN :ticket + 1 \
+                                      WHEN :ticket >= {serving} AND :ticket < line_next \
+                                      THEN :ticket + 1 \
                                       ELSE {serving} END, \
                      token = excluded.token, \
                      owner = excluded.owner, \
