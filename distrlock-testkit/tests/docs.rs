@@ -62,9 +62,11 @@ fn the_counts_are_the_real_ones() {
         README.contains(&format!("the {needing} cases that need a capability")),
         "the README must say how many cases need a capability ({needing})"
     );
+    // What tests/memory_conformance.rs declares.
     let memory = distrlock_testkit::Capabilities::none()
         .with(Capability::Unreachable)
-        .with(Capability::ReleaseNotifications);
+        .with(Capability::ReleaseNotifications)
+        .with(Capability::FairOrder);
     let run = CASES
         .iter()
         .filter(|case| memory.missing(case.needs).is_empty())
