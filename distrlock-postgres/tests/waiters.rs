@@ -408,3 +408,43 @@ async fn a_waiting_acquire_runs_in_one_task_and_a_dropped_one_leaves_no_lock() {
     drop(manager);
     t.drop_table().await;
 }
+
+/// A release recorded later than the server's clock now reads (the clock went
+/// back after it) counts as no time since: a key with nobody in line is free at
+/// once, not refused until the clock catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_after_a_clock_step_back_leaves_the_key_free() {
+    let name = "a_release_after_a_clock_step_back_leaves_the_key_free";
+    let Some(t) = TestBackend::new(name, |b| b).await else {
+        return;
+    };
+    let k = key("stepped");
+    let long = ttl(Duration::from_secs(30));
+    let holder = Token::new();
+    fence_of(
+        t.backend
+            .try_acquire(&k, &holder, long, "o", soon())
+            .await
+            .unwrap(),
+    );
+    t.backend.release(&k, &holder, soon()).await.unwrap();
+    // As if the clock stepped back 10 minutes after the release.
+    t.admin
+        .execute(
+            &format!(
+                "UPDATE \"{}\" SET released_at = released_at + interval '10 minutes' \
+                 WHERE lock_key = $1",
+                t.table
+            ),
+            &[&k.as_str()],
+        )
+        .await
+        .unwrap();
+    fence_of(
+        t.backend
+            .try_acquire(&k, &Token::new(), long, "o", soon())
+            .await
+            .unwrap(),
+    );
+    t.drop_table().await;
+}

@@ -513,3 +513,31 @@ async fn create_table_adds_the_line_to_a_table_made_before_it() {
     let info = backend.inspect(&held).await.unwrap().unwrap();
     assert_eq!((info.fence.get(), info.state), (7, LockState::Held));
 }
+
+/// A release recorded later than the clock now reads (the clock went back after
+/// it) counts as no time since: a key with nobody in line is free at once.
+#[tokio::test]
+async fn a_release_after_a_clock_step_back_leaves_the_key_free() {
+    let (_dir, path, backend) = fresh().await;
+    let key = LockKey::new("stepped").unwrap();
+    let token = Token::new();
+    backend
+        .try_acquire(&key, &token, ttl(LONG), "o", soon())
+        .await
+        .unwrap();
+    backend.release(&key, &token, soon()).await.unwrap();
+    // As if the clock stepped back 10 minutes after the release.
+    let conn = Connection::open(&path).unwrap();
+    conn.execute(
+        "UPDATE distributed_locks SET freed_at = freed_at + 600000000 WHERE lock_key = ?1",
+        params![key.as_str()],
+    )
+    .unwrap();
+    let outcome = backend
+        .try_acquire(&key, &Token::new(), ttl(LONG), "o", soon())
+        .await;
+    assert!(
+        matches!(outcome, Ok(AcquireOutcome::Acquired { .. })),
+        "got {outcome:?}"
+    );
+}
