@@ -264,8 +264,8 @@ impl MySqlBackend {
         })
     }
 
-    /// Whether the lock table has `column` (`create_table`'s upgrade).
-    async fn has_column(&self, column: &str) -> Result<bool> {
+    /// The lock table's column names (`create_table`'s upgrade).
+    async fn columns(&self) -> Result<Vec<String>> {
         let table = self.table();
         let call = Call::Read {
             sql: sql::COLUMNS,
@@ -279,11 +279,10 @@ impl MySqlBackend {
             .await?
             .reply
             .rows("create table")?;
-        Ok(rows.into_iter().any(|row| {
-            row.get_opt::<String, _>(0)
-                .and_then(|name| name.ok())
-                .is_some_and(|name| name.eq_ignore_ascii_case(column))
-        }))
+        Ok(rows
+            .into_iter()
+            .filter_map(|row| row.get_opt::<String, _>(0).and_then(|name| name.ok()))
+            .collect())
     }
 
     /// A try-acquire, by a waiter at `place` or (`None`) a plain try: the
@@ -871,15 +870,17 @@ impl LockBackend for MySqlBackend {
         // A table made by an earlier version: add the line's columns it lacks.
         // Two processes may race here; an ALTER that fails because the other
         // added the column first is fine.
+        let present = self.columns().await?;
         for (column, alter) in &self.inner.sql.line_columns {
-            if self.has_column(column).await? {
+            if present.iter().any(|p| p.eq_ignore_ascii_case(column)) {
                 continue;
             }
             let call = Call::Ddl { sql: alter };
-            if let Err(error) = self.run("create table", &call, self.read_deadline()).await
-                && !self.has_column(column).await?
-            {
-                return Err(error);
+            if let Err(error) = self.run("create table", &call, self.read_deadline()).await {
+                let now = self.columns().await?;
+                if !now.iter().any(|p| p.eq_ignore_ascii_case(column)) {
+                    return Err(error);
+                }
             }
         }
         Ok(())

@@ -92,11 +92,14 @@ impl PostgresBackend {
                 }
                 Err(failure) => return Err(failure.into_error(self)),
             };
-            let skipped = answer
-                .row()
-                .ok()
-                .and_then(|row| answer::Acquire::decode(row).ok())
-                .is_some_and(|row| row.ticket_skipped);
+            // Only a waiter can need a ticket: a plain try decodes its answer
+            // once, below.
+            let skipped = place.is_some()
+                && answer
+                    .row()
+                    .ok()
+                    .and_then(|row| answer::Acquire::decode(row).ok())
+                    .is_some_and(|row| row.ticket_skipped);
             if skipped && !asked_again && Instant::now() < not_after {
                 asked_again = true;
                 continue;
