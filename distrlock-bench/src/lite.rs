@@ -115,16 +115,13 @@ impl Env for Sqlite {
         Ok(())
     }
 
-    async fn backend(
-        &self,
-        table: &str,
-        _connect: Connect,
-    ) -> anyhow::Result<Arc<dyn LockBackend>> {
+    async fn backend(&self, table: &str, connect: Connect) -> anyhow::Result<Arc<dyn LockBackend>> {
         Ok(Arc::new(
             SqliteBackend::from_config(
                 SqliteConfig::builder()
                     .path(self.path(table))
                     .table(table)
+                    .wake_on_release(connect.listen)
                     .build()?,
             )
             .await?,
@@ -260,9 +257,17 @@ impl Cycle for SqliteCycle {
                         };
                         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
                         let now = clock.now();
-                        let n = tx.prepare_cached(release)?.execute(named_params! {
+                        // The library's release returns a row (whether
+                        // someone is in line), which `execute` refuses: step
+                        // through it and count the changed rows.
+                        let mut stmt = tx.prepare_cached(release)?;
+                        let mut rows = stmt.query(named_params! {
                             ":key": k, ":token": t, ":clock": clock.id(), ":now": now.lease,
                         })?;
+                        while rows.next()?.is_some() {}
+                        drop(rows);
+                        drop(stmt);
+                        let n = tx.changes();
                         tx.commit()?;
                         Ok(n)
                     })

@@ -33,8 +33,8 @@ struct Args {
     /// Which backends to run, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "postgres,mariadb,sqlite")]
     backends: Vec<String>,
-    /// Which scenarios to run (1–5), comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5")]
+    /// Which scenarios to run (1–6), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5,6")]
     scenarios: Vec<u8>,
     /// Which clients to run in scenarios 1 and 4 (distrlock, raw, go, native),
     /// comma-separated; for profiling one of them.

@@ -203,3 +203,116 @@ async fn contention_phase(
     let rate = waits.0.len() as f64 / length.as_secs_f64();
     Ok((back, rate, handoffs, waits))
 }
+
+/// Scenario 6's workload: which keys the clients ask for.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct KeyMix {
+    /// Keys in all.
+    pub(crate) keys: usize,
+    /// How many of them are hot.
+    pub(crate) hot: usize,
+    /// The share of operations on a hot key (0–1).
+    pub(crate) hot_share: f64,
+}
+
+/// Scenario 6 figures, per repetition: operations/s, and the waits for hot
+/// and for cold keys.
+#[derive(Debug, Clone)]
+pub(crate) struct MixFigures {
+    pub(crate) rate: Spread,
+    pub(crate) hot_p50_ms: Spread,
+    pub(crate) hot_p99_ms: Spread,
+    pub(crate) hot_max_ms: Spread,
+    pub(crate) cold_p50_ms: Spread,
+    pub(crate) cold_p99_ms: Spread,
+    pub(crate) operations: u64,
+}
+
+/// Runs `clients` lock managers' worth of clients (one manager each; several
+/// clients may share a manager's backend) on the keys of `mix`: each
+/// operation picks a key (hot with probability `hot_share`), waits for it
+/// with `Lock::acquire`, holds it for `hold` and releases it.
+pub(crate) async fn key_mix(
+    clients: Vec<distrlock_core::LockManager>,
+    prefix: &str,
+    mix: KeyMix,
+    hold: Duration,
+    plan: Plan,
+) -> anyhow::Result<MixFigures> {
+    let keys: Vec<String> = (0..mix.keys).map(|k| format!("{prefix}/k{k}")).collect();
+    let keys = Arc::new(keys);
+    let phase = |length: Duration, seed: u64| {
+        let keys = keys.clone();
+        let clients = clients.clone();
+        async move {
+            let stop = Instant::now() + length;
+            let tasks: Vec<_> = clients
+                .into_iter()
+                .enumerate()
+                .map(|(i, manager)| {
+                    let keys = keys.clone();
+                    tokio::spawn(async move {
+                        let mut rng = fastrand::Rng::with_seed(seed ^ (i as u64) << 16);
+                        let (mut hot, mut cold) = (Samples::default(), Samples::default());
+                        while Instant::now() < stop {
+                            let k = if mix.hot > 0 && rng.f64() < mix.hot_share {
+                                rng.usize(..mix.hot)
+                            } else {
+                                rng.usize(mix.hot.min(mix.keys - 1)..mix.keys)
+                            };
+                            let asked = Instant::now();
+                            let guard = manager.lock(&keys[k])?.acquire().await?;
+                            let waited = asked.elapsed();
+                            if !hold.is_zero() {
+                                tokio::time::sleep(hold).await;
+                            }
+                            guard.release().await?;
+                            if k < mix.hot {
+                                hot.push(waited);
+                            } else {
+                                cold.push(waited);
+                            }
+                        }
+                        Ok::<_, anyhow::Error>((hot, cold))
+                    })
+                })
+                .collect();
+            let (mut hot, mut cold) = (Samples::default(), Samples::default());
+            for task in tasks {
+                let (h, c) = task.await??;
+                hot.extend(h);
+                cold.extend(c);
+            }
+            Ok::<_, anyhow::Error>((hot, cold))
+        }
+    };
+    if !plan.warmup.is_zero() {
+        phase(plan.warmup, 0).await?;
+    }
+    let mut figures: [Vec<f64>; 6] = Default::default();
+    let mut operations = 0;
+    for rep in 0..plan.reps {
+        let (hot, cold) = phase(plan.measure, rep as u64 + 1).await?;
+        let done = (hot.0.len() + cold.0.len()) as u64;
+        operations += done;
+        for (slot, value) in figures.iter_mut().zip([
+            done as f64 / plan.measure.as_secs_f64(),
+            hot.percentile_ms(50.0),
+            hot.percentile_ms(99.0),
+            hot.max_ms(),
+            cold.percentile_ms(50.0),
+            cold.percentile_ms(99.0),
+        ]) {
+            slot.push(value);
+        }
+    }
+    Ok(MixFigures {
+        rate: Spread::of(&figures[0]),
+        hot_p50_ms: Spread::of(&figures[1]),
+        hot_p99_ms: Spread::of(&figures[2]),
+        hot_max_ms: Spread::of(&figures[3]),
+        cold_p50_ms: Spread::of(&figures[4]),
+        cold_p99_ms: Spread::of(&figures[5]),
+        operations,
+    })
+}

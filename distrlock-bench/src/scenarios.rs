@@ -1,4 +1,4 @@
-//! The five scenarios, the report they fill, and the smoke checks.
+//! The six scenarios, the report they fill, and the smoke checks.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -101,6 +101,10 @@ impl Report {
             ),
             (4, "Scenario 4: table size (uncontended cycles)"),
             (5, "Scenario 5: statements per operation"),
+            (
+                6,
+                "Scenario 6: 64 clients on 64 keys, 4 of them hot (waiting API, hold ~1 ms)",
+            ),
         ];
         let mut out = format!("Command: `{command}`\n\n");
         out.push_str("Machine:\n\n");
@@ -202,7 +206,8 @@ pub(crate) async fn run(opts: Options) -> anyhow::Result<()> {
                 3 => heartbeat(env, &opts, &mut report).await,
                 4 => table_size(env, &opts, &mut report).await,
                 5 => round_trips(env, &opts, &mut report).await,
-                other => bail!("no scenario {other} (1–5)"),
+                6 => hot_keys(env, &opts, &mut report).await,
+                other => bail!("no scenario {other} (1–6)"),
             };
             if let Err(error) = result {
                 let what = format!("scenario {scenario} on {} failed: {error:#}", env.name());
@@ -392,6 +397,11 @@ async fn contention(env: &dyn Env, opts: &Options, report: &mut Report) -> anyho
             Some((true, false)),
         ));
         kinds.push(("distrlock, notifications off".into(), Some((false, true))));
+    } else if env.name() == "sqlite" {
+        // `listen` turns the wake-ups between processes on.
+        kinds.push(("distrlock, wake-ups on".into(), Some((true, true))));
+        kinds.push(("distrlock, wake-ups on, unfair".into(), Some((true, false))));
+        kinds.push(("distrlock (polling)".into(), Some((false, true))));
     } else {
         kinds.push(("distrlock (polling)".into(), Some((false, true))));
         kinds.push(("distrlock (polling), unfair".into(), Some((false, false))));
@@ -482,6 +492,114 @@ async fn contention(env: &dyn Env, opts: &Options, report: &mut Report) -> anyho
                 report.row(2, S2_HEADER, &cells, record);
             }
         }
+    }
+    env.drop_table(table).await
+}
+
+const S6_HEADER: &str = "| backend | clients | keys (hot) | client | operations/s | hot wait p50 ms | hot wait p99 ms | hot wait max ms | cold wait p50 ms | cold wait p99 ms | cold p50 vs no hot keys |\n|---|---|---|---|---|---|---|---|---|---|---|";
+
+/// Scenario 6: 64 clients (8 backends, as 8 processes, of 8 clients each) on
+/// 64 keys, half of the operations on 4 hot keys; each operation waits for
+/// its key, holds it ~1 ms and releases it. Fair beside unfair, and beside
+/// the same clients on 64 keys none of which is hot (the baseline for the
+/// cold keys' waits: hot keys must not slow the others down).
+async fn hot_keys(env: &dyn Env, opts: &Options, report: &mut Report) -> anyhow::Result<()> {
+    let table = "distrlock_bench_s6";
+    env.reset_table(table).await?;
+    let (backends, per_backend) = if opts.smoke { (2, 4) } else { (8, 8) };
+    let clients = backends * per_backend;
+    let keys = if opts.smoke { 16 } else { 64 };
+    let needs = backends * (per_backend + 1);
+    if let Some(free) = env.free_connections().await?
+        && needs + 2 > free
+    {
+        eprintln!(
+            "   scenario 6: skipped, needs {needs} connections and the server accepts {free} more"
+        );
+        report.notes.push(format!(
+            "scenario 6 on {} skipped: it needs {needs} connections and the server accepted {free} more",
+            env.name()
+        ));
+        return env.drop_table(table).await;
+    }
+    let hot_mix = measure::KeyMix {
+        keys,
+        hot: 4,
+        hot_share: 0.5,
+    };
+    let kinds = [
+        (
+            "distrlock, fair, no hot keys",
+            true,
+            measure::KeyMix { hot: 0, ..hot_mix },
+        ),
+        ("distrlock, fair", true, hot_mix),
+        ("distrlock, unfair", false, hot_mix),
+    ];
+    let mut baseline_cold_p50 = None;
+    for (label, fair, mix) in kinds {
+        let mut managers = Vec::new();
+        for _ in 0..backends {
+            let backend = env
+                .backend(
+                    table,
+                    Connect {
+                        pool_size: per_backend,
+                        listen: true,
+                        via: None,
+                    },
+                )
+                .await?;
+            let manager = LockManager::builder(backend)
+                .owner("distrlock-bench")
+                .fair(fair)
+                .build()?;
+            managers.extend(std::iter::repeat_n(manager, per_backend));
+        }
+        let prefix = format!("s6-{}", label.replace([' ', ','], ""));
+        let f =
+            measure::key_mix(managers, &prefix, mix, Duration::from_millis(1), opts.plan).await?;
+        eprintln!(
+            "   {label}: {:.0} ops/s, hot p50 {:.2} ms, cold p50 {:.2} ms",
+            f.rate.median, f.hot_p50_ms.median, f.cold_p50_ms.median
+        );
+        report.check(
+            f.operations > 0,
+            format!("{} {label}: no operation", env.name()),
+        );
+        if mix.hot == 0 {
+            baseline_cold_p50 = Some(f.cold_p50_ms.median);
+        }
+        let vs_baseline = match (mix.hot, baseline_cold_p50) {
+            (0, _) => "1.00× (baseline)".to_owned(),
+            (_, Some(b)) if b > 0.0 => format!("{:.2}×", f.cold_p50_ms.median / b),
+            _ => "–".to_owned(),
+        };
+        let cells = [
+            env.name().to_owned(),
+            clients.to_string(),
+            format!("{} ({})", mix.keys, mix.hot),
+            label.to_owned(),
+            f.rate.show(0),
+            f.hot_p50_ms.show(2),
+            f.hot_p99_ms.show(2),
+            f.hot_max_ms.show(1),
+            f.cold_p50_ms.show(2),
+            f.cold_p99_ms.show(2),
+            vs_baseline,
+        ];
+        let record = json!({
+            "scenario": 6, "backend": env.name(), "client": label, "clients": clients,
+            "keys": mix.keys, "hot_keys": mix.hot, "hot_share": mix.hot_share,
+            "operations_per_s": spread_json(&f.rate),
+            "hot_wait_p50_ms": spread_json(&f.hot_p50_ms),
+            "hot_wait_p99_ms": spread_json(&f.hot_p99_ms),
+            "hot_wait_max_ms": spread_json(&f.hot_max_ms),
+            "cold_wait_p50_ms": spread_json(&f.cold_p50_ms),
+            "cold_wait_p99_ms": spread_json(&f.cold_p99_ms),
+            "operations": f.operations,
+        });
+        report.row(6, S6_HEADER, &cells, record);
     }
     env.drop_table(table).await
 }

@@ -15,16 +15,20 @@ use crate::config::SqliteConfig;
 use crate::driver_error::{Doing, from_sqlite};
 use crate::file::FileIdentity;
 use crate::sql::{self, Statements};
+use crate::wake::Wake;
 use crate::worker::Worker;
 
 /// Locks stored in one SQLite database file, shared by every process of this host
 /// that opens the same file.
 ///
 /// Every operation is one `BEGIN IMMEDIATE` transaction on a dedicated thread
-/// (see the crate documentation for why), in WAL mode with a busy timeout. Leases
+/// (see the crate documentation for why), in WAL mode, waiting for other processes' write locks up to the lock
+/// timeout. Leases
 /// are measured on the host's monotonic clock on Linux and on its wall clock
-/// elsewhere. Releases made through this backend wake this process's waiters at
-/// once; waiters in other processes notice by polling.
+/// elsewhere. A release that leaves someone in line wakes the waiters at once:
+/// this process's through its [`ReleaseNotifier`], other processes' through a
+/// Unix datagram socket per waiting process, in a directory beside the file
+/// (see [`wake_on_release`](crate::SqliteConfigBuilder::wake_on_release)).
 ///
 /// The file must be on a local filesystem: SQLite's locking is unreliable on
 /// network filesystems, and processes on different hosts would not share a clock.
@@ -37,6 +41,8 @@ pub struct SqliteBackend {
     pub(crate) clock: Arc<HostClock>,
     pub(crate) file: Arc<FileIdentity>,
     pub(crate) notifier: ReleaseNotifier,
+    /// Wake-ups on release to and from the other processes using the file.
+    pub(crate) wake: Wake,
 }
 
 fn open_connection(path: &Path, busy_ms: u64) -> rusqlite::Result<Connection> {
@@ -44,8 +50,10 @@ fn open_connection(path: &Path, busy_ms: u64) -> rusqlite::Result<Connection> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
         | OpenFlags::SQLITE_OPEN_CREATE
         | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let conn = Connection::open_with_flags(path, flags)?;
-    conn.execute_batch(&sql::busy_timeout(busy_ms))?;
+    let mut conn = Connection::open_with_flags(path, flags)?;
+    // First, so that switching to WAL below (which needs a lock) already
+    // waits for other processes instead of failing.
+    crate::busy::install(&mut conn, Duration::from_millis(busy_ms))?;
     let give_up = std::time::Instant::now() + Duration::from_millis(busy_ms);
     loop {
         let mode: String = conn.query_row(sql::JOURNAL_MODE, [], |row| row.get(0))?;
@@ -117,6 +125,7 @@ impl SqliteBackend {
             table,
             lock_timeout,
             allow_network_filesystem,
+            wake_on_release,
         } = config.clone();
         if !allow_network_filesystem {
             let checked = path.clone();
@@ -138,6 +147,12 @@ impl SqliteBackend {
         })
         .await
         .map_err(|error| name_the_file(error, &path))?;
+        let notifier = ReleaseNotifier::new();
+        let wake = if wake_on_release {
+            Wake::new(&path, &table, notifier.clone())
+        } else {
+            Wake::off()
+        };
         Ok(SqliteBackend {
             file: Arc::new(FileIdentity::record(&path)),
             worker,
@@ -146,7 +161,8 @@ impl SqliteBackend {
             table,
             config,
             clock: Arc::new(HostClock::detect()),
-            notifier: ReleaseNotifier::new(),
+            notifier,
+            wake,
         })
     }
 

@@ -17,7 +17,8 @@ use distrlock_core::{Error, Result, TableName};
 /// With the `serde` feature it is `Deserialize` (validated as
 /// [`build`](SqliteConfigBuilder::build) validates) and `Serialize`: the
 /// settings `path` or `url` (read only), `table`, `lock_timeout` (a humantime
-/// string such as `"5s"`, or whole seconds) and `allow_network_filesystem`.
+/// string such as `"5s"`, or whole seconds), `allow_network_filesystem` and
+/// `wake_on_release`.
 ///
 /// ```
 /// use std::time::Duration;
@@ -50,6 +51,7 @@ pub struct SqliteConfig {
     pub(crate) table: TableName,
     pub(crate) lock_timeout: Duration,
     pub(crate) allow_network_filesystem: bool,
+    pub(crate) wake_on_release: bool,
 }
 
 impl SqliteConfig {
@@ -87,6 +89,12 @@ impl SqliteConfig {
     pub fn allow_network_filesystem(&self) -> bool {
         self.allow_network_filesystem
     }
+
+    /// Whether releases wake other processes' waiters through local sockets
+    /// (see [`SqliteConfigBuilder::wake_on_release`]).
+    pub fn wake_on_release(&self) -> bool {
+        self.wake_on_release
+    }
 }
 
 /// Builds a [`SqliteConfig`]; see [`SqliteConfig::builder`]. Nothing is checked
@@ -98,6 +106,7 @@ pub struct SqliteConfigBuilder {
     table: Option<String>,
     lock_timeout: Option<Duration>,
     allow_network_filesystem: Option<bool>,
+    wake_on_release: Option<bool>,
 }
 
 impl SqliteConfigBuilder {
@@ -155,6 +164,27 @@ impl SqliteConfigBuilder {
         self
     }
 
+    /// Whether a release wakes the waiters of other processes at once
+    /// (default `true`).
+    ///
+    /// A backend that waits on a key binds a Unix datagram socket in a
+    /// directory beside the database file, `<file>-wake/` (or, for a path too
+    /// long for a socket's, a directory in the temporary directory), and links
+    /// it under the key. A release that leaves someone in line sends one
+    /// datagram to each process waiting on that key; a release nobody waits
+    /// for sends nothing. Waiters in line then rely on these wake-ups and ask
+    /// again at least every half turn of the line (125 ms); without them they
+    /// poll, every millisecond or so near the head of the line.
+    ///
+    /// Wake-ups reach the processes that can write to that directory, and are
+    /// hints: a lost one (the releaser died between its commit and the send)
+    /// delays a waiter, it never costs a lock. Turn it off where the directory
+    /// cannot be shared, or to compare.
+    pub fn wake_on_release(mut self, on: bool) -> Self {
+        self.wake_on_release = Some(on);
+        self
+    }
+
     /// Validates every setting.
     ///
     /// Errors: [`Error::InvalidTableName`] for a bad or qualified table name,
@@ -189,6 +219,7 @@ impl SqliteConfigBuilder {
             table,
             lock_timeout,
             allow_network_filesystem: self.allow_network_filesystem.or(url_allow).unwrap_or(false),
+            wake_on_release: self.wake_on_release.unwrap_or(true),
         })
     }
 }

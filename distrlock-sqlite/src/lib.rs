@@ -2,6 +2,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod backend;
+mod busy;
 mod clock;
 mod config;
 mod driver_error;
@@ -10,6 +11,7 @@ mod lock_backend;
 #[cfg(feature = "serde")]
 mod settings;
 mod sql;
+mod wake;
 mod worker;
 
 pub use backend::SqliteBackend;

@@ -308,8 +308,22 @@ impl LockBackend for SqliteBackend {
         place: Place,
         not_after: Instant,
     ) -> Result<WaiterAnswer> {
-        self.acquire(key, token, ttl, owner, Some(place), not_after)
-            .await
+        let answer = self
+            .acquire(key, token, ttl, owner, Some(place), not_after)
+            .await?;
+        if matches!(answer.outcome, AcquireOutcome::Held { .. }) && self.wake.waiting(key) {
+            // We listen for this key's releases only from now on: one
+            // committed since the refusal's read sent us nothing. Look once
+            // more (with the ticket just taken), rather than sleep through it.
+            let place = Place {
+                ticket: answer.ticket.map(|t| t.number).or(place.ticket),
+                ..place
+            };
+            return self
+                .acquire(key, token, ttl, owner, Some(place), not_after)
+                .await;
+        }
+        Ok(answer)
     }
 
     async fn extend(
@@ -388,27 +402,33 @@ impl LockBackend for SqliteBackend {
     async fn release(&self, key: &LockKey, token: &Token, not_after: Instant) -> Result<()> {
         let map = self.map();
         let (owned_key, token) = (key.clone(), token.to_string());
-        self.write(Some(not_after), move |tx, sql, clock, now| {
-            let changed = tx
-                .prepare_cached(&sql.release)
-                .and_then(|mut stmt| {
-                    stmt.execute(named_params! {
-                        ":key": owned_key.as_str(),
-                        ":token": token,
-                        ":clock": clock.id(),
-                        ":wall_now": now.wall,
-                        ":now": now.lease,
+        let in_line = self
+            .write(Some(not_after), move |tx, sql, clock, now| {
+                let released: Option<bool> = tx
+                    .prepare_cached(&sql.release)
+                    .and_then(|mut stmt| {
+                        stmt.query_row(
+                            named_params! {
+                                ":key": owned_key.as_str(),
+                                ":token": token,
+                                ":clock": clock.id(),
+                                ":wall_now": now.wall,
+                                ":now": now.lease,
+                            },
+                            |row| row.get(0),
+                        )
+                        .optional()
                     })
-                })
-                .map_err(&map)?;
-            match changed {
-                1 => Ok(()),
-                _ => Err(Error::NotHeld { key: owned_key }),
-            }
-        })
-        .await?;
-        // Committed: wake this process's waiters now instead of at their next poll.
+                    .map_err(&map)?;
+                released.ok_or(Error::NotHeld { key: owned_key })
+            })
+            .await?;
+        // Committed: wake this process's waiters now instead of at their next
+        // poll, and other processes' if someone is in line.
         self.notifier.notify(key);
+        if in_line {
+            self.wake.released(key);
+        }
         Ok(())
     }
 

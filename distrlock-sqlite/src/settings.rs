@@ -11,7 +11,8 @@ use crate::config::SqliteConfig;
 
 /// The settings of a config file: `path` or `url` (one of them), and the
 /// optional `table`, `lock_timeout` (a humantime string such as `"5s"`, or
-/// whole seconds, as everywhere in distrlock) and `allow_network_filesystem`.
+/// whole seconds, as everywhere in distrlock), `allow_network_filesystem` and
+/// `wake_on_release`.
 /// A written config names its file by `path`.
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -30,6 +31,8 @@ pub(crate) struct Settings {
     lock_timeout: Option<Duration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     allow_network_filesystem: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    wake_on_release: Option<bool>,
 }
 
 impl TryFrom<Settings> for SqliteConfig {
@@ -56,6 +59,9 @@ impl TryFrom<Settings> for SqliteConfig {
         if let Some(allow) = s.allow_network_filesystem {
             b = b.allow_network_filesystem(allow);
         }
+        if let Some(on) = s.wake_on_release {
+            b = b.wake_on_release(on);
+        }
         b.build()
     }
 }
@@ -68,6 +74,7 @@ impl From<SqliteConfig> for Settings {
             table: Some(c.table.to_string()),
             lock_timeout: Some(c.lock_timeout),
             allow_network_filesystem: Some(c.allow_network_filesystem),
+            wake_on_release: Some(c.wake_on_release),
         }
     }
 }
@@ -89,7 +96,7 @@ mod tests {
         let written = serde_json::to_string(&config).unwrap();
         assert_eq!(
             written,
-            r#"{"path":"/var/lib/app/locks.db","table":"app_locks","lock_timeout":"250ms","allow_network_filesystem":true}"#
+            r#"{"path":"/var/lib/app/locks.db","table":"app_locks","lock_timeout":"250ms","allow_network_filesystem":true,"wake_on_release":true}"#
         );
         let back: SqliteConfig = serde_json::from_str(&written).unwrap();
         assert_eq!(back, config);

@@ -153,11 +153,14 @@ impl Statements {
             // stays for the next holder. Same WHERE as extend, for the same reason:
             // a second release, or one after expiry, changes nothing (NotHeld).
             // `freed_at`, on this process's clock (which `clock` then names):
-            // the first ticket's turn starts now.
+            // the first ticket's turn starts now. `RETURNING line_next >
+            // line_head`: whether someone is in line, so that only then are
+            // other processes woken (wake.rs).
             release: format!(
                 "UPDATE {t} SET expires_at = NULL, lease_end = NULL, freed_at = :now, \
                      clock = :clock \
-                 WHERE lock_key = :key AND token = :token AND {LIVE}"
+                 WHERE lock_key = :key AND token = :token AND {LIVE} \
+                 RETURNING line_next > line_head"
             ),
             // Read-only views; the state (held / expired / released) is decided in
             // Rust against the same clock reading as the other statements use.
@@ -190,7 +193,8 @@ pub struct LockSql {
     pub holder: String,
     /// Extend; one changed row when renewed.
     pub extend: String,
-    /// Release; one changed row when released.
+    /// Release; one row (whether someone is in line) when released, none
+    /// otherwise.
     pub release: String,
     /// The DDL of the table.
     pub create_table: String,
@@ -268,14 +272,6 @@ pub(crate) fn line_columns(table: &TableName) -> Vec<(&'static str, String)> {
 
 /// The names of a table's columns: param 1 the table's name, unquoted.
 pub(crate) const COLUMNS: &str = "SELECT name FROM pragma_table_info(?1)";
-
-/// Connection settings, run once when the connection opens, in this order.
-///
-/// `busy_timeout` comes first, so that the statements after it (switching to WAL
-/// needs a lock) already wait for other processes instead of failing.
-pub(crate) fn busy_timeout(busy_timeout_ms: u64) -> String {
-    format!("PRAGMA busy_timeout = {busy_timeout_ms}")
-}
 
 /// Reads the file's journal mode. WAL is a property of the file: once one
 /// process has switched it, the others only need to read it, which takes no

@@ -541,3 +541,154 @@ async fn a_release_after_a_clock_step_back_leaves_the_key_free() {
         "got {outcome:?}"
     );
 }
+
+/// A backend on `path`, with or without wake-ups on release.
+async fn open(path: &std::path::Path, wake: bool) -> SqliteBackend {
+    SqliteBackend::from_config(
+        SqliteConfig::builder()
+            .path(path)
+            .wake_on_release(wake)
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap()
+}
+
+/// A waiter's refused try, which takes a ticket in the key's line: its number.
+async fn wait_in_line(backend: &SqliteBackend, key: &LockKey, token: &Token) -> u64 {
+    let answer = backend
+        .try_acquire_as_waiter(
+            key,
+            token,
+            ttl(LONG),
+            "waiter",
+            distrlock_core::Place {
+                ticket: None,
+                fair: true,
+            },
+            soon(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(answer.outcome, AcquireOutcome::Held { .. }) && answer.ticket.is_some(),
+        "refused, with a ticket: {answer:?}"
+    );
+    answer.ticket.unwrap().number
+}
+
+/// Whether `backend`'s notifier announces a release of `key` within `within`
+/// after `release` runs.
+async fn announced<F: std::future::Future<Output = ()>>(
+    backend: &SqliteBackend,
+    key: &LockKey,
+    within: Duration,
+    release: F,
+) -> bool {
+    let mut sub = backend.release_notifier().unwrap().subscribe();
+    release.await;
+    tokio::time::timeout(within, sub.released(key))
+        .await
+        .is_ok()
+}
+
+#[tokio::test]
+async fn a_release_wakes_the_waiters_of_other_processes_only_while_someone_is_in_line() {
+    let (_dir, path, holder) = fresh().await;
+    // Backends of their own, as other processes would have: nothing but the
+    // file (and the wake-up sockets beside it) joins them.
+    let first = open(&path, true).await;
+    let second = open(&path, true).await;
+    let key = LockKey::new("woken").unwrap();
+    let (h, f, s) = (Token::new(), Token::new(), Token::new());
+    assert!(matches!(
+        holder
+            .try_acquire(&key, &h, ttl(LONG), "holder", soon())
+            .await
+            .unwrap(),
+        AcquireOutcome::Acquired { .. }
+    ));
+    let first_ticket = wait_in_line(&first, &key, &f).await;
+    let second_ticket = wait_in_line(&second, &key, &s).await;
+    assert!(first.release_notifier().unwrap().is_complete());
+    // The holder's release reaches both waiters' processes at once.
+    let mut sub = second.release_notifier().unwrap().subscribe();
+    assert!(
+        announced(&first, &key, LONG, async {
+            holder.release(&key, &h, soon()).await.unwrap();
+        })
+        .await,
+        "the first waiter's process is woken"
+    );
+    tokio::time::timeout(LONG, sub.released(&key))
+        .await
+        .expect("the second waiter's process is woken");
+    // The first ticket is served; its release wakes the second, still in line.
+    let place = |ticket| distrlock_core::Place {
+        ticket: Some(ticket),
+        fair: true,
+    };
+    let got = first
+        .try_acquire_as_waiter(&key, &f, ttl(LONG), "waiter", place(first_ticket), soon())
+        .await
+        .unwrap();
+    assert!(
+        matches!(got.outcome, AcquireOutcome::Acquired { .. }),
+        "{got:?}"
+    );
+    assert!(
+        announced(&second, &key, LONG, async {
+            first.release(&key, &f, soon()).await.unwrap();
+        })
+        .await,
+        "a release with a waiter left in line wakes it"
+    );
+    let got = second
+        .try_acquire_as_waiter(&key, &s, ttl(LONG), "waiter", place(second_ticket), soon())
+        .await
+        .unwrap();
+    assert!(
+        matches!(got.outcome, AcquireOutcome::Acquired { .. }),
+        "{got:?}"
+    );
+    // The line is empty now: this release sends nothing (the first waiter's
+    // process still listens on the key).
+    assert!(
+        !announced(&first, &key, Duration::from_millis(500), async {
+            second.release(&key, &s, soon()).await.unwrap();
+        })
+        .await,
+        "a release nobody waits for wakes nobody"
+    );
+}
+
+#[tokio::test]
+async fn without_wake_ups_nothing_is_sent_or_made_beside_the_file() {
+    let (dir, path, _) = fresh().await;
+    let holder = open(&path, false).await;
+    let waiter = open(&path, false).await;
+    let key = LockKey::new("quiet").unwrap();
+    let h = Token::new();
+    holder
+        .try_acquire(&key, &h, ttl(LONG), "holder", soon())
+        .await
+        .unwrap();
+    wait_in_line(&waiter, &key, &Token::new()).await;
+    assert!(!waiter.release_notifier().unwrap().is_complete());
+    assert!(
+        !announced(&waiter, &key, Duration::from_millis(500), async {
+            holder.release(&key, &h, soon()).await.unwrap();
+        })
+        .await
+    );
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.iter().all(|n| !n.ends_with("-wake")),
+        "no wake-up directory: {names:?}"
+    );
+}

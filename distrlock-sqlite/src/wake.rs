@@ -1,0 +1,569 @@
+//! [`Wake`]: wake-ups on release between the processes of one host.
+//!
+//! SQLite has no `LISTEN`/`NOTIFY`, so a waiter in another process would only
+//! notice a release at its next poll. Instead, the processes that share a
+//! database file meet in a directory beside it, `<file>-wake/`:
+//!
+//! - a backend that waits binds one Unix datagram socket there, `<dir>/<id>`
+//!   (`id`: 16 random hex digits), and a thread that reads it;
+//! - for each key it waits on, it puts a symlink to that socket in the key's
+//!   directory, `<dir>/<hash>/<id>` (`hash`: 16 hex digits of the table and
+//!   key), and removes it two seconds after its last waiter's last try;
+//! - a release that leaves someone in line (the release statement says so)
+//!   sends one datagram, `table NUL key`, to each link in the key's directory
+//!   but its own.
+//!
+//! So a release nobody waits for sends nothing, and one that somebody waits
+//! for costs one datagram per waiting process: the cost grows with the
+//! waiters, not with the locks held. (A file watch would not do: every write
+//! touches the `-wal` file and would wake every waiter.)
+//!
+//! Wake-ups are hints. One that is lost (the releasing process died between
+//! its commit and the send, a socket buffer was full, the releaser runs an
+//! older distrlock) costs the waiter time, never a lock: it still asks at
+//! least every half turn of the line. A link whose socket is gone (its process
+//! died) is removed by the next release that finds it.
+//!
+//! `sun_path` holds about 100 bytes. If the directory beside the file would
+//! make a socket's path longer, the directory is
+//! `$TMPDIR/distrlock-<hash of the file's canonical path>-wake/` (mode 0700)
+//! instead. Every process computes the same place from the file's canonical
+//! path, so they still meet.
+
+use std::path::{Path, PathBuf};
+
+use distrlock_core::{LockKey, ReleaseNotifier, TableName};
+
+/// The longest socket path used (`sun_path` is 108 bytes on Linux, 104 on
+/// macOS, each with its NUL).
+const MAX_SOCKET_PATH: usize = 100;
+
+/// FNV-1a, 64 bits: a hash every process computes alike, whatever its Rust
+/// version (unlike `std`'s `DefaultHasher`).
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            // A separator, so that ("ab", "c") and ("a", "bc") differ.
+            hash ^= 0xff;
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+        for &byte in *part {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    hash
+}
+
+/// The meeting directory of the database file at `canonical`, or `None` if
+/// no directory gives short enough socket paths.
+fn meeting_dir(canonical: &Path) -> Option<PathBuf> {
+    // `<dir>/<16 hex>/<16 hex>` is the longest path used.
+    let fits = |dir: &Path| dir.as_os_str().len() + 34 <= MAX_SOCKET_PATH;
+    let mut beside = canonical.as_os_str().to_owned();
+    beside.push("-wake");
+    let beside = PathBuf::from(beside);
+    if fits(&beside) {
+        return Some(beside);
+    }
+    let name = format!(
+        "distrlock-{:016x}-wake",
+        fnv1a(&[canonical.as_os_str().as_encoded_bytes()])
+    );
+    [std::env::temp_dir(), PathBuf::from("/tmp")]
+        .into_iter()
+        .map(|tmp| tmp.join(&name))
+        .find(|dir| fits(dir))
+}
+
+/// This backend's end of the wake-ups: it sends them on release and, once it
+/// waits, receives them; see the module documentation.
+#[derive(Debug)]
+pub(crate) struct Wake {
+    #[cfg(unix)]
+    inner: Option<std::sync::Arc<unix::Inner>>,
+}
+
+impl Wake {
+    /// No wake-ups: neither sent nor received.
+    pub(crate) fn off() -> Self {
+        Self {
+            #[cfg(unix)]
+            inner: None,
+        }
+    }
+
+    /// Wake-ups for the table `table` of the database file at `path` (which
+    /// exists), delivered to `notifier`. Creates nothing yet. Off where there
+    /// are no Unix sockets, or if the file's canonical path cannot be had.
+    pub(crate) fn new(path: &Path, table: &TableName, notifier: ReleaseNotifier) -> Self {
+        #[cfg(unix)]
+        {
+            let inner = std::fs::canonicalize(path)
+                .ok()
+                .and_then(|canonical| meeting_dir(&canonical))
+                .and_then(|dir| unix::Inner::new(dir, table, notifier));
+            if inner.is_none() {
+                tracing::debug!(path = %path.display(), "no wake-ups on release for this SQLite file");
+            }
+            Self {
+                inner: inner.map(std::sync::Arc::new),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = (path, table, notifier, meeting_dir);
+            Self {}
+        }
+    }
+
+    /// Says that this backend waits on `key` now (a waiter's try was just
+    /// refused). Returns `true` if it was not listening for `key` before:
+    /// then a release since the caller's last read of the row sent it
+    /// nothing, and the caller should look once more.
+    pub(crate) fn waiting(&self, key: &LockKey) -> bool {
+        #[cfg(unix)]
+        if let Some(inner) = &self.inner {
+            return unix::Inner::waiting(inner, key);
+        }
+        let _ = key;
+        false
+    }
+
+    /// Wakes the other backends that wait on `key`, just released with
+    /// someone in line.
+    pub(crate) fn released(&self, key: &LockKey) {
+        #[cfg(unix)]
+        if let Some(inner) = &self.inner {
+            inner.released(key);
+        }
+        let _ = key;
+    }
+
+    /// The meeting directory, if wake-ups are on (for tests).
+    #[cfg(all(test, unix))]
+    fn dir(&self) -> Option<&Path> {
+        self.inner.as_ref().map(|inner| inner.dir.as_path())
+    }
+}
+
+#[cfg(unix)]
+mod unix {
+    use std::collections::HashMap;
+    use std::io::ErrorKind;
+    use std::os::unix::fs::DirBuilderExt;
+    use std::os::unix::net::UnixDatagram;
+    use std::path::{Path, PathBuf};
+    use std::sync::{Arc, Mutex, MutexGuard, Weak};
+    use std::time::{Duration, Instant};
+
+    use distrlock_core::{LockKey, ReleaseNotifier, TableName};
+
+    use super::fnv1a;
+
+    /// How long a key stays registered after its last waiter's last try. A
+    /// waiter in line tries at least every half turn (125 ms), so this only
+    /// ends registrations nobody uses.
+    pub(super) const IDLE: Duration = Duration::from_secs(2);
+
+    /// The shared part of a [`Wake`](super::Wake).
+    #[derive(Debug)]
+    pub(super) struct Inner {
+        pub(super) dir: PathBuf,
+        /// This backend's socket's name in `dir`, and its links' names.
+        id: String,
+        table: String,
+        notifier: ReleaseNotifier,
+        /// An unbound socket to send from.
+        sender: UnixDatagram,
+        idle: Duration,
+        state: Mutex<State>,
+    }
+
+    #[derive(Debug, Default)]
+    struct State {
+        /// Whether our socket is bound (and its thread runs).
+        bound: bool,
+        /// Binding or linking failed: receive no more wake-ups (and say so to
+        /// the notifier); sending goes on.
+        failed: bool,
+        /// The keys we wait on, with their last waiter's last try.
+        keys: HashMap<LockKey, Instant>,
+    }
+
+    impl Inner {
+        pub(super) fn new(
+            dir: PathBuf,
+            table: &TableName,
+            notifier: ReleaseNotifier,
+        ) -> Option<Self> {
+            let sender = UnixDatagram::unbound().ok()?;
+            sender.set_nonblocking(true).ok()?;
+            Some(Self {
+                dir,
+                id: format!("{:016x}", fastrand::u64(..)),
+                table: table.to_string(),
+                notifier,
+                sender,
+                idle: IDLE,
+                state: Mutex::new(State::default()),
+            })
+        }
+
+        fn state(&self) -> MutexGuard<'_, State> {
+            // A panic while holding the lock leaves a usable map.
+            self.state.lock().unwrap_or_else(|e| e.into_inner())
+        }
+
+        fn key_dir(&self, key: &LockKey) -> PathBuf {
+            let hash = fnv1a(&[self.table.as_bytes(), key.as_str().as_bytes()]);
+            self.dir.join(format!("{hash:016x}"))
+        }
+
+        fn payload(&self, key: &LockKey) -> Vec<u8> {
+            let mut payload = Vec::with_capacity(self.table.len() + 1 + key.as_str().len());
+            payload.extend_from_slice(self.table.as_bytes());
+            payload.push(0);
+            payload.extend_from_slice(key.as_str().as_bytes());
+            payload
+        }
+
+        fn make_dir(&self, dir: &Path) -> std::io::Result<()> {
+            let mut builder = std::fs::DirBuilder::new();
+            builder.recursive(true);
+            if !self.dir.starts_with(std::env::temp_dir()) && !self.dir.starts_with("/tmp") {
+                return builder.create(dir);
+            }
+            // In a shared temporary directory, ours alone.
+            builder.mode(0o700).create(dir)
+        }
+
+        pub(super) fn waiting(this: &Arc<Self>, key: &LockKey) -> bool {
+            let mut state = this.state();
+            if state.failed {
+                return false;
+            }
+            if let Some(last) = state.keys.get_mut(key) {
+                *last = Instant::now();
+                return false;
+            }
+            match this.listen(&mut state, key) {
+                Ok(()) => {
+                    state.keys.insert(key.clone(), Instant::now());
+                    true
+                }
+                Err(error) => {
+                    tracing::debug!(%error, dir = %this.dir.display(), "cannot receive wake-ups on release; waiters poll");
+                    state.failed = true;
+                    this.notifier.set_complete(false);
+                    false
+                }
+            }
+        }
+
+        /// Binds our socket if need be, and links `key`'s directory to it.
+        fn listen(self: &Arc<Self>, state: &mut State, key: &LockKey) -> std::io::Result<()> {
+            if !state.bound {
+                self.make_dir(&self.dir)?;
+                let socket = UnixDatagram::bind(self.dir.join(&self.id))?;
+                // The thread checks for idle keys (and for this backend's end)
+                // this often.
+                socket.set_read_timeout(Some(self.idle.min(Duration::from_secs(1)) / 2))?;
+                let weak = Arc::downgrade(self);
+                std::thread::Builder::new()
+                    .name("distrlock-sqlite-wake".into())
+                    .stack_size(64 * 1024)
+                    .spawn(move || receive(&socket, &weak))?;
+                state.bound = true;
+                // Every release by a backend of this host that can reach the
+                // directory now reaches us.
+                self.notifier.set_complete(true);
+            }
+            let dir = self.key_dir(key);
+            let link = dir.join(&self.id);
+            let target = Path::new("..").join(&self.id);
+            for attempt in 0..2 {
+                self.make_dir(&dir)?;
+                match std::os::unix::fs::symlink(&target, &link) {
+                    Ok(()) => return Ok(()),
+                    Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(()),
+                    // Another process removed the empty directory between our
+                    // mkdir and our link: once more.
+                    Err(e) if e.kind() == ErrorKind::NotFound && attempt == 0 => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        }
+
+        pub(super) fn released(&self, key: &LockKey) {
+            let dir = self.key_dir(key);
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                // Nobody has ever waited here (or the directory is gone).
+                return;
+            };
+            let payload = self.payload(key);
+            for entry in entries.flatten() {
+                if entry.file_name() == self.id.as_str() {
+                    // Our own waiters learn of it through the notifier.
+                    continue;
+                }
+                let link = entry.path();
+                match self.sender.send_to(&payload, &link) {
+                    Ok(_) => {}
+                    // A full buffer: that waiter has a wake-up pending anyway.
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                    // Its socket is gone, or nobody reads it: its process died.
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            ErrorKind::ConnectionRefused | ErrorKind::NotFound
+                        ) =>
+                    {
+                        let _ = std::fs::remove_file(&link);
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, link = %link.display(), "a wake-up on release failed");
+                    }
+                }
+            }
+        }
+
+        /// A datagram arrived: announce its key, if it is of our table.
+        fn deliver(&self, datagram: &[u8]) {
+            let Some((table, key)) = datagram
+                .iter()
+                .position(|&b| b == 0)
+                .map(|at| (&datagram[..at], &datagram[at + 1..]))
+            else {
+                return;
+            };
+            if table != self.table.as_bytes() {
+                return;
+            }
+            if let Some(key) = std::str::from_utf8(key)
+                .ok()
+                .and_then(|k| LockKey::new(k).ok())
+            {
+                self.notifier.notify(&key);
+            }
+        }
+
+        /// Unlinks the keys nobody has waited on for `idle`.
+        fn forget_idle(&self) {
+            let mut state = self.state();
+            let now = Instant::now();
+            let idle: Vec<LockKey> = state
+                .keys
+                .iter()
+                .filter(|(_, last)| now.duration_since(**last) >= self.idle)
+                .map(|(key, _)| key.clone())
+                .collect();
+            for key in idle {
+                state.keys.remove(&key);
+                self.unlink(&key);
+            }
+        }
+
+        fn unlink(&self, key: &LockKey) {
+            let dir = self.key_dir(key);
+            let _ = std::fs::remove_file(dir.join(&self.id));
+            // Fails while another process still links there, as it should.
+            let _ = std::fs::remove_dir(&dir);
+        }
+    }
+
+    impl Drop for Inner {
+        fn drop(&mut self) {
+            let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+            let keys: Vec<LockKey> = state.keys.drain().map(|(key, _)| key).collect();
+            let bound = state.bound;
+            for key in keys {
+                self.unlink(&key);
+            }
+            if bound {
+                let _ = std::fs::remove_file(self.dir.join(&self.id));
+            }
+        }
+    }
+
+    /// The receiving thread: until its backend is gone, announces each
+    /// datagram's key and forgets idle keys.
+    fn receive(socket: &UnixDatagram, backend: &Weak<Inner>) {
+        let mut buf = [0u8; 1024];
+        loop {
+            let got = socket.recv(&mut buf);
+            let Some(inner) = backend.upgrade() else {
+                return;
+            };
+            match got {
+                Ok(n) => inner.deliver(&buf[..n]),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    inner.forget_idle();
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(error) => {
+                    tracing::debug!(%error, "the wake-up socket failed; waiters poll");
+                    let mut state = inner.state();
+                    state.failed = true;
+                    inner.notifier.set_complete(false);
+                    return;
+                }
+            }
+        }
+    }
+
+    #[cfg(test)]
+    impl Inner {
+        pub(super) fn set_idle(this: &mut Arc<Self>, idle: Duration) {
+            if let Some(inner) = Arc::get_mut(this) {
+                inner.idle = idle;
+            }
+        }
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn key(name: &str) -> LockKey {
+        LockKey::new(name).unwrap()
+    }
+
+    fn wake(path: &Path) -> (Wake, ReleaseNotifier) {
+        let notifier = ReleaseNotifier::new();
+        let table = TableName::new("locks").unwrap();
+        (Wake::new(path, &table, notifier.clone()), notifier)
+    }
+
+    async fn woken(notifier: &ReleaseNotifier, key: &LockKey, f: impl FnOnce()) -> bool {
+        let mut sub = notifier.subscribe();
+        f();
+        tokio::time::timeout(Duration::from_secs(5), sub.released(key))
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn a_release_wakes_the_other_backends_waiting_on_its_key_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("locks.db");
+        std::fs::write(&file, b"").unwrap();
+        let (releaser, _) = wake(&file);
+        let (waiter, notifier) = wake(&file);
+        let (a, b) = (key("a"), key("b"));
+        assert!(!notifier.is_complete(), "complete only once it listens");
+        assert!(waiter.waiting(&a), "the first wait registers");
+        assert!(!waiter.waiting(&a), "a second wait finds it registered");
+        assert!(notifier.is_complete());
+        assert!(woken(&notifier, &a, || releaser.released(&a)).await);
+        // A release of another key wakes nobody on `a`.
+        let mut sub = notifier.subscribe();
+        releaser.released(&b);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), sub.released(&a))
+                .await
+                .is_err()
+        );
+        // A backend's own release is announced by its notifier, not by a
+        // datagram to itself.
+        let mut sub = notifier.subscribe();
+        waiter.released(&a);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), sub.released(&a))
+                .await
+                .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_dead_backends_link_is_removed_and_a_dropped_one_cleans_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("locks.db");
+        std::fs::write(&file, b"").unwrap();
+        let (releaser, _) = wake(&file);
+        let (waiter, _) = wake(&file);
+        let a = key("a");
+        assert!(waiter.waiting(&a));
+        let meeting = waiter.dir().unwrap().to_owned();
+        let key_dir = std::fs::read_dir(&meeting)
+            .unwrap()
+            .flatten()
+            .find(|e| e.path().is_dir())
+            .unwrap()
+            .path();
+        // A link left by a process that died: its socket is gone.
+        let stale = key_dir.join("00000000deadbeef");
+        std::os::unix::fs::symlink("../00000000deadbeef", &stale).unwrap();
+        releaser.released(&a);
+        assert!(
+            std::fs::symlink_metadata(&stale).is_err(),
+            "the release removed the dead link"
+        );
+        assert_eq!(std::fs::read_dir(&key_dir).unwrap().count(), 1);
+        drop(waiter);
+        // (The receiving thread may hold the backend for a moment.)
+        let start = std::time::Instant::now();
+        while key_dir.exists() && start.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!key_dir.exists(), "the last link's directory goes with it");
+        assert_eq!(std::fs::read_dir(&meeting).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_idle_key_is_unlinked() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("locks.db");
+        std::fs::write(&file, b"").unwrap();
+        let (mut waiter, _) = wake(&file);
+        unix::Inner::set_idle(waiter.inner.as_mut().unwrap(), Duration::from_millis(100));
+        let a = key("a");
+        assert!(waiter.waiting(&a));
+        let meeting = waiter.dir().unwrap().to_owned();
+        let dirs = || {
+            std::fs::read_dir(&meeting)
+                .unwrap()
+                .flatten()
+                .filter(|e| e.path().is_dir())
+                .count()
+        };
+        assert_eq!(dirs(), 1);
+        let start = std::time::Instant::now();
+        while dirs() > 0 && start.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(dirs(), 0, "an idle key's link and directory are removed");
+        assert!(waiter.waiting(&a), "and a later wait registers again");
+    }
+
+    #[tokio::test]
+    async fn a_long_path_meets_in_the_temporary_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let deep = dir.path().join("x".repeat(90));
+        std::fs::create_dir(&deep).unwrap();
+        let file = deep.join("locks.db");
+        std::fs::write(&file, b"").unwrap();
+        let (releaser, _) = wake(&file);
+        let (waiter, notifier) = wake(&file);
+        let meeting = waiter.dir().unwrap().to_owned();
+        assert!(meeting.as_os_str().len() + 34 <= MAX_SOCKET_PATH);
+        assert!(!meeting.starts_with(&deep));
+        let a = key("a");
+        assert!(waiter.waiting(&a));
+        assert!(woken(&notifier, &a, || releaser.released(&a)).await);
+        drop((waiter, releaser));
+        let _ = std::fs::remove_dir(&meeting);
+    }
+
+    #[test]
+    fn the_hash_is_fixed() {
+        // Every process, of every build, must find the same directory.
+        assert_eq!(fnv1a(&[b"a"]), 0xaf63_dc4c_8601_ec8c);
+        assert_ne!(fnv1a(&[b"ab", b"c"]), fnv1a(&[b"a", b"bc"]));
+    }
+}
