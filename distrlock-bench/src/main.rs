@@ -86,12 +86,33 @@ struct Args {
     /// this table and exit, for profiling them with other tools (pgbench).
     #[arg(long, value_name = "TABLE")]
     print_postgres_sql: Option<String>,
+    /// Run this many uncontended cycles of the one `--clients` variant on the
+    /// one `--backends` backend, on a single-threaded runtime, and exit: for
+    /// counting instructions with `valgrind --tool=callgrind`
+    /// (`scripts/instructions`).
+    #[arg(long, value_name = "N")]
+    count_cycles: Option<u64>,
 }
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     if let Some(table) = &args.print_postgres_sql {
         return match print_postgres_sql(table) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("distrlock-bench: {error:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(cycles) = args.count_cycles {
+        // One thread: the count does not depend on how work is spread over
+        // worker threads.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime");
+        return match runtime.block_on(scenarios::count_cycles(args.into(), cycles)) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(error) => {
                 eprintln!("distrlock-bench: {error:#}");

@@ -251,6 +251,55 @@ pub(crate) async fn run(opts: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `cycles` uncontended try-acquire + release cycles with one client
+/// of the one variant in `--clients` on the one backend in `--backends`, and
+/// nothing else: for counting the client's instructions under
+/// `valgrind --tool=callgrind` (see `scripts/instructions`). The set-up is
+/// the same whatever `cycles` is, so the difference of two counts, divided by
+/// the difference of the cycles, is the cost of one cycle.
+pub(crate) async fn count_cycles(opts: Options, cycles: u64) -> anyhow::Result<()> {
+    let ttl = Ttl::new(Duration::from_secs(30))?;
+    let ([backend], [client]) = (opts.backends.as_slice(), opts.clients.as_slice()) else {
+        bail!("--count-cycles takes one backend and one client");
+    };
+    let env: Box<dyn Env> = match backend.as_str() {
+        "postgres" | "postgresql" => Box::new(Postgres::connect(&opts.postgres_url, ttl).await?),
+        "sqlite" => Box::new(Sqlite::new(opts.sqlite_dir.clone(), ttl)?),
+        "mariadb" | "mysql" => {
+            Box::new(crate::mysql::MariaDb::connect(&opts.mysql_url, ttl).await?)
+        }
+        other => bail!("unknown backend {other:?} (postgres, mariadb, sqlite)"),
+    };
+    let variant = match client.as_str() {
+        "distrlock" => Variant::Library,
+        "raw" => Variant::Raw,
+        "go" => Variant::Go,
+        "native" => Variant::Native,
+        other => bail!("unknown client {other:?} (distrlock, raw, go, native)"),
+    };
+    let table = "distrlock_bench_count";
+    env.reset_table(table).await?;
+    let mut clients = if variant == Variant::Library {
+        library_cycles(env.as_ref(), table, 1, opts.listen).await?.0
+    } else {
+        env.cycles(variant, table, 1).await?
+    };
+    let client = clients.first_mut().context("the backend made no client")?;
+    // The same four keys as scenario 1's, each used once before counting
+    // starts to matter (their rows exist), so every cycle does the same work.
+    let keys: Vec<String> = (0..4).map(|k| format!("count/k{k}")).collect();
+    for key in &keys {
+        client.cycle(key).await?;
+    }
+    for i in 0..cycles {
+        client.cycle(&keys[(i % 4) as usize]).await?;
+    }
+    drop(clients);
+    env.drop_table(table).await?;
+    println!("{cycles} cycles");
+    Ok(())
+}
+
 fn spread_json(s: &Spread) -> Value {
     json!({ "median": s.median, "min": s.min, "max": s.max })
 }

@@ -111,6 +111,8 @@ pub(crate) struct Inner {
     pub(crate) config: PostgresConfig,
     /// Acquires still running, by key and token (see [`InFlight`](crate::lock_backend::InFlight)).
     pub(crate) in_flight: Mutex<HashMap<(LockKey, Token), watch::Sender<usize>>>,
+    /// The statements prepared on each pooled connection.
+    pub(crate) prepared: crate::prepared::Prepared,
 }
 
 impl Drop for Inner {
@@ -296,6 +298,7 @@ impl PostgresBackend {
                 create_table,
                 config,
                 in_flight: Mutex::new(HashMap::new()),
+                prepared: Default::default(),
             }),
         };
         Ok((backend, ready))

@@ -35,6 +35,10 @@ impl PostgresBackend {
     /// and its answer carries the server's clock reading, which is observed. One
     /// that ran too late is [`Failure::Late`], unless only our estimate of the
     /// server's clock was wrong: then it runs once more (see [`Answer::rerun`]).
+    ///
+    /// `sql` is one of the backend's [`Statements`](crate::sql::Statements)
+    /// (`&self.inner.sql.…`): its prepared form is found by its address (see
+    /// [`Prepared`](crate::prepared::Prepared)).
     pub(crate) async fn run(
         &self,
         sql: &str,
@@ -65,9 +69,10 @@ impl PostgresBackend {
                     };
                     let rows = match &self.inner.begin {
                         None => {
-                            let statement = conn
-                                .get()
-                                .prepare_typed_cached(sql, types)
+                            let statement = self
+                                .inner
+                                .prepared
+                                .get(conn.get(), sql, types)
                                 .await
                                 .map_err(Failure::Pg)?;
                             if let Some(not_after) = not_after {
@@ -132,7 +137,10 @@ impl PostgresBackend {
                 }
             }
         };
-        match tokio::time::timeout(self.inner.call_timeout, call).await {
+        // Boxed: the call's state (the pool's, the driver's futures) is a few
+        // KB, which every future that awaits this one would otherwise carry
+        // and copy as it is moved (into its task, its timeout, …).
+        match tokio::time::timeout(self.inner.call_timeout, Box::pin(call)).await {
             Ok(result) => result,
             Err(_) => Err(Failure::Mapped(self.timed_out())),
         }

@@ -8,6 +8,7 @@ mod connect;
 mod error;
 mod listener;
 mod lock_backend;
+mod prepared;
 #[cfg(feature = "serde")]
 mod settings;
 mod sql;
