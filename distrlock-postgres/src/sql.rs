@@ -263,6 +263,10 @@ pub(crate) struct Statements {
     /// `server_us >= $7`; in a failover quarantine: `quarantine_us` not NULL;
     /// too long: `$3 > max_ttl_us`).
     pub(crate) acquire: String,
+    /// [`acquire`](Self::acquire) for a caller's own transaction: a refusal's
+    /// commit keeps the caller's level (raised to 'on' at least), where the
+    /// backend's own transaction does not wait for a refusal's flush.
+    pub(crate) acquire_in: String,
     /// Extend: params `$1` key, `$2` token, `$3` ttl µs, `$4` not-after bound µs;
     /// one row `(renewed, server_us, quarantine_us, max_ttl_us)`, read as for
     /// `acquire`.
@@ -277,6 +281,10 @@ pub(crate) struct Statements {
     /// Release: params `$1` key, `$2` token, `$3` notification channel, `$4`
     /// not-after bound µs; one row `(released, server_us)`.
     pub(crate) release: String,
+    /// [`release`](Self::release) for a caller's own transaction: durable
+    /// (raised to 'on' at least), where the backend's own transaction does not
+    /// wait for the release's flush.
+    pub(crate) release_in: String,
     /// Records this server's timeline in the failover marker, when it is newer
     /// than the marker's (a promotion), which starts the quarantine; on a table
     /// without a marker, writes one (on the first timeline with no quarantine).
@@ -562,13 +570,28 @@ SELECT
     -- Refused until the marker records this timeline (see record_timeline).
     gate.unrecorded,
     -- The table's max_ttl: a ttl above it is refused.
-    gate.max_ttl_us
+    gate.max_ttl_us{{lazy_refusal}}
 FROM clock
 LEFT JOIN gate ON true
 LEFT JOIN taken ON true
 LEFT JOIN inserted ON true
 LEFT JOIN ticketed ON true
 LEFT JOIN {t} AS l ON l.lock_key = $1::text"#
+        );
+        // In the backend's own transaction (not a caller's), a refusal commits
+        // without waiting for its flush: it wrote at most the caller's ticket,
+        // which a crash may lose at no cost to safety (a waiter whose ticket
+        // is lost waits one more turn, or shares a number with a later one; a
+        // grant still needs a free row). Evaluated in the main query, after
+        // `server` raised the level for a grant, so that it wins for a
+        // refusal only. A grant is flushed ('on' or stronger) before it is
+        // reported, as before.
+        let acquire_in = acquire.replace("{lazy_refusal}", "");
+        let acquire = acquire.replace(
+            "{lazy_refusal}",
+            ",\n    -- A refusal's commit is not waited for (see the backend).\n    \
+             CASE WHEN taken.fence IS NULL AND inserted.fence IS NULL\n              \
+             THEN set_config('synchronous_commit', 'off', true) END AS lazy_commit",
         );
 
         let extend_failover = failover_ctes(&t, failover);
@@ -731,11 +754,7 @@ ON CONFLICT (lock_key) DO UPDATE
             r#"/* distrlock release on {t} */
 WITH
 {clock},
--- Durable commits, as for acquire: 'off' and 'local' become 'on' for this
--- transaction only, stronger levels are kept.
-durable AS MATERIALIZED (
-    SELECT {durable} AS synchronous_commit
-),
+{{commit}}
 -- Only the token of a live lease. The row is kept (expires_at NULL) so the next
 -- holder's fence continues from this one.
 released AS (
@@ -775,6 +794,29 @@ LEFT JOIN {t} AS l
       AND l.token = $2::uuid
       AND l.expires_at IS NULL"#
         );
+        // In a caller's transaction, its commit level is raised ('off' and
+        // 'local' become 'on'), never lowered: the caller's own writes share
+        // the commit.
+        let release_in = release.replace(
+            "{commit}",
+            &format!(
+                "-- Durable commits, as for acquire: 'off' and 'local' become 'on' for this\n\
+                 -- transaction only, stronger levels are kept.\n\
+                 durable AS MATERIALIZED (\n    SELECT {durable} AS synchronous_commit\n),"
+            ),
+        );
+        // In the backend's own transaction, the release commits without
+        // waiting for its flush: a crash (or a failover) that loses it leaves
+        // the lease held until it expires, which is safe; the holder's fence is
+        // not touched. A grant that follows is flushed before it is reported,
+        // and the release's WAL with it. This takes one flush off every
+        // handover and every acquire + release cycle.
+        let release = release.replace(
+            "{commit}",
+            "-- The release's commit is not waited for (see the backend).\n\
+             durable AS MATERIALIZED (\n    \
+             SELECT set_config('synchronous_commit', 'off', true) AS synchronous_commit\n),",
+        );
 
         // Times leave as integer microseconds since the epoch: timestamptz's epoch is
         // an instant, independent of TimeZone and DateStyle. `held` and `remaining_us`
@@ -805,9 +847,11 @@ LEFT JOIN {t} AS l
             create_table,
             create_table_locked,
             acquire,
+            acquire_in,
             extend,
             extend_many,
             release,
+            release_in,
             record_timeline,
             inspect,
             list,
@@ -1296,9 +1340,35 @@ mod tests {
     }
 
     #[test]
-    fn every_write_commits_durably_and_every_grant_passes_the_failover_gate() {
+    fn only_the_backends_own_releases_and_refusals_skip_the_flush() {
         let s = Statements::new(&TableName::default(), Failover::DEFAULT);
-        for sql in lock_statements(&s) {
+        let lazy = "set_config('synchronous_commit', 'off', true)";
+        let release = without_comments(&s.release);
+        assert!(release.contains(lazy), "{release}");
+        assert!(!release.contains("'on', true"), "{release}");
+        let acquire = without_comments(&s.acquire);
+        assert!(
+            acquire.contains(&format!(
+                "CASE WHEN taken.fence IS NULL AND inserted.fence IS NULL\n              THEN {lazy} END AS lazy_commit"
+            )),
+            "{acquire}"
+        );
+        for sql in [&s.acquire_in, &s.release_in, &s.extend, &s.extend_many] {
+            assert!(!without_comments(sql).contains(lazy), "{sql}");
+        }
+    }
+
+    #[test]
+    fn every_grant_commits_durably_and_passes_the_failover_gate() {
+        let s = Statements::new(&TableName::default(), Failover::DEFAULT);
+        // Every grant of time, and everything in a caller's transaction.
+        for sql in [
+            &s.acquire,
+            &s.extend,
+            &s.extend_many,
+            &s.acquire_in,
+            &s.release_in,
+        ] {
             let code = without_comments(sql);
             // 'off' and 'local' are raised to 'on' for this transaction; the
             // rest kept as they are.

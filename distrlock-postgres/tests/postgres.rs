@@ -2511,3 +2511,104 @@ async fn the_timeline_is_recorded_outside_the_callers_transaction() {
     tx.rollback().await.unwrap();
     t.drop_table().await;
 }
+
+/// `synchronous_commit` as the transaction `tx` will commit with.
+async fn commit_level(tx: &tokio_postgres::Transaction<'_>) -> String {
+    tx.query_one("SHOW synchronous_commit", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// The backend's own acquire statement `sql` for `token`, in a transaction
+/// of ours: whether it granted, and the level its commit would use.
+async fn own_acquire(
+    client: &mut tokio_postgres::Client,
+    sql: &str,
+    k: &LockKey,
+    token: Token,
+) -> (bool, String) {
+    let tx = client.transaction().await.unwrap();
+    let bound = server_now_us(tx.client()).await + 10_000_000;
+    let no_ticket: Option<i64> = None;
+    let row = tx
+        .query_one(
+            sql,
+            &[
+                &k.as_str(),
+                token.as_uuid(),
+                &30_000_000i64,
+                &"o",
+                &0i64,
+                &no_ticket,
+                &bound,
+            ],
+        )
+        .await
+        .unwrap();
+    let granted = row.get::<_, Option<i64>>("fence").is_some();
+    let level = commit_level(&tx).await;
+    tx.commit().await.unwrap();
+    (granted, level)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_releases_and_refusals_skip_the_flush_grants_and_callers_transactions_do_not() {
+    let name = "own_releases_and_refusals_skip_the_flush_grants_and_callers_transactions_do_not";
+    let Some(t) = TestBackend::new(name, |b| b).await else {
+        return;
+    };
+    let sql =
+        distrlock_postgres::LockSql::for_table(&distrlock_core::TableName::new(&t.table).unwrap());
+    let mut client = common::admin().await.unwrap();
+    let k = key("commit-levels");
+    let (mine, other) = (Token::new(), Token::new());
+    // The backend's own statements, each in a transaction of ours, so that
+    // the level its commit would use can be read before committing.
+    let (granted, level) = own_acquire(&mut client, &sql.acquire, &k, mine).await;
+    assert!(granted);
+    assert_eq!(level, "on", "a grant is flushed before it is reported");
+    let (granted, level) = own_acquire(&mut client, &sql.acquire, &k, other).await;
+    assert!(!granted);
+    assert_eq!(level, "off", "a refusal's commit is not waited for");
+    let tx = client.transaction().await.unwrap();
+    let bound = server_now_us(tx.client()).await + 10_000_000;
+    let row = tx
+        .query_one(
+            &sql.release,
+            &[&k.as_str(), mine.as_uuid(), &sql.channel, &bound],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, Option<bool>>("released"), Some(true));
+    assert_eq!(
+        commit_level(&tx).await,
+        "off",
+        "a release's commit is not waited for"
+    );
+    tx.rollback().await.unwrap();
+
+    // A caller's transaction keeps its level, raised to 'on' at least, for a
+    // refusal and a release too: the caller's own writes share the commit.
+    let tx = client.transaction().await.unwrap();
+    tx.batch_execute("SET LOCAL synchronous_commit = local")
+        .await
+        .unwrap();
+    assert!(matches!(
+        t.backend
+            .try_acquire_in(&tx, &k, &other, ttl(Duration::from_secs(30)), "o")
+            .await
+            .unwrap(),
+        AcquireOutcome::Held { .. }
+    ));
+    assert_eq!(commit_level(&tx).await, "on");
+    tx.rollback().await.unwrap();
+    let tx = client.transaction().await.unwrap();
+    tx.batch_execute("SET LOCAL synchronous_commit = remote_apply")
+        .await
+        .unwrap();
+    t.backend.release_in(&tx, &k, &mine).await.unwrap();
+    assert_eq!(commit_level(&tx).await, "remote_apply", "never lowered");
+    tx.rollback().await.unwrap();
+    t.drop_table().await;
+}
