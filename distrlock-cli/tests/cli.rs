@@ -2020,3 +2020,51 @@ fn postgres_init_max_ttl_bounds_every_ttl() {
             .unwrap();
     });
 }
+
+/// A `run` waiting behind another process's lock is woken by that lock's
+/// release in a third process (the release finds it in line and sends a
+/// datagram to its socket beside the file), and leaves no socket behind
+/// when it exits.
+#[test]
+fn sqlite_a_waiting_run_is_woken_by_another_process_and_leaves_no_socket_behind() {
+    let t = Target::sqlite();
+    let key = t.key("woken");
+    let out = t.output([
+        "acquire", "--key", &key, "--ttl", "60s", "--owner", "holder",
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let lease: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let token = lease["token"].as_str().unwrap().to_owned();
+    let mut waiter = t
+        .cmd(["run", "--wait", "30s", "--key", &key, "--", "true"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut wake_dir = t.sqlite_path.clone().unwrap().into_os_string();
+    wake_dir.push("-wake");
+    let wake_dir = PathBuf::from(wake_dir);
+    let entries = |dir: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(dir)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    };
+    wait_until(Duration::from_secs(10), || {
+        entries(&wake_dir).iter().any(|p| p.is_dir())
+    });
+    let sockets = entries(&wake_dir)
+        .into_iter()
+        .filter(|p| !p.is_dir())
+        .count();
+    assert_eq!(
+        sockets,
+        1,
+        "the waiting process listens: {:?}",
+        entries(&wake_dir)
+    );
+    let out = t.output(["release", "--key", &key, "--token", &token]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(wait_exit(&mut waiter, Duration::from_secs(30)), 0);
+    assert_eq!(t.lock(&key).unwrap()["state"], "released");
+    // Gone with its process: no socket, no link, no key directory.
+    assert_eq!(entries(&wake_dir), Vec::<PathBuf>::new());
+}

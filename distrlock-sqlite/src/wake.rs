@@ -266,6 +266,7 @@ mod unix {
         fn listen(self: &Arc<Self>, state: &mut State, key: &LockKey) -> std::io::Result<()> {
             if !state.bound {
                 self.make_dir(&self.dir)?;
+                self.sweep_sockets();
                 let socket = UnixDatagram::bind(self.dir.join(&self.id))?;
                 // The thread checks for idle keys (and for this backend's end)
                 // this often.
@@ -285,6 +286,9 @@ mod unix {
             let target = Path::new("..").join(&self.id);
             for attempt in 0..2 {
                 self.make_dir(&dir)?;
+                if attempt == 0 {
+                    sweep_links(&dir);
+                }
                 match std::os::unix::fs::symlink(&target, &link) {
                     Ok(()) => return Ok(()),
                     Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(()),
@@ -314,18 +318,42 @@ mod unix {
                     Ok(_) => {}
                     // A full buffer: that waiter has a wake-up pending anyway.
                     Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                    // Its socket is gone, or nobody reads it: its process died.
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            ErrorKind::ConnectionRefused | ErrorKind::NotFound
-                        ) =>
-                    {
+                    // Nobody reads its socket, or the socket is gone: its
+                    // process died. Remove the link, and the dead socket.
+                    Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+                        if let Ok(target) = std::fs::read_link(&link) {
+                            let _ = std::fs::remove_file(dir.join(target));
+                        }
+                        let _ = std::fs::remove_file(&link);
+                    }
+                    Err(e) if e.kind() == ErrorKind::NotFound => {
                         let _ = std::fs::remove_file(&link);
                     }
                     Err(error) => {
                         tracing::debug!(%error, link = %link.display(), "a wake-up on release failed");
                     }
+                }
+            }
+        }
+
+        /// Removes the sockets in the meeting directory that nobody reads any
+        /// more (their processes died without cleaning up), once per backend,
+        /// before it binds its own. An empty datagram tests each: a live
+        /// backend ignores it.
+        fn sweep_sockets(&self) {
+            use std::os::unix::fs::FileTypeExt;
+            let Ok(entries) = std::fs::read_dir(&self.dir) else {
+                return;
+            };
+            for entry in entries.flatten() {
+                if !entry.file_type().is_ok_and(|t| t.is_socket()) {
+                    continue;
+                }
+                let path = entry.path();
+                if let Err(e) = self.sender.send_to(b"", &path)
+                    && e.kind() == ErrorKind::ConnectionRefused
+                {
+                    let _ = std::fs::remove_file(&path);
                 }
             }
         }
@@ -384,6 +412,20 @@ mod unix {
             }
             if bound {
                 let _ = std::fs::remove_file(self.dir.join(&self.id));
+            }
+        }
+    }
+
+    /// Removes the links in a key's directory whose socket is gone.
+    fn sweep_links(dir: &Path) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let link = entry.path();
+            // `metadata` follows the link: NotFound means a dangling one.
+            if std::fs::metadata(&link).is_err_and(|e| e.kind() == ErrorKind::NotFound) {
+                let _ = std::fs::remove_file(&link);
             }
         }
     }
@@ -499,11 +541,18 @@ mod tests {
         // A link left by a process that died: its socket is gone.
         let stale = key_dir.join("00000000deadbeef");
         std::os::unix::fs::symlink("../00000000deadbeef", &stale).unwrap();
+        // And one whose socket is still there, but nobody reads it.
+        let dead_socket = meeting.join("00000000deadbee2");
+        drop(std::os::unix::net::UnixDatagram::bind(&dead_socket).unwrap());
+        let unread = key_dir.join("00000000deadbee2");
+        std::os::unix::fs::symlink("../00000000deadbee2", &unread).unwrap();
         releaser.released(&a);
         assert!(
             std::fs::symlink_metadata(&stale).is_err(),
             "the release removed the dead link"
         );
+        assert!(std::fs::symlink_metadata(&unread).is_err());
+        assert!(!dead_socket.exists(), "and the dead socket");
         assert_eq!(std::fs::read_dir(&key_dir).unwrap().count(), 1);
         drop(waiter);
         // (The receiving thread may hold the backend for a moment.)
@@ -513,6 +562,42 @@ mod tests {
         }
         assert!(!key_dir.exists(), "the last link's directory goes with it");
         assert_eq!(std::fs::read_dir(&meeting).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_new_listener_sweeps_dead_sockets_and_dangling_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("locks.db");
+        std::fs::write(&file, b"").unwrap();
+        let (live, _) = wake(&file);
+        let a = key("a");
+        assert!(live.waiting(&a));
+        let meeting = live.dir().unwrap().to_owned();
+        let key_dir = std::fs::read_dir(&meeting)
+            .unwrap()
+            .flatten()
+            .find(|e| e.path().is_dir())
+            .unwrap()
+            .path();
+        let dead_socket = meeting.join("00000000deadbeef");
+        drop(std::os::unix::net::UnixDatagram::bind(&dead_socket).unwrap());
+        let dangling = key_dir.join("00000000deadbee2");
+        std::os::unix::fs::symlink("../00000000deadbee2", &dangling).unwrap();
+        let (later, _) = wake(&file);
+        assert!(later.waiting(&a));
+        assert!(!dead_socket.exists(), "the dead socket is swept");
+        assert!(
+            std::fs::symlink_metadata(&dangling).is_err(),
+            "and the dangling link"
+        );
+        // The live backends' sockets and links stay: 2 sockets, 2 links.
+        let sockets = std::fs::read_dir(&meeting)
+            .unwrap()
+            .flatten()
+            .filter(|e| !e.path().is_dir())
+            .count();
+        assert_eq!(sockets, 2);
+        assert_eq!(std::fs::read_dir(&key_dir).unwrap().count(), 2);
     }
 
     #[tokio::test]
