@@ -281,9 +281,8 @@ pub(crate) struct Statements {
     /// Release: params `$1` key, `$2` token, `$3` notification channel, `$4`
     /// not-after bound µs; one row `(released, server_us)`.
     pub(crate) release: String,
-    /// [`release`](Self::release) for a caller's own transaction: durable
-    /// (raised to 'on' at least), where the backend's own transaction does not
-    /// wait for the release's flush.
+    /// [`release`](Self::release) for a caller's own transaction (the same
+    /// text: a release is durable in both).
     pub(crate) release_in: String,
     /// Records this server's timeline in the failover marker, when it is newer
     /// than the marker's (a promotion), which starts the quarantine; on a table
@@ -794,10 +793,13 @@ LEFT JOIN {t} AS l
       AND l.token = $2::uuid
       AND l.expires_at IS NULL"#
         );
-        // In a caller's transaction, its commit level is raised ('off' and
-        // 'local' become 'on'), never lowered: the caller's own writes share
-        // the commit.
-        let release_in = release.replace(
+        // Durable, like a grant: 'off' and 'local' become 'on', never
+        // lowered. A release whose commit a crash lost would leave the lease
+        // live, and a holder with a static token asking again would then be
+        // granted it again at the same fence: fences must not repeat, so the
+        // release is flushed before it is reported. (In a caller's
+        // transaction the caller's own writes share the commit.)
+        let release = release.replace(
             "{commit}",
             &format!(
                 "-- Durable commits, as for acquire: 'off' and 'local' become 'on' for this\n\
@@ -805,18 +807,7 @@ LEFT JOIN {t} AS l
                  durable AS MATERIALIZED (\n    SELECT {durable} AS synchronous_commit\n),"
             ),
         );
-        // In the backend's own transaction, the release commits without
-        // waiting for its flush: a crash (or a failover) that loses it leaves
-        // the lease held until it expires, which is safe; the holder's fence is
-        // not touched. A grant that follows is flushed before it is reported,
-        // and the release's WAL with it. This takes one flush off every
-        // handover and every acquire + release cycle.
-        let release = release.replace(
-            "{commit}",
-            "-- The release's commit is not waited for (see the backend).\n\
-             durable AS MATERIALIZED (\n    \
-             SELECT set_config('synchronous_commit', 'off', true) AS synchronous_commit\n),",
-        );
+        let release_in = release.clone();
 
         // Times leave as integer microseconds since the epoch: timestamptz's epoch is
         // an instant, independent of TimeZone and DateStyle. `held` and `remaining_us`
@@ -1340,12 +1331,9 @@ mod tests {
     }
 
     #[test]
-    fn only_the_backends_own_releases_and_refusals_skip_the_flush() {
+    fn only_the_backends_own_refusals_skip_the_flush() {
         let s = Statements::new(&TableName::default(), Failover::DEFAULT);
         let lazy = "set_config('synchronous_commit', 'off', true)";
-        let release = without_comments(&s.release);
-        assert!(release.contains(lazy), "{release}");
-        assert!(!release.contains("'on', true"), "{release}");
         let acquire = without_comments(&s.acquire);
         assert!(
             acquire.contains(&format!(
@@ -1353,7 +1341,13 @@ mod tests {
             )),
             "{acquire}"
         );
-        for sql in [&s.acquire_in, &s.release_in, &s.extend, &s.extend_many] {
+        for sql in [
+            &s.acquire_in,
+            &s.release,
+            &s.release_in,
+            &s.extend,
+            &s.extend_many,
+        ] {
             assert!(!without_comments(sql).contains(lazy), "{sql}");
         }
     }
@@ -1366,6 +1360,7 @@ mod tests {
             &s.acquire,
             &s.extend,
             &s.extend_many,
+            &s.release,
             &s.acquire_in,
             &s.release_in,
         ] {

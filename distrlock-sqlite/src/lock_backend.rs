@@ -319,9 +319,12 @@ impl LockBackend for SqliteBackend {
                 ticket: answer.ticket.map(|t| t.number).or(place.ticket),
                 ..place
             };
-            return self
+            // If that look fails, the first answer stands (with its ticket,
+            // which the next try brings).
+            return Ok(self
                 .acquire(key, token, ttl, owner, Some(place), not_after)
-                .await;
+                .await
+                .unwrap_or(answer));
         }
         Ok(answer)
     }

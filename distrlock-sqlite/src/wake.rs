@@ -177,6 +177,12 @@ mod unix {
         notifier: ReleaseNotifier,
         /// An unbound socket to send from.
         sender: UnixDatagram,
+        /// Another, blocking for at most 2 ms, for a receiver whose queue is
+        /// full.
+        patient_sender: Option<UnixDatagram>,
+        /// `dir` is in the shared temporary directory (path too long beside
+        /// the file).
+        in_temp: bool,
         idle: Duration,
         state: Mutex<State>,
     }
@@ -200,7 +206,13 @@ mod unix {
         ) -> Option<Self> {
             let sender = UnixDatagram::unbound().ok()?;
             sender.set_nonblocking(true).ok()?;
+            let in_temp = dir.starts_with(std::env::temp_dir()) || dir.starts_with("/tmp");
+            let patient_sender = UnixDatagram::unbound()
+                .ok()
+                .filter(|s| s.set_write_timeout(Some(Duration::from_millis(2))).is_ok());
             Some(Self {
+                patient_sender,
+                in_temp,
                 dir,
                 id: format!("{:016x}", fastrand::u64(..)),
                 table: table.to_string(),
@@ -232,11 +244,24 @@ mod unix {
         fn make_dir(&self, dir: &Path) -> std::io::Result<()> {
             let mut builder = std::fs::DirBuilder::new();
             builder.recursive(true);
-            if !self.dir.starts_with(std::env::temp_dir()) && !self.dir.starts_with("/tmp") {
+            if !self.in_temp {
                 return builder.create(dir);
             }
-            // In a shared temporary directory, ours alone.
-            builder.mode(0o700).create(dir)
+            // In a shared temporary directory: ours alone. One made by
+            // someone else (who could plant links in it), or a symlink in
+            // its place, is refused: no wake-ups then.
+            builder.mode(0o700).create(dir)?;
+            if dir == self.dir {
+                use std::os::unix::fs::PermissionsExt;
+                let meta = std::fs::symlink_metadata(dir)?;
+                if !meta.file_type().is_dir() || meta.permissions().mode() & 0o077 != 0 {
+                    return Err(std::io::Error::new(
+                        ErrorKind::PermissionDenied,
+                        "the wake-up directory in the temporary directory is not private",
+                    ));
+                }
+            }
+            Ok(())
         }
 
         pub(super) fn waiting(this: &Arc<Self>, key: &LockKey) -> bool {
@@ -267,15 +292,23 @@ mod unix {
             if !state.bound {
                 self.make_dir(&self.dir)?;
                 self.sweep_sockets();
-                let socket = UnixDatagram::bind(self.dir.join(&self.id))?;
-                // The thread checks for idle keys (and for this backend's end)
-                // this often.
-                socket.set_read_timeout(Some(self.idle.min(Duration::from_secs(1)) / 2))?;
+                let path = self.dir.join(&self.id);
+                let socket = UnixDatagram::bind(&path)?;
                 let weak = Arc::downgrade(self);
-                std::thread::Builder::new()
-                    .name("distrlock-sqlite-wake".into())
-                    .stack_size(64 * 1024)
-                    .spawn(move || receive(&socket, &weak))?;
+                // The thread checks for idle keys (and for this backend's end)
+                // at least this often.
+                let started = socket
+                    .set_read_timeout(Some(self.idle.min(Duration::from_secs(1)) / 2))
+                    .and_then(|()| {
+                        std::thread::Builder::new()
+                            .name("distrlock-sqlite-wake".into())
+                            .stack_size(256 * 1024)
+                            .spawn(move || receive(&socket, &weak))
+                    });
+                if let Err(error) = started {
+                    let _ = std::fs::remove_file(&path);
+                    return Err(error);
+                }
                 state.bound = true;
                 // Every release by a backend of this host that can reach the
                 // directory now reaches us.
@@ -309,26 +342,38 @@ mod unix {
             };
             let payload = self.payload(key);
             for entry in entries.flatten() {
-                if entry.file_name() == self.id.as_str() {
+                let name = entry.file_name();
+                let Some(name) = name.to_str().filter(|n| is_id(n)) else {
+                    // Not one of ours: leave it alone.
+                    continue;
+                };
+                if name == self.id {
                     // Our own waiters learn of it through the notifier.
                     continue;
                 }
                 let link = entry.path();
                 match self.sender.send_to(&payload, &link) {
                     Ok(_) => {}
-                    // A full buffer: that waiter has a wake-up pending anyway.
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                    // Nobody reads its socket, or the socket is gone: its
-                    // process died. Remove the link, and the dead socket.
-                    Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
-                        if let Ok(target) = std::fs::read_link(&link) {
-                            let _ = std::fs::remove_file(dir.join(target));
+                    // Its queue is full (10 datagrams by default, maybe for
+                    // other keys): wait for room, briefly.
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        if let Some(patient) = &self.patient_sender {
+                            let _ = patient.send_to(&payload, &link);
                         }
-                        let _ = std::fs::remove_file(&link);
                     }
-                    Err(e) if e.kind() == ErrorKind::NotFound => {
-                        let _ = std::fs::remove_file(&link);
+                    // Nobody reads its socket: its process died. Remove the
+                    // link, and the socket of the same name in the meeting
+                    // directory if it is one (a link's target is never
+                    // followed: anyone who can write here could aim it).
+                    Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+                        let socket = self.dir.join(name);
+                        if is_socket(&socket) {
+                            let _ = std::fs::remove_file(&socket);
+                        }
+                        remove_if_dangling(&link);
                     }
+                    // Its socket is gone (or the link was just replaced).
+                    Err(e) if e.kind() == ErrorKind::NotFound => remove_if_dangling(&link),
                     Err(error) => {
                         tracing::debug!(%error, link = %link.display(), "a wake-up on release failed");
                     }
@@ -346,7 +391,8 @@ mod unix {
                 return;
             };
             for entry in entries.flatten() {
-                if !entry.file_type().is_ok_and(|t| t.is_socket()) {
+                let named = entry.file_name().to_str().is_some_and(is_id);
+                if !named || !entry.file_type().is_ok_and(|t| t.is_socket()) {
                     continue;
                 }
                 let path = entry.path();
@@ -392,6 +438,20 @@ mod unix {
                 state.keys.remove(&key);
                 self.unlink(&key);
             }
+            // A link of ours that is gone (removed by a race with another
+            // process's clean-up, or by a cleaner of the temporary
+            // directory) is made again, so that its key is still announced.
+            let target = Path::new("..").join(&self.id);
+            for key in state.keys.keys() {
+                let dir = self.key_dir(key);
+                let link = dir.join(&self.id);
+                if std::fs::symlink_metadata(&link).is_err()
+                    && (self.make_dir(&dir).is_err()
+                        || std::os::unix::fs::symlink(&target, &link).is_err())
+                {
+                    self.notifier.set_complete(false);
+                }
+            }
         }
 
         fn unlink(&self, key: &LockKey) {
@@ -416,17 +476,33 @@ mod unix {
         }
     }
 
+    /// Whether `name` is a backend's id: 16 lowercase hex digits.
+    fn is_id(name: &str) -> bool {
+        name.len() == 16 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    }
+
+    /// Whether `path` is a socket (not following a symlink).
+    fn is_socket(path: &Path) -> bool {
+        use std::os::unix::fs::FileTypeExt;
+        std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
+    }
+
+    /// Removes `link` if it is a symlink whose target is gone: a live
+    /// backend's link (re-made since a send failed) stays.
+    fn remove_if_dangling(link: &Path) {
+        let is_link = std::fs::symlink_metadata(link).is_ok_and(|m| m.file_type().is_symlink());
+        if is_link && std::fs::metadata(link).is_err_and(|e| e.kind() == ErrorKind::NotFound) {
+            let _ = std::fs::remove_file(link);
+        }
+    }
+
     /// Removes the links in a key's directory whose socket is gone.
     fn sweep_links(dir: &Path) {
         let Ok(entries) = std::fs::read_dir(dir) else {
             return;
         };
         for entry in entries.flatten() {
-            let link = entry.path();
-            // `metadata` follows the link: NotFound means a dangling one.
-            if std::fs::metadata(&link).is_err_and(|e| e.kind() == ErrorKind::NotFound) {
-                let _ = std::fs::remove_file(&link);
-            }
+            remove_if_dangling(&entry.path());
         }
     }
 
@@ -434,16 +510,20 @@ mod unix {
     /// datagram's key and forgets idle keys.
     fn receive(socket: &UnixDatagram, backend: &Weak<Inner>) {
         let mut buf = [0u8; 1024];
+        let mut next_check = Instant::now();
         loop {
             let got = socket.recv(&mut buf);
             let Some(inner) = backend.upgrade() else {
                 return;
             };
+            // Whatever arrived: steady traffic must not keep idle keys.
+            if Instant::now() >= next_check {
+                inner.forget_idle();
+                next_check = Instant::now() + (inner.idle / 4).min(Duration::from_millis(500));
+            }
             match got {
                 Ok(n) => inner.deliver(&buf[..n]),
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                    inner.forget_idle();
-                }
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(error) => {
                     tracing::debug!(%error, "the wake-up socket failed; waiters poll");
@@ -598,6 +678,35 @@ mod tests {
             .count();
         assert_eq!(sockets, 2);
         assert_eq!(std::fs::read_dir(&key_dir).unwrap().count(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_planted_link_never_makes_a_release_remove_its_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("locks.db");
+        std::fs::write(&file, b"precious").unwrap();
+        let (releaser, _) = wake(&file);
+        let (waiter, _) = wake(&file);
+        let a = key("a");
+        assert!(waiter.waiting(&a));
+        let meeting = waiter.dir().unwrap().to_owned();
+        let key_dir = std::fs::read_dir(&meeting)
+            .unwrap()
+            .flatten()
+            .find(|e| e.path().is_dir())
+            .unwrap()
+            .path();
+        // Links aimed at the database itself, by absolute path and relative,
+        // under names that look like a backend's and that do not.
+        for (name, target) in [
+            ("00000000deadbeef", file.clone()),
+            ("00000000deadbee2", PathBuf::from("../../locks.db")),
+            ("victim", file.clone()),
+        ] {
+            std::os::unix::fs::symlink(&target, key_dir.join(name)).unwrap();
+        }
+        releaser.released(&a);
+        assert_eq!(std::fs::read(&file).unwrap(), b"precious");
     }
 
     #[tokio::test]
