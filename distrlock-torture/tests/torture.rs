@@ -366,7 +366,19 @@ async fn run(name: &'static str, server: ThrowawayServer) {
         if fault == Fault::RestartServer && torture.restarted_at.is_some() {
             fault = Fault::KillHolder;
         }
-        torture.inject(fault, &mut rng).await;
+        // A fault needs a worker in some state (a holder with more than a
+        // stall still to go, a waiter): when none is, try again shortly, so
+        // that each kind the checks below require is injected in every run
+        // (one run met no holder with 2.5 s to go at either stall slot).
+        let name = fault_name(fault);
+        for _ in 0..10 {
+            let before = torture.counts.get(name).copied().unwrap_or_default();
+            torture.inject(fault, &mut rng).await;
+            if torture.counts.get(name).copied().unwrap_or_default() > before {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         next += 1;
     }
 
