@@ -430,7 +430,7 @@ impl PostgresBackend {
         let channel = self.inner.sql.channel.as_str();
         let params: [&(dyn ToSql + Sync); 3] = [&key.as_str(), token.as_uuid(), &channel];
         let answer = self
-            .run_in(client, &self.inner.sql.release_in, RELEASE_TYPES, &params)
+            .run_in(client, &self.inner.sql.release, RELEASE_TYPES, &params)
             .await
             .map_err(|f| f.into_error(self))?;
         match self.release_outcome(&answer)? {

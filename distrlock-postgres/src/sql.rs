@@ -281,9 +281,6 @@ pub(crate) struct Statements {
     /// Release: params `$1` key, `$2` token, `$3` notification channel, `$4`
     /// not-after bound µs; one row `(released, server_us)`.
     pub(crate) release: String,
-    /// [`release`](Self::release) for a caller's own transaction (the same
-    /// text: a release is durable in both).
-    pub(crate) release_in: String,
     /// Records this server's timeline in the failover marker, when it is newer
     /// than the marker's (a promotion), which starts the quarantine; on a table
     /// without a marker, writes one (on the first timeline with no quarantine).
@@ -807,7 +804,6 @@ LEFT JOIN {t} AS l
                  durable AS MATERIALIZED (\n    SELECT {durable} AS synchronous_commit\n),"
             ),
         );
-        let release_in = release.clone();
 
         // Times leave as integer microseconds since the epoch: timestamptz's epoch is
         // an instant, independent of TimeZone and DateStyle. `held` and `remaining_us`
@@ -842,7 +838,6 @@ LEFT JOIN {t} AS l
             extend,
             extend_many,
             release,
-            release_in,
             record_timeline,
             inspect,
             list,
@@ -1341,13 +1336,7 @@ mod tests {
             )),
             "{acquire}"
         );
-        for sql in [
-            &s.acquire_in,
-            &s.release,
-            &s.release_in,
-            &s.extend,
-            &s.extend_many,
-        ] {
+        for sql in [&s.acquire_in, &s.release, &s.extend, &s.extend_many] {
             assert!(!without_comments(sql).contains(lazy), "{sql}");
         }
     }
@@ -1362,7 +1351,6 @@ mod tests {
             &s.extend_many,
             &s.release,
             &s.acquire_in,
-            &s.release_in,
         ] {
             let code = without_comments(sql);
             // 'off' and 'local' are raised to 'on' for this transaction; the

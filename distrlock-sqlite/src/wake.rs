@@ -314,6 +314,12 @@ mod unix {
                 // directory now reaches us.
                 self.notifier.set_complete(true);
             }
+            self.link(key)
+        }
+
+        /// Links `key`'s directory to our socket (made if need be), after
+        /// removing the dangling links found there.
+        fn link(&self, key: &LockKey) -> std::io::Result<()> {
             let dir = self.key_dir(key);
             let link = dir.join(&self.id);
             let target = Path::new("..").join(&self.id);
@@ -441,14 +447,9 @@ mod unix {
             // A link of ours that is gone (removed by a race with another
             // process's clean-up, or by a cleaner of the temporary
             // directory) is made again, so that its key is still announced.
-            let target = Path::new("..").join(&self.id);
             for key in state.keys.keys() {
-                let dir = self.key_dir(key);
-                let link = dir.join(&self.id);
-                if std::fs::symlink_metadata(&link).is_err()
-                    && (self.make_dir(&dir).is_err()
-                        || std::os::unix::fs::symlink(&target, &link).is_err())
-                {
+                let ours = self.key_dir(key).join(&self.id);
+                if std::fs::symlink_metadata(&ours).is_err() && self.link(key).is_err() {
                     self.notifier.set_complete(false);
                 }
             }
@@ -556,6 +557,24 @@ mod tests {
         LockKey::new(name).unwrap()
     }
 
+    /// An empty database file in a directory of its own.
+    fn database() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("locks.db");
+        std::fs::write(&file, b"").unwrap();
+        (dir, file)
+    }
+
+    /// The one key directory in the meeting directory.
+    fn the_key_dir(meeting: &Path) -> PathBuf {
+        std::fs::read_dir(meeting)
+            .unwrap()
+            .flatten()
+            .find(|e| e.path().is_dir())
+            .unwrap()
+            .path()
+    }
+
     fn wake(path: &Path) -> (Wake, ReleaseNotifier) {
         let notifier = ReleaseNotifier::new();
         let table = TableName::new("locks").unwrap();
@@ -572,9 +591,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_release_wakes_the_other_backends_waiting_on_its_key_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("locks.db");
-        std::fs::write(&file, b"").unwrap();
+        let (_dir, file) = database();
         let (releaser, _) = wake(&file);
         let (waiter, notifier) = wake(&file);
         let (a, b) = (key("a"), key("b"));
@@ -604,20 +621,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_dead_backends_link_is_removed_and_a_dropped_one_cleans_up() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("locks.db");
-        std::fs::write(&file, b"").unwrap();
+        let (_dir, file) = database();
         let (releaser, _) = wake(&file);
         let (waiter, _) = wake(&file);
         let a = key("a");
         assert!(waiter.waiting(&a));
         let meeting = waiter.dir().unwrap().to_owned();
-        let key_dir = std::fs::read_dir(&meeting)
-            .unwrap()
-            .flatten()
-            .find(|e| e.path().is_dir())
-            .unwrap()
-            .path();
+        let key_dir = the_key_dir(&meeting);
         // A link left by a process that died: its socket is gone.
         let stale = key_dir.join("00000000deadbeef");
         std::os::unix::fs::symlink("../00000000deadbeef", &stale).unwrap();
@@ -646,19 +656,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_new_listener_sweeps_dead_sockets_and_dangling_links() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("locks.db");
-        std::fs::write(&file, b"").unwrap();
+        let (_dir, file) = database();
         let (live, _) = wake(&file);
         let a = key("a");
         assert!(live.waiting(&a));
         let meeting = live.dir().unwrap().to_owned();
-        let key_dir = std::fs::read_dir(&meeting)
-            .unwrap()
-            .flatten()
-            .find(|e| e.path().is_dir())
-            .unwrap()
-            .path();
+        let key_dir = the_key_dir(&meeting);
         let dead_socket = meeting.join("00000000deadbeef");
         drop(std::os::unix::net::UnixDatagram::bind(&dead_socket).unwrap());
         let dangling = key_dir.join("00000000deadbee2");
@@ -690,12 +693,7 @@ mod tests {
         let a = key("a");
         assert!(waiter.waiting(&a));
         let meeting = waiter.dir().unwrap().to_owned();
-        let key_dir = std::fs::read_dir(&meeting)
-            .unwrap()
-            .flatten()
-            .find(|e| e.path().is_dir())
-            .unwrap()
-            .path();
+        let key_dir = the_key_dir(&meeting);
         // Links aimed at the database itself, by absolute path and relative,
         // under names that look like a backend's and that do not.
         for (name, target) in [
@@ -711,9 +709,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_idle_key_is_unlinked() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("locks.db");
-        std::fs::write(&file, b"").unwrap();
+        let (_dir, file) = database();
         let (mut waiter, _) = wake(&file);
         unix::Inner::set_idle(waiter.inner.as_mut().unwrap(), Duration::from_millis(100));
         let a = key("a");
