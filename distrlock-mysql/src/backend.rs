@@ -12,6 +12,7 @@ use distrlock_core::{Error, ReleaseNotifier, Result, TableName};
 use mysql_async::Pool;
 
 use crate::config::MySqlConfig;
+use crate::parked::Parking;
 use crate::sql::Statements;
 
 /// Locks stored as rows of one table in MySQL 5.7/8.x or MariaDB ≥ 10.5, through a
@@ -132,6 +133,21 @@ use crate::sql::Statements;
 /// 8 holds to within the nodes' clock difference); the lease it writes is
 /// still bounded by its ttl, so at worst a key stays blocked that long.
 ///
+/// # Prepared statements
+///
+/// A backend that built its own pool keeps each connection between calls in a
+/// short list of its own (at most one fewer than the pool's size, each for at
+/// most 1 s, then back to the pool), together with the driver `Statement`s it prepared for
+/// acquire, release, extend, the waiter's ticket, inspect and list. The next
+/// call runs them by id: given only a statement's text, mysql_async scans and
+/// hashes all of it on every call to find the prepared form (about 170,000
+/// instructions for the acquire, two thirds of a cycle's client work). A
+/// statement never leaves the connection that prepared it, and one that the
+/// driver's cache has since closed is refused by the server without running,
+/// then prepared again. A pool of yours ([`from_pool`](Self::from_pool)) may
+/// serve your own code, so the backend holds none of its connections back and
+/// finds its statements by their text.
+///
 /// # Release notifications
 ///
 /// [`release_notifier`](distrlock_core::LockBackend::release_notifier) announces the releases
@@ -147,6 +163,9 @@ pub struct MySqlBackend {
 pub(crate) struct Inner {
     /// One pool per host, in the order given; one for a single server.
     pub(crate) pools: Vec<Pool>,
+    /// Per host, the connections kept between calls with their prepared
+    /// statements (see "Prepared statements"); never any for a pool of yours.
+    pub(crate) parking: Vec<Arc<Parking>>,
     /// The index of the host in use (see "Several hosts").
     pub(crate) current: AtomicUsize,
     pub(crate) owns_pool: bool,
@@ -239,6 +258,12 @@ impl MySqlBackend {
         );
         Self {
             inner: Arc::new(Inner {
+                // A pool of the caller's own may serve the caller too: the
+                // backend holds none of its connections back.
+                parking: pools
+                    .iter()
+                    .map(|_| Parking::new(config.pool_size, owns_pool))
+                    .collect(),
                 pools,
                 current: AtomicUsize::new(0),
                 owns_pool,
@@ -252,7 +277,10 @@ impl MySqlBackend {
     }
 
     /// The pool the backend takes its connections from: with several hosts,
-    /// the one of the host in use now.
+    /// the one of the host in use now. A backend that built this pool keeps up
+    /// to one fewer than its size of them between its own calls, each for at
+    /// most a second (see "Prepared statements"), so a connection taken from
+    /// here may wait that long when every other one is busy.
     pub fn pool(&self) -> &Pool {
         &self.inner.pools[self.current_host()]
     }
@@ -278,6 +306,9 @@ impl MySqlBackend {
     /// a pool passed to [`from_pool`](Self::from_pool): that one is yours to close.
     pub async fn disconnect(&self) -> Result<()> {
         if self.inner.owns_pool {
+            for parking in &self.inner.parking {
+                parking.clear();
+            }
             for pool in &self.inner.pools {
                 pool.clone()
                     .disconnect()

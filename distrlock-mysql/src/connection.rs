@@ -8,14 +8,16 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use distrlock_core::{Error, Result};
-use mysql_async::prelude::Queryable;
+use mysql_async::prelude::{Queryable, StatementLike};
 use mysql_async::{Conn, Error as MyError, Pool, Row, Value};
 use tokio::time::Instant;
 
 use crate::backend::MySqlBackend;
 use crate::error::{
     self, is_connection_error, is_deadlock, is_lock_wait_timeout, is_node_not_ready,
+    is_unknown_statement,
 };
+use crate::parked::Pooled;
 use crate::sql::{self, OkPacket, Stamp, WriteParams};
 
 impl MySqlBackend {
@@ -48,8 +50,8 @@ impl MySqlBackend {
     /// that the server can be reached.
     pub(crate) async fn check_connection(&self) -> Result<()> {
         let deadline = Instant::now() + self.inner.config.connect_timeout;
-        let (conn, _) = self.checkout(false, deadline).await?;
-        drop(conn);
+        let (pooled, host) = self.checkout(false, deadline).await?;
+        self.inner.parking[host].park(pooled);
         Ok(())
     }
 
@@ -97,7 +99,7 @@ impl MySqlBackend {
             self.ensure_clock(conn).await?;
         }
         let window = matches!(call, Call::Write { window: true, .. });
-        execute(conn, call, self.stamp(None, window)).await
+        execute(conn, call, call.sql(), self.stamp(None, window)).await
     }
 
     /// Runs `call` on a pooled connection, retrying once after a broken
@@ -158,22 +160,28 @@ impl MySqlBackend {
         // waiting then still gets this answer rather than dropping the call.
         let stop = not_after.checked_sub(ANSWER_RESERVE).unwrap_or(not_after);
         let started = Instant::now();
-        let (mut conn, host) = self
+        let (mut pooled, host) = self
             .checkout(verify, stop.min(started + config.connect_timeout))
             .await
             .map_err(Failed::Checkout)?;
         let deadline = stop.min(Instant::now() + config.call_timeout());
+        let slot = self.inner.sql.kept(call.sql());
         let work = async {
-            if let Call::Write { window, .. } = call {
-                self.ensure_clock(&mut conn).await?;
-                let stamp = self.stamp(Some(deadline), *window);
-                return execute(&mut conn, call, stamp).await;
-            }
-            execute(&mut conn, call, None).await
+            let stamp = if let Call::Write { window, .. } = call {
+                self.ensure_clock(&mut pooled.conn).await?;
+                self.stamp(Some(deadline), *window)
+            } else {
+                None
+            };
+            execute_kept(&mut pooled, slot, call, stamp).await
         };
         match tokio::time::timeout_at(deadline, work).await {
-            Ok(Ok(reply)) => Ok(reply),
+            Ok(Ok(reply)) => {
+                self.inner.parking[host].park(pooled);
+                Ok(reply)
+            }
             Ok(Err(e)) => {
+                let mut conn = pooled.conn;
                 let e = if is_lock_wait_timeout(&e) {
                     node_not_ready_instead(&mut conn, e, deadline).await
                 } else {
@@ -194,7 +202,7 @@ impl MySqlBackend {
             }
             Err(_) => {
                 // The answer may still come: this connection can never be reused.
-                discard(conn);
+                discard(pooled.conn);
                 Err(Failed::TimedOut(started.elapsed()))
             }
         }
@@ -204,7 +212,7 @@ impl MySqlBackend {
     /// the host in use, or, when that one fails with a transient error, from
     /// the next ones in turn, each given an equal share of the time left (see
     /// "Several hosts"). The first host that gives one becomes the host in use.
-    async fn checkout(&self, verify: bool, deadline: Instant) -> Result<(Conn, usize)> {
+    async fn checkout(&self, verify: bool, deadline: Instant) -> Result<(Pooled, usize)> {
         let pools = &self.inner.pools;
         let first = self.current_host();
         let mut failed = None;
@@ -215,7 +223,7 @@ impl MySqlBackend {
                 break;
             }
             let share = deadline.saturating_duration_since(now) / (pools.len() - step) as u32;
-            match self.checkout_from(&pools[host], verify, now + share).await {
+            match self.checkout_from(host, verify, now + share).await {
                 Ok(conn) => {
                     if let Some(error) = &failed {
                         self.switch_host(first, host, error);
@@ -232,10 +240,19 @@ impl MySqlBackend {
         Err(failed.expect("at least one host was tried"))
     }
 
-    /// A connection from `pool` by `deadline`. With `verify`, each one must
-    /// answer a ping first; dead ones (as after the server killed the pool's
-    /// sessions) are discarded, at most the pool's size of them.
-    async fn checkout_from(&self, pool: &Pool, verify: bool, deadline: Instant) -> Result<Conn> {
+    /// A connection to host `host` by `deadline`: the one parked last (see
+    /// [`crate::parked`]), else one from the pool. With `verify`, every parked
+    /// one goes back to the pool, and each from the pool must answer a ping
+    /// first; dead ones (as after the server killed the pool's sessions) are
+    /// discarded, at most the pool's size of them.
+    async fn checkout_from(&self, host: usize, verify: bool, deadline: Instant) -> Result<Pooled> {
+        let parking = &self.inner.parking[host];
+        if verify {
+            parking.clear();
+        } else if let Some(pooled) = parking.take() {
+            return Ok(pooled);
+        }
+        let pool: &Pool = &self.inner.pools[host];
         let started = Instant::now();
         let timed_out = || {
             Error::unavailable(
@@ -255,11 +272,11 @@ impl MySqlBackend {
                 Err(_) => return Err(timed_out()),
             };
             if !verify {
-                return Ok(conn);
+                return Ok(Pooled::new(conn));
             }
             let pool_size = conn.opts().pool_opts().constraints().max();
             match tokio::time::timeout_at(deadline, conn.ping()).await {
-                Ok(Ok(())) => return Ok(conn),
+                Ok(Ok(())) => return Ok(Pooled::new(conn)),
                 Ok(Err(e)) if is_connection_error(&e) && discarded < pool_size => {
                     discard(conn);
                     discarded += 1;
@@ -378,20 +395,47 @@ impl Failed {
     }
 }
 
-/// Runs one call: prepared (cached per connection by the driver) for reads and
-/// writes, so each is one round trip once the connection has prepared it. A
-/// write needs its `stamp`.
-async fn execute<Q: Queryable>(
-    conn: &mut Q,
+/// Runs one call on `pooled`: a statement the connection keeps at `slot` by
+/// its id, preparing and keeping it first if need be (see [`crate::parked`]);
+/// any other by its text.
+async fn execute_kept(
+    pooled: &mut Pooled,
+    slot: Option<usize>,
     call: &Call<'_>,
     stamp: Option<Stamp>,
 ) -> mysql_async::Result<Reply> {
+    let Some(slot) = slot else {
+        return execute(&mut pooled.conn, call, call.sql(), stamp).await;
+    };
+    if let Some(statement) = pooled.kept(slot) {
+        match execute(&mut pooled.conn, call, statement, stamp).await {
+            // The driver's cache closed it: nothing ran. Every kept statement
+            // may be gone; prepare this one again below.
+            Err(e) if is_unknown_statement(&e) => pooled.forget(),
+            answer => return answer,
+        }
+    }
+    let statement = pooled.conn.prep(call.sql()).await?;
+    pooled.keep(slot, statement.clone());
+    execute(&mut pooled.conn, call, statement, stamp).await
+}
+
+/// Runs one call as `statement` (its text, or a statement prepared on `conn`):
+/// prepared (cached per connection by the driver) for reads and writes, so
+/// each is one round trip once the connection has prepared it. A write needs
+/// its `stamp`.
+async fn execute<Q: Queryable, S: StatementLike>(
+    conn: &mut Q,
+    call: &Call<'_>,
+    statement: S,
+    stamp: Option<Stamp>,
+) -> mysql_async::Result<Reply> {
     match call {
-        Call::Write { sql, params, .. } => {
+        Call::Write { params, .. } => {
             let stamp = stamp.ok_or_else(|| {
                 MyError::Other("no reading of the server's clock to bound the statement".into())
             })?;
-            let result = conn.exec_iter(*sql, params.values(stamp)).await?;
+            let result = conn.exec_iter(statement, params.values(stamp)).await?;
             let arrived = Instant::now();
             let packet = OkPacket::from_driver(result.affected_rows(), result.last_insert_id());
             result.drop_result().await?;
@@ -401,8 +445,8 @@ async fn execute<Q: Queryable>(
                 arrived,
             })
         }
-        Call::Read { sql, params } => {
-            let rows = conn.exec(*sql, params.clone()).await?;
+        Call::Read { params, .. } => {
+            let rows = conn.exec(statement, params.clone()).await?;
             Ok(Reply::Rows(rows))
         }
         Call::Ddl { sql } => {
@@ -419,6 +463,15 @@ fn discard(conn: Conn) {
         // times out the pool drops it instead of reusing it.
         let _ = tokio::time::timeout(Duration::from_millis(500), conn.disconnect()).await;
     });
+}
+
+impl Call<'_> {
+    /// The statement's text.
+    pub(crate) fn sql(&self) -> &str {
+        match self {
+            Call::Write { sql, .. } | Call::Read { sql, .. } | Call::Ddl { sql } => sql,
+        }
+    }
 }
 
 impl Reply {

@@ -15,6 +15,9 @@ pub(crate) mod code {
     pub(crate) const BAD_FIELD: u16 = 1054;
     /// `ER_LOCK_DEADLOCK`: chosen as a deadlock victim; the statement was rolled back.
     pub(crate) const DEADLOCK: u16 = 1213;
+    /// `ER_UNKNOWN_STMT_HANDLER`: no prepared statement has that id on this
+    /// connection (it was closed); nothing ran.
+    pub(crate) const UNKNOWN_STMT_HANDLER: u16 = 1243;
     /// `ER_LOCK_WAIT_TIMEOUT`: waited `innodb_lock_wait_timeout` for a row lock.
     pub(crate) const LOCK_WAIT_TIMEOUT: u16 = 1205;
     /// `ER_OPTION_PREVENTS_STATEMENT`: `--read-only` (a replica, or a primary
@@ -158,6 +161,13 @@ pub(crate) fn is_deadlock(error: &MyError) -> bool {
 ///   retry.
 pub(crate) fn is_busy_for_try(error: &MyError) -> bool {
     is_lock_wait_timeout(error) || is_deadlock(error)
+}
+
+/// Whether `error` says the statement's id is unknown on its connection (the
+/// driver's cache closed it to make room): nothing ran, and preparing the
+/// text again gives a statement that runs.
+pub(crate) fn is_unknown_statement(error: &MyError) -> bool {
+    matches!(error, MyError::Server(s) if s.code == code::UNKNOWN_STMT_HANDLER)
 }
 
 /// Whether `error` is a row-lock (or metadata-lock) wait that ran out its

@@ -6,6 +6,7 @@ mod config;
 mod connection;
 mod error;
 mod lock_backend;
+mod parked;
 #[cfg(feature = "serde")]
 mod settings;
 mod sql;

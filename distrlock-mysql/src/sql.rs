@@ -350,6 +350,22 @@ impl Statements {
             table: t,
         }
     }
+
+    /// Where a connection keeps `sql` prepared ([`crate::parked`]), if it is
+    /// one of this backend's fixed statements: found by the text's address,
+    /// which only these strings (alive as long as the backend) can have, so no
+    /// other text is ever taken for one of them.
+    pub(crate) fn kept(&self, sql: &str) -> Option<usize> {
+        let fixed: [&str; crate::parked::KEPT] = [
+            &self.acquire,
+            &self.release,
+            &self.extend,
+            &self.take_ticket,
+            &self.inspect,
+            &self.list,
+        ];
+        fixed.iter().position(|text| std::ptr::eq(*text, sql))
+    }
 }
 
 /// The SQL texts of one table's lock statements, exactly as the backend sends

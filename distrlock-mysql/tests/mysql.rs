@@ -1513,3 +1513,110 @@ async fn create_table_adds_the_line_to_a_table_made_before_it() {
     drop_table(&table).await;
     let _ = admin.disconnect().await;
 }
+
+/// A connection the backend keeps between calls runs the acquire by the id it
+/// prepared it under. When the driver's statement cache (here 16 texts, the
+/// fewest the backend lets it keep) closes that statement to make room, here for the batch renewal's texts (one per batch
+/// size and wait bound), the server refuses the id as unknown; the acquire is
+/// prepared again and succeeds, and the lock table is as it should be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_statement_closed_by_the_drivers_cache_is_prepared_again() {
+    let test = "a_kept_statement_closed_by_the_drivers_cache_is_prepared_again";
+    let table = unique("dl_kept");
+    // Two connections: the backend keeps one between calls, and calls made one
+    // after the other all run on it.
+    let (opts, _) = require!(test, recording_opts());
+    let opts = OptsBuilder::from_opts(opts).stmt_cache_size(1);
+    let b = require!(
+        test,
+        common::owned(config(&table).pool_size(2).min_pool_size(1), opts).await
+    );
+    require!(test, common::create_or_skip(&b).await);
+    let held: Vec<(LockKey, Token)> = (0..128)
+        .map(|i| (key(&format!("held-{i}")), Token::new()))
+        .collect();
+    for (k, token) in &held {
+        fence(acquire(&b, k, token, LONG).await);
+    }
+    // 8 batch sizes × 2 wait bounds: 16 new texts, so the acquire's (prepared
+    // first, and never looked up by text since) is closed.
+    for ttl_secs in [30, 5] {
+        for size in [1, 2, 4, 8, 16, 32, 64, 128] {
+            let renewed = b
+                .extend_many(&held[..size], ttl(Duration::from_secs(ttl_secs)), soon())
+                .await
+                .expect("extend_many");
+            assert!(renewed.iter().all(Result::is_ok), "{renewed:?}");
+        }
+    }
+    let k = key("after-the-cache-closed-it");
+    let token = Token::new();
+    assert_eq!(fence(acquire(&b, &k, &token, LONG).await).get(), 1);
+    b.release(&k, &token, soon()).await.unwrap();
+    assert_eq!(
+        b.inspect(&k).await.unwrap().map(|info| info.state),
+        Some(LockState::Released)
+    );
+    // Everything held is still held, by its own token.
+    let (first_key, first_token) = &held[0];
+    assert!(matches!(
+        b.try_acquire(first_key, &Token::new(), ttl(LONG), "o", soon())
+            .await
+            .unwrap(),
+        AcquireOutcome::Held { .. }
+    ));
+    b.release(first_key, first_token, soon()).await.unwrap();
+    b.disconnect().await.unwrap();
+    drop_table(&table).await;
+}
+
+/// The connections a backend keeps between its calls go back to its pool
+/// within about a second when no call takes them, so code that takes
+/// connections from [`MySqlBackend::pool`] gets every one of them, and
+/// `disconnect` returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_connections_go_back_to_the_pool_when_the_backend_is_idle() {
+    let test = "kept_connections_go_back_to_the_pool_when_the_backend_is_idle";
+    let table = unique("dl_parked");
+    let (b, _) = require!(
+        test,
+        backend(config(&table).pool_size(3).min_pool_size(1)).await
+    );
+    // Three calls at once use three connections; two stay with the backend.
+    let tokens: Vec<Token> = (0..3).map(|_| Token::new()).collect();
+    let keys: Vec<LockKey> = (0..3).map(|i| key(&format!("k{i}"))).collect();
+    let (a, c, d) = tokio::join!(
+        acquire(&b, &keys[0], &tokens[0], LONG),
+        acquire(&b, &keys[1], &tokens[1], LONG),
+        acquire(&b, &keys[2], &tokens[2], LONG),
+    );
+    for outcome in [a, c, d] {
+        fence(outcome);
+    }
+    let started = Instant::now();
+    let take_all = async {
+        let mut taken = Vec::new();
+        for _ in 0..3 {
+            taken.push(b.pool().get_conn().await.expect("a pooled connection"));
+        }
+        taken
+    };
+    let taken = tokio::time::timeout(Duration::from_secs(5), take_all)
+        .await
+        .expect("every connection of the pool within 5 s");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+    drop(taken);
+    // The backend still works, and closes.
+    for (k, token) in keys.iter().zip(&tokens) {
+        b.release(k, token, soon()).await.unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(5), b.disconnect())
+        .await
+        .expect("disconnect returns")
+        .unwrap();
+    drop_table(&table).await;
+}

@@ -53,6 +53,25 @@ pub fn lazy(
     MySqlBackend::from_pool(pool, config)
 }
 
+/// A backend that builds its own pool from `opts` ([`MySqlBackend::from_config`]),
+/// as `connect` does: it keeps connections between calls with their prepared
+/// statements, which a backend on a pool of yours does not. `Skip` when the
+/// server cannot be reached.
+pub async fn owned(
+    config: MySqlConfigBuilder,
+    opts: impl Into<Opts>,
+) -> Result<MySqlBackend, Skip> {
+    let config = config.opts(opts).build().expect("test configs are valid");
+    match MySqlBackend::from_config(config).await {
+        Ok(backend) => Ok(backend),
+        Err(e) if e.is_transient() => Err(Skip(format!(
+            "no MySQL/MariaDB server at {} ({e})",
+            redacted(&url())
+        ))),
+        Err(e) => panic!("connecting to a reachable server failed: {e}"),
+    }
+}
+
 /// [`MySqlBackend::from_config`] with `config` and `url`.
 pub async fn connect_with(
     config: MySqlConfigBuilder,
@@ -73,11 +92,11 @@ pub fn recording_opts() -> Result<(Opts, SessionIds), Skip> {
     Ok((opts.into(), ids))
 }
 
-/// A backend on `config` whose table exists, with its session ids; `Skip` when
-/// the server cannot be reached.
+/// A backend on `config` with a pool of its own ([`owned`]) whose table
+/// exists, with its session ids; `Skip` when the server cannot be reached.
 pub async fn backend(config: MySqlConfigBuilder) -> Result<(MySqlBackend, SessionIds), Skip> {
     let (opts, ids) = recording_opts()?;
-    let backend = lazy(config, opts).expect("test configs are valid");
+    let backend = owned(config, opts).await?;
     create_or_skip(&backend).await?;
     Ok((backend, ids))
 }
@@ -177,7 +196,8 @@ pub fn soon() -> tokio::time::Instant {
 impl Harness for MySqlHarness {
     async fn setup(&self) -> Result<Setup, Skip> {
         let (opts, ids, proxy) = proxied_opts().await?;
-        let backend = lazy(config("distrlock_conformance"), opts).expect("test configs are valid");
+        // A pool of its own, as `connect` builds: the common case.
+        let backend = owned(config("distrlock_conformance"), opts).await?;
         create_or_skip(&backend).await?;
         warm_up(&backend).await;
         let backend: Arc<dyn LockBackend> = Arc::new(backend);
