@@ -4,7 +4,7 @@
 //! break" and "Several hosts" on the type).
 
 use std::fmt;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use distrlock_core::{Error, Result};
@@ -173,7 +173,7 @@ impl MySqlBackend {
             } else {
                 None
             };
-            execute_kept(&mut pooled, slot, call, stamp).await
+            execute_kept(&mut pooled, slot, call, stamp, &self.inner.kept_refused).await
         };
         match tokio::time::timeout_at(deadline, work).await {
             Ok(Ok(reply)) => {
@@ -403,15 +403,27 @@ async fn execute_kept(
     slot: Option<usize>,
     call: &Call<'_>,
     stamp: Option<Stamp>,
+    refused: &AtomicU64,
 ) -> mysql_async::Result<Reply> {
     let Some(slot) = slot else {
+        // Preparing this text may push kept statements out of the driver's
+        // cache, which closes them.
+        pooled.forget();
         return execute(&mut pooled.conn, call, call.sql(), stamp).await;
     };
     if let Some(statement) = pooled.kept(slot) {
-        match execute(&mut pooled.conn, call, statement, stamp).await {
-            // The driver's cache closed it: nothing ran. Every kept statement
-            // may be gone; prepare this one again below.
-            Err(e) if is_unknown_statement(&e) => pooled.forget(),
+        match execute(&mut pooled.conn, call, statement.clone(), stamp).await {
+            // The server does not know it: nothing ran. Forget every kept
+            // statement, drop this one from the driver's cache too (which
+            // would hand it out again), and prepare it again below.
+            Err(e) if is_unknown_statement(&e) => {
+                refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    "the server refused a kept statement as unknown ({e}); preparing it again"
+                );
+                pooled.forget();
+                pooled.conn.close(statement).await?;
+            }
             answer => return answer,
         }
     }

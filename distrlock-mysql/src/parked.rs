@@ -18,19 +18,35 @@
 //! the pool leaves its statements behind; the next one to take it prepares
 //! them again (from the driver's cache: no round trip).
 //!
-//! The list holds at most one connection fewer than the pool's size, and
-//! each for at most [`PARKED_AT_MOST`]: a task that runs while anything is
-//! parked sends older ones back to the pool. So a connection taken from
-//! [`MySqlBackend::pool`](crate::MySqlBackend::pool) waits for a parked one no
-//! longer than that, and an idle backend leaves its connections to the pool's
-//! own idle timeout.
+//! A connection parked for [`PARKED_AT_MOST`] (0.1 s) goes back to the pool:
+//! a task that runs while anything is parked looks every [`SWEEP_EVERY`]
+//! (50 ms). A backend busy enough for the scan to matter calls again well
+//! within that; a connection taken from
+//! [`MySqlBackend::pool`](crate::MySqlBackend::pool) waits for a parked one at
+//! most 0.15 s; an idle backend leaves its connections to the pool's own idle
+//! timeout; and once [`close`](Parking::close)d (by `disconnect`) nothing is
+//! parked again.
 //!
-//! The driver's cache may close one of those statements to make room for
-//! another (the batch renewals have a text per batch size). Its id is then
-//! unknown to the server, which refuses it (1243) without running anything;
-//! the statements of that connection are forgotten and prepared again. Statement
-//! ids are never reused within a session, so a closed id can never name another
-//! statement.
+//! # Kept statements are never closed
+//!
+//! The driver's cache closes its least recently used statement to make room
+//! for a new one, and a kept statement is never looked up there (it runs by
+//! id), so it ages. A closed id is unknown to the server, but a proxy that
+//! hands out statement ids of its own (ProxySQL) may give it to the next
+//! statement prepared, and running the kept one would then run that one. So
+//! a kept statement must never be closed while it is kept:
+//! - Only the backend prepares on a connection while it holds it (from the
+//!   pool to the pool, parked or not), and only its own texts.
+//! - A call of any other text first forgets every kept statement (the batch
+//!   renewals have a text per batch size, which may push kept ones out).
+//! - So between two forgets the only statements added to the driver's cache
+//!   are kept ones, at most [`KEPT`], each the most recent when added; a full
+//!   cache (at least 16 entries) holds at least 10 older entries, which go
+//!   first. No kept statement is pushed out.
+//!
+//! Should the server still refuse a kept statement as unknown (1243: nothing
+//! ran), the connection's statements are forgotten, that one is closed in the
+//! driver's cache, and it is prepared again.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,7 +62,10 @@ pub(crate) const KEPT: usize = 6;
 
 /// A connection parked for longer than this goes back to the pool (whose idle
 /// timeout then applies to it) instead of serving the next call.
-pub(crate) const PARKED_AT_MOST: Duration = Duration::from_secs(1);
+pub(crate) const PARKED_AT_MOST: Duration = Duration::from_millis(100);
+
+/// How often the [`sweep`] looks for connections parked too long.
+const SWEEP_EVERY: Duration = Duration::from_millis(50);
 
 /// A connection for one call, with the statements it has prepared.
 pub(crate) struct Pooled {
@@ -77,7 +96,9 @@ impl Pooled {
         self.kept[slot] = Some(statement);
     }
 
-    /// Forgets every kept statement (after the server refused one as unknown).
+    /// Forgets every kept statement: before a statement of another text is
+    /// prepared on the connection, or after the server refused one as
+    /// unknown (see "Kept statements are never closed").
     pub(crate) fn forget(&mut self) {
         self.kept = Default::default();
     }
@@ -86,11 +107,13 @@ impl Pooled {
 /// The connections a backend parks between calls, for one host: newest last.
 pub(crate) struct Parking {
     idle: Mutex<VecDeque<Pooled>>,
-    /// At most this many parked: one fewer than the pool's size (0 for a pool
+    /// At most this many parked: the pool's size (0 for a pool
     /// of the caller's own, whose connections the backend never holds back).
     limit: usize,
     /// Whether a [`sweep`] task runs for this list.
     sweeping: AtomicBool,
+    /// Set by [`close`](Self::close): nothing is parked any more.
+    closed: AtomicBool,
 }
 
 impl Parking {
@@ -99,12 +122,9 @@ impl Parking {
     pub(crate) fn new(pool_size: usize, owned: bool) -> Arc<Self> {
         Arc::new(Self {
             idle: Mutex::new(VecDeque::new()),
-            limit: if owned {
-                pool_size.saturating_sub(1)
-            } else {
-                0
-            },
+            limit: if owned { pool_size } else { 0 },
             sweeping: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
         })
     }
 
@@ -115,7 +135,7 @@ impl Parking {
     /// The most recently parked connection, unless it has been parked longer
     /// than [`PARKED_AT_MOST`]; such ones go back to the pool.
     pub(crate) fn take(&self) -> Option<Pooled> {
-        if self.limit == 0 {
+        if self.limit == 0 || self.closed.load(Ordering::Acquire) {
             return None;
         }
         let (taken, stale) = {
@@ -131,7 +151,7 @@ impl Parking {
     /// Parks `pooled` for the next call, or lets it go back to the pool when
     /// the list is full (or no runtime can run the [`sweep`]).
     pub(crate) fn park(self: &Arc<Self>, mut pooled: Pooled) {
-        if self.limit == 0 {
+        if self.limit == 0 || self.closed.load(Ordering::Acquire) {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -139,7 +159,8 @@ impl Parking {
         };
         pooled.parked_at = Instant::now();
         let mut idle = self.lock();
-        if idle.len() >= self.limit {
+        // Read again under the lock, which `close` takes after setting it.
+        if idle.len() >= self.limit || self.closed.load(Ordering::Acquire) {
             drop(idle);
             drop(pooled);
             return;
@@ -150,7 +171,10 @@ impl Parking {
         let start = !self.sweeping.swap(true, Ordering::AcqRel);
         drop(idle);
         if start {
-            runtime.spawn(sweep(Arc::downgrade(self)));
+            // Made before the task: should the runtime drop the task unpolled
+            // (it is shutting down), the guard still clears the flag.
+            let guard = SweepGuard(Some(Arc::downgrade(self)));
+            runtime.spawn(sweep(guard));
         }
     }
 
@@ -159,6 +183,13 @@ impl Parking {
     pub(crate) fn clear(&self) {
         let all: Vec<Pooled> = self.lock().drain(..).collect();
         drop(all);
+    }
+
+    /// Sends every parked connection back to the pool and parks none from
+    /// now on (before the pool closes: it waits for all its connections).
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.clear();
     }
 }
 
@@ -172,38 +203,45 @@ fn stale(idle: &mut VecDeque<Pooled>) -> Vec<Pooled> {
     idle.drain(..fresh).collect()
 }
 
-/// While anything is parked on `parking`, sends what has been parked longer
-/// than [`PARKED_AT_MOST`] back to the pool, every [`PARKED_AT_MOST`]; ends
-/// when the list is empty or the backend is gone.
-async fn sweep(parking: Weak<Parking>) {
-    // Clears the flag if the task is dropped before it ends (a runtime that
-    // shuts down drops it), so that the next park starts another.
-    struct Dropped(Option<Weak<Parking>>);
-    impl Drop for Dropped {
-        fn drop(&mut self) {
-            if let Some(parking) = self.0.take().and_then(|weak| weak.upgrade()) {
-                parking.sweeping.store(false, Ordering::Release);
-            }
+/// Clears its list's `sweeping` flag when dropped, unless disarmed: so a
+/// sweep that ends in any way, its task dropped by a runtime that shuts down
+/// included, lets the next park start another.
+struct SweepGuard(Option<Weak<Parking>>);
+
+impl Drop for SweepGuard {
+    fn drop(&mut self) {
+        if let Some(parking) = self.0.take().and_then(|weak| weak.upgrade()) {
+            parking.sweeping.store(false, Ordering::Release);
         }
     }
-    let mut dropped = Dropped(Some(parking.clone()));
+}
+
+/// While anything is parked on the guard's list, sends what has been parked
+/// longer than [`PARKED_AT_MOST`] back to the pool, every [`SWEEP_EVERY`];
+/// ends when the list is empty or the backend is gone.
+async fn sweep(mut guard: SweepGuard) {
+    let Some(weak) = guard.0.clone() else {
+        return;
+    };
     loop {
-        tokio::time::sleep(PARKED_AT_MOST).await;
-        let Some(parking) = parking.upgrade() else {
-            dropped.0 = None;
+        tokio::time::sleep(SWEEP_EVERY).await;
+        let Some(parking) = weak.upgrade() else {
             return;
         };
-        let stale = {
+        let (stale, empty) = {
             let mut idle = parking.lock();
             let stale = stale(&mut idle);
-            if idle.is_empty() {
+            let empty = idle.is_empty();
+            if empty {
+                // Under the lock, as `park` sets it: a connection parked after
+                // this starts a new sweep.
                 parking.sweeping.store(false, Ordering::Release);
-                dropped.0 = None;
+                guard.0 = None;
             }
-            stale
+            (stale, empty)
         };
         drop(stale);
-        if dropped.0.is_none() {
+        if empty {
             return;
         }
     }

@@ -1514,14 +1514,16 @@ async fn create_table_adds_the_line_to_a_table_made_before_it() {
     let _ = admin.disconnect().await;
 }
 
-/// A connection the backend keeps between calls runs the acquire by the id it
-/// prepared it under. When the driver's statement cache (here 16 texts, the
-/// fewest the backend lets it keep) closes that statement to make room, here for the batch renewal's texts (one per batch
-/// size and wait bound), the server refuses the id as unknown; the acquire is
-/// prepared again and succeeds, and the lock table is as it should be.
+/// A connection the backend keeps between calls runs its statements by the
+/// ids it prepared them under. The batch renewal has a text per batch size
+/// and wait bound: here 16 of them, on one connection whose driver cache
+/// holds 16 (the fewest the backend lets it keep), which pushes out older
+/// statements and closes them. None of those is ever run by its old id
+/// (which a proxy could have given to another statement): the server never
+/// refuses one as unknown, every call succeeds, and the table is right.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_kept_statement_closed_by_the_drivers_cache_is_prepared_again() {
-    let test = "a_kept_statement_closed_by_the_drivers_cache_is_prepared_again";
+async fn batch_renewals_never_leave_a_closed_statement_kept() {
+    let test = "batch_renewals_never_leave_a_closed_statement_kept";
     let table = unique("dl_kept");
     // Two connections: the backend keeps one between calls, and calls made one
     // after the other all run on it.
@@ -1539,7 +1541,7 @@ async fn a_kept_statement_closed_by_the_drivers_cache_is_prepared_again() {
         fence(acquire(&b, k, token, LONG).await);
     }
     // 8 batch sizes × 2 wait bounds: 16 new texts, so the acquire's (prepared
-    // first, and never looked up by text since) is closed.
+    // first, and never looked up by text since) is closed in the driver.
     for ttl_secs in [30, 5] {
         for size in [1, 2, 4, 8, 16, 32, 64, 128] {
             let renewed = b
@@ -1566,12 +1568,17 @@ async fn a_kept_statement_closed_by_the_drivers_cache_is_prepared_again() {
         AcquireOutcome::Held { .. }
     ));
     b.release(first_key, first_token, soon()).await.unwrap();
+    assert_eq!(
+        b.kept_statements_refused(),
+        0,
+        "a kept statement was run after the driver's cache closed it"
+    );
     b.disconnect().await.unwrap();
     drop_table(&table).await;
 }
 
 /// The connections a backend keeps between its calls go back to its pool
-/// within about a second when no call takes them, so code that takes
+/// within a fraction of a second when no call takes them, so code that takes
 /// connections from [`MySqlBackend::pool`] gets every one of them, and
 /// `disconnect` returns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1582,7 +1589,7 @@ async fn kept_connections_go_back_to_the_pool_when_the_backend_is_idle() {
         test,
         backend(config(&table).pool_size(3).min_pool_size(1)).await
     );
-    // Three calls at once use three connections; two stay with the backend.
+    // Three calls at once use three connections, which stay with the backend.
     let tokens: Vec<Token> = (0..3).map(|_| Token::new()).collect();
     let keys: Vec<LockKey> = (0..3).map(|i| key(&format!("k{i}"))).collect();
     let (a, c, d) = tokio::join!(
@@ -1605,7 +1612,7 @@ async fn kept_connections_go_back_to_the_pool_when_the_backend_is_idle() {
         .await
         .expect("every connection of the pool within 5 s");
     assert!(
-        started.elapsed() < Duration::from_secs(3),
+        started.elapsed() < Duration::from_secs(1),
         "took {:?}",
         started.elapsed()
     );
@@ -1618,5 +1625,41 @@ async fn kept_connections_go_back_to_the_pool_when_the_backend_is_idle() {
         .await
         .expect("disconnect returns")
         .unwrap();
+    drop_table(&table).await;
+}
+
+/// `disconnect` returns while other tasks keep calling: once it has begun, the
+/// backend parks no connection again, so the pool gets every one back (before,
+/// a steady stream of calls could keep one parked and the pool waiting).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnect_returns_while_calls_go_on() {
+    let test = "disconnect_returns_while_calls_go_on";
+    let table = unique("dl_disconnect");
+    let (b, _) = require!(
+        test,
+        backend(config(&table).pool_size(2).min_pool_size(1)).await
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let callers: Vec<_> = (0..2)
+        .map(|i| {
+            let (b, stop) = (b.clone(), stop.clone());
+            tokio::spawn(async move {
+                let k = key(&format!("busy-{i}"));
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    // Errors are expected once the pool is closing.
+                    let _ = b.inspect(&k).await;
+                    // A closed pool refuses at once: let the others run.
+                    tokio::task::yield_now().await;
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let closed = tokio::time::timeout(Duration::from_secs(5), b.disconnect()).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for caller in callers {
+        caller.await.unwrap();
+    }
+    closed.expect("disconnect returns within 5 s").unwrap();
     drop_table(&table).await;
 }
