@@ -136,18 +136,19 @@ use crate::sql::Statements;
 /// # Prepared statements
 ///
 /// A backend that built its own pool keeps each connection between calls in a
-/// short list of its own (0.1 s at most, then back to the pool),
-/// together with the driver `Statement`s it prepared for acquire, release, extend, the waiter's ticket, inspect and list. The next
-/// call runs them by id: given only a statement's text, mysql_async scans and
-/// hashes all of it on every call to find the prepared form (about 170,000
-/// instructions for the acquire, two thirds of a cycle's client work). A
-/// statement never leaves the connection that prepared it, and is never closed
-/// while kept: a call of any other text (a batch renewal's, one per batch size)
-/// forgets them first, since preparing it may push them out of the driver's
-/// cache, and a proxy that reuses statement ids (ProxySQL) could then give a
-/// kept id to another statement. A pool of yours ([`from_pool`](Self::from_pool)) may
-/// serve your own code, so the backend holds none of its connections back and
-/// finds its statements by their text.
+/// short list of its own (0.1 s at most, then back to the pool), together with
+/// the driver `Statement`s it prepared for acquire, release, extend, the
+/// waiter's ticket, inspect and list. The next call runs them by id: given
+/// only a statement's text, mysql_async scans and hashes all of it on every
+/// call to find the prepared form (about 170,000 instructions for the acquire,
+/// two thirds of a cycle's client work). A statement never leaves the
+/// connection that prepared it, and is never closed while kept: a call of any
+/// other text (a batch renewal's, one per batch size) forgets them first, since
+/// preparing it may push them out of the driver's cache, and a proxy that
+/// reuses statement ids (ProxySQL) could then give a kept id to another
+/// statement. A pool of yours ([`from_pool`](Self::from_pool)) may serve your
+/// own code, so the backend holds none of its connections back and finds its
+/// statements by their text.
 ///
 /// # Release notifications
 ///

@@ -163,9 +163,9 @@ pub(crate) fn is_busy_for_try(error: &MyError) -> bool {
     is_lock_wait_timeout(error) || is_deadlock(error)
 }
 
-/// Whether `error` says the statement's id is unknown on its connection (the
-/// driver's cache closed it to make room): nothing ran, and preparing the
-/// text again gives a statement that runs.
+/// Whether `error` says the statement's id is unknown on its connection (it
+/// was closed): nothing ran, and preparing the text again gives a statement
+/// that runs.
 pub(crate) fn is_unknown_statement(error: &MyError) -> bool {
     matches!(error, MyError::Server(s) if s.code == code::UNKNOWN_STMT_HANDLER)
 }

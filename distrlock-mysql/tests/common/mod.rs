@@ -64,10 +64,7 @@ pub async fn owned(
     let config = config.opts(opts).build().expect("test configs are valid");
     match MySqlBackend::from_config(config).await {
         Ok(backend) => Ok(backend),
-        Err(e) if e.is_transient() => Err(Skip(format!(
-            "no MySQL/MariaDB server at {} ({e})",
-            redacted(&url())
-        ))),
+        Err(e) if e.is_transient() => Err(unreachable(e)),
         Err(e) => panic!("connecting to a reachable server failed: {e}"),
     }
 }
@@ -106,23 +103,23 @@ pub async fn backend(config: MySqlConfigBuilder) -> Result<(MySqlBackend, Sessio
 pub async fn create_or_skip(backend: &MySqlBackend) -> Result<(), Skip> {
     match backend.create_table().await {
         Ok(()) => Ok(()),
-        Err(e) if e.is_transient() => Err(Skip(format!(
-            "no MySQL/MariaDB server at {} ({e})",
-            redacted(&url())
-        ))),
+        Err(e) if e.is_transient() => Err(unreachable(e)),
         Err(e) => panic!("create_table failed on a reachable server: {e}"),
     }
+}
+
+/// The `Skip` of a test whose server could not be reached.
+fn unreachable(error: impl std::fmt::Display) -> Skip {
+    Skip(format!(
+        "no MySQL/MariaDB server at {} ({error})",
+        redacted(&url())
+    ))
 }
 
 /// A plain connection of the test's own, or `Skip`.
 pub async fn raw_conn() -> Result<Conn, Skip> {
     let opts = Opts::from_url(&url()).map_err(|e| Skip(format!("bad test URL: {e}")))?;
-    Conn::new(opts).await.map_err(|e| {
-        Skip(format!(
-            "no MySQL/MariaDB server at {} ({e})",
-            redacted(&url())
-        ))
-    })
+    Conn::new(opts).await.map_err(unreachable)
 }
 
 /// Kills each session in `ids` from a connection of its own. Sessions that are
