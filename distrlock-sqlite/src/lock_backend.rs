@@ -113,6 +113,23 @@ fn holder_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Holder> {
 }
 
 impl SqliteBackend {
+    /// Says that this backend waits on `key` (a waiter's try was just
+    /// refused); `true` if it was not listening for `key` before (see
+    /// [`Wake::waiting`](crate::wake::Wake::waiting)). Registering the first
+    /// time binds a socket and makes directories and a link, so that runs on
+    /// the connection thread, not on the caller's runtime.
+    async fn listen(&self, key: &LockKey) -> bool {
+        if !self.wake.needs_listening(key) {
+            return false;
+        }
+        let (wake, key) = (self.wake.clone(), key.clone());
+        // If the thread has stopped, the next statement fails anyway.
+        self.worker
+            .run(move |_| Ok(wake.waiting(&key)))
+            .await
+            .unwrap_or(false)
+    }
+
     /// A try-acquire, by a waiter at `place` or (`None`) a plain try: the
     /// acquire statement, and after a refusal the holder's row and, for a
     /// waiter not in line, a ticket; one transaction.
@@ -311,7 +328,7 @@ impl LockBackend for SqliteBackend {
         let answer = self
             .acquire(key, token, ttl, owner, Some(place), not_after)
             .await?;
-        if matches!(answer.outcome, AcquireOutcome::Held { .. }) && self.wake.waiting(key) {
+        if matches!(answer.outcome, AcquireOutcome::Held { .. }) && self.listen(key).await {
             // We listen for this key's releases only from now on: one
             // committed since the refusal's read sent us nothing. Look once
             // more (with the ticket just taken), rather than sleep through it.
@@ -430,7 +447,11 @@ impl LockBackend for SqliteBackend {
         // poll, and other processes' if someone is in line.
         self.notifier.notify(key);
         if in_line {
-            self.wake.released(key);
+            // On the connection thread, after this call returns: the sends
+            // touch the file system, and one to a process whose queue is full
+            // waits up to 2 ms, which must not stall the caller's runtime.
+            let (wake, key) = (self.wake.clone(), key.clone());
+            self.worker.detach(move |_| wake.released(&key));
         }
         Ok(())
     }

@@ -79,7 +79,7 @@ fn meeting_dir(canonical: &Path) -> Option<PathBuf> {
 
 /// This backend's end of the wake-ups: it sends them on release and, once it
 /// waits, receives them; see the module documentation.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Wake {
     #[cfg(unix)]
     inner: Option<std::sync::Arc<unix::Inner>>,
@@ -121,7 +121,8 @@ impl Wake {
     /// Says that this backend waits on `key` now (a waiter's try was just
     /// refused). Returns `true` if it was not listening for `key` before:
     /// then a release since the caller's last read of the row sent it
-    /// nothing, and the caller should look once more.
+    /// nothing, and the caller should look once more. Touches the file system
+    /// the first time: not for an async thread.
     pub(crate) fn waiting(&self, key: &LockKey) -> bool {
         #[cfg(unix)]
         if let Some(inner) = &self.inner {
@@ -131,8 +132,22 @@ impl Wake {
         false
     }
 
+    /// Whether [`waiting`](Self::waiting) has anything to do for `key`:
+    /// `false` if wake-ups are off or failed, or if `key` is registered
+    /// already (whose last use is then noted, as `waiting` would). Touches no
+    /// file.
+    pub(crate) fn needs_listening(&self, key: &LockKey) -> bool {
+        #[cfg(unix)]
+        if let Some(inner) = &self.inner {
+            return inner.needs_listening(key);
+        }
+        let _ = key;
+        false
+    }
+
     /// Wakes the other backends that wait on `key`, just released with
-    /// someone in line.
+    /// someone in line. Touches the file system, and may wait up to 2 ms for
+    /// each waiting process whose queue is full: not for an async thread.
     pub(crate) fn released(&self, key: &LockKey) {
         #[cfg(unix)]
         if let Some(inner) = &self.inner {
@@ -172,7 +187,7 @@ mod unix {
     pub(super) struct Inner {
         pub(super) dir: PathBuf,
         /// This backend's socket's name in `dir`, and its links' names.
-        id: String,
+        pub(super) id: String,
         table: String,
         notifier: ReleaseNotifier,
         /// An unbound socket to send from.
@@ -264,6 +279,20 @@ mod unix {
             Ok(())
         }
 
+        pub(super) fn needs_listening(&self, key: &LockKey) -> bool {
+            let mut state = self.state();
+            if state.failed {
+                return false;
+            }
+            match state.keys.get_mut(key) {
+                Some(last) => {
+                    *last = Instant::now();
+                    false
+                }
+                None => true,
+            }
+        }
+
         pub(super) fn waiting(this: &Arc<Self>, key: &LockKey) -> bool {
             let mut state = this.state();
             if state.failed {
@@ -292,21 +321,14 @@ mod unix {
             if !state.bound {
                 self.make_dir(&self.dir)?;
                 self.sweep_sockets();
-                let path = self.dir.join(&self.id);
-                let socket = UnixDatagram::bind(&path)?;
+                let socket = self.bind()?;
                 let weak = Arc::downgrade(self);
-                // The thread checks for idle keys (and for this backend's end)
-                // at least this often.
-                let started = socket
-                    .set_read_timeout(Some(self.idle.min(Duration::from_secs(1)) / 2))
-                    .and_then(|()| {
-                        std::thread::Builder::new()
-                            .name("distrlock-sqlite-wake".into())
-                            .stack_size(256 * 1024)
-                            .spawn(move || receive(&socket, &weak))
-                    });
+                let started = std::thread::Builder::new()
+                    .name("distrlock-sqlite-wake".into())
+                    .stack_size(256 * 1024)
+                    .spawn(move || receive(socket, &weak));
                 if let Err(error) = started {
-                    let _ = std::fs::remove_file(&path);
+                    let _ = std::fs::remove_file(self.dir.join(&self.id));
                     return Err(error);
                 }
                 state.bound = true;
@@ -315,6 +337,33 @@ mod unix {
                 self.notifier.set_complete(true);
             }
             self.link(key)
+        }
+
+        /// Binds our socket, in the meeting directory (which exists).
+        fn bind(&self) -> std::io::Result<UnixDatagram> {
+            let path = self.dir.join(&self.id);
+            let socket = UnixDatagram::bind(&path)?;
+            // The thread checks for idle keys (and for this backend's end) at
+            // least this often.
+            if let Err(error) =
+                socket.set_read_timeout(Some(self.idle.min(Duration::from_secs(1)) / 2))
+            {
+                let _ = std::fs::remove_file(&path);
+                return Err(error);
+            }
+            Ok(socket)
+        }
+
+        /// If our socket's file is gone (a cleaner of the temporary directory
+        /// removed it, or the whole meeting directory), a socket bound anew
+        /// in its place: nobody could reach the old one any more. `Ok(None)`
+        /// if it is there.
+        fn rebind_if_gone(&self) -> std::io::Result<Option<UnixDatagram>> {
+            if is_socket(&self.dir.join(&self.id)) {
+                return Ok(None);
+            }
+            self.make_dir(&self.dir)?;
+            self.bind().map(Some)
         }
 
         /// Links `key`'s directory to our socket (made if need be), after
@@ -430,8 +479,10 @@ mod unix {
             }
         }
 
-        /// Unlinks the keys nobody has waited on for `idle`.
-        fn forget_idle(&self) {
+        /// Unlinks the keys nobody has waited on for `idle`, and links again
+        /// those of the others whose link is gone. `false` if one of those
+        /// cannot be linked.
+        fn forget_idle(&self) -> bool {
             let mut state = self.state();
             let now = Instant::now();
             let idle: Vec<LockKey> = state
@@ -447,12 +498,14 @@ mod unix {
             // A link of ours that is gone (removed by a race with another
             // process's clean-up, or by a cleaner of the temporary
             // directory) is made again, so that its key is still announced.
+            let mut linked = true;
             for key in state.keys.keys() {
                 let ours = self.key_dir(key).join(&self.id);
                 if std::fs::symlink_metadata(&ours).is_err() && self.link(key).is_err() {
-                    self.notifier.set_complete(false);
+                    linked = false;
                 }
             }
+            linked
         }
 
         fn unlink(&self, key: &LockKey) {
@@ -483,7 +536,7 @@ mod unix {
     }
 
     /// Whether `path` is a socket (not following a symlink).
-    fn is_socket(path: &Path) -> bool {
+    pub(super) fn is_socket(path: &Path) -> bool {
         use std::os::unix::fs::FileTypeExt;
         std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
     }
@@ -509,7 +562,7 @@ mod unix {
 
     /// The receiving thread: until its backend is gone, announces each
     /// datagram's key and forgets idle keys.
-    fn receive(socket: &UnixDatagram, backend: &Weak<Inner>) {
+    fn receive(mut socket: UnixDatagram, backend: &Weak<Inner>) {
         let mut buf = [0u8; 1024];
         let mut next_check = Instant::now();
         loop {
@@ -519,7 +572,21 @@ mod unix {
             };
             // Whatever arrived: steady traffic must not keep idle keys.
             if Instant::now() >= next_check {
-                inner.forget_idle();
+                let bound = match inner.rebind_if_gone() {
+                    Ok(rebound) => {
+                        socket = rebound.unwrap_or(socket);
+                        true
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, dir = %inner.dir.display(), "the wake-up socket is gone and cannot be made again; waiters poll");
+                        false
+                    }
+                };
+                let linked = inner.forget_idle();
+                // Complete again once the socket and links are back (the
+                // next check tries again if not).
+                let failed = inner.state().failed;
+                inner.notifier.set_complete(bound && linked && !failed);
                 next_check = Instant::now() + (inner.idle / 4).min(Duration::from_millis(500));
             }
             match got {
@@ -544,6 +611,13 @@ mod unix {
                 inner.idle = idle;
             }
         }
+
+        /// How long a send waits for room in a full queue (2 ms otherwise).
+        pub(super) fn set_patience(&self, patience: Duration) {
+            if let Some(patient) = &self.patient_sender {
+                patient.set_write_timeout(Some(patience)).unwrap();
+            }
+        }
     }
 }
 
@@ -551,6 +625,7 @@ mod unix {
 mod tests {
     use std::time::Duration;
 
+    use super::unix::is_socket;
     use super::*;
 
     fn key(name: &str) -> LockKey {
@@ -748,6 +823,127 @@ mod tests {
         assert!(woken(&notifier, &a, || releaser.released(&a)).await);
         drop((waiter, releaser));
         let _ = std::fs::remove_dir(&meeting);
+    }
+
+    #[tokio::test]
+    async fn a_release_waits_briefly_for_room_in_a_full_queue() {
+        use std::os::unix::net::UnixDatagram;
+        let (_dir, file) = database();
+        let (releaser, _) = wake(&file);
+        let (waiter, _) = wake(&file);
+        let a = key("a");
+        assert!(waiter.waiting(&a));
+        let meeting = waiter.dir().unwrap().to_owned();
+        let key_dir = the_key_dir(&meeting);
+        // A process waiting on `a` that is slow to read: its queue is full.
+        let id = "00000000feedbeef";
+        let slow = UnixDatagram::bind(meeting.join(id)).unwrap();
+        std::os::unix::fs::symlink(format!("../{id}"), key_dir.join(id)).unwrap();
+        let filler = UnixDatagram::unbound().unwrap();
+        filler.set_nonblocking(true).unwrap();
+        let mut queued = 0;
+        while filler.send_to(b"x", meeting.join(id)).is_ok() {
+            queued += 1;
+        }
+        assert!(queued > 0);
+        // It reads after 50 ms; the release waits up to 2 s for room here
+        // (2 ms in use), so its wake-up must still arrive.
+        releaser
+            .inner
+            .as_ref()
+            .unwrap()
+            .set_patience(Duration::from_secs(2));
+        let reader = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            slow.set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            let mut buf = [0u8; 64];
+            let mut got = Vec::new();
+            while let Ok(n) = slow.recv(&mut buf) {
+                got.push(buf[..n].to_vec());
+            }
+            got
+        });
+        releaser.released(&a);
+        let got = reader.join().unwrap();
+        assert_eq!(got.len(), queued + 1, "the filler's datagrams, then ours");
+        assert_eq!(got.last().unwrap().as_slice(), b"locks\0a");
+    }
+
+    #[tokio::test]
+    async fn a_shared_temporary_directory_not_ours_alone_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        // Paths too long to meet beside the file meet in the temporary
+        // directory, where anyone may have made the directory first.
+        for planted in ["open to others", "a symlink"] {
+            let dir = tempfile::tempdir().unwrap();
+            let deep = dir.path().join("x".repeat(90));
+            std::fs::create_dir(&deep).unwrap();
+            let file = deep.join("locks.db");
+            std::fs::write(&file, b"").unwrap();
+            let meeting = meeting_dir(&std::fs::canonicalize(&file).unwrap()).unwrap();
+            assert!(!meeting.starts_with(&deep));
+            let elsewhere = tempfile::tempdir().unwrap();
+            if planted == "a symlink" {
+                std::fs::set_permissions(elsewhere.path(), PermissionsExt::from_mode(0o700))
+                    .unwrap();
+                std::os::unix::fs::symlink(elsewhere.path(), &meeting).unwrap();
+            } else {
+                std::fs::create_dir(&meeting).unwrap();
+                std::fs::set_permissions(&meeting, PermissionsExt::from_mode(0o755)).unwrap();
+            }
+            let (waiter, notifier) = wake(&file);
+            assert!(!waiter.waiting(&key("a")), "{planted}: not listening");
+            assert!(!notifier.is_complete(), "{planted}: waiters poll");
+            assert_eq!(
+                std::fs::read_dir(&meeting).unwrap().count(),
+                0,
+                "{planted}: nothing was made in it"
+            );
+            drop(waiter);
+            if planted == "a symlink" {
+                std::fs::remove_file(&meeting).unwrap();
+            } else {
+                std::fs::remove_dir(&meeting).unwrap();
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_removed_socket_link_or_directory_is_made_again() {
+        let (_dir, file) = database();
+        let (releaser, _) = wake(&file);
+        let (waiter, notifier) = wake(&file);
+        let a = key("a");
+        assert!(waiter.waiting(&a));
+        let meeting = waiter.dir().unwrap().to_owned();
+        let key_dir = the_key_dir(&meeting);
+        let id = waiter.inner.as_ref().unwrap().id.clone();
+        let socket = meeting.join(&id);
+        let link = key_dir.join(&id);
+        let back = || {
+            let start = std::time::Instant::now();
+            while !(is_socket(&socket) && std::fs::symlink_metadata(&link).is_ok())
+                && start.elapsed() < Duration::from_secs(5)
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        // A cleaner of the temporary directory removes the link, then the
+        // socket, then everything.
+        std::fs::remove_file(&link).unwrap();
+        back();
+        assert!(woken(&notifier, &a, || releaser.released(&a)).await, "link");
+        std::fs::remove_file(&socket).unwrap();
+        back();
+        assert!(
+            woken(&notifier, &a, || releaser.released(&a)).await,
+            "socket"
+        );
+        std::fs::remove_dir_all(&meeting).unwrap();
+        back();
+        assert!(woken(&notifier, &a, || releaser.released(&a)).await, "all");
+        assert!(notifier.is_complete());
     }
 
     #[test]

@@ -692,3 +692,54 @@ async fn without_wake_ups_nothing_is_sent_or_made_beside_the_file() {
         "no wake-up directory: {names:?}"
     );
 }
+
+#[cfg(unix)]
+#[tokio::test]
+async fn a_release_does_not_wait_for_the_wake_ups_it_sends() {
+    use std::os::unix::net::UnixDatagram;
+    let (_dir, path, holder) = fresh().await;
+    let waiter = open(&path, true).await;
+    let key = LockKey::new("crowded").unwrap();
+    let h = Token::new();
+    holder
+        .try_acquire(&key, &h, ttl(LONG), "holder", soon())
+        .await
+        .unwrap();
+    wait_in_line(&waiter, &key, &Token::new()).await;
+    // The meeting directory beside the file, and the key's directory in it.
+    let mut meeting = path.clone().into_os_string();
+    meeting.push("-wake");
+    let meeting = std::path::PathBuf::from(meeting);
+    let key_dir = std::fs::read_dir(&meeting)
+        .unwrap()
+        .flatten()
+        .find(|e| e.path().is_dir())
+        .expect("the waiter linked the key")
+        .path();
+    // 200 processes (sockets here) that wait on the key but read nothing:
+    // each one's queue is full, so a send to it waits 2 ms for room.
+    const STUCK: usize = 200;
+    let mut stuck = Vec::with_capacity(STUCK);
+    for i in 0..STUCK {
+        let id = format!("{:016x}", 0xdead_0000_u64 + i as u64);
+        let socket = UnixDatagram::bind(meeting.join(&id)).unwrap();
+        let filler = UnixDatagram::unbound().unwrap();
+        filler.set_nonblocking(true).unwrap();
+        while filler.send_to(b"x", meeting.join(&id)).is_ok() {}
+        std::os::unix::fs::symlink(format!("../{id}"), key_dir.join(&id)).unwrap();
+        stuck.push(socket);
+    }
+    // Sending inline would hold this (single-threaded) runtime for 0.4 s.
+    let started = std::time::Instant::now();
+    let woken = announced(&waiter, &key, LONG, async {
+        holder.release(&key, &h, soon()).await.unwrap();
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_millis(200),
+            "the release returned after {took:?}, waiting for its wake-ups"
+        );
+    })
+    .await;
+    assert!(woken, "the waiter whose queue had room is still woken");
+    drop(stuck);
+}
