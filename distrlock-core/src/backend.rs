@@ -369,11 +369,13 @@ pub trait LockBackend: Send + Sync + fmt::Debug {
 
     /// Whether a [`try_acquire`](Self::try_acquire) (or
     /// [`try_acquire_as_waiter`](Self::try_acquire_as_waiter)) whose future is
-    /// dropped still runs to its end by itself, and this backend's
+    /// dropped settles by itself (what it sent still ends, committed or
+    /// failed, and nothing more is sent), and this backend's
     /// [`release`](Self::release) of the same token, called after the drop,
-    /// takes effect only after it: a backend that runs each acquire in a task
-    /// of its own and has releases wait for it (PostgreSQL), or one that runs
-    /// every call in order on one thread (SQLite).
+    /// takes effect only after that: a backend that marks the connection of a
+    /// dropped acquire in flight until the server has answered it, and has
+    /// releases wait for the mark (PostgreSQL), or one that runs every call in
+    /// order on one thread (SQLite).
     ///
     /// [`LockManager`](crate::LockManager) then calls `try_acquire` directly,
     /// with no task of its own, and releases the lease of an acquire whose

@@ -81,9 +81,11 @@ use crate::sql::{ACQUIRE_TYPES, CLOCK_READING, EXTEND_TYPES, Failover, RELEASE_T
 ///   may have released it, and a waiter woken by that release may already hold
 ///   the key (reporting [`Error::NotHeld`] then would be a false "lock lost").
 ///   Inspect and list only read.
-/// - **Cancel safety.** A try-acquire runs to its end even when its future is
-///   dropped (the statement runs in a task of its own), and a release of the same
-///   token waits for it first (within the call timeout). So the background release
+/// - **Cancel safety.** A try-acquire whose future is dropped with its statement
+///   in the server leaves its connection marked in flight until the statement
+///   has ended (a task sends one more query on it and waits for the answer), and
+///   a release of the same token waits for that first (within the call timeout).
+///   One dropped before its statement went out sends nothing. So the background release
 ///   that core sends for a cancelled acquire cannot overtake the acquire on another
 ///   connection and leave the lock held until its ttl: not even one whose
 ///   statement read its clock before its `not_after` and is still committing when

@@ -5,15 +5,17 @@
 
 use deadpool_postgres::Object;
 use distrlock_core::server_clock::from_unix_micros;
-use distrlock_core::{Error, Result};
+use distrlock_core::{Error, LockKey, Result, Token};
+use std::sync::Arc;
 use std::time::SystemTime;
 use tokio::time::Instant;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{GenericClient, Row};
 
-use crate::backend::PostgresBackend;
+use crate::backend::{Inner, PostgresBackend};
 use crate::config::clock_reading;
 use crate::error::{from_pg, from_pool, is_session_lost};
+use crate::lock_backend::InFlight;
 use crate::sql::{CLOCK_READING, COMMIT, RECORD_TIMELINE_TYPES, answer};
 
 impl PostgresBackend {
@@ -46,6 +48,21 @@ impl PostgresBackend {
         params: &[&(dyn ToSql + Sync)],
         not_after: Option<Instant>,
     ) -> std::result::Result<Answer, Failure> {
+        self.run_marked(sql, types, params, not_after, None).await
+    }
+
+    /// [`run`](Self::run), for an acquire of `acquire_of` (key, token): if the
+    /// call is dropped or times out with its statement still in the server,
+    /// a release of that token waits for the statement's end (see
+    /// [`DiscardUnlessDone`]).
+    pub(crate) async fn run_marked(
+        &self,
+        sql: &str,
+        types: &[Type],
+        params: &[&(dyn ToSql + Sync)],
+        not_after: Option<Instant>,
+        acquire_of: Option<(&LockKey, &Token)>,
+    ) -> std::result::Result<Answer, Failure> {
         if let Some(not_after) = not_after {
             check_not_passed(not_after)?;
         }
@@ -60,7 +77,10 @@ impl PostgresBackend {
                     .get()
                     .await
                     .map_err(|e| Failure::Mapped(from_pool(e, &self.inner.table)))?;
-                let conn = DiscardUnlessDone(Some(conn));
+                let mut conn = DiscardUnlessDone(Some(conn), None);
+                if let Some((key, token)) = acquire_of {
+                    conn.1 = Some((self.inner.clone(), key.clone(), *token));
+                }
                 let client: &tokio_postgres::Client = conn.get();
                 let result = async {
                     let bound = match not_after {
@@ -180,7 +200,7 @@ impl PostgresBackend {
                     .get()
                     .await
                     .map_err(|e| Failure::Mapped(from_pool(e, &self.inner.table)))?;
-                let conn = DiscardUnlessDone(Some(conn));
+                let conn = DiscardUnlessDone(Some(conn), None);
                 self.record_timeline(conn.get(), bound).await?;
                 conn.done();
                 continue;
@@ -479,9 +499,7 @@ pub(crate) async fn in_own_transaction(
 /// would refuse it (or, were the bound wrong, let it act late), and the caller
 /// has stopped waiting. Checked when the call starts and again just before the
 /// statement goes out, since waiting for a connection, a clock reading or the
-/// statement's first Parse round trip can take it past not_after; the backend's
-/// acquire task, which outlives a caller who gave up, would otherwise send it
-/// once a frozen path thawed.
+/// statement's first Parse round trip can take it past not_after.
 pub(crate) fn check_not_passed(not_after: Instant) -> std::result::Result<(), Failure> {
     if Instant::now() >= not_after {
         return Err(Failure::Passed);
@@ -493,7 +511,15 @@ pub(crate) fn check_not_passed(not_after: Instant) -> std::result::Result<(), Fa
 /// dropped any other way (the call failed with a lost session, timed out, or its
 /// future was dropped) it is closed, so no later call inherits a dead session or
 /// an answer still in flight.
-pub(crate) struct DiscardUnlessDone(Option<Object>);
+///
+/// The connection of an acquire (the second field: the backend, the key and
+/// the token) that is still open when dropped may have its statement in the
+/// server. Then, before the drop returns, the acquire is marked in flight
+/// ([`InFlight`]), and a task sends an empty query on the connection and closes
+/// it once that is answered: the connection answers in order, so by then the
+/// acquire has committed or failed, and the mark goes. Outside a runtime
+/// (nothing could be spawned) it is only closed.
+pub(crate) struct DiscardUnlessDone(Option<Object>, Option<(Arc<Inner>, LockKey, Token)>);
 
 impl DiscardUnlessDone {
     pub(crate) fn get(&self) -> &Object {
@@ -507,8 +533,25 @@ impl DiscardUnlessDone {
 
 impl Drop for DiscardUnlessDone {
     fn drop(&mut self) {
-        if let Some(conn) = self.0.take() {
-            drop(Object::take(conn));
+        let Some(conn) = self.0.take() else {
+            return;
+        };
+        let client = Object::take(conn);
+        let (Some((inner, key, token)), Ok(runtime)) =
+            (self.1.take(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        if client.is_closed() {
+            return;
         }
+        let pending = InFlight::start(&inner, &key, token);
+        runtime.spawn(async move {
+            // Any answer (an error too: the session may be in a failed
+            // transaction) comes after the acquire's.
+            let _ = tokio::time::timeout(inner.call_timeout, client.batch_execute("")).await;
+            drop(pending);
+            drop(client);
+        });
     }
 }

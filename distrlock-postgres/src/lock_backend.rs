@@ -72,11 +72,12 @@ impl PostgresBackend {
         let mut asked_again = false;
         loop {
             let answer = match self
-                .run(
+                .run_marked(
                     &self.inner.sql.acquire,
                     ACQUIRE_TYPES,
                     &params,
                     Some(not_after),
+                    Some((key, token)),
                 )
                 .await
             {
@@ -238,8 +239,8 @@ impl PostgresBackend {
     }
 }
 
-/// Marks one acquire of (key, token) as running until dropped, so a release of
-/// the same token can wait for it (see `try_acquire`).
+/// Marks one abandoned acquire of (key, token) as still in the server until
+/// dropped, so a release of the same token can wait for it (see `acquire`).
 pub(crate) struct InFlight {
     inner: Arc<Inner>,
     slot: (LockKey, Token),
@@ -335,8 +336,33 @@ pub(crate) fn micros(us: i64) -> Duration {
 }
 
 impl PostgresBackend {
-    /// A try-acquire, in a task of its own (see the comment inside).
-    async fn acquire_in_task(
+    /// A try-acquire, run in the caller's future: no task of its own.
+    ///
+    /// It is cancel safe all the same. A caller may drop this future while the
+    /// statement is still in the server (waiting for a row lock, or for its
+    /// commit on a slow disk or a synchronous standby), and then release the
+    /// token, as core's cleanup does once the acquire's `not_after` has passed.
+    /// That release, on another connection, must not run before the abandoned
+    /// acquire has committed or failed: the server cannot order it after it.
+    /// The release's WHERE (this token, live) is false on the row version its
+    /// snapshot sees (the previous holder's, or no row at all for a key's first
+    /// acquisition; an UPDATE never waits for an uncommitted insert), so it
+    /// would answer NotHeld at once, and the acquire would then commit a lease
+    /// nobody holds, until its ttl.
+    ///
+    /// So the connection of an acquire dropped mid-statement is not simply
+    /// closed: it is marked in flight for its key and token (`InFlight`),
+    /// synchronously, before the drop returns, and a small task sends one more
+    /// query on it. The connection answers in order, so that query's answer
+    /// comes after the acquire's end; then the mark goes and the connection is
+    /// closed. A release of the same token waits for the mark first (within
+    /// the call timeout). Only this backend's own acquires are ordered this
+    /// way; another process's rely on the `not_after` bound alone. An acquire
+    /// dropped before its statement went out sends nothing at all. Tests:
+    /// release_waits_for_an_abandoned_acquire_of_the_same_token and
+    /// release_after_the_bound_waits_for_an_abandoned_first_acquire_still_committing
+    /// both fail without the wait.
+    async fn acquire(
         &self,
         key: &LockKey,
         token: &Token,
@@ -346,43 +372,8 @@ impl PostgresBackend {
         not_after: Instant,
     ) -> Result<WaiterAnswer> {
         check_owner(owner)?;
-        // The statement runs in a task of its own, so dropping this future does not
-        // abandon it half-way: it commits or fails, and a release of the same token
-        // (such as the background release of a cancelled acquire) waits for it
-        // first (`InFlight`). Otherwise that release could run on another
-        // connection before the abandoned acquire commits, find nothing to release,
-        // and leave the lock held until its ttl.
-        //
-        // The not_after bound does not make this unnecessary. It stops an acquire
-        // that reaches the server late, but not one that read its clock in time and
-        // is still waiting, for a row lock or for its commit (a slow disk, a
-        // synchronous standby), when the release runs: core's cleanup once the
-        // acquire's not_after has passed, or a caller who dropped this future. The
-        // server cannot order that release after it: the release's WHERE (this
-        // token, live) is false on the row version its snapshot sees (the previous
-        // holder's, or no row at all for a key's first acquisition; an UPDATE never
-        // waits for an uncommitted insert), so it answers NotHeld at once without
-        // waiting for the row lock, and the acquire then commits a lease nobody
-        // holds. Tests: release_waits_for_an_abandoned_acquire_of_the_same_token
-        // and release_after_the_bound_waits_for_an_abandoned_first_acquire_still_
-        // committing both fail without the wait. Only this backend's own acquires
-        // are ordered this way; another process's rely on the bound alone.
-        let pending = InFlight::start(&self.inner, key, *token);
-        let backend = self.clone();
-        let (key, token, owner) = (key.clone(), *token, owner.to_owned());
-        let task = tokio::spawn(async move {
-            let _pending = pending;
-            backend
-                .acquire_once(&key, &token, ttl, &owner, place, not_after)
-                .await
-        });
-        task.await.unwrap_or_else(|e| {
-            Err(Error::Backend {
-                message: format!("the acquire task failed: {e}"),
-                transient: false,
-                source: None,
-            })
-        })
+        self.acquire_once(key, token, ttl, owner, place, not_after)
+            .await
     }
 }
 
@@ -397,7 +388,7 @@ impl LockBackend for PostgresBackend {
         not_after: Instant,
     ) -> Result<AcquireOutcome> {
         let answer = self
-            .acquire_in_task(key, token, ttl, owner, None, not_after)
+            .acquire(key, token, ttl, owner, None, not_after)
             .await?;
         Ok(answer.outcome)
     }
@@ -413,7 +404,7 @@ impl LockBackend for PostgresBackend {
         place: Place,
         not_after: Instant,
     ) -> Result<WaiterAnswer> {
-        self.acquire_in_task(key, token, ttl, owner, Some(place), not_after)
+        self.acquire(key, token, ttl, owner, Some(place), not_after)
             .await
     }
 
@@ -608,8 +599,9 @@ impl LockBackend for PostgresBackend {
         format!("{};\n", self.inner.sql.create_table)
     }
 
-    /// Each acquire runs in a task of its own, and a release of the same token
-    /// waits for it (`InFlight`).
+    /// An acquire dropped mid-statement marks its connection in flight until
+    /// the statement has ended, and a release of the same token waits for the
+    /// mark (`InFlight`; see `acquire`).
     fn settles_dropped_acquires(&self) -> bool {
         true
     }

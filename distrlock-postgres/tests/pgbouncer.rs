@@ -848,3 +848,66 @@ async fn behind_a_transaction_pooler_a_missing_table_is_schema_missing_and_the_s
         .await
         .unwrap();
 }
+
+/// Behind a transaction pooler the acquire is BEGIN, the statement and COMMIT
+/// on one session: a release of the same token, after its caller gave up on
+/// the acquire, still comes after the abandoned acquire's commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_transaction_pooler_a_release_waits_for_an_abandoned_acquire() {
+    let name = "behind_a_transaction_pooler_a_release_waits_for_an_abandoned_acquire";
+    let Some(admin) = common::admin_or_skip(name).await else {
+        return;
+    };
+    let Some(bouncer) = bouncer_or_skip(name, PoolMode::Transaction, 2).await else {
+        return;
+    };
+    let table = unique("dl_bouncer");
+    let backend = pooled(&bouncer, &table, |b| b.lock_timeout(Duration::from_secs(3))).await;
+    backend.create_table().await.unwrap();
+    let k = key("abandoned");
+    let lease = ttl(Duration::from_secs(30));
+    let old = Token::new();
+    fence_of(
+        backend
+            .try_acquire(&k, &old, lease, "o", soon())
+            .await
+            .unwrap(),
+    );
+    backend.release(&k, &old, soon()).await.unwrap();
+    // A foreign transaction, straight on the server, holds the free row.
+    let mut foreign = common::admin().await.unwrap();
+    let tx = foreign.transaction().await.unwrap();
+    tx.execute(
+        &format!("SELECT 1 FROM \"{table}\" WHERE lock_key = $1 FOR UPDATE"),
+        &[&k.as_str()],
+    )
+    .await
+    .unwrap();
+    let token = Token::new();
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(300),
+        backend.try_acquire(&k, &token, lease, "abandoned", soon()),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the acquire should still be waiting");
+    let release = {
+        let (backend, k) = (backend.clone(), k.clone());
+        tokio::spawn(async move { backend.release(&k, &token, soon()).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tx.rollback().await.unwrap();
+    release
+        .await
+        .unwrap()
+        .expect("the release ran after the abandoned acquire was granted");
+    let info = backend.inspect(&k).await.unwrap().unwrap();
+    assert_eq!(
+        info.state,
+        distrlock_core::LockState::Released,
+        "the abandoned acquire kept the lock"
+    );
+    admin
+        .batch_execute(&format!("DROP TABLE \"{table}\""))
+        .await
+        .unwrap();
+}
