@@ -25,8 +25,9 @@
 //! renews only the guards taken on its runtime: a runtime that stops being driven
 //! (a `current_thread` runtime whose `block_on` returned) then stops only its own
 //! guards' renewal, which it could not drive anyway. A task runs while its
-//! runtime has guards and ends when the last one goes; the next guard starts it
-//! again.
+//! runtime has guards and ends [`LINGER`] after the last one goes (so a caller
+//! that takes and frees one lock after another does not start a task for each);
+//! the next guard starts it again.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
@@ -46,6 +47,9 @@ use crate::loss::LossReason;
 use crate::suspend::Sent;
 use crate::token::Token;
 use crate::ttl::Ttl;
+
+/// How long a runtime's renewal task stays once it has no guard left.
+pub(crate) const LINGER: Duration = Duration::from_secs(1);
 
 /// The shared renewal of one manager's guards.
 pub(crate) struct Renewer {
@@ -69,6 +73,9 @@ struct Task {
     /// Wakes the task: a guard came that is due before the task would wake, or
     /// a batch answered.
     wake: Arc<Notify>,
+    /// Since when the runtime has had no guard (the task ends [`LINGER`]
+    /// later), or `None` while it has some.
+    idle_since: Option<Instant>,
 }
 
 /// One registered guard.
@@ -147,15 +154,17 @@ impl Renewer {
         // A task whose runtime shut down is finished: start another.
         let running = state
             .tasks
-            .get(&runtime_id)
+            .get_mut(&runtime_id)
             .filter(|task| !task.handle.is_finished());
         let wake = match running {
             // Wake the task only if this guard needs it sooner than it planned
             // (a shorter interval or deadline than every other guard's).
-            Some(task) => task
-                .wakes_at
-                .is_none_or(|at| first_look < at)
-                .then(|| task.wake.clone()),
+            Some(task) => {
+                task.idle_since = None;
+                task.wakes_at
+                    .is_none_or(|at| first_look < at)
+                    .then(|| task.wake.clone())
+            }
             None => {
                 let wake = Arc::new(Notify::new());
                 let handle = runtime.spawn(run(Arc::downgrade(self), runtime_id, wake.clone()));
@@ -165,6 +174,7 @@ impl Renewer {
                         handle,
                         wakes_at: None,
                         wake,
+                        idle_since: None,
                     },
                 );
                 None
@@ -182,7 +192,8 @@ impl Renewer {
 
     /// Forgets lost and dropped guards, sends the batches of `runtime`'s guards
     /// that are due, and returns when to look again, or `None` when the runtime
-    /// has no guard left (its task has then been unregistered and must end).
+    /// has had no guard for [`LINGER`] (its task has then been unregistered and
+    /// must end).
     fn tick(self: &Arc<Self>, runtime: RuntimeId) -> Option<Instant> {
         let mut state = self.state();
         let now = Instant::now();
@@ -193,8 +204,16 @@ impl Renewer {
                 .is_some_and(|guard| !guard.check_lost())
         });
         if !state.guards.values().any(|e| e.runtime == runtime) {
-            state.tasks.remove(&runtime);
-            return None;
+            // Decided under the lock that `register` takes: a guard that
+            // comes later finds no task and starts one.
+            let task = state.tasks.get_mut(&runtime)?;
+            let ends_at = *task.idle_since.get_or_insert(now) + LINGER;
+            if now >= ends_at {
+                state.tasks.remove(&runtime);
+                return None;
+            }
+            task.wakes_at = Some(ends_at);
+            return Some(ends_at);
         }
         let any_due = state.guards.values().any(|e| {
             e.runtime == runtime && !e.in_flight && e.next_extend.is_some_and(|next| next <= now)

@@ -259,3 +259,44 @@ async fn the_renewal_task_does_not_keep_a_dropped_managers_backend() {
         "the backend (and its connections) must go with the manager"
     );
 }
+
+/// A caller that takes and frees one lock after another does not start a
+/// renewal task for each: the task stays a second after its last guard went
+/// (ending at its next look after that).
+#[tokio::test(start_paused = true)]
+async fn the_renewal_task_outlives_its_last_guard_for_a_while() {
+    let backend = Arc::new(Counting::default());
+    let m = manager(backend.clone(), Duration::from_secs(30));
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let alive = || async {
+        // Let spawned tasks run (and finished ones go) before counting.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        metrics.num_alive_tasks()
+    };
+    assert_eq!(alive().await, 0);
+    // One lock after another: the first guard starts the task, the others
+    // find it still there.
+    for _ in 0..20 {
+        // Released before the task first looks, as in a tight loop.
+        let guard = m.lock("k").unwrap().try_acquire().await.unwrap();
+        guard.release().await.unwrap();
+        assert_eq!(alive().await, 1, "the task stays after the guard went");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let guard = m.lock("k").unwrap().try_acquire().await.unwrap();
+    assert_eq!(alive().await, 1, "one renewal task while a guard lives");
+    drop(guard);
+    // It looks again at the last guard's first heartbeat (10 s), finds
+    // nobody, and ends a second later.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert_eq!(alive().await, 0, "gone once idle");
+    // The next guard starts it again, and is renewed.
+    let guard = m.lock("k").unwrap().try_acquire().await.unwrap();
+    assert_eq!(alive().await, 1);
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    assert!(backend.extends.load(Ordering::SeqCst) + backend.batches.lock().unwrap().len() > 0);
+    assert!(!guard.is_lost());
+    guard.release().await.unwrap();
+}
