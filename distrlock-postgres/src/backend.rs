@@ -35,7 +35,11 @@ use crate::sql::{ACQUIRE_TYPES, CLOCK_READING, EXTEND_TYPES, Failover, RELEASE_T
 ///
 /// - `try_acquire`, `extend` and `release` each run **one statement in one round
 ///   trip**, prepared once per pooled connection (deadpool's statement cache).
-///   Expiry is computed on the server with `clock_timestamp()`.
+///   Expiry is computed on the server with `clock_timestamp()`. A connection
+///   whose statements someone deallocated (`DEALLOCATE ALL` or `DISCARD ALL`
+///   on it, through [`pool`](Self::pool) say) is closed at the first call that
+///   finds one gone, and that call runs once more on a new connection (nothing
+///   ran: the server refused the statement's name).
 /// - **Behind a transaction pooler** (PgBouncer's `pool_mode = transaction`),
 ///   set [`Pooler::Transaction`](crate::Pooler::Transaction) (or
 ///   `?distrlock_pooler=transaction` in the URL): each call then runs

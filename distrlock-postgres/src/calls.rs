@@ -14,7 +14,7 @@ use tokio_postgres::{GenericClient, Row};
 
 use crate::backend::{Inner, PostgresBackend};
 use crate::config::clock_reading;
-use crate::error::{from_pg, from_pool, is_session_lost};
+use crate::error::{from_pg, from_pool, is_session_lost, is_statement_gone};
 use crate::lock_backend::InFlight;
 use crate::sql::{CLOCK_READING, COMMIT, RECORD_TIMELINE_TYPES, answer};
 
@@ -70,6 +70,7 @@ impl PostgresBackend {
             let mut retried = false;
             let mut reran = false;
             let mut recorded = false;
+            let mut reprepared = false;
             loop {
                 let conn = self
                     .inner
@@ -137,6 +138,16 @@ impl PostgresBackend {
                         return answer.in_time();
                     }
                     Err(Failure::Pg(error)) => {
+                        // Someone ran DEALLOCATE ALL or DISCARD ALL on this
+                        // session: our statements are gone (and with DISCARD,
+                        // the session's settings too). Nothing ran: once more
+                        // on a new connection, which the pool makes with the
+                        // settings; this one is closed.
+                        if is_statement_gone(&error) && !reprepared {
+                            tracing::warn!(%error, "a prepared statement of the backend was deallocated on its session; that connection is closed");
+                            reprepared = true;
+                            continue; // `conn` is dropped, so discarded.
+                        }
                         let lost = is_session_lost(&error) || conn.get().is_closed();
                         if lost && !retried {
                             tracing::debug!(%error, "session lost under a call; retrying once");

@@ -105,6 +105,13 @@ pub(crate) fn is_lock_not_available(error: &tokio_postgres::Error) -> bool {
     error.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
 }
 
+/// Whether `error` says a prepared statement the call named does not exist on
+/// its session (SQLSTATE 26000 invalid_sql_statement_name): someone deallocated
+/// it (`DEALLOCATE ALL`, `DISCARD ALL`). The statement did not run.
+pub(crate) fn is_statement_gone(error: &tokio_postgres::Error) -> bool {
+    error.code() == Some(&SqlState::INVALID_SQL_STATEMENT_NAME)
+}
+
 /// Whether `error` means the session is gone (killed, server shut down, socket
 /// broken), so the statement may be retried on another connection.
 pub(crate) fn is_session_lost(error: &tokio_postgres::Error) -> bool {

@@ -2610,3 +2610,59 @@ async fn own_refusals_skip_the_flush_grants_releases_and_callers_transactions_do
     tx.rollback().await.unwrap();
     t.drop_table().await;
 }
+
+/// Someone runs `DEALLOCATE ALL` (or `DISCARD ALL`) on a connection of the
+/// backend's pool, say through `pool()`: the statements the backend prepared
+/// there are gone. Its next calls on that connection prepare them again,
+/// rather than fail with "prepared statement does not exist" for as long as
+/// the connection lives.
+#[tokio::test]
+async fn statements_deallocated_behind_the_backends_back_are_prepared_again() {
+    let name = "statements_deallocated_behind_the_backends_back_are_prepared_again";
+    let Some(t) = TestBackend::new(name, |b| b.pool_size(1)).await else {
+        return;
+    };
+    let k = key("deallocated");
+    let lease = ttl(Duration::from_secs(30));
+    for reset in ["DEALLOCATE ALL", "DISCARD ALL"] {
+        let token = Token::new();
+        // Every statement is prepared on the pool's one connection.
+        fence_of(
+            t.backend
+                .try_acquire(&k, &token, lease, "o", soon())
+                .await
+                .unwrap(),
+        );
+        t.backend.extend(&k, &token, lease, soon()).await.unwrap();
+        t.backend.inspect(&k).await.unwrap();
+        t.backend.release(&k, &token, soon()).await.unwrap();
+        t.backend.list().await.unwrap();
+        {
+            let conn = t.backend.pool().get().await.unwrap();
+            conn.batch_execute(reset).await.unwrap();
+        }
+        let token = Token::new();
+        let acquired = t.backend.try_acquire(&k, &token, lease, "o", soon()).await;
+        assert!(
+            matches!(acquired, Ok(AcquireOutcome::Acquired { .. })),
+            "after {reset}: {acquired:?}"
+        );
+        t.backend
+            .extend(&k, &token, lease, soon())
+            .await
+            .unwrap_or_else(|e| panic!("extend after {reset}: {e}"));
+        t.backend
+            .inspect(&k)
+            .await
+            .unwrap_or_else(|e| panic!("inspect after {reset}: {e}"));
+        t.backend
+            .list()
+            .await
+            .unwrap_or_else(|e| panic!("list after {reset}: {e}"));
+        t.backend
+            .release(&k, &token, soon())
+            .await
+            .unwrap_or_else(|e| panic!("release after {reset}: {e}"));
+    }
+    t.drop_table().await;
+}
