@@ -182,6 +182,10 @@ mod unix {
     /// ends registrations nobody uses.
     pub(super) const IDLE: Duration = Duration::from_secs(2);
 
+    /// How long after a failure to bind or link the next key's wait tries
+    /// again (a full disk, a file where a directory should be).
+    pub(super) const RETRY: Duration = Duration::from_secs(1);
+
     /// The shared part of a [`Wake`](super::Wake).
     #[derive(Debug)]
     pub(super) struct Inner {
@@ -206,11 +210,20 @@ mod unix {
     struct State {
         /// Whether our socket is bound (and its thread runs).
         bound: bool,
-        /// Binding or linking failed: receive no more wake-ups (and say so to
-        /// the notifier); sending goes on.
-        failed: bool,
+        /// When binding or linking last failed, until a later try succeeds.
+        /// Meanwhile wake-ups may be missed (the notifier says so, so waiters
+        /// poll), and a key not yet linked is tried again [`RETRY`] after the
+        /// failure. Sending goes on.
+        failed_at: Option<Instant>,
         /// The keys we wait on, with their last waiter's last try.
         keys: HashMap<LockKey, Instant>,
+    }
+
+    impl State {
+        /// Whether a failure was too recent to try again.
+        fn holding_off(&self) -> bool {
+            self.failed_at.is_some_and(|at| at.elapsed() < RETRY)
+        }
     }
 
     impl Inner {
@@ -281,7 +294,7 @@ mod unix {
 
         pub(super) fn needs_listening(&self, key: &LockKey) -> bool {
             let mut state = self.state();
-            if state.failed {
+            if state.holding_off() {
                 return false;
             }
             match state.keys.get_mut(key) {
@@ -295,7 +308,7 @@ mod unix {
 
         pub(super) fn waiting(this: &Arc<Self>, key: &LockKey) -> bool {
             let mut state = this.state();
-            if state.failed {
+            if state.holding_off() {
                 return false;
             }
             if let Some(last) = state.keys.get_mut(key) {
@@ -305,11 +318,14 @@ mod unix {
             match this.listen(&mut state, key) {
                 Ok(()) => {
                     state.keys.insert(key.clone(), Instant::now());
+                    // The receiving thread's next check says whether every
+                    // key is linked again (the notifier complete).
+                    state.failed_at = None;
                     true
                 }
                 Err(error) => {
-                    tracing::debug!(%error, dir = %this.dir.display(), "cannot receive wake-ups on release; waiters poll");
-                    state.failed = true;
+                    tracing::debug!(%error, dir = %this.dir.display(), "cannot receive wake-ups on release for now; waiters poll");
+                    state.failed_at = Some(Instant::now());
                     this.notifier.set_complete(false);
                     false
                 }
@@ -342,6 +358,10 @@ mod unix {
         /// Binds our socket, in the meeting directory (which exists).
         fn bind(&self) -> std::io::Result<UnixDatagram> {
             let path = self.dir.join(&self.id);
+            // Our own socket's file, left by a receiving thread that failed:
+            // nobody else uses our id (and a symlink here is removed, not
+            // followed).
+            let _ = std::fs::remove_file(&path);
             let socket = UnixDatagram::bind(&path)?;
             // The thread checks for idle keys (and for this backend's end) at
             // least this often.
@@ -585,7 +605,7 @@ mod unix {
                 let linked = inner.forget_idle();
                 // Complete again once the socket and links are back (the
                 // next check tries again if not).
-                let failed = inner.state().failed;
+                let failed = inner.state().failed_at.is_some();
                 inner.notifier.set_complete(bound && linked && !failed);
                 next_check = Instant::now() + (inner.idle / 4).min(Duration::from_millis(500));
             }
@@ -594,9 +614,11 @@ mod unix {
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(error) => {
-                    tracing::debug!(%error, "the wake-up socket failed; waiters poll");
+                    tracing::debug!(%error, "the wake-up socket failed; waiters poll, and a later wait binds another");
                     let mut state = inner.state();
-                    state.failed = true;
+                    state.failed_at = Some(Instant::now());
+                    state.bound = false;
+                    state.keys.clear();
                     inner.notifier.set_complete(false);
                     return;
                 }
@@ -944,6 +966,33 @@ mod tests {
         back();
         assert!(woken(&notifier, &a, || releaser.released(&a)).await, "all");
         assert!(notifier.is_complete());
+    }
+
+    #[tokio::test]
+    async fn a_key_that_cannot_be_linked_is_tried_again_a_second_later() {
+        let (_dir, file) = database();
+        let (releaser, _) = wake(&file);
+        let (waiter, notifier) = wake(&file);
+        let (a, b) = (key("a"), key("b"));
+        assert!(waiter.waiting(&a));
+        let meeting = waiter.dir().unwrap().to_owned();
+        // A file where b's directory goes: b cannot be linked.
+        let b_dir = meeting.join(format!("{:016x}", fnv1a(&[b"locks", b"b"])));
+        std::fs::write(&b_dir, b"").unwrap();
+        assert!(!waiter.waiting(&b));
+        assert!(!notifier.is_complete(), "b's releases would be missed");
+        assert!(!waiter.waiting(&b), "not tried again at once");
+        // `a` is still announced meanwhile.
+        assert!(woken(&notifier, &a, || releaser.released(&a)).await);
+        std::fs::remove_file(&b_dir).unwrap();
+        std::thread::sleep(unix::RETRY + Duration::from_millis(100));
+        assert!(waiter.waiting(&b), "tried again after a while");
+        let start = std::time::Instant::now();
+        while !notifier.is_complete() && start.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(notifier.is_complete(), "complete again");
+        assert!(woken(&notifier, &b, || releaser.released(&b)).await);
     }
 
     #[test]
