@@ -89,7 +89,7 @@ use crate::sql::{ACQUIRE_TYPES, CLOCK_READING, EXTEND_TYPES, Failover, RELEASE_T
 ///   in the server leaves its connection marked in flight until the statement
 ///   has ended (a task sends one more query on it and waits for the answer), and
 ///   a release of the same token waits for that first (within the call timeout).
-///   One dropped before its statement went out sends nothing. So the background release
+///   One dropped before its statement went out never sends it. So the background release
 ///   that core sends for a cancelled acquire cannot overtake the acquire on another
 ///   connection and leave the lock held until its ttl: not even one whose
 ///   statement read its clock before its `not_after` and is still committing when

@@ -154,7 +154,9 @@ impl PostgresBackend {
                             retried = true;
                             continue; // `conn` is dropped, so discarded.
                         }
-                        if !lost {
+                        // A session whose statements are gone twice in one
+                        // call is not given back to the pool either.
+                        if !lost && !is_statement_gone(&error) {
                             conn.done();
                         }
                         return Err(Failure::Pg(error));
@@ -528,8 +530,9 @@ pub(crate) fn check_not_passed(not_after: Instant) -> std::result::Result<(), Fa
 /// server. Then, before the drop returns, the acquire is marked in flight
 /// ([`InFlight`]), and a task sends an empty query on the connection and closes
 /// it once that is answered: the connection answers in order, so by then the
-/// acquire has committed or failed, and the mark goes. Outside a runtime
-/// (nothing could be spawned) it is only closed.
+/// acquire has committed or failed, and the mark goes. Until then the
+/// connection counts against the pool's size. Outside a runtime (nothing could
+/// be spawned) it is only closed.
 pub(crate) struct DiscardUnlessDone(Option<Object>, Option<(Arc<Inner>, LockKey, Token)>);
 
 impl DiscardUnlessDone {
@@ -547,22 +550,25 @@ impl Drop for DiscardUnlessDone {
         let Some(conn) = self.0.take() else {
             return;
         };
-        let client = Object::take(conn);
         let (Some((inner, key, token)), Ok(runtime)) =
             (self.1.take(), tokio::runtime::Handle::try_current())
         else {
+            drop(Object::take(conn));
             return;
         };
-        if client.is_closed() {
+        if conn.is_closed() {
+            drop(Object::take(conn));
             return;
         }
         let pending = InFlight::start(&inner, &key, token);
         runtime.spawn(async move {
             // Any answer (an error too: the session may be in a failed
-            // transaction) comes after the acquire's.
-            let _ = tokio::time::timeout(inner.call_timeout, client.batch_execute("")).await;
+            // transaction) comes after the acquire's. The connection keeps
+            // its place in the pool until then, so abandoned acquires never
+            // open more sessions than the pool's size.
+            let _ = tokio::time::timeout(inner.call_timeout, conn.batch_execute("")).await;
             drop(pending);
-            drop(client);
+            drop(Object::take(conn));
         });
     }
 }

@@ -358,7 +358,9 @@ impl PostgresBackend {
     /// closed. A release of the same token waits for the mark first (within
     /// the call timeout). Only this backend's own acquires are ordered this
     /// way; another process's rely on the `not_after` bound alone. An acquire
-    /// dropped before its statement went out sends nothing at all. Tests:
+    /// dropped before its statement went out never sends it. The mark is made
+    /// when the future is dropped: a release must come after that drop (a
+    /// task's `abort()` only asks for it). Tests:
     /// release_waits_for_an_abandoned_acquire_of_the_same_token and
     /// release_after_the_bound_waits_for_an_abandoned_first_acquire_still_committing
     /// both fail without the wait.

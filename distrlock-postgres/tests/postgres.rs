@@ -2666,3 +2666,66 @@ async fn statements_deallocated_behind_the_backends_back_are_prepared_again() {
     }
     t.drop_table().await;
 }
+
+/// Acquires abandoned while their statements wait in the server keep their
+/// connections in the pool until the statements end: however many callers
+/// give up, the backend never opens more sessions than its pool's size (and
+/// its listener's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_acquires_never_open_more_sessions_than_the_pool() {
+    let name = "abandoned_acquires_never_open_more_sessions_than_the_pool";
+    let Some(t) = TestBackend::new(name, |b| {
+        b.pool_size(2).lock_timeout(Duration::from_secs(5))
+    })
+    .await
+    else {
+        return;
+    };
+    let k = key("crowded");
+    let lease = ttl(Duration::from_secs(30));
+    let old = Token::new();
+    fence_of(
+        t.backend
+            .try_acquire(&k, &old, lease, "o", soon())
+            .await
+            .unwrap(),
+    );
+    t.backend.release(&k, &old, soon()).await.unwrap();
+    // A foreign transaction holds the free row: every acquire waits in the
+    // server until its caller gives up.
+    let mut foreign = common::admin().await.unwrap();
+    let tx = foreign.transaction().await.unwrap();
+    tx.execute(
+        &format!(
+            "SELECT 1 FROM \"{}\" WHERE lock_key = $1 FOR UPDATE",
+            t.table
+        ),
+        &[&k.as_str()],
+    )
+    .await
+    .unwrap();
+    for _ in 0..6 {
+        let gave_up = tokio::time::timeout(
+            Duration::from_millis(150),
+            t.backend
+                .try_acquire(&k, &Token::new(), lease, "impatient", soon()),
+        )
+        .await;
+        assert!(gave_up.is_err(), "the acquire should still be waiting");
+    }
+    let sessions: i64 = t
+        .admin
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+            &[&t.application_name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        sessions <= 3,
+        "{sessions} sessions for a pool of 2 and a listener"
+    );
+    tx.rollback().await.unwrap();
+    t.drop_table().await;
+}
