@@ -447,11 +447,7 @@ impl LockBackend for SqliteBackend {
         // poll, and other processes' if someone is in line.
         self.notifier.notify(key);
         if in_line {
-            // On the connection thread, after this call returns: the sends
-            // touch the file system, and one to a process whose queue is full
-            // waits up to 2 ms, which must not stall the caller's runtime.
-            let (wake, key) = (self.wake.clone(), key.clone());
-            self.worker.detach(move |_| wake.released(&key));
+            self.wake.released_later(key);
         }
         Ok(())
     }

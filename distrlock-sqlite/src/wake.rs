@@ -146,14 +146,24 @@ impl Wake {
     }
 
     /// Wakes the other backends that wait on `key`, just released with
-    /// someone in line. Touches the file system, and may wait up to 2 ms for
-    /// each waiting process whose queue is full: not for an async thread.
-    pub(crate) fn released(&self, key: &LockKey) {
+    /// someone in line, from this backend's sending thread: the sends touch
+    /// the file system, and wait up to 2 ms for each waiting process whose
+    /// queue is full, which must hold up neither the caller's runtime nor the
+    /// SQLite thread. Returns at once.
+    pub(crate) fn released_later(&self, key: &LockKey) {
         #[cfg(unix)]
+        if let Some(inner) = &self.inner {
+            unix::Inner::queue(inner, key);
+        }
+        let _ = key;
+    }
+
+    /// [`released_later`](Self::released_later), on the caller's thread.
+    #[cfg(all(test, unix))]
+    fn released(&self, key: &LockKey) {
         if let Some(inner) = &self.inner {
             inner.released(key);
         }
-        let _ = key;
     }
 
     /// The meeting directory, if wake-ups are on (for tests).
@@ -186,6 +196,9 @@ mod unix {
     /// again (a full disk, a file where a directory should be).
     pub(super) const RETRY: Duration = Duration::from_secs(1);
 
+    /// How many releases' wake-ups may wait for the sending thread.
+    pub(super) const QUEUED: usize = 256;
+
     /// The shared part of a [`Wake`](super::Wake).
     #[derive(Debug)]
     pub(super) struct Inner {
@@ -204,6 +217,8 @@ mod unix {
         in_temp: bool,
         idle: Duration,
         state: Mutex<State>,
+        /// The sending thread's queue, once it runs (see `queue`).
+        sends: Mutex<Option<std::sync::mpsc::SyncSender<LockKey>>>,
     }
 
     #[derive(Debug, Default)]
@@ -248,6 +263,7 @@ mod unix {
                 sender,
                 idle: IDLE,
                 state: Mutex::new(State::default()),
+                sends: Mutex::new(None),
             })
         }
 
@@ -275,19 +291,35 @@ mod unix {
             if !self.in_temp {
                 return builder.create(dir);
             }
-            // In a shared temporary directory: ours alone. One made by
-            // someone else (who could plant links in it), or a symlink in
-            // its place, is refused: no wake-ups then.
-            builder.mode(0o700).create(dir)?;
-            if dir == self.dir {
-                use std::os::unix::fs::PermissionsExt;
-                let meta = std::fs::symlink_metadata(dir)?;
-                if !meta.file_type().is_dir() || meta.permissions().mode() & 0o077 != 0 {
-                    return Err(std::io::Error::new(
-                        ErrorKind::PermissionDenied,
-                        "the wake-up directory in the temporary directory is not private",
-                    ));
-                }
+            // In a shared temporary directory: ours alone, checked before
+            // anything is made below it.
+            builder.mode(0o700).create(&self.dir)?;
+            self.check_private()?;
+            if dir != self.dir {
+                builder.create(dir)?;
+            }
+            Ok(())
+        }
+
+        /// In a shared temporary directory, the meeting directory must be
+        /// ours alone: one made by someone else (who could plant links in it,
+        /// to steer our datagrams), or a symlink in its place, is refused, and
+        /// then no wake-ups are sent or received there.
+        fn check_private(&self) -> std::io::Result<()> {
+            use std::os::unix::fs::{MetadataExt, PermissionsExt};
+            let meta = std::fs::symlink_metadata(&self.dir)?;
+            #[cfg(target_os = "linux")]
+            let ours = meta.uid() == nix::unistd::geteuid().as_raw();
+            #[cfg(not(target_os = "linux"))]
+            let ours = {
+                let _ = meta.uid();
+                true
+            };
+            if !meta.file_type().is_dir() || meta.permissions().mode() & 0o077 != 0 || !ours {
+                return Err(std::io::Error::new(
+                    ErrorKind::PermissionDenied,
+                    "the wake-up directory in the temporary directory is not private",
+                ));
             }
             Ok(())
         }
@@ -297,12 +329,13 @@ mod unix {
             if state.holding_off() {
                 return false;
             }
+            let bound = state.bound;
             match state.keys.get_mut(key) {
-                Some(last) => {
+                Some(last) if bound => {
                     *last = Instant::now();
                     false
                 }
-                None => true,
+                _ => true,
             }
         }
 
@@ -311,7 +344,9 @@ mod unix {
             if state.holding_off() {
                 return false;
             }
-            if let Some(last) = state.keys.get_mut(key) {
+            if state.bound
+                && let Some(last) = state.keys.get_mut(key)
+            {
                 *last = Instant::now();
                 return false;
             }
@@ -409,7 +444,47 @@ mod unix {
             Ok(())
         }
 
+        /// Hands `key` to the sending thread (started on first use), which
+        /// runs [`released`](Self::released) for it. At most [`QUEUED`] keys
+        /// wait; past that a wake-up is dropped (a hint: waiters still poll).
+        pub(super) fn queue(this: &Arc<Self>, key: &LockKey) {
+            let mut sends = this.sends.lock().unwrap_or_else(|e| e.into_inner());
+            if sends.is_none() {
+                let (tx, rx) = std::sync::mpsc::sync_channel::<LockKey>(QUEUED);
+                let weak = Arc::downgrade(this);
+                // The thread ends when the backend goes (its sender with it).
+                let started = std::thread::Builder::new()
+                    .name("distrlock-sqlite-send".into())
+                    .stack_size(256 * 1024)
+                    .spawn(move || {
+                        for key in rx {
+                            let Some(inner) = weak.upgrade() else {
+                                return;
+                            };
+                            inner.released(&key);
+                        }
+                    });
+                match started {
+                    Ok(_) => *sends = Some(tx),
+                    Err(error) => {
+                        tracing::debug!(%error, "cannot start the wake-up sending thread; waiters poll");
+                        return;
+                    }
+                }
+            }
+            if let Some(tx) = sends.as_ref()
+                && tx.try_send(key.clone()).is_err()
+            {
+                tracing::debug!(key = %key, "a wake-up on release was dropped: the sending queue is full");
+            }
+        }
+
+        /// Sends the wake-ups of `key`'s release (see [`Wake::released_later`](super::Wake::released_later)).
         pub(super) fn released(&self, key: &LockKey) {
+            if self.in_temp && self.check_private().is_err() {
+                // Not ours alone: whoever made it chose its links.
+                return;
+            }
             let dir = self.key_dir(key);
             let Ok(entries) = std::fs::read_dir(&dir) else {
                 // Nobody has ever waited here (or the directory is gone).
@@ -616,9 +691,10 @@ mod unix {
                 Err(error) => {
                     tracing::debug!(%error, "the wake-up socket failed; waiters poll, and a later wait binds another");
                     let mut state = inner.state();
+                    // The links stay: a later wait binds a socket of the same
+                    // name, which they lead to again.
                     state.failed_at = Some(Instant::now());
                     state.bound = false;
-                    state.keys.clear();
                     inner.notifier.set_complete(false);
                     return;
                 }
@@ -895,9 +971,10 @@ mod tests {
     #[tokio::test]
     async fn a_shared_temporary_directory_not_ours_alone_is_refused() {
         use std::os::unix::fs::PermissionsExt;
+        use std::os::unix::net::UnixDatagram;
         // Paths too long to meet beside the file meet in the temporary
         // directory, where anyone may have made the directory first.
-        for planted in ["open to others", "a symlink"] {
+        for planted in ["open to others", "a symlink", "another user's"] {
             let dir = tempfile::tempdir().unwrap();
             let deep = dir.path().join("x".repeat(90));
             std::fs::create_dir(&deep).unwrap();
@@ -906,23 +983,52 @@ mod tests {
             let meeting = meeting_dir(&std::fs::canonicalize(&file).unwrap()).unwrap();
             assert!(!meeting.starts_with(&deep));
             let elsewhere = tempfile::tempdir().unwrap();
-            if planted == "a symlink" {
-                std::fs::set_permissions(elsewhere.path(), PermissionsExt::from_mode(0o700))
-                    .unwrap();
-                std::os::unix::fs::symlink(elsewhere.path(), &meeting).unwrap();
-            } else {
-                std::fs::create_dir(&meeting).unwrap();
-                std::fs::set_permissions(&meeting, PermissionsExt::from_mode(0o755)).unwrap();
+            match planted {
+                "a symlink" => {
+                    std::fs::set_permissions(elsewhere.path(), PermissionsExt::from_mode(0o700))
+                        .unwrap();
+                    std::os::unix::fs::symlink(elsewhere.path(), &meeting).unwrap();
+                }
+                "open to others" => {
+                    std::fs::create_dir(&meeting).unwrap();
+                    std::fs::set_permissions(&meeting, PermissionsExt::from_mode(0o777)).unwrap();
+                }
+                _ => {
+                    std::fs::create_dir(&meeting).unwrap();
+                    std::fs::set_permissions(&meeting, PermissionsExt::from_mode(0o700)).unwrap();
+                    // Only root can give a directory away.
+                    if std::os::unix::fs::chown(&meeting, Some(65534), Some(65534)).is_err() {
+                        std::fs::remove_dir(&meeting).unwrap();
+                        continue;
+                    }
+                }
             }
+            let a = key("a");
             let (waiter, notifier) = wake(&file);
-            assert!(!waiter.waiting(&key("a")), "{planted}: not listening");
+            assert!(!waiter.waiting(&a), "{planted}: not listening");
             assert!(!notifier.is_complete(), "{planted}: waiters poll");
             assert_eq!(
                 std::fs::read_dir(&meeting).unwrap().count(),
                 0,
                 "{planted}: nothing was made in it"
             );
-            drop(waiter);
+            // Links its maker planted there are not followed either: a
+            // release sends nothing to them.
+            let key_dir = meeting.join(format!("{:016x}", fnv1a(&[b"locks", b"a"])));
+            std::fs::create_dir(&key_dir).unwrap();
+            let spy = elsewhere.path().join("spy");
+            let spy_socket = UnixDatagram::bind(&spy).unwrap();
+            spy_socket.set_nonblocking(true).unwrap();
+            std::os::unix::fs::symlink(&spy, key_dir.join("00000000feedbeef")).unwrap();
+            let (releaser, _) = wake(&file);
+            releaser.released(&a);
+            let mut buf = [0u8; 64];
+            assert!(
+                spy_socket.recv(&mut buf).is_err(),
+                "{planted}: a release sent a datagram through a planted link"
+            );
+            drop((waiter, releaser));
+            std::fs::remove_dir_all(&key_dir).unwrap();
             if planted == "a symlink" {
                 std::fs::remove_file(&meeting).unwrap();
             } else {

@@ -74,17 +74,6 @@ impl Worker {
         }
     }
 
-    /// Queues `job` on the connection thread, after the jobs sent before it,
-    /// and returns at once: for work that must not block the caller's async
-    /// thread and whose outcome nobody waits for. Nothing happens if the thread
-    /// has stopped.
-    pub(crate) fn detach<F>(&self, job: F)
-    where
-        F: FnOnce(&mut Connection) + Send + 'static,
-    {
-        let _ = self.jobs.send(Box::new(job));
-    }
-
     /// Runs `job` on the connection thread and waits for its result.
     ///
     /// Dropping the returned future does not cancel a job already sent: it still

@@ -729,7 +729,8 @@ async fn a_release_does_not_wait_for_the_wake_ups_it_sends() {
         std::os::unix::fs::symlink(format!("../{id}"), key_dir.join(&id)).unwrap();
         stuck.push(socket);
     }
-    // Sending inline would hold this (single-threaded) runtime for 0.4 s.
+    // Sending inline would hold this (single-threaded) runtime for 0.4 s, and
+    // sending on the SQLite thread would hold up the backend's next call.
     let started = std::time::Instant::now();
     let woken = announced(&waiter, &key, LONG, async {
         holder.release(&key, &h, soon()).await.unwrap();
@@ -737,6 +738,16 @@ async fn a_release_does_not_wait_for_the_wake_ups_it_sends() {
         assert!(
             took < Duration::from_millis(200),
             "the release returned after {took:?}, waiting for its wake-ups"
+        );
+        let other = LockKey::new("elsewhere").unwrap();
+        holder
+            .try_acquire(&other, &Token::new(), ttl(LONG), "holder", soon())
+            .await
+            .unwrap();
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_millis(200),
+            "the next call returned after {took:?}, behind the wake-ups"
         );
     })
     .await;
