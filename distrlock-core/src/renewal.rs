@@ -25,9 +25,10 @@
 //! renews only the guards taken on its runtime: a runtime that stops being driven
 //! (a `current_thread` runtime whose `block_on` returned) then stops only its own
 //! guards' renewal, which it could not drive anyway. A task runs while its
-//! runtime has guards and ends [`LINGER`] after the last one goes (so a caller
-//! that takes and frees one lock after another does not start a task for each);
-//! the next guard starts it again.
+//! runtime has guards. When it looks and finds none (it looks when the next
+//! guard it knew of was due, not when a guard goes), it stays [`LINGER`] more
+//! before it ends, so a caller that takes and frees one lock after another
+//! does not start a task for each; the next guard starts it again.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
@@ -48,7 +49,7 @@ use crate::suspend::Sent;
 use crate::token::Token;
 use crate::ttl::Ttl;
 
-/// How long a runtime's renewal task stays once it has no guard left.
+/// How long a runtime's renewal task stays once it has found no guard left.
 pub(crate) const LINGER: Duration = Duration::from_secs(1);
 
 /// The shared renewal of one manager's guards.

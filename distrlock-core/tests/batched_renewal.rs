@@ -261,8 +261,8 @@ async fn the_renewal_task_does_not_keep_a_dropped_managers_backend() {
 }
 
 /// A caller that takes and frees one lock after another does not start a
-/// renewal task for each: the task stays a second after its last guard went
-/// (ending at its next look after that).
+/// renewal task for each: the task stays a second after it first finds its
+/// last guard gone.
 #[tokio::test(start_paused = true)]
 async fn the_renewal_task_outlives_its_last_guard_for_a_while() {
     let backend = Arc::new(Counting::default());
