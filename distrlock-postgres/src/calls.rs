@@ -78,10 +78,10 @@ impl PostgresBackend {
                     .get()
                     .await
                     .map_err(|e| Failure::Mapped(from_pool(e, &self.inner.table)))?;
-                let mut conn = DiscardUnlessDone(Some(conn), None);
-                if let Some((key, token)) = acquire_of {
-                    conn.1 = Some((self.inner.clone(), key.clone(), *token));
-                }
+                let conn = DiscardUnlessDone(
+                    Some(conn),
+                    acquire_of.map(|(key, token)| (&self.inner, key, token)),
+                );
                 let client: &tokio_postgres::Client = conn.get();
                 let result = async {
                     let bound = match not_after {
@@ -526,16 +526,20 @@ pub(crate) fn check_not_passed(not_after: Instant) -> std::result::Result<(), Fa
 /// an answer still in flight.
 ///
 /// The connection of an acquire (the second field: the backend, the key and
-/// the token) that is still open when dropped may have its statement in the
+/// the token, borrowed from the call so that the uncontended path copies
+/// nothing) that is still open when dropped may have its statement in the
 /// server. Then, before the drop returns, the acquire is marked in flight
 /// ([`InFlight`]), and a task sends an empty query on the connection and closes
 /// it once that is answered: the connection answers in order, so by then the
 /// acquire has committed or failed, and the mark goes. Until then the
 /// connection counts against the pool's size. Outside a runtime (nothing could
 /// be spawned) it is only closed.
-pub(crate) struct DiscardUnlessDone(Option<Object>, Option<(Arc<Inner>, LockKey, Token)>);
+pub(crate) struct DiscardUnlessDone<'a>(
+    Option<Object>,
+    Option<(&'a Arc<Inner>, &'a LockKey, &'a Token)>,
+);
 
-impl DiscardUnlessDone {
+impl DiscardUnlessDone<'_> {
     pub(crate) fn get(&self) -> &Object {
         self.0.as_ref().expect("present until done or dropped")
     }
@@ -545,7 +549,7 @@ impl DiscardUnlessDone {
     }
 }
 
-impl Drop for DiscardUnlessDone {
+impl Drop for DiscardUnlessDone<'_> {
     fn drop(&mut self) {
         let Some(conn) = self.0.take() else {
             return;
@@ -560,7 +564,8 @@ impl Drop for DiscardUnlessDone {
             drop(Object::take(conn));
             return;
         }
-        let pending = InFlight::start(&inner, &key, token);
+        let pending = InFlight::start(inner, key, *token);
+        let inner = inner.clone();
         runtime.spawn(async move {
             // Any answer (an error too: the session may be in a failed
             // transaction) comes after the acquire's. The connection keeps

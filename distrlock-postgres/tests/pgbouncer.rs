@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use common::counting_proxy::{CountingProxy, Counts};
-use common::{bouncer_or_skip, fence_of, key, soon, through_port, ttl, unique};
+use common::{RowLock, bouncer_or_skip, fence_of, key, soon, through_port, ttl, unique};
 use distrlock_core::{AcquireOutcome, Error, LockBackend, LockManager, RetryPolicy, Token};
 use distrlock_postgres::{
     Pooler, PostgresBackend, PostgresConfig, PostgresConfigBuilder, tokio_postgres,
@@ -866,23 +866,8 @@ async fn behind_a_transaction_pooler_a_release_waits_for_an_abandoned_acquire() 
     backend.create_table().await.unwrap();
     let k = key("abandoned");
     let lease = ttl(Duration::from_secs(30));
-    let old = Token::new();
-    fence_of(
-        backend
-            .try_acquire(&k, &old, lease, "o", soon())
-            .await
-            .unwrap(),
-    );
-    backend.release(&k, &old, soon()).await.unwrap();
     // A foreign transaction, straight on the server, holds the free row.
-    let mut foreign = common::admin().await.unwrap();
-    let tx = foreign.transaction().await.unwrap();
-    tx.execute(
-        &format!("SELECT 1 FROM \"{table}\" WHERE lock_key = $1 FOR UPDATE"),
-        &[&k.as_str()],
-    )
-    .await
-    .unwrap();
+    let tx = RowLock::on_free_row(&backend, &table, &k).await;
     let token = Token::new();
     let gave_up = tokio::time::timeout(
         Duration::from_millis(300),
@@ -895,7 +880,7 @@ async fn behind_a_transaction_pooler_a_release_waits_for_an_abandoned_acquire() 
         tokio::spawn(async move { backend.release(&k, &token, soon()).await })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    tx.rollback().await.unwrap();
+    tx.rollback().await;
     release
         .await
         .unwrap()

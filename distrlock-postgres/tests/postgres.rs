@@ -5,7 +5,9 @@ mod common;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{TestBackend, counting_proxy::CountingProxy, fence_of, key, soon, ttl, unique, url};
+use common::{
+    RowLock, TestBackend, counting_proxy::CountingProxy, fence_of, key, soon, ttl, unique, url,
+};
 use distrlock_core::{AcquireOutcome, Error, LockBackend, LockKey, LockState, Place, Token};
 use distrlock_postgres::{PostgresBackend, PostgresConfig, deadpool_postgres, tokio_postgres};
 use tokio::time::Instant;
@@ -474,26 +476,8 @@ async fn release_waits_for_an_abandoned_acquire_of_the_same_token() {
     };
     let k = key("abandoned");
     let lease = ttl(Duration::from_secs(30));
-    let old = Token::new();
-    fence_of(
-        t.backend
-            .try_acquire(&k, &old, lease, "o", soon())
-            .await
-            .unwrap(),
-    );
-    t.backend.release(&k, &old, soon()).await.unwrap();
     // A foreign transaction holds the free row, so the acquire waits in the server.
-    let mut foreign = common::admin().await.unwrap();
-    let tx = foreign.transaction().await.unwrap();
-    tx.execute(
-        &format!(
-            "SELECT 1 FROM \"{}\" WHERE lock_key = $1 FOR UPDATE",
-            t.table
-        ),
-        &[&k.as_str()],
-    )
-    .await
-    .unwrap();
+    let tx = RowLock::on_free_row(&t.backend, &t.table, &k).await;
     let token = Token::new();
     // The caller gives up on the acquire while its statement is still waiting...
     let gave_up = tokio::time::timeout(
@@ -509,7 +493,7 @@ async fn release_waits_for_an_abandoned_acquire_of_the_same_token() {
         tokio::spawn(async move { backend.release(&k, &token, soon()).await })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    tx.rollback().await.unwrap();
+    tx.rollback().await;
     // The abandoned acquire lands after the rollback; the release must come after it.
     release
         .await
@@ -2683,27 +2667,9 @@ async fn abandoned_acquires_never_open_more_sessions_than_the_pool() {
     };
     let k = key("crowded");
     let lease = ttl(Duration::from_secs(30));
-    let old = Token::new();
-    fence_of(
-        t.backend
-            .try_acquire(&k, &old, lease, "o", soon())
-            .await
-            .unwrap(),
-    );
-    t.backend.release(&k, &old, soon()).await.unwrap();
     // A foreign transaction holds the free row: every acquire waits in the
     // server until its caller gives up.
-    let mut foreign = common::admin().await.unwrap();
-    let tx = foreign.transaction().await.unwrap();
-    tx.execute(
-        &format!(
-            "SELECT 1 FROM \"{}\" WHERE lock_key = $1 FOR UPDATE",
-            t.table
-        ),
-        &[&k.as_str()],
-    )
-    .await
-    .unwrap();
+    let tx = RowLock::on_free_row(&t.backend, &t.table, &k).await;
     for _ in 0..6 {
         let gave_up = tokio::time::timeout(
             Duration::from_millis(150),
@@ -2726,6 +2692,6 @@ async fn abandoned_acquires_never_open_more_sessions_than_the_pool() {
         sessions <= 3,
         "{sessions} sessions for a pool of 2 and a listener"
     );
-    tx.rollback().await.unwrap();
+    tx.rollback().await;
     t.drop_table().await;
 }

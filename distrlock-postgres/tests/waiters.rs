@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestBackend, fence_of, key, soon, ttl};
+use common::{RowLock, TestBackend, fence_of, key, soon, ttl};
 use distrlock_core::{AcquireOutcome, LockBackend, LockManager, Place, Token, WaiterAnswer};
 use distrlock_postgres::{PostgresBackend, PostgresConfig};
 
@@ -347,25 +347,7 @@ async fn a_waiting_acquire_runs_in_no_task_of_its_own_and_a_dropped_one_leaves_n
     let k = key("tasks");
     // The row exists and is free; another transaction holds its lock, so the
     // acquire's statement waits for it.
-    let first = Token::new();
-    fence_of(
-        t.backend
-            .try_acquire(&k, &first, ttl(Duration::from_secs(30)), "o", soon())
-            .await
-            .unwrap(),
-    );
-    t.backend.release(&k, &first, soon()).await.unwrap();
-    let mut locker = common::admin().await.unwrap();
-    let tx = locker.transaction().await.unwrap();
-    tx.execute(
-        &format!(
-            "SELECT 1 FROM \"{}\" WHERE lock_key = $1 FOR UPDATE",
-            t.table
-        ),
-        &[&k.as_str()],
-    )
-    .await
-    .unwrap();
+    let tx = RowLock::on_free_row(&t.backend, &t.table, &k).await;
 
     let manager = LockManager::builder(t.backend.clone())
         .ttl(Duration::from_secs(30))
@@ -392,7 +374,7 @@ async fn a_waiting_acquire_runs_in_no_task_of_its_own_and_a_dropped_one_leaves_n
     }
     // The statement now goes through and grants; the cleanup's release must
     // come after it.
-    tx.commit().await.unwrap();
+    tx.commit().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
         let info = t.backend.inspect(&k).await.unwrap().unwrap();

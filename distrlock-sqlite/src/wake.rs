@@ -235,9 +235,20 @@ mod unix {
     }
 
     impl State {
-        /// Whether a failure was too recent to try again.
-        fn holding_off(&self) -> bool {
-            self.failed_at.is_some_and(|at| at.elapsed() < RETRY)
+        /// Whether a wait on `key` has nothing to register: a failure was
+        /// too recent to try again, or `key` is registered on a bound socket
+        /// (its last use is then noted).
+        fn nothing_to_do(&mut self, key: &LockKey) -> bool {
+            if self.failed_at.is_some_and(|at| at.elapsed() < RETRY) {
+                return true;
+            }
+            match self.keys.get_mut(key) {
+                Some(last) if self.bound => {
+                    *last = Instant::now();
+                    true
+                }
+                _ => false,
+            }
         }
     }
 
@@ -325,29 +336,12 @@ mod unix {
         }
 
         pub(super) fn needs_listening(&self, key: &LockKey) -> bool {
-            let mut state = self.state();
-            if state.holding_off() {
-                return false;
-            }
-            let bound = state.bound;
-            match state.keys.get_mut(key) {
-                Some(last) if bound => {
-                    *last = Instant::now();
-                    false
-                }
-                _ => true,
-            }
+            !self.state().nothing_to_do(key)
         }
 
         pub(super) fn waiting(this: &Arc<Self>, key: &LockKey) -> bool {
             let mut state = this.state();
-            if state.holding_off() {
-                return false;
-            }
-            if state.bound
-                && let Some(last) = state.keys.get_mut(key)
-            {
-                *last = Instant::now();
+            if state.nothing_to_do(key) {
                 return false;
             }
             match this.listen(&mut state, key) {
@@ -754,6 +748,37 @@ mod tests {
         (Wake::new(path, &table, notifier.clone()), notifier)
     }
 
+    /// A fresh database with two backends on it: `waiter` waits on `a`,
+    /// `releaser` is there to release it.
+    struct WaitingOnA {
+        _dir: tempfile::TempDir,
+        releaser: Wake,
+        waiter: Wake,
+        notifier: ReleaseNotifier,
+        a: LockKey,
+        meeting: PathBuf,
+        key_dir: PathBuf,
+    }
+
+    fn waiting_on_a() -> WaitingOnA {
+        let (dir, file) = database();
+        let (releaser, _) = wake(&file);
+        let (waiter, notifier) = wake(&file);
+        let a = key("a");
+        assert!(waiter.waiting(&a));
+        let meeting = waiter.dir().unwrap().to_owned();
+        let key_dir = the_key_dir(&meeting);
+        WaitingOnA {
+            _dir: dir,
+            releaser,
+            waiter,
+            notifier,
+            a,
+            meeting,
+            key_dir,
+        }
+    }
+
     async fn woken(notifier: &ReleaseNotifier, key: &LockKey, f: impl FnOnce()) -> bool {
         let mut sub = notifier.subscribe();
         f();
@@ -794,13 +819,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_dead_backends_link_is_removed_and_a_dropped_one_cleans_up() {
-        let (_dir, file) = database();
-        let (releaser, _) = wake(&file);
-        let (waiter, _) = wake(&file);
-        let a = key("a");
-        assert!(waiter.waiting(&a));
-        let meeting = waiter.dir().unwrap().to_owned();
-        let key_dir = the_key_dir(&meeting);
+        let WaitingOnA {
+            _dir,
+            releaser,
+            waiter,
+            a,
+            meeting,
+            key_dir,
+            ..
+        } = waiting_on_a();
         // A link left by a process that died: its socket is gone.
         let stale = key_dir.join("00000000deadbeef");
         std::os::unix::fs::symlink("../00000000deadbeef", &stale).unwrap();
@@ -926,13 +953,15 @@ mod tests {
     #[tokio::test]
     async fn a_release_waits_briefly_for_room_in_a_full_queue() {
         use std::os::unix::net::UnixDatagram;
-        let (_dir, file) = database();
-        let (releaser, _) = wake(&file);
-        let (waiter, _) = wake(&file);
-        let a = key("a");
-        assert!(waiter.waiting(&a));
-        let meeting = waiter.dir().unwrap().to_owned();
-        let key_dir = the_key_dir(&meeting);
+        let WaitingOnA {
+            _dir,
+            releaser,
+            waiter: _waiter,
+            a,
+            meeting,
+            key_dir,
+            ..
+        } = waiting_on_a();
         // A process waiting on `a` that is slow to read: its queue is full.
         let id = "00000000feedbeef";
         let slow = UnixDatagram::bind(meeting.join(id)).unwrap();
@@ -1039,13 +1068,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_removed_socket_link_or_directory_is_made_again() {
-        let (_dir, file) = database();
-        let (releaser, _) = wake(&file);
-        let (waiter, notifier) = wake(&file);
-        let a = key("a");
-        assert!(waiter.waiting(&a));
-        let meeting = waiter.dir().unwrap().to_owned();
-        let key_dir = the_key_dir(&meeting);
+        let WaitingOnA {
+            _dir,
+            releaser,
+            waiter,
+            notifier,
+            a,
+            meeting,
+            key_dir,
+        } = waiting_on_a();
         let id = waiter.inner.as_ref().unwrap().id.clone();
         let socket = meeting.join(&id);
         let link = key_dir.join(&id);
@@ -1076,12 +1107,16 @@ mod tests {
 
     #[tokio::test]
     async fn a_key_that_cannot_be_linked_is_tried_again_a_second_later() {
-        let (_dir, file) = database();
-        let (releaser, _) = wake(&file);
-        let (waiter, notifier) = wake(&file);
-        let (a, b) = (key("a"), key("b"));
-        assert!(waiter.waiting(&a));
-        let meeting = waiter.dir().unwrap().to_owned();
+        let WaitingOnA {
+            _dir,
+            releaser,
+            waiter,
+            notifier,
+            a,
+            meeting,
+            ..
+        } = waiting_on_a();
+        let b = key("b");
         // A file where b's directory goes: b cannot be linked.
         let b_dir = meeting.join(format!("{:016x}", fnv1a(&[b"locks", b"b"])));
         std::fs::write(&b_dir, b"").unwrap();
@@ -1099,6 +1134,45 @@ mod tests {
         }
         assert!(notifier.is_complete(), "complete again");
         assert!(woken(&notifier, &b, || releaser.released(&b)).await);
+    }
+
+    #[tokio::test]
+    async fn releases_queue_their_wake_ups_and_drop_them_when_the_queue_is_full() {
+        use std::os::unix::net::UnixDatagram;
+        let WaitingOnA {
+            _dir,
+            releaser,
+            waiter: _waiter,
+            a,
+            meeting,
+            key_dir,
+            ..
+        } = waiting_on_a();
+        // A waiting process that never reads, and a sender that waits a
+        // second for room in its queue: the sending thread is stuck on it.
+        let id = "00000000feedbeef";
+        let _stuck = UnixDatagram::bind(meeting.join(id)).unwrap();
+        std::os::unix::fs::symlink(format!("../{id}"), key_dir.join(id)).unwrap();
+        let filler = UnixDatagram::unbound().unwrap();
+        filler.set_nonblocking(true).unwrap();
+        while filler.send_to(b"x", meeting.join(id)).is_ok() {}
+        releaser
+            .inner
+            .as_ref()
+            .unwrap()
+            .set_patience(Duration::from_secs(1));
+        // Twice the queue's room: the releases never wait for the thread,
+        // the ones past the room are dropped.
+        let started = std::time::Instant::now();
+        for _ in 0..2 * unix::QUEUED {
+            releaser.released_later(&a);
+        }
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_millis(500),
+            "queueing {} wake-ups took {took:?}",
+            2 * unix::QUEUED
+        );
     }
 
     #[test]

@@ -366,3 +366,49 @@ pub(crate) async fn missing_table_backend(
         .expect("the server accepts a second backend");
     Arc::new(backend)
 }
+
+/// A foreign session, straight on the server, holding the row lock of a free
+/// key in an open transaction: the backend's statements on that key wait in
+/// the server until [`commit`](Self::commit) or [`rollback`](Self::rollback)
+/// (or until this is dropped, which ends the session).
+pub(crate) struct RowLock(tokio_postgres::Client);
+
+impl RowLock {
+    /// Makes `key`'s row in `table` exist and free (taken and released once
+    /// through `backend`), then locks it.
+    pub(crate) async fn on_free_row(
+        backend: &PostgresBackend,
+        table: &str,
+        key: &distrlock_core::LockKey,
+    ) -> Self {
+        let old = distrlock_core::Token::new();
+        let lease = ttl(Duration::from_secs(30));
+        fence_of(
+            backend
+                .try_acquire(key, &old, lease, "o", soon())
+                .await
+                .unwrap(),
+        );
+        backend.release(key, &old, soon()).await.unwrap();
+        let foreign = admin().await.unwrap();
+        foreign.batch_execute("BEGIN").await.unwrap();
+        foreign
+            .execute(
+                &format!("SELECT 1 FROM \"{table}\" WHERE lock_key = $1 FOR UPDATE"),
+                &[&key.as_str()],
+            )
+            .await
+            .unwrap();
+        Self(foreign)
+    }
+
+    /// Commits the foreign transaction: the row is free again, unchanged.
+    pub(crate) async fn commit(self) {
+        self.0.batch_execute("COMMIT").await.unwrap();
+    }
+
+    /// Rolls the foreign transaction back.
+    pub(crate) async fn rollback(self) {
+        self.0.batch_execute("ROLLBACK").await.unwrap();
+    }
+}
