@@ -2824,7 +2824,8 @@ pub async fn a_gone_waiter_holds_the_line_one_turn(setup: &Setup) {
 
 /// Contract item 14 (fair order), through the manager. Three waiting acquires
 /// that start one after another, and then the holder asking again right after
-/// its release, get the key in that order. Needs `fair_order`.
+/// its release, get the key in that order; the holder's plain try right after
+/// its release is refused. Needs `fair_order`.
 pub async fn waiting_acquires_are_served_in_order(setup: &Setup) {
     let budget = setup.latency_budget();
     let manager = setup.manager(setup.long_ttl());
@@ -2857,6 +2858,22 @@ pub async fn waiting_acquires_are_served_in_order(setup: &Setup) {
         tokio::time::sleep(spacing).await;
     }
     holder.release().await.unwrap();
+    // Right after its release, the holder's plain try must be refused: the
+    // key is the first waiter's turn. (Without a line it is free and taken,
+    // since the woken waiters have not asked yet.)
+    let again = manager.lock(key.as_str()).unwrap().try_acquire().await;
+    assert!(
+        matches!(again, Err(Error::HeldByOther { .. })),
+        "a holder that releases and at once tries again must be refused while waiters are in \
+         line (contract item 14), got {}",
+        match &again {
+            Ok(guard) => format!("a grant (fence {:?})", guard.fence()),
+            Err(error) => format!("{error}"),
+        }
+    );
+    if let Ok(guard) = again {
+        let _ = guard.release().await;
+    }
     waiting.push(spawn_waiter("holder again"));
     for task in waiting {
         task.await

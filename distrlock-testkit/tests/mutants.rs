@@ -344,8 +344,33 @@ fn a_correct_line_passes_the_line_cases() {
 
 #[test]
 fn a_backend_without_a_line_is_caught() {
-    for (name, verdict) in line_verdicts(LineBug::NoLine) {
-        assert!(verdict.is_err(), "a backend without a line passed {name}");
+    let verdicts = line_verdicts(LineBug::NoLine);
+    // The direct cases ask for a ticket and must always see none. Through the
+    // manager, woken waiters race for the free key, and now and then they
+    // win it in their arrival order (about one run in 20-40 on a quiet
+    // machine, seen in CI): that case catches a missing line most of the
+    // time, not always, so it is only reported here.
+    for case in [
+        "waiters_are_served_in_order",
+        "a_gone_waiter_holds_the_line_one_turn",
+    ] {
+        let verdict = verdicts
+            .iter()
+            .find(|(name, _)| name == case)
+            .map(|(_, verdict)| verdict);
+        assert!(
+            matches!(verdict, Some(Err(_))),
+            "a backend without a line passed {case}"
+        );
+    }
+    for (name, verdict) in &verdicts {
+        eprintln!(
+            "a backend without a line: {name}: {}",
+            match verdict {
+                Ok(()) => "passed",
+                Err(_) => "caught",
+            }
+        );
     }
 }
 
