@@ -39,6 +39,13 @@ const LINE_CASES: &[&str] = &[
     "waiting_acquires_are_served_in_order",
 ];
 
+/// The line cases that call `try_acquire_as_waiter` directly: they catch every
+/// broken line, each time (the manager-level one only most of the time).
+const DIRECT_LINE_CASES: [&str; 2] = [
+    "waiters_are_served_in_order",
+    "a_gone_waiter_holds_the_line_one_turn",
+];
+
 /// The verdicts of the line cases on `bug`.
 fn line_verdicts(bug: LineBug) -> Vec<(String, Result<(), String>)> {
     let caps = Capabilities::none().with(Capability::FairOrder);
@@ -350,10 +357,7 @@ fn a_backend_without_a_line_is_caught() {
     // win it in their arrival order (about one run in 20-40 on a quiet
     // machine, seen in CI): that case catches a missing line most of the
     // time, not always, so it is only reported here.
-    for case in [
-        "waiters_are_served_in_order",
-        "a_gone_waiter_holds_the_line_one_turn",
-    ] {
+    for case in DIRECT_LINE_CASES {
         let verdict = verdicts
             .iter()
             .find(|(name, _)| name == case)
@@ -383,10 +387,7 @@ fn a_line_whose_turns_are_ignored_is_caught() {
         .collect();
     // Through the manager, waiters that count releases may keep their order
     // even when the backend does not enforce it; the direct cases see it.
-    for case in [
-        "waiters_are_served_in_order",
-        "a_gone_waiter_holds_the_line_one_turn",
-    ] {
+    for case in DIRECT_LINE_CASES {
         assert!(
             caught.iter().any(|name| name == case),
             "{case} passed a line whose turns are ignored (caught by {caught:?})"
